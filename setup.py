@@ -1,0 +1,37 @@
+"""warm-jax: weight-averaged reward models (WARM) and KL-regularised RLHF in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "numpy>=1.26",
+    "gin-config>=0.5",
+    "ml-collections>=1.0",
+]
+DATA = [
+    "seqio>=0.0.20",
+    "tensorflow>=2.21",
+    "tensorflow-text>=2.21",
+    "tensorflow-datasets>=4.9",
+    "sentencepiece>=0.2",
+]
+REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
+DEV = ["pytest>=8", "hypothesis>=6"]
+
+setup(
+    name="warm_jax",
+    version="0.1.0",
+    description="Weight averaged reward models (WARM) and KL-regularised RL in JAX/Flax",
+    packages=find_packages(include=["warm_jax", "warm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "report": REPORT,
+        "dev": DEV,
+        "all": DATA + REPORT + DEV,
+    },
+    entry_points={"console_scripts": ["warm-jax=warm_jax.main:console_main"]},
+)
