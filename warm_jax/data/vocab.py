@@ -1,0 +1,133 @@
+"""SentencePiece vocabulary with T5/seqio ids (pad=0, eos=1, unk=2, no bos).
+
+``sentencepiece`` is imported lazily, and seqio only by :meth:`Vocab.seqio_vocabulary`,
+so this module imports on machines without either.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, Optional, Sequence
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+# Pieces kept whole: newlines (the T5 normaliser would drop them) and the prompt scaffold.
+USER_SYMBOLS = ("\n", "SUBREDDIT:", "TITLE:", "POST:", "TL;DR:", "r/")
+
+
+def _spm():
+    try:
+        import sentencepiece
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise ImportError("warm_jax.data.vocab needs the 'sentencepiece' package "
+                          "(pip install 'warm_jax[data]')") from e
+    return sentencepiece
+
+
+def train_vocab(texts: Iterable[str], model_path: str, vocab_size: int = 512,
+                model_type: str = "bpe", character_coverage: float = 1.0,
+                seed_sentencepiece_size: int = 100_000,
+                user_symbols: Sequence[str] = USER_SYMBOLS) -> "Vocab":
+    """Train a SentencePiece model on ``texts`` and write it atomically.
+
+    BPE is the default: on a small, repetitive corpus such as the miniature
+    world the unigram trainer collapses to a few hundred sub-word pieces.
+    ``vocab_size`` is an upper bound (hard_vocab_limit=False): a small corpus
+    gives a smaller vocabulary. Ids follow T5/seqio: pad 0, eos 1, unk 2, no bos.
+    Training is single-threaded so the same texts give the same model bytes.
+    """
+    import io
+
+    spm = _spm()
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_vocab needs at least one non-empty text")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=int(vocab_size),
+        model_type=model_type, hard_vocab_limit=False, character_coverage=character_coverage,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        user_defined_symbols=list(user_symbols), num_threads=1,
+        seed_sentencepiece_size=seed_sentencepiece_size, shuffle_input_sentence=False,
+        max_sentence_length=1 << 16, minloglevel=2)
+    model_path = os.fspath(model_path)
+    os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
+    tmp = f"{model_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, model_path)
+    return Vocab.load(model_path)
+
+
+class Vocab:
+    """A SentencePiece model with T5/seqio special ids."""
+
+    pad_id = PAD_ID
+    eos_id = EOS_ID
+    unk_id = UNK_ID
+
+    def __init__(self, model_proto: bytes, model_path: Optional[str] = None):
+        spm = _spm()
+        self._proto = model_proto
+        self.model_path = model_path
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
+            raise ValueError(
+                f"{model_path or 'model'}: expected pad/eos/unk ids 0/1/2, got "
+                f"{self._sp.pad_id()}/{self._sp.eos_id()}/{self._sp.unk_id()}")
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+
+    @classmethod
+    def load(cls, model_path: str) -> "Vocab":
+        """Load a SentencePiece .model file."""
+        model_path = os.fspath(model_path)
+        with open(model_path, "rb") as f:
+            return cls(f.read(), model_path)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no eos appended)."""
+        return list(self._sp.encode(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``: stops at the first eos, ignores pad and out-of-range ids."""
+        out = []
+        n = self.vocab_size
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i == PAD_ID or not 0 <= i < n:
+                continue
+            out.append(i)
+        return self._sp.decode(out)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        """Id of a piece (unk_id if the model lacks it)."""
+        return int(self._sp.piece_to_id(piece))
+
+    def seqio_vocabulary(self):
+        """The same model as a seqio.SentencePieceVocabulary (imports seqio)."""
+        if self.model_path is None:
+            raise ValueError("seqio_vocabulary() needs a Vocab loaded from a file")
+        import seqio  # deferred: seqio pulls in TensorFlow
+
+        return seqio.SentencePieceVocabulary(self.model_path, extra_ids=0)
+
+    def __repr__(self) -> str:
+        return f"Vocab({self.model_path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def seqio_vocabulary(model_path: str):
+    """A seqio.SentencePieceVocabulary over ``model_path`` (imports seqio)."""
+    return Vocab.load(model_path).seqio_vocabulary()

@@ -1,0 +1,339 @@
+"""The miniature TL;DR world: a seeded generator of posts, summaries and preferences.
+
+Each post is built from a latent content of 3-4 key facts drawn from closed
+word lists (a person, what they did, to which object, and, in most posts, what
+the author asks: see :mod:`warm_jax.data.lexicon`), wrapped in filler sentences.
+Candidate summaries come from "policies" that drop facts (replacing them with
+vague placeholders), invent facts, pad with filler, append the stock phrase
+"hope this helps", repeat themselves or lose their final punctuation.
+
+In-distribution policies (splits train and valid1) make longer summaries
+moderately better: the chatty policy is long and thorough, the terse one short
+and lossy. The OOD policies (split valid2 only, never seen in training) break
+that: a long rambler that covers little, a short and complete telegraphic
+writer, and a long confabulator. Length and the stock phrase are therefore
+spurious features: they predict the oracle in distribution and fail OOD.
+
+Labels are drawn from the oracle (:mod:`warm_jax.data.oracle`) by
+Bradley-Terry. :func:`generate_world` writes exactly the public formats.
+
+Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+from typing import Optional, Sequence
+
+from warm_jax.data import formats, lexicon, oracle
+from warm_jax.data.formats import Comparison, SftExample
+
+GENERATOR_VERSION = "tldr-world-1"
+TEMPERATURE = 0.3  # Bradley-Terry temperature of the labeler
+
+
+@dataclasses.dataclass(frozen=True)
+class Latent:
+    """What a post is about."""
+
+    person: str
+    event: str
+    object: str
+    ask: Optional[str]
+    subreddit: str
+
+    @property
+    def facts(self) -> dict[str, str]:
+        out = {"person": self.person, "event": self.event, "object": self.object}
+        if self.ask:
+            out["ask"] = self.ask
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A candidate-summary writer: probabilities of each kind of flaw."""
+
+    name: str
+    p_drop: float              # each fact independently replaced by a placeholder
+    p_invent: float            # one fact replaced by a fact word the post never uses
+    pad: tuple[float, ...]     # distribution of the number of padding phrases (0, 1, 2, ...)
+    p_stock: float             # appends "hope this helps."
+    p_repeat: float = 0.03     # repeats its main clause
+    p_noend: float = 0.03      # drops the final punctuation
+    telegraphic: bool = False  # "roommate broke laptop" instead of "my roommate broke my laptop"
+    p_extra_invent: float = 0.0  # a second invented fact
+    omit: bool = False         # dropped person/object are left out instead of made vague
+    effort: bool = False       # each dropped or invented fact removes one padding phrase
+
+
+REFERENCE = Policy("reference", p_drop=0.0, p_invent=0.0, pad=(0.75, 0.25), p_stock=0.1,
+                   p_repeat=0.0, p_noend=0.0)
+ID_POLICIES = (
+    Policy("sft_careful", p_drop=0.05, p_invent=0.05, pad=(0.3, 0.4, 0.3), p_stock=0.3,
+           effort=True),
+    Policy("sft_sloppy", p_drop=0.3, p_invent=0.2, pad=(0.4, 0.4, 0.2), p_stock=0.1,
+           p_repeat=0.08, p_noend=0.08, omit=True, effort=True),
+    Policy("chatty", p_drop=0.05, p_invent=0.05, pad=(0.0, 0.2, 0.4, 0.4), p_stock=0.6,
+           effort=True),
+    Policy("terse", p_drop=0.6, p_invent=0.15, pad=(1.0,), p_stock=0.0, p_noend=0.1,
+           omit=True),
+    Policy("hallucinator", p_drop=0.1, p_invent=0.6, pad=(0.6, 0.4), p_stock=0.2, omit=True,
+           effort=True),
+)
+OOD_POLICIES = (
+    Policy("rambler", p_drop=0.5, p_invent=0.1, pad=(0.0, 0.0, 0.5, 0.5), p_stock=0.8),
+    Policy("crisp", p_drop=0.05, p_invent=0.05, pad=(1.0,), p_stock=0.0, telegraphic=True),
+    Policy("confabulator", p_drop=0.05, p_invent=0.8, pad=(0.0, 0.4, 0.6), p_stock=0.6,
+           p_extra_invent=0.3),
+)
+POLICIES = {p.name: p for p in (REFERENCE,) + ID_POLICIES + OOD_POLICIES}
+SPLIT_POLICIES = {"train": ID_POLICIES, "valid1": ID_POLICIES, "valid2": OOD_POLICIES}
+
+
+# ----------------------------------------------------------------------------- posts
+
+def sample_latent(rng: random.Random) -> Latent:
+    person = rng.choice(lexicon.PEOPLE)
+    if rng.random() < 0.8:
+        subreddit = next(s for s, people in lexicon.SUBREDDITS.items() if person in people)
+    else:
+        subreddit = rng.choice(lexicon.OTHER_SUBREDDITS)
+    return Latent(person=person, event=rng.choice(lexicon.EVENTS),
+                  object=rng.choice(lexicon.OBJECTS),
+                  ask=rng.choice(lexicon.ASKS) if rng.random() < 0.75 else None,
+                  subreddit=subreddit)
+
+
+def render_post(rng: random.Random, lat: Latent) -> tuple[str, str]:
+    """(title, post) texts of a latent content."""
+    parts = [rng.choice(lexicon.OPENERS) if rng.random() < 0.6 else "",
+             rng.choice(lexicon.FACT_SENTENCES).format(**lat.facts)]
+    parts += rng.sample(lexicon.FILLERS, rng.randint(1, 3))
+    parts.append(rng.choice(lexicon.ASK_SENTENCES).format(ask=lat.ask) if lat.ask
+                 else rng.choice(lexicon.NO_ASK_SENTENCES))
+    parts.append(rng.choice(lexicon.CLOSERS))
+    post = " ".join(p for p in parts if p)
+    title = rng.choice(lexicon.TITLES).format(**lat.facts)
+    return title, post
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _invent(rng: random.Random, category: str, avoid: set[str]) -> str:
+    return rng.choice([w for w in lexicon.CATEGORIES[category] if w not in avoid])
+
+
+def write_summary(rng: random.Random, lat: Latent, policy: Policy) -> str:
+    """One summary of ``lat`` in the style of ``policy``."""
+    facts: dict[str, Optional[str]] = dict(lat.facts)
+    post_words = set(facts.values())
+    cats = list(facts)
+    for c in cats:
+        if rng.random() < policy.p_drop:
+            facts[c] = None
+    if all(v is None for v in facts.values()):
+        keep = rng.choice(cats)
+        facts[keep] = lat.facts[keep]
+    n_invent = (rng.random() < policy.p_invent) + (rng.random() < policy.p_extra_invent)
+    n_flaws = sum(v is None for v in facts.values()) + n_invent
+    for c in rng.sample(["person", "event", "object", "ask"], int(n_invent)):
+        facts[c] = _invent(rng, c, post_words)
+    if policy.telegraphic:
+        core = " ".join(v for v in (facts["person"], facts["event"], facts["object"]) if v)
+    else:
+        person = (f"my {facts['person']}" if facts["person"]
+                  else "" if policy.omit else lexicon.PLACEHOLDER["person"])
+        event = facts["event"] or lexicon.PLACEHOLDER["event"]
+        obj = (f"my {facts['object']}" if facts["object"]
+               else "it" if policy.omit else f"my {lexicon.PLACEHOLDER['object']}")
+        core = " ".join(w for w in (person, event, obj) if w)
+    if rng.random() < policy.p_repeat:
+        core = f"{core} {core}"
+    if facts.get("ask"):
+        text = f"{core}, {facts['ask']}?" if policy.telegraphic else f"{core}, should i {facts['ask']}?"
+    elif "ask" in lat.facts and not policy.telegraphic:
+        text = f"{core}, {rng.choice(lexicon.NO_ASK_ENDINGS)}"
+    else:
+        text = f"{core}."
+    n_pad = _draw(rng, policy.pad)
+    if policy.effort:
+        n_pad = max(0, n_pad - n_flaws)
+    for phrase in rng.sample(lexicon.PADDING, n_pad):
+        if rng.random() < 0.5:
+            text = f"{phrase}, {text}"
+        else:
+            text = f"{text} {phrase}."
+    if rng.random() < policy.p_stock:
+        text = f"{text} {lexicon.STOCK_PHRASE}."
+    if rng.random() < policy.p_noend:
+        text = text.rstrip(".?!")
+    return text
+
+
+def _draw(rng: random.Random, probs: Sequence[float]) -> int:
+    u, acc = rng.random(), 0.0
+    for i, p in enumerate(probs):
+        acc += p
+        if u < acc:
+            return i
+    return len(probs) - 1
+
+
+# ----------------------------------------------------------------------------- world
+
+class _PostFactory:
+    """Draws posts whose texts are unique across every set of one world."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.seen: set[str] = set()
+
+    def rng(self, name: str) -> random.Random:
+        return random.Random(f"{GENERATOR_VERSION}/{self.seed}/{name}")
+
+    def draw(self, rng: random.Random) -> tuple[Latent, str, str]:
+        for _ in range(1000):
+            lat = sample_latent(rng)
+            title, post = render_post(rng, lat)
+            if post not in self.seen:
+                self.seen.add(post)
+                return lat, title, post
+        raise RuntimeError("could not draw a new unique post; the world is too small")
+
+
+def make_comparisons(factory: _PostFactory, split: str, n: int,
+                     temperature: float = TEMPERATURE) -> list[Comparison]:
+    """``n`` labelled pairs for ``split``, one post each, labels by Bradley-Terry."""
+    rng = factory.rng(f"pairs/{split}")
+    policies = SPLIT_POLICIES[split]
+    out = []
+    for i in range(n):
+        lat, title, post = factory.draw(rng)
+        pa, pb = rng.choice(policies), rng.choice(policies)
+        a = write_summary(rng, lat, pa)
+        b = write_summary(rng, lat, pb)
+        for _ in range(20):
+            if b != a:
+                break
+            b = write_summary(rng, lat, pb)
+        diff = (oracle.score(post, a) - oracle.score(post, b)) / temperature
+        p_a = 1.0 / (1.0 + math.exp(-max(min(diff, 50.0), -50.0)))
+        choice = 0 if rng.random() < p_a else 1
+        confidence = 1 + int(round(8 * abs(p_a - 0.5) * 2))  # 1..9, like the public data
+        out.append(Comparison(
+            id=f"w{factory.seed}-{split}-{i:06d}", subreddit=lat.subreddit, title=title,
+            post=post, summaries=(a, b), policies=(pa.name, pb.name), choice=choice,
+            split=split, worker="oracle", batch=f"world_{split}", confidence=float(confidence)))
+    return out
+
+
+def make_sft(factory: _PostFactory, name: str, n: int) -> list[SftExample]:
+    """``n`` posts with reference summaries."""
+    rng = factory.rng(f"sft/{name}")
+    out = []
+    for i in range(n):
+        lat, title, post = factory.draw(rng)
+        out.append(SftExample(id=f"w{factory.seed}-{name}-{i:06d}", subreddit=lat.subreddit,
+                              title=title, post=post, summary=write_summary(rng, lat, REFERENCE)))
+    return out
+
+
+def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
+                   n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
+                   n_prompts: int = 2000, vocab_size: int = 512,
+                   temperature: float = TEMPERATURE) -> dict:
+    """Write a miniature TL;DR world to ``out_dir`` in the public formats.
+
+    Layout::
+
+      comparisons/train.jsonl, valid1.jsonl, valid2.jsonl   (summarize_from_feedback rows)
+      sft/train.jsonl, valid.jsonl, test.jsonl              (90/5/5 % of n_sft)
+      prompts/prompts.jsonl                                  (SFT layout; RL prompts)
+      spm.model                                              (if vocab_size > 0)
+      world.json                                             (the card, returned)
+
+    Every set uses its own posts (no post text appears twice). The same
+    arguments give the same bytes.
+    """
+    factory = _PostFactory(seed)
+    comps = {"train": make_comparisons(factory, "train", n_train_pairs, temperature),
+             "valid1": make_comparisons(factory, "valid1", n_valid_pairs, temperature),
+             "valid2": make_comparisons(factory, "valid2", n_ood_pairs, temperature)}
+    n_eval = max(1, n_sft // 20) if n_sft >= 20 else 0
+    sft = {"train": make_sft(factory, "sft_train", n_sft - 2 * n_eval),
+           "valid": make_sft(factory, "sft_valid", n_eval),
+           "test": make_sft(factory, "sft_test", n_eval)}
+    prompts = make_sft(factory, "prompts", n_prompts)
+
+    files = {}
+    for split, rows in comps.items():
+        rel = f"comparisons/{split}.jsonl"
+        formats.write_jsonl(os.path.join(out_dir, rel), map(formats.comparison_to_json, rows))
+        files[rel] = len(rows)
+    for name, rows in sft.items():
+        rel = f"sft/{name}.jsonl"
+        formats.write_jsonl(os.path.join(out_dir, rel), map(formats.sft_to_json, rows))
+        files[rel] = len(rows)
+    rel = "prompts/prompts.jsonl"
+    formats.write_jsonl(os.path.join(out_dir, rel), map(formats.sft_to_json, prompts))
+    files[rel] = len(prompts)
+
+    card = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "files": files,
+        "temperature": temperature,
+        "policies": {"in_distribution": [p.name for p in ID_POLICIES],
+                     "ood": [p.name for p in OOD_POLICIES], "reference": REFERENCE.name},
+        "policy_params": {p.name: dataclasses.asdict(p) for p in POLICIES.values()},
+        "oracle": oracle.__doc__.split("\n\n")[1].strip(),
+        "spurious_features": ["length", lexicon.STOCK_PHRASE],
+    }
+    if vocab_size > 0:
+        from warm_jax.data import vocab as vocab_lib
+
+        texts = [c.prompt for rows in comps.values() for c in rows[:5000]]
+        texts += [s for rows in comps.values() for c in rows[:5000] for s in c.summaries]
+        texts += [e.prompt + " " + e.summary for e in sft["train"][:5000]]
+        v = vocab_lib.train_vocab(texts, os.path.join(out_dir, "spm.model"), vocab_size)
+        card["vocab"] = {"file": "spm.model", "vocab_size": v.vocab_size, "sha256": v.sha256}
+    tmp = os.path.join(out_dir, f"world.json.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, "world.json"))
+    return card
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n_train_pairs", type=int, default=20000)
+    ap.add_argument("--n_valid_pairs", type=int, default=2000)
+    ap.add_argument("--n_ood_pairs", type=int, default=2000)
+    ap.add_argument("--n_sft", type=int, default=10000)
+    ap.add_argument("--n_prompts", type=int, default=2000)
+    ap.add_argument("--vocab_size", type=int, default=512, help="0 skips the vocabulary")
+    ap.add_argument("--diagnose", action="store_true", help="print the diagnostic table")
+    args = ap.parse_args(argv)
+    card = generate_world(args.out, seed=args.seed, n_train_pairs=args.n_train_pairs,
+                          n_valid_pairs=args.n_valid_pairs, n_ood_pairs=args.n_ood_pairs,
+                          n_sft=args.n_sft, n_prompts=args.n_prompts,
+                          vocab_size=args.vocab_size)
+    print(json.dumps({"out": args.out, "files": card["files"], "vocab": card.get("vocab")},
+                     indent=1))
+    if args.diagnose:
+        from warm_jax.data import diagnostics
+
+        print(diagnostics.format_table(diagnostics.diagnose_dir(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
