@@ -1,0 +1,127 @@
+"""The miniature TL;DR world: determinism, formats, oracle behaviour, diagnostics."""
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+
+from warm_jax.data import diagnostics, formats, lexicon, oracle, world
+
+SMALL = dict(n_train_pairs=300, n_valid_pairs=100, n_ood_pairs=100, n_sft=200, n_prompts=50)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    card = world.generate_world(str(out), seed=1, vocab_size=0, **SMALL)
+    return out, card
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    world.generate_world(str(a), seed=5, vocab_size=256, **SMALL)
+    world.generate_world(str(b), seed=5, vocab_size=256, **SMALL)
+    world.generate_world(str(c), seed=6, vocab_size=0, **SMALL)
+    files = ["world.json", "spm.model", "comparisons/train.jsonl", "comparisons/valid1.jsonl",
+             "comparisons/valid2.jsonl", "sft/train.jsonl", "sft/valid.jsonl", "sft/test.jsonl",
+             "prompts/prompts.jsonl"]
+    match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert match == files, (mismatch, errors)
+    assert (a / "comparisons/train.jsonl").read_bytes() != (c / "comparisons/train.jsonl").read_bytes()
+
+
+def test_world_in_public_formats(small_world):
+    out, card = small_world
+    comps = formats.read_comparisons(out / "comparisons")
+    assert len(comps) == 500
+    by = {s: [c for c in comps if c.split == s] for s in formats.SPLITS}
+    assert [len(by[s]) for s in formats.SPLITS] == [300, 100, 100]
+    id_names = {p.name for p in world.ID_POLICIES}
+    ood_names = {p.name for p in world.OOD_POLICIES}
+    assert not id_names & ood_names
+    for s in ("train", "valid1"):
+        assert {p for c in by[s] for p in c.policies} <= id_names
+    assert {p for c in by["valid2"] for p in c.policies} <= ood_names
+    sft = {n: formats.read_sft(out / "sft" / f"{n}.jsonl") for n in ("train", "valid", "test")}
+    prompts = formats.read_sft(out / "prompts" / "prompts.jsonl")
+    assert [len(sft[n]) for n in ("train", "valid", "test")] == [180, 10, 10] and len(prompts) == 50
+    posts = [c.post for c in comps] + [e.post for v in sft.values() for e in v] + [e.post for e in prompts]
+    assert len(set(posts)) == len(posts), "post sets overlap"
+    saved = json.loads((out / "world.json").read_text())
+    assert saved["seed"] == 1 and saved["generator_version"] == world.GENERATOR_VERSION
+    assert saved["policies"]["ood"] == sorted(ood_names, key=[p.name for p in world.OOD_POLICIES].index)
+
+
+def test_oracle_prefers_reference_over_corruptions():
+    post = ("so my roommate broke my laptop last night. we barely talk now. "
+            "should i confront?")
+    ref = "my roommate broke my laptop, should i confront?"
+    dropped = "my roommate broke my stuff, should i confront?"
+    invented = "my roommate broke my guitar, should i confront?"
+    padded = ("long story short, basically, to be honest, my roommate broke my laptop, should i "
+              "confront? so yeah. idk what to think. and it is a whole thing. hope this helps.")
+    repeated = "my roommate broke my laptop my roommate broke my laptop, should i confront?"
+    s = {k: oracle.score(post, v) for k, v in dict(ref=ref, dropped=dropped, invented=invented,
+                                                   padded=padded, repeated=repeated).items()}
+    assert s["ref"] == pytest.approx(2.0)
+    assert s["ref"] > s["padded"] > s["dropped"] > s["invented"]
+    assert s["ref"] > s["repeated"]
+    assert oracle.score(post, "") == oracle.EMPTY_SCORE
+    assert oracle.score(post, ref.rstrip("?")) < s["ref"]
+    f = oracle.oracle_features(post, invented)
+    assert f["coverage"] == pytest.approx(0.75) and f["invented"] == 1
+    prompt = formats.format_prompt("legaladvice", "roommate broke my laptop", post)
+    assert oracle.score(prompt, ref) == s["ref"]
+    np.testing.assert_allclose(oracle.score_batch([post], [ref, dropped]),
+                               [s["ref"], s["dropped"]], rtol=1e-6)
+
+
+def test_reference_summaries_score_high(small_world):
+    out, _ = small_world
+    sft = formats.read_sft(out / "sft" / "train.jsonl")
+    feats = [oracle.oracle_features(e.post, e.summary) for e in sft]
+    assert all(f["coverage"] == 1.0 and f["invented"] == 0 and f["repetition"] == 0 for f in feats)
+    assert all(f["bad_ending"] == 0 for f in feats)
+
+
+def test_post_facts_are_found():
+    rng = __import__("random").Random(0)
+    for _ in range(200):
+        lat = world.sample_latent(rng)
+        _, post = world.render_post(rng, lat)
+        assert oracle.post_facts(post) == frozenset(lat.facts.values())
+
+
+def test_sizes_in_words():
+    rng = __import__("random").Random(1)
+    for _ in range(200):
+        lat = world.sample_latent(rng)
+        title, post = world.render_post(rng, lat)
+        assert 10 <= len(lexicon.words(post)) <= 45
+        for p in world.ID_POLICIES + world.OOD_POLICIES:
+            n = len(lexicon.words(world.write_summary(rng, lat, p)))
+            assert 1 <= n <= 30
+
+
+def test_diagnostic_true_feature_beats_length_ood():
+    """A bag-of-words model beats the length rule OOD; length fails OOD, not ID."""
+    f = world._PostFactory(0)
+    train = world.make_comparisons(f, "train", 6000)
+    valid = world.make_comparisons(f, "valid1", 1500)
+    ood = world.make_comparisons(f, "valid2", 1500)
+    r = diagnostics.diagnose(train, valid, ood, steps=300)
+    assert r["id"]["oracle_expected"] > 0.8 and r["ood"]["oracle_expected"] > 0.8
+    assert 0.58 < r["id"]["length"] < 0.75        # tempting in distribution
+    assert r["ood"]["length"] < 0.45              # and wrong out of it
+    assert r["ood"]["bow"] > r["ood"]["length"] + 0.2
+    assert r["id"]["bow"] > r["id"]["length"] + 0.05
+    assert 0.35 < r["id"]["length_corr"] < 0.6 and r["ood"]["length_corr"] < 0.0
+
+
+def test_cli(tmp_path, capsys):
+    assert world.main(["--out", str(tmp_path), "--n_train_pairs", "20", "--n_valid_pairs", "5",
+                       "--n_ood_pairs", "5", "--n_sft", "40", "--n_prompts", "5",
+                       "--vocab_size", "0"]) == 0
+    assert "comparisons/train.jsonl" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "world.json")
