@@ -16,7 +16,7 @@ from warm_jax.data.formats import DataError
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     world.generate_world(str(out), seed=2, n_train_pairs=2000, n_valid_pairs=50, n_ood_pairs=50,
-                         n_sft=100, n_prompts=20, vocab_size=400)
+                         n_sft=100, n_prompts=20, vocab_size=512)
     v = vocab_lib.Vocab.load(str(out / "spm.model"))
     comps = formats.read_comparisons(out / "comparisons", splits=["train"])
     sft = formats.read_sft(out / "sft" / "train.jsonl")
@@ -36,7 +36,7 @@ def test_core_modules_import_without_tensorflow():
 
 def test_vocab_ids_and_roundtrip(tiny):
     out, v, comps, _ = tiny
-    assert (v.pad_id, v.eos_id, v.unk_id) == (0, 1, 2) and 200 <= v.vocab_size <= 400
+    assert (v.pad_id, v.eos_id, v.unk_id) == (0, 1, 2) and 200 <= v.vocab_size <= 512
     assert v.id_to_piece(0) == "<pad>" and v.id_to_piece(1) == "</s>"
     text = comps[0].prompt
     ids = v.encode(text)
@@ -112,7 +112,8 @@ def test_sft_and_lm_arrays(tiny):
 
 def test_prompt_arrays_left_padded(tiny):
     _, v, _, sft = tiny
-    a = pipeline.prompt_arrays(sft[:5], v, 80)
+    a = pipeline.prompt_arrays(sft[:5], v, 128)
+    assert not a["truncated"].any()
     for i, e in enumerate(sft[:5]):
         m = a["mask"][i]
         first = int(np.argmax(m))
