@@ -1,0 +1,333 @@
+"""Decoder-only Transformer with a language-model head and a scalar reward head.
+
+One backbone serves the policy (LM head), the reward model (scalar head read at the last
+real token) and the RL value model (the same scalar head read at every token). Every
+parameter carries logical axis names (partitioning.LOGICAL_AXIS_RULES maps them to the
+mesh). Pre-norm RMSNorm, rotary positions, gated (SwiGLU) MLP, grouped-query attention
+(num_kv_heads=1 is multi-query), dropout with a per-call (possibly traced) rate so that
+stacked ensemble members can each have their own, and a KV cache for incremental decoding.
+
+Conventions: tokens int32 [B, T], pad id 0; `mask` int32/bool [B, T], 1 on real tokens.
+Positions default to cumsum(mask) - 1, so left-padded prompts and right-padded training
+sequences both get positions 0, 1, 2, ... on their real tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from warm_jax import partitioning
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 512
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 1
+    head_dim: int = 16
+    mlp_dim: int = 256
+    max_len: int = 128
+    dropout_rate: float = 0.0  # default rate when a call does not pass one
+    dtype: str = "float32"  # activations / matmuls ("bfloat16" on accelerators)
+    param_dtype: str = "float32"
+    tie_embeddings: bool = True
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+    attention_impl: Optional[str] = None  # None (XLA) | "cudnn" (fused, GPU)
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose from {list(_DTYPES)}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat={self.remat!r}; choose none, full or dots")
+
+    @property
+    def jdtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def jparam_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def num_params(self) -> int:
+        d, h, kv, dh, f, v = (self.d_model, self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.mlp_dim, self.vocab_size)
+        per_layer = d * h * dh * 2 + d * kv * dh * 2 + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * v
+        return v * d + self.num_layers * per_layer + d + head + d + 1
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Matmul FLOPs per token (6N for training, attention included)."""
+        n = self.num_params() - self.vocab_size * self.d_model * int(self.tie_embeddings)
+        n += self.vocab_size * self.d_model  # LM-head / embedding matmul
+        attn = 2 * self.num_layers * seq_len * self.num_heads * self.head_dim  # QK^T + AV
+        fwd = 2 * n + 2 * attn
+        return 3 * fwd if training else fwd
+
+
+# Presets; the gin files in gin/models/ mirror these.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=128, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                 head_dim=8, mlp_dim=64, max_len=64),
+    "mini": dict(vocab_size=1024, num_layers=2, d_model=64, num_heads=4, num_kv_heads=1,
+                 head_dim=16, mlp_dim=256, max_len=128),
+    "llama_peer": dict(vocab_size=259, num_layers=4, d_model=256, num_heads=4, num_kv_heads=4,
+                       head_dim=64, mlp_dim=1024, max_len=256, tie_embeddings=False),
+    # PaLM-XXS/XS-like sizes (the paper's RMs are PaLM-XXS); bf16 on accelerators.
+    "xxs": dict(vocab_size=32_000, num_layers=8, d_model=1024, num_heads=8, num_kv_heads=1,
+                head_dim=128, mlp_dim=4096, max_len=1024, dtype="bfloat16", remat="dots"),
+    "xs": dict(vocab_size=32_000, num_layers=16, d_model=1536, num_heads=12, num_kv_heads=1,
+               head_dim=128, mlp_dim=6144, max_len=1024, dtype="bfloat16", remat="dots"),
+    "s": dict(vocab_size=32_000, num_layers=24, d_model=2048, num_heads=16, num_kv_heads=1,
+              head_dim=128, mlp_dim=8192, max_len=1024, dtype="bfloat16", remat="dots"),
+}
+
+
+@gin.configurable
+def model_config(preset: str = "mini", **overrides) -> TransformerConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[preset], **overrides})
+
+
+def _dense_init(scale: float = 1.0):
+    return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+def dropout(module: nn.Module, x, rate, deterministic: bool):
+    """Inverted dropout with a rate that may be a traced scalar (per ensemble member)."""
+    if deterministic or rate is None or (isinstance(rate, (int, float)) and rate == 0.0):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class RMSNorm(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.config.jparam_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(self.config.jdtype)
+
+
+def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0):
+    return nn.Dense(features, use_bias=False, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,
+                    kernel_init=nn.with_logical_partitioning(_dense_init(scale), names), name=name)
+
+
+def rotary(x, positions, theta: float):
+    """Rotary position embedding; x [B, T, N, D], positions [B, T]."""
+    d = x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: TransformerConfig
+    decode: bool = False
+    causal_only: bool = False  # right-padded input: causal masking alone is exact
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.config
+        b, t, _ = x.shape
+        h, kvh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg, h * dh, ("embed", "heads"), "query")(x).reshape(b, t, h, dh)
+        k = _dense(cfg, kvh * dh, ("embed", "kv"), "key")(x).reshape(b, t, kvh, dh)
+        v = _dense(cfg, kvh * dh, ("embed", "kv"), "value")(x).reshape(b, t, kvh, dh)
+        q = rotary(q, positions, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rope_theta)
+
+        if self.decode:
+            k, v, attn_mask = self._update_cache(k, v, mask)
+            out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+        elif self.causal_only:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                               implementation=cfg.attention_impl)
+        else:
+            causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+            attn_mask = causal[None, None] & mask.astype(jnp.bool_)[:, None, None, :]
+            out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+        out = out.reshape(b, t, h * dh)
+        out = partitioning.constrain(out, ("batch", "length", "act_heads"))
+        return _dense(cfg, cfg.d_model, ("heads", "embed"), "out",
+                      scale=1.0 / (2 * cfg.num_layers))(out)
+
+    def _update_cache(self, k, v, mask):
+        """Writes k, v at the cache index; returns all cached keys/values and the mask."""
+        b, t, kvh, dh = k.shape
+        is_init = not self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, (b, t, kvh, dh), k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (b, t, kvh, dh), v.dtype)
+        cm = self.variable("cache", "cached_mask", jnp.zeros, (b, t), jnp.bool_)
+        idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if is_init:  # the init call sets the cache length (= t); attend normally
+            causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+            return k, v, causal[None, None] & mask.astype(jnp.bool_)[:, None, None, :]
+        length = ck.value.shape[1]
+        i = idx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+        cm.value = jax.lax.dynamic_update_slice(cm.value, mask.astype(jnp.bool_), (0, i))
+        idx.value = i + t
+        q_slot = i + jnp.arange(t)[:, None]
+        k_slot = jnp.arange(length)[None, :]
+        attn = (k_slot <= q_slot)[None, None] & cm.value[:, None, None, :]
+        return ck.value, cv.value, attn
+
+
+class MLP(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
+        up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x)
+        hidden = partitioning.constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), "wo", scale=1.0 / (2 * cfg.num_layers))(hidden)
+
+
+class Block(nn.Module):
+    config: TransformerConfig
+    decode: bool = False
+    causal_only: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask, dropout_rate):
+        cfg = self.config
+        y = Attention(cfg, self.decode, self.causal_only, name="attn")(
+            RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask)
+        x = x + dropout(self, y, dropout_rate, self.deterministic)
+        y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x))
+        x = x + dropout(self, y, dropout_rate, self.deterministic)
+        return partitioning.constrain(x, ("batch", "length", "act_embed"))
+
+
+def last_token_index(mask):
+    """Index of the last real token of each row ([B, T] mask -> [B])."""
+    t = mask.shape[1]
+    return t - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
+
+
+class Transformer(nn.Module):
+    """heads: 'lm' -> logits [B,T,V]; 'reward' -> [B] at the last real token;
+    'values' -> [B,T] per-token scalars; 'all' -> (logits, per-token scalars) (for init)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens, mask=None, positions=None, *, head: str = "lm",
+                 deterministic: bool = True, dropout_rate=None, decode: bool = False,
+                 causal_only: bool = False):
+        cfg = self.config
+        if mask is None:
+            mask = (tokens != 0).astype(jnp.int32)
+        if positions is None:
+            if decode:
+                raise ValueError("decode=True needs explicit positions")
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        rate = cfg.dropout_rate if dropout_rate is None else dropout_rate
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model), cfg.jparam_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.jdtype)
+        x = partitioning.constrain(x, ("batch", "length", "act_embed"))
+        x = dropout(self, x, rate, deterministic)
+
+        block_cls = Block
+        if cfg.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                      if cfg.remat == "dots" else None)
+            block_cls = nn.remat(Block, policy=policy, prevent_cse=not decode)
+        for i in range(cfg.num_layers):
+            x = block_cls(cfg, decode, causal_only, deterministic, name=f"layer_{i}")(
+                x, positions, mask, rate)
+        x = RMSNorm(cfg, name="final_norm")(x)
+
+        outputs = {}
+        if head in ("lm", "all"):
+            if cfg.tie_embeddings:
+                logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.jdtype))
+            else:
+                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+            outputs["lm"] = partitioning.constrain(logits.astype(jnp.float32),
+                                                   ("batch", "length", "act_vocab"))
+        if head in ("reward", "values", "all"):
+            scalars = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.jparam_dtype,
+                               kernel_init=nn.with_logical_partitioning(
+                                   nn.initializers.zeros, ("embed", "head_out")),
+                               bias_init=nn.with_logical_partitioning(
+                                   nn.initializers.zeros, ("head_out",)),
+                               name="reward_head")(x.astype(jnp.float32))[..., 0]
+            outputs["values"] = scalars
+        if head == "lm":
+            return outputs["lm"]
+        if head == "values":
+            return outputs["values"]
+        if head == "reward":
+            idx = last_token_index(mask)
+            return jnp.take_along_axis(outputs["values"], idx[:, None], axis=1)[:, 0]
+        if head == "all":
+            return outputs["lm"], outputs["values"]
+        raise ValueError(f"unknown head {head!r}; choose lm, reward, values or all")
+
+
+def init_params(config: TransformerConfig, rng, batch: int = 1, length: Optional[int] = None):
+    """Returns (params as plain arrays, tree of logical axis names)."""
+    model = Transformer(config)
+    tokens = jnp.ones((batch, length or min(config.max_len, 8)), jnp.int32)
+    boxed = model.init({"params": rng}, tokens, head="all")["params"]
+    return nn.unbox(boxed), partitioning.logical_names(boxed)
+
+
+def abstract_params(config: TransformerConfig):
+    """(ShapeDtypeStruct tree, logical names tree) without allocating anything."""
+    boxed = jax.eval_shape(
+        lambda r: Transformer(config).init({"params": r}, jnp.ones((1, 8), jnp.int32),
+                                           head="all")["params"], jax.random.key(0))
+    return nn.unbox(boxed), partitioning.logical_names(boxed)
+
+
+def init_cache(config: TransformerConfig, params, batch: int, max_length: int):
+    """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
+    model = Transformer(config)
+    tokens = jnp.zeros((batch, max_length), jnp.int32)
+    variables = jax.eval_shape(functools.partial(
+        model.init, tokens=tokens, mask=jnp.ones_like(tokens),
+        positions=jnp.zeros_like(tokens), head="lm", decode=True), {"params": jax.random.key(0)})
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
+
+
+def decode_step(config: TransformerConfig, params, cache, tokens, mask, positions):
+    """Runs tokens [B, t] through the cache; returns (logits [B, t, V], new cache)."""
+    logits, mutated = Transformer(config).apply(
+        {"params": params, "cache": cache}, tokens, mask, positions, head="lm", decode=True,
+        mutable=["cache"])
+    return logits, mutated["cache"]
