@@ -331,3 +331,15 @@ def decode_step(config: TransformerConfig, params, cache, tokens, mask, position
         {"params": params, "cache": cache}, tokens, mask, positions, head="lm", decode=True,
         mutable=["cache"])
     return logits, mutated["cache"]
+
+
+def config_to_dict(config: TransformerConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> TransformerConfig:
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"model config has unknown fields {sorted(unknown)}")
+    return TransformerConfig(**d)
