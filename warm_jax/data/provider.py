@@ -1,0 +1,145 @@
+"""The run-level data source every stage reads from (no TensorFlow needed).
+
+A DataConfig points at a directory laid out like the miniature world (or at the real
+files one by one); a DataProvider reads, tokenises and caches the arrays each stage needs:
+
+  provider.lm("train")                 pre-training sequences (posts + reference summaries)
+  provider.sft("train"|"valid"|"test") SFT sequences with loss_mask on the summary
+  provider.preference("train"|"valid"|"ood", corrupted=False)
+                                       pairwise arrays; with corrupted=True the train labels
+                                       are flipped (exact fraction, by seed) and 'flipped'
+                                       marks which rows
+  provider.prompts("rl"|"eval")        left-padded prompts + post texts for sampling
+
+The SeqIO tasks in warm_jax.data.tasks serve the same arrays through tf.data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Optional
+
+import gin
+import numpy as np
+
+from warm_jax.data import formats, pipeline
+
+log = logging.getLogger("warm_jax")
+
+SPLITS = {"train": "train", "valid": "valid1", "ood": "valid2"}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = ""  # world/real-data directory (comparisons/, sft/, prompts/, spm.model)
+    comparisons: Optional[str] = None  # file, dir or glob; default {data_dir}/comparisons
+    sft: Optional[str] = None  # dir with train/valid/test.jsonl; default {data_dir}/sft
+    prompts: Optional[str] = None  # JSONL in SFT layout; default {data_dir}/prompts
+    vocab_model: Optional[str] = None  # SentencePiece .model; default {data_dir}/spm.model
+    max_len: int = 128  # training sequence length (prompt + summary + EOS)
+    max_prompt_len: int = 96  # sampling prompt length (left padded)
+    corruption_fraction: float = 0.25
+    corruption_seed: int = 0
+    max_bad_fraction: float = 0.0
+    max_train_pairs: Optional[int] = None  # use only the first N training pairs
+    num_eval_pairs: Optional[int] = None  # cap ID/OOD evaluation sets (cheap evals)
+    num_eval_prompts: int = 256  # held-out prompts for BoN / judge
+
+    def path(self, field: str, default_rel: str) -> str:
+        value = getattr(self, field)
+        if value:
+            return value
+        if not self.data_dir:
+            raise ValueError(f"DataConfig: set data_dir or {field}")
+        return os.path.join(self.data_dir, default_rel)
+
+
+class DataProvider:
+    def __init__(self, config: DataConfig):
+        self.config = config
+
+    @functools.cached_property
+    def vocab(self):
+        from warm_jax.data.vocab import Vocab
+
+        path = self.config.path("vocab_model", "spm.model")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path}: no SentencePiece model (generate the world with a vocabulary, or set "
+                "DataConfig.vocab_model to an existing .model file)")
+        return Vocab.load(path)
+
+    # -- raw records
+    @functools.lru_cache(maxsize=None)
+    def comparisons(self, split: str) -> list:
+        real = SPLITS.get(split, split)
+        rows = formats.read_comparisons(self.config.path("comparisons", "comparisons"),
+                                        splits=[real],
+                                        max_bad_fraction=self.config.max_bad_fraction)
+        if not rows:
+            raise ValueError(f"no comparisons with split {real!r} under "
+                             f"{self.config.path('comparisons', 'comparisons')}")
+        if split == "train" and self.config.max_train_pairs:
+            rows = rows[:self.config.max_train_pairs]
+        elif split != "train" and self.config.num_eval_pairs:
+            rows = rows[:self.config.num_eval_pairs]
+        return list(rows)
+
+    @functools.lru_cache(maxsize=None)
+    def sft_examples(self, split: str) -> list:
+        return list(formats.read_sft(os.path.join(self.config.path("sft", "sft"),
+                                                  f"{split}.jsonl"),
+                                     max_bad_fraction=self.config.max_bad_fraction))
+
+    @functools.lru_cache(maxsize=None)
+    def prompt_examples(self, which: str) -> list:
+        path = self.config.path("prompts", "prompts")
+        if os.path.isdir(path):
+            path = os.path.join(path, "prompts.jsonl")
+        rows = list(formats.read_sft(path, max_bad_fraction=self.config.max_bad_fraction))
+        k = min(self.config.num_eval_prompts, len(rows) // 2)
+        return rows[:k] if which == "eval" else rows[k:]
+
+    # -- arrays
+    @functools.lru_cache(maxsize=None)
+    def preference(self, split: str, corrupted: bool = False) -> dict:
+        rows = self.comparisons(split)
+        flipped = None
+        if corrupted and split == "train":
+            rows, flipped = formats.corrupt_labels(rows, self.config.corruption_fraction,
+                                                   self.config.corruption_seed)
+        return pipeline.preference_arrays(rows, self.vocab, self.config.max_len, flipped)
+
+    @functools.lru_cache(maxsize=None)
+    def sft(self, split: str) -> dict:
+        return pipeline.sft_arrays(self.sft_examples(split), self.vocab, self.config.max_len)
+
+    @functools.lru_cache(maxsize=None)
+    def lm(self, split: str = "train") -> dict:
+        """Pre-training text: formatted prompts of the SFT posts followed by their summaries,
+        plus the posts of the training comparisons with both candidate summaries."""
+        texts = [formats.format_prompt(e.subreddit, e.title, e.post) + " " + e.summary
+                 for e in self.sft_examples(split)]
+        if split == "train":
+            for c in self.comparisons("train"):
+                texts.append(c.prompt + " " + c.summaries[0])
+                texts.append(c.prompt + " " + c.summaries[1])
+        return pipeline.lm_arrays(texts, self.vocab, self.config.max_len)
+
+    @functools.lru_cache(maxsize=None)
+    def prompts(self, which: str = "rl") -> dict:
+        return pipeline.prompt_arrays(self.prompt_examples(which), self.vocab,
+                                      self.config.max_prompt_len)
+
+    def card(self) -> dict:
+        return {"data_config": dataclasses.asdict(self.config),
+                "vocab_size": self.vocab.vocab_size, "vocab_sha256": self.vocab.sha256}
+
+
+def subset(arrays: dict, idx) -> dict:
+    idx = np.asarray(idx)
+    return {k: (v[idx] if isinstance(v, np.ndarray) else [v[int(i)] for i in idx])
+            for k, v in arrays.items()}
