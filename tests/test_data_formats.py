@@ -1,6 +1,5 @@
 """Readers of the public formats: errors name file, line and field; counted skips."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Vocabulary and numpy arrays: conventions, truncation, resumable batches."""
 import dataclasses
-import importlib
 import os
 import subprocess
 import sys
