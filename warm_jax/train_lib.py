@@ -206,9 +206,15 @@ def run_loop(*, name: str, state: dict, step_fn: Callable, batch_fn: Callable[[i
 
     with _SignalGuard() as guard:
         step = start_step
+        prev_metrics = None
         while step < cfg.total_steps:
             batch = batch_fn(step)
             state, metrics = step_fn(state, batch)
+            # At most two steps in flight: unbounded async dispatch of sharded steps on
+            # many fake CPU devices was seen to abort the process (XLA CPU runtime).
+            if prev_metrics is not None:
+                jax.block_until_ready(prev_metrics)
+            prev_metrics = metrics
             step += 1
             steps_since += 1
             if step % cfg.log_every == 0 or step == cfg.total_steps:
