@@ -1,0 +1,74 @@
+"""The data stage: generate the miniature TL;DR world, or check real data files.
+
+With the default DataConfig (data_dir = {run_dir}/data) it writes the miniature world there
+(seeded; same seed, same bytes). When DataConfig points elsewhere (the real
+summarize_from_feedback comparisons and filtered TL;DR files), it reads every file once
+so that bad input fails here, with file, line and field, before any training starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import gin
+
+from warm_jax import metrics
+from warm_jax.data import provider as provider_lib
+
+log = logging.getLogger("warm_jax")
+
+
+@gin.configurable
+def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
+               n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
+               n_prompts: int = 2000, vocab_size: int = 512) -> dict:
+    stage_dir = os.path.join(run_dir, "data_stage")
+    done = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(done):
+        return _load(done)
+    cfg = provider_lib.DataConfig()
+    os.makedirs(stage_dir, exist_ok=True)
+    generated = os.path.abspath(cfg.data_dir) == os.path.abspath(os.path.join(run_dir, "data"))
+    summary = {"data_dir": cfg.data_dir, "generated": generated}
+    if generated:
+        from warm_jax.data import world
+
+        if os.path.exists(os.path.join(cfg.data_dir, "world.json")):
+            log.info("miniature world already present in %s", cfg.data_dir)
+            card = _load(os.path.join(cfg.data_dir, "world.json"))
+        else:
+            log.info("generating the miniature TL;DR world into %s (seed %d)", cfg.data_dir, seed)
+            tmp = cfg.data_dir + ".tmp"
+            if os.path.exists(tmp):
+                import shutil
+
+                shutil.rmtree(tmp)
+            card = world.generate_world(tmp, seed=seed, n_train_pairs=n_train_pairs,
+                                        n_valid_pairs=n_valid_pairs, n_ood_pairs=n_ood_pairs,
+                                        n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size)
+            os.replace(tmp, cfg.data_dir)
+        summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab")
+                            if k in card}
+    prov = provider_lib.DataProvider(cfg)
+    counts = {}
+    for split in ("train", "valid", "ood"):
+        counts[f"comparisons_{split}"] = len(prov.comparisons(split))
+    for split in ("train", "valid"):
+        counts[f"sft_{split}"] = len(prov.sft_examples(split))
+    counts["prompts_rl"] = len(prov.prompt_examples("rl"))
+    counts["prompts_eval"] = len(prov.prompt_examples("eval"))
+    summary["counts"] = counts
+    summary["vocab_size"] = prov.vocab.vocab_size
+    summary["vocab_sha256"] = prov.vocab.sha256
+    metrics.write_run_info(stage_dir, "data", config={"data_config": vars(cfg)},
+                           seeds={"world_seed": seed})
+    metrics.atomic_write_json(done, summary)
+    log.info("data: %s", counts)
+    return summary
+
+
+def _load(path: str) -> dict:
+    import json
+
+    with open(path) as f:
+        return json.load(f)
