@@ -66,6 +66,7 @@ def import_stage_modules() -> None:
             log.warning("stage module %s is not available", target)
     importlib.import_module("warm_jax.data.provider")
     importlib.import_module("warm_jax.partitioning")
+    importlib.import_module("warm_jax.model")
     importlib.import_module("warm_jax.optim")
     importlib.import_module("warm_jax.train_lib")
     try:
