@@ -1,0 +1,172 @@
+"""Reward-model training throughput of warm-jax, alone or side by side with the peer.
+
+    python -m bench.rm_throughput [--preset llama_peer] [--pairs 8] [--seq 256] [--steps 8]
+                                  [--optimizers adamw,adafactor] [--with_peer] [--rounds 2]
+
+Times steps.rm_train_step, jitted with the training state donated, on `pairs` preference
+pairs of `seq` real tokens (2 x pairs sequences a step, no padding), on random token ids.
+The default shape is the peer's: a Llama-shaped reward model (preset 'llama_peer': hidden
+256, MLP 1024, 4 layers, 4 heads, vocab 259), 8 pairs x 256 tokens, fp32. AdamW is the
+side-by-side figure (the peer's optimizer); Adafactor (the project's default) the second.
+
+--with_peer also runs bench/peer_trl.py (TRL RewardTrainer) in a subprocess from
+.venv-peer (see bench/peer_setup.sh), alternating warm-jax and peer measurements for
+`rounds` rounds so that both see the same background load, and prints the ratio of the
+medians. Every figure is one JSON line (bench/common.py).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+from bench import common
+
+BENCH = "rm_throughput"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_PYTHON = os.path.join(REPO, ".venv-peer", "bin", "python")
+log = logging.getLogger("warm_jax")
+
+
+def make_batch(pairs: int, seq: int, vocab_size: int, seed: int = 0) -> dict:
+    """`pairs` preference pairs of `seq` real (non-pad) tokens each, as device arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    kc, kr = jax.random.split(jax.random.key(seed))
+    tok = lambda k: jax.random.randint(k, (pairs, seq), 3, vocab_size, dtype=jnp.int32)
+    ones = jnp.ones((pairs, seq), jnp.int32)
+    return {"chosen_tokens": tok(kc), "chosen_mask": ones, "rejected_tokens": tok(kr),
+            "rejected_mask": ones}
+
+
+def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: int = 8,
+            warmup: int = 2, optimizer: str = "adamw", seed: int = 0,
+            model_overrides: Optional[dict] = None) -> list[dict]:
+    """Trains `warmup + steps` steps; returns JSON records of the timed steps.
+
+    Records: tokens_per_s, step_time_s (median, with min/max), achieved_flops, mfu (None
+    when the device's peak is unknown, e.g. CPUs) and compile_s.
+    """
+    import jax
+
+    from warm_jax import model as model_lib
+    from warm_jax import optim, steps as steps_lib, train_lib
+
+    overrides = dict(model_overrides or {})
+    overrides.setdefault("max_len", max(seq, model_lib.PRESETS[preset].get("max_len", seq)))
+    cfg = model_lib.model_config(preset, **overrides)
+    tx = optim.make_optimizer(optim.OptimizerConfig(
+        name=optimizer, learning_rate=1e-4, grad_clip_norm=1.0, weight_decay=0.0))
+    params, _ = model_lib.init_params(cfg, jax.random.key(seed))
+    state = train_lib.init_state(params, tx, seed)
+    batch = make_batch(pairs, seq, cfg.vocab_size, seed + 1)
+    step_fn = jax.jit(functools.partial(steps_lib.rm_train_step, cfg, tx), donate_argnums=0)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return holder["state"], metrics
+
+    times = common.time_calls(one_step, warmup=warmup, repeats=steps)
+    _, metrics = one_step()
+    loss = float(metrics["loss"])
+    step = common.median(times)
+    tokens = 2 * pairs * seq
+    flops_tok = common.rm_flops_per_token(cfg, seq)
+    achieved = flops_tok * tokens / step
+    dev = jax.devices()[0]
+    util = common.mfu(achieved, dev.device_kind, cfg.dtype)
+    config = dict(impl="warm_jax", preset=preset, pairs=pairs, seq=seq, steps=steps,
+                  warmup=warmup, optimizer=optimizer, dtype=cfg.dtype,
+                  params=cfg.num_params(), attention_impl=cfg.attention_impl,
+                  remat=cfg.remat, loss=loss, machine=common.machine_info())
+    return [
+        common.record(BENCH, "tokens_per_s", tokens / step, "tokens/s", **config),
+        common.record(BENCH, "step_time_s", step, "s", spread=common.spread(times), **config),
+        common.record(BENCH, "achieved_flops", achieved, "FLOP/s", flops_per_token=flops_tok,
+                      **config),
+        common.record(BENCH, "mfu", util, "fraction", **config),
+        common.record(BENCH, "compile_s", compile_s, "s", **config),
+    ]
+
+
+def run_peer(pairs: int, seq: int, steps: int, warmup: int = 2, impl: str = "trl",
+             python: str = PEER_PYTHON, timeout: float = 1800) -> list[dict]:
+    """Runs bench.peer_trl in its own interpreter; returns its JSON records."""
+    if not os.path.exists(python):
+        raise FileNotFoundError(f"peer interpreter {python} not found: run bench/peer_setup.sh")
+    cmd = [python, "-m", "bench.peer_trl", "--pairs", str(pairs), "--seq", str(seq),
+           "--steps", str(steps), "--warmup", str(warmup), "--impl", impl]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    recs = common.parse_json_lines(proc.stdout)
+    if proc.returncode or not recs:
+        raise RuntimeError(f"peer failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return recs
+
+
+def _value(recs: list[dict], metric: str) -> float:
+    return next(r["value"] for r in recs if r["metric"] == metric)
+
+
+def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rounds: int,
+                 peer_impl: str = "trl") -> list[dict]:
+    """Alternates warm-jax (AdamW) and the peer `rounds` times; returns ratio records."""
+    ours, peer = [], []
+    for r in range(rounds):
+        recs = measure(preset, pairs, seq, steps, warmup, "adamw")
+        ours.append(_value(recs, "tokens_per_s"))
+        for rec in recs:
+            common.emit({**rec, "round": r})
+        recs = run_peer(pairs, seq, steps, warmup, peer_impl)
+        peer.append(_value(recs, "tokens_per_s"))
+        for rec in recs:
+            common.emit({**rec, "round": r})
+    ratio = common.median(ours) / common.median(peer)
+    cfg = dict(preset=preset, pairs=pairs, seq=seq, steps=steps, rounds=rounds,
+               optimizer="adamw", dtype="float32", peer_impl=peer_impl,
+               warm_jax_tokens_per_s=ours, peer_tokens_per_s=peer,
+               machine=common.machine_info())
+    return [common.record(BENCH, "speedup_vs_peer", ratio, "x", **cfg)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llama_peer")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--optimizers", default="adamw,adafactor")
+    p.add_argument("--with_peer", action="store_true",
+                   help="also run the TRL peer (from .venv-peer) and print the ratio")
+    p.add_argument("--peer_impl", choices=("trl", "torch"), default="trl")
+    p.add_argument("--rounds", type=int, default=2, help="alternations with --with_peer")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    if a.with_peer:
+        for rec in side_by_side(a.preset, a.pairs, a.seq, a.steps, a.warmup, a.rounds,
+                                a.peer_impl):
+            common.emit(rec)
+        extra = [o for o in a.optimizers.split(",") if o and o != "adamw"]
+    else:
+        extra = [o for o in a.optimizers.split(",") if o]
+    for opt in extra:
+        for rec in measure(a.preset, a.pairs, a.seq, a.steps, a.warmup, opt):
+            common.emit(rec)
+
+
+if __name__ == "__main__":
+    main()
