@@ -1,0 +1,405 @@
+"""Language-model stages: short pre-training, then supervised fine-tuning (SFT).
+
+pretrain_stage  next-token loss on DataProvider.lm('train') (formatted posts followed by
+                summaries), from scratch or from `init_params_path`; exports
+                {run_dir}/pretrain/final.
+sft_stage       next-token loss on the summary (+EOS) of DataProvider.sft('train'), starting
+                from the pre-training export; keeps params-only snapshots at
+                `snapshot_steps` under {run_dir}/sft/snapshots/step_N (the Baklava
+                initialisations of the reward models) with their SFT validation loss.
+
+Both are one jitted, sharded, donated step (steps.lm_train_step) driven by
+train_lib.run_loop; the full training state is checkpointed under <stage>/ckpt, so an
+interrupted stage resumes exactly (same step, optimizer state, RNG and data position:
+batch k is data.pipeline.batch_indices(n, B, seed, k)). summary.json, written last, marks
+a stage done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import losses, metrics, optim, partitioning, steps, train_lib
+from warm_jax import model as model_lib
+from warm_jax.data import pipeline
+from warm_jax.data import provider as provider_lib
+
+log = logging.getLogger("warm_jax")
+
+PRETRAIN_DIR = "pretrain"
+SFT_DIR = "sft"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def trim_length(arrays: dict, mask_keys: Sequence[str], multiple: int = 8) -> dict:
+    """Drops trailing columns that are padding in every row (keeps a multiple of `multiple`).
+
+    Right-padded sequences rarely use the full DataConfig.max_len; the model's compute is
+    linear-to-quadratic in the length, so every stage trains on the trimmed arrays.
+    """
+    t = arrays[mask_keys[0]].shape[1]
+    used = max(int(np.max(np.nonzero(arrays[k].any(0))[0], initial=-1)) + 1 for k in mask_keys)
+    keep = min(t, max(multiple, -(-used // multiple) * multiple))
+    return {k: (v[:, :keep] if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == t
+                else v) for k, v in arrays.items()}
+
+
+def check_vocab(model_cfg: model_lib.TransformerConfig, vocab, where: str) -> None:
+    if model_cfg.vocab_size < vocab.vocab_size:
+        raise ValueError(
+            f"{where}: model vocab_size={model_cfg.vocab_size} is smaller than the data "
+            f"vocabulary ({vocab.vocab_size} pieces, {vocab.model_path}); raise "
+            "model_config.vocab_size")
+
+
+def check_batch(batch_size: int, mesh, where: str, ensemble: bool = False) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise ValueError(f"{where}: batch_size={batch_size} is not divisible by the mesh's "
+                         f"data x fsdp = {shards} devices")
+
+
+def default_snapshot_steps(total_steps: int, count: int = 3) -> tuple[int, ...]:
+    """The last `count` steps spaced total/6 apart (the paper keeps 8k, 10k, 12k of 12k)."""
+    gap = max(total_steps // 6, 1)
+    return tuple(sorted({max(total_steps - k * gap, 1) for k in range(count)}))
+
+
+def loop_config(total_steps: int, log_every: int, checkpoint_every: int,
+                keep_checkpoints: int = 2) -> train_lib.LoopConfig:
+    base = train_lib.LoopConfig()  # gin-configured defaults (nan_policy, async saves, ...)
+    return dataclasses.replace(base, total_steps=int(total_steps), log_every=int(log_every),
+                               checkpoint_every=int(checkpoint_every),
+                               keep_checkpoints=int(keep_checkpoints), eval_every=0)
+
+
+def optimizer_config(learning_rate: float, warmup_steps: int,
+                     total_steps: int) -> optim.OptimizerConfig:
+    """The gin-configured OptimizerConfig with this stage's peak lr, warmup and horizon."""
+    return dataclasses.replace(optim.OptimizerConfig(), learning_rate=float(learning_rate),
+                               warmup_steps=int(warmup_steps), total_steps=int(total_steps))
+
+
+def batch_shardings(mesh, example: dict) -> dict:
+    return {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+
+
+# --------------------------------------------------------------------------- LM program
+
+
+@dataclasses.dataclass
+class LMProgram:
+    """Everything jitted for one LM training run on one mesh."""
+
+    model_cfg: model_lib.TransformerConfig
+    tx: Any
+    mesh: Any
+    param_shardings: Any
+    abstract_params: Any  # ShapeDtypeStructs with shardings
+    abstract_state: Any  # ShapeDtypeStructs with shardings
+    state_shardings: Any
+    init: Callable  # params -> state (jitted, sharded)
+    step: Callable  # (state, batch) -> (state, metrics) (jitted, donated)
+    eval_loss: Callable  # (params, batch) -> (sum of token losses, number of target tokens)
+    seed: int
+
+    def fresh_state(self, params=None) -> dict:
+        if params is None:
+            params, _ = model_lib.init_params(self.model_cfg, jax.random.PRNGKey(self.seed))
+        params = partitioning.shard_tree(params, self.param_shardings)
+        with jax.set_mesh(self.mesh):
+            return self.init(params)
+
+
+def build_lm_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, seed: int,
+                     batch_example: dict) -> LMProgram:
+    tx = optim.make_optimizer(opt_cfg)
+    abstract, names = model_lib.abstract_params(model_cfg)
+    p_sh = partitioning.tree_shardings(names, abstract, mesh)
+    abstract_p = train_lib.with_shardings(abstract, p_sh)
+    init = lambda p: train_lib.init_state(p, tx, seed)
+    st_sh = train_lib.state_shardings(jax.eval_shape(init, abstract_p), p_sh, mesh,
+                                      min_dim_size_to_factor=opt_cfg.min_dim_size_to_factor)
+    abstract_state = train_lib.with_shardings(jax.eval_shape(init, abstract_p), st_sh)
+    b_sh = batch_shardings(mesh, batch_example)
+    step = jax.jit(functools.partial(steps.lm_train_step, model_cfg, tx), donate_argnums=0,
+                   in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None))
+    model = model_lib.Transformer(model_cfg)
+
+    def eval_loss(params, batch):
+        logits = model.apply({"params": params}, batch["tokens"], batch["mask"], head="lm",
+                             causal_only=True)
+        lp = losses.token_log_probs(logits, batch["tokens"])
+        m = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        return -(lp * m).sum(), m.sum()
+
+    return LMProgram(model_cfg, tx, mesh, p_sh, abstract_p, abstract_state, st_sh,
+                     jax.jit(init, out_shardings=st_sh), step,
+                     jax.jit(eval_loss, in_shardings=(p_sh, None)), seed)
+
+
+def lm_eval(program: LMProgram, params, arrays: dict, batch_size: int) -> float:
+    """Mean next-token loss over loss_mask (default mask) targets of `arrays`."""
+    arrays = dict(arrays)
+    arrays.setdefault("loss_mask", arrays["mask"])
+    arrays = {k: arrays[k] for k in ("tokens", "mask", "loss_mask")}
+    n = len(arrays["tokens"])
+    shards = program.mesh.shape["data"] * program.mesh.shape["fsdp"]
+    batch_size = max(shards, batch_size // shards * shards)
+    total, count = 0.0, 0.0
+    with jax.set_mesh(program.mesh):
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, lo + batch_size) % n  # pad the last batch by wrapping ...
+            w = (np.arange(lo, lo + batch_size) < n)  # ... and mask the wrapped rows out
+            b = {k: v[idx] for k, v in arrays.items()}
+            b["loss_mask"] = b["loss_mask"] * w[:, None].astype(b["loss_mask"].dtype)
+            s, c = program.eval_loss(params, train_lib.put_batch(
+                b, lambda nd: partitioning.batch_sharding(program.mesh, nd)))
+            total += float(s)
+            count += float(c)
+    return total / max(count, 1.0)
+
+
+def train_lm(*, name: str, stage_dir: str, program: LMProgram, arrays: dict, batch_size: int,
+             data_seed: int, loop: train_lib.LoopConfig, boundaries: Sequence[int],
+             on_boundary: Callable[[dict, int], None], meta: dict,
+             init_params_path: Optional[str] = None) -> tuple[dict, str]:
+    """Trains to loop.total_steps with exact resume; calls on_boundary(state, s) at each
+    boundary step s (and at the end), after the state at s has been checkpointed."""
+    n = len(arrays["tokens"])
+    mesh = program.mesh
+    b_sh = batch_shardings(mesh, {k: v[:1] for k, v in arrays.items()})
+
+    def batch_fn(step: int) -> dict:
+        idx = pipeline.batch_indices(n, batch_size, data_seed, step)
+        return train_lib.put_batch({k: v[idx] for k, v in arrays.items()},
+                                   lambda nd: partitioning.batch_sharding(mesh, nd))
+
+    manager = ckpt_lib.CheckpointManager(os.path.join(stage_dir, "ckpt"),
+                                         max_to_keep=loop.keep_checkpoints,
+                                         save_interval_steps=loop.checkpoint_every,
+                                         async_save=loop.async_checkpoints)
+    del b_sh
+    try:
+        with jax.set_mesh(mesh):
+            try:
+                state, start, source = ckpt_lib.restore_or_initialize(
+                    manager, program.abstract_state, program.fresh_state,
+                    total_steps=loop.total_steps, init_params_path=init_params_path,
+                    abstract_params=program.abstract_params)
+            except ckpt_lib.AlreadyComplete:
+                start, state, _ = manager.restore_latest_good(program.abstract_state)
+                source = f"already trained to step {start}; finishing the exports"
+        log.info("[%s] %s", name, source)
+        writer = metrics.MetricWriter(stage_dir, resume_step=start)
+        ends = sorted({int(s) for s in boundaries if 0 < s <= loop.total_steps}
+                      | {loop.total_steps})
+        for s in ends:
+            if s < start:
+                continue
+            if s > start:
+                with jax.set_mesh(mesh):
+                    state = train_lib.run_loop(
+                        name=name, state=state, step_fn=program.step, batch_fn=batch_fn,
+                        start_step=start, cfg=dataclasses.replace(loop, total_steps=s),
+                        manager=manager, writer=writer, meta_fn=lambda _: dict(meta),
+                        tokens_per_step=int(batch_size * arrays["tokens"].shape[1]))
+                start = s
+            on_boundary(state, s)
+        writer.close()
+    finally:
+        manager.close()
+    return state, source
+
+
+def lm_card(kind: str, model_cfg, vocab, step: int, **extra) -> dict:
+    return {"kind": kind, "model_config": model_lib.config_to_dict(model_cfg),
+            "vocab_sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "step": int(step),
+            **extra}
+
+
+def export_once(path: str, params, card: dict) -> str:
+    """Exports unless a complete export is already there (resume after a crash)."""
+    if os.path.exists(os.path.join(path, ckpt_lib.CARD_NAME)):
+        return path
+    return ckpt_lib.export_params(path, ckpt_lib.host_tree(params), card, overwrite=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@gin.configurable
+def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
+                   learning_rate: float = 3e-3, warmup_steps: int = 30, seed: int = 0,
+                   init_params_path: Optional[str] = None, log_every: int = 25,
+                   checkpoint_every: int = 100, eval_examples: int = 256) -> dict:
+    """Short language-model pre-training (from scratch, or from `init_params_path`).
+
+    Exports {run_dir}/pretrain/final (card kind 'lm'). `seed` sets the initialisation,
+    the data order and the dropout RNG.
+    """
+    stage_dir = os.path.join(run_dir, PRETRAIN_DIR)
+    done = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(done):
+        return read_json(done)
+    t0 = time.time()
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    model_cfg = model_lib.model_config()
+    check_vocab(model_cfg, prov.vocab, "pretrain_stage")
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    check_batch(batch_size, mesh, "pretrain_stage")
+    train = trim_length(prov.lm("train"), ["mask"])
+    valid = trim_length(prov.sft("valid"), ["mask"])
+    valid = {"tokens": valid["tokens"][:eval_examples], "mask": valid["mask"][:eval_examples],
+             "loss_mask": valid["mask"][:eval_examples]}  # whole-text loss
+    opt_cfg = optimizer_config(learning_rate, warmup_steps, total_steps)
+    program = build_lm_program(model_cfg, opt_cfg, mesh, seed,
+                               {k: v[:1] for k, v in train.items()})
+    config = {"total_steps": total_steps, "batch_size": batch_size,
+              "learning_rate": learning_rate, "warmup_steps": warmup_steps,
+              "init_params_path": init_params_path, "optimizer": dataclasses.asdict(opt_cfg),
+              "model_config": model_lib.config_to_dict(model_cfg),
+              "train_examples": len(train["tokens"]), "seq_len": train["tokens"].shape[1]}
+    metrics.write_run_info(stage_dir, "pretrain", config=config, seeds={"seed": seed})
+    out: dict = {}
+
+    def finish(state, step):
+        params = state["params"]
+        loss = lm_eval(program, params, valid, 4 * batch_size)
+        card = lm_card("lm", model_cfg, prov.vocab, step, stage="pretrain", seed=seed,
+                       hyperparameters=config, init_params_path=init_params_path,
+                       valid_text_loss=loss)
+        out["final"] = export_once(os.path.join(stage_dir, "final"), params, card)
+        out["valid_text_loss"] = loss
+
+    loop = loop_config(total_steps, log_every, checkpoint_every)
+    _, source = train_lm(name="pretrain", stage_dir=stage_dir, program=program, arrays=train,
+                         batch_size=batch_size, data_seed=seed, loop=loop, boundaries=(),
+                         on_boundary=finish, meta={"stage": "pretrain"},
+                         init_params_path=init_params_path)
+    card = ckpt_lib.read_card(out["final"])
+    summary = {"stage": "pretrain", "final": out["final"], "step": total_steps,
+               "valid_text_loss": out["valid_text_loss"], "fingerprint": card["fingerprint"],
+               "source": source, "seconds": round(time.time() - t0, 2)}
+    metrics.atomic_write_json(done, summary)
+    log.info("pretrain: done, valid text loss %.4f -> %s", out["valid_text_loss"], out["final"])
+    return summary
+
+
+@gin.configurable
+def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
+              learning_rate: float = 1e-3, warmup_steps: int = 10, seed: int = 1,
+              init_params_path: Optional[str] = None,
+              snapshot_steps: Optional[Sequence[int]] = None, log_every: int = 25,
+              checkpoint_every: int = 100, eval_examples: int = 512) -> dict:
+    """Supervised fine-tuning on reference summaries, starting from the pre-training export
+    (or `init_params_path`). Keeps params exports at `snapshot_steps` (default: the last
+    three steps spaced total/6 apart, as the paper's 8k/10k/12k of 12k) under
+    {run_dir}/sft/snapshots/step_N; the final step is always kept.
+    """
+    stage_dir = os.path.join(run_dir, SFT_DIR)
+    done = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(done):
+        return read_json(done)
+    t0 = time.time()
+    if init_params_path is None:
+        init_params_path = os.path.join(run_dir, PRETRAIN_DIR, "final")
+    init_card = ckpt_lib.read_card(init_params_path)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    model_cfg = _model_config_from(init_card, init_params_path)
+    check_vocab(model_cfg, prov.vocab, "sft_stage")
+    if init_card.get("vocab_sha256") not in (None, prov.vocab.sha256):
+        raise ValueError(f"{init_params_path}: trained with another vocabulary "
+                         f"(vocab_sha256 {init_card['vocab_sha256'][:12]} != "
+                         f"{prov.vocab.sha256[:12]} of the data)")
+    snaps = tuple(sorted(set(int(s) for s in (snapshot_steps or
+                                              default_snapshot_steps(total_steps)))))
+    bad = [s for s in snaps if not 0 < s <= total_steps]
+    if bad:
+        raise ValueError(f"sft_stage.snapshot_steps {bad} outside (0, total_steps={total_steps}]")
+    snaps = tuple(sorted(set(snaps) | {total_steps}))
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    check_batch(batch_size, mesh, "sft_stage")
+    train = trim_length(prov.sft("train"), ["mask"])
+    valid = trim_length(prov.sft("valid"), ["mask"])
+    valid = {k: v[:eval_examples] for k, v in valid.items()}
+    opt_cfg = optimizer_config(learning_rate, warmup_steps, total_steps)
+    program = build_lm_program(model_cfg, opt_cfg, mesh, seed,
+                               {k: v[:1] for k, v in train.items()})
+    config = {"total_steps": total_steps, "batch_size": batch_size,
+              "learning_rate": learning_rate, "warmup_steps": warmup_steps,
+              "init_params_path": init_params_path, "snapshot_steps": list(snaps),
+              "optimizer": dataclasses.asdict(opt_cfg),
+              "model_config": model_lib.config_to_dict(model_cfg),
+              "train_examples": len(train["tokens"]), "seq_len": train["tokens"].shape[1]}
+    metrics.write_run_info(stage_dir, "sft", config=config, seeds={"seed": seed})
+    snapshots: list[dict] = []
+    writer_extra = metrics.MetricWriter(stage_dir, name="snapshots", tensorboard=False)
+
+    def keep(state, step):
+        loss = lm_eval(program, state["params"], valid, 4 * batch_size)
+        card = lm_card("lm", model_cfg, prov.vocab, step, stage="sft", seed=seed,
+                       hyperparameters=config, init_params_path=init_params_path,
+                       init_fingerprint=init_card.get("fingerprint"), sft_valid_loss=loss)
+        path = export_once(os.path.join(stage_dir, "snapshots", f"step_{step}"),
+                           state["params"], card)
+        snapshots.append({"step": step, "path": path, "sft_valid_loss": loss,
+                          "fingerprint": ckpt_lib.read_card(path)["fingerprint"]})
+        writer_extra.write(step, {"sft_valid_loss": loss})
+        log.info("sft: snapshot step %d, valid loss %.4f -> %s", step, loss, path)
+
+    loop = loop_config(total_steps, log_every, checkpoint_every)
+    _, source = train_lm(name="sft", stage_dir=stage_dir, program=program, arrays=train,
+                         batch_size=batch_size, data_seed=seed, loop=loop, boundaries=snaps,
+                         on_boundary=keep, meta={"stage": "sft"},
+                         init_params_path=init_params_path)
+    writer_extra.close()
+    missing = sorted(set(snaps) - {s["step"] for s in snapshots})
+    for s in missing:  # trained past them in an earlier run: their exports must exist
+        path = os.path.join(stage_dir, "snapshots", f"step_{s}")
+        card = ckpt_lib.read_card(path)
+        snapshots.append({"step": s, "path": path, "sft_valid_loss": card.get("sft_valid_loss"),
+                          "fingerprint": card["fingerprint"]})
+    snapshots.sort(key=lambda d: d["step"])
+    summary = {"stage": "sft", "snapshots": snapshots, "final": snapshots[-1]["path"],
+               "step": total_steps, "init_params_path": init_params_path,
+               "init_fingerprint": init_card.get("fingerprint"), "source": source,
+               "sft_valid_loss": snapshots[-1]["sft_valid_loss"],
+               "seconds": round(time.time() - t0, 2)}
+    metrics.atomic_write_json(done, summary)
+    return summary
+
+
+def _model_config_from(card: dict, path: str) -> model_lib.TransformerConfig:
+    if "model_config" not in card:
+        raise ckpt_lib.CheckpointError(f"{path}: card.json has no 'model_config'")
+    return model_lib.config_from_dict(card["model_config"])
+
+
+def sft_snapshots(run_dir: str) -> list[dict]:
+    """The SFT snapshots ({step, path, ...}) listed by a finished SFT stage."""
+    path = os.path.join(run_dir, SFT_DIR, "summary.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the SFT stage has not finished (no summary.json)")
+    snaps = read_json(path).get("snapshots")
+    if not snaps:
+        raise ValueError(f"{path}: field 'snapshots' is empty or missing")
+    return snaps
