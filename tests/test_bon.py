@@ -1,0 +1,119 @@
+"""Best-of-N: the KL formula, the exact subset expectation, N=1 equals plain sampling, the
+oracle as selector raises the oracle score with N, and the stage end to end."""
+import itertools
+import json
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from warm_jax import bon, checkpoint as ckpt_lib, model as model_lib, sampling
+from warm_jax.data import provider as provider_lib
+from warm_jax.data import world
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("world"))
+    world.generate_world(d, seed=0, n_train_pairs=600, n_valid_pairs=60, n_ood_pairs=60,
+                         n_sft=300, n_prompts=80, vocab_size=512)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig(data_dir=d, num_eval_prompts=16))
+    cfg = model_lib.model_config("tiny", vocab_size=prov.vocab.vocab_size, max_len=128)
+    params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    params = dict(params, embedding=params["embedding"] * 10.0)
+    return d, prov, cfg, params
+
+
+def test_bon_kl_formula():
+    assert bon.bon_kl(1) == 0.0
+    np.testing.assert_allclose(bon.bon_kl(2), np.log(2) - 0.5)
+    np.testing.assert_allclose(bon.bon_kl([4, 1000]), [np.log(4) - 0.75, np.log(1000) - 0.999])
+    ks = bon.bon_kl(np.arange(1, 64))
+    assert (np.diff(ks) > 0).all() and (ks < np.log(np.arange(1, 64)) + 1e-12).all()
+    with pytest.raises(ValueError):
+        bon.bon_kl(0)
+
+
+def test_bon_expectation_equals_enumeration_of_subsets():
+    rng = np.random.default_rng(0)
+    proxy, control = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    for n in (1, 2, 3, 7):
+        c, p = bon.bon_expectation(proxy, control, n)
+        for i in range(3):
+            picks = [max(sub, key=lambda j: proxy[i, j])
+                     for sub in itertools.combinations(range(7), n)]
+            np.testing.assert_allclose(c[i], np.mean(control[i, picks]), atol=1e-12)
+            np.testing.assert_allclose(p[i], np.mean(proxy[i, picks]), atol=1e-12)
+    # n=1 is the pool mean; n=K is the proxy argmax
+    np.testing.assert_allclose(bon.bon_expectation(proxy, control, 1)[0], control.mean(1))
+    np.testing.assert_allclose(bon.bon_expectation(proxy, control, 7)[0],
+                               control[np.arange(3), proxy.argmax(1)])
+    # selecting by the control itself is monotone in n
+    curve = [bon.bon_expectation(control, control, n)[0].mean() for n in range(1, 8)]
+    assert (np.diff(curve) > 0).all()
+
+
+def test_best_of_one_equals_plain_sampling(tiny_world):
+    _, prov, cfg, params = tiny_world
+    pr = prov.prompts("eval")
+    toks, mask = sampling.trim_left_padding(pr["tokens"][:8], pr["mask"][:8])
+    s = sampling.Sampler(cfg, sampling.SamplingConfig(temperature=0.9, max_new_tokens=16))
+    plain = s(params, toks, mask, 11)
+    picked = bon.best_of_n(s, params, toks, mask, bon.oracle_scorer(), 1, 11, prov.vocab,
+                           pr["prompts"][:8])
+    np.testing.assert_array_equal(picked["tokens"], np.asarray(plain["tokens"]))
+    np.testing.assert_array_equal(picked["index"], np.zeros(8))
+    assert picked["completions"] == sampling.decode_completions(prov.vocab, plain["tokens"],
+                                                                plain["mask"])
+
+
+def test_oracle_as_selector_raises_the_oracle_score_with_n(tiny_world):
+    _, prov, cfg, params = tiny_world
+    pr = prov.prompts("eval")
+    toks, mask = sampling.trim_left_padding(pr["tokens"], pr["mask"])
+    s = sampling.Sampler(cfg, sampling.SamplingConfig(temperature=1.0, max_new_tokens=16))
+    means = []
+    for n in (1, 4, 16):
+        picked = bon.best_of_n(s, params, toks, mask, bon.oracle_scorer(), n, 3, prov.vocab,
+                               pr["prompts"])
+        # the pick is the argmax of the oracle among the n candidates
+        np.testing.assert_allclose(picked["scores"], picked["all_scores"].max(1))
+        means.append(float(np.mean(picked["scores"])))
+    assert means[0] < means[1] < means[2], means
+
+
+def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
+    d, prov, cfg, params = tiny_world
+    run_dir = str(tmp_path / "run")
+    card = {"kind": "lm", "model_config": model_lib.config_to_dict(cfg),
+            "vocab_sha256": prov.vocab.sha256, "step": 0}
+    ckpt_lib.export_params(os.path.join(run_dir, "sft", "snapshots", "step_0"), params, card)
+    rm_params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(5))
+    rm_params = dict(rm_params, reward_head={"kernel": np.asarray(
+        jax.random.normal(jax.random.PRNGKey(6), (cfg.d_model, 1))), "bias": np.zeros((1,))})
+    rm_path = ckpt_lib.export_params(os.path.join(run_dir, "rm_a"), rm_params,
+                                     {"kind": "single", "model_config": card["model_config"]})
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", d)
+    gin.bind_parameter("DataConfig.num_eval_prompts", 16)
+    try:
+        summary = bon.bon_stage(run_dir, rewards=(f"path:{rm_path}", "oracle"), ns=(1, 2, 4),
+                                num_prompts=6, max_new_tokens=12, prompts_per_call=3)
+        out = os.path.join(run_dir, "bon")
+        rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl"))]
+        assert len(rows) == 6 and {r["n"] for r in rows} == {1, 2, 4}
+        by = {(r["reward"], r["n"]): r for r in rows}
+        # N=1 is the same for every selector (the pool mean); the oracle's curve rises
+        assert by[("oracle", 1)]["control"] == pytest.approx(by[(f"path:{rm_path}", 1)]["control"])
+        assert by[("oracle", 4)]["control"] > by[("oracle", 1)]["control"]
+        assert by[("oracle", 4)]["kl"] == pytest.approx(bon.bon_kl(4))
+        assert os.path.getsize(os.path.join(out, "bon.png")) > 1000
+        assert summary["pool_size"] == 4 and summary["num_prompts"] == 6
+        assert os.path.exists(os.path.join(out, "bon.run_info.json"))
+        mtime = os.path.getmtime(os.path.join(out, "summary.json"))
+        assert bon.bon_stage(run_dir) == summary  # done: returned without recomputing
+        assert os.path.getmtime(os.path.join(out, "summary.json")) == mtime
+    finally:
+        gin.clear_config()
