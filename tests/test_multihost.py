@@ -1,0 +1,189 @@
+"""Multi-process runs on 127.0.0.1: 2 processes x 4 CPU devices must train exactly like one
+process with 8 devices, and launch/multihost_local.py must fail fast when a process dies."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.multihost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launch", "multihost_local.py")
+SCRIPT = os.path.join(ROOT, "tests", "multihost_lm_steps.py")
+STEPS = 3
+
+
+def _env(devices=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    for k in [k for k in env if k.startswith("WARM_JAX_")]:
+        env.pop(k)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _launch(tmp_path, command, n=2, k=4, timeout_s=None, name="logs"):
+    args = [sys.executable, LAUNCHER, "--num_processes", str(n), "--devices_per_process", str(k),
+            "--log_dir", str(tmp_path / name), "--quiet"]
+    if timeout_s:
+        args += ["--timeout_s", str(timeout_s)]
+    t0 = time.time()
+    proc = subprocess.run(args + ["--"] + command, env=_env(), capture_output=True, text=True,
+                          timeout=240, cwd=ROOT)
+    return proc, time.time() - t0
+
+
+def _load(out):
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    return result, dict(np.load(os.path.join(out, "params.npz")))
+
+
+def test_two_processes_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = subprocess.run([sys.executable, SCRIPT, "--out", str(one), "--steps", str(STEPS),
+                         "--no_checkpoint"],
+                        env=_env(devices=8), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
+    p2, _ = _launch(tmp_path, [sys.executable, SCRIPT, "--out", str(two), "--steps", str(STEPS)])
+    logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2))
+    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-2000:] + logs[-4000:]
+    assert "all 2 processes exited 0" in p2.stdout
+    r1, params1 = _load(one)
+    r2, params2 = _load(two)
+    assert r1["distributed"]["process_count"] == 1 and r1["distributed"]["global_devices"] == 8
+    assert r2["distributed"] == {"mode": "explicit", "process_index": 0, "process_count": 2,
+                                 "local_devices": 4, "global_devices": 8}
+    assert r1["mesh"] == r2["mesh"] == {"ensemble": 1, "data": 2, "fsdp": 2, "tensor": 2}
+    # both processes saw the same losses (each prints its own)
+    for i in range(2):
+        assert "process %d/2: losses" % i in (tmp_path / "logs" / f"process_{i}.log").read_text()
+    np.testing.assert_allclose(r2["losses"], r1["losses"], rtol=1e-5)
+    assert len(r1["losses"]) == STEPS and np.isfinite(r1["losses"]).all()
+    # the collective checkpoint was written once and restored bit-exactly (checksums verified)
+    assert r2["checkpoint_steps"] == [STEPS] and r2["meta_losses"] == r2["losses"]
+    assert r2["checksums_verified"] > 10 and "checkpoint_steps" not in r1
+    assert sorted(os.listdir(two / "ckpt")) == [str(STEPS)]
+    assert sorted(params1) == sorted(params2) and len(params1) > 5
+    for k in params1:
+        np.testing.assert_allclose(params2[k], params1[k], atol=1e-6, rtol=1e-5, err_msg=k)
+
+
+def test_killed_process_in_a_jax_run_fails_fast(tmp_path):
+    out = tmp_path / "killed"
+    proc, dt = _launch(tmp_path, [sys.executable, SCRIPT, "--out", str(out), "--steps", "1000",
+                                  "--kill_process", "1"], timeout_s=200)
+    assert proc.returncode == 128 + 9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "process 1 of 2 failed (killed by signal SIGKILL)" in proc.stderr
+    assert "terminating processes [0]" in proc.stderr
+    assert "killing itself on purpose" in (tmp_path / "logs" / "process_1.log").read_text()
+    assert not (out / "result.json").exists()
+    assert dt < 100, dt
+
+
+_PY_BY_RANK = ("import os, sys, time; r = int(os.environ['WARM_JAX_PROCESS_ID']); "
+               "print('rank', r, 'of', os.environ['WARM_JAX_NUM_PROCESSES'], "
+               "os.environ['WARM_JAX_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'], flush=True); ")
+
+
+def test_launcher_sets_env_and_propagates_success(tmp_path):
+    proc, _ = _launch(tmp_path, [sys.executable, "-c", _PY_BY_RANK], n=3, k=2)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(3):
+        text = (tmp_path / "logs" / f"process_{i}.log").read_text()
+        assert text.startswith(f"rank {i} of 3 127.0.0.1:")
+        assert "--xla_force_host_platform_device_count=2" in text
+
+
+def test_launcher_fails_fast_when_a_peer_dies(tmp_path):
+    """Process 1 exits 5 while process 0 would sleep for 10 minutes."""
+    code = _PY_BY_RANK + "time.sleep(600) if r == 0 else sys.exit(5)"
+    proc, dt = _launch(tmp_path, [sys.executable, "-c", code])
+    assert proc.returncode == 5
+    assert "process 1 of 2 failed (exit code 5); terminating processes [0]" in proc.stderr
+    assert dt < 30, dt
+
+
+def test_launcher_reports_a_killed_process_and_timeout(tmp_path):
+    code = _PY_BY_RANK + "time.sleep(600) if r == 0 else os.kill(os.getpid(), 9)"
+    proc, dt = _launch(tmp_path, [sys.executable, "-c", code])
+    assert proc.returncode == 137 and "killed by signal SIGKILL" in proc.stderr and dt < 30
+    proc, dt = _launch(tmp_path, [sys.executable, "-c", "import time; time.sleep(600)"],
+                       timeout_s=2, name="logs_timeout")
+    assert proc.returncode == 124 and "timed out after 2s" in proc.stderr and dt < 30
+
+
+def test_launcher_rejects_bad_arguments(tmp_path):
+    proc = subprocess.run([sys.executable, LAUNCHER, "--num_processes", "2"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "no command" in proc.stderr
+    proc = subprocess.run([sys.executable, LAUNCHER, "--num_processes", "0", "--", "true"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--num_processes must be >= 1" in proc.stderr
+
+
+def test_distributed_settings_and_unreachable_coordinator(monkeypatch):
+    from warm_jax import distributed
+
+    for k in list(os.environ):
+        if k.startswith("WARM_JAX_"):
+            monkeypatch.delenv(k)
+    assert distributed.resolve_settings() == {"mode": "single"}
+    assert distributed.resolve_settings(num_processes=1) == {"mode": "single"}
+    monkeypatch.setenv("WARM_JAX_DISTRIBUTED", "auto")
+    assert distributed.resolve_settings()["mode"] == "auto"
+    monkeypatch.setenv("WARM_JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("WARM_JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("WARM_JAX_PROCESS_ID", "3")
+    s = distributed.resolve_settings()
+    assert s["mode"] == "explicit" and s["num_processes"] == 4 and s["process_id"] == 3
+    assert distributed.resolve_settings(process_id=1)["process_id"] == 1  # arguments win
+    with pytest.raises(distributed.DistributedError, match="outside"):
+        distributed.resolve_settings(process_id=4)
+    monkeypatch.setenv("WARM_JAX_NUM_PROCESSES", "two")
+    with pytest.raises(distributed.DistributedError, match="WARM_JAX_NUM_PROCESSES"):
+        distributed.resolve_settings()
+    monkeypatch.delenv("WARM_JAX_NUM_PROCESSES")
+    with pytest.raises(distributed.DistributedError, match="missing.*num_processes"):
+        distributed.resolve_settings()
+    with pytest.raises(distributed.DistributedError, match="HOST:PORT"):
+        distributed.resolve_settings(coordinator_address="nowhere", num_processes=2,
+                                    process_id=0)
+    monkeypatch.setenv("WARM_JAX_DISTRIBUTED", "off")
+    assert distributed.resolve_settings() == {"mode": "single"}
+    monkeypatch.delenv("WARM_JAX_DISTRIBUTED")
+    # a non-zero process whose coordinator is not there: a clear error within the timeout
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))
+    address = "127.0.0.1:%d" % port.getsockname()[1]
+    port.close()
+    t0 = time.time()
+    monkeypatch.setattr(distributed, "_initialized", None)
+    with pytest.raises(distributed.DistributedError, match="could not be reached within 1s"):
+        distributed.initialize(coordinator_address=address, num_processes=2, process_id=1,
+                               timeout_s=1)
+    assert time.time() - t0 < 10
+
+
+def test_initialize_is_a_noop_for_one_process_and_idempotent(monkeypatch):
+    import jax
+
+    from warm_jax import distributed
+
+    for k in list(os.environ):
+        if k.startswith("WARM_JAX_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setattr(distributed, "_initialized", None)
+    info = distributed.initialize()
+    assert info["mode"] == "single" and info["process_count"] == 1
+    assert info["global_devices"] == jax.device_count() == 8
+    assert not jax.distributed.is_initialized()
+    assert distributed.is_primary()
+    distributed.sync("noop")  # no barrier needed, must not block
+    # a second call returns the first result even if the environment now asks for more
+    monkeypatch.setenv("WARM_JAX_NUM_PROCESSES", "2")
+    assert distributed.initialize() == info
