@@ -5,14 +5,21 @@ member and a merged WARM model are both one parameter tree (kind 'single' / 'war
 (the prediction-ensembling baseline) holds M trees stacked on a leading axis and returns
 the mean of the members' rewards, costing M forward passes where WARM costs one.
 Checkpoints are params-only exports whose card.json carries 'model_config'.
+
+`resolve(run_dir, spec)` builds one from a spec naming artifacts of a run ("warm:<dir>",
+"member:<ensemble>:<i>", "best:<ensemble>", "ens:<ensemble>[:<M>]"), and
+`pair_rewards` / `pairwise_accuracy` evaluate any scorer on a preference set in fixed-shape
+jitted batches.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
@@ -99,3 +106,138 @@ class RewardModel:
             k = kind or ("warm" if cards[0].get("kind") == "warm" else "single")
             return cls(cfg, loaded[0][0], k, (paths[0],), (cards[0],))
         return cls.ensemble(cfg, [p for p, _ in loaded], names=paths, cards=cards)
+
+
+# ---------------------------------------------------------------------------------------
+# Ensemble members on disk, ranking, and `resolve` (reward-model specs)
+
+MEMBERS_SUBDIR = "members"
+MEMBER_PREFIX = "member_"
+
+
+class RewardSpecError(ValueError):
+    """A reward-model spec (or the ensemble it names) cannot be resolved."""
+
+
+def ensemble_members(run_dir: str, ensemble: str) -> list[str]:
+    """Member checkpoint paths {run_dir}/{ensemble}/members/member_{i}, ordered by i."""
+    root = os.path.join(run_dir, ensemble, MEMBERS_SUBDIR)
+    if not os.path.isdir(root):
+        raise RewardSpecError(f"{root}: no such directory (ensemble {ensemble!r} has no "
+                              "exported members; run its rm_ensemble stage first)")
+    found = []
+    for name in os.listdir(root):
+        suffix = name[len(MEMBER_PREFIX):]
+        if name.startswith(MEMBER_PREFIX) and suffix.isdigit():
+            found.append((int(suffix), os.path.join(root, name)))
+    if not found:
+        raise RewardSpecError(f"{root}: no {MEMBER_PREFIX}<i> checkpoints in it")
+    return [p for _, p in sorted(found)]
+
+
+def card_accuracy(card: dict, split: str = "valid") -> Optional[float]:
+    """The card's accuracies[split] as a float, or None when absent."""
+    value = (card.get("accuracies") or {}).get(split)
+    return None if value is None else float(value)
+
+
+def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: str = "valid",
+                     accuracies: Optional[Sequence[float]] = None) -> list[int]:
+    """Indices of `paths`, best held-out accuracy first (ties: lower index first).
+
+    Accuracies come from `accuracies` when given, else from each card's accuracies[split].
+    """
+    if accuracies is None:
+        accuracies = []
+        for p, c in zip(paths, cards):
+            a = card_accuracy(c, split)
+            if a is None:
+                raise RewardSpecError(f"{os.path.join(p, ckpt_lib.CARD_NAME)}: no "
+                                      f"'accuracies.{split}' field to rank members by")
+            accuracies.append(a)
+    return sorted(range(len(paths)), key=lambda i: (-float(accuracies[i]), i))
+
+
+def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardModel":
+    """A RewardModel from a spec relative to a run directory:
+
+      warm:<dir>            a merged (WARM) checkpoint {run_dir}/<dir>
+      member:<ensemble>:<i> member i of an ensemble
+      best:<ensemble>       the member with the best ID validation accuracy (card)
+      ens:<ensemble>        prediction ensemble (ENS) of all members
+      ens:<ensemble>:<M>    ENS of the top M members by ID validation accuracy
+    """
+    kind, _, rest = str(spec).partition(":")
+    usage = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble> "
+             "or ens:<ensemble>:<M>")
+    parts = rest.split(":") if rest else []
+    if not parts or any(not p for p in parts):
+        raise RewardSpecError(f"reward spec {spec!r}: {usage}")
+    if kind == "warm" and len(parts) == 1:
+        path = os.path.join(run_dir, parts[0])
+        card = ckpt_lib.read_card(path)
+        if card.get("kind") != "warm":
+            raise RewardSpecError(f"reward spec {spec!r}: {path} is a {card.get('kind')!r} "
+                                  "checkpoint, not a merged (kind 'warm') one")
+        return RewardModel.load(path, "warm", abstract_params)
+    if kind == "member" and len(parts) == 2:
+        paths = ensemble_members(run_dir, parts[0])
+        if not parts[1].isdigit() or int(parts[1]) >= len(paths):
+            raise RewardSpecError(f"reward spec {spec!r}: member index must be 0..{len(paths) - 1}")
+        return RewardModel.load(paths[int(parts[1])], "single", abstract_params)
+    if kind == "best" and len(parts) == 1:
+        paths = ensemble_members(run_dir, parts[0])
+        order = rank_by_accuracy(paths, [ckpt_lib.read_card(p) for p in paths])
+        return RewardModel.load(paths[order[0]], "single", abstract_params)
+    if kind == "ens" and len(parts) in (1, 2):
+        paths = ensemble_members(run_dir, parts[0])
+        if len(parts) == 2:
+            if not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(paths):
+                raise RewardSpecError(f"reward spec {spec!r}: M must be 1..{len(paths)}")
+            order = rank_by_accuracy(paths, [ckpt_lib.read_card(p) for p in paths])
+            paths = [paths[i] for i in sorted(order[:int(parts[1])])]
+        return RewardModel.load(paths, "ens", abstract_params)
+    raise RewardSpecError(f"reward spec {spec!r}: {usage}")
+
+
+# ---------------------------------------------------------------------------------------
+# Batched pairwise evaluation
+
+
+def _trim(arrays: dict) -> tuple[int, int]:
+    """(N, T') where T' drops trailing columns that are padding in every row (mult. of 8)."""
+    used = np.flatnonzero(np.asarray(arrays["chosen_mask"]).any(0)
+                          | np.asarray(arrays["rejected_mask"]).any(0))
+    t = int(used[-1]) + 1 if used.size else 1
+    t = min(-(-t // 8) * 8, arrays["chosen_tokens"].shape[1])
+    return arrays["chosen_tokens"].shape[0], t
+
+
+def pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards of the chosen and rejected sequences of a preference set.
+
+    fn(tokens [2B, T], mask) -> rewards [..., 2B] (a RewardModel, its member_rewards, or
+    any jitted scorer). Batches have a fixed shape (the last one padded) so fn compiles
+    once; trailing all-padding columns are dropped. Returns (chosen, rejected) [..., N].
+    """
+    n, t = _trim(arrays)
+    if n == 0:
+        raise ValueError("pair_rewards: empty preference set")
+    b = max(1, min(batch_size, n))
+    outs_c, outs_r = [], []
+    for s in range(0, n, b):
+        idx = np.arange(s, s + b) % n  # wrap to keep the shape fixed
+        k = min(b, n - s)
+        tok = np.concatenate([arrays["chosen_tokens"][idx, :t], arrays["rejected_tokens"][idx, :t]])
+        msk = np.concatenate([arrays["chosen_mask"][idx, :t], arrays["rejected_mask"][idx, :t]])
+        r = np.asarray(jax.device_get(fn(tok.astype(np.int32), msk.astype(np.int32))),
+                       np.float32)
+        outs_c.append(r[..., :k])
+        outs_r.append(r[..., b:b + k])
+    return np.concatenate(outs_c, -1), np.concatenate(outs_r, -1)
+
+
+def pairwise_accuracy(fn: Callable, arrays: dict, batch_size: int = 256) -> float:
+    """Fraction of pairs whose chosen sequence gets the strictly higher reward."""
+    rc, rr = pair_rewards(fn, arrays, batch_size)
+    return float(np.mean(rc > rr))
