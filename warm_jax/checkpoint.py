@@ -68,10 +68,16 @@ def _leaf_checksum(x) -> jax.Array:
     return jnp.sum(u.reshape(-1) * w, dtype=jnp.uint32)
 
 
+@jax.jit
+def _checksums(xs):
+    # one jitted function, so repeated checks of same-shaped trees compile once
+    return [_leaf_checksum(x) for x in xs]
+
+
 def tree_checksums(tree: Any) -> dict[str, int]:
     """{keypath: uint32 checksum} for every array leaf (computed on device)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    sums = jax.jit(lambda xs: [_leaf_checksum(x) for x in xs])([x for _, x in leaves])
+    sums = _checksums([x for _, x in leaves])
     return {jax.tree_util.keystr(p): int(s) for (p, _), s in zip(leaves, jax.device_get(sums))}
 
 
