@@ -352,10 +352,13 @@ def merge_checkpoints(paths: Sequence[str], weights: Optional[Sequence[float]] =
         "weights": [float(x) for x in w],
         "members": [{
             "path": m.path, "member": m.card.get("member"), "step": m.card.get("step"),
-            "accuracies": m.card.get("accuracies"), "weight": float(w[i]),
-            "fingerprint": m.card.get("fingerprint"), "lr": m.card.get("lr"),
-            "dropout": m.card.get("dropout"), "data_seed": m.card.get("data_seed"),
-            "init": m.card.get("init"), "init_fingerprint": m.card.get("init_fingerprint"),
+            "accuracies": m.card.get("accuracies", m.card.get("accuracy")),
+            "weight": float(w[i]), "fingerprint": m.card.get("fingerprint"),
+            "lr": m.card.get("lr", m.card.get("learning_rate")),
+            "dropout": m.card.get("dropout", m.card.get("dropout_rate")),
+            "data_seed": m.card.get("data_seed"),
+            "init": m.card.get("init", m.card.get("init_snapshot")),
+            "init_fingerprint": m.card.get("init_fingerprint"),
             "shared_fingerprint": m.card.get("shared_fingerprint")}
             for i, m in enumerate(members)],
         "step": max((s for s in steps if s is not None), default=None),
@@ -462,6 +465,21 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Optional[Sequen
 
 # ---------------------------------------------------------------------------------------
 # In-memory stacked ensembles
+
+
+def average_params(trees: Sequence[Any], weights: Optional[Sequence[float]] = None) -> Any:
+    """Weighted mean of in-memory parameter trees with the checkpoint merge's streaming
+    float32 running mean (exact for identical trees and for one-hot weights); the result
+    keeps the inputs' shardings and dtypes."""
+    w = normalize_weights(weights, len(trees))
+    ops = _Accumulator(jax.tree.map(lambda x: x.dtype, trees[0]))
+    acc, total = None, 0.0
+    for wi, tree in zip(w, trees):
+        if wi == 0:
+            continue
+        total += float(wi)
+        acc = ops.start(tree) if acc is None else ops.update(acc, tree, jnp.float32(wi / total))
+    return ops.finish(acc)
 
 
 def average_stacked(stacked_params: Any, weights: Optional[Sequence[float]] = None,

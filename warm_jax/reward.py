@@ -136,8 +136,8 @@ def ensemble_members(run_dir: str, ensemble: str) -> list[str]:
 
 
 def card_accuracy(card: dict, split: str = "valid") -> Optional[float]:
-    """The card's accuracies[split] as a float, or None when absent."""
-    value = (card.get("accuracies") or {}).get(split)
+    """The card's accuracies[split] (or accuracy[split]) as a float, or None when absent."""
+    value = (card.get("accuracies") or card.get("accuracy") or {}).get(split)
     return None if value is None else float(value)
 
 
@@ -213,21 +213,25 @@ def _trim(arrays: dict) -> tuple[int, int]:
     return arrays["chosen_tokens"].shape[0], t
 
 
-def pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256,
+                 multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of the chosen and rejected sequences of a preference set.
 
     fn(tokens [2B, T], mask) -> rewards [..., 2B] (a RewardModel, its member_rewards, or
     any jitted scorer). Batches have a fixed shape (the last one padded) so fn compiles
-    once; trailing all-padding columns are dropped. Returns (chosen, rejected) [..., N].
+    once; trailing all-padding columns are dropped; the batch size is rounded up to a
+    multiple of `multiple` (e.g. the mesh's data-parallel size). Returns (chosen, rejected)
+    [..., N].
     """
     n, t = _trim(arrays)
     if n == 0:
         raise ValueError("pair_rewards: empty preference set")
     b = max(1, min(batch_size, n))
+    b = -(-b // multiple) * multiple
     outs_c, outs_r = [], []
     for s in range(0, n, b):
         idx = np.arange(s, s + b) % n  # wrap to keep the shape fixed
-        k = min(b, n - s)
+        k = min(b, n - s)  # rows of this batch that are real (not wrapped)
         tok = np.concatenate([arrays["chosen_tokens"][idx, :t], arrays["rejected_tokens"][idx, :t]])
         msk = np.concatenate([arrays["chosen_mask"][idx, :t], arrays["rejected_mask"][idx, :t]])
         r = np.asarray(jax.device_get(fn(tok.astype(np.int32), msk.astype(np.int32))),
@@ -237,7 +241,8 @@ def pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256) -> tuple[np.
     return np.concatenate(outs_c, -1), np.concatenate(outs_r, -1)
 
 
-def pairwise_accuracy(fn: Callable, arrays: dict, batch_size: int = 256) -> float:
+def pairwise_accuracy(fn: Callable, arrays: dict, batch_size: int = 256,
+                      multiple: int = 1) -> float:
     """Fraction of pairs whose chosen sequence gets the strictly higher reward."""
-    rc, rr = pair_rewards(fn, arrays, batch_size)
+    rc, rr = pair_rewards(fn, arrays, batch_size, multiple)
     return float(np.mean(rc > rr))

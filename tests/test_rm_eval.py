@@ -1,0 +1,150 @@
+"""rm_eval and warm stages on a tiny generated world with a few tiny members."""
+import json
+import os
+import shutil
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from warm_jax import average, rm_eval
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import model as model_lib
+from warm_jax import reward as reward_lib
+from warm_jax.data import provider as provider_lib
+from warm_jax.data import world
+
+CFG = model_lib.model_config("tiny")
+ENS = "rm_x"
+VALID = [0.61, 0.66, 0.58]  # card accuracies: ranking is member_1, member_0, member_2
+
+
+def _perturb(params, seed, scale):
+    leaves, tdef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    card = world.generate_world(str(root / "data"), seed=0, n_train_pairs=600, n_valid_pairs=80,
+                                n_ood_pairs=80, n_sft=300, n_prompts=20, vocab_size=128)
+    base, _ = model_lib.init_params(CFG, jax.random.PRNGKey(0))
+    fp = ckpt_lib.fingerprint(base)
+    for i in range(3):
+        params = _perturb(base, 100 + i, 0.3)
+        ckpt_lib.export_params(str(root / ENS / "members" / f"member_{i}"), params, {
+            "kind": "rm_member", "model_config": model_lib.config_to_dict(CFG),
+            "vocab_sha256": card["vocab"]["sha256"], "member": i, "step": 5,
+            "learning_rate": 1e-4, "dropout_rate": 0.1, "data_seed": i,
+            "accuracy": {"valid": VALID[i], "ood": 0.5}, "init_fingerprint": fp,
+            "shared_fingerprint": fp})
+    with open(root / ENS / "summary.json", "w") as f:
+        json.dump({"corrupted": True}, f)
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def data_config(run_dir):
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", os.path.join(run_dir, "data"))
+    gin.bind_parameter("MeshConfig.data", 4)
+    gin.bind_parameter("MeshConfig.fsdp", 2)
+    yield
+    gin.clear_config()
+
+
+def _rows(summary):
+    with open(summary["results"]) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rm_eval_stage_outputs_and_values(run_dir):
+    s = rm_eval.rm_eval_stage(run_dir, ensemble=ENS, max_train_pairs=48, batch_size=16,
+                              num_lambdas=5)
+    stage_dir = os.path.join(run_dir, f"rm_eval_{ENS}")
+    for name in ("summary.json", "results.jsonl", "metrics.jsonl", "accuracy_vs_m.png",
+                 "interpolation.png", "rm_eval.run_info.json"):
+        assert os.path.getsize(os.path.join(stage_dir, name)) > 0, name
+    assert s["corrupted"] and s["ranking"] == ["member_1", "member_0", "member_2"]
+    assert s["splits"] == {"train_clean": 48, "train_corrupt": 48, "valid": 80, "ood": 80}
+    rows = _rows(s)
+    splits = ["train_clean", "train_corrupt", "valid", "ood"]
+    assert len(rows) == 3 * 4 + 2 * 2 * 4 + 5 * 3 * 3
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert {(r["model"], r["split"]) for r in rows if r["kind"] in ("member", "warm", "ens")} == {
+        (m, sp) for m in ["member_0", "member_1", "member_2", "warm_M2", "warm_M3", "ens_M2",
+                          "ens_M3"] for sp in splits}
+    acc = {(r["model"], r["split"]): r["accuracy"] for r in rows}
+
+    # members' accuracies agree with the reward interface (masked attention path)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    sets = rm_eval.eval_sets(prov, True, 48)
+    members = reward_lib.ensemble_members(run_dir, ENS)
+    rms = [reward_lib.RewardModel.load(p) for p in members]
+    for i, rm in enumerate(rms):
+        for sp in ("valid", "train_corrupt"):
+            assert acc[(f"member_{i}", sp)] == pytest.approx(
+                reward_lib.pairwise_accuracy(rm, sets[sp], 32), abs=1e-9)
+    # train_corrupt = agreement with the FLIPPED label: the clean-label view disagrees
+    clean = prov.preference("train")
+    flipped_idx = np.flatnonzero(prov.preference("train", corrupted=True)["flipped"])[:48]
+    true_view = provider_lib.subset(clean, flipped_idx)
+    rc, rr = reward_lib.pair_rewards(rms[0], true_view)
+    assert np.all(rc != rr)
+    assert acc[("member_0", "train_corrupt")] == pytest.approx(1.0 - np.mean(rc > rr))
+    # ENS_M2 = the mean reward of the two best members (1 and 0)
+    ens = reward_lib.RewardModel.ensemble(CFG, [rms[0].params, rms[1].params])
+    assert acc[("ens_M2", "ood")] == pytest.approx(reward_lib.pairwise_accuracy(ens, sets["ood"]))
+    # WARM_M3 = the uniform weight average of all three
+    warm = reward_lib.RewardModel.single(CFG, average.average_params([r.params for r in rms]))
+    assert acc[("warm_M3", "valid")] == pytest.approx(
+        reward_lib.pairwise_accuracy(warm, sets["valid"]))
+
+    # interpolation between the two best members (lambda weighs member_1)
+    interp = s["interpolation"]
+    assert interp["members"] == ["member_1", "member_0"] and len(interp["lambdas"]) == 5
+    for sp in ("valid", "ood", "train_corrupt"):
+        c = interp["curves"][sp]
+        for kind in ("wa", "ens", "line"):
+            assert c[kind][0] == pytest.approx(acc[("member_0", sp)], abs=1e-12), (sp, kind)
+            assert c[kind][-1] == pytest.approx(acc[("member_1", sp)], abs=1e-12), (sp, kind)
+    claims = s["claims"]
+    for key in ("warm_matches_ens_in_distribution", "warm_geq_ens_ood",
+                "warm_memorises_less_than_ens"):
+        assert isinstance(claims[key]["holds"], bool)
+        assert claims[key]["diff"] == pytest.approx(claims[key]["warm"] - claims[key]["ens"])
+    assert claims["warm_geq_ens_ood"]["warm"] == acc[("warm_M3", "ood")]
+    assert claims["interpolation_above_line"]["train_corrupt"]["expected"] == "below"
+    # done marker: a second call returns the stored summary without recomputing
+    again = rm_eval.rm_eval_stage(run_dir, ensemble=ENS)
+    assert again["seconds"] == s["seconds"] and again["claims"] == json.loads(json.dumps(claims))
+
+
+def test_warm_stage_merges_top_m_and_resumes(run_dir):
+    s = average.warm_stage(run_dir, ensemble=ENS, num_members=2)
+    out = os.path.join(run_dir, "warm_x_m2")
+    assert s["path"] == out and os.path.exists(os.path.join(run_dir, "warm_x_m2_stage",
+                                                            "summary.json"))
+    card = ckpt_lib.read_card(out)
+    members = reward_lib.ensemble_members(run_dir, ENS)
+    assert [m["path"] for m in card["members"]] == [members[0], members[1]]  # the top 2
+    assert card["kind"] == "warm" and card["ensemble"] == ENS and card["num_members"] == 2
+    assert 0.0 <= card["accuracies"]["valid"] <= 1.0 and 0.0 <= card["accuracies"]["ood"] <= 1.0
+    merged, _ = ckpt_lib.load_params(out)
+    ps = [ckpt_lib.load_params(p)[0] for p in members[:2]]
+    for m, a, b in zip(jax.tree.leaves(merged), *(jax.tree.leaves(p) for p in ps)):
+        np.testing.assert_allclose(np.asarray(m), (np.asarray(a) + np.asarray(b)) / 2,
+                                   rtol=1e-6, atol=1e-7)
+    # interrupted after the export: the stage finishes from the existing merge
+    os.remove(os.path.join(run_dir, "warm_x_m2_stage", "summary.json"))
+    again = average.warm_stage(run_dir, ensemble=ENS, num_members=2)
+    assert again["weights"] == s["weights"] and ckpt_lib.read_card(out)["fingerprint"] == \
+        card["fingerprint"]
+    # a different selection into the same directory is refused
+    shutil.rmtree(os.path.join(run_dir, "warm_x_m2_stage"))
+    with pytest.raises(average.AveragingError, match="not this stage's merge"):
+        average.warm_stage(run_dir, ensemble=ENS, num_members=3, out_name="warm_x_m2")
