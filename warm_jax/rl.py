@@ -1,0 +1,550 @@
+"""KL-regularised RL of the policy against a (merged) reward model, as in the paper.
+
+Objective: E_{y ~ pi(.|x)} [ r(x, y) ] - alpha * KL(pi || pi_SFT), optimised with REINFORCE
+and a learned value baseline:
+
+  per-token reward   r_t = -alpha * (log pi(y_t|.) - log pi_SFT(y_t|.)),  + r(x, y) at the
+                     last completion token (its EOS when it emitted one)
+  return             G_t = sum_{s >= t} r_s                     (undiscounted)
+  advantage          A_t = G_t - V(x, y_<t)                      (stop-gradient)
+  policy loss        -mean_t A_t * log pi(y_t|.)                 (over completion tokens)
+  value loss         0.5 * mean_t (V(x, y_<t) - G_t)^2
+
+Policy and value model both start from the SFT weights; the value model is the same
+Transformer read per token through the scalar head (head='values'). The frozen SFT policy
+is the reference. Log-probs, entropy and KL use the temperature-scaled distribution the
+completions are sampled from (temperature 0.9 as in the paper), so the gradient estimator
+is unbiased for the policy that is actually sampled.
+
+Warmup: the paper's "2k-step policy warmup" is read as a linear learning-rate warmup of
+the policy optimiser (optim.OptimizerConfig.warmup_steps); the value model has its own
+(`value_warmup_steps`, default 0) so the baseline can adapt from the first step.
+
+One jitted step (`make_train_step`) does sampling (KV cache) -> rewards -> advantages ->
+policy and value updates, with explicit shardings; the state {step, params, opt_state,
+value_params, value_opt_state, rng, nonfinite} is checkpointed for exact resume. The data
+of step s is pipeline.batch_indices(n, B, seed, s) and its sampling key fold_in(rng, s).
+Every `eval_every` steps a fixed set of held-out prompts is sampled and scored by the proxy
+RM, by the CONTROL reward (the world's oracle) and for KL to SFT, and a few decoded
+completions go to samples.jsonl, so reward hacking shows as proxy up, control down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import metrics as metrics_lib
+from warm_jax import model as model_lib
+from warm_jax import optim, partitioning, sampling, train_lib
+
+log = logging.getLogger("warm_jax")
+
+RewardApply = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, tokens, mask) -> [B]
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Hyperparameters of one RL run (rl_stage's arguments gather into one of these)."""
+
+    steps: int = 100
+    batch_size: int = 32  # prompts per step (one completion each)
+    alpha: float = 0.003  # KL coefficient (paper: 0.003 clean labels, 0.01 corrupted)
+    learning_rate: float = 1e-5  # policy peak lr (paper scale)
+    warmup_steps: int = 2000  # policy lr warmup (paper: 2k)
+    value_learning_rate: Optional[float] = None  # None -> learning_rate
+    value_warmup_steps: int = 0
+    temperature: float = 0.9
+    max_new_tokens: int = 40
+    whiten_advantages: bool = False
+    seed: int = 0
+    min_dim_size_to_factor: int = 128
+
+    def sampling_config(self) -> sampling.SamplingConfig:
+        return sampling.SamplingConfig(temperature=self.temperature,
+                                       max_new_tokens=self.max_new_tokens)
+
+    def optimizers(self) -> tuple[optim.OptimizerConfig, optim.OptimizerConfig]:
+        base = dataclasses.replace(optim.OptimizerConfig(), name="adafactor",
+                                   total_steps=max(self.steps, 1),
+                                   min_dim_size_to_factor=self.min_dim_size_to_factor)
+        pi = dataclasses.replace(base, learning_rate=self.learning_rate,
+                                 warmup_steps=self.warmup_steps)
+        v = dataclasses.replace(base, learning_rate=self.value_learning_rate or self.learning_rate,
+                                warmup_steps=self.value_warmup_steps)
+        return pi, v
+
+
+# ---------------------------------------------------------------------------------------
+# Reward functions usable inside jit
+
+
+def reward_apply_for(rm) -> tuple[RewardApply, Any]:
+    """(pure apply, params) of a reward.RewardModel: single/warm one tree, ENS the mean of
+    its stacked members. The apply function is shared by RMs of one config and kind."""
+    return _rm_apply(rm.config, rm.kind == "ens"), rm.params
+
+
+@functools.lru_cache(maxsize=None)
+def _rm_apply(config, ens: bool) -> RewardApply:
+    model = model_lib.Transformer(config)
+
+    def one(params, tokens, mask):
+        return model.apply({"params": params}, tokens, mask, head="reward")
+
+    if ens:
+        return lambda p, t, m: jnp.mean(jax.vmap(one, in_axes=(0, None, None))(p, t, m), 0)
+    return one
+
+
+def reward_param_shardings(rm, mesh):
+    """Shardings of a RewardModel's params from their logical names (stacked for ENS)."""
+    abstract, names = model_lib.abstract_params(rm.config)
+    if rm.kind == "ens":
+        names = partitioning.stack_logical(names)
+        m = rm.num_members
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
+    return partitioning.tree_shardings(names, abstract, mesh)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def token_logprobs(cfg, params, tokens, mask, temperature: float, with_entropy: bool = False):
+    """log pi(token_{j+1} | tokens_<=j) for j = 0..T-2 on RIGHT-padded sequences [B, T],
+    under the temperature-scaled policy; optionally the entropy at each position."""
+    logits = model_lib.Transformer(cfg).apply({"params": params}, tokens, mask, head="lm",
+                                              causal_only=True)[:, :-1]
+    if temperature > 0:
+        logits = logits / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if not with_entropy:
+        return tok_lp
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return tok_lp, ent
+
+
+def discounted_returns(rewards, mask):
+    """G_t = sum_{s >= t} rewards_s * mask_s along the last axis (undiscounted)."""
+    r = rewards * mask
+    return jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1) * mask
+
+
+def _masked_mean(x, mask):
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def shaped_rewards(score, kl_t, tmask, alpha: float):
+    """Per-token rewards: -alpha * KL_t, plus the sequence score at the last completion token."""
+    last = (tmask > 0) & (jnp.cumsum(tmask[:, ::-1], axis=1)[:, ::-1] == 1)
+    return -alpha * kl_t * tmask + score[:, None] * last
+
+
+def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_tokens,
+            prompt_mask, key) -> dict:
+    """Samples completions and scores them: sequences, proxy scores, ref log-probs."""
+    out = sampling.sample(cfg, params, prompt_tokens, prompt_mask, key, scfg)
+    seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"], out["mask"])
+    score = reward_apply(rm_params, seq["tokens"], seq["mask"]).astype(jnp.float32)
+    ref_lp = token_logprobs(cfg, ref_params, seq["tokens"], seq["mask"], scfg.temperature)
+    return {"seq": seq, "sample": out, "score": score, "ref_lp": ref_lp,
+            "tmask": seq["completion_mask"][:, 1:].astype(jnp.float32)}
+
+
+def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
+    """step(state, ref_params, rm_params, batch{tokens, mask}) -> (state, metrics)."""
+    scfg = rl.sampling_config()
+    temp = scfg.temperature
+
+    def step(state, ref_params, rm_params, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        ro = rollout(cfg, scfg, reward_apply, jax.lax.stop_gradient(state["params"]),
+                     ref_params, rm_params, batch["tokens"], batch["mask"], key)
+        seq, tmask = ro["seq"], ro["tmask"]
+        tokens, mask = seq["tokens"], seq["mask"]
+        old_lp = token_logprobs(cfg, state["params"], tokens, mask, temp)
+        kl_t = jax.lax.stop_gradient(old_lp - ro["ref_lp"])
+        rewards = shaped_rewards(ro["score"], kl_t, tmask, rl.alpha)
+        returns = discounted_returns(rewards, tmask)
+
+        def value_loss_fn(vparams):
+            v = model_lib.Transformer(cfg).apply({"params": vparams}, tokens, mask,
+                                                 head="values", causal_only=True)[:, :-1]
+            return 0.5 * _masked_mean(jnp.square(v - returns), tmask), v
+
+        (v_loss, values), v_grads = jax.value_and_grad(value_loss_fn, has_aux=True)(
+            state["value_params"])
+        adv = jax.lax.stop_gradient(returns - values)
+        if rl.whiten_advantages:
+            mu = _masked_mean(adv, tmask)
+            sd = jnp.sqrt(_masked_mean(jnp.square(adv - mu), tmask) + 1e-8)
+            adv = (adv - mu) / sd * tmask
+
+        def policy_loss_fn(params):
+            lp, ent = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True)
+            return -_masked_mean(adv * lp, tmask), ent
+
+        (pi_loss, ent), pi_grads = jax.value_and_grad(policy_loss_fn, has_aux=True)(
+            state["params"])
+        loss = pi_loss + v_loss
+        finite = jnp.logical_and(jnp.isfinite(loss),
+                                 jnp.logical_and(train_lib.all_finite(pi_grads),
+                                                 train_lib.all_finite(v_grads)))
+        new = dict(state)
+        for pkey, okey, tx, grads in (("params", "opt_state", tx_pi, pi_grads),
+                                      ("value_params", "value_opt_state", tx_v, v_grads)):
+            upd, new_opt = tx.update(grads, state[okey], state[pkey])
+            new_params = optax.apply_updates(state[pkey], upd)
+            keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
+            new[pkey] = keep(new_params, state[pkey])
+            new[okey] = keep(new_opt, state[okey])
+        new["step"] = state["step"] + 1
+        new["nonfinite"] = state["nonfinite"] + jnp.logical_not(finite).astype(jnp.int32)
+        n_tok = jnp.sum(tmask, axis=1)
+        kl_seq = jnp.sum(kl_t * tmask, axis=1)
+        metrics = {
+            "reward": jnp.mean(ro["score"]), "reward_std": jnp.std(ro["score"]),
+            "kl": jnp.mean(kl_seq), "objective": jnp.mean(ro["score"] - rl.alpha * kl_seq),
+            "entropy": _masked_mean(ent, tmask), "value_loss": v_loss, "policy_loss": pi_loss,
+            "value_mean": _masked_mean(values, tmask), "return_mean": _masked_mean(returns, tmask),
+            "completion_length": jnp.mean(n_tok),
+            "completion_length_max": jnp.max(n_tok),
+            "eos_fraction": jnp.mean(jnp.any((tokens == sampling.EOS_ID) & (seq["completion_mask"] > 0),
+                                             axis=1).astype(jnp.float32)),
+            "grad_norm": optax.tree.norm(pi_grads), "value_grad_norm": optax.tree.norm(v_grads),
+            "learning_rate": optim.current_learning_rate(rl.optimizers()[0], state["opt_state"],
+                                                         state["step"]),
+            "finite": finite.astype(jnp.float32),
+        }
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(cfg, rl: RLConfig, reward_apply: RewardApply):
+    """eval(params, ref_params, rm_params, prompts, key) -> completions, proxy scores and
+    per-sequence KL(pi || SFT) estimates on held-out prompts."""
+    scfg = rl.sampling_config()
+
+    def evaluate(params, ref_params, rm_params, prompts, key):
+        ro = rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompts["tokens"],
+                     prompts["mask"], key)
+        lp = token_logprobs(cfg, params, ro["seq"]["tokens"], ro["seq"]["mask"], scfg.temperature)
+        kl = jnp.sum((lp - ro["ref_lp"]) * ro["tmask"], axis=1)
+        return {"tokens": ro["sample"]["tokens"], "mask": ro["sample"]["mask"],
+                "score": ro["score"], "kl": kl, "lengths": ro["sample"]["lengths"]}
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------
+# The training program
+
+
+def init_rl_state(params, value_params, tx_pi, tx_v, seed: int) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx_pi.init(params),
+            "value_params": value_params, "value_opt_state": tx_v.init(value_params),
+            "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    p_sh: Any
+    st_sh: Any
+    abstract_state: Any
+    rm_shardings: Any
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def _program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout) -> _Program:
+    """The jitted, sharded init / train / eval functions of one configuration, cached so
+    that several RL runs of the same shapes in one process (RL on a single RM, then on
+    WARM) compile once."""
+    opt_pi, opt_v = rl.optimizers()
+    tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
+    abstract, names = model_lib.abstract_params(cfg)
+    p_sh = partitioning.tree_shardings(names, abstract, mesh)
+    abs_p = train_lib.with_shardings(abstract, p_sh)
+    init = functools.partial(init_rl_state, tx_pi=tx_pi, tx_v=tx_v, seed=rl.seed)
+    abstract_state = jax.eval_shape(init, abs_p, abs_p)
+    st_sh = train_lib.state_shardings(abstract_state, p_sh, mesh,
+                                      min_dim_size_to_factor=rl.min_dim_size_to_factor)
+    abstract_state = train_lib.with_shardings(abstract_state, st_sh)
+    rep = partitioning.replicated(mesh)
+    if rm_layout[0] == "replicated":
+        rm_sh = jax.tree.unflatten(rm_layout[1], [rep] * rm_layout[1].num_leaves)
+    else:
+        rm_sh = jax.tree.unflatten(rm_layout[1], list(rm_layout[2]))
+    b2 = partitioning.batch_sharding(mesh, 2)
+    batch_sh = {"tokens": b2, "mask": b2}
+    return _Program(
+        p_sh=p_sh, st_sh=st_sh, abstract_state=abstract_state, rm_shardings=rm_sh,
+        init=jax.jit(init, out_shardings=st_sh),
+        train_step=jax.jit(make_train_step(cfg, rl, reward_apply, tx_pi, tx_v),
+                           in_shardings=(st_sh, p_sh, rm_sh, batch_sh),
+                           out_shardings=(st_sh, None), donate_argnums=0),
+        eval_step=jax.jit(make_eval_step(cfg, rl, reward_apply),
+                          in_shardings=(p_sh, p_sh, rm_sh, batch_sh, rep)))
+
+
+def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params: Any,
+           reward_apply: RewardApply, rm_params: Any, rm_shardings: Any = None,
+           train_prompts: dict, eval_prompts: dict, vocab, rl: RLConfig, mesh=None,
+           control_fn: Optional[Callable[[dict], np.ndarray]] = None,
+           eval_every: int = 10, log_every: int = 1, checkpoint_every: int = 50,
+           num_logged_samples: int = 4, max_steps_per_run: Optional[int] = None,
+           card_extra: Optional[dict] = None) -> dict:
+    """Trains from `sft_params` (or resumes from {out_dir}/checkpoints). Returns
+    {'state', 'step', 'complete', 'final_eval', 'initial_eval'}; writes metrics.jsonl and
+    samples.jsonl. prompts dicts: tokens/mask LEFT-padded (+ 'prompts' texts for control).
+    control_fn is a bon.Scorer (batch dict(prompts, completions, tokens, mask) -> scores)."""
+    mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig())
+    cfg = policy_cfg
+    if rm_shardings is None:
+        layout = ("replicated", jax.tree.structure(rm_params))
+    else:
+        layout = ("given", jax.tree.structure(rm_shardings), tuple(jax.tree.leaves(rm_shardings)))
+    prog = _program(cfg, rl, reward_apply, mesh, layout)
+    p_sh, st_sh, abstract_state = prog.p_sh, prog.st_sh, prog.abstract_state
+    rm_shardings = prog.rm_shardings
+    train_step, eval_fn_jit = prog.train_step, prog.eval_step
+    k = sampling.batch_shards(mesh)
+    if rl.batch_size % k:
+        raise ValueError(f"rl batch_size {rl.batch_size} must be a multiple of the mesh's "
+                         f"{k} batch shards (data x fsdp)")
+
+    ref_params = partitioning.shard_tree(sft_params, p_sh)
+    rm_params = partitioning.shard_tree(rm_params, rm_shardings)
+
+    ptoks, pmask = sampling.trim_left_padding(train_prompts["tokens"], train_prompts["mask"])
+    etoks, emask = sampling.trim_left_padding(eval_prompts["tokens"], eval_prompts["mask"])
+    n_eval = len(etoks) - len(etoks) % k
+    if n_eval == 0:
+        raise ValueError(f"need at least {k} eval prompts, got {len(etoks)}")
+    etoks, emask = etoks[:n_eval], emask[:n_eval]
+    eval_texts = list((eval_prompts.get("prompts") or [""] * n_eval)[:n_eval])
+    n_train = len(ptoks)
+
+    def batch_fn(step):
+        idx = _batch_indices(n_train, rl.batch_size, rl.seed, step)
+        return train_lib.put_batch({"tokens": ptoks[idx], "mask": pmask[idx]},
+                                   lambda nd: partitioning.batch_sharding(mesh, nd))
+
+    eval_batch = train_lib.put_batch({"tokens": etoks, "mask": emask},
+                                     lambda nd: partitioning.batch_sharding(mesh, nd))
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(rl.seed), 1_000_003)
+
+    manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
+                                         save_interval_steps=checkpoint_every)
+
+    def fresh(_):
+        with jax.set_mesh(mesh):
+            return prog.init(ref_params, ref_params)
+
+    try:
+        state, start, source = ckpt_lib.restore_or_initialize(manager, abstract_state, fresh,
+                                                              total_steps=rl.steps)
+    except ckpt_lib.AlreadyComplete:
+        start, state, _ = manager.restore_latest_good(abstract_state)
+        source = f"restored the final step {start}"
+    log.info("[rl] %s", source)
+    writer = metrics_lib.MetricWriter(out_dir, resume_step=start + 1)
+    samples_writer = metrics_lib.MetricWriter(out_dir, name="samples", resume_step=start + 1,
+                                              tensorboard=False)
+    evals: dict[int, dict] = {}
+
+    def evaluate(st, step) -> dict:
+        with jax.set_mesh(mesh):
+            out = jax.device_get(eval_fn_jit(st["params"], ref_params, rm_params, eval_batch,
+                                             eval_key))
+        texts = sampling.decode_completions(vocab, out["tokens"], out["mask"])
+        m = {"eval/proxy_reward": float(np.mean(out["score"])),
+             "eval/kl": float(np.mean(out["kl"])),
+             "eval/completion_length": float(np.mean(out["lengths"]))}
+        if control_fn is not None:
+            seq = sampling.concat_right_padded(etoks, emask, out["tokens"], out["mask"])
+            control = np.asarray(control_fn({"prompts": eval_texts, "completions": texts,
+                                             "tokens": np.asarray(seq["tokens"]),
+                                             "mask": np.asarray(seq["mask"])}), np.float64)
+            m["eval/control_reward"] = float(np.mean(control))
+            m["eval/control_reward_se"] = float(np.std(control, ddof=1) / np.sqrt(len(control)))
+        else:
+            control = np.full(len(texts), np.nan)
+        samples_writer.write(step, {"samples": [
+            {"prompt": eval_texts[i][-160:], "completion": texts[i],
+             "proxy": float(out["score"][i]), "control": float(control[i]),
+             "kl": float(out["kl"][i])} for i in range(min(num_logged_samples, len(texts)))]})
+        evals[step] = m
+        return m
+
+    initial = None
+    if start == 0:
+        initial = evaluate(state, 0)
+        writer.write(0, initial)
+    stop_at = rl.steps if max_steps_per_run is None else min(rl.steps, start + max_steps_per_run)
+
+    def eval_hook(st, step):
+        if step == rl.steps or (eval_every and step % eval_every == 0):
+            return evaluate(st, step)
+        return {}
+
+    def step_fn(st, batch):
+        with jax.set_mesh(mesh):
+            return train_step(st, ref_params, rm_params, batch)
+
+    loop_cfg = train_lib.LoopConfig(total_steps=stop_at, log_every=log_every,
+                                    checkpoint_every=checkpoint_every,
+                                    eval_every=eval_every, async_checkpoints=True)
+    meta = {"kind": "rl", "rl_config": dataclasses.asdict(rl), **(card_extra or {})}
+    t0 = time.time()
+    try:
+        state = train_lib.run_loop(name="rl", state=state, step_fn=step_fn, batch_fn=batch_fn,
+                                   start_step=start, cfg=loop_cfg, manager=manager,
+                                   writer=writer, meta_fn=lambda s: meta, eval_fn=eval_hook,
+                                   tokens_per_step=rl.batch_size * rl.max_new_tokens)
+    finally:
+        manager.close()
+        writer.close()
+        samples_writer.close()
+    log.info("[rl] steps %d..%d in %.1fs", start, stop_at, time.time() - t0)
+    return {"state": state, "step": stop_at, "complete": stop_at >= rl.steps,
+            "final_eval": evals.get(stop_at), "initial_eval": initial}
+
+
+def _batch_indices(n, b, seed, step):
+    from warm_jax.data import pipeline
+
+    return pipeline.batch_indices(n, b, seed, step)
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+@gin.configurable
+def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm",
+             alpha: float = 0.003, policy: str = "sft", steps: int = 100,
+             batch_size: int = 32, learning_rate: float = 1e-5, warmup_steps: int = 2000,
+             value_learning_rate: Optional[float] = None, value_warmup_steps: int = 0,
+             temperature: float = 0.9, max_new_tokens: int = 40,
+             whiten_advantages: bool = False, seed: int = 0, eval_every: int = 10,
+             num_eval_prompts: int = 64, num_logged_samples: int = 4, log_every: int = 1,
+             checkpoint_every: int = 50, control: str = "oracle",
+             max_steps_per_run: Optional[int] = None) -> dict:
+    """RL of `policy` (default: the final SFT snapshot) against the reward `reward` (a
+    reward.resolve spec such as 'warm:warm_clean' / 'best:rm_clean', or 'path:DIR').
+
+    Writes {run_dir}/{name}/: checkpoints/, metrics.jsonl (per step: reward, reward_std,
+    kl, entropy, value_loss, completion_length, ...; every eval_every steps eval/proxy_reward,
+    eval/control_reward, eval/kl), samples.jsonl, the final policy export policy/ (card:
+    kind 'lm', reward spec, alpha, step, ...) and summary.json. With max_steps_per_run the
+    stage stops (checkpointed) after that many steps and returns {'complete': False, ...}
+    without a summary; calling it again continues exactly.
+    """
+    from warm_jax import bon
+    from warm_jax.data import provider as provider_lib
+
+    out_dir = os.path.join(run_dir, name)
+    done = os.path.join(out_dir, "summary.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    rl = RLConfig(steps=steps, batch_size=batch_size, alpha=alpha, learning_rate=learning_rate,
+                  warmup_steps=warmup_steps, value_learning_rate=value_learning_rate,
+                  value_warmup_steps=value_warmup_steps, temperature=temperature,
+                  max_new_tokens=max_new_tokens, whiten_advantages=whiten_advantages, seed=seed)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    pcfg, sft_params, pcard = sampling.load_policy(run_dir, policy)
+    bon._check_vocab(pcard, prov.vocab, f"policy {policy!r}")
+    rm, _ = bon.load_reward(run_dir, reward)
+    if rm is None:
+        raise ValueError(f"rl_stage: reward {reward!r} is not a reward model (the oracle is "
+                         "the control reward; pass a warm:/best:/member:/ens:/path: spec)")
+    if rm.cards:
+        bon._check_vocab(rm.cards[0], prov.vocab, f"reward {reward!r}")
+    if rm.config.vocab_size != pcfg.vocab_size:
+        raise ValueError(f"rl_stage: reward {reward!r} has vocab_size {rm.config.vocab_size} "
+                         f"but the policy has {pcfg.vocab_size}")
+    _, control_fn = bon.load_reward(run_dir, control)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    reward_apply, rm_params = reward_apply_for(rm)
+    rm_sh = reward_param_shardings(rm, mesh)
+    eval_prompts = prov.prompts("eval")
+    eval_prompts = {kk: v[:num_eval_prompts] for kk, v in eval_prompts.items()}
+    config = {"rl_config": dataclasses.asdict(rl), "reward": reward, "policy": policy,
+              "policy_path": pcard["path"], "reward_paths": list(rm.names),
+              "reward_kind": rm.kind, "num_eval_prompts": num_eval_prompts,
+              "eval_every": eval_every, "control": control,
+              "model_config": model_lib.config_to_dict(pcfg),
+              "optimizers": [dataclasses.asdict(o) for o in rl.optimizers()]}
+    metrics_lib.write_run_info(out_dir, "rl", config=config, seeds={"seed": seed})
+    t0 = time.time()
+    res = run_rl(out_dir, policy_cfg=pcfg, sft_params=sft_params, reward_apply=reward_apply,
+                 rm_params=rm_params, rm_shardings=rm_sh, train_prompts=prov.prompts("rl"),
+                 eval_prompts=eval_prompts, vocab=prov.vocab, rl=rl, mesh=mesh,
+                 control_fn=control_fn, eval_every=eval_every, log_every=log_every,
+                 checkpoint_every=checkpoint_every, num_logged_samples=num_logged_samples,
+                 max_steps_per_run=max_steps_per_run, card_extra={"reward": reward})
+    if not res["complete"]:
+        return {"complete": False, "step": res["step"], "stage": "rl", "name": name}
+    card = {"kind": "lm", "stage": "rl", "model_config": model_lib.config_to_dict(pcfg),
+            "vocab_sha256": prov.vocab.sha256, "vocab_size": prov.vocab.vocab_size,
+            "step": int(res["step"]), "reward": reward, "reward_paths": list(rm.names),
+            "alpha": alpha, "init_policy": pcard["path"], "seeds": {"seed": seed},
+            "hyperparameters": dataclasses.asdict(rl)}
+    policy_dir = os.path.join(out_dir, "policy")
+    if not os.path.exists(os.path.join(policy_dir, ckpt_lib.CARD_NAME)):
+        ckpt_lib.export_params(policy_dir, ckpt_lib.host_tree(res["state"]["params"]), card,
+                               overwrite=True)
+    records = metrics_lib.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+    final_eval = res["final_eval"] or _last_eval(records)
+    initial_eval = _first_eval(records)
+    train_recs = [r for r in records if "reward" in r]
+    tail = train_recs[-max(1, min(10, len(train_recs))):]
+    summary = {
+        "stage": "rl", "name": name, "reward": reward, "alpha": alpha, "steps": steps,
+        "policy": policy_dir, "init_policy": pcard["path"],
+        "final_proxy_reward": final_eval.get("eval/proxy_reward"),
+        "final_control_reward": final_eval.get("eval/control_reward"),
+        "final_kl": final_eval.get("eval/kl"),
+        "initial_proxy_reward": initial_eval.get("eval/proxy_reward"),
+        "initial_control_reward": initial_eval.get("eval/control_reward"),
+        "train_reward_last10": float(np.mean([r["reward"] for r in tail])) if tail else None,
+        "train_kl_last10": float(np.mean([r["kl"] for r in tail])) if tail else None,
+        "seconds": round(time.time() - t0, 1),
+        "metrics": os.path.join(out_dir, "metrics.jsonl"),
+        "samples": os.path.join(out_dir, "samples.jsonl"),
+    }
+    metrics_lib.atomic_write_json(done, summary)
+    return summary
+
+
+def _first_eval(records: Sequence[dict]) -> dict:
+    for r in records:
+        if "eval/proxy_reward" in r:
+            return r
+    return {}
+
+
+def _last_eval(records: Sequence[dict]) -> dict:
+    for r in reversed(records):
+        if "eval/proxy_reward" in r:
+            return r
+    return {}
