@@ -194,7 +194,7 @@ def validate(args: argparse.Namespace, bindings: list[str]) -> None:
     elif not os.path.exists(os.path.join(ROOT, args.mesh_gin)):
         raise LaunchError(f"--mesh_gin {args.mesh_gin!r}: no such file in the repository")
     if args.run_dir and args.run_dir.startswith("gs://") and not re.match(
-            r"^gs://[a-z0-9][-_.a-z0-9]{1,220}(/.*)?$", args.run_dir):
+            r"^gs://[a-z0-9][-_.a-z0-9]{2,221}(/.*)?$", args.run_dir):
         raise LaunchError(f"--run_dir {args.run_dir!r}: not a valid gs://BUCKET/PATH")
 
 
@@ -259,13 +259,13 @@ def ship_commands(args, tarball: str) -> list[list[str]]:
 
 
 GCSFUSE_INSTALL = (
-    "command -v gcsfuse >/dev/null || { "
+    "(command -v gcsfuse >/dev/null || { "
     "echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] "
     "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main\" "
     "| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
     "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg "
     "| sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && "
-    "sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }")
+    "sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; })")
 
 
 def setup_command(args) -> list[str]:

@@ -137,11 +137,18 @@ def _name(param: str, scope: str) -> str:
 
 
 def ensemble_bindings(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
-    """gin bindings {name: python value} of ensemble_stage for one stacked M-member run."""
+    """gin bindings {name: python value} of ensemble_stage for one stacked M-member run.
+
+    When init_snapshots are SFT steps, sft_stage.snapshot_steps is bound to them too, so
+    that the SFT stage keeps exactly those snapshots (its total_steps must reach them).
+    """
     members = expand(sweep)
     scope = sweep.scope or ""
     inits = sweep.init_snapshots
-    return {
+    sft = {}
+    if not isinstance(inits, str) and all(isinstance(v, int) for v in inits):
+        sft["sft_stage.snapshot_steps"] = sorted(set(int(v) for v in inits))
+    return {**sft,
         _name("num_members", scope): len(members),
         _name("learning_rates", scope): [mb.learning_rate for mb in members],
         _name("dropout_rates", scope): [mb.dropout_rate for mb in members],
