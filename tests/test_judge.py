@@ -1,0 +1,107 @@
+"""The judge: tie-aware win rates with intervals, self-play ~ 0.5, reward-hacking curves."""
+import json
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import judge
+from warm_jax import metrics as metrics_lib
+from warm_jax import model as model_lib
+from warm_jax.data import provider as provider_lib
+from warm_jax.data import world
+
+
+def test_win_rate_counts_ties_as_half_and_intervals():
+    r = judge.win_rate([3, 2, 1, 1], [1, 2, 2, 0])
+    assert (r["wins"], r["ties"], r["losses"], r["n"]) == (2, 1, 1, 4)
+    assert r["win_rate"] == pytest.approx(2.5 / 4)
+    assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
+    # textbook Wilson value: 50/100 -> [0.404, 0.596]
+    lo, hi = judge.wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    lo, hi = judge.wilson_interval(1.0, 20)
+    assert hi == 1.0 and 0.8 < lo < 0.9
+    # ties within tolerance
+    assert judge.win_rate([1.0, 2.0], [1.05, 1.0], tie_tol=0.1)["ties"] == 1
+    # bootstrap interval brackets the mean of a skewed sample
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1, 400), rng.normal(0, 1, 400)
+    r = judge.win_rate(a, b)
+    assert r["bootstrap_low"] < r["win_rate"] < r["bootstrap_high"]
+    assert 0.5 < r["win_rate"] < 0.7 and r["ci_low"] > 0.5
+    with pytest.raises(ValueError):
+        judge.outcomes([1, 2], [1])
+
+
+def test_control_kl_curve_reads_eval_records(tmp_path):
+    w = metrics_lib.MetricWriter(str(tmp_path), tensorboard=False)
+    w.write(0, {"eval/kl": 0.0, "eval/proxy_reward": 0.1, "eval/control_reward": 0.5})
+    w.write(1, {"reward": 0.2, "kl": 0.01})
+    w.write(10, {"eval/kl": 2.0, "eval/proxy_reward": 0.9, "eval/control_reward": 0.3})
+    rows = judge.control_kl_curve(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [(r["step"], r["kl"], r["control"]) for r in rows] == [(0, 0.0, 0.5), (10, 2.0, 0.3)]
+    with pytest.raises(FileNotFoundError):
+        judge.control_kl_curve(os.path.join(tmp_path, "nope.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("judge")
+    data = str(root / "data")
+    world.generate_world(data, seed=0, n_train_pairs=600, n_valid_pairs=60, n_ood_pairs=60,
+                         n_sft=300, n_prompts=120, vocab_size=512)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig(data_dir=data))
+    cfg = model_lib.model_config("tiny", vocab_size=prov.vocab.vocab_size)
+    params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    params = dict(params, embedding=params["embedding"] * 10.0)
+    card = {"kind": "lm", "model_config": model_lib.config_to_dict(cfg),
+            "vocab_sha256": prov.vocab.sha256, "step": 0}
+    run_dir = str(root / "run")
+    ckpt_lib.export_params(os.path.join(run_dir, "sft", "snapshots", "step_5"), params, card)
+    ckpt_lib.export_params(os.path.join(run_dir, "rl_x", "policy"), params, card)
+    w = metrics_lib.MetricWriter(os.path.join(run_dir, "rl_x"), tensorboard=False)
+    w.write(0, {"eval/kl": 0.0, "eval/proxy_reward": 0.0, "eval/control_reward": -0.4})
+    w.write(5, {"eval/kl": 1.5, "eval/proxy_reward": 0.8, "eval/control_reward": -0.6})
+    w.close()
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", data)
+    gin.bind_parameter("DataConfig.num_eval_prompts", 48)
+    try:
+        same = judge.judge_stage(run_dir, pairs=(("rl_x", "sft"), ("sft", "sft")),
+                                 num_prompts=48, max_new_tokens=16)
+        other_dir = str(root / "run2")
+        os.symlink(os.path.join(run_dir, "sft"), os.path.join(root, "sft_link"))
+        indep = judge.judge_stage(other_dir, pairs=((os.path.join(run_dir, "rl_x", "policy"),
+                                                     os.path.join(root, "sft_link",
+                                                                  "snapshots", "step_5")),),
+                                  num_prompts=48, max_new_tokens=16, same_seed=False)
+    finally:
+        gin.clear_config()
+    return run_dir, same, indep
+
+
+def test_policy_against_itself_ties_with_common_seeds(judged):
+    run_dir, same, _ = judged
+    for key in ("rl_x vs sft", "sft vs sft"):
+        r = same["win_rates"][key]
+        assert r["win_rate"] == 0.5 and r["ties"] == r["n"] == 48
+        assert r["ci_low"] < 0.5 < r["ci_high"]
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "judge", "results.jsonl"))]
+    assert [(r["a"], r["b"]) for r in rows] == [("rl_x", "sft"), ("sft", "sft")]
+    assert os.path.getsize(os.path.join(run_dir, "judge", "judge.png")) > 1000
+    curves = json.load(open(os.path.join(run_dir, "judge", "curves.json")))
+    assert list(curves) == ["rl_x"] and curves["rl_x"][-1]["control"] == -0.6
+    assert judge.judge_stage(run_dir) == same  # done: skipped
+
+
+def test_policy_against_itself_independent_samples_near_half(judged):
+    _, _, indep = judged
+    (r,) = indep["win_rates"].values()
+    assert r["ties"] < r["n"]  # different seeds: real comparisons happened
+    assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
+    assert r["bootstrap_low"] <= r["win_rate"] <= r["bootstrap_high"]
+    assert r["ci_low"] < 0.5 < r["ci_high"]  # the same policy: no significant difference

@@ -1,0 +1,246 @@
+"""The judge: win rates between policies by the control reward, and reward-hacking curves.
+
+Each policy summarises the same held-out prompts (DataProvider.prompts('eval')); by default
+both sides of a pair use the same sampling seed (common random numbers), so a policy
+against itself ties everywhere. A prompt counts 1 for a win, 1/2 for a tie (equal control
+reward), 0 for a loss. Confidence intervals: Wilson's score interval on the tie-adjusted
+rate (conservative with ties, since they carry less variance than a coin) and a bootstrap
+percentile interval over prompts.
+
+Control reward against KL: read from each RL run's metrics.jsonl (its eval records hold
+eval/kl, eval/proxy_reward and eval/control_reward), so over-optimisation of the proxy
+(proxy up, control down) is visible per run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from typing import Optional, Sequence
+
+import gin
+import jax
+import numpy as np
+
+from warm_jax import metrics as metrics_lib
+from warm_jax import sampling
+
+log = logging.getLogger("warm_jax")
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+
+
+def outcomes(a_scores, b_scores, tie_tol: float = 0.0) -> np.ndarray:
+    """Per-prompt outcome for A: 1 win, 0.5 tie (|a - b| <= tie_tol), 0 loss."""
+    a, b = np.asarray(a_scores, np.float64), np.asarray(b_scores, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"score arrays differ in shape: {a.shape} vs {b.shape}")
+    d = a - b
+    return np.where(np.abs(d) <= tie_tol, 0.5, (d > 0).astype(np.float64))
+
+
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a rate p observed over n trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def bootstrap_interval(values, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling prompts)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return 0.0, 1.0
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def win_rate(a_scores, b_scores, tie_tol: float = 0.0, n_boot: int = 2000,
+             seed: int = 0) -> dict:
+    """Win rate of A over B with ties as halves, and its Wilson / bootstrap 95% intervals."""
+    o = outcomes(a_scores, b_scores, tie_tol)
+    n = int(o.size)
+    rate = float(o.mean()) if n else float("nan")
+    lo, hi = wilson_interval(rate, n)
+    blo, bhi = bootstrap_interval(o, n_boot, seed=seed)
+    return {"win_rate": rate, "wins": int(np.sum(o == 1.0)), "ties": int(np.sum(o == 0.5)),
+            "losses": int(np.sum(o == 0.0)), "n": n, "ci_low": lo, "ci_high": hi,
+            "bootstrap_low": blo, "bootstrap_high": bhi,
+            "mean_control_a": float(np.mean(a_scores)), "mean_control_b": float(np.mean(b_scores))}
+
+
+# ---------------------------------------------------------------------------------------
+# Reward-hacking curves
+
+
+def control_kl_curve(metrics_path: str) -> list[dict]:
+    """[{step, kl, proxy, control}] from an RL run's eval records (in step order)."""
+    if not os.path.exists(metrics_path):
+        raise FileNotFoundError(f"{metrics_path}: no RL metrics (has the RL stage run?)")
+    rows = []
+    for r in metrics_lib.read_jsonl(metrics_path):
+        if "eval/kl" in r:
+            rows.append({"step": r["step"], "kl": r["eval/kl"],
+                         "proxy": r.get("eval/proxy_reward"),
+                         "control": r.get("eval/control_reward")})
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def _plot(path: str, curves: dict[str, list[dict]], results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, rows in curves.items():
+        if not rows:
+            continue
+        kl = [r["kl"] for r in rows]
+        axes[0].plot(kl, [r["control"] for r in rows], marker="o", label=name)
+        line, = axes[1].plot([r["step"] for r in rows], [r["control"] for r in rows],
+                             marker="o", label=f"{name} control")
+        axes[1].plot([r["step"] for r in rows], [r["proxy"] for r in rows], ls="--",
+                     color=line.get_color(), label=f"{name} proxy")
+    axes[0].set_xlabel("KL(policy || SFT) (nats / sample)")
+    axes[0].set_ylabel("control reward")
+    axes[0].set_title("control reward vs KL")
+    axes[1].set_xlabel("RL step")
+    axes[1].set_title("proxy (dashed) and control (solid) reward")
+    labels = [f"{r['a']}\nvs {r['b']}" for r in results]
+    rates = [r["win_rate"] for r in results]
+    err = [[r["win_rate"] - r["ci_low"] for r in results],
+           [r["ci_high"] - r["win_rate"] for r in results]]
+    axes[2].bar(range(len(rates)), rates, yerr=err, capsize=4)
+    axes[2].axhline(0.5, color="grey", ls=":")
+    axes[2].set_xticks(range(len(rates)), labels, fontsize=7)
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("control win rate (95% Wilson)")
+    for ax in axes[:2]:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def policy_control_scores(run_dir: str, name: str, prompts: dict, vocab, scfg, seed: int,
+                          scorer, cache_dir: Optional[str] = None, mesh=None,
+                          prompts_per_call: int = 64) -> dict:
+    """Samples one completion per prompt from policy `name` and scores it with `scorer`.
+    Cached as {cache_dir}/{name}.json (completions, scores, policy path)."""
+    cache = os.path.join(cache_dir, _safe(name) + ".json") if cache_dir else None
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    cfg, params, card = sampling.load_policy(run_dir, name)
+    sampler = sampling.Sampler(cfg, scfg, mesh=mesh)
+    toks, mask = sampling.trim_left_padding(prompts["tokens"], prompts["mask"])
+    comp_t, comp_m = [], []
+    for c, s in enumerate(range(0, len(toks), prompts_per_call)):
+        out = sampler(params, toks[s:s + prompts_per_call], mask[s:s + prompts_per_call],
+                      jax.random.fold_in(jax.random.PRNGKey(seed), c))
+        comp_t.append(np.asarray(out["tokens"]))
+        comp_m.append(np.asarray(out["mask"]))
+    ct, cm = np.concatenate(comp_t), np.concatenate(comp_m)
+    seq = sampling.concat_right_padded(toks, mask, ct, cm)
+    texts = sampling.decode_completions(vocab, ct, cm)
+    scores = scorer({"prompts": list(prompts["prompts"]), "completions": texts,
+                     "tokens": np.asarray(seq["tokens"]), "mask": np.asarray(seq["mask"])})
+    out = {"policy": name, "path": card["path"], "completions": texts,
+           "scores": [float(x) for x in np.asarray(scores)],
+           "mean_length": float(cm.sum(1).mean())}
+    if cache:
+        metrics_lib.atomic_write_json(cache, out)
+    return out
+
+
+@gin.configurable
+def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_single"),
+                                                                 ("rl_warm", "sft"),
+                                                                 ("rl_single", "sft")),
+                num_prompts: int = 256, control: str = "oracle", seed: int = 0,
+                temperature: float = 0.9, max_new_tokens: int = 40, same_seed: bool = True,
+                tie_tol: float = 0.0, curves: Optional[Sequence[str]] = None) -> dict:
+    """Win rates of A over B for each (A, B) in `pairs` (names: RL run names, 'sft', or
+    export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR');
+    control-vs-KL curves of the RL runs among them (or `curves`). Writes {run_dir}/judge/:
+    samples/<policy>.json, results.jsonl, judge.png, summary.json."""
+    from warm_jax import bon, partitioning
+    from warm_jax.data import provider as provider_lib
+
+    out_dir = os.path.join(run_dir, "judge")
+    done = os.path.join(out_dir, "summary.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    pairs = [tuple(p) for p in pairs]
+    bad = [p for p in pairs if len(p) != 2]
+    if bad:
+        raise ValueError(f"judge_stage.pairs: each entry must be (A, B), got {bad}")
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    scfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
+    metrics_lib.write_run_info(out_dir, "judge", config={
+        "pairs": [list(p) for p in pairs], "num_prompts": num_prompts, "control": control,
+        "temperature": temperature, "max_new_tokens": max_new_tokens, "same_seed": same_seed,
+        "tie_tol": tie_tol}, seeds={"seed": seed})
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prompts = prov.prompts("eval")
+    n = min(num_prompts, len(prompts["tokens"]))
+    prompts = {k: v[:n] for k, v in prompts.items()}
+    _, scorer = bon.load_reward(run_dir, control)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    names = list(dict.fromkeys(x for p in pairs for x in p))
+    scored = {}
+    for i, name in enumerate(names):
+        s = seed if same_seed else seed + 7919 * (i + 1)
+        scored[name] = policy_control_scores(run_dir, name, prompts, prov.vocab, scfg, s,
+                                             scorer, os.path.join(out_dir, "samples"), mesh)
+        log.info("judge: %s mean control %.3f (mean length %.1f)", name,
+                 np.mean(scored[name]["scores"]), scored[name]["mean_length"])
+    results = []
+    for a, b in pairs:
+        r = {"a": a, "b": b, **win_rate(scored[a]["scores"], scored[b]["scores"], tie_tol,
+                                        seed=seed)}
+        results.append(r)
+        log.info("judge: %s vs %s: win rate %.3f [%.3f, %.3f] (W/T/L %d/%d/%d)", a, b,
+                 r["win_rate"], r["ci_low"], r["ci_high"], r["wins"], r["ties"], r["losses"])
+    curve_names = list(curves) if curves is not None else [
+        x for x in names if os.path.exists(os.path.join(run_dir, x, "metrics.jsonl"))]
+    kl_curves = {x: control_kl_curve(os.path.join(run_dir, x, "metrics.jsonl"))
+                 for x in curve_names}
+    res_path = os.path.join(out_dir, "results.jsonl")
+    metrics_lib.atomic_write_text(res_path, "".join(json.dumps(r) + "\n" for r in results))
+    metrics_lib.atomic_write_json(os.path.join(out_dir, "curves.json"), kl_curves)
+    _plot(os.path.join(out_dir, "judge.png"), kl_curves, results)
+    summary = {"stage": "judge", "control": control, "num_prompts": n,
+               "win_rates": {f"{r['a']} vs {r['b']}": {k: r[k] for k in (
+                   "win_rate", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "wins",
+                   "ties", "losses", "n")} for r in results},
+               "mean_control": {k: float(np.mean(v["scores"])) for k, v in scored.items()},
+               "policies": {k: v["path"] for k, v in scored.items()},
+               "curves": {k: v[-1] if v else None for k, v in kl_curves.items()},
+               "results": res_path, "plot": os.path.join(out_dir, "judge.png")}
+    metrics_lib.atomic_write_json(done, summary)
+    return summary
