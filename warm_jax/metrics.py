@@ -38,8 +38,11 @@ def atomic_write_json(path: str, obj: Any) -> None:
 class MetricWriter:
     """Appends one JSON object per call to metrics.jsonl; mirrors scalars to TensorBoard.
 
-    On resume, lines with step >= the resume step are dropped first, so the file never holds
-    two records of one step.
+    On resume, lines with step > the resume step are dropped first (the training loop writes
+    a step's records before saving that step's checkpoint, so records AT the resume step
+    belong to the restored state and are kept). A record replayed at exactly the resume step
+    with the same fields as a kept one is not written twice, so the file never holds two
+    records of one kind for one step.
     """
 
     def __init__(self, directory: str, *, name: str = "metrics", resume_step: int = 0,
@@ -49,6 +52,8 @@ class MetricWriter:
         self.primary = jax.process_index() == 0 if primary is None else primary
         self.path = os.path.join(directory, f"{name}.jsonl")
         self._tb = None
+        self._resume_step = int(resume_step)
+        self._kept_at_resume: set = set()
         if not self.primary:
             return
         os.makedirs(directory, exist_ok=True)
@@ -70,14 +75,20 @@ class MetricWriter:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line from a crash
-                if rec.get("step", -1) < step:
+                if not isinstance(rec, dict):
+                    continue
+                if rec.get("step", -1) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
+                if rec.get("step", -1) == step:
+                    self._kept_at_resume.add(frozenset(rec))
         atomic_write_text(self.path, "".join(keep))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.primary:
             return
         rec = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
+        if rec["step"] == self._resume_step and frozenset(rec) in self._kept_at_resume:
+            return  # already recorded before the interruption
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, default=_to_py) + "\n")
         if self._tb is not None:

@@ -62,10 +62,13 @@ def all_finite(tree) -> jax.Array:
 
 def guarded_update(state: dict, grads, loss, tx: optax.GradientTransformation,
                    params_key: str = "params", opt_key: str = "opt_state") -> tuple[dict, jax.Array]:
-    """Applies grads unless the loss or any gradient is non-finite (then keeps the old state)."""
+    """Applies grads unless the loss, a gradient, or the result (new params / optimizer
+    state: e.g. an infinite learning rate or an overflowing second moment) is non-finite;
+    then keeps the old state."""
     finite = jnp.logical_and(jnp.isfinite(loss), all_finite(grads))
     updates, new_opt = tx.update(grads, state[opt_key], state[params_key])
     new_params = optax.apply_updates(state[params_key], updates)
+    finite = jnp.logical_and(finite, jnp.logical_and(all_finite(new_params), all_finite(new_opt)))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     out = dict(state)
     out[params_key] = keep(new_params, state[params_key])
@@ -176,6 +179,26 @@ class _SignalGuard:
             signal.signal(sig, old)
 
 
+class _FinishSavesOnError:
+    """On an exception leaving the loop (NumericalError, a failing hook, ...), lets an
+    in-flight async checkpoint save finish before the exception propagates, so the last good
+    checkpoint is complete on disk and not abandoned half-written."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.manager is not None:
+            try:
+                self.manager.wait()
+            except Exception as e:  # noqa: BLE001 - never mask the original error
+                log.warning("a pending checkpoint save failed while stopping: %s", e)
+        return False
+
+
 def run_loop(*, name: str, state: dict, step_fn: Callable, batch_fn: Callable[[int], Any],
              start_step: int, cfg: LoopConfig, manager: Optional[ckpt_lib.CheckpointManager],
              writer: Optional[metrics_lib.MetricWriter], meta_fn: Callable[[int], dict] = dict,
@@ -204,7 +227,7 @@ def run_loop(*, name: str, state: dict, step_fn: Callable, batch_fn: Callable[[i
                         nf - last_nonfinite, step)
             last_nonfinite = nf
 
-    with _SignalGuard() as guard:
+    with _SignalGuard() as guard, _FinishSavesOnError(manager):
         step = start_step
         prev_metrics = None
         while step < cfg.total_steps:

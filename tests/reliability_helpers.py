@@ -1,0 +1,190 @@
+"""Helpers for the reliability tests: run programs in subprocesses, kill them at chosen or
+random points, damage checkpoints, compare training states bit for bit by checksums."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_LM = os.path.join(REPO, "tests", "reliability_train_lm.py")
+
+
+def subprocess_env(compile_cache: Optional[str] = None, devices: Optional[int] = None) -> dict:
+    """The test environment for a child process (CPU, same fake device count, shared
+    persistent compilation cache so that restarts do not recompile)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if devices is not None:
+        flags = [f for f in env.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    if compile_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = compile_cache
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+class Child:
+    """A subprocess whose stdout+stderr go to a log file (read back on failure)."""
+
+    def __init__(self, argv: Sequence[str], log_path: str, env: dict, cwd: str = REPO):
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=cwd, start_new_session=True)
+        self.t0 = time.time()
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"child did not finish in {timeout}s; log:\n{self.log_tail()}")
+        finally:
+            if not self._log.closed:
+                self._log.flush()
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the child (and anything it started: it leads its own session)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self._log.close()
+
+    def log_tail(self, n: int = 6000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read()[-n:].decode("utf-8", "replace")
+
+
+def last_metric_step(metrics_path: str) -> int:
+    """The largest 'step' in a metrics JSONL file (-1 if none; torn lines ignored)."""
+    best = -1
+    try:
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    best = max(best, int(json.loads(line).get("step", -1)))
+                except (ValueError, AttributeError):
+                    pass
+    except FileNotFoundError:
+        pass
+    return best
+
+
+def wait_for(cond, child: Optional[Child], timeout: float, what: str, poll_s: float = 0.05):
+    """Polls cond() until true; fails if the child exits first or the time runs out."""
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        if cond():
+            return
+        if child is not None and child.poll() is not None:
+            if cond():
+                return
+            raise AssertionError(f"child exited (rc {child.poll()}) before {what}; log:\n"
+                                 f"{child.log_tail()}")
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f"; log:\n{child.log_tail()}" if child else ""))
+
+
+def tmp_checkpoint_dirs(ckpt_dir: str) -> list[str]:
+    """Orbax temporary (unfinalised) directories currently under ckpt_dir."""
+    try:
+        return sorted(n for n in os.listdir(ckpt_dir) if "tmp" in n)
+    except FileNotFoundError:
+        return []
+
+
+def step_dirs(ckpt_dir: str) -> list[int]:
+    try:
+        return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+    except FileNotFoundError:
+        return []
+
+
+def diff_checksums(a: dict, b: dict) -> list[str]:
+    """Keys whose checksums differ (or exist in only one of the two)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- checkpoint damage -------------------------------------------------------------------
+
+
+def data_files(step_dir: str) -> list[str]:
+    """Array-data files of an Orbax step (OCDBT 'd/' chunks), largest first."""
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            p = os.path.join(root, f)
+            if os.sep + "d" + os.sep in p and os.path.getsize(p) > 200:
+                out.append(p)
+    return sorted(out, key=os.path.getsize, reverse=True)
+
+
+def flip_bit(path: str, offset: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def damage_step(step_dir: str, how: str) -> str:
+    """Damages one saved step in place. Returns what was done (for messages)."""
+    if how == "bitflip":
+        files = data_files(step_dir)
+        assert files, f"no data files under {step_dir}"
+        for p in files:
+            flip_bit(p)
+        return f"flipped one bit in {len(files)} data file(s)"
+    if how == "truncate":
+        files = data_files(step_dir)
+        assert files, f"no data files under {step_dir}"
+        for p in files:
+            with open(p, "r+b") as f:
+                f.truncate(os.path.getsize(p) // 2)
+        return f"truncated {len(files)} data file(s) to half"
+    if how == "missing_state":
+        shutil.rmtree(os.path.join(step_dir, "state"))
+        return "removed the state item"
+    if how == "missing_data":
+        files = data_files(step_dir)
+        assert files, f"no data files under {step_dir}"
+        for p in files:
+            os.remove(p)
+        return f"removed {len(files)} data file(s)"
+    if how == "garbage_meta":
+        with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+            f.write("{not json")
+        return "overwrote the metadata JSON with garbage"
+    raise ValueError(how)
+
+
+def python() -> str:
+    return sys.executable
