@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import shlex
 import sys
 from typing import Any, Optional, Sequence, Union
 
@@ -254,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
     for run in runs:
         if args.format in ("table", "flags"):
-            print(f"{run['name']}: " + " ".join(gin_flags(run["bindings"])))
+            print(f"{run['name']}: " + " ".join(shlex.quote(f) for f in gin_flags(run["bindings"])))
         else:
             print(f"# {run['name']}\n" + gin_lines(run["bindings"]))
     return 0
