@@ -232,7 +232,12 @@ def test_sweeps_cli_prints_runs():
     lines = proc.stdout.splitlines()
     assert lines[1].split() == ["member", "learning_rate", "dropout", "data_seed", "init"]
     assert lines[2].split() == ["0", "1e-05", "0.05", "0", "12000"]
-    assert any(line.startswith("ensemble: --gin.") for line in lines)
+    from warm_jax import sweeps
+
+    (flags_line,) = [line for line in lines if line.startswith("ensemble: ")]
+    # the printed flags survive the shell: they split back into gin_flags()
+    assert shlex.split(flags_line[len("ensemble: "):]) == sweeps.gin_flags(
+        sweeps.ensemble_bindings(sweeps.paper_sweep()))
     proc = subprocess.run([sys.executable, "-m", "warm_jax.sweeps", "--preset", "mini",
                            "--num_members", "4", "--jobs", "--format", "json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
