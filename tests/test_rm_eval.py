@@ -112,16 +112,29 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
         for kind in ("wa", "ens", "line"):
             assert c[kind][0] == pytest.approx(acc[("member_0", sp)], abs=1e-12), (sp, kind)
             assert c[kind][-1] == pytest.approx(acc[("member_1", sp)], abs=1e-12), (sp, kind)
-    claims = s["claims"]
-    for key in ("warm_matches_ens_in_distribution", "warm_geq_ens_ood",
-                "warm_memorises_less_than_ens"):
-        assert isinstance(claims[key]["holds"], bool)
-        assert claims[key]["diff"] == pytest.approx(claims[key]["warm"] - claims[key]["ens"])
-    assert claims["warm_geq_ens_ood"]["warm"] == acc[("warm_M3", "ood")]
-    assert claims["interpolation_above_line"]["train_corrupt"]["expected"] == "below"
+    assert s["table"]["warm_M3"]["ood"] == acc[("warm_M3", "ood")]
+    assert sorted(s["table"]) == ["ens_M2", "ens_M3", "member_0", "member_1", "member_2",
+                                  "warm_M2", "warm_M3"]
+    claims = {c["id"]: c for c in s["claims"]}
+    assert sorted(claims) == sorted([
+        "warm_matches_ens_in_distribution", "warm_geq_ens_ood", "warm_memorises_less_than_ens",
+        "interpolation_above_line_valid", "interpolation_above_line_ood",
+        "wa_geq_ens_along_path_valid", "wa_geq_ens_along_path_ood", "wa_below_ens_train_corrupt"])
+    for c in claims.values():
+        assert isinstance(c["holds"], bool) and c["claim"] and c["numbers"]
+    for key, split in (("warm_matches_ens_in_distribution", "valid"), ("warm_geq_ens_ood", "ood"),
+                       ("warm_memorises_less_than_ens", "train_corrupt")):
+        n = claims[key]["numbers"]
+        assert n["warm"] == acc[("warm_M3", split)] and n["ens"] == acc[("ens_M3", split)]
+        assert n["diff"] == pytest.approx(n["warm"] - n["ens"])
+    c = interp["curves"]["ood"]
+    gap = [w - l for w, l in zip(c["wa"][1:-1], c["line"][1:-1])]
+    assert claims["interpolation_above_line_ood"]["numbers"]["min_wa_minus_line"] == \
+        pytest.approx(min(gap))
+    assert claims["interpolation_above_line_ood"]["holds"] == (min(gap) >= -0.01)
     # done marker: a second call returns the stored summary without recomputing
     again = rm_eval.rm_eval_stage(run_dir, ensemble=ENS)
-    assert again["seconds"] == s["seconds"] and again["claims"] == json.loads(json.dumps(claims))
+    assert again["seconds"] == s["seconds"] and again["claims"] == json.loads(json.dumps(s["claims"]))
 
 
 def test_warm_stage_merges_top_m_and_resumes(run_dir):

@@ -21,8 +21,9 @@ endpoints, on ID validation, OOD and train-corrupt (train-clean when nothing was
 corrupted).
 
 Outputs under {run_dir}/rm_eval_{ensemble}/: results.jsonl (one row per (model, split)),
-accuracy_vs_m.png, interpolation.png, metrics.jsonl, run info, and summary.json (the table,
-and for each of the paper's claims the measured numbers and whether it holds).
+accuracy_vs_m.png, interpolation.png, metrics.jsonl, run info, and summary.json: 'table'
+{model: {split: accuracy}} (member_i, warm_M<M>, ens_M<M>), 'interpolation' (the curves)
+and 'claims', a list of {id, claim, holds, numbers} for each of the paper's claims.
 """
 from __future__ import annotations
 
@@ -119,45 +120,66 @@ def _acc(rc, rr) -> float:
     return float(np.mean(np.asarray(rc) > np.asarray(rr)))
 
 
-def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: float) -> dict:
-    warm, ens = table["warm"][f"M{m_all}"], table["ens"][f"M{m_all}"]
-    per_m = {k: {s: table["warm"][k][s] - table["ens"][k][s] for s in splits}
-             for k in table["warm"]}
-    claims = {}
+def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: float
+            ) -> list[dict]:
+    """The paper's claims as a list of {id, claim, holds, numbers, ...} (what the report
+    stage tabulates). The corruption claims appear only when train_corrupt was measured."""
+    ms = sorted(int(k[len("warm_M"):]) for k in table if k.startswith("warm_M"))
+    warm, ens = table[f"warm_M{m_all}"], table[f"ens_M{m_all}"]
+
+    def per_m(split):
+        return {f"M{m}": table[f"warm_M{m}"][split] - table[f"ens_M{m}"][split] for m in ms}
+
+    claims = []
     d = warm["valid"] - ens["valid"]
-    claims["warm_matches_ens_in_distribution"] = {
-        "M": m_all, "warm": warm["valid"], "ens": ens["valid"], "diff": d, "tolerance": tol,
-        "holds": bool(abs(d) <= tol), "diff_per_M": {k: v["valid"] for k, v in per_m.items()}}
+    claims.append({"id": "warm_matches_ens_in_distribution",
+                   "claim": f"WARM ~ ENS in distribution (ID validation, M={m_all}, "
+                            f"|diff| <= {tol})",
+                   "holds": bool(abs(d) <= tol), "tolerance": tol,
+                   "numbers": {"warm": warm["valid"], "ens": ens["valid"], "diff": d},
+                   "diff_per_M": per_m("valid")})
     d = warm["ood"] - ens["ood"]
-    claims["warm_geq_ens_ood"] = {
-        "M": m_all, "warm": warm["ood"], "ens": ens["ood"], "diff": d, "holds": bool(d >= 0),
-        "diff_per_M": {k: v["ood"] for k, v in per_m.items()}}
+    claims.append({"id": "warm_geq_ens_ood",
+                   "claim": f"WARM >= ENS out of distribution (OOD, M={m_all})",
+                   "holds": bool(d >= 0),
+                   "numbers": {"warm": warm["ood"], "ens": ens["ood"], "diff": d},
+                   "diff_per_M": per_m("ood")})
     if "train_corrupt" in splits:
         d = warm["train_corrupt"] - ens["train_corrupt"]
-        claims["warm_memorises_less_than_ens"] = {
-            "M": m_all, "warm": warm["train_corrupt"], "ens": ens["train_corrupt"], "diff": d,
-            "holds": bool(d < 0), "diff_per_M": {k: v["train_corrupt"] for k, v in per_m.items()}}
-    else:
-        claims["warm_memorises_less_than_ens"] = {
-            "holds": None, "reason": "the ensemble was not trained on corrupted labels"}
-    above, wa_ens = {}, {}
+        claims.append({"id": "warm_memorises_less_than_ens",
+                       "claim": "WARM memorises corrupted labels less than ENS (lower "
+                                f"agreement with the flipped train labels, M={m_all})",
+                       "holds": bool(d < 0),
+                       "numbers": {"warm": warm["train_corrupt"], "ens": ens["train_corrupt"],
+                                   "diff": d},
+                       "diff_per_M": per_m("train_corrupt")})
+    lam = np.asarray(interp["lambdas"])
+    inner = (lam > 0) & (lam < 1)
+    pair = " / ".join(interp["members"])
     for split, curve in interp["curves"].items():
-        lam = np.asarray(interp["lambdas"])
-        inner = (lam > 0) & (lam < 1)
         wa, en, line = (np.asarray(curve[k])[inner] for k in ("wa", "ens", "line"))
         gap, gap_e = wa - line, wa - en
-        memo = split == "train_corrupt"  # there, less is better: WA should lie BELOW ENS
-        above[split] = {"min_wa_minus_line": float(gap.min()), "mean_wa_minus_line":
-                        float(gap.mean()), "expected": "below" if memo else "above",
-                        "holds": bool(gap.max() <= tol) if memo else bool(gap.min() >= -tol)}
-        wa_ens[split] = {"min_wa_minus_ens": float(gap_e.min()), "max_wa_minus_ens":
-                         float(gap_e.max()), "mean_wa_minus_ens": float(gap_e.mean()),
-                         "expected": "WA <= ENS" if memo else "WA >= ENS",
-                         "holds": bool(gap_e.max() <= tol) if memo else
-                         bool(gap_e.min() >= -tol)}
-    claims["interpolation_above_line"] = {"tolerance": tol, "members": interp["members"],
-                                          **above}
-    claims["wa_geq_ens_along_path"] = {"tolerance": tol, "members": interp["members"], **wa_ens}
+        nums_line = {"min_wa_minus_line": float(gap.min()), "mean_wa_minus_line":
+                     float(gap.mean()), "max_wa_minus_line": float(gap.max())}
+        nums_ens = {"min_wa_minus_ens": float(gap_e.min()), "mean_wa_minus_ens":
+                    float(gap_e.mean()), "max_wa_minus_ens": float(gap_e.max())}
+        title = SPLIT_TITLES.get(split, split)
+        if split == "train_corrupt":  # less is better there: WA should memorise less
+            claims.append({"id": "wa_below_ens_train_corrupt",
+                           "claim": f"Weight interpolation ({pair}) memorises less than "
+                                    f"prediction interpolation: WA <= ENS (+{tol}) along the "
+                                    f"path, {title}",
+                           "holds": bool(gap_e.max() <= tol), "tolerance": tol,
+                           "numbers": {**nums_ens, **nums_line}})
+            continue
+        claims.append({"id": f"interpolation_above_line_{split}",
+                       "claim": f"Weight interpolation ({pair}) lies above the straight line "
+                                f"between the members (-{tol}), {title}",
+                       "holds": bool(gap.min() >= -tol), "tolerance": tol, "numbers": nums_line})
+        claims.append({"id": f"wa_geq_ens_along_path_{split}",
+                       "claim": f"WA >= ENS (-{tol}) along the interpolation path ({pair}), "
+                                f"{title}",
+                       "holds": bool(gap_e.min() >= -tol), "tolerance": tol, "numbers": nums_ens})
     return claims
 
 
@@ -169,13 +191,13 @@ def _plots(stage_dir: str, table: dict, interp: dict, splits: Sequence[str],
     import matplotlib.pyplot as plt
 
     paths = []
-    ms = sorted(int(k[1:]) for k in table["warm"])
+    ms = sorted(int(k[len("warm_M"):]) for k in table if k.startswith("warm_M"))
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.4), squeeze=False)
     for ax, split in zip(axes[0], splits):
-        ax.plot(ms, [table["warm"][f"M{m}"][split] for m in ms], "o-", label="WARM (weights)")
-        ax.plot(ms, [table["ens"][f"M{m}"][split] for m in ms], "s--", label="ENS (rewards)")
-        member_accs = [table["members"][n][split] for n in names]
-        ax.axhline(table["members"][names[order[0]]][split], color="grey", ls=":",
+        ax.plot(ms, [table[f"warm_M{m}"][split] for m in ms], "o-", label="WARM (weights)")
+        ax.plot(ms, [table[f"ens_M{m}"][split] for m in ms], "s--", label="ENS (rewards)")
+        member_accs = [table[n][split] for n in names]
+        ax.axhline(table[names[order[0]]][split], color="grey", ls=":",
                    label="best member (ID valid)")
         ax.axhline(float(np.mean(member_accs)), color="grey", ls="-.", lw=0.8,
                    label="mean member")
@@ -265,7 +287,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
             for i in range(len(paths)) for s in splits]
 
     # WARM and ENS with the top-M members
-    table = {"members": member_acc, "warm": {}, "ens": {}}
+    table = dict(member_acc)  # {model: {split: accuracy}}: members, warm_M*, ens_M*
+    warm_rows, ens_rows = {}, {}
     for m_count in range(2, len(paths) + 1):
         top = sorted(order[:m_count])
         merged = average.average_params([params[i] for i in top])
@@ -279,7 +302,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
             rows.append({"model": f"ens_M{m_count}", "kind": "ens", "M": m_count,
                          "members": top, "split": s, "accuracy": ens_acc[s],
                          "n": int(rc[s].shape[1])})
-        table["warm"][f"M{m_count}"], table["ens"][f"M{m_count}"] = warm_acc, ens_acc
+        warm_rows[f"warm_M{m_count}"], ens_rows[f"ens_M{m_count}"] = warm_acc, ens_acc
         del merged
         log.info("rm_eval[%s] M=%d: WARM %s | ENS %s", ensemble, m_count,
                  " ".join(f"{s}={v:.3f}" for s, v in warm_acc.items()),
@@ -306,6 +329,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                              "lambda": lam, "members": [a, b], "split": s, "accuracy": value,
                              "n": int(rc[s].shape[1])})
         del wa
+    table.update(warm_rows)
+    table.update(ens_rows)
     interp = {"members": [names[a], names[b]], "lambdas": lambdas, "curves": curves}
 
     m_all = len(paths)
@@ -321,8 +346,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     plots = _plots(stage_dir, table, interp, splits, names, order)
     head = {}
     for s in splits:
-        head[f"warm_M{m_all}/{s}"] = table["warm"][f"M{m_all}"][s]
-        head[f"ens_M{m_all}/{s}"] = table["ens"][f"M{m_all}"][s]
+        head[f"warm_M{m_all}/{s}"] = table[f"warm_M{m_all}"][s]
+        head[f"ens_M{m_all}/{s}"] = table[f"ens_M{m_all}"][s]
         head[f"best_member/{s}"] = member_acc[names[order[0]]][s]
         head[f"mean_member/{s}"] = float(np.mean([member_acc[n][s] for n in names]))
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
@@ -339,6 +364,5 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         "results": os.path.join(stage_dir, "results.jsonl"), "plots": plots,
         "seconds": round(time.time() - t0, 2)}
     metrics.atomic_write_json(done, summary)
-    log.info("rm_eval[%s]: %s", ensemble, {k: v.get("holds") for k, v in claims.items()
-                                           if isinstance(v, dict) and "holds" in v})
+    log.info("rm_eval[%s]: claims %s", ensemble, {c["id"]: c["holds"] for c in claims})
     return summary
