@@ -12,7 +12,7 @@ import os
 
 import gin
 
-from warm_jax import metrics
+from warm_jax import distributed, metrics
 from warm_jax.data import provider as provider_lib
 
 log = logging.getLogger("warm_jax")
@@ -33,10 +33,8 @@ def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
     if generated:
         from warm_jax.data import world
 
-        if os.path.exists(os.path.join(cfg.data_dir, "world.json")):
-            log.info("miniature world already present in %s", cfg.data_dir)
-            card = _load(os.path.join(cfg.data_dir, "world.json"))
-        else:
+        if distributed.is_primary() and not os.path.exists(
+                os.path.join(cfg.data_dir, "world.json")):
             log.info("generating the miniature TL;DR world into %s (seed %d)", cfg.data_dir, seed)
             tmp = cfg.data_dir + ".tmp"
             if os.path.exists(tmp):
@@ -47,6 +45,8 @@ def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
                                         n_valid_pairs=n_valid_pairs, n_ood_pairs=n_ood_pairs,
                                         n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size)
             os.replace(tmp, cfg.data_dir)
+        distributed.sync("data_stage_world")  # other hosts wait for the primary's world
+        card = _load(os.path.join(cfg.data_dir, "world.json"))
         summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab")
                             if k in card}
     prov = provider_lib.DataProvider(cfg)
@@ -62,7 +62,8 @@ def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
     summary["vocab_sha256"] = prov.vocab.sha256
     metrics.write_run_info(stage_dir, "data", config={"data_config": vars(cfg)},
                            seeds={"world_seed": seed})
-    metrics.atomic_write_json(done, summary)
+    if distributed.is_primary():
+        metrics.atomic_write_json(done, summary)
     log.info("data: %s", counts)
     return summary
 

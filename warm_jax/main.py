@@ -223,6 +223,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (StageError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
+    except Exception as e:  # one clear line for the errors users can act on
+        from warm_jax import checkpoint, train_lib
+        from warm_jax.data.formats import DataError
+
+        known = (DataError, checkpoint.CheckpointError, train_lib.NumericalError)
+        try:
+            from warm_jax.distributed import DistributedError
+            known += (DistributedError,)
+        except ImportError:
+            pass
+        if isinstance(e, known):
+            log.error("%s: %s", type(e).__name__, e)
+            return 2
+        raise
     return 0
 
 
