@@ -171,10 +171,13 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     for base in (os.getcwd(), os.path.join(os.getcwd(), "gin"), _ROOT, os.path.join(_ROOT, "gin")):
         gin.add_config_file_search_path(base)
     files = [_find_gin(f) for f in gin_files]
+    logging.disable(logging.ERROR)  # gin logs every include-path miss at ERROR level
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-    except ValueError as e:
+    except (ValueError, IOError) as e:
         raise StageError(f"gin configuration error: {e}") from e
+    finally:
+        logging.disable(logging.NOTSET)
     _bind_defaults()
 
 
