@@ -111,8 +111,9 @@ def pair_features(model_cfg, params, pairs: dict, mesh, batch_size: int = 256):
     """(chosen features, rejected features), each [N, d] float32 numpy."""
     fn = _feature_fn(model_cfg, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = max(shards, batch_size // shards * shards)
     n = len(pairs["chosen_tokens"])
+    batch_size = min(batch_size, -(-n // shards) * shards)  # no padding past the set
+    batch_size = max(shards, batch_size // shards * shards)
     outs = {"chosen": [], "rejected": []}
     sh = partitioning.batch_sharding(mesh, 2)
     with jax.set_mesh(mesh):
@@ -341,10 +342,18 @@ class EnsembleProgram:
     spmd_axis: Optional[str]
 
 
+def ensemble_optimizer_config(warmup_steps: int, total_steps: int) -> optim.OptimizerConfig:
+    """The gin OptimizerConfig for an ensemble; its learning_rate is a placeholder (each
+    member's peak rate is set in its optimizer state)."""
+    return sft.optimizer_config(1.0, warmup_steps, total_steps)
+
+
+@functools.lru_cache(maxsize=4)
 def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_members: int,
                            batch_shape: tuple[int, int], center_coef: float = 0.0
                            ) -> EnsembleProgram:
-    """batch_shape = (pairs per member, sequence length)."""
+    """batch_shape = (pairs per member, sequence length). Cached: a stage called again in
+    one process (one job per member, a resumed run) reuses the compiled executables."""
     m = num_members
     tx = optim.make_optimizer(opt_cfg)
     abstract, names = model_lib.abstract_params(model_cfg)
@@ -423,6 +432,7 @@ def evaluate(program: EnsembleProgram, params, pairs: dict, batch_size: int) -> 
     """Per-member correctness [M, N] (bool) of r(chosen) > r(rejected) on `pairs`."""
     n = len(pairs["chosen_tokens"])
     shards = program.mesh.shape["data"] * program.mesh.shape["fsdp"]
+    batch_size = min(batch_size, -(-n // shards) * shards)  # no padding past the set
     batch_size = max(shards, batch_size // shards * shards)
     out = []
     with jax.set_mesh(program.mesh):
@@ -578,7 +588,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     train, eval_sets = trimmed[0], dict(zip(eval_sets, trimmed[1:]))
     seq_len = train["chosen_tokens"].shape[1]
 
-    opt_cfg = sft.optimizer_config(specs[0].learning_rate, warmup_steps, total_steps)
+    opt_cfg = ensemble_optimizer_config(warmup_steps, total_steps)
     program = build_ensemble_program(model_cfg, opt_cfg, mesh, m, (batch_size, seq_len),
                                      center_coef)
     abstract, _ = model_lib.abstract_params(model_cfg)
@@ -586,7 +596,9 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     hyper = {"total_steps": total_steps, "batch_size": batch_size,
              "warmup_steps": warmup_steps, "center_coef": center_coef, "corrupted": corrupted,
              "corruption_fraction": prov.config.corruption_fraction if corrupted else 0.0,
-             "optimizer": dataclasses.asdict(opt_cfg), "train_pairs": n, "seq_len": seq_len,
+             "optimizer": {k: v for k, v in dataclasses.asdict(opt_cfg).items()
+                           if k != "learning_rate"},  # per member
+             "train_pairs": n, "seq_len": seq_len,
              "num_members": num_members, "member_index": member_index, "seed": seed,
              "head_path": head_path}
     config = {**hyper, "members": [s.as_dict() for s in specs],
@@ -636,6 +648,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
             except ckpt_lib.AlreadyComplete:
                 start, state, _ = manager.restore_latest_good(program.abstract_state)
                 source = f"already trained to step {start}; finishing the exports"
+        if start == 0:
+            source = "initialised from the SFT snapshot(s) + the probed head"
         log.info("[%s] %s (%d member(s), %d pairs, seq len %d)", name, source, m, n, seq_len)
         writer = _EnsembleWriter(stage_dir, m, resume_step=start)
         tt = time.time()
@@ -657,6 +671,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
         _, fps, _ = _init_params(specs, head, abstract)
         init_fps[:] = fps
     head_fp = ckpt_lib.fingerprint(head)
+    host_params = ckpt_lib.host_tree(state["params"])  # one transfer, then numpy slices
     members = []
     for j, s in enumerate(specs):
         root = init_cards[s.init_path].get("init_fingerprint") or \
@@ -668,7 +683,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
             init_snapshot=s.init_path, init_snapshot_step=s.init_step, head_path=head_path,
             rng_seed=[seed, s.index], accuracy=acc, init_fingerprint=init_fps[j],
             shared_fingerprint=lineage_fingerprint(head_fp, root), hyperparameters=hyper)
-        params = jax.tree.map(lambda x: x[j], state["params"])
+        params = jax.tree.map(lambda x: x[j], host_params)
         path = sft.export_once(os.path.join(base_dir, "members", f"member_{s.index}"),
                                params, card)
         members.append({"index": s.index, "path": path, "accuracy": acc,

@@ -98,10 +98,6 @@ def optimizer_config(learning_rate: float, warmup_steps: int,
                                warmup_steps=int(warmup_steps), total_steps=int(total_steps))
 
 
-def batch_shardings(mesh, example: dict) -> dict:
-    return {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
-
-
 # --------------------------------------------------------------------------- LM program
 
 
@@ -121,16 +117,21 @@ class LMProgram:
     eval_loss: Callable  # (params, batch) -> (sum of token losses, number of target tokens)
     seed: int
 
+    init_params: Callable  # rng -> params (jitted, straight onto the param shardings)
+
     def fresh_state(self, params=None) -> dict:
         if params is None:
-            params, _ = model_lib.init_params(self.model_cfg, jax.random.PRNGKey(self.seed))
+            params = self.init_params(jax.random.PRNGKey(self.seed))
         params = partitioning.shard_tree(params, self.param_shardings)
         with jax.set_mesh(self.mesh):
             return self.init(params)
 
 
+@functools.lru_cache(maxsize=4)
 def build_lm_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, seed: int,
-                     batch_example: dict) -> LMProgram:
+                     batch_keys: tuple[str, ...] = ("tokens", "mask")) -> LMProgram:
+    """Builds (and caches: a stage called again in one process reuses the compiled
+    executables) the jitted init/step/eval of an LM run; batches are [B, T] arrays."""
     tx = optim.make_optimizer(opt_cfg)
     abstract, names = model_lib.abstract_params(model_cfg)
     p_sh = partitioning.tree_shardings(names, abstract, mesh)
@@ -139,7 +140,7 @@ def build_lm_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, seed: int,
     st_sh = train_lib.state_shardings(jax.eval_shape(init, abstract_p), p_sh, mesh,
                                       min_dim_size_to_factor=opt_cfg.min_dim_size_to_factor)
     abstract_state = train_lib.with_shardings(jax.eval_shape(init, abstract_p), st_sh)
-    b_sh = batch_shardings(mesh, batch_example)
+    b_sh = {k: partitioning.batch_sharding(mesh, 2) for k in batch_keys}
     step = jax.jit(functools.partial(steps.lm_train_step, model_cfg, tx), donate_argnums=0,
                    in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None))
     model = model_lib.Transformer(model_cfg)
@@ -153,7 +154,9 @@ def build_lm_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, seed: int,
 
     return LMProgram(model_cfg, tx, mesh, p_sh, abstract_p, abstract_state, st_sh,
                      jax.jit(init, out_shardings=st_sh), step,
-                     jax.jit(eval_loss, in_shardings=(p_sh, None)), seed)
+                     jax.jit(eval_loss, in_shardings=(p_sh, None)), seed,
+                     jax.jit(lambda r: model_lib.init_params(model_cfg, r)[0],
+                             out_shardings=p_sh))
 
 
 def lm_eval(program: LMProgram, params, arrays: dict, batch_size: int) -> float:
@@ -163,6 +166,7 @@ def lm_eval(program: LMProgram, params, arrays: dict, batch_size: int) -> float:
     arrays = {k: arrays[k] for k in ("tokens", "mask", "loss_mask")}
     n = len(arrays["tokens"])
     shards = program.mesh.shape["data"] * program.mesh.shape["fsdp"]
+    batch_size = min(batch_size, -(-n // shards) * shards)  # no padding past the set
     batch_size = max(shards, batch_size // shards * shards)
     total, count = 0.0, 0.0
     with jax.set_mesh(program.mesh):
@@ -186,7 +190,6 @@ def train_lm(*, name: str, stage_dir: str, program: LMProgram, arrays: dict, bat
     boundary step s (and at the end), after the state at s has been checkpointed."""
     n = len(arrays["tokens"])
     mesh = program.mesh
-    b_sh = batch_shardings(mesh, {k: v[:1] for k, v in arrays.items()})
 
     def batch_fn(step: int) -> dict:
         idx = pipeline.batch_indices(n, batch_size, data_seed, step)
@@ -197,7 +200,6 @@ def train_lm(*, name: str, stage_dir: str, program: LMProgram, arrays: dict, bat
                                          max_to_keep=loop.keep_checkpoints,
                                          save_interval_steps=loop.checkpoint_every,
                                          async_save=loop.async_checkpoints)
-    del b_sh
     try:
         with jax.set_mesh(mesh):
             try:
@@ -271,8 +273,7 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     valid = {"tokens": valid["tokens"][:eval_examples], "mask": valid["mask"][:eval_examples],
              "loss_mask": valid["mask"][:eval_examples]}  # whole-text loss
     opt_cfg = optimizer_config(learning_rate, warmup_steps, total_steps)
-    program = build_lm_program(model_cfg, opt_cfg, mesh, seed,
-                               {k: v[:1] for k, v in train.items()})
+    program = build_lm_program(model_cfg, opt_cfg, mesh, seed, tuple(sorted(train)))
     config = {"total_steps": total_steps, "batch_size": batch_size,
               "learning_rate": learning_rate, "warmup_steps": warmup_steps,
               "init_params_path": init_params_path, "optimizer": dataclasses.asdict(opt_cfg),
@@ -342,8 +343,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     valid = trim_length(prov.sft("valid"), ["mask"])
     valid = {k: v[:eval_examples] for k, v in valid.items()}
     opt_cfg = optimizer_config(learning_rate, warmup_steps, total_steps)
-    program = build_lm_program(model_cfg, opt_cfg, mesh, seed,
-                               {k: v[:1] for k, v in train.items()})
+    program = build_lm_program(model_cfg, opt_cfg, mesh, seed, tuple(sorted(train)))
     config = {"total_steps": total_steps, "batch_size": batch_size,
               "learning_rate": learning_rate, "warmup_steps": warmup_steps,
               "init_params_path": init_params_path, "snapshot_steps": list(snaps),

@@ -1,0 +1,237 @@
+"""The stacked RM ensemble on 8 fake devices: pretrain -> SFT -> probe -> ensemble on a tiny
+world, sharding of the stacked state on the 'ensemble' axis, a member inside the ensemble
+== the same member trained alone, member diversity, exact resume after preemption."""
+import json
+import os
+import signal
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import model as model_lib
+from warm_jax import partitioning, rm_ensemble, sft, train_lib
+from warm_jax.data import world
+
+M = 4
+STEPS = 4
+ENS = dict(total_steps=STEPS, batch_size=8, warmup_steps=2, log_every=2, checkpoint_every=100,
+           eval_pairs=32, eval_train_pairs=64, corrupted=True,
+           learning_rates=(3e-3, 1e-2, 3e-3, 1e-2), dropout_rates=(0.05, 0.05, 0.1, 0.1))
+
+
+def _bind(data_dir):
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", data_dir)
+    gin.bind_parameter("DataConfig.max_len", 64)
+    gin.bind_parameter("DataConfig.corruption_fraction", 0.25)
+    gin.bind_parameter("model_config.preset", "tiny")
+    gin.bind_parameter("model_config.vocab_size", 512)
+    gin.bind_parameter("MeshConfig.ensemble", 4)
+    gin.bind_parameter("MeshConfig.data", 2)
+    # tiny widths: let Adafactor factor the 32x64 / 512x32 kernels too
+    gin.bind_parameter("OptimizerConfig.min_dim_size_to_factor", 32)
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """A tiny world, then the real pretrain -> SFT -> probe -> M=4 ensemble stages."""
+    run = str(tmp_path_factory.mktemp("run"))
+    world.generate_world(os.path.join(run, "data"), seed=0, n_train_pairs=600, n_valid_pairs=48,
+                         n_ood_pairs=48, n_sft=300, n_prompts=16, vocab_size=512)
+    _bind(os.path.join(run, "data"))
+    pre = sft.pretrain_stage(run, total_steps=4, batch_size=16, log_every=2,
+                             checkpoint_every=100, eval_examples=32)
+    sf = sft.sft_stage(run, total_steps=6, batch_size=16, snapshot_steps=(2, 4),
+                       log_every=2, checkpoint_every=100, eval_examples=32)
+    probe = rm_ensemble.probe_stage(run, probe_pairs=256, num_steps=40, eval_pairs=48)
+    ens = rm_ensemble.ensemble_stage(run, name="rm_a", num_members=M, **ENS)
+    yield {"run": run, "pretrain": pre, "sft": sf, "probe": probe, "ens": ens}
+    gin.clear_config()
+
+
+def _load(path):
+    params, card = ckpt_lib.load_params(path)
+    return jax.tree.map(np.asarray, params), card
+
+
+def test_flow_exports_and_cards(flow):
+    run = flow["run"]
+    assert [s["step"] for s in flow["sft"]["snapshots"]] == [2, 4, 6]
+    probe = flow["probe"]
+    head, hcard = _load(probe["head"])
+    assert set(head) == {"reward_head"} and hcard["kind"] == "rm_head"
+    assert np.abs(head["reward_head"]["kernel"]).sum() > 0  # the probe moved the head
+    assert {"train", "valid", "ood"} <= set(hcard["accuracy"])
+    assert hcard["sft_path"] == flow["sft"]["final"]
+
+    ens = flow["ens"]
+    assert os.path.exists(os.path.join(run, "rm_a", "summary.json"))
+    assert [m["index"] for m in ens["members"]] == list(range(M))
+    for i, m in enumerate(ens["members"]):
+        assert m["path"] == os.path.join(run, "rm_a", "members", f"member_{i}")
+        params, card = _load(m["path"])
+        assert card["kind"] == "rm_member" and card["member"] == i and card["step"] == STEPS
+        assert card["model_config"] == ckpt_lib.read_card(m["init_snapshot"])["model_config"]
+        assert model_lib.config_from_dict(card["model_config"]).vocab_size == 512
+        assert card["vocab_sha256"] == hcard["vocab_sha256"]
+        assert card["learning_rate"] == ENS["learning_rates"][i]
+        assert card["dropout_rate"] == ENS["dropout_rates"][i]
+        assert card["data_seed"] == i
+        assert card["init_snapshot"] == m["init_snapshot"]
+        assert set(card["accuracy"]) == {"valid", "ood", "train", "train_clean", "train_corrupt"}
+        for v in card["accuracy"].values():
+            assert 0.0 <= v <= 1.0
+        # the member's head is trained from the probed head, not from zeros
+        assert params["reward_head"]["kernel"].shape == head["reward_head"]["kernel"].shape
+    # per-member, per-step metrics and periodic evals in metrics.jsonl
+    recs = [json.loads(l) for l in open(os.path.join(run, "rm_a", "metrics.jsonl"))]
+    train_rec = [r for r in recs if "loss/member_0" in r]
+    assert [r["step"] for r in train_rec] == [2, 4]
+    for k in ("loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward"):
+        assert all(f"{k}/member_{i}" in train_rec[-1] for i in range(M))
+    assert train_rec[-1]["tokens_per_s"] > 0 and "tokens_per_s_per_member" in train_rec[-1]
+    assert any("ood_accuracy/member_3" in r for r in recs)
+
+
+def test_baklava_init_and_fingerprints(flow):
+    members = flow["ens"]["members"]
+    # default init 'cycle': member i starts from the i-th snapshot counted from the last
+    steps = [m["init_snapshot_step"] for m in members]
+    assert steps == [6, 4, 2, 6]
+    fps = [m["init_fingerprint"] for m in members]
+    assert fps[0] == fps[3] and len({fps[0], fps[1], fps[2]}) == 3
+    # the init fingerprint is the fingerprint of SFT backbone + probed head
+    head, _ = _load(flow["probe"]["head"])
+    snap, _ = _load(flow["sft"]["final"])
+    snap["reward_head"] = head["reward_head"]
+    assert ckpt_lib.fingerprint(snap) == fps[0]
+    # one lineage for all: probed head + the pre-training root of every snapshot
+    assert len({m["shared_fingerprint"] for m in members}) == 1
+
+
+def test_members_differ(flow):
+    trees = [_load(m["path"])[0] for m in flow["ens"]["members"]]
+    for i in range(M):
+        for j in range(i + 1, M):
+            diff = max(float(np.max(np.abs(a - b)))
+                       for a, b in zip(jax.tree.leaves(trees[i]), jax.tree.leaves(trees[j])))
+            assert diff > 1e-4, (i, j, diff)
+    # members 0 and 3 share their init but differ in lr/dropout/data order -> still differ
+    cards = [_load(m["path"])[1] for m in flow["ens"]["members"]]
+    assert cards[0]["init_fingerprint"] == cards[3]["init_fingerprint"]
+    assert cards[0]["fingerprint"] != cards[3]["fingerprint"]
+
+
+def _program(flow, num_members):
+    card = ckpt_lib.read_card(flow["ens"]["members"][0]["path"])
+    cfg = model_lib.config_from_dict(card["model_config"])
+    hp = card["hyperparameters"]
+    opt = rm_ensemble.ensemble_optimizer_config(hp["warmup_steps"], hp["total_steps"])
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    return rm_ensemble.build_ensemble_program(cfg, opt, mesh, num_members,
+                                              (hp["batch_size"], hp["seq_len"]))
+
+
+def test_stacked_state_sharded_on_ensemble_axis(flow):
+    program = _program(flow, M)
+    assert program.spmd_axis == "ensemble"
+    mgr = ckpt_lib.CheckpointManager(os.path.join(flow["run"], "rm_a", "ckpt"))
+    state, meta = mgr.restore(STEPS, program.abstract_state)
+    mgr.close()
+    assert [m["index"] for m in meta["members"]] == list(range(M))
+    q = state["params"]["layer_0"]["attn"]["query"]["kernel"]
+    assert q.shape[0] == M and q.sharding.spec[0] == "ensemble"
+    assert {s.data.shape[0] for s in q.addressable_shards} == {1}  # one member per device
+    for leaf in jax.tree.leaves(state["params"]):
+        assert leaf.sharding.spec[0] == "ensemble"
+    # per-member learning rates and dropout rates live in the stacked state
+    np.testing.assert_allclose(np.asarray(state["opt_state"].hyperparams["learning_rate"]),
+                               ENS["learning_rates"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(state["hparams"]["dropout_rate"]),
+                               ENS["dropout_rates"], rtol=1e-6)
+    # Adafactor statistics are per member (the optimizer is vmapped): every stat of a
+    # parameter keeps the leading member axis, sharded on 'ensemble', factored ones included
+    params_nd = {jax.tree_util.keystr(p): x.ndim
+                 for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+    factored = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+        ks = jax.tree_util.keystr(path)
+        match = [k for k in params_nd if ks.endswith(k)]
+        if not match or leaf.ndim == 0 or leaf.size <= M:
+            continue
+        assert leaf.shape[0] == M, ks
+        assert leaf.sharding.spec[0] == "ensemble", (ks, leaf.sharding.spec)
+        if leaf.ndim == params_nd[max(match, key=len)] - 1:
+            factored += 1
+    assert factored >= 4  # v_row / v_col of the factored kernels
+
+
+def _fire_sigterm_at(monkeypatch, at_step):
+    real = rm_ensemble.member_batch
+
+    def batch(arrays, specs, batch_size, step):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(arrays, specs, batch_size, step)
+
+    monkeypatch.setattr(rm_ensemble, "member_batch", batch)
+
+
+def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monkeypatch):
+    run, k = flow["run"], 1
+    solo = rm_ensemble.ensemble_stage(run, name="rm_solo", num_members=M, member_index=k, **ENS)
+    assert [m["index"] for m in solo["members"]] == [k]
+    assert solo["members"][0]["path"] == os.path.join(run, "rm_solo", "members", f"member_{k}")
+    assert os.path.exists(os.path.join(run, "rm_solo", "member_jobs", f"member_{k}",
+                                       "summary.json"))
+    alone, card_alone = _load(solo["members"][0]["path"])
+    inside, card_inside = _load(flow["ens"]["members"][k]["path"])
+    for key in ("learning_rate", "dropout_rate", "data_seed", "init_fingerprint",
+                "shared_fingerprint", "init_snapshot", "kind", "model_config"):
+        assert card_alone[key] == card_inside[key], key
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(inside)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+    # preempted (SIGTERM) after step 2, then the same call again: resumes from the checkpoint
+    _fire_sigterm_at(monkeypatch, 1)
+    with pytest.raises(train_lib.Preempted) as exc:
+        rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k, **ENS)
+    assert exc.value.step == 2
+    monkeypatch.undo()
+    jobdir = os.path.join(run, "rm_resume", "member_jobs", f"member_{k}")
+    assert not os.path.exists(os.path.join(jobdir, "summary.json"))
+    resumed = rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k,
+                                         **ENS)
+    assert "resumed" in resumed["source"]
+    again, _ = _load(resumed["members"][0]["path"])
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    steps_logged = [json.loads(l)["step"] for l in open(os.path.join(jobdir, "metrics.jsonl"))
+                    if "loss" in l]
+    assert steps_logged == sorted(set(steps_logged))  # no step logged twice
+    # done: a third call returns the summary without training
+    assert rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k,
+                                      **ENS) == resumed
+
+
+def test_member_specs_are_checked():
+    snaps = [{"step": 2, "path": "/s2"}, {"step": 4, "path": "/s4"}]
+    with pytest.raises(ValueError, match="learning_rates has 3 entries but num_members=4"):
+        rm_ensemble.resolve_members(4, learning_rates=(1e-3,) * 3, snapshots=snaps)
+    with pytest.raises(ValueError, match="dropout_rates has 5 entries"):
+        rm_ensemble.resolve_members(4, dropout_rates=(0.1,) * 5, snapshots=snaps)
+    with pytest.raises(ValueError, match="member_index=4"):
+        rm_ensemble.resolve_members(4, snapshots=snaps, member_index=4)
+    with pytest.raises(ValueError, match="not a kept snapshot"):
+        rm_ensemble.resolve_members(2, init_snapshots=(2, 3), snapshots=snaps)
+    specs = rm_ensemble.resolve_members(3, snapshots=snaps, seed=7)
+    assert [s.init_step for s in specs] == [4, 2, 4]
+    assert [s.data_seed for s in specs] == [7, 8, 9]
+    assert len({(s.learning_rate, s.dropout_rate) for s in specs}) == 3
+    last = rm_ensemble.resolve_members(3, snapshots=snaps, init_snapshots="last")
+    assert {s.init_path for s in last} == {"/s4"}
+    solo = rm_ensemble.resolve_members(3, snapshots=snaps, seed=7, member_index=2)
+    assert solo == [specs[2]]
