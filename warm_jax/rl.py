@@ -364,8 +364,8 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
         start, state, _ = manager.restore_latest_good(abstract_state)
         source = f"restored the final step {start}"
     log.info("[rl] %s", source)
-    writer = metrics_lib.MetricWriter(out_dir, resume_step=start + 1)
-    samples_writer = metrics_lib.MetricWriter(out_dir, name="samples", resume_step=start + 1,
+    writer = metrics_lib.MetricWriter(out_dir, resume_step=start)
+    samples_writer = metrics_lib.MetricWriter(out_dir, name="samples", resume_step=start,
                                               tensorboard=False)
     evals: dict[int, dict] = {}
 
