@@ -14,6 +14,7 @@ jitted batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,6 +36,17 @@ def _score_fn(cfg: model_lib.TransformerConfig):
     return score
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted(cfg: model_lib.TransformerConfig, ensemble: bool):
+    """(reward fn, per-member fn or None), jitted once per model config: every RewardModel
+    of one config shares the compiled functions."""
+    score = _score_fn(cfg)
+    if ensemble:
+        members = jax.vmap(score, in_axes=(0, None, None))
+        return jax.jit(lambda p, t, m: jnp.mean(members(p, t, m), axis=0)), jax.jit(members)
+    return jax.jit(score), None
+
+
 @dataclasses.dataclass
 class RewardModel:
     config: model_lib.TransformerConfig
@@ -46,14 +58,7 @@ class RewardModel:
     def __post_init__(self):
         if self.kind not in ("single", "warm", "ens"):
             raise ValueError(f"reward model kind {self.kind!r}; choose single, warm or ens")
-        score = _score_fn(self.config)
-        if self.kind == "ens":
-            self._fn = jax.jit(lambda p, t, m: jnp.mean(
-                jax.vmap(score, in_axes=(0, None, None))(p, t, m), axis=0))
-            self._members_fn = jax.jit(jax.vmap(score, in_axes=(0, None, None)))
-        else:
-            self._fn = jax.jit(score)
-            self._members_fn = None
+        self._fn, self._members_fn = _jitted(self.config, self.kind == "ens")
 
     @property
     def num_members(self) -> int:
