@@ -18,9 +18,9 @@ ensemble_stage  M reward models trained as ONE pytree stacked on a leading membe
                 {run_dir}/{name}/members/member_{i} with a card.
 
 Member specs. Per-member lists come from gin and must have exactly num_members entries;
-None derives them: learning rates and dropout rates on a 2x2 grid
-(lr = learning_rates_grid[i % 2], dropout = dropout_rates_grid[(i // 2) % 2]), data seed
-seed + i, init 'cycle'. init_snapshots: 'cycle' (the default, Baklava: member i starts from
+None derives them (so that num_members alone can change): learning rates and dropout rates
+on a grid (lr = learning_rate_grid[i % L], dropout = dropout_rate_grid[(i // L) % D], with
+L, D the grid sizes: 2 x 2 by default), data seed seed + i, init 'cycle'. init_snapshots: 'cycle' (the default, Baklava: member i starts from
 the i-th SFT snapshot counted from the last, cycling), 'last' (all from the final SFT
 snapshot), or a list of SFT steps / params paths, one per member.
 
@@ -264,14 +264,18 @@ def _per_member(name: str, values, num_members: int, derive) -> list:
 def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None,
                     data_seeds=None, init_snapshots: Union[str, Sequence, None] = "cycle",
                     snapshots: Sequence[dict] = (), seed: int = 0,
-                    member_index: Optional[int] = None) -> list[MemberSpec]:
+                    member_index: Optional[int] = None,
+                    learning_rate_grid: Sequence[float] = DEFAULT_LEARNING_RATES,
+                    dropout_rate_grid: Sequence[float] = DEFAULT_DROPOUT_RATES
+                    ) -> list[MemberSpec]:
     """Member specs from the per-member lists (see the module docstring)."""
     if num_members < 1:
         raise ValueError(f"ensemble_stage.num_members must be >= 1, got {num_members}")
     lrs = _per_member("learning_rates", learning_rates, num_members,
-                      lambda i: DEFAULT_LEARNING_RATES[i % 2])
+                      lambda i: learning_rate_grid[i % len(learning_rate_grid)])
     drs = _per_member("dropout_rates", dropout_rates, num_members,
-                      lambda i: DEFAULT_DROPOUT_RATES[(i // 2) % 2])
+                      lambda i: dropout_rate_grid[(i // len(learning_rate_grid))
+                                                  % len(dropout_rate_grid)])
     dss = _per_member("data_seeds", data_seeds, num_members, lambda i: seed + i)
     snaps = sorted(snapshots, key=lambda s: s["step"])
     by_step = {int(s["step"]): s["path"] for s in snaps}
@@ -516,7 +520,10 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                    dropout_rates: Optional[Sequence[float]] = None,
                    data_seeds: Optional[Sequence[int]] = None,
                    init_snapshots: Union[str, Sequence, None] = "cycle",
-                   member_index: Optional[int] = None, total_steps: int = 300,
+                   member_index: Optional[int] = None,
+                   learning_rate_grid: Sequence[float] = DEFAULT_LEARNING_RATES,
+                   dropout_rate_grid: Sequence[float] = DEFAULT_DROPOUT_RATES,
+                   total_steps: int = 300,
                    batch_size: int = 32, warmup_steps: int = 20, center_coef: float = 0.0,
                    seed: int = 0, head_path: Optional[str] = None, eval_every: int = 0,
                    eval_pairs: int = 512, eval_train_pairs: int = 1024,
@@ -548,7 +555,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     specs = resolve_members(num_members, learning_rates=learning_rates,
                             dropout_rates=dropout_rates, data_seeds=data_seeds,
                             init_snapshots=init_snapshots, snapshots=snapshots, seed=seed,
-                            member_index=member_index)
+                            member_index=member_index, learning_rate_grid=learning_rate_grid,
+                            dropout_rate_grid=dropout_rate_grid)
     m = len(specs)
     init_cards = {s.init_path: ckpt_lib.read_card(s.init_path) for s in specs}
     cfg_dicts = {p: c.get("model_config") for p, c in init_cards.items()}

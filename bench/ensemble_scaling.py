@@ -1,0 +1,104 @@
+"""One stacked ensemble step of M reward models vs M separate single-member steps.
+
+Same model, same per-member batch [B pairs, T tokens], same optimizer (Adafactor), on the
+default mesh of this machine (all devices on 'data'; an 'ensemble' axis when --ensemble_axis
+divides M). The stacked step is rm_ensemble.build_ensemble_program's jitted
+vmap(rm_train_step); the separate steps are the same program built for one member, called
+M times. Prints one JSON line per figure:
+
+  python -m bench.ensemble_scaling [--preset mini] [--members 4] [--batch 32] [--seq 96]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+
+def _batch(rng, m: int, b: int, t: int, vocab: int) -> dict:
+    out = {}
+    for side in ("chosen", "rejected"):
+        lengths = rng.integers(t // 2, t + 1, (m, b))
+        mask = (np.arange(t)[None, None] < lengths[..., None]).astype(np.int32)
+        out[f"{side}_tokens"] = rng.integers(3, vocab, (m, b, t)).astype(np.int32) * mask
+        out[f"{side}_mask"] = mask
+    return out
+
+
+def _state(program, rm_ensemble, model_lib, partitioning, m: int, seed: int):
+    keys = jax.random.split(jax.random.PRNGKey(seed), m)
+    params = jax.vmap(lambda k: model_lib.init_params(program.model_cfg, k)[0])(keys)
+    params = partitioning.shard_tree(params, program.param_shardings)
+    rng_keys = np.stack([np.asarray(jax.random.PRNGKey(seed + i)) for i in range(m)])
+    with jax.set_mesh(program.mesh):
+        return program.init(params, np.full((m,), 1e-3, np.float32),
+                            np.full((m,), 0.1, np.float32), rng_keys.astype(np.uint32))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32, help="pairs per member per step")
+    ap.add_argument("--seq", type=int, default=96, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up)")
+    ap.add_argument("--ensemble_axis", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    from warm_jax import model as model_lib
+    from warm_jax import partitioning, rm_ensemble
+
+    m, b, t = args.members, args.batch, args.seq
+    cfg = model_lib.model_config(args.preset)
+    opt = rm_ensemble.ensemble_optimizer_config(0, 10_000)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(ensemble=args.ensemble_axis, data=-1))
+    rng = np.random.default_rng(0)
+    host = [_batch(rng, m, b, t, cfg.vocab_size) for _ in range(args.steps + 2)]
+    common = {"preset": args.preset, "members": m, "pairs_per_member": b, "seq_len": t,
+              "devices": jax.device_count(), "backend": jax.default_backend(),
+              "mesh": dict(mesh.shape)}
+
+    def timed(program, states, batches_for):
+        """Runs warm-up + timed steps; states is a list (one per program call per step)."""
+        times = []
+        for i in range(args.steps + 2):
+            t0 = time.perf_counter()
+            for j, st in enumerate(states):
+                states[j], mets = program.step(st, batches_for(i, j))
+            jax.block_until_ready((states, mets))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[2:])), float(np.min(times[2:]))
+
+    # stacked: one program over all M members
+    ens = rm_ensemble.build_ensemble_program(cfg, opt, mesh, m, (b, t))
+    ens_states = [_state(ens, rm_ensemble, model_lib, partitioning, m, 0)]
+    ens_batches = [rm_ensemble.put_member_batch(ens, h) for h in host]
+    with jax.set_mesh(mesh):
+        med_e, min_e = timed(ens, ens_states, lambda i, j: ens_batches[i])
+
+    # separate: the one-member program, called once per member
+    one = rm_ensemble.build_ensemble_program(cfg, opt, mesh, 1, (b, t))
+    one_states = [_state(one, rm_ensemble, model_lib, partitioning, 1, k) for k in range(m)]
+    one_batches = [[rm_ensemble.put_member_batch(one, {k: v[j:j + 1] for k, v in h.items()})
+                    for j in range(m)] for h in host]
+    with jax.set_mesh(mesh):
+        med_s, min_s = timed(one, one_states, lambda i, j: one_batches[i][j])
+
+    tokens = m * 2 * b * t
+    rows = [
+        {"figure": "stacked_ensemble_step_s", "median": med_e, "min": min_e,
+         "tokens_per_s": tokens / med_e, **common},
+        {"figure": "separate_member_steps_s", "median": med_s, "min": min_s,
+         "tokens_per_s": tokens / med_s, **common},
+        {"figure": "stacked_over_separate_time_ratio", "value": med_e / med_s,
+         "note": "< 1: the stacked step is faster than M separate steps", **common},
+    ]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

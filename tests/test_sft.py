@@ -1,0 +1,146 @@
+"""Pre-training and SFT stages on a tiny world, sharded over data x fsdp x tensor on 8 fake
+devices: exports and cards, Baklava snapshots, exact resume after preemption, bad input."""
+import json
+import os
+import signal
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import sft, train_lib
+from warm_jax.data import pipeline, world
+
+LM = dict(total_steps=6, batch_size=16, learning_rate=1e-2, warmup_steps=2, log_every=2,
+          checkpoint_every=100, eval_examples=32)
+
+
+def _bind(data_dir, vocab_size=512):
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", data_dir)
+    gin.bind_parameter("DataConfig.max_len", 64)
+    gin.bind_parameter("model_config.preset", "tiny")
+    gin.bind_parameter("model_config.vocab_size", vocab_size)
+    gin.bind_parameter("MeshConfig.data", 2)
+    gin.bind_parameter("MeshConfig.fsdp", 2)
+    gin.bind_parameter("MeshConfig.tensor", 2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft_world") / "data")
+    world.generate_world(out, seed=1, n_train_pairs=200, n_valid_pairs=16, n_ood_pairs=16,
+                         n_sft=300, n_prompts=16, vocab_size=512)
+    _bind(out)
+    yield out
+    gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run_a"))
+    return run, sft.pretrain_stage(run, **LM)
+
+
+def _params(path):
+    return [np.asarray(x) for x in jax.tree.leaves(ckpt_lib.load_params(path)[0])]
+
+
+def test_default_snapshot_steps():
+    assert sft.default_snapshot_steps(12000) == (8000, 10000, 12000)  # the paper's Baklava
+    assert sft.default_snapshot_steps(300) == (200, 250, 300)
+    assert sft.default_snapshot_steps(3) == (1, 2, 3)
+
+
+def test_trim_length():
+    mask = np.zeros((3, 40), np.int32)
+    mask[0, :5] = 1
+    mask[2, :17] = 1
+    out = sft.trim_length({"tokens": mask * 7, "mask": mask, "other": np.arange(3)}, ["mask"])
+    assert out["tokens"].shape == (3, 24) and out["mask"].sum() == mask.sum()
+    assert out["other"].shape == (3,)
+
+
+def test_pretrain_export_card(pretrained, data_dir):
+    run, summary = pretrained
+    assert summary["final"] == os.path.join(run, "pretrain", "final")
+    card = ckpt_lib.read_card(summary["final"])
+    assert card["kind"] == "lm" and card["step"] == LM["total_steps"]
+    assert card["model_config"]["vocab_size"] == 512 and card["model_config"]["d_model"] == 32
+    from warm_jax.data.vocab import Vocab
+
+    assert card["vocab_sha256"] == Vocab.load(os.path.join(data_dir, "spm.model")).sha256
+    assert card["seed"] == 0 and card["hyperparameters"]["batch_size"] == LM["batch_size"]
+    assert np.isfinite(summary["valid_text_loss"])
+    for name in ("summary.json", "metrics.jsonl", "pretrain.run_info.json"):
+        assert os.path.exists(os.path.join(run, "pretrain", name)), name
+    # sharded over fsdp x tensor on the way (the export is whole)
+    emb = ckpt_lib.load_params(summary["final"])[0]["embedding"]
+    assert emb.shape == (512, 32)
+
+
+def test_pretrain_resumes_exactly_after_preemption(pretrained, tmp_path, monkeypatch):
+    run_a, summary_a = pretrained
+    run_b = str(tmp_path / "run_b")
+    real = pipeline.batch_indices
+
+    def batch_indices(n, b, seed, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(n, b, seed, step)
+
+    monkeypatch.setattr(pipeline, "batch_indices", batch_indices)
+    with pytest.raises(train_lib.Preempted) as exc:
+        sft.pretrain_stage(run_b, **LM)
+    assert exc.value.step == 3
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(run_b, "pretrain", "final"))
+    summary_b = sft.pretrain_stage(run_b, **LM)
+    assert "resumed" in summary_b["source"] and "step 3" in summary_b["source"]
+    for a, b in zip(_params(summary_a["final"]), _params(summary_b["final"])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    steps = [json.loads(l)["step"] for l in open(os.path.join(run_b, "pretrain", "metrics.jsonl"))]
+    assert steps == [2, 4, 6]
+
+
+def test_sft_keeps_snapshots_with_cards(pretrained):
+    run, pre = pretrained
+    summary = sft.sft_stage(run, **LM)
+    assert [s["step"] for s in summary["snapshots"]] == [4, 5, 6]  # default: last 3, T/6 apart
+    assert summary["final"] == os.path.join(run, "sft", "snapshots", "step_6")
+    pre_card = ckpt_lib.read_card(pre["final"])
+    for s in summary["snapshots"]:
+        card = ckpt_lib.read_card(s["path"])
+        assert s["path"] == os.path.join(run, "sft", "snapshots", f"step_{s['step']}")
+        assert card["kind"] == "lm" and card["step"] == s["step"]
+        assert card["model_config"] == pre_card["model_config"]
+        assert card["vocab_sha256"] == pre_card["vocab_sha256"]
+        assert card["init_fingerprint"] == pre_card["fingerprint"]  # the Baklava lineage root
+        assert card["sft_valid_loss"] == s["sft_valid_loss"] and np.isfinite(s["sft_valid_loss"])
+    # snapshots differ from each other and from the pre-trained init
+    flat = [_params(s["path"]) for s in summary["snapshots"]] + [_params(pre["final"])]
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            assert any(not np.array_equal(a, b) for a, b in zip(flat[i], flat[j])), (i, j)
+    # SFT learns the summaries: validation loss falls over the run
+    recs = [json.loads(l) for l in open(os.path.join(run, "sft", "metrics.jsonl"))]
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    # done marker: a second call returns the summary without training
+    assert sft.sft_stage(run, **LM) == summary
+
+
+def test_bad_input_is_reported(pretrained, data_dir, tmp_path):
+    run, _ = pretrained
+    with pytest.raises(ValueError, match=r"snapshot_steps \[9\] outside"):
+        sft.sft_stage(str(tmp_path / "x"), init_params_path=os.path.join(run, "pretrain", "final"),
+                      snapshot_steps=(2, 9), **LM)
+    with pytest.raises(ckpt_lib.CheckpointError, match="no such"):
+        sft.sft_stage(str(tmp_path / "y"), **LM)  # no pre-training export there
+    _bind(data_dir, vocab_size=64)
+    try:
+        with pytest.raises(ValueError, match="vocab_size=64 is smaller than the data"):
+            sft.pretrain_stage(str(tmp_path / "z"), **LM)
+    finally:
+        _bind(data_dir)
