@@ -153,8 +153,11 @@ def test_concat_right_padded_layout_and_logprob_recomputation():
                                               head="lm", causal_only=True)
     logp = jax.nn.log_softmax(logits[:, :-1] / scfg.temperature, axis=-1)
     tok_lp = np.asarray(jnp.take_along_axis(logp, seq["tokens"][:, 1:, None], axis=-1)[..., 0])
-    recomputed = (tok_lp * cm[:, 1:]).sum(1)
-    np.testing.assert_allclose(recomputed, np.asarray(out["logprobs"]).sum(1), atol=2e-3)
+    recomputed = tok_lp * cm[:, 1:]
+    placed = np.asarray(sampling.completion_values_right_padded(
+        jnp.asarray(mask), out["mask"], out["logprobs"]))[:, 1:]
+    np.testing.assert_allclose(recomputed, placed, atol=2e-4)  # token for token
+    np.testing.assert_allclose(placed.sum(1), np.asarray(out["logprobs"]).sum(1), atol=1e-4)
 
 
 def test_trim_left_padding_keeps_every_prompt():

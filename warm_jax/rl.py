@@ -160,7 +160,9 @@ def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_token
     seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"], out["mask"])
     score = reward_apply(rm_params, seq["tokens"], seq["mask"]).astype(jnp.float32)
     ref_lp = token_logprobs(cfg, ref_params, seq["tokens"], seq["mask"], scfg.temperature)
-    return {"seq": seq, "sample": out, "score": score, "ref_lp": ref_lp,
+    sample_lp = sampling.completion_values_right_padded(prompt_mask, out["mask"],
+                                                        out["logprobs"])[:, 1:]
+    return {"seq": seq, "sample": out, "score": score, "ref_lp": ref_lp, "sample_lp": sample_lp,
             "tmask": seq["completion_mask"][:, 1:].astype(jnp.float32)}
 
 
@@ -175,8 +177,9 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
                      ref_params, rm_params, batch["tokens"], batch["mask"], key)
         seq, tmask = ro["seq"], ro["tmask"]
         tokens, mask = seq["tokens"], seq["mask"]
-        old_lp = token_logprobs(cfg, state["params"], tokens, mask, temp)
-        kl_t = jax.lax.stop_gradient(old_lp - ro["ref_lp"])
+        # the sampler's log-probs are the policy's (same temperature, no filtering): no
+        # extra forward pass is needed for the KL estimate
+        kl_t = jax.lax.stop_gradient(ro["sample_lp"] - ro["ref_lp"]) * tmask
         rewards = shaped_rewards(ro["score"], kl_t, tmask, rl.alpha)
         returns = discounted_returns(rewards, tmask)
 
@@ -242,8 +245,7 @@ def make_eval_step(cfg, rl: RLConfig, reward_apply: RewardApply):
     def evaluate(params, ref_params, rm_params, prompts, key):
         ro = rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompts["tokens"],
                      prompts["mask"], key)
-        lp = token_logprobs(cfg, params, ro["seq"]["tokens"], ro["seq"]["mask"], scfg.temperature)
-        kl = jnp.sum((lp - ro["ref_lp"]) * ro["tmask"], axis=1)
+        kl = jnp.sum((ro["sample_lp"] - ro["ref_lp"]) * ro["tmask"], axis=1)
         return {"tokens": ro["sample"]["tokens"], "mask": ro["sample"]["mask"],
                 "score": ro["score"], "kl": kl, "lengths": ro["sample"]["lengths"]}
 

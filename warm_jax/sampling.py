@@ -223,6 +223,19 @@ def concat_right_padded(prompt_tokens, prompt_mask, comp_tokens, comp_mask) -> d
             "completion_mask": take(is_comp)}
 
 
+def completion_values_right_padded(prompt_mask, comp_mask, values):
+    """Per-completion-token values [B, G] (e.g. the sampler's log-probs) placed where
+    `concat_right_padded` puts those tokens in the [B, P + G] layout (0 elsewhere)."""
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    p = prompt_mask.shape[1]
+    w = p + values.shape[1]
+    vals = jnp.concatenate([jnp.zeros(prompt_mask.shape, values.dtype),
+                            values * comp_mask.astype(values.dtype)], axis=1)
+    shift = p - jnp.sum(prompt_mask, axis=1)
+    idx = (jnp.arange(w)[None, :] + shift[:, None]) % w
+    return jnp.take_along_axis(vals, idx, axis=1)
+
+
 def trim_left_padding(tokens: np.ndarray, mask: np.ndarray, multiple: int = 8):
     """Drops the left-pad columns that every row has (keeps a width multiple of `multiple`),
     so a set of prompts is sampled with one fixed, small prompt width."""
