@@ -277,7 +277,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         from warm_jax import partitioning
 
         pcfg, params, card = sampling.load_policy(run_dir, policy)
-        _check_vocab(card, prov.vocab, f"policy {policy!r}")
+        check_vocab(card, prov.vocab, f"policy {policy!r}")
         mesh = partitioning.make_mesh(partitioning.MeshConfig())
         sampler = sampling.Sampler(pcfg, scfg, mesh=mesh)
         log.info("bon: sampling %d x %d completions from %s", num_prompts, k, card["path"])
@@ -295,7 +295,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
             return np.load(path)
         rm, scorer = load_reward(run_dir, spec)
         if rm is not None and rm.cards:
-            _check_vocab(rm.cards[0], prov.vocab, f"reward {spec!r}")
+            check_vocab(rm.cards[0], prov.vocab, f"reward {spec!r}")
         s = np.asarray(scorer(pool), np.float32).reshape(num_prompts, k)
         np.save(path + ".tmp.npy", s)
         os.replace(path + ".tmp.npy", path)
@@ -328,7 +328,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
     return summary
 
 
-def _check_vocab(card: dict, vocab, what: str) -> None:
+def check_vocab(card: dict, vocab, what: str) -> None:
     want = card.get("vocab_sha256")
     if want and want != vocab.sha256:
         raise ValueError(f"{what}: trained with vocabulary {want[:12]} but the data uses "

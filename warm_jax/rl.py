@@ -474,13 +474,13 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
                   max_new_tokens=max_new_tokens, whiten_advantages=whiten_advantages, seed=seed)
     prov = provider_lib.DataProvider(provider_lib.DataConfig())
     pcfg, sft_params, pcard = sampling.load_policy(run_dir, policy)
-    bon._check_vocab(pcard, prov.vocab, f"policy {policy!r}")
+    bon.check_vocab(pcard, prov.vocab, f"policy {policy!r}")
     rm, _ = bon.load_reward(run_dir, reward)
     if rm is None:
         raise ValueError(f"rl_stage: reward {reward!r} is not a reward model (the oracle is "
                          "the control reward; pass a warm:/best:/member:/ens:/path: spec)")
     if rm.cards:
-        bon._check_vocab(rm.cards[0], prov.vocab, f"reward {reward!r}")
+        bon.check_vocab(rm.cards[0], prov.vocab, f"reward {reward!r}")
     if rm.config.vocab_size != pcfg.vocab_size:
         raise ValueError(f"rl_stage: reward {reward!r} has vocab_size {rm.config.vocab_size} "
                          f"but the policy has {pcfg.vocab_size}")
