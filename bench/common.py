@@ -91,19 +91,24 @@ def block(x: Any) -> Any:
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
-               sync: Callable[[Any], Any] = block) -> list[float]:
-    """Seconds for each of `repeats` calls of fn() after `warmup` untimed calls.
+               sync: Callable[[Any], Any] = block,
+               cpu_times: Optional[list] = None) -> list[float]:
+    """Wall-clock seconds for each of `repeats` calls of fn() after `warmup` untimed calls.
 
     Every call's result goes through `sync` (block_until_ready for jax) before the
-    clock stops, so asynchronous dispatch cannot hide work.
+    clock stops, so asynchronous dispatch cannot hide work. When `cpu_times` is a list,
+    the process CPU seconds (all threads) of each timed call are appended to it: on a
+    machine shared with other jobs they vary less than wall time.
     """
     for _ in range(warmup):
         sync(fn())
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return times
 
 

@@ -68,13 +68,15 @@ def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: s
     from trl import RewardConfig, RewardTrainer
 
     times: list[float] = []
+    cpu: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.c0, self.t0 = time.process_time(), time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
     total = warmup + steps
     data = datasets.Dataset.from_dict(random_pairs(pairs * total, seq, seed))
@@ -87,7 +89,7 @@ def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: s
     trainer = RewardTrainer(model=build_model(seq, seed), args=args, train_dataset=data,
                             processing_class=build_tokenizer(), callbacks=[StepTimer()])
     trainer.train()
-    return {"step_times": times[warmup:], "impl": "trl.RewardTrainer"}
+    return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "impl": "trl.RewardTrainer"}
 
 
 def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int) -> dict:
@@ -98,9 +100,9 @@ def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int) -> dict:
     model = build_model(seq, seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     data = random_pairs(pairs * (warmup + steps), seq, seed)
-    times = []
+    times, cpu = [], []
     for s in range(warmup + steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         sl = slice(s * pairs, (s + 1) * pairs)
         ids = torch.tensor(data["chosen_ids"][sl] + data["rejected_ids"][sl])
         r = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, 0]
@@ -111,7 +113,8 @@ def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int) -> dict:
         opt.step()
         loss.item()
         times.append(time.perf_counter() - t0)
-    return {"step_times": times[warmup:], "impl": "torch loop"}
+        cpu.append(time.process_time() - c0)
+    return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "impl": "torch loop"}
 
 
 def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
@@ -143,6 +146,8 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
         common.record(BENCH, "tokens_per_s", tokens / step, "tokens/s", **config),
         common.record(BENCH, "step_time_s", step, "s", spread=common.spread(res["step_times"]),
                       **config),
+        common.record(BENCH, "cpu_s_per_step", common.median(res["cpu_times"]), "s",
+                      spread=common.spread(res["cpu_times"]), **config),
         common.record(BENCH, "achieved_flops", flops_tok * tokens / step, "FLOP/s",
                       flops_per_token=flops_tok, **config),
     ]

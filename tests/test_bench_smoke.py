@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark harness (no timing assertions) and of the CPU matmul path."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import common, rm_throughput
+from warm_jax import losses, model as model_lib
+
+FIELDS = ("bench", "metric", "value", "unit", "impl", "preset", "pairs", "seq", "optimizer",
+          "dtype", "machine")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_rm_throughput_records(optimizer, capsys):
+    recs = rm_throughput.measure("tiny", pairs=2, seq=16, steps=2, warmup=1, optimizer=optimizer)
+    by_metric = {r["metric"]: r for r in recs}
+    assert set(by_metric) == {"tokens_per_s", "step_time_s", "achieved_flops", "cpu_s_per_step",
+                              "mfu", "compile_s"}
+    for r in recs:
+        for f in FIELDS:
+            assert f in r, (r["metric"], f)
+        assert r["bench"] == "rm_throughput" and r["optimizer"] == optimizer
+        assert r["machine"]["cpu_count"] >= 1 and r["machine"]["device_kind"]
+        assert np.isfinite(r["loss"])
+    for m in ("tokens_per_s", "step_time_s", "achieved_flops", "compile_s"):
+        assert by_metric[m]["value"] > 0, m
+    assert by_metric["cpu_s_per_step"]["value"] >= 0
+    step = by_metric["step_time_s"]
+    assert step["spread"]["n"] == 2 and step["spread"]["min"] <= step["value"] <= step["spread"]["max"]
+    # tokens/s is exactly 2 * pairs * seq per median step
+    assert by_metric["tokens_per_s"]["value"] == pytest.approx(2 * 2 * 16 / step["value"])
+    assert by_metric["mfu"]["value"] is None  # no published peak for a CPU
+    # every record is one JSON line
+    common.emit(recs[0])
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line)["metric"] == recs[0]["metric"]
+    assert common.parse_json_lines("noise\n" + line + "\n{not json\n")[0]["value"] == recs[0]["value"]
+
+
+def test_rm_flops_per_token_llama_peer():
+    cfg = model_lib.model_config("llama_peer")
+    # 4 layers x (q,k,v,o 4*256*256 + gate/up/down 3*256*1024) + 256 reward head = 4,194,560
+    # matmul weights; attention 2*4*256*4*64 = 524,288; training = 3 x forward.
+    assert common.rm_flops_per_token(cfg, 256) == 3 * (2 * 4_194_560 + 2 * 524_288)
+    with_lm = common.transformer_train_flops_per_token(
+        d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=1024,
+        vocab_size=259, seq_len=256, lm_head=True)
+    assert with_lm - common.rm_flops_per_token(cfg, 256) == 6 * (256 * 259 - 256)
+    # the model's LM count also includes the vocabulary projection, so it is larger
+    assert cfg.flops_per_token(256) > common.rm_flops_per_token(cfg, 256)
+
+
+def test_peak_flops_and_mfu():
+    assert common.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert common.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert common.peak_flops("TPU v5 lite", "bfloat16") == 197e12  # v5e, not v5p
+    assert common.peak_flops("TPU v5", "bfloat16") == 459e12
+    assert common.peak_flops("cpu", "float32") is None
+    assert common.mfu(494.5e12, "NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(0.5)
+    assert common.mfu(1e9, "cpu", "float32") is None
+
+
+def test_time_calls_counts_and_blocks():
+    calls = []
+    cpu = []
+    times = common.time_calls(lambda: calls.append(1) or jnp.ones(3) * 2, warmup=2, repeats=3,
+                              cpu_times=cpu)
+    assert len(calls) == 5 and len(times) == 3 and len(cpu) == 3
+    assert all(t > 0 for t in times)
+    assert common.spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0, "n": 3}
+
+
+def test_run_peer_without_interpreter_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="peer_setup.sh"):
+        rm_throughput.run_peer(2, 8, 1, python=str(tmp_path / "missing" / "python"))
+
+
+def _rm_loss_and_grads(cfg, params, tokens, mask):
+    def loss(p):
+        r = model_lib.Transformer(cfg).apply({"params": p}, tokens, mask, head="reward",
+                                             causal_only=True)
+        return losses.bradley_terry_loss(r[:2], r[2:])[0]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_cpu_matmul_gradients_match_autodiff(monkeypatch):
+    """The explicit-transpose weight gradient (CPU path) equals plain autodiff."""
+    cfg = model_lib.model_config("tiny")
+    params, _ = model_lib.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape),
+                          params)  # non-zero reward head
+    tokens = jax.random.randint(jax.random.key(2), (4, 12), 3, cfg.vocab_size)
+    mask = jnp.ones_like(tokens).at[1, 9:].set(0)
+    tokens = tokens * mask
+    assert model_lib._use_cpu_matmul(cfg)
+    loss_cpu, g_cpu = _rm_loss_and_grads(cfg, params, tokens, mask)
+    monkeypatch.setattr(model_lib, "_use_cpu_matmul", lambda c: False)
+    loss_ref, g_ref = _rm_loss_and_grads(cfg, params, tokens, mask)
+    assert float(loss_cpu) == pytest.approx(float(loss_ref), rel=1e-6)
+    flat_cpu, flat_ref = jax.tree.leaves(g_cpu), jax.tree.leaves(g_ref)
+    assert len(flat_cpu) == len(flat_ref)
+    for a, b in zip(flat_cpu, flat_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in flat_ref) > 0
+    # remat keeps plain autodiff (its 'dots' policy cannot see inside a custom_vjp)
+    assert not model_lib._use_cpu_matmul(model_lib.model_config("tiny", remat="dots"))
