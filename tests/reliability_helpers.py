@@ -34,10 +34,12 @@ def subprocess_env(compile_cache: Optional[str] = None, devices: Optional[int] =
 
 
 class Child:
-    """A subprocess whose stdout+stderr go to a log file (read back on failure)."""
+    """A subprocess whose stdout+stderr are appended to a log file; log_tail() reads back
+    what this launch wrote."""
 
     def __init__(self, argv: Sequence[str], log_path: str, env: dict, cwd: str = REPO):
         self.log_path = log_path
+        self._offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, cwd=cwd, start_new_session=True)
@@ -73,8 +75,9 @@ class Child:
     def log_tail(self, n: int = 6000) -> str:
         if not self._log.closed:
             self._log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read()[-n:].decode("utf-8", "replace")
+        with open(self.log_path, "rb") as f:  # this launch's output only
+            f.seek(max(self._offset, os.path.getsize(self.log_path) - n))
+            return f.read().decode("utf-8", "replace")
 
 
 def last_metric_step(metrics_path: str) -> int:
@@ -188,3 +191,96 @@ def damage_step(step_dir: str, how: str) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+# ---- kill -9 / restart driver --------------------------------------------------------------
+
+
+def kill9_until_done(spawn, done_path: str, metrics_path: str, *, n_kills: int, rng,
+                     total_steps: int, start_pattern: str, startup_fraction: float = 0.25,
+                     startup_window_s: tuple = (0.5, 8.0), after_save_fraction: float = 0.4,
+                     timeout: float = 600,
+                     ckpt_dir: Optional[str] = None) -> list[dict]:
+    """Launches spawn() and SIGKILLs it at n_kills random points, relaunching each time,
+    then lets a last launch finish (it must exit 0 and leave done_path).
+
+    A kill is in one of three phases: 'startup' (a random delay after launch: imports,
+    compilation, restore); 'train' (once the child logged start_pattern, a regex whose
+    first group, if any, is the step it resumed from: wait until metrics_path reaches a
+    random 1-3 steps further, then a random 0-0.4 s more, inside a step or an async save);
+    'after_save' (as 'train', but counted from the first checkpoint the launch finalised,
+    so that the run makes progress and later launches really resume).
+    Returns one record per kill."""
+    import re
+
+    kills = []
+    for _ in range(n_kills):
+        if os.path.exists(done_path):
+            break
+        child = spawn()
+        u = rng.random()
+        phase = "startup" if u < startup_fraction else (
+            "after_save" if ckpt_dir and u > 1 - after_save_fraction else "train")
+        resumed_from = None
+        if phase == "startup":
+            time.sleep(rng.uniform(*startup_window_s))
+        else:
+            pat = re.compile(start_pattern)
+            wait_for(lambda: pat.search(child.log_tail(20000)) is not None, child, timeout,
+                     f"the start line /{start_pattern}/")
+            m = pat.search(child.log_tail(20000))
+            resumed_from = int(m.group(1)) if m.groups() and m.group(1) else 0
+            time.sleep(0.3)  # let the metrics writer drop records past the resume step
+            base = resumed_from
+            try:
+                if phase == "after_save" and resumed_from < total_steps:
+                    # a new finalised checkpoint first: progress
+                    wait_for(lambda: any(s > resumed_from for s in step_dirs(ckpt_dir)),
+                             child, timeout, f"a checkpoint after step {resumed_from}")
+                    base = max(step_dirs(ckpt_dir))
+                target = min(total_steps,
+                             base + rng.randint(0 if phase == "after_save" else 1, 3))
+                wait_for(lambda: last_metric_step(metrics_path) >= target, child, timeout,
+                         f"step {target}")
+            except AssertionError:
+                if child.poll() != 0:
+                    raise  # crashed, or too slow
+            time.sleep(rng.uniform(0.0, 0.4))
+        saving = bool(ckpt_dir and [n for n in tmp_checkpoint_dirs(ckpt_dir)
+                                    if os.path.getmtime(os.path.join(ckpt_dir, n)) >= child.t0])
+        at = last_metric_step(metrics_path)
+        finished = child.poll() is not None
+        child.kill()
+        kills.append({"phase": phase, "resumed_from": resumed_from, "metrics_step": at,
+                      "save_in_flight": saving, "killed": not finished,
+                      "rc": child.proc.returncode})
+    child = spawn()
+    rc = child.wait(timeout)
+    assert rc == 0, f"final run failed (rc {rc}):\n{child.log_tail()}"
+    assert os.path.exists(done_path), child.log_tail()
+    return kills
+
+
+def kill9_when(cond, child: Child, timeout: float, poll_s: float = 0.002) -> bool:
+    """SIGKILLs the child as soon as cond() holds; False if the child ended first."""
+    t_end = time.time() + timeout
+    while time.time() < t_end and child.poll() is None:
+        if cond():
+            child.kill()
+            return True
+        time.sleep(poll_s)
+    if child.poll() is None:
+        child.kill()
+        raise AssertionError(f"condition not met in {timeout}s")
+    child.kill()
+    return False
+
+
+def main_argv(gin_file: str, run_dir: str, stages: str, *bindings: str) -> list[str]:
+    """python -m warm_jax.main ... for one run directory and a subset of stage entries."""
+    return [python(), "-m", "warm_jax.main", f"--gin_file={gin_file}",
+            f"--gin.RUN_DIR='{run_dir}'", f"--stages={stages}", *bindings]
+
+
+def card_checksums(path: str) -> dict:
+    return read_json(os.path.join(path, "card.json"))["checksums"]

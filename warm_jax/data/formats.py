@@ -161,6 +161,8 @@ def _iter_lines(path: str) -> Iterator[tuple[int, Union[str, Exception]]]:
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
     with f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (files saved by some editors)
             if not raw.strip():
                 continue
             try:
@@ -191,6 +193,10 @@ def _text(obj: Any, key: str, where: str = "", *, nonempty: bool = True,
         raise _FieldError(name, "empty text")
     if "\x00" in value:
         raise _FieldError(name, "contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. a lone "\ud800" escape: no tokenizer takes it
+        raise _FieldError(name, f"invalid Unicode (unpaired surrogate at character {e.start})")
     return value
 
 
