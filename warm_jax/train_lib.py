@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import gin
 import jax
@@ -274,19 +274,13 @@ def run_loop(*, name: str, state: dict, step_fn: Callable, batch_fn: Callable[[i
 
 
 def iterate_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int) -> Callable[[int], dict]:
-    """A pure step -> batch function: epoch-shuffled by (seed, epoch)."""
+    """A pure step -> batch function over epoch-shuffled data (data.pipeline.batch_indices)."""
+    from warm_jax.data.pipeline import batch_indices
+
     n = len(next(iter(arrays.values())))
-    if n < batch_size:
-        raise ValueError(f"dataset of {n} examples is smaller than the batch size {batch_size}")
-    per_epoch = n // batch_size
-    perms: dict[int, np.ndarray] = {}
 
     def batch(step: int) -> dict:
-        epoch, k = divmod(step, per_epoch)
-        if epoch not in perms:
-            perms.clear()
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        idx = perms[epoch][k * batch_size:(k + 1) * batch_size]
+        idx = batch_indices(n, batch_size, seed, step)
         return {key: v[idx] for key, v in arrays.items()}
 
     return batch
@@ -299,10 +293,3 @@ def put_batch(batch: Mapping[str, np.ndarray], sharding_fn: Callable[[int], Name
         s = sharding_fn(np.ndim(v))
         out[k] = jax.make_array_from_callback(np.shape(v), s, lambda idx, v=v: v[idx])
     return out
-
-
-def iterator_from(fn: Callable[[int], Any], start: int) -> Iterator[Any]:
-    step = start
-    while True:
-        yield fn(step)
-        step += 1
