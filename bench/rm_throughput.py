@@ -64,7 +64,7 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
     cfg = model_lib.model_config(preset, **overrides)
     tx = optim.make_optimizer(optim.OptimizerConfig(
         name=optimizer, learning_rate=1e-4, grad_clip_norm=1.0, weight_decay=0.0))
-    params, _ = model_lib.init_params(cfg, jax.random.key(seed))
+    params = jax.jit(lambda k: model_lib.init_params(cfg, k)[0])(jax.random.key(seed))
     state = train_lib.init_state(params, tx, seed)
     batch = make_batch(pairs, seq, cfg.vocab_size, seed + 1)
     step_fn = jax.jit(functools.partial(steps_lib.rm_train_step, cfg, tx), donate_argnums=0)
@@ -158,6 +158,29 @@ def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rou
     ]
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """['attention_impl=cudnn', 'num_layers=8', 'remat=none'] -> typed dict."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+        if raw.lower() in ("none", "null"):
+            val = None
+        elif raw.lower() in ("true", "false"):
+            val = raw.lower() == "true"
+        else:
+            try:
+                val = int(raw)
+            except ValueError:
+                try:
+                    val = float(raw)
+                except ValueError:
+                    val = raw
+        out[key] = val
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama_peer")
@@ -170,9 +193,15 @@ def main(argv=None):
                    help="also run the TRL peer (from .venv-peer) and print the ratio")
     p.add_argument("--peer_impl", choices=("trl", "torch"), default="trl")
     p.add_argument("--rounds", type=int, default=2, help="alternations with --with_peer")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, e.g. --model attention_impl=cudnn "
+                        "--model dtype=bfloat16 (repeatable)")
     a = p.parse_args(argv)
+    overrides = parse_overrides(a.model)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if a.with_peer:
+        if a.preset != "llama_peer" or overrides:
+            p.error("--with_peer compares the peer's shape only: preset llama_peer, no --model")
         for rec in side_by_side(a.preset, a.pairs, a.seq, a.steps, a.warmup, a.rounds,
                                 a.peer_impl):
             common.emit(rec)
@@ -180,7 +209,8 @@ def main(argv=None):
     else:
         extra = [o for o in a.optimizers.split(",") if o]
     for opt in extra:
-        for rec in measure(a.preset, a.pairs, a.seq, a.steps, a.warmup, opt):
+        for rec in measure(a.preset, a.pairs, a.seq, a.steps, a.warmup, opt,
+                           model_overrides=overrides):
             common.emit(rec)
 
 
