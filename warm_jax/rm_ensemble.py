@@ -92,6 +92,7 @@ def _pairs_accuracy(rc: np.ndarray, rr: np.ndarray) -> float:
 # --------------------------------------------------------------------------- probe
 
 
+@functools.lru_cache(maxsize=4)
 def _feature_fn(model_cfg, mesh):
     """jit: (params, tokens, mask) -> final-norm features at the last real token [B, d]."""
     model = model_lib.Transformer(model_cfg)
