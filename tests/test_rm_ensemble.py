@@ -137,7 +137,7 @@ def _program(flow, num_members):
 
 def test_stacked_state_sharded_on_ensemble_axis(flow):
     program = _program(flow, M)
-    assert program.spmd_axis == "ensemble"
+    assert program.spmd_axis == "ensemble" and program.member_loop == "vmap"
     mgr = ckpt_lib.CheckpointManager(os.path.join(flow["run"], "rm_a", "ckpt"))
     state, meta = mgr.restore(STEPS, program.abstract_state)
     mgr.close()
@@ -215,6 +215,16 @@ def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monke
     # done: a third call returns the summary without training
     assert rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k,
                                       **ENS) == resumed
+
+
+def test_member_loop_choice():
+    assert rm_ensemble.resolve_member_loop("auto", "ensemble") == "vmap"
+    assert rm_ensemble.resolve_member_loop("auto", None) == (
+        "map" if jax.default_backend() == "cpu" else "vmap")
+    with pytest.raises(ValueError, match="cannot shard members"):
+        rm_ensemble.resolve_member_loop("map", "ensemble")
+    with pytest.raises(ValueError, match="choose auto, vmap or map"):
+        rm_ensemble.resolve_member_loop("scan", None)
 
 
 def test_member_specs_are_checked():

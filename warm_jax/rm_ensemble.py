@@ -15,7 +15,9 @@ ensemble_stage  M reward models trained as ONE pytree stacked on a leading membe
                 rate (state['hparams']), data order (own data seed) and initialisation
                 (which SFT snapshot: Baklava). The stacked state is checkpointed for exact
                 resume; at the end every member is exported as its own params checkpoint
-                {run_dir}/{name}/members/member_{i} with a card.
+                {run_dir}/{name}/members/member_{i} with a card. On CPU without an
+                ensemble mesh axis the same program steps the members in turn (lax.map over
+                the stacked state; measured faster there, see resolve_member_loop).
 
 Member specs. Per-member lists come from gin and must have exactly num_members entries;
 None derives them (so that num_members alone can change): learning rates and dropout rates
@@ -345,6 +347,23 @@ class EnsembleProgram:
     step: Any  # (state, batch [M, B, T]) -> (state, metrics [M])
     scores: Any  # (stacked params, batch [B, T]) -> (r_chosen [M, B], r_rejected [M, B])
     spmd_axis: Optional[str]
+    member_loop: str  # 'vmap' | 'map'
+
+
+def resolve_member_loop(member_loop: str, spmd_axis: Optional[str]) -> str:
+    """How the one program steps its members: 'vmap' (batched: the members are sharded
+    over the mesh's 'ensemble' axis) or 'map' (lax.map: members one after another inside
+    the same program, over the same stacked state). 'auto' takes 'map' only on CPU with no
+    ensemble axis, where batching the members' matmuls was measured slower than running
+    them in turn (bench/ensemble_scaling.py), and 'vmap' everywhere else."""
+    if member_loop not in ("auto", "vmap", "map"):
+        raise ValueError(f"member_loop={member_loop!r}; choose auto, vmap or map")
+    if member_loop == "map" and spmd_axis is not None:
+        raise ValueError("member_loop='map' cannot shard members over the mesh's 'ensemble' "
+                         "axis; use 'vmap' (or 'auto'), or set MeshConfig.ensemble = 1")
+    if member_loop == "auto":
+        return "map" if spmd_axis is None and jax.default_backend() == "cpu" else "vmap"
+    return member_loop
 
 
 def ensemble_optimizer_config(warmup_steps: int, total_steps: int) -> optim.OptimizerConfig:
@@ -355,8 +374,8 @@ def ensemble_optimizer_config(warmup_steps: int, total_steps: int) -> optim.Opti
 
 @functools.lru_cache(maxsize=4)
 def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_members: int,
-                           batch_shape: tuple[int, int], center_coef: float = 0.0
-                           ) -> EnsembleProgram:
+                           batch_shape: tuple[int, int], center_coef: float = 0.0,
+                           member_loop: str = "auto") -> EnsembleProgram:
     """batch_shape = (pairs per member, sequence length). Cached: a stage called again in
     one process (one job per member, a resumed run) reuses the compiled executables."""
     m = num_members
@@ -365,6 +384,7 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
     stacked_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
     p_sh = partitioning.tree_shardings(partitioning.stack_logical(names), stacked_abs, mesh)
     spmd = _ensemble_axis(mesh, m)
+    loop = resolve_member_loop(member_loop, spmd)
 
     def init_member(params, lr, dropout, key):
         st = train_lib.init_state(params, tx, 0)
@@ -390,14 +410,19 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
 
     def step(state, batch):
         inner = {k: v for k, v in state.items() if k not in ("nonfinite", "member_nonfinite")}
-        new, mets, nf = jax.vmap(one, spmd_axis_name=spmd)(inner, batch)
+        if loop == "vmap":
+            new, mets, nf = jax.vmap(one, spmd_axis_name=spmd)(inner, batch)
+        else:
+            new, mets, nf = jax.lax.map(lambda a: one(*a), (inner, batch))
         new["member_nonfinite"] = state["member_nonfinite"] + nf
         new["nonfinite"] = state["nonfinite"] + jnp.sum(nf)
         return new, mets
 
     def scores(params, batch):
-        return jax.vmap(functools.partial(steps.rm_eval_step, model_cfg), in_axes=(0, None),
-                        spmd_axis_name=spmd)(params, batch)
+        score = functools.partial(steps.rm_eval_step, model_cfg)
+        if loop == "vmap":
+            return jax.vmap(score, in_axes=(0, None), spmd_axis_name=spmd)(params, batch)
+        return jax.lax.map(lambda p: score(p, batch), params)
 
     abs_args = (train_lib.with_shardings(stacked_abs, p_sh),
                 jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32),
@@ -414,7 +439,7 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
         jax.jit(init, in_shardings=(p_sh, rep, rep, rep), out_shardings=st_sh),
         jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None),
                 donate_argnums=0),
-        jax.jit(scores, in_shardings=(p_sh, eval_sh)), spmd)
+        jax.jit(scores, in_shardings=(p_sh, eval_sh)), spmd, loop)
 
 
 def put_member_batch(program: EnsembleProgram, arrays: dict) -> dict:
@@ -529,7 +554,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                    seed: int = 0, head_path: Optional[str] = None, eval_every: int = 0,
                    eval_pairs: int = 512, eval_train_pairs: int = 1024,
                    eval_batch_size: int = 256, log_every: int = 25,
-                   checkpoint_every: int = 100) -> dict:
+                   checkpoint_every: int = 100, member_loop: str = "auto") -> dict:
     """Trains M reward models as one stacked, sharded program (see the module docstring).
 
     Writes {run_dir}/{name}/: metrics.jsonl (per-member loss, accuracy, margin, rewards,
@@ -537,7 +562,9 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     members/member_{i} (params exports with cards) and summary.json.
     `seed` seeds each member's dropout RNG (fold_in(PRNGKey(seed), member index)) and the
     default data seeds (seed + i); the OptimizerConfig from gin supplies everything but the
-    per-member learning rate, the warmup and the horizon.
+    per-member learning rate, the warmup and the horizon. member_loop: see
+    resolve_member_loop ('auto': vmap over the members, or lax.map on CPU without an
+    ensemble mesh axis).
     """
     base_dir = os.path.join(run_dir, name)
     stage_dir = base_dir if member_index is None else os.path.join(
@@ -599,7 +626,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
 
     opt_cfg = ensemble_optimizer_config(warmup_steps, total_steps)
     program = build_ensemble_program(model_cfg, opt_cfg, mesh, m, (batch_size, seq_len),
-                                     center_coef)
+                                     center_coef, member_loop)
     abstract, _ = model_lib.abstract_params(model_cfg)
 
     hyper = {"total_steps": total_steps, "batch_size": batch_size,
@@ -609,7 +636,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                            if k != "learning_rate"},  # per member
              "train_pairs": n, "seq_len": seq_len,
              "num_members": num_members, "member_index": member_index, "seed": seed,
-             "head_path": head_path}
+             "head_path": head_path, "member_loop": program.member_loop}
     config = {**hyper, "members": [s.as_dict() for s in specs],
               "model_config": model_lib.config_to_dict(model_cfg)}
     metrics.write_run_info(stage_dir, "rm_ensemble", config=config,
