@@ -78,16 +78,33 @@ def test_run_peer_without_interpreter_says_how_to_install(tmp_path):
         rm_throughput.run_peer(2, 8, 1, python=str(tmp_path / "missing" / "python"))
 
 
-def _rm_loss_and_grads(cfg, params, tokens, mask):
+def _loss_and_grads(cfg, params, tokens, mask):
     def loss(p):
         r = model_lib.Transformer(cfg).apply({"params": p}, tokens, mask, head="reward",
                                              causal_only=True)
         return losses.bradley_terry_loss(r[:2], r[2:])[0]
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return jax.value_and_grad(loss)(params)
+
+
+def _rm_loss_and_grads(cfg, params, tokens, mask):
+    """Jitted through a fresh closure, so no trace is reused across the monkeypatch."""
+    fn = lambda p: _loss_and_grads(cfg, p, tokens, mask)
+    explicit_transpose = "optimization_barrier" in str(jax.make_jaxpr(fn)(params))
+    return (*jax.jit(fn)(params), explicit_transpose)
+
+
+def _stacked_grads(cfg, params, tokens, mask):
+    """Gradients for two stacked members under jax.vmap (the ensemble's layout)."""
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 1.5 * x]), params)
+
+    def grads(p):
+        return _loss_and_grads(cfg, p, tokens, mask)[1]
+
+    return jax.jit(jax.vmap(grads))(stacked)
 
 
 def test_cpu_matmul_gradients_match_autodiff(monkeypatch):
-    """The explicit-transpose weight gradient (CPU path) equals plain autodiff."""
+    """The explicit-transpose weight gradient (CPU path) equals plain autodiff, also vmapped."""
     cfg = model_lib.model_config("tiny")
     params, _ = model_lib.init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape),
@@ -96,9 +113,14 @@ def test_cpu_matmul_gradients_match_autodiff(monkeypatch):
     mask = jnp.ones_like(tokens).at[1, 9:].set(0)
     tokens = tokens * mask
     assert model_lib._use_cpu_matmul(cfg)
-    loss_cpu, g_cpu = _rm_loss_and_grads(cfg, params, tokens, mask)
+    loss_cpu, g_cpu, custom_cpu = _rm_loss_and_grads(cfg, params, tokens, mask)
+    vm_cpu = _stacked_grads(cfg, params, tokens, mask)
     monkeypatch.setattr(model_lib, "_use_cpu_matmul", lambda c: False)
-    loss_ref, g_ref = _rm_loss_and_grads(cfg, params, tokens, mask)
+    loss_ref, g_ref, custom_ref = _rm_loss_and_grads(cfg, params, tokens, mask)
+    assert custom_cpu and not custom_ref  # the two paths really differ
+    vm_ref = _stacked_grads(cfg, params, tokens, mask)
+    for a, b in zip(jax.tree.leaves(vm_cpu), jax.tree.leaves(vm_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert float(loss_cpu) == pytest.approx(float(loss_ref), rel=1e-6)
     flat_cpu, flat_ref = jax.tree.leaves(g_cpu), jax.tree.leaves(g_ref)
     assert len(flat_cpu) == len(flat_ref)
