@@ -47,8 +47,11 @@ def make_batch(pairs: int, seq: int, vocab_size: int, seed: int = 0) -> dict:
 
 def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: int = 8,
             warmup: int = 2, optimizer: str = "adamw", seed: int = 0,
-            model_overrides: Optional[dict] = None) -> list[dict]:
+            model_overrides: Optional[dict] = None, cpu_matmul: bool = True) -> list[dict]:
     """Trains `warmup + steps` steps; returns JSON records of the timed steps.
+
+    cpu_matmul=False turns off the model's CPU weight-gradient path (plain autodiff
+    everywhere) for an A/B of that path.
 
     Records: tokens_per_s, step_time_s (median, with min/max), achieved_flops,
     cpu_s_per_step (process CPU seconds, all threads), mfu (None when the device's peak
@@ -70,7 +73,13 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
     step_fn = jax.jit(functools.partial(steps_lib.rm_train_step, cfg, tx), donate_argnums=0)
 
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    use_cpu_matmul = model_lib._use_cpu_matmul
+    if not cpu_matmul:
+        model_lib._use_cpu_matmul = lambda _cfg: False
+    try:
+        compiled = step_fn.lower(state, batch).compile()
+    finally:
+        model_lib._use_cpu_matmul = use_cpu_matmul
     compile_s = time.perf_counter() - t0
 
     holder = {"state": state}
@@ -92,7 +101,8 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
     config = dict(impl="warm_jax", preset=preset, pairs=pairs, seq=seq, steps=steps,
                   warmup=warmup, optimizer=optimizer, dtype=cfg.dtype,
                   params=cfg.num_params(), attention_impl=cfg.attention_impl,
-                  remat=cfg.remat, loss=loss, machine=common.machine_info())
+                  remat=cfg.remat, cpu_matmul=cpu_matmul and use_cpu_matmul(cfg), loss=loss,
+                  machine=common.machine_info())
     return [
         common.record(BENCH, "tokens_per_s", tokens / step, "tokens/s", **config),
         common.record(BENCH, "step_time_s", step, "s", spread=common.spread(times), **config),
@@ -126,7 +136,7 @@ def _value(recs: list[dict], metric: str) -> float:
 
 
 def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rounds: int,
-                 peer_impl: str = "trl") -> list[dict]:
+                 peer_impl: str = "trl", cpu_matmul: bool = True) -> list[dict]:
     """Alternates warm-jax (AdamW) and the peer `rounds` times; returns ratio records.
 
     speedup_vs_peer: ratio of median tokens/s (wall clock). speedup_vs_peer_cpu_time: ratio
@@ -135,7 +145,7 @@ def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rou
     """
     ours, peer, ours_cpu, peer_cpu = [], [], [], []
     for r in range(rounds):
-        recs = measure(preset, pairs, seq, steps, warmup, "adamw")
+        recs = measure(preset, pairs, seq, steps, warmup, "adamw", cpu_matmul=cpu_matmul)
         ours.append(_value(recs, "tokens_per_s"))
         ours_cpu.append(_value(recs, "cpu_s_per_step"))
         for rec in recs:
@@ -193,6 +203,8 @@ def main(argv=None):
                    help="also run the TRL peer (from .venv-peer) and print the ratio")
     p.add_argument("--peer_impl", choices=("trl", "torch"), default="trl")
     p.add_argument("--rounds", type=int, default=2, help="alternations with --with_peer")
+    p.add_argument("--autodiff_grads", action="store_true",
+                   help="turn off the model's CPU weight-gradient path (A/B of that path)")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --model attention_impl=cudnn "
                         "--model dtype=bfloat16 (repeatable)")
@@ -203,14 +215,14 @@ def main(argv=None):
         if a.preset != "llama_peer" or overrides:
             p.error("--with_peer compares the peer's shape only: preset llama_peer, no --model")
         for rec in side_by_side(a.preset, a.pairs, a.seq, a.steps, a.warmup, a.rounds,
-                                a.peer_impl):
+                                a.peer_impl, cpu_matmul=not a.autodiff_grads):
             common.emit(rec)
         extra = [o for o in a.optimizers.split(",") if o and o != "adamw"]
     else:
         extra = [o for o in a.optimizers.split(",") if o]
     for opt in extra:
         for rec in measure(a.preset, a.pairs, a.seq, a.steps, a.warmup, opt,
-                           model_overrides=overrides):
+                           model_overrides=overrides, cpu_matmul=not a.autodiff_grads):
             common.emit(rec)
 
 

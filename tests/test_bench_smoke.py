@@ -13,9 +13,12 @@ FIELDS = ("bench", "metric", "value", "unit", "impl", "preset", "pairs", "seq", 
           "dtype", "machine")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_rm_throughput_records(optimizer, capsys):
-    recs = rm_throughput.measure("tiny", pairs=2, seq=16, steps=2, warmup=1, optimizer=optimizer)
+@pytest.mark.parametrize("optimizer,cpu_matmul", [("adamw", True), ("adafactor", False)])
+def test_rm_throughput_records(optimizer, cpu_matmul, capsys):
+    patched = model_lib._use_cpu_matmul
+    recs = rm_throughput.measure("tiny", pairs=2, seq=16, steps=2, warmup=1, optimizer=optimizer,
+                                 cpu_matmul=cpu_matmul)
+    assert model_lib._use_cpu_matmul is patched  # the A/B switch is restored
     by_metric = {r["metric"]: r for r in recs}
     assert set(by_metric) == {"tokens_per_s", "step_time_s", "achieved_flops", "cpu_s_per_step",
                               "mfu", "compile_s"}
@@ -23,6 +26,7 @@ def test_rm_throughput_records(optimizer, capsys):
         for f in FIELDS:
             assert f in r, (r["metric"], f)
         assert r["bench"] == "rm_throughput" and r["optimizer"] == optimizer
+        assert r["cpu_matmul"] is cpu_matmul
         assert r["machine"]["cpu_count"] >= 1 and r["machine"]["device_kind"]
         assert np.isfinite(r["loss"])
     for m in ("tokens_per_s", "step_time_s", "achieved_flops", "compile_s"):
