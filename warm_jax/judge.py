@@ -230,6 +230,8 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
         x for x in names if os.path.exists(os.path.join(run_dir, x, "metrics.jsonl"))]
     kl_curves = {x: control_kl_curve(os.path.join(run_dir, x, "metrics.jsonl"))
                  for x in curve_names}
+    if curves is None:  # keep only runs with eval records (an SFT stage has none)
+        kl_curves = {x: rows for x, rows in kl_curves.items() if rows}
     res_path = os.path.join(out_dir, "results.jsonl")
     metrics_lib.atomic_write_text(res_path, "".join(json.dumps(r) + "\n" for r in results))
     metrics_lib.atomic_write_json(os.path.join(out_dir, "curves.json"), kl_curves)

@@ -256,10 +256,10 @@ def make_eval_step(cfg, rl: RLConfig, reward_apply: RewardApply):
 # The training program
 
 
-def init_rl_state(params, value_params, tx_pi, tx_v, seed: int) -> dict:
+def init_rl_state(params, value_params, rng, tx_pi, tx_v) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx_pi.init(params),
             "value_params": value_params, "value_opt_state": tx_v.init(value_params),
-            "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+            "rng": rng, "nonfinite": jnp.zeros((), jnp.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,8 +283,8 @@ def _program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout) -> _
     abstract, names = model_lib.abstract_params(cfg)
     p_sh = partitioning.tree_shardings(names, abstract, mesh)
     abs_p = train_lib.with_shardings(abstract, p_sh)
-    init = functools.partial(init_rl_state, tx_pi=tx_pi, tx_v=tx_v, seed=rl.seed)
-    abstract_state = jax.eval_shape(init, abs_p, abs_p)
+    init = functools.partial(init_rl_state, tx_pi=tx_pi, tx_v=tx_v)
+    abstract_state = jax.eval_shape(init, abs_p, abs_p, jax.random.PRNGKey(0))
     st_sh = train_lib.state_shardings(abstract_state, p_sh, mesh,
                                       min_dim_size_to_factor=rl.min_dim_size_to_factor)
     abstract_state = train_lib.with_shardings(abstract_state, st_sh)
@@ -297,7 +297,7 @@ def _program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout) -> _
     batch_sh = {"tokens": b2, "mask": b2}
     return _Program(
         p_sh=p_sh, st_sh=st_sh, abstract_state=abstract_state, rm_shardings=rm_sh,
-        init=jax.jit(init, out_shardings=st_sh),
+        init=jax.jit(init, in_shardings=(p_sh, p_sh, rep), out_shardings=st_sh),
         train_step=jax.jit(make_train_step(cfg, rl, reward_apply, tx_pi, tx_v),
                            in_shardings=(st_sh, p_sh, rm_sh, batch_sh),
                            out_shardings=(st_sh, None), donate_argnums=0),
@@ -322,7 +322,9 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
         layout = ("replicated", jax.tree.structure(rm_params))
     else:
         layout = ("given", jax.tree.structure(rm_shardings), tuple(jax.tree.leaves(rm_shardings)))
-    prog = _program(cfg, rl, reward_apply, mesh, layout)
+    # the seed only enters through the state's rng: runs that differ only by seed share
+    # one compiled program
+    prog = _program(cfg, dataclasses.replace(rl, seed=0), reward_apply, mesh, layout)
     p_sh, st_sh, abstract_state = prog.p_sh, prog.st_sh, prog.abstract_state
     rm_shardings = prog.rm_shardings
     train_step, eval_fn_jit = prog.train_step, prog.eval_step
@@ -357,7 +359,7 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
 
     def fresh(_):
         with jax.set_mesh(mesh):
-            return prog.init(ref_params, ref_params)
+            return prog.init(ref_params, ref_params, jax.random.PRNGKey(rl.seed))
 
     try:
         state, start, source = ckpt_lib.restore_or_initialize(manager, abstract_state, fresh,
