@@ -244,3 +244,11 @@ def test_kv_cache_matches_full_recompute(num_kv_heads):
         ref = full[:, prompt_len - 1 + i]
         np.testing.assert_allclose(np.asarray(inc_logits[i]), np.asarray(ref), atol=1e-4)
         assert np.array_equal(np.argmax(ref, -1), seq[:, prompt_len + i])
+
+
+def test_export_removes_temporaries_of_a_killed_export(tmp_path):
+    params, _ = model_lib.init_params(CFG, jax.random.PRNGKey(3))
+    stale = tmp_path / "p.tmp-deadbeef"
+    (stale / "params").mkdir(parents=True)  # what a kill -9 mid-export leaves
+    ckpt_lib.export_params(str(tmp_path / "p"), params, {})
+    assert sorted(os.listdir(tmp_path)) == ["p"]

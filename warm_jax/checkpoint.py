@@ -254,8 +254,13 @@ def export_params(path: str, params: Any, card: Optional[dict] = None, *,
                       for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     token = uuid.uuid4().hex[:8] if jax.process_count() == 1 else "mh"
     tmp = f"{path}.tmp-{token}"
-    if _is_primary() and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    if _is_primary():
+        # temporary directories of earlier exports to this path that were killed mid-way
+        import glob
+
+        for stale in glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".old-*"):
+            log.warning("removing %s left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     _sync("export_params_start")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), params)
