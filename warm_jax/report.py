@@ -60,13 +60,13 @@ def _stage_summaries(run_dir: str) -> dict[str, dict]:
     for path in sorted(glob.glob(os.path.join(run_dir, "*", "summary.json"))):
         name = os.path.basename(os.path.dirname(path))
         data = _load(path)
-        if isinstance(data, dict):
+        if isinstance(data, dict) and name != "report":
             out[name] = data
     return out
 
 
 def _section_overview(run_dir: str, s: dict) -> str:
-    lines = ["## Run", ""]
+    lines = ["## Run"]
     timings = _load(os.path.join(run_dir, "timings.json")) or {}
     info = _load(os.path.join(run_dir, "main.run_info.json")) or {}
     if info.get("versions"):
@@ -78,8 +78,8 @@ def _section_overview(run_dir: str, s: dict) -> str:
                      f"{'...' if len(info.get('devices', [])) > 2 else ''}).")
     if timings:
         total = sum(timings.values())
-        lines += ["", _table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()]
-                              + [["total", round(total, 1)]])]
+        lines += ["", _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]
+                              + [["total", f"{total:.1f}"]])]
     data = s.get("data_stage")
     if data:
         lines += ["", "Data: " + ", ".join(f"{k} {v}" for k, v in data.get("counts", {}).items())
@@ -113,7 +113,8 @@ def _section_claims(claims: list[dict]) -> str:
 def collect_claims(summaries: dict[str, dict]) -> list[dict]:
     claims = []
     for name, s in summaries.items():
-        for c in s.get("claims", []) or []:
+        found = s.get("claims")
+        for c in found if isinstance(found, list) else []:
             c = dict(c)
             c.setdefault("source", name)
             claims.append(c)
@@ -123,13 +124,13 @@ def collect_claims(summaries: dict[str, dict]) -> list[dict]:
 @gin.configurable
 def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world") -> dict:
     summaries = _stage_summaries(run_dir)
-    sections = [f"# {title}", "",
+    sections = [f"# {title}",
                 "Generated from this run directory's stage outputs; every number below was "
                 "measured in this run."]
     sections.append(_section_overview(run_dir, summaries))
     claims = collect_claims(summaries)
     if claims:
-        sections += ["## The paper's claims, checked", "", _section_claims(claims)]
+        sections.append("## The paper's claims, checked\n\n" + _section_claims(claims))
     order = [("pretrain", "Pre-training"), ("sft", "SFT"), ("rm_init", "Reward-model init "
                                                                       "(linear probe)")]
     for name, title_ in order:
@@ -144,9 +145,8 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
     for name in sorted(summaries):
         if name.startswith("rm_eval"):
             sections.append(_section_rm_eval(name, summaries[name], run_dir))
-    for name, title_ in (("bon", "Best-of-N"),):
-        if name in summaries:
-            sections.append(_section_generic(title_, name, summaries[name], run_dir))
+    if "bon" in summaries:
+        sections.append(_section_bon(summaries["bon"], run_dir))
     for name in sorted(summaries):
         if name.startswith("rl_"):
             sections.append(_section_generic(f"RL: {name}", name, summaries[name], run_dir))
@@ -174,18 +174,21 @@ def _section_members(name: str, s: dict, run_dir: str) -> str:
     members = s.get("members") or []
     if not members or not isinstance(members, list):
         return _section_generic(f"Reward models: {name}", name, s, run_dir)
+    acc = lambda m: m.get("accuracy") or m.get("accuracies") or {}
     keys = []
     for m in members:
-        for k in (m.get("accuracies") or {}):
+        for k in acc(m):
             if k not in keys:
                 keys.append(k)
     rows = []
     for i, m in enumerate(members):
-        acc = m.get("accuracies") or {}
-        rows.append([m.get("member", i), m.get("lr"), m.get("dropout"), m.get("data_seed"),
-                     os.path.basename(str(m.get("init", ""))) or None] + [acc.get(k) for k in keys])
-    parts = [f"## Reward models: {name}", "",
-             _table(["member", "lr", "dropout", "data seed", "init"] + keys, rows)]
+        rows.append([m.get("index", m.get("member", i)), m.get("learning_rate", m.get("lr")),
+                     m.get("dropout_rate", m.get("dropout")), m.get("data_seed"),
+                     m.get("init_snapshot_step")] + [acc(m).get(k) for k in keys])
+    corrupted = " (training labels 25% flipped: train_corrupt = agreement with the flipped " \
+                "label, i.e. memorisation)" if s.get("corrupted") else ""
+    parts = [f"## Reward models: {name}{corrupted}", "",
+             _table(["member", "lr", "dropout", "data seed", "init SFT step"] + keys, rows)]
     imgs = _images(run_dir, name)
     if imgs:
         parts += ["", imgs]
@@ -213,16 +216,52 @@ def _section_rm_eval(name: str, s: dict, run_dir: str) -> str:
 
 
 def _section_judge(s: dict, run_dir: str) -> str:
-    parts = ["## Judge (oracle win rates)", ""]
-    pairs = s.get("pairs") or s.get("results") or []
-    if isinstance(pairs, list) and pairs and isinstance(pairs[0], dict):
-        headers = [h for h in ("a", "b", "win_rate", "ci_low", "ci_high", "n", "ties")
-                   if any(h in p for p in pairs)]
-        headers = headers or list(pairs[0].keys())
-        parts.append(_table(headers, [[p.get(h) for h in headers] for p in pairs]))
-    else:
-        parts.append(_section_generic("", "judge", s, run_dir))
+    parts = ["## Judge (oracle win rates on held-out prompts)", ""]
+    rates = s.get("win_rates") or {}
+    if rates:
+        rows = [[pair, r.get("win_rate"), f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
+                 r.get("wins"), r.get("ties"), r.get("losses"), r.get("n")]
+                for pair, r in rates.items()]
+        parts.append(_table(["A vs B", "win rate of A", "95% CI (Wilson)", "wins", "ties",
+                             "losses", "n"], rows))
+    means = s.get("mean_control") or {}
+    if means:
+        parts += ["", "Mean control (oracle) reward of each policy's samples: " +
+                  ", ".join(f"{k} {_fmt(v)}" for k, v in means.items()) + "."]
+    curves = s.get("curves") or {}
+    rows = [[k, c.get("step"), c.get("proxy"), c.get("control"), c.get("kl")]
+            for k, c in curves.items() if isinstance(c, dict)]
+    if rows:
+        parts += ["", "End of RL training (held-out prompts):", "",
+                  _table(["run", "step", "proxy reward", "control reward", "KL"], rows)]
     imgs = _images(run_dir, "judge")
+    if imgs:
+        parts += ["", imgs]
+    return "\n".join(parts)
+
+
+def _section_bon(s: dict, run_dir: str) -> str:
+    parts = ["## Best-of-N (samples of the SFT policy, picked by each RM, scored by the oracle)",
+             ""]
+    rows_in = []
+    path = os.path.join(run_dir, "bon", "results.jsonl")
+    if os.path.exists(path):
+        rows_in = metrics.read_jsonl(path)
+    if rows_in:
+        rewards = []
+        for r in rows_in:
+            if r.get("reward") not in rewards:
+                rewards.append(r.get("reward"))
+        ns = sorted({r["n"] for r in rows_in if "n" in r})
+        by = {(r.get("reward"), r.get("n")): r for r in rows_in}
+        table = []
+        for n in ns:
+            kl = next((by[(k, n)].get("kl") for k in rewards if (k, n) in by), None)
+            table.append([n, kl] + [by.get((k, n), {}).get("control") for k in rewards])
+        parts.append(_table(["N", "KL(BoN)"] + [f"control, {k}" for k in rewards], table))
+    else:
+        parts.append(_section_generic("", "bon", s, run_dir))
+    imgs = _images(run_dir, "bon")
     if imgs:
         parts += ["", imgs]
     return "\n".join(parts)
