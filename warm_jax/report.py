@@ -42,7 +42,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        out.append("| " + " | ".join(_fmt(x) for x in r) + " |")
+        out.append("| " + " | ".join(_fmt(x).replace("|", "\\|") for x in r) + " |")
     return "\n".join(out)
 
 
@@ -265,3 +265,63 @@ def _section_bon(s: dict, run_dir: str) -> str:
     if imgs:
         parts += ["", imgs]
     return "\n".join(parts)
+
+
+def aggregate(run_dirs: list[str], out: str) -> str:
+    """Mean and standard deviation over several runs (seeds) of the RM-evaluation tables, the
+    claims (fraction of runs where each holds) and the judge's win rates; writes `out`."""
+    import numpy as np
+
+    tables: dict[tuple, list[float]] = {}
+    claims: dict[str, list[bool]] = {}
+    wins: dict[str, list[float]] = {}
+    for d in run_dirs:
+        s = _stage_summaries(d)
+        for name, summ in s.items():
+            if name.startswith("rm_eval") and isinstance(summ.get("table"), dict):
+                for model, row in summ["table"].items():
+                    for split, v in row.items():
+                        if isinstance(v, (int, float)):
+                            tables.setdefault((name, model, split), []).append(float(v))
+            for c in summ.get("claims") if isinstance(summ.get("claims"), list) else []:
+                claims.setdefault(c.get("claim", "?"), []).append(bool(c.get("holds")))
+        for pair, r in (s.get("judge", {}).get("win_rates") or {}).items():
+            wins.setdefault(pair, []).append(float(r.get("win_rate")))
+    ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+    parts = [f"# Aggregate over {len(run_dirs)} runs", "",
+             "Runs: " + ", ".join(run_dirs), "", "Mean ± standard deviation over runs."]
+    if claims:
+        parts += ["", "## Claims", "", _table(["claim", "holds in"], [
+            [c, f"{sum(v)}/{len(v)} runs"] for c, v in claims.items()])]
+    if wins:
+        parts += ["", "## Judge win rates", "", _table(["A vs B", "win rate of A"], [
+            [p, ms(v)] for p, v in wins.items()])]
+    if tables:
+        parts += ["", "## Reward-model accuracies", "", _table(
+            ["evaluation", "model", "split", "accuracy", "runs"],
+            [[n, m, sp, ms(v), len(v)] for (n, m, sp), v in sorted(tables.items())])]
+    metrics.atomic_write_text(out, "\n".join(parts) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m warm_jax.report",
+                                 description="Rebuild a run's report, or aggregate runs (seeds).")
+    ap.add_argument("run_dirs", nargs="+")
+    ap.add_argument("--aggregate", metavar="OUT.md", help="write mean ± std over the runs")
+    args = ap.parse_args(argv)
+    missing = [d for d in args.run_dirs if not os.path.isdir(d)]
+    if missing:
+        ap.error(f"no such run directory: {missing[0]}")
+    if args.aggregate:
+        print(aggregate(args.run_dirs, args.aggregate))
+    else:
+        for d in args.run_dirs:
+            print(report_stage(d)["report"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
