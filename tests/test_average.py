@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reliability_helpers import damage_step
 from warm_jax import average, partitioning
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
@@ -158,27 +159,6 @@ def test_bfloat16_members_accumulate_in_float32():
 # strict checks: clear errors, nothing written
 
 
-def _flip_bits(directory):
-    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs
-             if os.sep + "d" + os.sep in os.path.join(r, f)
-             and os.path.getsize(os.path.join(r, f)) > 200]
-    assert files
-    for target in files:
-        with open(target, "r+b") as f:
-            f.seek(100)
-            b = f.read(1)
-            f.seek(100)
-            f.write(bytes([b[0] ^ 0x01]))
-
-
-def _truncate(directory):
-    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs
-             if os.sep + "d" + os.sep in os.path.join(r, f)
-             and os.path.getsize(os.path.join(r, f)) > 200]
-    for target in files:
-        with open(target, "r+b") as f:
-            f.truncate(os.path.getsize(target) // 2)
-
 
 def _bad_member(kind, root):
     """(path of a bad second member, expected message fragment)."""
@@ -206,11 +186,11 @@ def _bad_member(kind, root):
         return path, "card.json"
     if kind == "bitflip":
         path = _member(root, "bad", p, _card(1))
-        _flip_bits(os.path.join(path, "params"))
+        damage_step(os.path.join(path, "params"), "bitflip")
         return path, "corrupt"
     if kind == "truncated":
         path = _member(root, "bad", p, _card(1))
-        _truncate(os.path.join(path, "params"))
+        damage_step(os.path.join(path, "params"), "truncate")
         return path, "bad"
     if kind == "missing":
         return os.path.join(str(root), "nowhere"), "no such checkpoint directory"

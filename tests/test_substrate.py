@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from reliability_helpers import damage_step
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import optim, partitioning, steps, train_lib
@@ -143,22 +144,6 @@ def test_checkpoint_save_on_8_restore_on_4(tmp_path):
     mgr.close()
 
 
-def _flip_a_byte(directory):
-    """Flips one bit near the start of every array-data file under directory.
-
-    (Flips at arbitrary offsets can land in bytes no array reads; those restore correctly,
-    which the checksums confirm. Offset 100 lies inside the first stored chunk.)"""
-    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs
-             if os.sep + "d" + os.sep in os.path.join(r, f) and os.path.getsize(os.path.join(r, f)) > 200]
-    assert files
-    for target in files:
-        with open(target, "r+b") as f:
-            f.seek(100)
-            b = f.read(1)
-            f.seek(100)
-            f.write(bytes([b[0] ^ 0x01]))
-
-
 def test_corrupt_checkpoint_falls_back_to_previous_step(tmp_path, caplog):
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
     state, step, sh = _setup(mesh)
@@ -167,7 +152,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_step(tmp_path, caplog):
         state, _ = step(state, _put(_copy_task(16, seed=s), mesh))
         mgr.save(s, state)
     mgr.wait()
-    _flip_a_byte(str(tmp_path / "c" / "2"))
+    damage_step(str(tmp_path / "c" / "2"), "bitflip")  # offset 100: inside the first stored chunk
     abstract = train_lib.with_shardings(jax.eval_shape(lambda: state), sh)
     with pytest.raises(ckpt_lib.CorruptCheckpointError):
         mgr.restore(2, abstract)
@@ -203,7 +188,7 @@ def test_params_export_is_atomic_and_checked(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["p"]  # no temp dirs left behind
     with pytest.raises(FileExistsError):
         ckpt_lib.export_params(out, params)
-    _flip_a_byte(os.path.join(out, "params"))
+    damage_step(os.path.join(out, "params"), "bitflip")
     with pytest.raises(ckpt_lib.CorruptCheckpointError):
         ckpt_lib.load_params(out)
     with pytest.raises(ckpt_lib.CheckpointError, match="no such"):
