@@ -282,6 +282,7 @@ def export_params(path: str, params: Any, card: Optional[dict] = None, *,
 
 
 def read_card(path: str) -> dict:
+    path = os.path.abspath(path)
     card_path = os.path.join(path, CARD_NAME)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such params checkpoint directory")
@@ -297,6 +298,7 @@ def read_card(path: str) -> dict:
 
 def params_metadata(path: str) -> Any:
     """Tree of shapes/dtypes stored in a params checkpoint (no array data read)."""
+    path = os.path.abspath(path)  # Orbax takes absolute paths only
     read_card(path)
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -309,7 +311,9 @@ def load_params(path: str, abstract_params: Any = None, *, verify: bool = True) 
     """Restores a params-only checkpoint onto the shardings of `abstract_params`.
 
     Without abstract_params the arrays come back on the default device as stored.
+    `path` may be relative (to the working directory) or absolute.
     """
+    path = os.path.abspath(path)  # Orbax takes absolute paths only
     card = read_card(path)
     ckptr = ocp.StandardCheckpointer()
     try:
