@@ -72,6 +72,19 @@ class Member:
 # Checks (cards and metadata only)
 
 
+def method_problem(method: str, weights) -> Optional[tuple[str, str]]:
+    """('method' or 'weights', why) when the method and the weights do not go together."""
+    if method not in METHODS:
+        return "method", f"method {method!r}; choose from {list(METHODS)}"
+    if method == "uniform" and weights is not None:
+        return "weights", "weights given with method 'uniform' (use method 'weighted')"
+    if method == "weighted" and weights is None:
+        return "weights", "method 'weighted' needs weights"
+    if method == "greedy" and weights is not None:
+        return "weights", "method 'greedy' chooses its own weights; do not pass weights"
+    return None
+
+
 def normalize_weights(weights: Optional[Sequence[float]], n: int,
                       where: str = "weights") -> np.ndarray:
     """Validated weights summing to 1 (float64); None gives uniform weights."""
@@ -300,17 +313,11 @@ def merge_checkpoints(paths: Sequence[str], weights: Optional[Sequence[float]] =
     model and recorded in the card's 'accuracies'.
     """
     method = method or ("weighted" if weights is not None else "uniform")
-    if method not in METHODS:
-        raise AveragingError(f"method {method!r}; choose from {list(METHODS)}")
-    if method == "uniform" and weights is not None:
-        raise AveragingError("weights given with method 'uniform' (use method 'weighted')")
-    if method == "weighted" and weights is None:
-        raise AveragingError("method 'weighted' needs weights")
-    if method == "greedy":
-        if weights is not None:
-            raise AveragingError("method 'greedy' chooses its own weights; do not pass weights")
-        if eval_fn is None:
-            raise AveragingError("method 'greedy' needs eval_fn (held-out accuracy of a model)")
+    bad = method_problem(method, weights)
+    if bad:
+        raise AveragingError(bad[1])
+    if method == "greedy" and eval_fn is None:
+        raise AveragingError("method 'greedy' needs eval_fn (held-out accuracy of a model)")
     n = len(paths)
     w = normalize_weights(weights, n) if method != "greedy" else None
     members, cfg, init_check = check_members(paths, force_init_mismatch=force_init_mismatch)
@@ -602,6 +609,35 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
                "stats": stats}
     metrics.atomic_write_json(done, summary)
     return summary
+
+
+def check_warm_stage(c) -> None:
+    """Up-front rules and plan of the warm stage (c: config_checks.StageCheck)."""
+    ensemble = c.name("ensemble")
+    num_members = c.integer("num_members", 1, optional=True)
+    weights = c["weights"]
+    bad = method_problem(c["method"], weights)
+    if bad:
+        c.fail(*bad)
+    if weights is not None:
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            c.fail("weights", "must be a list of numbers, one per selected member")
+        if num_members is not None and len(weights) != num_members:
+            c.fail("weights", f"has {len(weights)} entries but num_members = {num_members}")
+        try:
+            normalize_weights(weights, len(weights))
+        except AveragingError as e:
+            c.fail("weights", str(e).replace("weights: ", ""))
+    c.integer("eval_batch_size", 1)
+    if c["out_name"] is not None:
+        c.name("out_name")
+    out_name = c["out_name"] or (f"warm_{_stage_suffix(ensemble)}"
+                                 + (f"_m{num_members}" if num_members else ""))
+    c.read(c.rel(ensemble, reward_lib.MEMBERS_SUBDIR))
+    c.data()
+    c.mesh_shape()
+    c.write(c.rel(out_name), c.rel(f"{out_name}_stage"),
+            done=c.rel(f"{out_name}_stage", "summary.json"))
 
 
 # ---------------------------------------------------------------------------------------

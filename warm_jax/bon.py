@@ -26,6 +26,7 @@ import gin
 import jax
 import numpy as np
 
+from warm_jax import config_checks
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
 
@@ -326,6 +327,25 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
     }
     metrics_lib.atomic_write_json(done, summary)
     return summary
+
+
+def check_bon_stage(c) -> None:
+    """Up-front rules and plan of the Best-of-N stage (c: config_checks.StageCheck)."""
+    rewards = c.sequence("rewards", min_length=1)
+    for i, spec in enumerate(rewards):
+        c.reward(f"rewards[{i}]", spec, oracle=True)
+    c.sequence("ns", min_length=1, item=lambda n: config_checks.range_problem(n, 1, integer=True))
+    c.integer("num_prompts", 1)
+    c.policy("policy")
+    c.control("control")
+    c.integer("seed")
+    c.number("temperature", 0, lo_open=True)
+    c.integer("max_new_tokens", 1)
+    c.integer("prompts_per_call", 1)
+    out = c.rel(c.name("stage_dir_name"))
+    c.data()
+    c.mesh_shape()
+    c.write(out, done=os.path.join(out, "summary.json"))
 
 
 def check_vocab(card: dict, vocab, what: str) -> None:

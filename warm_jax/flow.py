@@ -68,6 +68,19 @@ def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
     return summary
 
 
+def check_data_stage(c) -> None:
+    """Up-front rules and plan of the data stage (c: config_checks.StageCheck)."""
+    c.integer("seed")
+    for field in ("n_train_pairs", "n_valid_pairs", "n_ood_pairs", "n_sft", "n_prompts"):
+        c.integer(field, 1)
+    c.integer("vocab_size", 1)
+    cfg = c.data()
+    if os.path.abspath(cfg.data_dir or "") == os.path.abspath(c.rel("data")):
+        c.reads.clear()  # generates the miniature world there
+        c.write(c.rel("data"))
+    c.write(c.rel("data_stage"), done=c.rel("data_stage", "summary.json"))
+
+
 def _load(path: str) -> dict:
     import json
 

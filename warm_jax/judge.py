@@ -176,6 +176,27 @@ def policy_control_scores(run_dir: str, name: str, prompts: dict, vocab, scfg, s
     return out
 
 
+def check_judge_stage(c) -> None:
+    """Up-front rules and plan of the judge stage (c: config_checks.StageCheck)."""
+    pairs = c.sequence("pairs", min_length=1)
+    for i, p in enumerate(pairs):
+        if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)) or len(p) != 2:
+            c.fail(f"pairs[{i}]", "must be a pair (A, B) of policies", value=p)
+        for j, name in enumerate(p):
+            c.policy(f"pairs[{i}][{j}]", name)
+    c.integer("num_prompts", 1)
+    c.control("control")
+    c.integer("seed")
+    c.number("temperature", 0, lo_open=True)
+    c.integer("max_new_tokens", 1)
+    c.number("tie_tol", 0)
+    for i, name in enumerate(c.sequence("curves", optional=True) or ()):
+        c.policy(f"curves[{i}]", name)
+    c.data()
+    c.mesh_shape()
+    c.write(c.rel("judge"), done=c.rel("judge", "summary.json"))
+
+
 @gin.configurable
 def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_single"),
                                                                  ("rl_warm", "sft"),

@@ -6,25 +6,47 @@ STAGES, optionally with a gin scope: "rm_ensemble@rm_corrupt" calls the rm_ensem
 inside `gin.config_scope("rm_corrupt")`, so one stage function serves several runs
 (scoped bindings such as `rm_corrupt/ensemble_stage.corrupted = True`).
 
+Before the first stage runs, the configuration is checked as a whole, and a mistake stops
+the run in seconds with exit code 2 and one line naming it:
+  - every bound macro is used by some binding (a typo such as --gin.NUM_MEMBRES=3 is named
+    with the closest known macro), and every %gin.REQUIRED macro is bound (the line names
+    the run file that requires it);
+  - every selected stage entry's arguments are built inside its scope and checked by the
+    `check_<stage function>` next to the stage (counts, per-member lists, learning rates,
+    KL coefficients, dropout rates, reward specs, paths that must exist outside RUN_DIR,
+    mesh axes against the device count, ...), e.g.
+    `rm_clean/ensemble_stage.num_members = 0: must be >= 1`.
+--dry_run (or --check) does only that and prints the plan: each entry, what it reads and
+writes under RUN_DIR, and which are already done; nothing runs and RUN_DIR is not created.
+
 Every stage writes its outputs (and summary.json, its done-marker) under RUN_DIR; a stage
 whose summary exists is skipped and an interrupted one resumes, so re-running the same
-command continues where it stopped. The operative config and library versions are
-written to RUN_DIR before anything runs.
+command continues where it stopped. After SIGTERM/SIGINT the training loop checkpoints and
+the run ends with one line: the stage entry, the step reached and the command that resumes
+(exit code 143; 130 for Ctrl-C outside a training loop). The operative config and library
+versions are written to RUN_DIR before anything runs.
 
 Flags:
   --gin_file=PATH        (repeatable) gin files, searched in ./, gin/ and the package root
   --gin.NAME=VALUE       (repeatable) a binding, e.g. --gin.RUN_DIR="'runs/x'"
   --stages=a,b           run only these stage entries (in the run file's order)
   --list                 print the stage entries and exit
+  --dry_run, --check     check the configuration, print the plan, run nothing
   --log_level=INFO
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import importlib
+import inspect
 import json
 import logging
 import os
+import re
+import shlex
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -83,32 +105,55 @@ def resolve_stage(entry: str):
     return getattr(importlib.import_module(module), fn), scope or None
 
 
-@gin.configurable
-def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
-        only: Optional[Sequence[str]] = None) -> dict:
-    """Runs the stage entries in order; returns {entry: summary}."""
-    from warm_jax import metrics
-
-    os.makedirs(run_dir, exist_ok=True)
-    entries = [e for e in stages if not only or e in only or e.partition("@")[0] in only]
+def select_entries(stages: Sequence[str], only: Optional[Sequence[str]] = None) -> list[str]:
+    """The run file's entries that --stages selects (all when `only` is empty)."""
     if only:
-        unknown = [o for o in only if o not in stages and o not in {e.partition("@")[0] for e in stages}]
+        known = set(stages) | {e.partition("@")[0] for e in stages}
+        unknown = [o for o in only if o not in known]
         if unknown:
             raise StageError(f"--stages names {unknown} that the run file does not list; "
                              f"it lists {list(stages)}")
+    return [e for e in stages if not only or e in only or e.partition("@")[0] in only]
+
+
+class Interrupted(BaseException):
+    """SIGTERM outside a training loop (inside one, train_lib.Preempted is raised)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@gin.configurable
+def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
+        only: Optional[Sequence[str]] = None) -> dict:
+    """Runs the stage entries in order; returns {entry: summary}. A stop (Preempted,
+    Interrupted, KeyboardInterrupt) leaves with `.entry` set to the entry it stopped."""
+    from warm_jax import metrics
+
+    entries = select_entries(stages, only)
     for e in entries:
         resolve_stage(e)  # fail fast on a typo before anything runs
+    os.makedirs(run_dir, exist_ok=True)
     results = {}
     t_start = time.time()
     for i, entry in enumerate(entries):
         fn, scope = resolve_stage(entry)
         log.info("=== stage %d/%d: %s ===", i + 1, len(entries), entry)
         t0 = time.time()
-        if scope:
-            with gin.config_scope(scope):
+        try:
+            if scope:
+                with gin.config_scope(scope):
+                    out = fn(run_dir)
+            else:
                 out = fn(run_dir)
-        else:
-            out = fn(run_dir)
+        except (SystemExit, KeyboardInterrupt, Interrupted) as e:
+            e.entry = entry
+            raise
         dt = time.time() - t0
         results[entry] = out
         log.info("=== %s done in %.1fs ===", entry, dt)
@@ -117,6 +162,209 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
              time.time() - t_start, run_dir)
     metrics.write_run_info(run_dir, "main", config={"stages": list(entries)})
     return results
+
+
+# --------------------------------------------------------------------------- up-front checks
+
+
+def _walk(value):
+    """Every value nested in lists, tuples, sets and dicts (gin binding values)."""
+    yield value
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _walk(v)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from _walk(v)
+
+
+def _macro_refs(value) -> list[str]:
+    """Names of the macros (%NAME) referenced inside a binding value."""
+    out = []
+    for v in _walk(value):
+        if isinstance(v, gin.config.ConfigurableReference) \
+                and v.configurable.selector == "gin.macro":
+            out.append(v.scoped_selector.rpartition("/")[0])
+    return out
+
+
+def _is_required(value) -> bool:
+    if not isinstance(value, gin.config.ConfigurableReference):
+        return False
+    try:
+        return copy.deepcopy(value) is gin.REQUIRED
+    except Exception:  # noqa: BLE001 - an unrelated reference that cannot be evaluated here
+        return False
+
+
+def _gin_sources(files: Sequence[str]) -> list[str]:
+    """The gin files parsed, includes first (as gin reads them)."""
+    out: list[str] = []
+
+    def visit(path):
+        if path in out:
+            return
+        with open(path) as f:
+            text = f.read()
+        for inc in re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", text, re.M):
+            try:
+                visit(_find_gin(inc, os.path.dirname(path)))
+            except FileNotFoundError:
+                pass
+        out.append(path)
+
+    for f in files:
+        visit(f)
+    return out
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def check_macros(files: Sequence[str], cli_bindings: Sequence[str]) -> None:
+    """Every bound macro is used by some binding, and every %gin.REQUIRED macro is bound.
+    Raises StageError with one line naming the macro (and the closest known one, or the
+    run file that requires it)."""
+    config = gin.config._CONFIG  # (scope, selector) -> {param: value}
+    macros = {scope: params.get("value") for (scope, selector), params in config.items()
+              if selector == "gin.macro"}
+    used: set[str] = set()
+    for (scope, selector), params in config.items():
+        for value in params.values():
+            used.update(_macro_refs(value))
+    cli = {b.partition("=")[0].strip() for b in cli_bindings}
+    for name in sorted(macros):
+        if name in used or _is_required(macros[name]):
+            continue
+        known = sorted(used & set(macros))
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = (f"did you mean {close[0]}?" if close else
+                f"the run file's macros are {known}" if known else "the run file uses no macros")
+        where = f"--gin.{name}" if name in cli else f"macro {name}"
+        raise StageError(f"{where}: no binding uses macro {name} ({hint})")
+    sources = None
+    for name in sorted(macros):
+        if not _is_required(macros[name]):
+            continue
+        sources = sources if sources is not None else _gin_sources(files)
+        pattern = re.compile(rf"^\s*{re.escape(name)}\s*=\s*%gin\.REQUIRED", re.M)
+        declared = [p for p in sources if pattern.search(open(p).read())]
+        by = _shown(declared[-1]) if declared else "the run file"
+        raise StageError(f"macro {name} is required by {by} but not bound: add "
+                         f"--gin.{name}=VALUE (strings quoted, e.g. --gin.{name}=\"'...'\")")
+    for (scope, selector), params in config.items():
+        if selector == "gin.macro":
+            continue
+        for param, value in params.items():
+            if _is_required(value):
+                short = selector.rpartition(".")[2]
+                binding = f"{scope + '/' if scope else ''}{short}.{param}"
+                raise StageError(f"{binding} is set to %gin.REQUIRED but not bound: add "
+                                 f"--gin.{binding}=VALUE")
+
+
+def stage_arguments(fn) -> dict:
+    """The keyword arguments gin will call a stage function with in the current scope:
+    its signature's defaults overlaid with the bindings (macros evaluated)."""
+    sig = inspect.signature(inspect.unwrap(fn))
+    args = {k: p.default for k, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty}
+    args.update(gin.get_bindings(fn))
+    return args
+
+
+def _scopes_bound() -> set[str]:
+    out = set()
+    for (scope, selector) in gin.config._CONFIG:
+        if scope and selector != "gin.macro":
+            parts = scope.split("/")
+            out.update("/".join(parts[:i + 1]) for i in range(len(parts)))
+    return out
+
+
+def check_config(only: Optional[Sequence[str]] = None,
+                 num_devices: Optional[int] = None) -> tuple[str, list]:
+    """Builds and checks every selected stage entry's configuration in its scope, without
+    running anything. Returns (run_dir, [config_checks.StageCheck]); raises StageError or
+    config_checks.ConfigError (one line naming the binding)."""
+    from warm_jax import config_checks
+
+    run_args = stage_arguments(run)
+    run_dir, stages = run_args.get("run_dir"), run_args.get("stages")
+    if not isinstance(run_dir, str) or not run_dir:
+        raise config_checks.ConfigError("run.run_dir", run_dir, "must be a directory path")
+    if isinstance(stages, str) or not isinstance(stages, Sequence) or not stages \
+            or not all(isinstance(e, str) for e in stages):
+        raise config_checks.ConfigError("run.stages", stages,
+                                        "must be a non-empty list of stage entries")
+    entries = select_entries(stages, only)
+    scopes = _scopes_bound()
+    checks = []
+    for entry in entries:
+        fn, scope = resolve_stage(entry)
+        if scope and scope not in scopes:
+            close = difflib.get_close_matches(scope, sorted(scopes), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise StageError(f"run.stages entry {entry!r}: no binding uses scope {scope!r}, so "
+                             f"it would run with the unscoped configuration{hint}")
+        name = getattr(inspect.unwrap(fn), "__name__", entry)
+        with gin.config_scope(scope):
+            c = config_checks.StageCheck(entry, name, stage_arguments(fn), run_dir,
+                                         scope=scope, num_devices=num_devices)
+            checker = getattr(importlib.import_module(fn.__module__), f"check_{name}", None)
+            if checker is not None:
+                checker(c)
+            else:
+                c.notes.append("no up-front check for this stage")
+        checks.append(c)
+    return run_dir, checks
+
+
+def format_plan(run_dir: str, checks: Sequence, num_devices: Optional[int]) -> str:
+    def shown(path):
+        rel = os.path.relpath(path, run_dir)
+        return _shown(path) if rel.startswith("..") else os.path.join("RUN_DIR", rel)
+
+    exists = "exists" if os.path.isdir(run_dir) else "does not exist yet"
+    devices = f"{num_devices} device(s)" if num_devices else "device count unknown (mesh " \
+        "rules skipped)"
+    lines = [f"plan: {len(checks)} stage entries, RUN_DIR = {run_dir} ({exists}); "
+             f"checked for {devices}"]
+    width = max((len(c.entry) for c in checks), default=0)
+    for i, c in enumerate(checks, 1):
+        state = "done (skipped)" if c.is_done() else "runs every time" if c.done is None \
+            else "to run"
+        lines.append(f"{i:3d}. {c.entry:<{width}}  {state}")
+        lines.append(f"       reads:  {', '.join(shown(p) for p in c.reads) or '-'}")
+        lines.append(f"       writes: {', '.join(shown(p) for p in c.writes) or '-'}")
+        for note in c.notes:
+            lines.append(f"       note:   {note}")
+    todo = sum(not c.is_done() for c in checks)
+    lines.append(f"configuration OK: {len(checks)} entries checked, {len(checks) - todo} done, "
+                 f"{todo} to run; nothing was run")
+    return "\n".join(lines)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run (the same command, from the same place)."""
+    exe = sys.executable or "python"
+    rel = os.path.relpath(exe)
+    exe = exe if rel.startswith("..") else rel
+    return (f"cd {shlex.quote(os.getcwd())} && "
+            + shlex.join([exe, "-m", "warm_jax.main", *argv]))
+
+
+def _stop_line(e: BaseException, argv: Sequence[str]) -> str:
+    signum = getattr(e, "signum", None) or (signal.SIGINT if isinstance(e, KeyboardInterrupt)
+                                            else signal.SIGTERM)
+    name = signal.Signals(signum).name
+    entry = getattr(e, "entry", None) or "?"
+    step = getattr(e, "step", None)
+    where = (f"at step {step} (checkpoint saved)" if step is not None
+             else "outside a training loop (the stage restarts from its last checkpoint)")
+    return f"stopped by {name} in stage {entry} {where}; resume with: {resume_command(argv)}"
 
 
 def _record_timing(run_dir: str, entry: str, seconds: float) -> None:
@@ -141,6 +389,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     ap.add_argument("--stages", default="", help="comma-separated subset of stage entries")
     ap.add_argument("--list", action="store_true", help="list the run's stage entries")
+    ap.add_argument("--dry_run", "--check", dest="dry_run", action="store_true",
+                    help="check the configuration, print the plan, run nothing")
     ap.add_argument("--log_level", default="INFO")
     args, rest = ap.parse_known_args(argv)
     bindings = []
@@ -157,9 +407,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, bindings
 
 
-def _find_gin(path: str) -> str:
+def _find_gin(path: str, *extra: str) -> str:
     for base in ("", os.getcwd(), os.path.join(os.getcwd(), "gin"), _ROOT,
-                 os.path.join(_ROOT, "gin")):
+                 os.path.join(_ROOT, "gin"), *extra):
         p = os.path.join(base, path) if base else path
         if os.path.exists(p):
             return p
@@ -174,6 +424,13 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     logging.disable(logging.ERROR)  # gin logs every include-path miss at ERROR level
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except SyntaxError as e:  # gin's parser reports bad values as SyntaxError
+        text = (e.text or "").strip()
+        if e.filename in (None, "<string>"):  # a --gin.NAME=VALUE binding
+            name, _, value = text.partition("=")
+            raise StageError(f"--gin.{name.strip()}={value.strip()}: {e.msg} (string values "
+                             f"need quotes: --gin.{name.strip()}=\"'...'\")") from None
+        raise StageError(f"{e.filename}:{e.lineno}: {e.msg}: {text}") from None
     except (ValueError, IOError) as e:
         raise StageError(f"gin configuration error: {e}") from e
     finally:
@@ -202,18 +459,44 @@ def _bind_defaults() -> None:
             gin.bind_parameter("DataConfig.data_dir", os.path.join(run_dir, "data"))
 
 
+def _num_devices(initialized: bool) -> Optional[int]:
+    """The global device count, or None before a multi-process start (dry runs)."""
+    import jax
+
+    if not initialized:
+        try:
+            from warm_jax import distributed
+
+            if distributed.resolve_settings()["mode"] != "single":
+                return None
+        except ImportError:
+            pass
+    return jax.device_count()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, bindings = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, bindings = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from warm_jax import config_checks
+
+    old_term = None
     try:
         configure(args.gin_file, bindings)
+        check_macros([_find_gin(f) for f in args.gin_file], bindings)
         if args.list:
             for e in gin.query_parameter("run.stages"):
                 print(e)
+            return 0
+        only = [s for s in args.stages.split(",") if s] or None
+        if args.dry_run:
+            n = _num_devices(initialized=False)
+            run_dir, checks = check_config(only, n)
+            print(format_plan(run_dir, checks, n))
             return 0
         try:
             from warm_jax import distributed
@@ -221,11 +504,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             distributed.initialize()
         except ImportError:
             pass
-        only = [s for s in args.stages.split(",") if s] or None
+        check_config(only, _num_devices(initialized=True))
+        try:
+            old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+        except ValueError:  # not the main thread
+            pass
         run(only=only)
-    except (StageError, FileNotFoundError) as e:
+    except (StageError, FileNotFoundError, config_checks.ConfigError) as e:
         log.error("%s", e)
         return 2
+    except (SystemExit, KeyboardInterrupt, Interrupted) as e:
+        from warm_jax import train_lib
+
+        if not isinstance(e, (train_lib.Preempted, KeyboardInterrupt, Interrupted)):
+            raise
+        log.warning("%s", _stop_line(e, argv))
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     except Exception as e:  # one clear line for the errors users can act on
         from warm_jax import checkpoint, train_lib
         from warm_jax.data.formats import DataError
@@ -240,6 +534,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.error("%s: %s", type(e).__name__, e)
             return 2
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

@@ -42,6 +42,23 @@ class OptimizerConfig:
             raise ValueError(f"decay {self.decay!r}; choose constant, cosine or linear")
 
 
+def check_optimizer_config(c) -> None:
+    """Up-front rules on the gin-bound OptimizerConfig (c: config_checks.StageCheck). The
+    stages set learning_rate, warmup_steps and total_steps themselves."""
+    b = c.bound(OptimizerConfig)
+    c.field("OptimizerConfig", "name", b["name"], choices=("adafactor", "adamw", "sgd"))
+    c.field("OptimizerConfig", "decay", b["decay"], choices=("constant", "cosine", "linear"))
+    c.field("OptimizerConfig", "decay_floor", b["decay_floor"], 0, 1)
+    c.field("OptimizerConfig", "grad_clip_norm", b["grad_clip_norm"], 0, lo_open=True,
+            optional=True)
+    c.field("OptimizerConfig", "weight_decay", b["weight_decay"], 0)
+    c.field("OptimizerConfig", "min_dim_size_to_factor", b["min_dim_size_to_factor"], 1,
+            integer=True)
+    c.field("OptimizerConfig", "decay_rate", b["decay_rate"], 0, 1, lo_open=True)
+    c.field("OptimizerConfig", "b1", b["b1"], 0, 1, hi_open=True)
+    c.field("OptimizerConfig", "b2", b["b2"], 0, 1, hi_open=True)
+
+
 def schedule_multiplier(cfg: OptimizerConfig, step):
     """Multiplier in [0, 1] applied to the peak learning rate at `step`."""
     step = jnp.asarray(step, jnp.float32)

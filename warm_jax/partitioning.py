@@ -78,6 +78,28 @@ class MeshConfig:
         return tuple(sizes)  # type: ignore[return-value]
 
 
+def mesh_config_problem(config: MeshConfig, num_devices: int) -> Optional[tuple[str, str]]:
+    """(axis field, why) when `config` cannot be laid out on `num_devices`, else None."""
+    names = ("ensemble", "data", "fsdp", "tensor")
+    sizes = dict(zip(names, (config.ensemble, config.data, config.fsdp, config.tensor)))
+    for ax, s in sizes.items():
+        if isinstance(s, bool) or not isinstance(s, int) or s == 0 or s < -1:
+            return ax, "must be a positive axis size, or -1 (the remaining devices)"
+    auto = [ax for ax, s in sizes.items() if s == -1]
+    if len(auto) > 1:
+        return auto[1], f"only one axis may be -1 ({auto[0]} already is)"
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    worst = max((ax for ax in names if sizes[ax] > 1), key=lambda ax: sizes[ax],
+                default=auto[0] if auto else "data")
+    if auto and num_devices % fixed:
+        return worst, (f"the fixed mesh axes multiply to {fixed}, which does not divide the "
+                       f"{num_devices} devices")
+    if not auto and fixed != num_devices:
+        return worst, (f"the mesh axes multiply to {fixed} but there are {num_devices} "
+                       "devices (make one axis -1)")
+    return None
+
+
 def make_mesh(config: Optional[MeshConfig] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """Builds the 4-axis mesh over all (or the given) devices."""

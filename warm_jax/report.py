@@ -121,6 +121,15 @@ def collect_claims(summaries: dict[str, dict]) -> list[dict]:
     return claims
 
 
+def check_report_stage(c) -> None:
+    """Up-front rules and plan of the report stage: it reads every stage's summary and is
+    written again on every run (no done-marker)."""
+    if not isinstance(c["title"], str):
+        c.fail("title", "must be a string")
+    c.read(c.rel("*", "summary.json"))
+    c.write(c.rel("report.md"), c.rel("report"))
+
+
 @gin.configurable
 def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world") -> dict:
     summaries = _stage_summaries(run_dir)

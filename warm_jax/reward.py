@@ -163,6 +163,33 @@ def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: str = "
     return sorted(range(len(paths)), key=lambda i: (-float(accuracies[i]), i))
 
 
+SPEC_USAGE = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, "
+              "ens:<ensemble>:<M> or path:<params export>")
+
+
+def spec_source(run_dir: str, spec, oracle: bool = False) -> tuple[Optional[str], Optional[str]]:
+    """(what the spec reads, why it is malformed) without loading anything: the directory
+    under run_dir (or the export path) it reads, None for the oracle. `oracle`: whether
+    'oracle' is accepted here. Paths are not checked for existence."""
+    if not isinstance(spec, str) or not spec:
+        return None, f"must be a reward spec ({SPEC_USAGE})"
+    if spec == "oracle":
+        return None, None if oracle else "the oracle is not a reward model here"
+    if spec.startswith("path:") or os.path.exists(os.path.join(spec, ckpt_lib.CARD_NAME)):
+        path = spec[5:] if spec.startswith("path:") else spec
+        return path, None if path else f"path: needs a params export ({SPEC_USAGE})"
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    ok = parts and all(parts) and (
+        (kind in ("warm", "best") and len(parts) == 1)
+        or (kind == "member" and len(parts) == 2 and parts[1].isdigit())
+        or (kind == "ens" and (len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit()
+                                                   and int(parts[1]) >= 1))))
+    if not ok:
+        return None, SPEC_USAGE
+    return os.path.join(run_dir, parts[0]), None
+
+
 def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardModel":
     """A RewardModel from a spec relative to a run directory:
 

@@ -441,6 +441,35 @@ def _batch_indices(n, b, seed, step):
 # The stage
 
 
+def check_rl_stage(c) -> None:
+    """Up-front rules and plan of the RL stage (c: config_checks.StageCheck)."""
+    c.reward("reward")
+    name = c.name("name")
+    c.number("alpha", 0)
+    c.policy("policy")
+    c.integer("steps", 1)
+    c.integer("batch_size", 1)
+    c.rate("learning_rate")
+    c.integer("warmup_steps", 0)
+    c.rate("value_learning_rate", optional=True)
+    c.integer("value_warmup_steps", 0)
+    c.number("temperature", 0, lo_open=True)
+    c.integer("max_new_tokens", 1)
+    c.integer("seed")
+    c.integer("eval_every", 0)
+    c.integer("num_eval_prompts", 1)
+    c.integer("num_logged_samples", 0)
+    c.integer("log_every", 1)
+    c.integer("checkpoint_every", 1)
+    c.control("control")
+    c.integer("max_steps_per_run", 1, optional=True)
+    c.data()
+    c.optimizer()
+    c.loop()
+    c.batch_divides_mesh()
+    c.write(c.rel(name), done=c.rel(name, "summary.json"))
+
+
 @gin.configurable
 def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm",
              alpha: float = 0.003, policy: str = "sft", steps: int = 100,

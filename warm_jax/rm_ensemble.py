@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import logging
 import os
 import time
@@ -232,6 +233,24 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     return summary
 
 
+def check_probe_stage(c) -> None:
+    """Up-front rules and plan of the rm_init stage (c: config_checks.StageCheck)."""
+    c.integer("seed")
+    c.integer("probe_pairs", 1)
+    c.integer("num_steps", 1)
+    c.rate("learning_rate")
+    c.integer("batch_size", 1)
+    c.number("center_coef", 0)
+    c.integer("eval_pairs", 1)
+    if c["sft_path"] is None:
+        c.read(c.rel(sft.SFT_DIR))
+    else:
+        c.existing("sft_path", what="params export")
+    c.data()
+    c.mesh_shape()
+    c.write(c.rel(RM_INIT_DIR), done=c.rel(RM_INIT_DIR, "summary.json"))
+
+
 # --------------------------------------------------------------------------- member specs
 
 
@@ -255,13 +274,72 @@ DEFAULT_DROPOUT_RATES = (0.05, 0.1)
 def _per_member(name: str, values, num_members: int, derive) -> list:
     if values is None:
         return [derive(i) for i in range(num_members)]
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"ensemble_stage.{name} must be a list of {num_members} values, "
-                         f"got {values!r}")
-    if len(values) != num_members:
-        raise ValueError(f"ensemble_stage.{name} has {len(values)} entries but num_members="
-                         f"{num_members}: give one per member ({list(values)})")
     return list(values)
+
+
+def _list_problem(values, num_members: int) -> Optional[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        return f"must be a list of {num_members} values (one per member), or None"
+    if len(values) != num_members:
+        return (f"has {len(values)} entries but num_members = {num_members}: give one per "
+                "member")
+    return None
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def member_problem(num_members, *, learning_rates=None, dropout_rates=None, data_seeds=None,
+                   init_snapshots="cycle", member_index=None,
+                   learning_rate_grid=DEFAULT_LEARNING_RATES,
+                   dropout_rate_grid=DEFAULT_DROPOUT_RATES) -> Optional[tuple[str, Any, str]]:
+    """(argument, value, why) for the first unusable per-member argument of ensemble_stage,
+    or None. Shared by the up-front check and resolve_members."""
+    if isinstance(num_members, bool) or not isinstance(num_members, int):
+        return "num_members", num_members, "must be an integer"
+    if num_members < 1:
+        return "num_members", num_members, "must be >= 1"
+    for field, grid, ok, why in (
+            ("learning_rate_grid", learning_rate_grid, lambda v: _is_real(v) and v > 0,
+             "must be finite and > 0"),
+            ("dropout_rate_grid", dropout_rate_grid, lambda v: _is_real(v) and 0 <= v < 1,
+             "must be in [0, 1)")):
+        if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
+            return field, grid, "must be a non-empty list"
+        for i, v in enumerate(grid):
+            if not ok(v):
+                return f"{field}[{i}]", v, why
+    for field, values, ok, why in (
+            ("learning_rates", learning_rates, lambda v: _is_real(v) and v > 0,
+             "must be finite and > 0"),
+            ("dropout_rates", dropout_rates, lambda v: _is_real(v) and 0 <= v < 1,
+             "must be in [0, 1)"),
+            ("data_seeds", data_seeds, lambda v: isinstance(v, int) and not isinstance(v, bool),
+             "must be an integer")):
+        if values is None:
+            continue
+        bad = _list_problem(values, num_members)
+        if bad:
+            return field, values, bad
+        for i, v in enumerate(values):
+            if not ok(v):
+                return f"{field}[{i}]", v, why
+    if isinstance(init_snapshots, str) and init_snapshots not in ("cycle", "last"):
+        return ("init_snapshots", init_snapshots,
+                "use 'cycle', 'last', or a list of SFT steps / params paths, one per member")
+    if init_snapshots is not None and not isinstance(init_snapshots, str):
+        bad = _list_problem(init_snapshots, num_members)
+        if bad:
+            return "init_snapshots", init_snapshots, bad
+        for i, v in enumerate(init_snapshots):
+            if not isinstance(v, str) and (isinstance(v, bool) or not isinstance(v, int)):
+                return f"init_snapshots[{i}]", v, "must be an SFT step or a params path"
+    if member_index is not None and (isinstance(member_index, bool)
+                                     or not isinstance(member_index, int)
+                                     or not 0 <= member_index < num_members):
+        return "member_index", member_index, f"must be in [0, num_members = {num_members})"
+    return None
 
 
 def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None,
@@ -272,8 +350,14 @@ def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None
                     dropout_rate_grid: Sequence[float] = DEFAULT_DROPOUT_RATES
                     ) -> list[MemberSpec]:
     """Member specs from the per-member lists (see the module docstring)."""
-    if num_members < 1:
-        raise ValueError(f"ensemble_stage.num_members must be >= 1, got {num_members}")
+    bad = member_problem(num_members, learning_rates=learning_rates,
+                         dropout_rates=dropout_rates, data_seeds=data_seeds,
+                         init_snapshots=init_snapshots, member_index=member_index,
+                         learning_rate_grid=learning_rate_grid,
+                         dropout_rate_grid=dropout_rate_grid)
+    if bad:
+        field, value, why = bad
+        raise ValueError(f"ensemble_stage.{field} = {value!r}: {why}")
     lrs = _per_member("learning_rates", learning_rates, num_members,
                       lambda i: learning_rate_grid[i % len(learning_rate_grid)])
     drs = _per_member("dropout_rates", dropout_rates, num_members,
@@ -290,12 +374,9 @@ def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None
         chosen = [snaps[-1 - (i % len(snaps))] if mode == "cycle" else snaps[-1]
                   for i in range(num_members)]
         inits = [(c["path"], int(c["step"])) for c in chosen]
-    elif isinstance(init_snapshots, str):
-        raise ValueError(f"ensemble_stage.init_snapshots={init_snapshots!r}: use 'cycle', "
-                         "'last', or a list of SFT steps / params paths, one per member")
     else:
         inits = []
-        for v in _per_member("init_snapshots", init_snapshots, num_members, None):
+        for v in init_snapshots:
             if isinstance(v, str):
                 inits.append((v, None))
             elif int(v) in by_step:
@@ -303,18 +384,9 @@ def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None
             else:
                 raise ValueError(f"ensemble_stage.init_snapshots: SFT step {v} is not a kept "
                                  f"snapshot (kept: {sorted(by_step)})")
-    for i, lr in enumerate(lrs):
-        if not float(lr) > 0:
-            raise ValueError(f"ensemble_stage.learning_rates[{i}]={lr} must be > 0")
-    for i, d in enumerate(drs):
-        if not 0.0 <= float(d) < 1.0:
-            raise ValueError(f"ensemble_stage.dropout_rates[{i}]={d} must be in [0, 1)")
     specs = [MemberSpec(i, float(lrs[i]), float(drs[i]), int(dss[i]), inits[i][0], inits[i][1])
              for i in range(num_members)]
     if member_index is not None:
-        if not 0 <= member_index < num_members:
-            raise ValueError(f"ensemble_stage.member_index={member_index} not in "
-                             f"[0, num_members={num_members})")
         specs = [specs[member_index]]
     return specs
 
@@ -737,6 +809,48 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                "nonfinite_steps": [int(x) for x in np.asarray(state["member_nonfinite"])]}
     metrics.atomic_write_json(done, summary)
     return summary
+
+
+def check_ensemble_stage(c) -> None:
+    """Up-front rules and plan of the rm_ensemble stage (c: config_checks.StageCheck)."""
+    name = c.name("name")
+    bad = member_problem(c["num_members"], learning_rates=c["learning_rates"],
+                         dropout_rates=c["dropout_rates"], data_seeds=c["data_seeds"],
+                         init_snapshots=c["init_snapshots"], member_index=c["member_index"],
+                         learning_rate_grid=c["learning_rate_grid"],
+                         dropout_rate_grid=c["dropout_rate_grid"])
+    if bad:
+        field, value, why = bad
+        c.fail(field, why, value=value)
+    c.integer("seed")
+    c.integer("total_steps", 1)
+    c.integer("batch_size", 1)
+    c.integer("warmup_steps", 0)
+    c.number("center_coef", 0)
+    c.integer("eval_every", 0)
+    c.integer("eval_pairs", 1)
+    c.integer("eval_train_pairs", 1)
+    c.integer("eval_batch_size", 1)
+    c.integer("log_every", 1)
+    c.integer("checkpoint_every", 1)
+    c.choice("member_loop", ("auto", "vmap", "map"))
+    if c["head_path"] is None:
+        c.read(c.rel(RM_INIT_DIR, "head"))
+    else:
+        c.existing("head_path", what="params export")
+    inits = c["init_snapshots"]
+    if inits in (None, "cycle", "last") or any(not isinstance(v, str) for v in inits):
+        c.read(c.rel(sft.SFT_DIR, "snapshots"))
+    for i, v in enumerate(() if inits is None or isinstance(inits, str) else inits):
+        if isinstance(v, str):
+            c.existing(f"init_snapshots[{i}]", v, what="params export")
+    c.data()
+    c.optimizer()
+    c.loop()
+    c.batch_divides_mesh()
+    stage_dir = c.rel(name) if c["member_index"] is None else c.rel(
+        name, "member_jobs", f"member_{c['member_index']}")
+    c.write(stage_dir, done=os.path.join(stage_dir, "summary.json"))
 
 
 def stacked_param_specs(program: EnsembleProgram) -> dict:

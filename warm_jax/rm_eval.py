@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from warm_jax import average, metrics, partitioning, steps
+from warm_jax import config_checks
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import reward as reward_lib
 
@@ -227,6 +228,28 @@ def _plots(stage_dir: str, table: dict, interp: dict, splits: Sequence[str],
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def check_rm_eval_stage(c) -> None:
+    """Up-front rules and plan of the rm_eval stage (c: config_checks.StageCheck)."""
+    ensemble = c.name("ensemble")
+    if c["corrupted"] not in (None, True, False):
+        c.fail("corrupted", "must be True, False or None (read from the ensemble)")
+    c.integer("max_train_pairs", 1, optional=True)
+    c.integer("max_eval_pairs", 1, optional=True)
+    c.integer("batch_size", 1)
+    c.integer("num_lambdas", 2)
+    pair = c.sequence("interp_members", length=2, optional=True,
+                      item=lambda i: config_checks.range_problem(i, 0, integer=True),
+                      length_why=" (two member indices)")
+    if pair is not None and pair[0] == pair[1]:
+        c.fail("interp_members", "must name two different members")
+    c.number("claim_tolerance", 0)
+    c.read(c.rel(ensemble))
+    c.data()
+    c.mesh_shape()
+    out = c.rel(f"rm_eval_{ensemble}")
+    c.write(out, done=os.path.join(out, "summary.json"))
 
 
 @gin.configurable

@@ -361,6 +361,25 @@ def policy_path(run_dir: str, name: str) -> str:
         f"{stage_dir}/policy and {stage_dir}/snapshots/step_N with a card.json)")
 
 
+def policy_source(run_dir: str, name) -> tuple[Optional[str], Optional[str]]:
+    """(what policy `name` reads, why it is unusable) without loading anything: an export
+    path, or {run_dir}/{name} ('sft' or an RL run, possibly written by an earlier stage)."""
+    import os
+
+    if not isinstance(name, str) or not name:
+        return None, "must be 'sft', an RL run name or a params export path"
+    if os.path.exists(os.path.join(name, "card.json")):
+        return name, None
+    if "/" in name or name in (".", ".."):
+        if os.path.exists(name):
+            return None, "is not a params export (no card.json in it)"
+        root = os.path.abspath(run_dir)
+        if os.path.commonpath([root, os.path.abspath(name)]) != root:
+            return None, "does not exist (not a params export, nor a run name)"
+        return name, None
+    return os.path.join(run_dir, name), None
+
+
 def load_policy(run_dir: str, name: str, abstract_params: Any = None):
     """(TransformerConfig, params, card) of a policy export (see `policy_path`)."""
     from warm_jax import checkpoint as ckpt_lib

@@ -331,11 +331,11 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
         raise ValueError(f"{init_params_path}: trained with another vocabulary "
                          f"(vocab_sha256 {init_card['vocab_sha256'][:12]} != "
                          f"{prov.vocab.sha256[:12]} of the data)")
+    bad = snapshot_steps_problem(snapshot_steps, total_steps)
+    if bad:
+        raise ValueError(f"sft_stage.snapshot_steps = {snapshot_steps!r}: {bad}")
     snaps = tuple(sorted(set(int(s) for s in (snapshot_steps or
                                               default_snapshot_steps(total_steps)))))
-    bad = [s for s in snaps if not 0 < s <= total_steps]
-    if bad:
-        raise ValueError(f"sft_stage.snapshot_steps {bad} outside (0, total_steps={total_steps}]")
     snaps = tuple(sorted(set(snaps) | {total_steps}))
     mesh = partitioning.make_mesh(partitioning.MeshConfig())
     check_batch(batch_size, mesh, "sft_stage")
@@ -386,6 +386,54 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
                "seconds": round(time.time() - t0, 2)}
     metrics.atomic_write_json(done, summary)
     return summary
+
+
+def snapshot_steps_problem(snapshot_steps, total_steps: int) -> Optional[str]:
+    """Why sft_stage.snapshot_steps is unusable, or None (None = the default steps)."""
+    if snapshot_steps is None:
+        return None
+    if isinstance(snapshot_steps, (str, bytes)) or not isinstance(snapshot_steps, Sequence):
+        return "must be a list of SFT steps"
+    bad = [v for v in snapshot_steps
+           if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= total_steps]
+    if bad:
+        return f"steps {bad} are not integers in (0, total_steps={total_steps}]"
+    return None
+
+
+def _check_lm_stage(c) -> None:
+    """Rules shared by the pre-training and SFT stages (c: config_checks.StageCheck)."""
+    c.integer("seed")
+    c.integer("total_steps", 1)
+    c.integer("batch_size", 1)
+    c.rate("learning_rate")
+    c.integer("warmup_steps", 0)
+    c.integer("log_every", 1)
+    c.integer("checkpoint_every", 1)
+    c.integer("eval_examples", 1)
+    c.existing("init_params_path", what="params export")
+    c.data()
+    c.optimizer()
+    c.loop()
+    c.batch_divides_mesh()
+
+
+def check_pretrain_stage(c) -> None:
+    """Up-front rules and plan of the pre-training stage."""
+    _check_lm_stage(c)
+    c.model()
+    c.write(c.rel(PRETRAIN_DIR), done=c.rel(PRETRAIN_DIR, "summary.json"))
+
+
+def check_sft_stage(c) -> None:
+    """Up-front rules and plan of the SFT stage."""
+    _check_lm_stage(c)
+    bad = snapshot_steps_problem(c["snapshot_steps"], c["total_steps"])
+    if bad:
+        c.fail("snapshot_steps", bad)
+    if c["init_params_path"] is None:
+        c.read(c.rel(PRETRAIN_DIR, "final"))
+    c.write(c.rel(SFT_DIR), done=c.rel(SFT_DIR, "summary.json"))
 
 
 def _model_config_from(card: dict, path: str) -> model_lib.TransformerConfig:

@@ -39,9 +39,10 @@ class NumericalError(FloatingPointError):
 class Preempted(SystemExit):
     """SIGTERM/SIGINT arrived; a checkpoint was saved before exiting."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signum: Optional[int] = None):
         super().__init__(143)
         self.step = step
+        self.signum = signum  # the signal that stopped the loop
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -263,7 +264,7 @@ def run_loop(*, name: str, state: dict, step_fn: Callable, batch_fn: Callable[[i
                 if manager:
                     manager.save(step, state, meta_fn(step), force=True)
                     manager.wait()
-                raise Preempted(step)
+                raise Preempted(step, guard.fired)
     if eval_fn:
         em = eval_fn(state, step)
         if writer and em:

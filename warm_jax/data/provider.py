@@ -57,6 +57,42 @@ class DataConfig:
         return os.path.join(self.data_dir, default_rel)
 
 
+def check_data_config(cfg: DataConfig, c) -> None:
+    """Up-front rules on a DataConfig (c: config_checks.StageCheck): value ranges, and the
+    input files exist when they are outside the run directory (the data stage writes the
+    miniature world to {RUN_DIR}/data). Records the inputs as read."""
+    name = "DataConfig"
+    c.field(name, "max_len", cfg.max_len, 2, integer=True)
+    c.field(name, "max_prompt_len", cfg.max_prompt_len, 1, integer=True)
+    c.field(name, "corruption_fraction", cfg.corruption_fraction, 0, 1)
+    c.field(name, "corruption_seed", cfg.corruption_seed, integer=True)
+    c.field(name, "max_bad_fraction", cfg.max_bad_fraction, 0, 1)
+    c.field(name, "max_train_pairs", cfg.max_train_pairs, 1, integer=True, optional=True)
+    c.field(name, "num_eval_pairs", cfg.num_eval_pairs, 1, integer=True, optional=True)
+    c.field(name, "num_eval_prompts", cfg.num_eval_prompts, 1, integer=True)
+    if not cfg.data_dir and not all((cfg.comparisons, cfg.sft, cfg.prompts, cfg.vocab_model)):
+        c.fail("data_dir", "set data_dir (or each of comparisons, sft, prompts, vocab_model)",
+               value=cfg.data_dir, configurable=name)
+    for field, default in (("comparisons", "comparisons"), ("sft", "sft"),
+                           ("prompts", "prompts"), ("vocab_model", "spm.model")):
+        path = cfg.path(field, default)
+        if any(ch in path for ch in "*?["):  # a glob of comparison files
+            import glob
+
+            if not c.in_run_dir(path) and not glob.glob(path):
+                c.fail(field, "matches no file", value=path, configurable=name)
+            c.read(path)
+            continue
+        if getattr(cfg, field):
+            c.existing(field, path, configurable=name, what="data path")
+        elif not c.in_run_dir(path) and not os.path.exists(path):
+            c.fail("data_dir", f"{path} does not exist (set DataConfig.{field}, or point "
+                   "data_dir at a directory that has it)", value=cfg.data_dir,
+                   configurable=name)
+        else:
+            c.read(cfg.data_dir)
+
+
 class DataProvider:
     def __init__(self, config: DataConfig):
         self.config = config
