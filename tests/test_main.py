@@ -1,12 +1,16 @@
 """The entry point: gin run files, scoped stage entries, skip-when-done, clear errors."""
 import json
+import logging
 import os
+import shlex
+import signal
 import subprocess
 import sys
 
 import gin
 import pytest
 
+import reliability_helpers as rh
 from warm_jax import main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,3 +84,181 @@ def test_every_run_file_parses_and_lists_known_stages():
         assert out.returncode == 0, out.stderr[-2000:]
         entries = out.stdout.split()
         assert entries and all(e.partition("@")[0] in main_lib.STAGES for e in entries), entries
+
+
+# --------------------------------------------------------------------------- up-front checks
+
+WARM_MINI = os.path.join(ROOT, "gin", "runs", "warm_mini.gin")
+
+
+def _main_errors(caplog, argv):
+    """(exit code, the ERROR lines) of an in-process main(argv) with a fresh gin config."""
+    gin.clear_config()
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="warm_jax"):
+            rc = main_lib.main(argv)
+    finally:
+        gin.clear_config()
+    return rc, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_macro_no_binding_uses_is_named_with_the_closest_known_one(tmp_path, caplog):
+    run_dir = tmp_path / "r"
+    rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'",
+                                       "--gin.NUM_MEMBRES=3"])
+    assert rc == 2 and errors == ["--gin.NUM_MEMBRES: no binding uses macro NUM_MEMBRES "
+                                  "(did you mean NUM_MEMBERS?)"]
+    assert not run_dir.exists()
+    # a macro bound in a run file and used nowhere is named too
+    g = _write(tmp_path / "t.gin", TINY_DATA + "SEDE = 3\n")
+    rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{run_dir}'"])
+    assert rc == 2 and errors == ["macro SEDE: no binding uses macro SEDE (the run file's "
+                                  "macros are ['RUN_DIR'])"]
+    # the macros the run files use are all bound and used: no error from the macro check
+    rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'",
+                                       "--gin.NUM_MEMBERS=3", "--dry_run"])
+    assert rc == 0 and errors == [], errors
+
+
+@pytest.mark.parametrize("run_file, declared_in", [("warm_mini.gin", "warm_mini.gin"),
+                                                   ("paper_miniature.gin", "warm_mini.gin")])
+def test_a_missing_required_macro_names_the_run_file(caplog, run_file, declared_in):
+    rc, errors = _main_errors(caplog, ["--gin_file", os.path.join(ROOT, "gin", "runs", run_file)])
+    assert rc == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("macro RUN_DIR is required by ")
+    assert f"{declared_in} but not bound: add --gin.RUN_DIR=" in errors[0]
+
+
+def test_an_unquoted_string_binding_is_one_line(tmp_path, caplog):
+    rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR={tmp_path}/r"])
+    assert rc == 2 and len(errors) == 1 and "\n" not in errors[0], errors
+    assert errors[0].startswith(f"--gin.RUN_DIR={tmp_path}/r: ") and "need quotes" in errors[0]
+
+
+BAD_VALUES = [
+    (["--gin.NUM_MEMBERS=0"], "rm_clean/ensemble_stage.num_members = 0: must be >= 1"),
+    (["--gin.ensemble_stage.learning_rates=(1e-3, 2e-3)"],
+     "rm_clean/ensemble_stage.learning_rates = (0.001, 0.002): has 2 entries but "
+     "num_members = 4: give one per member"),
+    (["--gin.rm_corrupt/ensemble_stage.dropout_rate_grid=(0.05, 1.0)"],
+     "rm_corrupt/ensemble_stage.dropout_rate_grid[1] = 1.0: must be in [0, 1)"),
+    (["--gin.sft_stage.learning_rate=0"], "sft_stage.learning_rate = 0: must be > 0"),
+    (["--gin.pretrain_stage.learning_rate=1e999"],
+     "pretrain_stage.learning_rate = inf: must be finite"),
+    (["--gin.rl_warm/rl_stage.alpha=-0.01"], "rl_warm/rl_stage.alpha = -0.01: must be >= 0"),
+    (["--gin.rl_single/rl_stage.reward='best'"],
+     "rl_single/rl_stage.reward = 'best': expected warm:<dir>, member:<ensemble>:<i>, "
+     "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M> or path:<params export>"),
+    (["--gin.bon_stage.ns=[4, 0]"], "bon_stage.ns[1] = 0: must be >= 1"),
+    (["--gin.warm_stage.method='mean'"],
+     "warm_clean/warm_stage.method = 'mean': method 'mean'; choose from "
+     "['uniform', 'weighted', 'greedy']"),
+    (["--gin.sft_stage.snapshot_steps=[100, 400]"],
+     "sft_stage.snapshot_steps = [100, 400]: steps [400] are not integers in "
+     "(0, total_steps=300]"),
+    (["--gin.judge_stage.pairs=[('rl_warm',)]"],
+     "judge_stage.pairs[0] = ('rl_warm',): must be a pair (A, B) of policies"),
+    (["--gin.eval_corrupt/rm_eval_stage.interp_members=(1, 1)"],
+     "eval_corrupt/rm_eval_stage.interp_members = (1, 1): must name two different members"),
+    (["--gin.LoopConfig.nan_policy='ignore'"],
+     "LoopConfig.nan_policy = 'ignore': must be one of ['stop', 'skip']"),
+    (["--gin.MeshConfig.tensor=3"],
+     "MeshConfig.tensor = 3: the fixed mesh axes multiply to 3, which does not "
+     "divide the 8 devices"),
+    (["--gin.pretrain_stage.batch_size=12"],
+     "pretrain_stage.batch_size = 12: must be divisible by the mesh's data x fsdp = 8 devices"),
+    (["--gin.sft_stage.init_params_path='/nonexistent/sft_init'"],
+     "sft_stage.init_params_path = '/nonexistent/sft_init': params export does not exist"),
+    (["--gin.DataConfig.data_dir='/nonexistent/data'"],
+     "DataConfig.data_dir = '/nonexistent/data': /nonexistent/data/comparisons does not exist "
+     "(set DataConfig.comparisons, or point data_dir at a directory that has it)"),
+    (["--gin.DataConfig.corruption_fraction=1.5"],
+     "DataConfig.corruption_fraction = 1.5: must be <= 1"),
+]
+
+
+@pytest.mark.parametrize("bindings, expected", BAD_VALUES, ids=[b[0][0] for b in BAD_VALUES])
+def test_a_bad_value_stops_the_run_before_any_stage_in_one_line(tmp_path, caplog, bindings,
+                                                                  expected):
+    """Each binding is checked up front (inside its stage entry's scope); nothing runs."""
+    run_dir = tmp_path / "r"
+    rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'",
+                                       *bindings])
+    assert rc == 2 and errors == [expected]
+    assert not run_dir.exists()  # no stage ran, nothing was created
+
+
+def test_a_scope_no_binding_uses_is_a_typo(tmp_path, caplog):
+    g = _write(tmp_path / "t.gin", TINY_DATA.replace("['data']", "['data', 'rm_ensemble@rm_clen']")
+               + "rm_clean/ensemble_stage.name = 'rm_clean'\n")
+    rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{tmp_path}/r'"])
+    assert rc == 2 and errors == [
+        "run.stages entry 'rm_ensemble@rm_clen': no binding uses scope 'rm_clen', so it would "
+        "run with the unscoped configuration; did you mean rm_clean?"]
+
+
+def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, caplog):
+    run_dir = tmp_path / "r"
+    argv = ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'"]
+    assert main_lib.parse_args(argv + ["--check"])[0].dry_run  # --check is the same flag
+    rc, errors = _main_errors(caplog, argv + ["--dry_run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and errors == [] and not run_dir.exists()
+    entries = [line.split()[1] for line in out.splitlines() if line[:4].strip().endswith(".")]
+    gin.clear_config()
+    main_lib.configure([WARM_MINI], [f"RUN_DIR = '{run_dir}'"])
+    assert entries == list(gin.query_parameter("run.stages"))
+    gin.clear_config()
+    assert "  5. rm_ensemble@rm_clean    to run" in out
+    assert "reads:  RUN_DIR/rm_init/head, RUN_DIR/sft/snapshots, RUN_DIR/data" in out
+    assert "writes: RUN_DIR/warm_corrupt, RUN_DIR/warm_corrupt_stage" in out
+    assert out.rstrip().endswith("configuration OK: 14 entries checked, 0 done, 14 to run; "
+                                 "nothing was run")
+    # a finished stage (its summary.json exists) is shown as done; --stages selects entries
+    os.makedirs(run_dir / "rm_clean")
+    (run_dir / "rm_clean" / "summary.json").write_text("{}")
+    rc, _ = _main_errors(caplog, argv + ["--dry_run", "--stages=rm_ensemble,warm@warm_clean"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [line.split()[1:] for line in out.splitlines() if line[:4].strip().endswith(".")] \
+        == [["rm_ensemble@rm_clean", "done", "(skipped)"], ["rm_ensemble@rm_corrupt", "to", "run"],
+            ["warm@warm_clean", "to", "run"]]
+    assert sorted(os.listdir(run_dir)) == ["rm_clean"]  # nothing written
+
+
+def test_the_stop_line_names_the_stage_and_how_to_resume():
+    argv = ["--gin_file=gin/runs/warm_mini.gin", "--gin.RUN_DIR='runs/a b'"]
+    e = main_lib.Interrupted(signal.SIGTERM)
+    e.entry = "warm@warm_clean"
+    line = main_lib._stop_line(e, argv)
+    head, _, command = line.partition("; resume with: ")
+    assert head == ("stopped by SIGTERM in stage warm@warm_clean outside a training loop "
+                    "(the stage restarts from its last checkpoint)")
+    assert shlex.split(command)[:3] == ["cd", os.getcwd(), "&&"]
+    assert shlex.split(command)[4:] == ["-m", "warm_jax.main", *argv]
+
+
+@pytest.mark.slow
+def test_sigint_during_training_ends_with_the_stage_step_and_resume_command(tmp_path):
+    """SIGINT to `python -m warm_jax.main` in the pre-training loop: exit code 143, and the
+    last line names the stage, the checkpointed step and the command that resumes."""
+    run_dir = str(tmp_path / "run")
+    argv = rh.main_argv("tests/gin/tiny_flow.gin", run_dir, "data,pretrain",
+                        "--gin.pretrain_stage.total_steps=100000",
+                        "--gin.pretrain_stage.log_every=1")
+    child = rh.Child(argv, str(tmp_path / "log.txt"), rh.subprocess_env(), cwd=ROOT)
+    metrics = os.path.join(run_dir, "pretrain", "metrics.jsonl")
+    rh.wait_for(lambda: rh.last_metric_step(metrics) >= 2, child, 600, "pretrain step 2")
+    child.signal(signal.SIGINT)
+    assert child.wait(300) == 143, child.log_tail()
+    last = [ln for ln in child.log_tail().splitlines() if ln.strip()][-1]
+    steps = rh.step_dirs(os.path.join(run_dir, "pretrain", "ckpt"))
+    assert steps and steps[-1] >= 2, steps
+    head, _, command = last.partition("; resume with: ")
+    assert head.endswith(f"stopped by SIGINT in stage pretrain at step {steps[-1]} "
+                         "(checkpoint saved)"), last
+    words = shlex.split(command)
+    assert words[:3] == ["cd", ROOT, "&&"], last
+    assert os.path.samefile(os.path.join(ROOT, words[3]), argv[0])
+    assert words[4:] == argv[1:]
