@@ -91,10 +91,17 @@ def test_every_run_file_parses_and_lists_known_stages():
 WARM_MINI = os.path.join(ROOT, "gin", "runs", "warm_mini.gin")
 
 
-def _main_errors(caplog, argv):
-    """(exit code, the ERROR lines) of an in-process main(argv) with a fresh gin config."""
+def _no_stage_may_run(only=None):
+    raise AssertionError("the configuration check let a stage start")
+
+
+def _main_errors(caplog, argv, monkeypatch=None):
+    """(exit code, the ERROR lines) of an in-process main(argv) with a fresh gin config;
+    with monkeypatch, starting any stage fails the test."""
     gin.clear_config()
     caplog.clear()
+    if monkeypatch is not None:
+        monkeypatch.setattr(main_lib, "run", _no_stage_may_run)
     try:
         with caplog.at_level(logging.INFO, logger="warm_jax"):
             rc = main_lib.main(argv)
@@ -103,16 +110,18 @@ def _main_errors(caplog, argv):
     return rc, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_a_macro_no_binding_uses_is_named_with_the_closest_known_one(tmp_path, caplog):
+def test_a_macro_no_binding_uses_is_named_with_the_closest_known_one(tmp_path, caplog,
+                                                                    monkeypatch):
     run_dir = tmp_path / "r"
     rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'",
-                                       "--gin.NUM_MEMBRES=3"])
+                                       "--gin.NUM_MEMBRES=3"], monkeypatch)
     assert rc == 2 and errors == ["--gin.NUM_MEMBRES: no binding uses macro NUM_MEMBRES "
                                   "(did you mean NUM_MEMBERS?)"]
     assert not run_dir.exists()
     # a macro bound in a run file and used nowhere is named too
     g = _write(tmp_path / "t.gin", TINY_DATA + "SEDE = 3\n")
-    rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{run_dir}'"])
+    rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{run_dir}'"],
+                              monkeypatch)
     assert rc == 2 and errors == ["macro SEDE: no binding uses macro SEDE (the run file's "
                                   "macros are ['RUN_DIR'])"]
     # the macros the run files use are all bound and used: no error from the macro check
@@ -123,15 +132,18 @@ def test_a_macro_no_binding_uses_is_named_with_the_closest_known_one(tmp_path, c
 
 @pytest.mark.parametrize("run_file, declared_in", [("warm_mini.gin", "warm_mini.gin"),
                                                    ("paper_miniature.gin", "warm_mini.gin")])
-def test_a_missing_required_macro_names_the_run_file(caplog, run_file, declared_in):
-    rc, errors = _main_errors(caplog, ["--gin_file", os.path.join(ROOT, "gin", "runs", run_file)])
+def test_a_missing_required_macro_names_the_run_file(caplog, monkeypatch, run_file,
+                                                     declared_in):
+    rc, errors = _main_errors(caplog, ["--gin_file", os.path.join(ROOT, "gin", "runs", run_file)],
+                              monkeypatch)
     assert rc == 2 and len(errors) == 1, errors
     assert errors[0].startswith("macro RUN_DIR is required by ")
     assert f"{declared_in} but not bound: add --gin.RUN_DIR=" in errors[0]
 
 
-def test_an_unquoted_string_binding_is_one_line(tmp_path, caplog):
-    rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR={tmp_path}/r"])
+def test_an_unquoted_string_binding_is_one_line(tmp_path, caplog, monkeypatch):
+    rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR={tmp_path}/r"],
+                              monkeypatch)
     assert rc == 2 and len(errors) == 1 and "\n" not in errors[0], errors
     assert errors[0].startswith(f"--gin.RUN_DIR={tmp_path}/r: ") and "need quotes" in errors[0]
 
@@ -179,30 +191,32 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("bindings, expected", BAD_VALUES, ids=[b[0][0] for b in BAD_VALUES])
-def test_a_bad_value_stops_the_run_before_any_stage_in_one_line(tmp_path, caplog, bindings,
-                                                                  expected):
+def test_a_bad_value_stops_the_run_before_any_stage_in_one_line(tmp_path, caplog, monkeypatch,
+                                                                  bindings, expected):
     """Each binding is checked up front (inside its stage entry's scope); nothing runs."""
     run_dir = tmp_path / "r"
     rc, errors = _main_errors(caplog, ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'",
-                                       *bindings])
+                                       *bindings], monkeypatch)
     assert rc == 2 and errors == [expected]
     assert not run_dir.exists()  # no stage ran, nothing was created
 
 
-def test_a_scope_no_binding_uses_is_a_typo(tmp_path, caplog):
+def test_a_scope_no_binding_uses_is_a_typo(tmp_path, caplog, monkeypatch):
     g = _write(tmp_path / "t.gin", TINY_DATA.replace("['data']", "['data', 'rm_ensemble@rm_clen']")
                + "rm_clean/ensemble_stage.name = 'rm_clean'\n")
-    rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{tmp_path}/r'"])
+    rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{tmp_path}/r'"],
+                              monkeypatch)
     assert rc == 2 and errors == [
         "run.stages entry 'rm_ensemble@rm_clen': no binding uses scope 'rm_clen', so it would "
         "run with the unscoped configuration; did you mean rm_clean?"]
 
 
-def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, caplog):
+def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, caplog,
+                                                            monkeypatch):
     run_dir = tmp_path / "r"
     argv = ["--gin_file", WARM_MINI, f"--gin.RUN_DIR='{run_dir}'"]
     assert main_lib.parse_args(argv + ["--check"])[0].dry_run  # --check is the same flag
-    rc, errors = _main_errors(caplog, argv + ["--dry_run"])
+    rc, errors = _main_errors(caplog, argv + ["--dry_run"], monkeypatch)
     out = capsys.readouterr().out
     assert rc == 0 and errors == [] and not run_dir.exists()
     entries = [line.split()[1] for line in out.splitlines() if line[:4].strip().endswith(".")]
@@ -218,7 +232,8 @@ def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, ca
     # a finished stage (its summary.json exists) is shown as done; --stages selects entries
     os.makedirs(run_dir / "rm_clean")
     (run_dir / "rm_clean" / "summary.json").write_text("{}")
-    rc, _ = _main_errors(caplog, argv + ["--dry_run", "--stages=rm_ensemble,warm@warm_clean"])
+    rc, _ = _main_errors(caplog, argv + ["--dry_run", "--stages=rm_ensemble,warm@warm_clean"],
+                         monkeypatch)
     out = capsys.readouterr().out
     assert rc == 0
     assert [line.split()[1:] for line in out.splitlines() if line[:4].strip().endswith(".")] \

@@ -291,7 +291,7 @@ def check_config(only: Optional[Sequence[str]] = None,
     config_checks.ConfigError (one line naming the binding)."""
     from warm_jax import config_checks
 
-    run_args = stage_arguments(run)
+    run_args = gin.get_bindings("warm_jax.main.run")
     run_dir, stages = run_args.get("run_dir"), run_args.get("stages")
     if not isinstance(run_dir, str) or not run_dir:
         raise config_checks.ConfigError("run.run_dir", run_dir, "must be a directory path")
