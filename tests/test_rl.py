@@ -74,6 +74,43 @@ def test_learning_raises_a_synthetic_token_reward(tmp_path):
     assert state["params"]["embedding"].sharding.spec[0] == "tensor"  # sharded by logical names
 
 
+def test_one_guard_refuses_a_non_finite_rl_update():
+    """An infinite learning rate gives finite loss and gradients but non-finite params: the
+    RL step (policy + value, train_lib's one guard) must keep the old state and count it.
+    The same compiled step with a finite learning rate does update (the check can fail)."""
+    from warm_jax import optim, train_lib
+
+    params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
+    value_params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(1))
+    cfg = rl.RLConfig(steps=4, batch_size=4, alpha=0.01, learning_rate=1e-2, warmup_steps=0,
+                      max_new_tokens=4, temperature=1.0, min_dim_size_to_factor=32)
+    opt_pi, opt_v = cfg.optimizers()
+    tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
+    reward_apply = lambda p, tokens, mask: p["scale"] * jnp.sum(
+        (tokens == TOKEN) * mask, axis=1).astype(jnp.float32)
+    state = rl.init_rl_state(params, value_params, jax.random.PRNGKey(2), tx_pi, tx_v)
+    step = jax.jit(rl.make_train_step(TINY, cfg, reward_apply, tx_pi, tx_v))
+    rm = {"scale": jnp.float32(1.0)}
+    batch = _prompts(4, 0)
+    leaves_equal = lambda a, b: [np.array_equal(x, y) for x, y in
+                                 zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+    ok, m = step(state, params, rm, batch)
+    assert float(m["finite"]) == 1.0 and int(ok["nonfinite"]) == 0
+    assert not all(leaves_equal(ok["params"], params))
+
+    for key in ("opt_state", "value_opt_state"):  # either optimizer's lr alone poisons the step
+        poisoned = dict(state)
+        poisoned[key] = optim.set_learning_rate(state[key], float("inf"))
+        new, m = step(poisoned, params, rm, batch)
+        assert int(new["step"]) == 1
+        assert np.isfinite(float(m["policy_loss"]))  # the loss itself was finite
+        assert float(m["finite"]) == 0.0 and int(new["nonfinite"]) == 1, key
+        assert train_lib.all_finite(new["params"]) and train_lib.all_finite(new["value_params"])
+        assert all(leaves_equal(new["params"], params))
+        assert all(leaves_equal(new["value_params"], value_params))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny world, an 'SFT' policy export and a one-member RM export."""

@@ -416,8 +416,28 @@ def _find_gin(path: str, *extra: str) -> str:
     raise FileNotFoundError(f"gin file {path!r} not found (searched ./, gin/ and the package root)")
 
 
+def _guard_gin_package_reader() -> None:
+    """gin's second file reader treats an include's folder as a Python package: with a
+    folder of the same name in the working directory (say `runs/`, a namespace package)
+    it crashes with a TypeError instead of answering "not here". Make it answer False."""
+    readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+    for i, (reader, exists) in enumerate(readers):
+        if getattr(exists, "_warm_jax_guarded", False) or reader is open:
+            continue
+
+        def safe_exists(path, _exists=exists):
+            try:
+                return _exists(path)
+            except TypeError:
+                return False
+
+        safe_exists._warm_jax_guarded = True
+        readers[i] = (reader, safe_exists)
+
+
 def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     import_stage_modules()
+    _guard_gin_package_reader()
     for base in (os.getcwd(), os.path.join(os.getcwd(), "gin"), _ROOT, os.path.join(_ROOT, "gin")):
         gin.add_config_file_search_path(base)
     files = [_find_gin(f) for f in gin_files]

@@ -203,19 +203,9 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         (pi_loss, ent), pi_grads = jax.value_and_grad(policy_loss_fn, has_aux=True)(
             state["params"])
         loss = pi_loss + v_loss
-        finite = jnp.logical_and(jnp.isfinite(loss),
-                                 jnp.logical_and(train_lib.all_finite(pi_grads),
-                                                 train_lib.all_finite(v_grads)))
-        new = dict(state)
-        for pkey, okey, tx, grads in (("params", "opt_state", tx_pi, pi_grads),
-                                      ("value_params", "value_opt_state", tx_v, v_grads)):
-            upd, new_opt = tx.update(grads, state[okey], state[pkey])
-            new_params = optax.apply_updates(state[pkey], upd)
-            keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
-            new[pkey] = keep(new_params, state[pkey])
-            new[okey] = keep(new_opt, state[okey])
-        new["step"] = state["step"] + 1
-        new["nonfinite"] = state["nonfinite"] + jnp.logical_not(finite).astype(jnp.int32)
+        new, finite = train_lib.guarded_multi_update(state, loss, [
+            ("params", "opt_state", tx_pi, pi_grads),
+            ("value_params", "value_opt_state", tx_v, v_grads)])
         n_tok = jnp.sum(tmask, axis=1)
         kl_seq = jnp.sum(kl_t * tmask, axis=1)
         metrics = {

@@ -66,14 +66,31 @@ def guarded_update(state: dict, grads, loss, tx: optax.GradientTransformation,
     """Applies grads unless the loss, a gradient, or the result (new params / optimizer
     state: e.g. an infinite learning rate or an overflowing second moment) is non-finite;
     then keeps the old state."""
-    finite = jnp.logical_and(jnp.isfinite(loss), all_finite(grads))
-    updates, new_opt = tx.update(grads, state[opt_key], state[params_key])
-    new_params = optax.apply_updates(state[params_key], updates)
-    finite = jnp.logical_and(finite, jnp.logical_and(all_finite(new_params), all_finite(new_opt)))
+    return guarded_multi_update(state, loss, [(params_key, opt_key, tx, grads)])
+
+
+def guarded_multi_update(state: dict, loss, groups) -> tuple[dict, jax.Array]:
+    """THE non-finite guard of every trainer (LM, RM ensemble, RL policy + value).
+
+    groups: [(params_key, opt_key, tx, grads), ...], updated together. The step is applied
+    only if the loss, every gradient, every new parameter and every new optimizer state are
+    finite; otherwise every group keeps its old params and optimizer state. Either way
+    `step` advances and a non-finite step is counted in `nonfinite`.
+    """
+    finite = jnp.isfinite(loss)
+    new_groups = []
+    for pkey, okey, tx, grads in groups:
+        updates, new_opt = tx.update(grads, state[okey], state[pkey])
+        new_params = optax.apply_updates(state[pkey], updates)
+        finite = jnp.logical_and(finite, all_finite(grads))
+        finite = jnp.logical_and(finite, jnp.logical_and(all_finite(new_params),
+                                                         all_finite(new_opt)))
+        new_groups.append((pkey, okey, new_params, new_opt))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     out = dict(state)
-    out[params_key] = keep(new_params, state[params_key])
-    out[opt_key] = keep(new_opt, state[opt_key])
+    for pkey, okey, new_params, new_opt in new_groups:
+        out[pkey] = keep(new_params, state[pkey])
+        out[okey] = keep(new_opt, state[okey])
     out["step"] = state["step"] + 1
     out["nonfinite"] = state["nonfinite"] + jnp.logical_not(finite).astype(jnp.int32)
     return out, finite
