@@ -86,6 +86,22 @@ def test_every_run_file_parses_and_lists_known_stages():
         assert entries and all(e.partition("@")[0] in main_lib.STAGES for e in entries), entries
 
 
+@pytest.mark.parametrize("run_file", sorted(
+    [os.path.join("gin", "runs", f) for f in os.listdir(os.path.join(ROOT, "gin", "runs"))
+     if f.endswith(".gin")] + ["tests/gin/tiny_flow.gin"]))
+def test_every_run_file_passes_the_checks_on_8_devices(tmp_path, run_file):
+    """`python -m warm_jax.main ... --check` on each run file: exit code 0, every entry
+    planned, nothing created."""
+    run_dir = tmp_path / "r"
+    out = subprocess.run([sys.executable, "-m", "warm_jax.main", f"--gin_file={run_file}",
+                          f"--gin.RUN_DIR='{run_dir}'", "--check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("configuration OK: ") and last.endswith(" to run; nothing was run")
+    assert not run_dir.exists()
+
+
 # --------------------------------------------------------------------------- up-front checks
 
 WARM_MINI = os.path.join(ROOT, "gin", "runs", "warm_mini.gin")

@@ -164,6 +164,9 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
     return results
 
 
+_RUN = run  # the configurable itself (its module is __main__ under `python -m`)
+
+
 # --------------------------------------------------------------------------- up-front checks
 
 
@@ -291,7 +294,7 @@ def check_config(only: Optional[Sequence[str]] = None,
     config_checks.ConfigError (one line naming the binding)."""
     from warm_jax import config_checks
 
-    run_args = gin.get_bindings("warm_jax.main.run")
+    run_args = gin.get_bindings(_RUN)
     run_dir, stages = run_args.get("run_dir"), run_args.get("stages")
     if not isinstance(run_dir, str) or not run_dir:
         raise config_checks.ConfigError("run.run_dir", run_dir, "must be a directory path")
