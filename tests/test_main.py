@@ -258,16 +258,49 @@ def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, ca
     assert sorted(os.listdir(run_dir)) == ["rm_clean"]  # nothing written
 
 
-def test_the_stop_line_names_the_stage_and_how_to_resume():
-    argv = ["--gin_file=gin/runs/warm_mini.gin", "--gin.RUN_DIR='runs/a b'"]
-    e = main_lib.Interrupted(signal.SIGTERM)
-    e.entry = "warm@warm_clean"
-    line = main_lib._stop_line(e, argv)
+def test_the_stop_line_names_the_stage_the_step_and_how_to_resume():
+    argv = ["--gin_file=gin/runs/warm_mini.gin", "--gin.RUN_DIR='runs/a b'", "--stages=rl"]
+    line = main_lib._stop_line(signal.SIGTERM, "rl@rl_warm", 37, argv)
     head, _, command = line.partition("; resume with: ")
-    assert head == ("stopped by SIGTERM in stage warm@warm_clean outside a training loop "
-                    "(the stage restarts from its last checkpoint)")
-    assert shlex.split(command)[:3] == ["cd", os.getcwd(), "&&"]
-    assert shlex.split(command)[4:] == ["-m", "warm_jax.main", *argv]
+    assert head == "stopped by SIGTERM in stage rl@rl_warm at step 37 (checkpoint saved)"
+    assert command.endswith(" -m warm_jax.main --gin_file=gin/runs/warm_mini.gin "
+                            "--gin.RUN_DIR=\"'runs/a b'\" --stages=rl")
+    words = shlex.split(command)
+    assert words[:3] == ["cd", os.getcwd(), "&&"] and words[4:] == ["-m", "warm_jax.main", *argv]
+    line = main_lib._stop_line(signal.SIGINT, "data", None, argv)
+    assert line.startswith("stopped by SIGINT in stage data outside a training loop (the stage "
+                           "restarts from its last checkpoint); resume with: cd ")
+
+
+SLOW_STAGE = """
+import os, sys, time, gin
+from warm_jax import main
+
+@gin.configurable
+def slow_stage(run_dir, seconds=120):
+    open(os.path.join(run_dir, "started"), "w").close()
+    time.sleep(seconds)
+
+main.STAGES["slow"] = "__main__:slow_stage"
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_outside_a_training_loop_stops_at_once_with_the_line(tmp_path):
+    run_dir = tmp_path / "r"
+    g = _write(tmp_path / "slow.gin", "RUN_DIR = %gin.REQUIRED\nrun.run_dir = %RUN_DIR\n"
+               "run.stages = ['slow']\nslow_stage.seconds = 120\n")
+    argv = [f"--gin_file={g}", f"--gin.RUN_DIR='{run_dir}'"]
+    child = rh.Child([sys.executable, "-c", SLOW_STAGE, *argv], str(tmp_path / "log.txt"),
+                     rh.subprocess_env(), cwd=str(tmp_path))
+    rh.wait_for(lambda: (run_dir / "started").exists(), child, 120, "the stage to start")
+    child.signal(signal.SIGTERM)
+    assert child.wait(60) == 143, child.log_tail()
+    last = [ln for ln in child.log_tail().splitlines() if ln.strip()][-1]
+    head, _, command = last.partition("; resume with: ")
+    assert head.endswith("stopped by SIGTERM in stage slow outside a training loop (the stage "
+                         "restarts from its last checkpoint)"), last
+    assert shlex.split(command)[-2:] == argv
 
 
 @pytest.mark.slow

@@ -116,23 +116,24 @@ def select_entries(stages: Sequence[str], only: Optional[Sequence[str]] = None) 
     return [e for e in stages if not only or e in only or e.partition("@")[0] in only]
 
 
-class Interrupted(BaseException):
-    """SIGTERM outside a training loop (inside one, train_lib.Preempted is raised)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+_NOW = {"entry": None, "argv": None}  # the running stage entry and main's argv
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+def _stop_outside_loop(signum, frame):
+    """SIGTERM/SIGINT outside a training loop (inside one, the loop checkpoints and raises
+    train_lib.Preempted): the line, then an immediate exit as the default SIGTERM action
+    would (every stage survives kill -9; raising here instead could land in a callback
+    that swallows it)."""
+    log.warning("%s", _stop_line(signum, _NOW["entry"], None, _NOW["argv"] or []))
+    logging.shutdown()
+    os._exit(128 + signum)
 
 
 @gin.configurable
 def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
         only: Optional[Sequence[str]] = None) -> dict:
-    """Runs the stage entries in order; returns {entry: summary}. A stop (Preempted,
-    Interrupted, KeyboardInterrupt) leaves with `.entry` set to the entry it stopped."""
+    """Runs the stage entries in order; returns {entry: summary}. A train_lib.Preempted
+    leaves with `.entry` set to the entry it stopped."""
     from warm_jax import metrics
 
     entries = select_entries(stages, only)
@@ -145,15 +146,18 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
         fn, scope = resolve_stage(entry)
         log.info("=== stage %d/%d: %s ===", i + 1, len(entries), entry)
         t0 = time.time()
+        _NOW["entry"] = entry
         try:
             if scope:
                 with gin.config_scope(scope):
                     out = fn(run_dir)
             else:
                 out = fn(run_dir)
-        except (SystemExit, KeyboardInterrupt, Interrupted) as e:
+        except SystemExit as e:  # train_lib.Preempted
             e.entry = entry
             raise
+        finally:
+            _NOW["entry"] = None
         dt = time.time() - t0
         results[entry] = out
         log.info("=== %s done in %.1fs ===", entry, dt)
@@ -350,40 +354,35 @@ def format_plan(run_dir: str, checks: Sequence, num_devices: Optional[int]) -> s
     return "\n".join(lines)
 
 
+def _shell_word(arg: str) -> str:
+    """A shell word for arg; --NAME='value' bindings keep the README's --NAME="'value'" form."""
+    name, eq, value = arg.partition("=")
+    if eq and name == shlex.quote(name) and shlex.quote(arg) != arg \
+            and not any(ch in value for ch in '"$`\\!'):
+        return f'{name}="{value}"'
+    return shlex.quote(arg)
+
+
 def resume_command(argv: Sequence[str]) -> str:
     """The command line that continues this run (the same command, from the same place)."""
     exe = sys.executable or "python"
     rel = os.path.relpath(exe)
     exe = exe if rel.startswith("..") else rel
-    return (f"cd {shlex.quote(os.getcwd())} && "
-            + shlex.join([exe, "-m", "warm_jax.main", *argv]))
+    return " ".join(["cd", shlex.quote(os.getcwd()), "&&", shlex.quote(exe), "-m",
+                     "warm_jax.main", *map(_shell_word, argv)])
 
 
-def _stop_line(e: BaseException, argv: Sequence[str]) -> str:
-    signum = getattr(e, "signum", None) or (signal.SIGINT if isinstance(e, KeyboardInterrupt)
-                                            else signal.SIGTERM)
-    name = signal.Signals(signum).name
-    entry = getattr(e, "entry", None) or "?"
-    step = getattr(e, "step", None)
+def _stop_line(signum: Optional[int], entry: Optional[str], step: Optional[int],
+               argv: Sequence[str]) -> str:
+    """The run's last line after a signal: where it stopped and how to continue."""
+    try:
+        name = signal.Signals(signum).name
+    except (TypeError, ValueError):
+        name = "a signal"
     where = (f"at step {step} (checkpoint saved)" if step is not None
              else "outside a training loop (the stage restarts from its last checkpoint)")
-    return f"stopped by {name} in stage {entry} {where}; resume with: {resume_command(argv)}"
-
-
-def _record_timing(run_dir: str, entry: str, seconds: float) -> None:
-    import jax
-
-    from warm_jax import metrics
-
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(run_dir, "timings.json")
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data[entry] = round(seconds, 2)
-    metrics.atomic_write_json(path, data)
+    return (f"stopped by {name} in stage {entry or '(none)'} {where}; "
+            f"resume with: {resume_command(argv)}")
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -507,7 +506,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from warm_jax import config_checks
 
-    old_term = None
+    old_handlers = {}
+    _NOW["argv"] = argv
     try:
         configure(args.gin_file, bindings)
         check_macros([_find_gin(f) for f in args.gin_file], bindings)
@@ -529,20 +529,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         check_config(only, _num_devices(initialized=True))
         try:
-            old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, _stop_outside_loop)
         except ValueError:  # not the main thread
             pass
         run(only=only)
     except (StageError, FileNotFoundError, config_checks.ConfigError) as e:
         log.error("%s", e)
         return 2
-    except (SystemExit, KeyboardInterrupt, Interrupted) as e:
+    except SystemExit as e:
         from warm_jax import train_lib
 
-        if not isinstance(e, (train_lib.Preempted, KeyboardInterrupt, Interrupted)):
+        if not isinstance(e, train_lib.Preempted):
             raise
-        log.warning("%s", _stop_line(e, argv))
-        return 130 if isinstance(e, KeyboardInterrupt) else 143
+        log.warning("%s", _stop_line(e.signum, getattr(e, "entry", None), e.step, argv))
+        return 143
     except Exception as e:  # one clear line for the errors users can act on
         from warm_jax import checkpoint, train_lib
         from warm_jax.data.formats import DataError
@@ -558,8 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         raise
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
     return 0
 
 
