@@ -385,6 +385,22 @@ def _stop_line(signum: Optional[int], entry: Optional[str], step: Optional[int],
             f"resume with: {resume_command(argv)}")
 
 
+def _record_timing(run_dir: str, entry: str, seconds: float) -> None:
+    import jax
+
+    from warm_jax import metrics
+
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(run_dir, "timings.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data[entry] = round(seconds, 2)
+    metrics.atomic_write_json(path, data)
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(prog="python -m warm_jax.main",
                                  description="Run warm-jax stages from gin files.")
