@@ -196,11 +196,13 @@ def _macro_refs(value) -> list[str]:
 
 
 def _is_required(value) -> bool:
-    if not isinstance(value, gin.config.ConfigurableReference):
+    """Whether a binding value is %gin.REQUIRED (a gin constant; nothing else is evaluated)."""
+    if not isinstance(value, gin.config.ConfigurableReference) \
+            or value.configurable.selector != "gin.constant":
         return False
     try:
         return copy.deepcopy(value) is gin.REQUIRED
-    except Exception:  # noqa: BLE001 - an unrelated reference that cannot be evaluated here
+    except ValueError:  # an unknown constant: gin reports it when the binding is used
         return False
 
 
