@@ -195,6 +195,30 @@ def test_params_export_is_atomic_and_checked(tmp_path):
         ckpt_lib.load_params(str(tmp_path / "missing"))
 
 
+def test_relative_paths_work_everywhere(tmp_path, monkeypatch):
+    """Every path a user gives (export, load, metadata, merge members and output) may be
+    relative to the working directory (Orbax itself takes absolute paths only)."""
+    from warm_jax import average
+
+    monkeypatch.chdir(tmp_path)
+    params, _ = model_lib.init_params(CFG, jax.random.PRNGKey(1))
+    other, _ = model_lib.init_params(CFG, jax.random.PRNGKey(2))
+    card = {"kind": "rm_member", "model_config": model_lib.config_to_dict(CFG),
+            "vocab_sha256": "ab" * 32, "init_fingerprint": "x", "shared_fingerprint": "x"}
+    ckpt_lib.export_params(os.path.join("runs", "a"), params, card)
+    ckpt_lib.export_params(os.path.join("runs", "b"), other, card)
+    back, _ = ckpt_lib.load_params(os.path.join("runs", "a"))
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(back)[0]),
+                                  np.asarray(jax.tree.leaves(params)[0]))
+    stored = [tuple(m.shape) for m in jax.tree.leaves(ckpt_lib.params_metadata("runs/a"))]
+    assert sorted(stored) == sorted(tuple(x.shape) for x in jax.tree.leaves(params))
+    rc = average.main(["--out", "runs/merged", "runs/a", "runs/b"])
+    assert rc == 0
+    merged, _ = ckpt_lib.load_params("runs/merged")
+    want = (np.asarray(jax.tree.leaves(params)[0]) + np.asarray(jax.tree.leaves(other)[0])) / 2
+    np.testing.assert_allclose(np.asarray(jax.tree.leaves(merged)[0]), want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
 def test_kv_cache_matches_full_recompute(num_kv_heads):
     cfg = model_lib.model_config("tiny", num_kv_heads=num_kv_heads)
