@@ -191,8 +191,7 @@ BAD_VALUES = [
      "warm_clean/warm_stage.method = 'mean': method 'mean'; choose from "
      "['uniform', 'weighted', 'greedy']"),
     (["--gin.sft_stage.snapshot_steps=[100, 400]"],
-     "sft_stage.snapshot_steps = [100, 400]: steps [400] are not integers in "
-     "(0, total_steps=300]"),
+     "sft_stage.snapshot_steps = [100, 400]: steps [400] outside (0, total_steps=300]"),
     (["--gin.judge_stage.pairs=[('rl_warm',)]"],
      "judge_stage.pairs[0] = ('rl_warm',): must be a pair (A, B) of policies"),
     (["--gin.eval_corrupt/rm_eval_stage.interp_members=(1, 1)"],

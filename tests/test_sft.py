@@ -133,7 +133,7 @@ def test_sft_keeps_snapshots_with_cards(pretrained):
 
 def test_bad_input_is_reported(pretrained, data_dir, tmp_path):
     run, _ = pretrained
-    with pytest.raises(ValueError, match=r"snapshot_steps \[9\] outside"):
+    with pytest.raises(ValueError, match=r"snapshot_steps = \(2, 9\): steps \[9\] outside"):
         sft.sft_stage(str(tmp_path / "x"), init_params_path=os.path.join(run, "pretrain", "final"),
                       snapshot_steps=(2, 9), **LM)
     with pytest.raises(ckpt_lib.CheckpointError, match="no such"):

@@ -394,10 +394,11 @@ def snapshot_steps_problem(snapshot_steps, total_steps: int) -> Optional[str]:
         return None
     if isinstance(snapshot_steps, (str, bytes)) or not isinstance(snapshot_steps, Sequence):
         return "must be a list of SFT steps"
-    bad = [v for v in snapshot_steps
-           if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= total_steps]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in snapshot_steps):
+        return "must be a list of integer SFT steps"
+    bad = [v for v in snapshot_steps if not 0 < v <= total_steps]
     if bad:
-        return f"steps {bad} are not integers in (0, total_steps={total_steps}]"
+        return f"steps {bad} outside (0, total_steps={total_steps}]"
     return None
 
 
