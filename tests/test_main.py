@@ -187,6 +187,8 @@ BAD_VALUES = [
      "rl_single/rl_stage.reward = 'best': expected warm:<dir>, member:<ensemble>:<i>, "
      "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M> or path:<params export>"),
     (["--gin.bon_stage.ns=[4, 0]"], "bon_stage.ns[1] = 0: must be >= 1"),
+    (["--gin.rl_warm/rl_stage.name='../rl_warm'"],
+     "rl_warm/rl_stage.name = '../rl_warm': must be a directory name under RUN_DIR"),
     (["--gin.warm_stage.method='mean'"],
      "warm_clean/warm_stage.method = 'mean': method 'mean'; choose from "
      "['uniform', 'weighted', 'greedy']"),

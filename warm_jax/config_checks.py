@@ -109,10 +109,11 @@ class StageCheck:
         return value
 
     def name(self, field: str):
-        """A directory name under the run directory: a non-empty string without '/'."""
+        """A directory name under the run directory (relative, not leaving it)."""
         value = self.args.get(field)
-        if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
-            self.fail(field, "must be a non-empty directory name (no '/')")
+        if not isinstance(value, str) or not value.strip("/.") or os.path.isabs(value) \
+                or ".." in value.split("/"):
+            self.fail(field, "must be a directory name under RUN_DIR")
         return value
 
     def sequence(self, field: str, *, length: Optional[int] = None, min_length: int = 0,
