@@ -11,6 +11,7 @@ import gin
 import pytest
 
 import reliability_helpers as rh
+from warm_jax import config_checks
 from warm_jax import main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -335,3 +336,24 @@ def test_sigint_during_training_ends_with_the_stage_step_and_resume_command(tmp_
     assert words[:3] == ["cd", ROOT, "&&"], last
     assert os.path.samefile(os.path.join(ROOT, words[3]), argv[0])
     assert words[4:] == argv[1:]
+
+
+def test_mesh_rules_wait_for_the_device_count(tmp_path):
+    """A dry run of a multi-process job does not know the global device count: the mesh
+    rules are skipped (and said so) while every other rule still applies."""
+    gin.clear_config()
+    try:
+        main_lib.configure([WARM_MINI], [f"RUN_DIR = '{tmp_path}/r'", "MeshConfig.tensor = 3"])
+        run_dir, checks = main_lib.check_config(["pretrain"], num_devices=None)
+        assert [c.entry for c in checks] == ["pretrain"]
+        assert "device count unknown (mesh rules skipped)" in main_lib.format_plan(
+            run_dir, checks, None)
+        with pytest.raises(config_checks.ConfigError, match="MeshConfig.tensor = 3"):
+            main_lib.check_config(["pretrain"], num_devices=8)
+        with gin.unlock_config():
+            gin.bind_parameter("pretrain_stage.warmup_steps", -1)
+        with pytest.raises(config_checks.ConfigError,
+                           match=r"^pretrain_stage.warmup_steps = -1: must be >= 0$"):
+            main_lib.check_config(["pretrain"], num_devices=None)
+    finally:
+        gin.clear_config()
