@@ -18,7 +18,7 @@ DATA = [
     "sentencepiece>=0.2",
 ]
 REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
-DEV = ["pytest>=8", "hypothesis>=6"]
+DEV = ["pytest>=8", "hypothesis>=6", "nbformat>=5.9"]
 
 setup(
     name="warm_jax",
