@@ -141,7 +141,12 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path):
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(np.isfinite(r["eval/control_reward"]) for r in evals)
     samples = _records(a, "samples.jsonl")
-    assert samples[0]["samples"][0]["completion"] is not None and len(samples[0]["samples"]) == 4
+    # the first logged samples are of the first held-out prompts, in order
+    gin.bind_parameter("DataConfig.data_dir", data)
+    gin.bind_parameter("DataConfig.num_eval_prompts", 16)
+    eval_texts = provider_lib.DataProvider(provider_lib.DataConfig()).prompts("eval")["prompts"]
+    gin.clear_config()
+    assert [x["prompt"] for x in samples[0]["samples"]] == [t[-160:] for t in eval_texts[:4]]
     assert ca["kind"] == "lm" and ca["step"] == 6 and ca["alpha"] == 0.01
     assert ca["reward"] == f"path:{rm}" and ca["model_config"]["vocab_size"] > 128
     assert full["final_control_reward"] == evals[-1]["eval/control_reward"]
