@@ -99,6 +99,11 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     rc, rr = reward_lib.pair_rewards(rms[0], true_view)
     assert np.all(rc != rr)
     assert acc[("member_0", "train_corrupt")] == pytest.approx(1.0 - np.mean(rc > rr))
+    # train_clean = the rows whose label was NOT flipped, scored against their label
+    corrupted_train = prov.preference("train", corrupted=True)
+    clean_idx = np.flatnonzero(~np.asarray(corrupted_train["flipped"], bool))[:48]
+    assert acc[("member_0", "train_clean")] == pytest.approx(reward_lib.pairwise_accuracy(
+        rms[0], provider_lib.subset(corrupted_train, clean_idx)), abs=1e-9)
     # ENS_M2 = the mean reward of the two best members (1 and 0)
     ens = reward_lib.RewardModel.ensemble(CFG, [rms[0].params, rms[1].params])
     assert acc[("ens_M2", "ood")] == pytest.approx(reward_lib.pairwise_accuracy(ens, sets["ood"]))
