@@ -10,6 +10,7 @@ exits 1 if any mutation survived or errored.
     python tools/mutation_check.py              # every mutation
     python tools/mutation_check.py --list       # names, files and tests
     python tools/mutation_check.py -k judge -k kl_penalty   # a subset (substring of names)
+    python tools/mutation_check.py --slow       # also those whose test is the smoke flow
 
 Run it from the repository root with the project's environment (.venv/bin/python); it
 sets the 8 fake CPU devices itself. About 20 minutes on 2 CPU cores; see README.md.
@@ -36,6 +37,7 @@ class Mutation:
     old: str  # must occur exactly once in the file
     new: str
     tests: tuple  # pytest node ids
+    slow: bool = False  # its test runs the whole smoke flow: only with --slow
 
 
 MUTATIONS = [
@@ -147,7 +149,13 @@ MUTATIONS = [
              "warm_jax/report.py",
              'rows = [[pair, r.get("win_rate"),',
              'rows = [[pair, r.get("ci_low"),',
-             ("tests/test_report.py::test_report_of_the_smoke_flow_reads_what_the_stages_wrote",)),
+             ("tests/test_report.py::test_report_stage_renders_measured_numbers",)),
+    Mutation("judge_summary_loses_win_rate", "the judge's summary stores no win_rate (what "
+             "report reads): stage and report disagree", "warm_jax/judge.py",
+             '"win_rate", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "wins",',
+             '"ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "wins",',
+             ("tests/test_report.py::test_report_of_the_smoke_flow_reads_what_the_stages_wrote",),
+             slow=True),
 ]
 
 
@@ -204,10 +212,13 @@ def main(argv=None) -> int:
     ap.add_argument("-k", action="append", default=[], help="run mutations whose name "
                     "contains this (repeatable)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--slow", action="store_true", help="also the mutations whose test runs "
+                    "the whole smoke flow (a few minutes each)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copies")
     args = ap.parse_args(argv)
-    todo = [m for m in MUTATIONS if not args.k or any(k in m.name for k in args.k)]
+    todo = [m for m in MUTATIONS if (args.slow or not m.slow)
+            and (not args.k or any(k in m.name for k in args.k))]
     if args.list:
         for m in todo:
             print(f"{m.name:32s} {m.path:28s} {' '.join(m.tests)}\n    {m.what}")
