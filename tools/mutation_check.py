@@ -242,6 +242,9 @@ def main(argv=None) -> int:
         print(f"{m.name:32s} {status:14s} {time.time() - t0:6.0f}s", flush=True)
         if status != "killed":
             print("    " + out.strip().replace("\n", "\n    ")[-1500:], flush=True)
+        else:  # what failed: pytest's short summary line
+            first = next((l for l in out.splitlines() if l.startswith("FAILED ")), "")
+            print("    " + first[:200], flush=True)
     print(f"\n| mutation | file | what | test(s) | result | seconds |\n|---|---|---|---|---|---|")
     for m, status, sec in rows:
         tests = ", ".join(t.split("::")[-1] for t in m.tests)
