@@ -11,6 +11,7 @@ exits 1 if any mutation survived or errored.
     python tools/mutation_check.py --list       # names, files and tests
     python tools/mutation_check.py -k judge -k kl_penalty   # a subset (substring of names)
     python tools/mutation_check.py --slow       # also those whose test is the smoke flow
+    python tools/mutation_check.py --baseline   # first: the named tests pass unmutated
 
 Run it from the repository root with the project's environment (.venv/bin/python); it
 sets the 8 fake CPU devices itself. About 20 minutes on 2 CPU cores; see README.md.
@@ -216,6 +217,8 @@ def main(argv=None) -> int:
                     "the whole smoke flow (a few minutes each)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copies")
+    ap.add_argument("--baseline", action="store_true", help="first run every named test on "
+                    "an unmutated copy (they must pass, so that a kill means the mutation)")
     args = ap.parse_args(argv)
     todo = [m for m in MUTATIONS if (args.slow or not m.slow)
             and (not args.k or any(k in m.name for k in args.k))]
@@ -224,6 +227,18 @@ def main(argv=None) -> int:
             print(f"{m.name:32s} {m.path:28s} {' '.join(m.tests)}\n    {m.what}")
         return 0
     rows, t_all = [], time.time()
+    if args.baseline:
+        tests = list(dict.fromkeys(t for m in todo for t in m.tests))
+        root = tempfile.mkdtemp(prefix="mutation_baseline_")
+        try:
+            copy_repo(root)
+            rc, out = run_tests(root, tests, args.timeout * 2)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"baseline: {len(tests)} tests, rc {rc}, {time.time() - t_all:.0f}s", flush=True)
+        if rc != 0:
+            print(out)
+            return 2
     for m in todo:
         root = tempfile.mkdtemp(prefix=f"mutation_{m.name}_")
         t0 = time.time()
