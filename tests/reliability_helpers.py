@@ -200,7 +200,7 @@ def kill9_until_done(spawn, done_path: str, metrics_path: str, *, n_kills: int, 
                      total_steps: int, start_pattern: str, startup_fraction: float = 0.25,
                      startup_window_s: tuple = (0.5, 8.0), after_save_fraction: float = 0.4,
                      timeout: float = 600,
-                     ckpt_dir: Optional[str] = None) -> list[dict]:
+                     ckpt_dir: Optional[str] = None, min_train_kills: int = 1) -> list[dict]:
     """Launches spawn() and SIGKILLs it at n_kills random points, relaunching each time,
     then lets a last launch finish (it must exit 0 and leave done_path).
 
@@ -210,17 +210,13 @@ def kill9_until_done(spawn, done_path: str, metrics_path: str, *, n_kills: int, 
     random 1-3 steps further, then a random 0-0.4 s more, inside a step or an async save);
     'after_save' (as 'train', but counted from the first checkpoint the launch finalised,
     so that the run makes progress and later launches really resume).
+    When fewer than `min_train_kills` kills landed inside training (see
+    `kills_inside_training`), up to 3 more 'train' kills are made; the caller asserts.
     Returns one record per kill."""
     import re
 
-    kills = []
-    for _ in range(n_kills):
-        if os.path.exists(done_path):
-            break
+    def one_kill(phase):
         child = spawn()
-        u = rng.random()
-        phase = "startup" if u < startup_fraction else (
-            "after_save" if ckpt_dir and u > 1 - after_save_fraction else "train")
         resumed_from = None
         if phase == "startup":
             time.sleep(rng.uniform(*startup_window_s))
@@ -240,25 +236,46 @@ def kill9_until_done(spawn, done_path: str, metrics_path: str, *, n_kills: int, 
                     base = max(step_dirs(ckpt_dir))
                 target = min(total_steps,
                              base + rng.randint(0 if phase == "after_save" else 1, 3))
+                if phase == "forced_train":
+                    target = min(total_steps - 1, base + 1)
                 wait_for(lambda: last_metric_step(metrics_path) >= target, child, timeout,
                          f"step {target}")
             except AssertionError:
                 if child.poll() != 0:
                     raise  # crashed, or too slow
-            time.sleep(rng.uniform(0.0, 0.4))
+            time.sleep(rng.uniform(0.0, 0.4) if phase != "forced_train" else 0.0)
         saving = bool(ckpt_dir and [n for n in tmp_checkpoint_dirs(ckpt_dir)
                                     if os.path.getmtime(os.path.join(ckpt_dir, n)) >= child.t0])
         at = last_metric_step(metrics_path)
         finished = child.poll() is not None
         child.kill()
-        kills.append({"phase": phase, "resumed_from": resumed_from, "metrics_step": at,
-                      "save_in_flight": saving, "killed": not finished,
-                      "rc": child.proc.returncode})
+        return {"phase": phase, "resumed_from": resumed_from, "metrics_step": at,
+                "save_in_flight": saving, "killed": not finished, "rc": child.proc.returncode}
+
+    kills = []
+    for _ in range(n_kills):
+        if os.path.exists(done_path):
+            break
+        u = rng.random()
+        kills.append(one_kill("startup" if u < startup_fraction else (
+            "after_save" if ckpt_dir and u > 1 - after_save_fraction else "train")))
+    for _ in range(3):
+        if (len(kills_inside_training(kills, total_steps)) >= min_train_kills
+                or os.path.exists(done_path)):
+            break
+        kills.append(one_kill("forced_train"))
     child = spawn()
     rc = child.wait(timeout)
     assert rc == 0, f"final run failed (rc {rc}):\n{child.log_tail()}"
     assert os.path.exists(done_path), child.log_tail()
     return kills
+
+
+def kills_inside_training(kills: Sequence[dict], total_steps: int) -> list[dict]:
+    """The kills that hit a live process after its training loop started and before its
+    last step was logged."""
+    return [k for k in kills if k["killed"] and k["phase"] != "startup"
+            and k["resumed_from"] is not None and k["metrics_step"] < total_steps]
 
 
 def kill9_when(cond, child: Child, timeout: float, poll_s: float = 0.002) -> bool:

@@ -141,6 +141,31 @@ def test_average_stacked_matches_reference(members):
         average.average_stacked(stacked, [1, -1, 1])
 
 
+def test_average_params_matches_numpy_reference():
+    """The in-memory average (rm_eval's WARM and interpolation) is the weighted mean of
+    EVERY leaf, reward head included."""
+    cfg = model_lib.model_config("tiny")
+    trees = []
+    for i in range(3):
+        p, _ = model_lib.init_params(cfg, jax.random.PRNGKey(i))
+        p = dict(p, reward_head={"kernel": jnp.full((cfg.d_model, 1), float(i + 1)),
+                                 "bias": jnp.full((1,), -float(i))})
+        trees.append(p)
+    w = np.array([1.0, 1.0, 2.0])
+    got = average.average_params(trees, list(w))
+    for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+        ref = sum(wi * np.asarray(_at(t, path), np.float64) for wi, t in zip(w, trees)) / w.sum()
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-6, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(np.asarray(got["reward_head"]["kernel"]), (1 + 2 + 2 * 3) / 4, rtol=1e-6)
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
 def test_bfloat16_members_accumulate_in_float32():
     cfg = model_lib.model_config("tiny", param_dtype="bfloat16")
     base, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))

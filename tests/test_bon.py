@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from warm_jax import bon, checkpoint as ckpt_lib, model as model_lib, sampling
+from warm_jax import reward as reward_lib
+from warm_jax.data import oracle
 from warm_jax.data import provider as provider_lib
 from warm_jax.data import world
 
@@ -109,6 +111,20 @@ def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
         assert by[("oracle", 1)]["control"] == pytest.approx(by[(f"path:{rm_path}", 1)]["control"])
         assert by[("oracle", 4)]["control"] > by[("oracle", 1)]["control"]
         assert by[("oracle", 4)]["kl"] == pytest.approx(bon.bon_kl(4))
+        # the RM's curve at every N: rescore the stored pool here (the RM and the oracle
+        # called directly) and enumerate every N-subset of the 4 samples of each prompt
+        with np.load(os.path.join(out, "pool.npz")) as z:
+            tokens, mask = z["tokens"], z["mask"]
+        texts = json.load(open(os.path.join(out, "pool_texts.json")))
+        rm = reward_lib.RewardModel.load(rm_path)
+        proxy = np.asarray(rm(tokens, mask), np.float64).reshape(6, 4)
+        control = oracle.score_batch(texts["prompts"], texts["completions"]).reshape(6, 4)
+        assert len(set(proxy.ravel().round(6))) == 24  # no ties: the pick is unambiguous
+        for n in (1, 2, 4):
+            picks = [[control[p, max(sub, key=lambda j: proxy[p, j])]
+                      for sub in itertools.combinations(range(4), n)] for p in range(6)]
+            assert by[(f"path:{rm_path}", n)]["control"] == pytest.approx(
+                float(np.mean(picks)), abs=1e-6), n
         assert os.path.getsize(os.path.join(out, "bon.png")) > 1000
         assert summary["pool_size"] == 4 and summary["num_prompts"] == 6
         assert os.path.exists(os.path.join(out, "bon.run_info.json"))

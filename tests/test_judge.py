@@ -12,7 +12,7 @@ from warm_jax import judge
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
 from warm_jax.data import provider as provider_lib
-from warm_jax.data import world
+from warm_jax.data import lexicon, oracle, world
 
 
 def test_win_rate_counts_ties_as_half_and_intervals():
@@ -49,11 +49,17 @@ def test_control_kl_curve_reads_eval_records(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def judged(tmp_path_factory):
-    root = tmp_path_factory.mktemp("judge")
-    data = str(root / "data")
+def world_dir(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("judge_world") / "data")
     world.generate_world(data, seed=0, n_train_pairs=600, n_valid_pairs=60, n_ood_pairs=60,
                          n_sft=300, n_prompts=120, vocab_size=512)
+    return data
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory, world_dir):
+    root = tmp_path_factory.mktemp("judge")
+    data = world_dir
     prov = provider_lib.DataProvider(provider_lib.DataConfig(data_dir=data))
     cfg = model_lib.model_config("tiny", vocab_size=prov.vocab.vocab_size)
     params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))
@@ -105,3 +111,61 @@ def test_policy_against_itself_independent_samples_near_half(judged):
     assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
     assert r["bootstrap_low"] <= r["win_rate"] <= r["bootstrap_high"]
     assert r["ci_low"] < 0.5 < r["ci_high"]  # the same policy: no significant difference
+
+
+def constant_policy(cfg, token: int) -> dict:
+    """Params of a policy that emits `token` at every position, whatever the context: the
+    blocks add nothing to the residual stream (output projections zero), every embedding
+    is e_0 (so the final RMSNorm output is sqrt(d) e_0) and the tied LM head gives `token`
+    a logit 30x every other's."""
+    params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(np.array, params)
+    for i in range(cfg.num_layers):
+        params[f"layer_{i}"]["attn"]["out"]["kernel"][:] = 0.0
+        params[f"layer_{i}"]["mlp"]["wo"]["kernel"][:] = 0.0
+    emb = np.zeros_like(params["embedding"])
+    emb[:, 0] = 1.0
+    emb[token, 0] = 30.0
+    params["embedding"] = emb
+    return params
+
+
+def test_judge_prefers_the_better_policy_and_keeps_sides(world_dir, tmp_path):
+    """Two policies whose oracle scores are known in advance: 'mute' ends every summary at
+    once (EOS: an empty summary, the oracle's -2.0), 'word' writes one plain non-fact word
+    over and over (no invented facts: at most -0.5 repetition, -0.3 ending, >= -1.0 with 16
+    words). 'word' beats 'mute' on every prompt, so A vs B is 1.0 and B vs A is 0.0."""
+    prov = provider_lib.DataProvider(provider_lib.DataConfig(data_dir=world_dir))
+    cfg = model_lib.model_config("tiny", vocab_size=prov.vocab.vocab_size)
+    word = next(t for t in range(3, prov.vocab.vocab_size)
+                if prov.vocab.decode([t]).strip().isalpha()
+                and len(prov.vocab.decode([t]).strip()) >= 3
+                and prov.vocab.decode([t]).strip().lower() not in lexicon.FACT_WORDS)
+    text = prov.vocab.decode([word] * 16)
+    assert oracle.score("a post", text) > -1.01 and oracle.score("a post", "") == -2.0
+    card = {"kind": "lm", "model_config": model_lib.config_to_dict(cfg),
+            "vocab_sha256": prov.vocab.sha256, "step": 0}
+    run_dir = str(tmp_path / "run")
+    ckpt_lib.export_params(os.path.join(run_dir, "word", "policy"),
+                           constant_policy(cfg, word), card)
+    ckpt_lib.export_params(os.path.join(run_dir, "mute", "policy"),
+                           constant_policy(cfg, 1), card)  # 1 = EOS
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", world_dir)
+    gin.bind_parameter("DataConfig.num_eval_prompts", 32)
+    try:
+        s = judge.judge_stage(run_dir, pairs=(("word", "mute"), ("mute", "word")),
+                              num_prompts=32, max_new_tokens=16)
+    finally:
+        gin.clear_config()
+    samples = json.load(open(os.path.join(run_dir, "judge", "samples", "word.json")))
+    assert set(samples["completions"]) == {text}  # the policy did what it was built to do
+    mute = json.load(open(os.path.join(run_dir, "judge", "samples", "mute.json")))
+    assert set(mute["completions"]) == {""} and set(mute["scores"]) == {-2.0}
+    ab, ba = s["win_rates"]["word vs mute"], s["win_rates"]["mute vs word"]
+    assert (ab["win_rate"], ab["wins"], ab["ties"], ab["losses"], ab["n"]) == (1.0, 32, 0, 0, 32)
+    assert (ba["win_rate"], ba["wins"], ba["ties"], ba["losses"], ba["n"]) == (0.0, 0, 0, 32, 32)
+    assert ab["ci_low"] > 0.85 and ba["ci_high"] < 0.15  # Wilson at 32/32 and 0/32
+    assert s["mean_control"]["mute"] == -2.0
+    assert s["mean_control"]["word"] == pytest.approx(
+        np.mean([oracle.score(p, text) for p in prov.prompts("eval")["prompts"][:32]]))

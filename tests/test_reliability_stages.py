@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import sys
 
@@ -75,7 +76,7 @@ def test_rm_ensemble_stage_survives_kill9_bitwise(flow, compile_cache):
                       r"initialised from)(\d*)",
         ckpt_dir=os.path.join(run, "rm_b", "ckpt"))
     print("rm_ensemble kills:", kills)
-    assert sum(k["killed"] for k in kills) >= 1, kills
+    assert rh.kills_inside_training(kills, 10), f"no kill landed inside training: {kills}"
     for i in range(2):
         _same_card_checksums(os.path.join(run, "rm_b", "members", f"member_{i}"),
                              os.path.join(run, "rm_a", "members", f"member_{i}"))
@@ -101,13 +102,22 @@ def test_warm_stage_survives_kill9_during_the_merge(flow, compile_cache):
     time.sleep(rng.uniform(1.0, 8.0))
     child.kill()
     events.append({"when": "random delay", "out_exists": os.path.exists(out)})
-    child = _launch(run, "warm@warm_b", compile_cache, "warm_b.log", *bind)
-    hit = rh.kill9_when(lambda: any(n.startswith("warm_b.tmp") for n in os.listdir(run)),
-                        child, 600)
-    events.append({"when": "during the export" if hit else "(finished first)",
-                   "out_exists": os.path.exists(out),
-                   "tmp_left": sorted(n for n in os.listdir(run) if n.startswith("warm_b."))})
+    # killed while the merged output is being written; a merge that finished before the
+    # kill landed is removed and tried again (the fault must really happen)
+    for _ in range(5):
+        child = _launch(run, "warm@warm_b", compile_cache, "warm_b.log", *bind)
+        hit = rh.kill9_when(lambda: any(n.startswith("warm_b.tmp") for n in os.listdir(run)),
+                            child, 600, poll_s=0.0005)
+        events.append({"when": "during the export" if hit else "(finished first)",
+                       "out_exists": os.path.exists(out),
+                       "tmp_left": sorted(n for n in os.listdir(run) if n.startswith("warm_b."))})
+        if hit:
+            break
+        for name in os.listdir(run):
+            if name in ("warm_b", "warm_b_stage") or name.startswith("warm_b.tmp"):
+                shutil.rmtree(os.path.join(run, name))
     print("warm kills:", events)
+    assert hit, f"no kill landed during the export in 5 attempts: {events}"
     # never a partial output: either absent or complete (card written last, inside the
     # temporary directory, before the rename)
     assert not os.path.exists(out) or os.path.exists(os.path.join(out, "card.json"))
@@ -133,7 +143,7 @@ def test_rl_stage_survives_kill9_bitwise(flow, compile_cache):
                       r"initialised from)(\d*)",
         ckpt_dir=os.path.join(run, "rl_b", "checkpoints"))
     print("rl kills:", kills)
-    assert sum(k["killed"] for k in kills) >= 1, kills
+    assert rh.kills_inside_training(kills, 8), f"no kill landed inside training: {kills}"
     _same_card_checksums(os.path.join(run, "rl_b", "policy"), os.path.join(run, "rl_a", "policy"))
     got = _train_records(os.path.join(run, "rl_b", "metrics.jsonl"), "reward")
     want = _train_records(os.path.join(run, "rl_a", "metrics.jsonl"), "reward")

@@ -1,6 +1,14 @@
-"""The report stage and the multi-run aggregate read what the stages wrote, nothing else."""
+"""The report stage and the multi-run aggregate read what the stages wrote, nothing else:
+rendering and aggregation on small hand-written summaries (fast), and the whole miniature
+flow (gin/runs/smoke.gin) through `python -m warm_jax.main`, whose report.md must hold the
+numbers its stages wrote (slow)."""
 import json
 import os
+import re
+import subprocess
+import sys
+
+import pytest
 
 from warm_jax import report
 
@@ -41,3 +49,99 @@ def test_aggregate_over_seeds(tmp_path):
     text = open(out).read()
     assert "1/2 runs" in text  # the claim held in one of the two runs
     assert "0.500 ± 0.100" in text  # mean ± std of the win rates and of WARM's OOD accuracy
+
+
+# ---------------------------------------------------------------------------------------
+# The whole miniature flow through `python -m warm_jax.main`: report.md holds the numbers
+# the stages wrote (read here from their own output files, not through report's code).
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lines_starting(text, prefix):
+    return [l for l in text.splitlines() if l.startswith(prefix)]
+
+
+@pytest.mark.slow
+def test_report_of_the_smoke_flow_reads_what_the_stages_wrote(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # run from tmp_path: the code under test is REPO's (PYTHONPATH), whatever is installed
+    proc = subprocess.run([sys.executable, "-m", "warm_jax.main",
+                           f"--gin_file={os.path.join(REPO, 'gin', 'runs', 'smoke.gin')}",
+                           f"--gin.RUN_DIR='{run}'"], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_report_matches_stage_outputs(run)
+
+
+def check_report_matches_stage_outputs(run):
+    """report.md of a finished smoke.gin run against the files its stages wrote."""
+    for stage in ("data_stage", "pretrain", "sft", "rm_init", "rm_clean", "rm_corrupt",
+                  "warm_clean_stage", "warm_corrupt_stage", "rm_eval_rm_corrupt", "bon",
+                  "rl_single", "rl_warm", "judge", "report"):
+        assert (run / stage / "summary.json").exists(), stage
+    text = (run / "report.md").read_text()
+
+    # every plot it shows exists, and the evaluation / BoN / judge plots are shown
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    for rel in images:
+        assert (run / rel).stat().st_size > 1000, rel
+    for want in ("rm_eval_rm_corrupt/accuracy_vs_m.png", "rm_eval_rm_corrupt/interpolation.png",
+                 "bon/bon.png", "judge/judge.png"):
+        assert want in images, (want, images)
+
+    def section(title):
+        i = text.index("## " + title)
+        j = text.find("\n## ", i + 1)
+        return text[i:j if j > 0 else None]
+
+    # judge: one row per pair of judge/results.jsonl
+    judge_text = section("Judge")
+    rows = [json.loads(l) for l in open(run / "judge" / "results.jsonl")]
+    assert len(rows) == 3
+    for r in rows:
+        want = (f"| {r['a']} vs {r['b']} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, "
+                f"{r['ci_high']:.3f}] | {r['wins']} | {r['ties']} | {r['losses']} | {r['n']} |")
+        assert want in judge_text.splitlines(), (want, judge_text)
+    # rm_eval: member / WARM / ENS accuracies of rm_eval_rm_corrupt/results.jsonl
+    eval_text = section("Reward-model evaluation: rm_eval_rm_corrupt")
+    rows = [json.loads(l) for l in open(run / "rm_eval_rm_corrupt" / "results.jsonl")]
+    accs = {}
+    for r in rows:
+        if r["kind"] in ("member", "warm", "ens"):
+            accs.setdefault(r["model"], {})[r["split"]] = r["accuracy"]
+    assert set(accs) == {"member_0", "member_1", "warm_M2", "ens_M2"}
+    header = _lines_starting(eval_text, "| model |")[0]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for model, by_split in accs.items():
+        (line,) = _lines_starting(eval_text, f"| {model} |")
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for split, acc in by_split.items():
+            assert cells[cols.index(split)] == f"{acc:.3f}", (model, split, line)
+    # the paper's claims, as rm_eval judged them
+    claims = json.load(open(run / "rm_eval_rm_corrupt" / "summary.json"))["claims"]
+    claims_text = section("The paper's claims, checked")
+    for c in claims:
+        (line,) = [l for l in claims_text.splitlines()
+                   if l.startswith("| " + c["claim"].replace("|", "\\|") + " |")]
+        assert ("| reproduced |" in line) == c["holds"], line
+    # Best-of-N: control of each reward's expected pick at each N, from bon/results.jsonl
+    bon_text = section("Best-of-N")
+    rows = [json.loads(l) for l in open(run / "bon" / "results.jsonl")]
+    rewards = list(dict.fromkeys(r["reward"] for r in rows))
+    assert len(rewards) == 3 and sorted({r["n"] for r in rows}) == [1, 2, 4]
+    for n in (1, 2, 4):
+        (line,) = _lines_starting(bon_text, f"| {n} |")
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        by = {r["reward"]: r for r in rows if r["n"] == n}
+        assert cells[1] == f"{by[rewards[0]]['kl']:.3f}"
+        assert cells[2:] == [f"{by[k]['control']:.3f}" for k in rewards], line
+    # RL: the final control reward and KL each run's summary reports
+    for name in ("rl_single", "rl_warm"):
+        s = json.load(open(run / name / "summary.json"))
+        rl_text = section(f"RL: {name}")
+        for key in ("final_control_reward", "final_kl"):
+            assert f"| {key} | {s[key]:.3f} |" in rl_text.splitlines(), (name, key)
+    assert json.load(open(run / "report" / "summary.json"))["claims"] == len(claims)

@@ -12,7 +12,7 @@ import pytest
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
-from warm_jax import partitioning, rl
+from warm_jax import optim, partitioning, rl
 from warm_jax.data import provider as provider_lib
 from warm_jax.data import world
 
@@ -178,7 +178,12 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path):
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(np.isfinite(r["eval/control_reward"]) for r in evals)
     samples = _records(a, "samples.jsonl")
-    assert samples[0]["samples"][0]["completion"] is not None and len(samples[0]["samples"]) == 4
+    # the first logged samples are of the first held-out prompts, in order
+    gin.bind_parameter("DataConfig.data_dir", data)
+    gin.bind_parameter("DataConfig.num_eval_prompts", 16)
+    eval_texts = provider_lib.DataProvider(provider_lib.DataConfig()).prompts("eval")["prompts"]
+    gin.clear_config()
+    assert [x["prompt"] for x in samples[0]["samples"]] == [t[-160:] for t in eval_texts[:4]]
     assert ca["kind"] == "lm" and ca["step"] == 6 and ca["alpha"] == 0.01
     assert ca["reward"] == f"path:{rm}" and ca["model_config"]["vocab_size"] > 128
     assert full["final_control_reward"] == evals[-1]["eval/control_reward"]
@@ -186,3 +191,69 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path):
     info = json.load(open(os.path.join(a, "rl_test", "rl.run_info.json")))
     assert info["config"]["reward"] == f"path:{rm}"
     assert _stage(a, data, sft, rm) == full  # done: skipped
+
+
+def test_shaped_rewards_without_penalty_is_the_score_at_the_last_token():
+    tmask = jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32)
+    kl = jnp.array([[5, -2, 7], [1, 1, 1]], jnp.float32)
+    np.testing.assert_allclose(rl.shaped_rewards(jnp.array([3.0, -2.0]), kl, tmask, alpha=0.0),
+                               [[0, 3, 0], [0, 0, -2]])
+    # the penalty is -alpha * KL on completion tokens only, added to the score
+    np.testing.assert_allclose(rl.shaped_rewards(jnp.array([3.0, -2.0]), kl, tmask, alpha=2.0),
+                               [[-10, 7, 0], [-2, -2, -4]])
+
+
+def _exact_first_token_kl(cfg, params, ref_params, prompts, temperature):
+    """KL(pi || ref) of the next-token distributions after each (unpadded) prompt, summed
+    over the vocabulary: the test's own reference, not the trainer's sampled estimate."""
+    @jax.jit
+    def logp(p):
+        logits = model_lib.Transformer(cfg).apply({"params": p}, prompts,
+                                                  jnp.ones_like(prompts), head="lm")[:, -1]
+        return jax.nn.log_softmax(logits / temperature, axis=-1)
+
+    lp, lq = logp(params), logp(ref_params)
+    return float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)))
+
+
+def test_kl_coefficient_keeps_the_policy_near_the_reference():
+    """The same fixed batch, reward (count of one token id) and seed, trained 6 steps with
+    alpha = 0 and 1: the exact KL(policy || reference) at the prompts' next token falls
+    to less than half with the penalty (without it the two runs are identical).
+    With a zero reward and alpha = 0 nothing is learned at all; with alpha = 1 the
+    penalty alone moves a policy started away from the reference."""
+    params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(3, TINY.vocab_size, (16, 8)),
+                          jnp.int32)
+    batch = {"tokens": prompts, "mask": jnp.ones_like(prompts)}
+    count = lambda p, tokens, mask: p * jnp.sum((tokens == TOKEN) * mask, 1).astype(jnp.float32)
+
+    steps_by_alpha = {}
+
+    def train(alpha, start, scale, steps=6):
+        cfg = rl.RLConfig(steps=steps, batch_size=16, alpha=alpha, learning_rate=1e-2,
+                          warmup_steps=0, max_new_tokens=8, temperature=1.0,
+                          min_dim_size_to_factor=32)
+        opt_pi, opt_v = cfg.optimizers()
+        tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
+        if alpha not in steps_by_alpha:  # one compile per alpha
+            steps_by_alpha[alpha] = jax.jit(rl.make_train_step(TINY, cfg, count, tx_pi, tx_v))
+        state = rl.init_rl_state(start, params, jax.random.PRNGKey(1), tx_pi, tx_v)
+        for _ in range(steps):
+            state, _ = steps_by_alpha[alpha](state, params, jnp.float32(scale), batch)
+        return state["params"]
+
+    kl_free, kl_penalised = (_exact_first_token_kl(TINY, train(a, params, 1.0), params,
+                                                   prompts, 1.0) for a in (0.0, 1.0))
+    assert kl_free > 0.05, kl_free  # the reward alone moves the policy away
+    assert kl_penalised < 0.5 * kl_free, (kl_penalised, kl_free)
+
+    # zero reward, a policy started away from the reference: with alpha = 0 every
+    # advantage is zero (no update at all); with alpha = 1 the KL penalty alone moves it
+    away = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(9), x.shape),
+                        params)
+    still, moved = train(0.0, away, 0.0), train(1.0, away, 0.0)
+    for a, b in zip(jax.tree.leaves(still), jax.tree.leaves(away)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(away))) > 1e-3

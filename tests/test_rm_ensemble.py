@@ -82,10 +82,10 @@ def test_flow_exports_and_cards(flow):
         assert card["data_seed"] == i
         assert card["init_snapshot"] == m["init_snapshot"]
         assert set(card["accuracy"]) == {"valid", "ood", "train", "train_clean", "train_corrupt"}
-        for v in card["accuracy"].values():
-            assert 0.0 <= v <= 1.0
-        # the member's head is trained from the probed head, not from zeros
-        assert params["reward_head"]["kernel"].shape == head["reward_head"]["kernel"].shape
+        # the member's head is trained from the probed head, not from zeros: a few steps
+        # leave it far closer to the probed head than the probed head is to zero
+        k, k0 = params["reward_head"]["kernel"], head["reward_head"]["kernel"]
+        assert np.linalg.norm(k - k0) < 0.5 * np.linalg.norm(k0), i
     # per-member, per-step metrics and periodic evals in metrics.jsonl
     recs = [json.loads(l) for l in open(os.path.join(run, "rm_a", "metrics.jsonl"))]
     train_rec = [r for r in recs if "loss/member_0" in r]
@@ -245,3 +245,41 @@ def test_member_specs_are_checked():
     assert {s.init_path for s in last} == {"/s4"}
     solo = rm_ensemble.resolve_members(3, snapshots=snaps, seed=7, member_index=2)
     assert solo == [specs[2]]
+
+
+def test_stacked_step_skips_a_members_nonfinite_update(mesh_cfg=dict(ensemble=2, data=4)):
+    """Member 1 has an infinite learning rate (finite loss and gradients, non-finite
+    update): its params and optimizer state stay exactly as they were and finite, its
+    steps are counted in member_nonfinite; member 0 trains normally in the same program."""
+    gin.clear_config()
+    cfg = model_lib.model_config("tiny")
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_cfg))
+    opt = rm_ensemble.ensemble_optimizer_config(0, 4)
+    program = rm_ensemble.build_ensemble_program(cfg, opt, mesh, 2, (8, 16))
+    assert program.member_loop == ("vmap" if "ensemble" in mesh_cfg else "map")
+    params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    params = dict(params, reward_head={"kernel": np.asarray(jax.random.normal(
+        jax.random.PRNGKey(1), (cfg.d_model, 1))) * 0.1, "bias": np.zeros((1,), np.float32)})
+    stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * 2), params)
+    with jax.set_mesh(mesh):
+        state = program.init(stacked, np.array([1e-2, np.inf], np.float32),
+                             np.zeros(2, np.float32), jax.random.split(jax.random.PRNGKey(2), 2))
+    before = jax.tree.map(np.asarray, {"params": state["params"],
+                                       "opt_state": state["opt_state"]})
+    rng = np.random.default_rng(0)
+    arrays = {k: (rng.integers(3, cfg.vocab_size, (2, 8, 16)) if k.endswith("tokens")
+                  else np.ones((2, 8, 16))).astype(np.int32) for k in rm_ensemble.PAIR_KEYS}
+    for _ in range(2):
+        with jax.set_mesh(mesh):
+            state, mets = program.step(state, rm_ensemble.put_member_batch(program, arrays))
+    np.testing.assert_array_equal(np.asarray(state["member_nonfinite"]), [0, 2])
+    assert int(state["nonfinite"]) == 2
+    np.testing.assert_array_equal(np.asarray(mets["finite"]), [1.0, 0.0])
+    after = jax.tree.map(np.asarray, {"params": state["params"], "opt_state": state["opt_state"]})
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(after["params"]))
+    moved = 0.0
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        if a.ndim and a.shape[0] == 2:
+            np.testing.assert_array_equal(a[1], b[1])  # member 1 untouched
+            moved = max(moved, float(np.max(np.abs(a[0].astype(np.float64) - b[0]))))
+    assert moved > 1e-4  # member 0 did train

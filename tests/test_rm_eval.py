@@ -74,7 +74,10 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     rows = _rows(s)
     splits = ["train_clean", "train_corrupt", "valid", "ood"]
     assert len(rows) == 3 * 4 + 2 * 2 * 4 + 5 * 3 * 3
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    for r in rows:  # a measured accuracy is a count of pairs over the split's size
+        assert r["n"] == s["splits"][r["split"]], r
+        if r["kind"] != "interp_line":
+            assert r["accuracy"] * r["n"] == pytest.approx(round(r["accuracy"] * r["n"])), r
     assert {(r["model"], r["split"]) for r in rows if r["kind"] in ("member", "warm", "ens")} == {
         (m, sp) for m in ["member_0", "member_1", "member_2", "warm_M2", "warm_M3", "ens_M2",
                           "ens_M3"] for sp in splits}
@@ -96,6 +99,11 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     rc, rr = reward_lib.pair_rewards(rms[0], true_view)
     assert np.all(rc != rr)
     assert acc[("member_0", "train_corrupt")] == pytest.approx(1.0 - np.mean(rc > rr))
+    # train_clean = the rows whose label was NOT flipped, scored against their label
+    corrupted_train = prov.preference("train", corrupted=True)
+    clean_idx = np.flatnonzero(~np.asarray(corrupted_train["flipped"], bool))[:48]
+    assert acc[("member_0", "train_clean")] == pytest.approx(reward_lib.pairwise_accuracy(
+        rms[0], provider_lib.subset(corrupted_train, clean_idx)), abs=1e-9)
     # ENS_M2 = the mean reward of the two best members (1 and 0)
     ens = reward_lib.RewardModel.ensemble(CFG, [rms[0].params, rms[1].params])
     assert acc[("ens_M2", "ood")] == pytest.approx(reward_lib.pairwise_accuracy(ens, sets["ood"]))
@@ -146,8 +154,12 @@ def test_warm_stage_merges_top_m_and_resumes(run_dir):
     members = reward_lib.ensemble_members(run_dir, ENS)
     assert [m["path"] for m in card["members"]] == [members[0], members[1]]  # the top 2
     assert card["kind"] == "warm" and card["ensemble"] == ENS and card["num_members"] == 2
-    assert 0.0 <= card["accuracies"]["valid"] <= 1.0 and 0.0 <= card["accuracies"]["ood"] <= 1.0
     merged, _ = ckpt_lib.load_params(out)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    merged_rm = reward_lib.RewardModel.single(CFG, merged)
+    for split in ("valid", "ood"):  # the card's accuracies are the merged model's
+        assert card["accuracies"][split] == pytest.approx(
+            reward_lib.pairwise_accuracy(merged_rm, prov.preference(split)), abs=1e-9)
     ps = [ckpt_lib.load_params(p)[0] for p in members[:2]]
     for m, a, b in zip(jax.tree.leaves(merged), *(jax.tree.leaves(p) for p in ps)):
         np.testing.assert_allclose(np.asarray(m), (np.asarray(a) + np.asarray(b)) / 2,
@@ -161,3 +173,42 @@ def test_warm_stage_merges_top_m_and_resumes(run_dir):
     shutil.rmtree(os.path.join(run_dir, "warm_x_m2_stage"))
     with pytest.raises(average.AveragingError, match="not this stage's merge"):
         average.warm_stage(run_dir, ensemble=ENS, num_members=3, out_name="warm_x_m2")
+
+
+def _write_comparisons(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_rm_eval_on_hand_made_splits_of_known_accuracy(run_dir, tmp_path):
+    """Valid and OOD sets whose accuracy is known for ANY reward model: 'valid' is 24 pairs
+    whose two summaries are the same text (a tie is not a correct pair: accuracy 0), 'ood'
+    is 20 pairs of distinct summaries, each given in both orders (exactly one order is
+    correct: accuracy 1/2). Every member, WARM, ENS and point of the interpolation must
+    show 0.0 on valid and 0.5 on ood, on sets of 24 and 40 pairs."""
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.join(run_dir, "data"), data)
+    comp = os.path.join(data, "comparisons")
+    ood = [json.loads(l) for l in open(os.path.join(comp, "valid2.jsonl"))]
+    ood = [r for r in ood if r["summaries"][0]["text"] != r["summaries"][1]["text"]][:20]
+    both = []
+    for r in ood:
+        swapped = dict(r, summaries=r["summaries"][::-1])  # same choice: the other is chosen
+        both += [r, swapped]
+    same = [json.loads(l) for l in open(os.path.join(comp, "valid1.jsonl"))][:24]
+    same = [dict(r, summaries=[r["summaries"][0], r["summaries"][0]]) for r in same]
+    _write_comparisons(os.path.join(comp, "valid2.jsonl"), both)
+    _write_comparisons(os.path.join(comp, "valid1.jsonl"), same)
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    os.symlink(os.path.join(run_dir, ENS), os.path.join(run, ENS))
+    gin.bind_parameter("DataConfig.data_dir", data)
+    s = rm_eval.rm_eval_stage(run, ensemble=ENS, max_train_pairs=16, batch_size=16,
+                              num_lambdas=3)
+    assert s["splits"]["valid"] == 24 and s["splits"]["ood"] == 40
+    for model, accs in s["table"].items():
+        assert accs["valid"] == 0.0 and accs["ood"] == 0.5, (model, accs)
+    for split, want in (("valid", 0.0), ("ood", 0.5)):
+        for kind in ("wa", "ens", "line"):
+            assert s["interpolation"]["curves"][split][kind] == [want] * 3, (split, kind)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from reliability_helpers import damage_step
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
-from warm_jax import optim, partitioning, steps, train_lib
+from warm_jax import losses, optim, partitioning, steps, train_lib
 
 CFG = model_lib.model_config("tiny", vocab_size=64, d_model=32, mlp_dim=128, num_heads=4,
                              num_kv_heads=2, head_dim=8)
@@ -261,3 +261,18 @@ def test_export_removes_temporaries_of_a_killed_export(tmp_path):
     (stale / "params").mkdir(parents=True)  # what a kill -9 mid-export leaves
     ckpt_lib.export_params(str(tmp_path / "p"), params, {})
     assert sorted(os.listdir(tmp_path)) == ["p"]
+
+
+def test_bradley_terry_loss_values_and_direction():
+    """-log sigmoid(r_c - r_r) by hand: margins 1 and -2 -> log(1 + e^-1), log(1 + e^2);
+    its gradient raises the chosen reward and lowers the rejected one."""
+    rc, rr = jnp.array([1.0, -1.0]), jnp.array([0.0, 1.0])
+    loss, m = losses.bradley_terry_loss(rc, rr)
+    want = (np.log1p(np.exp(-1.0)) + np.log1p(np.exp(2.0))) / 2
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    assert float(m["accuracy"]) == 0.5 and float(m["margin"]) == pytest.approx(-0.5)
+    gc, gr = jax.grad(lambda a, b: losses.bradley_terry_loss(a, b)[0], argnums=(0, 1))(rc, rr)
+    assert np.all(np.asarray(gc) < 0) and np.all(np.asarray(gr) > 0)  # descent: r_c up, r_r down
+    # centering adds coef * mean((r_c + r_r)^2)
+    np.testing.assert_allclose(float(losses.bradley_terry_loss(rc, rr, 0.5)[0]),
+                               want + 0.5 * (1.0 + 0.0) / 2, rtol=1e-6)

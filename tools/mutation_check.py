@@ -1,0 +1,274 @@
+"""Mutation check: critical one-line bugs in the science paths must make a test fail.
+
+Each mutation replaces one exact line fragment of one source file in a temporary copy of
+the repository (tracked and untracked, not ignored, files) and runs the tests named for
+it there, with this interpreter. A mutation is KILLED when pytest reports a failing test
+(exit code 1); it SURVIVES when its tests pass. Anything else (the fragment is no longer
+in the source, a collection error, a timeout) is an ERROR. The script prints a table and
+exits 1 if any mutation survived or errored.
+
+    python tools/mutation_check.py              # every mutation
+    python tools/mutation_check.py --list       # names, files and tests
+    python tools/mutation_check.py -k judge -k kl_penalty   # a subset (substring of names)
+    python tools/mutation_check.py --slow       # also those whose test is the smoke flow
+    python tools/mutation_check.py --baseline   # first: the named tests pass unmutated
+
+Run it from the repository root with the project's environment (.venv/bin/python); it
+sets the 8 fake CPU devices itself. About 20 minutes on 2 CPU cores; see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple  # pytest node ids
+    slow: bool = False  # its test runs the whole smoke flow: only with --slow
+
+
+MUTATIONS = [
+    Mutation("kl_penalty_removed", "RL trains without the KL penalty (alpha -> 0.0)",
+             "warm_jax/rl.py",
+             'rewards = shaped_rewards(ro["score"], kl_t, tmask, rl.alpha)',
+             'rewards = shaped_rewards(ro["score"], kl_t, tmask, 0.0)',
+             ("tests/test_rl.py::test_kl_coefficient_keeps_the_policy_near_the_reference",)),
+    Mutation("rl_advantage_sign", "RL advantage with the wrong sign (values - returns)",
+             "warm_jax/rl.py",
+             'adv = jax.lax.stop_gradient(returns - values)',
+             'adv = jax.lax.stop_gradient(values - returns)',
+             ("tests/test_rl.py::test_learning_raises_a_synthetic_token_reward",)),
+    Mutation("judge_sides_swapped", "the judge scores B's win rate as A's",
+             "warm_jax/judge.py",
+             'win_rate(scored[a]["scores"], scored[b]["scores"], tie_tol,',
+             'win_rate(scored[b]["scores"], scored[a]["scores"], tie_tol,',
+             ("tests/test_judge.py::test_judge_prefers_the_better_policy_and_keeps_sides",)),
+    Mutation("rm_eval_valid_ood_swapped", "rm_eval reads the OOD set as 'valid' and vice versa",
+             "warm_jax/rm_eval.py",
+             'arrays = prov.preference(split)',
+             'arrays = prov.preference({"valid": "ood", "ood": "valid"}[split])',
+             ("tests/test_rm_eval.py::test_rm_eval_on_hand_made_splits_of_known_accuracy",)),
+    Mutation("rm_eval_clean_mask_inverted", "rm_eval's train_clean takes the flipped rows",
+             "warm_jax/rm_eval.py",
+             'cap(train, np.flatnonzero(~flipped), max_train_pairs)',
+             'cap(train, np.flatnonzero(flipped), max_train_pairs)',
+             ("tests/test_rm_eval.py::test_rm_eval_stage_outputs_and_values",)),
+    Mutation("rm_eval_ens_max", "rm_eval's ENS takes the max of member rewards, not the mean",
+             "warm_jax/rm_eval.py",
+             'ens_acc[s] = _acc(rc[s][top].mean(0), rr[s][top].mean(0))',
+             'ens_acc[s] = _acc(rc[s][top].max(0), rr[s][top].max(0))',
+             ("tests/test_rm_eval.py::test_rm_eval_stage_outputs_and_values",)),
+    Mutation("rm_eval_worst_members", "rm_eval's WARM/ENS of M take the worst M members",
+             "warm_jax/rm_eval.py",
+             'top = sorted(order[:m_count])',
+             'top = sorted(order[-m_count:])',
+             ("tests/test_rm_eval.py::test_rm_eval_stage_outputs_and_values",)),
+    Mutation("bradley_terry_sign_dropped", "Bradley-Terry loss without its minus sign",
+             "warm_jax/losses.py",
+             'loss = -jax.nn.log_sigmoid(margin).mean()',
+             'loss = jax.nn.log_sigmoid(margin).mean()',
+             ("tests/test_substrate.py::test_bradley_terry_loss_values_and_direction",)),
+    Mutation("merge_without_head", "the WARM merge keeps member 0's reward head",
+             "warm_jax/average.py",
+             'merged = acc_ops.finish(acc)',
+             'merged = dict(acc_ops.finish(acc), '
+             'reward_head=_load(members[0], abstract)["reward_head"])',
+             ("tests/test_average.py::test_weighted_merge_matches_numpy_reference_and_card",)),
+    Mutation("average_params_without_head", "in-memory averaging keeps tree 0's reward head",
+             "warm_jax/average.py",
+             '    return ops.finish(acc)\n',
+             '    return dict(ops.finish(acc), reward_head=trees[0]["reward_head"])\n',
+             ("tests/test_average.py::test_average_params_matches_numpy_reference",)),
+    Mutation("weights_ignored", "merge_checkpoints uses uniform weights whatever --weights says",
+             "warm_jax/average.py",
+             'w = normalize_weights(weights, n) if method != "greedy" else None',
+             'w = normalize_weights(None, n) if method != "greedy" else None',
+             ("tests/test_average.py::test_weighted_merge_matches_numpy_reference_and_card",
+              "tests/test_average.py::test_cli_success_and_bad_input")),
+    Mutation("ens_max", "ENS returns the max of the member rewards, not the mean",
+             "warm_jax/reward.py",
+             'jnp.mean(members(p, t, m), axis=0)',
+             'jnp.max(members(p, t, m), axis=0)',
+             ("tests/test_average.py::test_ens_is_mean_of_member_rewards_and_resolve_specs",)),
+    Mutation("bon_kl_off_by_one", "KL(BoN) = log(n+1) - n/(n+1)",
+             "warm_jax/bon.py",
+             'out = np.log(n) - (n - 1.0) / n',
+             'out = np.log(n + 1.0) - n / (n + 1.0)',
+             ("tests/test_bon.py::test_bon_kl_formula",)),
+    Mutation("bon_weights_off_by_one", "best-of-n subset weights C(i, n-1) instead of C(i-1, n-1)",
+             "warm_jax/bon.py",
+             'math.exp(logc(j - 1, n - 1) - logc(k, n)) if j >= n else 0.0',
+             'math.exp(logc(j, n - 1) - logc(k, n)) if j >= n else 0.0',
+             ("tests/test_bon.py::test_bon_expectation_equals_enumeration_of_subsets",)),
+    Mutation("flipped_mask_inverted", "corrupt_labels flips the rows its mask does NOT mark",
+             "warm_jax/data/formats.py",
+             'out = [dataclasses.replace(c, choice=1 - c.choice) if m else c',
+             'out = [dataclasses.replace(c, choice=1 - c.choice) if not m else c',
+             ("tests/test_data_formats.py::test_corrupt_labels_exact_and_reproducible",)),
+    Mutation("corrupted_rows_not_flipped", "corrupt_labels marks rows but does not flip them",
+             "warm_jax/data/formats.py",
+             'dataclasses.replace(c, choice=1 - c.choice)',
+             'dataclasses.replace(c, choice=c.choice)',
+             ("tests/test_data_formats.py::test_corrupt_labels_exact_and_reproducible",)),
+    Mutation("resume_drops_rng", "a resumed run restarts from another RNG key",
+             "warm_jax/checkpoint.py",
+             'return state, step, f"resumed from {manager.directory} step {step}"',
+             'return {**state, "rng": jnp.zeros_like(state["rng"])}, step, '
+             'f"resumed from {manager.directory} step {step}"',
+             ("tests/test_rl.py::test_stage_resume_continues_exactly",)),
+    Mutation("member_head_from_zeros", "ensemble members start from a zero head, not the probe",
+             "warm_jax/rm_ensemble.py",
+             'out["reward_head"] = head["reward_head"]',
+             'out["reward_head"] = jax.tree.map(np.zeros_like, head["reward_head"])',
+             ("tests/test_rm_ensemble.py::test_flow_exports_and_cards",)),
+    Mutation("ensemble_nonfinite_not_counted", "the stacked step forgets members' skipped steps",
+             "warm_jax/rm_ensemble.py",
+             'new["member_nonfinite"] = state["member_nonfinite"] + nf',
+             'new["member_nonfinite"] = state["member_nonfinite"]',
+             ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",)),
+    Mutation("guard_ignores_nonfinite_update", "the guard checks loss/grads, not the update",
+             "warm_jax/train_lib.py",
+             'finite = jnp.logical_and(finite, jnp.logical_and(all_finite(new_params), '
+             'all_finite(new_opt)))',
+             'finite = finite',
+             ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",)),
+    Mutation("report_judge_reads_ci", "report prints the CI's low end as the win rate",
+             "warm_jax/report.py",
+             'rows = [[pair, r.get("win_rate"),',
+             'rows = [[pair, r.get("ci_low"),',
+             ("tests/test_report.py::test_report_stage_renders_measured_numbers",)),
+    Mutation("judge_summary_loses_win_rate", "the judge's summary stores no win_rate (what "
+             "report reads): stage and report disagree", "warm_jax/judge.py",
+             '"win_rate", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "wins",',
+             '"ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "wins",',
+             ("tests/test_report.py::test_report_of_the_smoke_flow_reads_what_the_stages_wrote",),
+             slow=True),
+]
+
+
+def copy_repo(dst: str) -> None:
+    """Tracked and untracked-but-not-ignored files (no .venv, no build outputs)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, check=True, capture_output=True).stdout.split(b"\0")
+    for f in files:
+        if not f:
+            continue
+        rel = f.decode()
+        src = os.path.join(REPO, rel)
+        if not os.path.isfile(src):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(dst, rel))
+
+
+def apply(root: str, m: Mutation) -> None:
+    path = os.path.join(root, m.path)
+    with open(path) as f:
+        text = f.read()
+    n = text.count(m.old)
+    if n != 1:
+        raise LookupError(f"{m.path}: the fragment occurs {n} times (expected once): {m.old!r}")
+    with open(path, "w") as f:
+        f.write(text.replace(m.old, m.new))
+
+
+def run_tests(root: str, tests, timeout: float) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                          + " --xla_force_host_platform_device_count=8").strip())
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return p.returncode, (p.stdout + p.stderr)[-3000:]
+
+
+def check_imports_from(root: str) -> None:
+    """The copy's warm_jax must be the one imported (not the installed checkout)."""
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", "import warm_jax; print(warm_jax.__file__)"],
+                         cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    if not os.path.realpath(out.strip()).startswith(os.path.realpath(root)):
+        raise RuntimeError(f"the copy imports warm_jax from {out.strip()}, not from {root}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-k", action="append", default=[], help="run mutations whose name "
+                    "contains this (repeatable)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--slow", action="store_true", help="also the mutations whose test runs "
+                    "the whole smoke flow (a few minutes each)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copies")
+    ap.add_argument("--baseline", action="store_true", help="first run every named test on "
+                    "an unmutated copy (they must pass, so that a kill means the mutation)")
+    args = ap.parse_args(argv)
+    todo = [m for m in MUTATIONS if (args.slow or not m.slow)
+            and (not args.k or any(k in m.name for k in args.k))]
+    if args.list:
+        for m in todo:
+            print(f"{m.name:32s} {m.path:28s} {' '.join(m.tests)}\n    {m.what}")
+        return 0
+    rows, t_all = [], time.time()
+    if args.baseline:
+        tests = list(dict.fromkeys(t for m in todo for t in m.tests))
+        root = tempfile.mkdtemp(prefix="mutation_baseline_")
+        try:
+            copy_repo(root)
+            rc, out = run_tests(root, tests, args.timeout * 2)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"baseline: {len(tests)} tests, rc {rc}, {time.time() - t_all:.0f}s", flush=True)
+        if rc != 0:
+            print(out)
+            return 2
+    for m in todo:
+        root = tempfile.mkdtemp(prefix=f"mutation_{m.name}_")
+        t0 = time.time()
+        try:
+            copy_repo(root)
+            check_imports_from(root)
+            apply(root, m)
+            rc, out = run_tests(root, m.tests, args.timeout)
+        except Exception as e:  # noqa: BLE001 - reported as an error row
+            rc, out = -2, f"{type(e).__name__}: {e}"
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        status = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else f"ERROR (rc {rc})")
+        rows.append((m, status, time.time() - t0))
+        print(f"{m.name:32s} {status:14s} {time.time() - t0:6.0f}s", flush=True)
+        if status != "killed":
+            print("    " + out.strip().replace("\n", "\n    ")[-1500:], flush=True)
+        else:  # what failed: pytest's short summary line
+            first = next((l for l in out.splitlines() if l.startswith("FAILED ")), "")
+            print("    " + first[:200], flush=True)
+    print(f"\n| mutation | file | what | test(s) | result | seconds |\n|---|---|---|---|---|---|")
+    for m, status, sec in rows:
+        tests = ", ".join(t.split("::")[-1] for t in m.tests)
+        print(f"| {m.name} | {m.path} | {m.what} | {tests} | {status} | {sec:.0f} |")
+    bad = [m.name for m, status, _ in rows if status != "killed"]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} mutations killed in {time.time() - t_all:.0f}s"
+          + (f"; not killed: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
