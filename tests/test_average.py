@@ -391,7 +391,7 @@ def test_pair_rewards_fixed_batches_match_direct_call():
     rm = reward_lib.RewardModel.single(CFG, _perturb(BASE, 3, 0.3))
     rc, rr = reward_lib.pair_rewards(rm, arrays, batch_size=3)
     np.testing.assert_allclose(rc, np.asarray(rm(arrays["chosen_tokens"], arrays["chosen_mask"])),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)  # batch blocking changes the last bits
     np.testing.assert_allclose(rr, np.asarray(rm(arrays["rejected_tokens"], arrays["rejected_mask"])),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)  # batch blocking changes the last bits
     assert reward_lib.pairwise_accuracy(rm, arrays, 3) == pytest.approx(np.mean(rc > rr))
