@@ -128,12 +128,13 @@ def sample_latent(rng: random.Random) -> Latent:
 
 def render_post(rng: random.Random, lat: Latent) -> tuple[str, str]:
     """(title, post) texts of a latent content."""
-    parts = [rng.choice(lexicon.OPENERS) if rng.random() < 0.6 else "",
+    # Short posts (about 20-30 words): the facts, one or two fillers, the question.
+    parts = [rng.choice(lexicon.OPENERS) if rng.random() < 0.3 else "",
              rng.choice(lexicon.FACT_SENTENCES).format(**lat.facts)]
-    parts += rng.sample(lexicon.FILLERS, rng.randint(1, 3))
+    parts += rng.sample(lexicon.FILLERS, rng.randint(1, 2))
     parts.append(rng.choice(lexicon.ASK_SENTENCES).format(ask=lat.ask) if lat.ask
                  else rng.choice(lexicon.NO_ASK_SENTENCES))
-    parts.append(rng.choice(lexicon.CLOSERS))
+    parts.append(rng.choice(lexicon.CLOSERS) if rng.random() < 0.4 else "")
     post = " ".join(p for p in parts if p)
     title = rng.choice(lexicon.TITLES).format(**lat.facts)
     return title, post
