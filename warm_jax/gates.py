@@ -136,7 +136,7 @@ def rm_gates(best_name: str, best_valid: float, best_swapped: float,
         _gate("post_swap", f"post-swap: {best_name} ID accuracy drops when posts are swapped",
               drop, f">= {SWAP_DROP}", drop >= SWAP_DROP,
               {"valid": best_valid, "swapped": best_swapped, "drop": drop},
-              f"{best_name} barely depends on the post: {best_valid:.3f} with the true posts, "
+              f"{best_name} depends too little on the post: {best_valid:.3f} with the true posts, "
               f"{best_swapped:.3f} with swapped ones (drop {drop:.3f} < {SWAP_DROP})."),
         _gate("summary_only", "summary-only bag-of-words is weak ID, and every RM beats it",
               worst_margin, f"baseline <= {SUMMARY_ONLY_MAX}; every RM >= baseline + {RM_MARGIN}",
