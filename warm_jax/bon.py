@@ -317,8 +317,6 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
                  for spec in rewards}
     gate = gates.rank_gate(rank_corr, policy)
     for spec, r in rank_corr.items():
-        rows.append({"reward": spec, "kind": "rank_correlation", "spearman_mean": r["mean"],
-                     "n_prompts": r["n_prompts"], "n_skipped": r["n_skipped"]})
         log.info("bon %s: within-prompt Spearman with %s %.3f (%d prompts)", spec, control,
                  r["mean"], r["n_prompts"])
     lengths = pool["lengths"].reshape(num_prompts, k)
