@@ -127,6 +127,10 @@ def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
                 float(np.mean(picks)), abs=1e-6), n
         assert os.path.getsize(os.path.join(out, "bon.png")) > 1000
         assert summary["pool_size"] == 4 and summary["num_prompts"] == 6
+        # the rank-correlation gate: the oracle ranks its own scores perfectly (Spearman 1)
+        rc = summary["rank_correlation"]
+        assert rc["oracle"]["n_prompts"] > 0 and rc["oracle"]["mean"] == pytest.approx(1.0)
+        assert summary["gates"][0]["id"] == "rank_correlation" and summary["gates"][0]["passed"]
         assert os.path.exists(os.path.join(out, "bon.run_info.json"))
         mtime = os.path.getmtime(os.path.join(out, "summary.json"))
         assert bon.bon_stage(run_dir) == summary  # done: returned without recomputing

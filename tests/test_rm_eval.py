@@ -73,10 +73,12 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     assert s["splits"] == {"train_clean": 48, "train_corrupt": 48, "valid": 80, "ood": 80}
     rows = _rows(s)
     splits = ["train_clean", "train_corrupt", "valid", "ood"]
-    assert len(rows) == 3 * 4 + 2 * 2 * 4 + 5 * 3 * 3
+    # members / WARM / ENS x splits, interpolation, swapped posts (members + WARM), baselines
+    assert len(rows) == 3 * 4 + 2 * 2 * 4 + 5 * 3 * 3 + 4 + 3
+    sizes = dict(s["splits"], valid_swapped=s["splits"]["valid"])
     for r in rows:  # a measured accuracy is a count of pairs over the split's size
-        assert r["n"] == s["splits"][r["split"]], r
-        if r["kind"] != "interp_line":
+        assert r["n"] == sizes[r["split"]], r
+        if r["kind"] not in ("interp_line", "baseline"):
             assert r["accuracy"] * r["n"] == pytest.approx(round(r["accuracy"] * r["n"])), r
     assert {(r["model"], r["split"]) for r in rows if r["kind"] in ("member", "warm", "ens")} == {
         (m, sp) for m in ["member_0", "member_1", "member_2", "warm_M2", "warm_M3", "ens_M2",
@@ -111,6 +113,29 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     warm = reward_lib.RewardModel.single(CFG, average.average_params([r.params for r in rms]))
     assert acc[("warm_M3", "valid")] == pytest.approx(
         reward_lib.pairwise_accuracy(warm, sets["valid"]))
+
+    # the gates: swapped-post accuracy of each member, scored independently here
+    from warm_jax import gates
+    from warm_jax.data import pipeline
+
+    valid_rows = prov.comparisons("valid")
+    swapped = pipeline.preference_arrays(gates.swap_posts(valid_rows, 0), prov.vocab,
+                                         prov.config.max_len)
+    assert not np.array_equal(swapped["chosen_tokens"], prov.preference("valid")["chosen_tokens"])
+    for i, rm in enumerate(rms):
+        assert s["swapped_posts"][f"member_{i}"] == pytest.approx(
+            reward_lib.pairwise_accuracy(rm, swapped, 32), abs=1e-9)
+    g = {x["id"]: x for x in s["gates"]}
+    assert set(g) == {"post_swap", "summary_only", "ceiling"}
+    best = s["best_member"]
+    assert g["post_swap"]["value"] == pytest.approx(
+        acc[(best, "valid")] - s["swapped_posts"][best])
+    assert g["post_swap"]["passed"] == (g["post_swap"]["value"] >= gates.SWAP_DROP)
+    assert g["ceiling"]["numbers"]["oracle_ceiling"] == pytest.approx(
+        gates.oracle_ceiling(valid_rows))
+    worst = min(v["valid"] for v in s["table"].values())
+    assert g["summary_only"]["value"] == pytest.approx(
+        worst - s["baselines"]["summary_only_bow"])
 
     # interpolation between the two best members (lambda weighs member_1)
     interp = s["interpolation"]

@@ -311,6 +311,15 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         for r in curve:
             rows.append({"reward": spec, **r})
         log.info("bon %s: %s", spec, " ".join(f"N={r['n']}:{r['control']:.3f}" for r in curve))
+    # the rank-correlation gate: does each RM order the policy's own samples like the control?
+    from warm_jax import gates
+
+    rank_corr = {spec: gates.within_prompt_spearman(scores_for(spec), control_scores)
+                 for spec in rewards}
+    gate = gates.rank_gate(rank_corr, policy)
+    for spec, r in rank_corr.items():
+        log.info("bon %s: within-prompt Spearman with %s %.3f (%d prompts)", spec, control,
+                 r["mean"], r["n_prompts"])
     lengths = pool["lengths"].reshape(num_prompts, k)
     res_path = os.path.join(out_dir, "results.jsonl")
     metrics_lib.atomic_write_text(res_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -323,6 +332,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         "best_n": {spec: max(c, key=lambda r: r["control"])["n"] for spec, c in curves.items()},
         "control_n1": float(control_scores.mean()),
         "mean_completion_length": float(lengths.mean()),
+        "rank_correlation": rank_corr, "gates": [gate],
         "results": res_path, "plot": os.path.join(out_dir, "bon.png"),
     }
     metrics_lib.atomic_write_json(done, summary)

@@ -110,6 +110,37 @@ def _section_claims(claims: list[dict]) -> str:
     return _table(["paper claim", "here", "measured"], rows)
 
 
+def collect_gates(summaries: dict[str, dict]) -> list[dict]:
+    """The gates of :mod:`warm_jax.gates` written by the stages (rm_eval_*, bon)."""
+    out = []
+    for name, s in summaries.items():
+        found = s.get("gates")
+        for g in found if isinstance(found, list) else []:
+            g = dict(g)
+            g.setdefault("source", name)
+            out.append(g)
+    return out
+
+
+def _section_gates(found: list[dict]) -> str:
+    parts = ["## Do the RMs do the task?", "",
+             "Gates on the ID validation split (rank correlation: on the SFT policy's own "
+             "Best-of-N samples). A gate that fails is said in words below the table.", "",
+             _table(["stage", "gate", "value", "threshold", "result"],
+                    [[g.get("source"), g.get("gate"), g.get("value"), g.get("threshold"),
+                      "PASS" if g.get("passed") else "FAIL"] for g in found])]
+    numbers = [f"- {g.get('source')} / {g.get('id')}: " + ", ".join(
+        f"{k} {_fmt(v)}" for k, v in (g.get("numbers") or {}).items()) for g in found]
+    parts += ["", "Numbers behind each gate:", ""] + numbers
+    failed = [g for g in found if not g.get("passed")]
+    if failed:
+        parts += ["", "**Failed gates.**", ""] + [f"- {g.get('source')}: {g.get('words')}"
+                                                  for g in failed]
+    else:
+        parts += ["", "Every gate passed."]
+    return "\n".join(parts)
+
+
 def collect_claims(summaries: dict[str, dict]) -> list[dict]:
     claims = []
     for name, s in summaries.items():
@@ -137,6 +168,9 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
                 "Generated from this run directory's stage outputs; every number below was "
                 "measured in this run."]
     sections.append(_section_overview(run_dir, summaries))
+    found_gates = collect_gates(summaries)
+    if found_gates:
+        sections.append(_section_gates(found_gates))
     claims = collect_claims(summaries)
     if claims:
         sections.append("## The paper's claims, checked\n\n" + _section_claims(claims))
@@ -168,7 +202,8 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
     text = "\n\n".join(sections) + "\n"
     path = os.path.join(run_dir, "report.md")
     metrics.atomic_write_text(path, text)
-    out = {"report": path, "claims": len(claims),
+    out = {"report": path, "claims": len(claims), "gates": len(found_gates),
+           "gates_passed": sum(bool(g.get("passed")) for g in found_gates),
            "claims_reproduced": sum(bool(c.get("holds")) for c in claims)}
     stage_dir = os.path.join(run_dir, "report")
     os.makedirs(stage_dir, exist_ok=True)
@@ -284,8 +319,12 @@ def aggregate(run_dirs: list[str], out: str) -> str:
     tables: dict[tuple, list[float]] = {}
     claims: dict[str, list[bool]] = {}
     wins: dict[str, list[float]] = {}
+    gate_runs: dict[tuple, list[tuple[float, bool]]] = {}
     for d in run_dirs:
         s = _stage_summaries(d)
+        for g in collect_gates(s):
+            gate_runs.setdefault((g["source"], g.get("id")), []).append(
+                (float(g.get("value", float("nan"))), bool(g.get("passed"))))
         for name, summ in s.items():
             if name.startswith("rm_eval") and isinstance(summ.get("table"), dict):
                 for model, row in summ["table"].items():
@@ -302,6 +341,11 @@ def aggregate(run_dirs: list[str], out: str) -> str:
     if claims:
         parts += ["", "## Claims", "", _table(["claim", "holds in"], [
             [c, f"{sum(v)}/{len(v)} runs"] for c, v in claims.items()])]
+    if gate_runs:
+        parts += ["", "## Gates (do the RMs do the task?)", "", _table(
+            ["stage", "gate", "value", "passed in"],
+            [[src, gid, ms([v for v, _ in xs]), f"{sum(p for _, p in xs)}/{len(xs)} runs"]
+             for (src, gid), xs in gate_runs.items()])]
     if wins:
         parts += ["", "## Judge win rates", "", _table(["A vs B", "win rate of A"], [
             [p, ms(v)] for p, v in wins.items()])]

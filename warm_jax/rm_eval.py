@@ -27,6 +27,7 @@ and 'claims', a list of {id, claim, holds, numbers} for each of the paper's clai
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,8 +38,7 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import average, metrics, partitioning, steps
-from warm_jax import config_checks
+from warm_jax import average, config_checks, gates, metrics, partitioning, steps
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import reward as reward_lib
 
@@ -257,11 +257,17 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                   max_train_pairs: Optional[int] = 2000, max_eval_pairs: Optional[int] = None,
                   batch_size: int = 256, num_lambdas: int = 11,
                   interp_members: Optional[Sequence[int]] = None,
-                  claim_tolerance: float = 0.01, force_init_mismatch: bool = False) -> dict:
+                  claim_tolerance: float = 0.01, force_init_mismatch: bool = False,
+                  swap_seed: int = 0, baseline_train_pairs: Optional[int] = 8000) -> dict:
     """Evaluates members, WARM (M = 2..all) and ENS (M = 2..all) of one ensemble, and the
     interpolation between two members (default: the two best by ID validation accuracy;
     interp_members=(i, j) picks member indices). corrupted=None reads it from the
-    ensemble's summary/cards. See the module docstring for the outputs."""
+    ensemble's summary/cards. See the module docstring for the outputs.
+
+    It also measures the gates of :mod:`warm_jax.gates` (does an RM read the post, is it
+    near the oracle ceiling and above bag-of-words baselines) on the ID validation rows:
+    swap_seed fixes the post permutation, baseline_train_pairs caps the (clean, uncapped
+    by DataConfig.max_train_pairs) training pairs the baselines are fitted on."""
     from warm_jax.data import provider as provider_lib
 
     stage_dir = os.path.join(run_dir, f"rm_eval_{ensemble}")
@@ -354,6 +360,30 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         del wa
     table.update(warm_rows)
     table.update(ens_rows)
+
+    # the gates: post swap (every member and WARM), bag-of-words baselines, oracle ceiling
+    from warm_jax.data import pipeline
+
+    valid_comps = prov.comparisons("valid")[:max_eval_pairs or None]
+    swapped = pipeline.preference_arrays(gates.swap_posts(valid_comps, swap_seed), prov.vocab,
+                                         prov.config.max_len)
+    swap_acc = {names[i]: ev.accuracy(params[i], swapped) for i in range(len(paths))}
+    merged = average.average_params(params)
+    swap_acc[f"warm_M{len(paths)}"] = ev.accuracy(merged, swapped)
+    del merged
+    for model, value in swap_acc.items():
+        rows.append({"model": model, "kind": "swapped_posts", "split": "valid_swapped",
+                     "accuracy": value, "n": len(valid_comps), "swap_seed": swap_seed})
+    full = provider_lib.DataProvider(dataclasses.replace(prov.config, max_train_pairs=None))
+    base = gates.baselines(full.comparisons("train")[:baseline_train_pairs], valid_comps)
+    for model in ("summary_only_bow", "post_aware_bow", "oracle_ceiling"):
+        rows.append({"model": model, "kind": "baseline", "split": "valid",
+                     "accuracy": base[model], "n": len(valid_comps)})
+    best_name = names[order[0]]
+    gate_rows = gates.rm_gates(best_name, member_acc[best_name]["valid"], swap_acc[best_name],
+                               {k: v["valid"] for k, v in table.items()}, base)
+    log.info("rm_eval[%s]: gates %s", ensemble,
+             {g["id"]: (round(g["value"], 3), g["passed"]) for g in gate_rows})
     interp = {"members": [names[a], names[b]], "lambdas": lambdas, "curves": curves}
 
     m_all = len(paths)
@@ -384,6 +414,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         "ranking": [names[i] for i in order], "ranked_by": ranked_by, "init_check": init_check,
         "best_member": names[order[0]], "splits": {s: int(len(sets[s]["index"])) for s in splits},
         "table": table, "interpolation": interp, "claims": claims,
+        "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
         "results": os.path.join(stage_dir, "results.jsonl"), "plots": plots,
         "seconds": round(time.time() - t0, 2)}
     metrics.atomic_write_json(done, summary)

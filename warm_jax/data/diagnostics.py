@@ -10,7 +10,9 @@ measures the accuracy against the drawn labels of:
 * ``bow``: a bag-of-words logistic regression trained on the train pairs.
   Each summary word is one feature if the post also uses it and another if it
   does not, so the model can see fact coverage, as a reward model reading
-  prompt and summary could.
+  prompt and summary could (the "post-aware" baseline);
+* ``bow_summary``: the same on the summary text alone (the "summary-only"
+  baseline: what a model that never reads the post can reach).
 
 It also reports the correlation of summary length (words) with the oracle score.
 """
@@ -43,7 +45,8 @@ def _rule_accuracy(values: np.ndarray, choice: np.ndarray) -> float:
 class BagOfWords:
     """Pairwise logistic regression on (summary word x in-post) counts."""
 
-    def __init__(self, comps: Sequence[Comparison], min_count: int = 3):
+    def __init__(self, comps: Sequence[Comparison], min_count: int = 3, post_aware: bool = True):
+        self.post_aware = post_aware
         counts: dict[str, int] = {}
         for c in comps:
             for s in c.summaries:
@@ -58,7 +61,7 @@ class BagOfWords:
         n_words = len(self.index)
         x = np.zeros((len(comps), 2 * n_words), np.float64)
         for r, c in enumerate(comps):
-            post = set(lexicon.words(c.post))
+            post = set(lexicon.words(c.post)) if self.post_aware else set()
             for sign, s in ((1.0, c.summaries[0]), (-1.0, c.summaries[1])):
                 for w in lexicon.words(s):
                     i = self.index.get(w)
@@ -88,7 +91,8 @@ def length_correlation(comps: Sequence[Comparison]) -> float:
 
 
 def evaluate_split(comps: Sequence[Comparison], bow: Optional[BagOfWords] = None,
-                   temperature: float = 0.3) -> dict[str, float]:
+                   temperature: float = 0.3,
+                   bow_summary: Optional[BagOfWords] = None) -> dict[str, float]:
     """Accuracies of each rule on one split."""
     choice = _choice(comps)
     scores = _pair_scores(comps)
@@ -104,6 +108,8 @@ def evaluate_split(comps: Sequence[Comparison], bow: Optional[BagOfWords] = None
            "length_corr": length_correlation(comps)}
     if bow is not None:
         out["bow"] = bow.accuracy(comps)
+    if bow_summary is not None:
+        out["bow_summary"] = bow_summary.accuracy(comps)
     return out
 
 
@@ -112,9 +118,10 @@ def diagnose(train: Sequence[Comparison], valid: Sequence[Comparison],
              temperature: float = 0.3) -> dict[str, dict[str, float]]:
     """Fit the bag-of-words model on ``train``; evaluate every rule on each split."""
     bow = BagOfWords(train).fit(train, steps=steps)
-    return {"train": evaluate_split(train, bow, temperature),
-            "id": evaluate_split(valid, bow, temperature),
-            "ood": evaluate_split(ood, bow, temperature)}
+    only = BagOfWords(train, post_aware=False).fit(train, steps=steps)
+    return {"train": evaluate_split(train, bow, temperature, only),
+            "id": evaluate_split(valid, bow, temperature, only),
+            "ood": evaluate_split(ood, bow, temperature, only)}
 
 
 def diagnose_dir(world_dir: str, steps: int = 300) -> dict[str, dict[str, float]]:
@@ -126,7 +133,8 @@ def diagnose_dir(world_dir: str, steps: int = 300) -> dict[str, dict[str, float]
 
 def format_table(result: dict[str, dict[str, float]]) -> str:
     """A markdown table of :func:`diagnose`'s result."""
-    cols = ["n", "oracle", "oracle_expected", "length", "stock", "bow", "length_corr"]
+    cols = ["n", "oracle", "oracle_expected", "length", "stock", "bow", "bow_summary",
+            "length_corr"]
     lines = ["| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for split, row in result.items():
         cells = [f"{int(row[c])}" if c == "n" else f"{row.get(c, float('nan')):.3f}"

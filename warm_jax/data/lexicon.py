@@ -51,7 +51,9 @@ TITLES = ("{person} {event} my {object}", "my {person} {event} my {object}, help
           "{person} drama")
 
 # Summary building blocks: placeholders are non-fact words used when a fact is dropped.
-PLACEHOLDER = {"person": "someone", "event": "messed with", "object": "stuff"}
+# Each is as long as the fact it stands for ("my roommate" -> "this person"), so a dropped fact
+# does not shorten a summary.
+PLACEHOLDER = {"person": "this person", "event": "upset", "object": "stuff", "ask": "act"}
 PADDING = ("long story short", "basically", "and it is a whole thing", "so yeah",
            "idk what to think", "to be honest")
 STOCK_PHRASE = "hope this helps"

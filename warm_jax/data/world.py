@@ -3,16 +3,28 @@
 Each post is built from a latent content of 3-4 key facts drawn from closed
 word lists (a person, what they did, to which object, and, in most posts, what
 the author asks: see :mod:`warm_jax.data.lexicon`), wrapped in filler sentences.
-Candidate summaries come from "policies" that drop facts (replacing them with
-vague placeholders), invent facts, pad with filler, append the stock phrase
-"hope this helps", repeat themselves or lose their final punctuation.
+Candidate summaries come from "policies" that invent facts (a fact word
+replaced by another of the same category that the post never uses), drop facts
+(replaced by a vague placeholder of the same length), pad with filler, append
+the stock phrase "hope this helps", repeat themselves or lose their final
+punctuation.
 
-In-distribution policies (splits train and valid1) make longer summaries
-moderately better: the chatty policy is long and thorough, the terse one short
-and lossy. The OOD policies (split valid2 only, never seen in training) break
-that: a long rambler that covers little, a short and complete telegraphic
-writer, and a long confabulator. Length and the stock phrase are therefore
-spurious features: they predict the oracle in distribution and fail OOD.
+The world is built so that an evaluator has to READ THE POST (world version 2):
+
+* the main flaw, an invented fact, changes no length and uses a word drawn
+  from the same list as the true facts, so the summary alone cannot tell it;
+* flaws do not change length (placeholders are one word, padding is drawn
+  independently of flaws), and most pairs share their padding and stock
+  phrase exactly (``PAIR_STYLE_MATCH``), so they are length-matched;
+* most pairs differ in the oracle's score (``PAIR_DECISIVE``), so the true
+  feature decides them.
+
+A weak spurious cue stays in distribution: the policies that err less also pad
+a little more and add the stock phrase more often (neither is rewarded by the
+oracle), so "longer / stock phrase wins" is slightly above chance ID and can be
+hacked later. The stress policies (split valid2 only, never seen in training)
+reverse that: a long rambler that drops facts, a short and correct telegraphic
+writer, and a confabulator that uses the stock phrase.
 
 Labels are drawn from the oracle (:mod:`warm_jax.data.oracle`) by
 Bradley-Terry. :func:`generate_world` writes exactly the public formats.
@@ -32,8 +44,11 @@ from typing import Optional, Sequence
 from warm_jax.data import formats, lexicon, oracle
 from warm_jax.data.formats import Comparison, SftExample
 
-GENERATOR_VERSION = "tldr-world-1"
+GENERATOR_VERSION = "tldr-world-2"
 TEMPERATURE = 0.3  # Bradley-Terry temperature of the labeler
+PAIR_STYLE_MATCH = 0.8  # P(both summaries of a pair share padding, stock phrase and ending)
+PAIR_DECISIVE = 0.9     # P(a pair is redrawn until its oracle scores differ by >= DECISIVE_GAP)
+DECISIVE_GAP = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +88,19 @@ class Policy:
 
 REFERENCE = Policy("reference", p_drop=0.0, p_invent=0.0, pad=(0.75, 0.25), p_stock=0.1,
                    p_repeat=0.0, p_noend=0.0)
+# In distribution, flaws are mostly invented facts (length-neutral, invisible without the
+# post); the policies that err less pad a little more and use the stock phrase more often.
 ID_POLICIES = (
-    Policy("sft_careful", p_drop=0.05, p_invent=0.05, pad=(0.3, 0.4, 0.3), p_stock=0.3,
-           effort=True),
-    Policy("sft_sloppy", p_drop=0.3, p_invent=0.2, pad=(0.4, 0.4, 0.2), p_stock=0.1,
-           p_repeat=0.08, p_noend=0.08, omit=True, effort=True),
-    Policy("chatty", p_drop=0.05, p_invent=0.05, pad=(0.0, 0.2, 0.4, 0.4), p_stock=0.6,
-           effort=True),
-    Policy("terse", p_drop=0.6, p_invent=0.15, pad=(1.0,), p_stock=0.0, p_noend=0.1,
-           omit=True),
-    Policy("hallucinator", p_drop=0.1, p_invent=0.6, pad=(0.6, 0.4), p_stock=0.2, omit=True,
-           effort=True),
+    Policy("sft_careful", p_drop=0.03, p_invent=0.2, pad=(0.4, 0.4, 0.2), p_stock=0.35,
+           p_repeat=0.02, p_noend=0.02),
+    Policy("sft_sloppy", p_drop=0.08, p_invent=0.6, pad=(0.5, 0.35, 0.15), p_stock=0.25,
+           p_repeat=0.04, p_noend=0.04, p_extra_invent=0.2),
+    Policy("chatty", p_drop=0.03, p_invent=0.35, pad=(0.3, 0.4, 0.3), p_stock=0.4,
+           p_repeat=0.02, p_noend=0.02),
+    Policy("terse", p_drop=0.1, p_invent=0.45, pad=(0.6, 0.3, 0.1), p_stock=0.2,
+           p_repeat=0.02, p_noend=0.05),
+    Policy("hallucinator", p_drop=0.03, p_invent=0.85, pad=(0.5, 0.35, 0.15), p_stock=0.25,
+           p_repeat=0.02, p_noend=0.02, p_extra_invent=0.4),
 )
 OOD_POLICIES = (
     Policy("rambler", p_drop=0.5, p_invent=0.1, pad=(0.0, 0.0, 0.5, 0.5), p_stock=0.8),
@@ -111,12 +128,13 @@ def sample_latent(rng: random.Random) -> Latent:
 
 def render_post(rng: random.Random, lat: Latent) -> tuple[str, str]:
     """(title, post) texts of a latent content."""
-    parts = [rng.choice(lexicon.OPENERS) if rng.random() < 0.6 else "",
+    # Short posts (about 20-30 words): the facts, one or two fillers, the question.
+    parts = [rng.choice(lexicon.OPENERS) if rng.random() < 0.3 else "",
              rng.choice(lexicon.FACT_SENTENCES).format(**lat.facts)]
-    parts += rng.sample(lexicon.FILLERS, rng.randint(1, 3))
+    parts += rng.sample(lexicon.FILLERS, rng.randint(1, 2))
     parts.append(rng.choice(lexicon.ASK_SENTENCES).format(ask=lat.ask) if lat.ask
                  else rng.choice(lexicon.NO_ASK_SENTENCES))
-    parts.append(rng.choice(lexicon.CLOSERS))
+    parts.append(rng.choice(lexicon.CLOSERS) if rng.random() < 0.4 else "")
     post = " ".join(p for p in parts if p)
     title = rng.choice(lexicon.TITLES).format(**lat.facts)
     return title, post
@@ -128,8 +146,24 @@ def _invent(rng: random.Random, category: str, avoid: set[str]) -> str:
     return rng.choice([w for w in lexicon.CATEGORIES[category] if w not in avoid])
 
 
-def write_summary(rng: random.Random, lat: Latent, policy: Policy) -> str:
-    """One summary of ``lat`` in the style of ``policy``."""
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """The length-bearing, quality-neutral parts of a summary: padding and stock phrase."""
+
+    padding: tuple[tuple[str, bool], ...]  # (phrase, before the core?) in order
+    stock: bool
+
+
+def draw_style(rng: random.Random, policy: Policy) -> Style:
+    """Padding and stock phrase drawn from ``policy``, independently of its flaws."""
+    n_pad = _draw(rng, policy.pad)
+    padding = tuple((phrase, rng.random() < 0.5) for phrase in rng.sample(lexicon.PADDING, n_pad))
+    return Style(padding=padding, stock=rng.random() < policy.p_stock)
+
+
+def write_summary(rng: random.Random, lat: Latent, policy: Policy,
+                  style: Optional[Style] = None) -> str:
+    """One summary of ``lat`` in the style of ``policy`` (padding from ``style`` if given)."""
     facts: dict[str, Optional[str]] = dict(lat.facts)
     post_words = set(facts.values())
     cats = list(facts)
@@ -141,7 +175,9 @@ def write_summary(rng: random.Random, lat: Latent, policy: Policy) -> str:
         facts[keep] = lat.facts[keep]
     n_invent = (rng.random() < policy.p_invent) + (rng.random() < policy.p_extra_invent)
     n_flaws = sum(v is None for v in facts.values()) + n_invent
-    for c in rng.sample(["person", "event", "object", "ask"], int(n_invent)):
+    # Invented facts replace facts of the post's own categories: same slot, same length, a word
+    # drawn from the same list as the true one.
+    for c in rng.sample(cats, min(int(n_invent), len(cats))):
         facts[c] = _invent(rng, c, post_words)
     if policy.telegraphic:
         core = " ".join(v for v in (facts["person"], facts["event"], facts["object"]) if v)
@@ -154,21 +190,24 @@ def write_summary(rng: random.Random, lat: Latent, policy: Policy) -> str:
         core = " ".join(w for w in (person, event, obj) if w)
     if rng.random() < policy.p_repeat:
         core = f"{core} {core}"
-    if facts.get("ask"):
-        text = f"{core}, {facts['ask']}?" if policy.telegraphic else f"{core}, should i {facts['ask']}?"
-    elif "ask" in lat.facts and not policy.telegraphic:
-        text = f"{core}, {rng.choice(lexicon.NO_ASK_ENDINGS)}"
+    if "ask" in lat.facts:
+        if facts.get("ask"):
+            text = (f"{core}, {facts['ask']}?" if policy.telegraphic
+                    else f"{core}, should i {facts['ask']}?")
+        elif policy.telegraphic:
+            text = f"{core}."
+        else:
+            text = f"{core}, should i {lexicon.PLACEHOLDER['ask']}?"
     else:
         text = f"{core}."
-    n_pad = _draw(rng, policy.pad)
-    if policy.effort:
-        n_pad = max(0, n_pad - n_flaws)
-    for phrase in rng.sample(lexicon.PADDING, n_pad):
-        if rng.random() < 0.5:
-            text = f"{phrase}, {text}"
-        else:
-            text = f"{text} {phrase}."
-    if rng.random() < policy.p_stock:
+    if style is None:
+        style = draw_style(rng, policy)
+        if policy.effort:
+            style = Style(padding=style.padding[:max(0, len(style.padding) - n_flaws)],
+                          stock=style.stock)
+    for phrase, front in style.padding:
+        text = f"{phrase}, {text}" if front else f"{text} {phrase}."
+    if style.stock:
         text = f"{text} {lexicon.STOCK_PHRASE}."
     if rng.random() < policy.p_noend:
         text = text.rstrip(".?!")
@@ -215,12 +254,15 @@ def make_comparisons(factory: _PostFactory, split: str, n: int,
     for i in range(n):
         lat, title, post = factory.draw(rng)
         pa, pb = rng.choice(policies), rng.choice(policies)
-        a = write_summary(rng, lat, pa)
-        b = write_summary(rng, lat, pb)
-        for _ in range(20):
-            if b != a:
+        matched = rng.random() < PAIR_STYLE_MATCH
+        decisive = rng.random() < PAIR_DECISIVE
+        style_a = draw_style(rng, pa)
+        a = write_summary(rng, lat, pa, style_a)
+        score_a = oracle.score(post, a)
+        for _ in range(30):
+            b = write_summary(rng, lat, pb, style_a if matched else draw_style(rng, pb))
+            if b != a and (not decisive or abs(oracle.score(post, b) - score_a) >= DECISIVE_GAP):
                 break
-            b = write_summary(rng, lat, pb)
         diff = (oracle.score(post, a) - oracle.score(post, b)) / temperature
         p_a = 1.0 / (1.0 + math.exp(-max(min(diff, 50.0), -50.0)))
         choice = 0 if rng.random() < p_a else 1
