@@ -253,7 +253,8 @@ def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, ca
     assert "  5. rm_ensemble@rm_clean    to run" in out
     assert "reads:  RUN_DIR/rm_init/head, RUN_DIR/sft/snapshots, RUN_DIR/data" in out
     assert "writes: RUN_DIR/warm_corrupt, RUN_DIR/warm_corrupt_stage" in out
-    assert out.rstrip().endswith("configuration OK: 14 entries checked, 0 done, 14 to run; "
+    n = len(entries)
+    assert out.rstrip().endswith(f"configuration OK: {n} entries checked, 0 done, {n} to run; "
                                  "nothing was run")
     # a finished stage (its summary.json exists) is shown as done; --stages selects entries
     os.makedirs(run_dir / "rm_clean")
