@@ -79,7 +79,8 @@ def test_report_of_the_smoke_flow_reads_what_the_stages_wrote(tmp_path):
 def check_report_matches_stage_outputs(run):
     """report.md of a finished smoke.gin run against the files its stages wrote."""
     for stage in ("data_stage", "pretrain", "sft", "rm_init", "rm_clean", "rm_corrupt",
-                  "warm_clean_stage", "warm_corrupt_stage", "rm_eval_rm_corrupt", "bon",
+                  "warm_clean_stage", "warm_corrupt_stage", "rm_eval_rm_clean",
+                  "rm_eval_rm_corrupt", "bon",
                   "rl_single", "rl_warm", "judge", "report"):
         assert (run / stage / "summary.json").exists(), stage
     text = (run / "report.md").read_text()
@@ -120,13 +121,16 @@ def check_report_matches_stage_outputs(run):
         cells = [c.strip() for c in line.strip("|").split("|")]
         for split, acc in by_split.items():
             assert cells[cols.index(split)] == f"{acc:.3f}", (model, split, line)
-    # the paper's claims, as rm_eval judged them
-    claims = json.load(open(run / "rm_eval_rm_corrupt" / "summary.json"))["claims"]
+    # the paper's claims, as each rm_eval stage judged them, one row per (setting, claim)
     claims_text = section("The paper's claims, checked")
-    for c in claims:
-        (line,) = [l for l in claims_text.splitlines()
-                   if l.startswith("| " + c["claim"].replace("|", "\\|") + " |")]
-        assert ("| reproduced |" in line) == c["holds"], line
+    claims = []
+    for setting in ("rm_eval_rm_clean", "rm_eval_rm_corrupt"):
+        mine = json.load(open(run / setting / "summary.json"))["claims"]
+        claims += mine
+        for c in mine:
+            (line,) = [l for l in claims_text.splitlines() if l.startswith(
+                f"| {setting} | " + c["claim"].replace("|", "\\|") + " |")]
+            assert ("| reproduced |" in line) == c["holds"], line
     # Best-of-N: control of each reward's expected pick at each N, from bon/results.jsonl
     bon_text = section("Best-of-N")
     rows = [json.loads(l) for l in open(run / "bon" / "results.jsonl")]

@@ -105,9 +105,11 @@ def _section_claims(claims: list[dict]) -> str:
         nums = c.get("numbers") or c.get("measured") or {}
         if isinstance(nums, dict):
             nums = ", ".join(f"{k} {_fmt(v)}" for k, v in nums.items())
-        rows.append([c.get("claim", "?"), "reproduced" if c.get("holds") else "NOT reproduced",
-                     nums])
-    return _table(["paper claim", "here", "measured"], rows)
+        rows.append([c.get("source", "?"), c.get("claim", "?"),
+                     "reproduced" if c.get("holds") else "NOT reproduced", nums])
+    # the setting (the stage that judged the claim: e.g. rm_eval_rm_clean vs
+    # rm_eval_rm_corrupt) keeps claims of the same words apart
+    return _table(["setting", "paper claim", "here", "measured"], rows)
 
 
 def collect_gates(summaries: dict[str, dict]) -> list[dict]:
@@ -317,7 +319,7 @@ def aggregate(run_dirs: list[str], out: str) -> str:
     import numpy as np
 
     tables: dict[tuple, list[float]] = {}
-    claims: dict[str, list[bool]] = {}
+    claims: dict[tuple, list[bool]] = {}  # (setting, claim) -> holds, one per run
     wins: dict[str, list[float]] = {}
     gate_runs: dict[tuple, list[tuple[float, bool]]] = {}
     for d in run_dirs:
@@ -332,15 +334,15 @@ def aggregate(run_dirs: list[str], out: str) -> str:
                         if isinstance(v, (int, float)):
                             tables.setdefault((name, model, split), []).append(float(v))
             for c in summ.get("claims") if isinstance(summ.get("claims"), list) else []:
-                claims.setdefault(c.get("claim", "?"), []).append(bool(c.get("holds")))
+                claims.setdefault((name, c.get("claim", "?")), []).append(bool(c.get("holds")))
         for pair, r in (s.get("judge", {}).get("win_rates") or {}).items():
             wins.setdefault(pair, []).append(float(r.get("win_rate")))
     ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
     parts = [f"# Aggregate over {len(run_dirs)} runs", "",
              "Runs: " + ", ".join(run_dirs), "", "Mean ± standard deviation over runs."]
     if claims:
-        parts += ["", "## Claims", "", _table(["claim", "holds in"], [
-            [c, f"{sum(v)}/{len(v)} runs"] for c, v in claims.items()])]
+        parts += ["", "## Claims", "", _table(["setting", "claim", "holds in"], [
+            [setting, c, f"{sum(v)}/{len(v)} runs"] for (setting, c), v in claims.items()])]
     if gate_runs:
         parts += ["", "## Gates (do the RMs do the task?)", "", _table(
             ["stage", "gate", "value", "passed in"],
