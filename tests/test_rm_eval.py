@@ -106,9 +106,24 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     clean_idx = np.flatnonzero(~np.asarray(corrupted_train["flipped"], bool))[:48]
     assert acc[("member_0", "train_clean")] == pytest.approx(reward_lib.pairwise_accuracy(
         rms[0], provider_lib.subset(corrupted_train, clean_idx)), abs=1e-9)
-    # ENS_M2 = the mean reward of the two best members (1 and 0)
-    ens = reward_lib.RewardModel.ensemble(CFG, [rms[0].params, rms[1].params])
-    assert acc[("ens_M2", "ood")] == pytest.approx(reward_lib.pairwise_accuracy(ens, sets["ood"]))
+    # WARM_M2 / ENS_M2 = the two best members by their cards' validation accuracy (rm_eval's
+    # input); the worst two give other numbers (so taking the wrong members fails here)
+    from warm_jax import checkpoint as ckpt_lib
+
+    card_acc = [reward_lib.card_accuracy(ckpt_lib.read_card(p)) for p in members]
+    assert len(set(card_acc)) == len(card_acc)  # no ties: the best two are well defined
+    best2, worst2 = sorted(np.argsort(card_acc)[::-1][:2]), sorted(np.argsort(card_acc)[:2])
+    pick = lambda idx: (
+        reward_lib.RewardModel.ensemble(CFG, [rms[i].params for i in idx]),
+        reward_lib.RewardModel.single(CFG, average.average_params([rms[i].params for i in idx])))
+    (ens_b, warm_b), (ens_w, warm_w) = pick(best2), pick(worst2)
+    differs = False
+    for sp in splits:
+        assert acc[("ens_M2", sp)] == pytest.approx(reward_lib.pairwise_accuracy(ens_b, sets[sp]))
+        assert acc[("warm_M2", sp)] == pytest.approx(reward_lib.pairwise_accuracy(warm_b, sets[sp]))
+        differs |= reward_lib.pairwise_accuracy(warm_w, sets[sp]) != acc[("warm_M2", sp)]
+        differs |= reward_lib.pairwise_accuracy(ens_w, sets[sp]) != acc[("ens_M2", sp)]
+    assert differs, "the best and the worst two members score alike: the check cannot fail"
     # WARM_M3 = the uniform weight average of all three
     warm = reward_lib.RewardModel.single(CFG, average.average_params([r.params for r in rms]))
     assert acc[("warm_M3", "valid")] == pytest.approx(
