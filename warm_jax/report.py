@@ -112,16 +112,21 @@ def _section_claims(claims: list[dict]) -> str:
     return _table(["setting", "paper claim", "here", "measured"], rows)
 
 
-def collect_gates(summaries: dict[str, dict]) -> list[dict]:
-    """The gates of :mod:`warm_jax.gates` written by the stages (rm_eval_*, bon)."""
+def _collect(summaries: dict[str, dict], key: str) -> list[dict]:
+    """Every record of the list `key` in the stage summaries, with its stage as `source`."""
     out = []
     for name, s in summaries.items():
-        found = s.get("gates")
-        for g in found if isinstance(found, list) else []:
-            g = dict(g)
-            g.setdefault("source", name)
-            out.append(g)
+        found = s.get(key)
+        for rec in found if isinstance(found, list) else []:
+            rec = dict(rec)
+            rec.setdefault("source", name)
+            out.append(rec)
     return out
+
+
+def collect_gates(summaries: dict[str, dict]) -> list[dict]:
+    """The gates of :mod:`warm_jax.gates` written by the stages (rm_eval_*, bon)."""
+    return _collect(summaries, "gates")
 
 
 def _section_gates(found: list[dict]) -> str:
@@ -144,14 +149,8 @@ def _section_gates(found: list[dict]) -> str:
 
 
 def collect_claims(summaries: dict[str, dict]) -> list[dict]:
-    claims = []
-    for name, s in summaries.items():
-        found = s.get("claims")
-        for c in found if isinstance(found, list) else []:
-            c = dict(c)
-            c.setdefault("source", name)
-            claims.append(c)
-    return claims
+    """The paper's claims as the stages (rm_eval_*) judged them."""
+    return _collect(summaries, "claims")
 
 
 def check_report_stage(c) -> None:
