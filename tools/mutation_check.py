@@ -142,10 +142,11 @@ MUTATIONS = [
              ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",)),
     Mutation("guard_ignores_nonfinite_update", "the guard checks loss/grads, not the update",
              "warm_jax/train_lib.py",
-             'finite = jnp.logical_and(finite, jnp.logical_and(all_finite(new_params), '
-             'all_finite(new_opt)))',
-             'finite = finite',
-             ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",)),
+             'finite = jnp.logical_and(finite, all_finite(new_params))\n'
+             '        finite = jnp.logical_and(finite, all_finite(new_opt))',
+             'pass',
+             ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",
+              "tests/test_rl.py::test_one_guard_refuses_a_non_finite_rl_update")),
     Mutation("report_judge_reads_ci", "report prints the CI's low end as the win rate",
              "warm_jax/report.py",
              'rows = [[pair, r.get("win_rate"),',

@@ -83,8 +83,8 @@ def guarded_multi_update(state: dict, loss, groups) -> tuple[dict, jax.Array]:
         updates, new_opt = tx.update(grads, state[okey], state[pkey])
         new_params = optax.apply_updates(state[pkey], updates)
         finite = jnp.logical_and(finite, all_finite(grads))
-        finite = jnp.logical_and(finite, jnp.logical_and(all_finite(new_params),
-                                                         all_finite(new_opt)))
+        finite = jnp.logical_and(finite, all_finite(new_params))
+        finite = jnp.logical_and(finite, all_finite(new_opt))
         new_groups.append((pkey, okey, new_params, new_opt))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     out = dict(state)
