@@ -253,11 +253,6 @@ def assert_sharded(tree: Any, min_fraction: float = 0.5, allow_replicated_bytes:
     return rep
 
 
-def with_rules():
-    """Context manager activating LOGICAL_AXIS_RULES for nn.with_logical_constraint."""
-    return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
-
-
 def shard_tree(tree: Any, shardings: Any) -> Any:
     """Places a host tree onto the given shardings."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)

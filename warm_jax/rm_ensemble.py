@@ -853,12 +853,6 @@ def check_ensemble_stage(c) -> None:
     c.write(stage_dir, done=os.path.join(stage_dir, "summary.json"))
 
 
-def stacked_param_specs(program: EnsembleProgram) -> dict:
-    """{path: PartitionSpec} of the stacked params (for reports and tests)."""
-    return {jax.tree_util.keystr(p): s.spec for p, s in
-            jax.tree_util.tree_flatten_with_path(program.param_shardings)[0]}
-
-
 __all__ = ["probe_stage", "ensemble_stage", "resolve_members", "MemberSpec",
            "build_ensemble_program", "EnsembleProgram", "member_batch", "put_member_batch",
            "accuracy_report", "pair_features", "fit_probe", "lineage_fingerprint"]

@@ -197,11 +197,6 @@ def sample_naive(cfg: model_lib.TransformerConfig, params, tokens, mask, rng,
 # Layout helpers
 
 
-def repeat_prompts(tokens, mask, n: int):
-    """Each prompt row repeated n times in a row: [B, P] -> [B * n, P] (row i*n + j)."""
-    return jnp.repeat(tokens, n, axis=0), jnp.repeat(mask, n, axis=0)
-
-
 def concat_right_padded(prompt_tokens, prompt_mask, comp_tokens, comp_mask) -> dict:
     """prompt (LEFT-padded [B, P]) + completion ([B, G], mask contiguous from column 0)
     -> RIGHT-padded dict(tokens, mask, completion_mask) of shape [B, P + G].

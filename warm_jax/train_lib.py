@@ -96,10 +96,6 @@ def guarded_multi_update(state: dict, loss, groups) -> tuple[dict, jax.Array]:
     return out, finite
 
 
-def replicated_shardings(tree, mesh) -> Any:
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
 def _removed_axis(leaf_path: str, pshape: tuple, lshape: tuple, min_dim_size_to_factor: int):
     """Which parameter axis a factored Adafactor statistic dropped (None if not one)."""
     if len(lshape) != len(pshape) - 1:

@@ -87,10 +87,3 @@ def score_batch(posts: Sequence[str], summaries: Sequence[str]) -> np.ndarray:
     if len(posts) != len(summaries):
         raise ValueError(f"{len(posts)} posts for {len(summaries)} summaries")
     return np.asarray([score(p, s) for p, s in zip(posts, summaries)], dtype=np.float32)
-
-
-def preference_probability(post: str, summary_a: str, summary_b: str,
-                           temperature: float) -> float:
-    """Bradley-Terry P(A preferred over B) = sigmoid((score_A - score_B) / temperature)."""
-    diff = (score(post, summary_a) - score(post, summary_b)) / temperature
-    return float(1.0 / (1.0 + np.exp(-diff)))
