@@ -2,7 +2,7 @@
 
 Same model, same per-member batch [B pairs, T tokens], same optimizer (Adafactor), on the
 default mesh of this machine (all devices on 'data'; an 'ensemble' axis when --ensemble_axis
-divides M). The stacked step is rm_ensemble.build_ensemble_program's jitted step over the
+divides M). The stacked step is ensemble.build_ensemble_program's jitted step over the
 stacked state, in both of its member loops (vmap; lax.map when there is no ensemble axis);
 the separate steps are the same program built for one member, called M times. Timings are
 interleaved (each iteration runs every variant) and the medians exclude 2 compile steps.
@@ -51,11 +51,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from warm_jax import model as model_lib
-    from warm_jax import partitioning, rm_ensemble
+    from warm_jax import ensemble, partitioning
 
     m, b, t = args.members, args.batch, args.seq
     cfg = model_lib.model_config(args.preset)
-    opt = rm_ensemble.ensemble_optimizer_config(0, 10_000)
+    opt = ensemble.ensemble_optimizer_config(0, 10_000)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(ensemble=args.ensemble_axis, data=-1))
     rng = np.random.default_rng(0)
     host = [_batch(rng, m, b, t, cfg.vocab_size) for _ in range(args.steps + 2)]
@@ -64,14 +64,14 @@ def main(argv=None) -> None:
               "mesh": dict(mesh.shape)}
 
     loops = ["vmap"] if mesh.shape["ensemble"] > 1 else ["vmap", "map"]
-    ens = {lp: rm_ensemble.build_ensemble_program(cfg, opt, mesh, m, (b, t), member_loop=lp)
+    ens = {lp: ensemble.build_ensemble_program(cfg, opt, mesh, m, (b, t), member_loop=lp)
            for lp in loops}
-    ens_state = {lp: _state(p, rm_ensemble, model_lib, partitioning, m, 0)
+    ens_state = {lp: _state(p, ensemble, model_lib, partitioning, m, 0)
                  for lp, p in ens.items()}
-    ens_batches = [rm_ensemble.put_member_batch(ens["vmap"], h) for h in host]
-    one = rm_ensemble.build_ensemble_program(cfg, opt, mesh, 1, (b, t))
-    one_states = [_state(one, rm_ensemble, model_lib, partitioning, 1, k) for k in range(m)]
-    one_batches = [[rm_ensemble.put_member_batch(one, {k: v[j:j + 1] for k, v in h.items()})
+    ens_batches = [ensemble.put_member_batch(ens["vmap"], h) for h in host]
+    one = ensemble.build_ensemble_program(cfg, opt, mesh, 1, (b, t))
+    one_states = [_state(one, ensemble, model_lib, partitioning, 1, k) for k in range(m)]
+    one_batches = [[ensemble.put_member_batch(one, {k: v[j:j + 1] for k, v in h.items()})
                     for j in range(m)] for h in host]
 
     # Interleaved (stacked step, then the M separate steps, per iteration) so that both see

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from warm_jax import bon, checkpoint as ckpt_lib, model as model_lib, sampling
+from warm_jax import checkpoint as ckpt_lib, model as model_lib, sampling
+from warm_jax.stages import bon
 from warm_jax import reward as reward_lib
 from warm_jax.data import oracle
 from warm_jax.data import provider as provider_lib
@@ -63,7 +64,7 @@ def test_best_of_one_equals_plain_sampling(tiny_world):
     toks, mask = sampling.trim_left_padding(pr["tokens"][:8], pr["mask"][:8])
     s = sampling.Sampler(cfg, sampling.SamplingConfig(temperature=0.9, max_new_tokens=16))
     plain = s(params, toks, mask, 11)
-    picked = bon.best_of_n(s, params, toks, mask, bon.oracle_scorer(), 1, 11, prov.vocab,
+    picked = bon.best_of_n(s, params, toks, mask, reward_lib.oracle_scorer(), 1, 11, prov.vocab,
                            pr["prompts"][:8])
     np.testing.assert_array_equal(picked["tokens"], np.asarray(plain["tokens"]))
     np.testing.assert_array_equal(picked["index"], np.zeros(8))
@@ -78,7 +79,7 @@ def test_oracle_as_selector_raises_the_oracle_score_with_n(tiny_world):
     s = sampling.Sampler(cfg, sampling.SamplingConfig(temperature=1.0, max_new_tokens=16))
     means = []
     for n in (1, 4, 16):
-        picked = bon.best_of_n(s, params, toks, mask, bon.oracle_scorer(), n, 3, prov.vocab,
+        picked = bon.best_of_n(s, params, toks, mask, reward_lib.oracle_scorer(), n, 3, prov.vocab,
                                pr["prompts"])
         # the pick is the argmax of the oracle among the n candidates
         np.testing.assert_allclose(picked["scores"], picked["all_scores"].max(1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import judge
+from warm_jax.stages import judge
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
 from warm_jax.data import provider as provider_lib

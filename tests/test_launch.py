@@ -195,7 +195,7 @@ def test_paper_sweep_grid_and_bindings():
 def test_sweep_bindings_drive_the_ensemble_stage():
     """The emitted gin lines parse against the real ensemble_stage, and its member
     resolution gives back the sweep's table; member jobs pick single members."""
-    from warm_jax import rm_ensemble, sweeps
+    from warm_jax import ensemble, sweeps
 
     sw = sweeps.make_sweep("paper", 6, ["scope=\"rm_clean\""])
     snapshots = [{"step": s, "path": f"/sft/step_{s}"} for s in (8000, 10000, 12000)]
@@ -207,7 +207,7 @@ def test_sweep_bindings_drive_the_ensemble_stage():
         gin.parse_config(sweeps.gin_lines(jobs[4]["bindings"]))
         with gin.config_scope("rm_clean"):
             q = lambda k: gin.query_parameter(f"rm_clean/ensemble_stage.{k}")  # noqa: E731
-            specs = rm_ensemble.resolve_members(
+            specs = ensemble.resolve_members(
                 q("num_members"), learning_rates=q("learning_rates"),
                 dropout_rates=q("dropout_rates"), data_seeds=q("data_seeds"),
                 init_snapshots=q("init_snapshots"), snapshots=snapshots,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from warm_jax import report
+from warm_jax.stages import report
 
 
 def _run(tmp_path, name, warm_ood, win):

@@ -12,7 +12,8 @@ import pytest
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
-from warm_jax import optim, partitioning, rl
+from warm_jax import optim, partitioning, rl_steps
+from warm_jax.stages import rl
 from warm_jax.data import provider as provider_lib
 from warm_jax.data import world
 
@@ -39,9 +40,9 @@ class _Digits:
 def test_returns_and_shaped_rewards():
     tmask = jnp.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], jnp.float32)
     kl = jnp.array([[9, 1, 2, 3, 9], [9, 9, 4, 9, 9]], jnp.float32)
-    r = rl.shaped_rewards(jnp.array([10.0, -1.0]), kl, tmask, alpha=0.5)
+    r = rl_steps.shaped_rewards(jnp.array([10.0, -1.0]), kl, tmask, alpha=0.5)
     np.testing.assert_allclose(r, [[0, -0.5, -1, 8.5, 0], [0, 0, -3, 0, 0]])
-    g = rl.discounted_returns(r, tmask)
+    g = rl_steps.discounted_returns(r, tmask)
     np.testing.assert_allclose(g, [[0, 7, 7.5, 8.5, 0], [0, 0, -3, 0, 0]])
 
 
@@ -50,7 +51,7 @@ def test_learning_raises_a_synthetic_token_reward(tmp_path):
     params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
     reward_apply = lambda p, tokens, mask: p["scale"] * jnp.sum(
         (tokens == TOKEN) * mask, axis=1).astype(jnp.float32)
-    cfg = rl.RLConfig(steps=20, batch_size=16, alpha=0.01, learning_rate=1e-2, warmup_steps=0,
+    cfg = rl_steps.RLConfig(steps=20, batch_size=16, alpha=0.01, learning_rate=1e-2, warmup_steps=0,
                       max_new_tokens=12, temperature=1.0, whiten_advantages=True,
                       min_dim_size_to_factor=32)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, tensor=2))
@@ -82,14 +83,14 @@ def test_one_guard_refuses_a_non_finite_rl_update():
 
     params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
     value_params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(1))
-    cfg = rl.RLConfig(steps=4, batch_size=4, alpha=0.01, learning_rate=1e-2, warmup_steps=0,
+    cfg = rl_steps.RLConfig(steps=4, batch_size=4, alpha=0.01, learning_rate=1e-2, warmup_steps=0,
                       max_new_tokens=4, temperature=1.0, min_dim_size_to_factor=32)
     opt_pi, opt_v = cfg.optimizers()
     tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
     reward_apply = lambda p, tokens, mask: p["scale"] * jnp.sum(
         (tokens == TOKEN) * mask, axis=1).astype(jnp.float32)
-    state = rl.init_rl_state(params, value_params, jax.random.PRNGKey(2), tx_pi, tx_v)
-    step = jax.jit(rl.make_train_step(TINY, cfg, reward_apply, tx_pi, tx_v))
+    state = rl_steps.init_rl_state(params, value_params, jax.random.PRNGKey(2), tx_pi, tx_v)
+    step = jax.jit(rl_steps.make_train_step(TINY, cfg, reward_apply, tx_pi, tx_v))
     rm = {"scale": jnp.float32(1.0)}
     batch = _prompts(4, 0)
     leaves_equal = lambda a, b: [np.array_equal(x, y) for x, y in
@@ -196,10 +197,10 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path):
 def test_shaped_rewards_without_penalty_is_the_score_at_the_last_token():
     tmask = jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32)
     kl = jnp.array([[5, -2, 7], [1, 1, 1]], jnp.float32)
-    np.testing.assert_allclose(rl.shaped_rewards(jnp.array([3.0, -2.0]), kl, tmask, alpha=0.0),
+    np.testing.assert_allclose(rl_steps.shaped_rewards(jnp.array([3.0, -2.0]), kl, tmask, alpha=0.0),
                                [[0, 3, 0], [0, 0, -2]])
     # the penalty is -alpha * KL on completion tokens only, added to the score
-    np.testing.assert_allclose(rl.shaped_rewards(jnp.array([3.0, -2.0]), kl, tmask, alpha=2.0),
+    np.testing.assert_allclose(rl_steps.shaped_rewards(jnp.array([3.0, -2.0]), kl, tmask, alpha=2.0),
                                [[-10, 7, 0], [-2, -2, -4]])
 
 
@@ -231,14 +232,14 @@ def test_kl_coefficient_keeps_the_policy_near_the_reference():
     steps_by_alpha = {}
 
     def train(alpha, start, scale, steps=6):
-        cfg = rl.RLConfig(steps=steps, batch_size=16, alpha=alpha, learning_rate=1e-2,
+        cfg = rl_steps.RLConfig(steps=steps, batch_size=16, alpha=alpha, learning_rate=1e-2,
                           warmup_steps=0, max_new_tokens=8, temperature=1.0,
                           min_dim_size_to_factor=32)
         opt_pi, opt_v = cfg.optimizers()
         tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
         if alpha not in steps_by_alpha:  # one compile per alpha
-            steps_by_alpha[alpha] = jax.jit(rl.make_train_step(TINY, cfg, count, tx_pi, tx_v))
-        state = rl.init_rl_state(start, params, jax.random.PRNGKey(1), tx_pi, tx_v)
+            steps_by_alpha[alpha] = jax.jit(rl_steps.make_train_step(TINY, cfg, count, tx_pi, tx_v))
+        state = rl_steps.init_rl_state(start, params, jax.random.PRNGKey(1), tx_pi, tx_v)
         for _ in range(steps):
             state, _ = steps_by_alpha[alpha](state, params, jnp.float32(scale), batch)
         return state["params"]

@@ -12,7 +12,8 @@ import pytest
 
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
-from warm_jax import partitioning, rm_ensemble, sft, train_lib
+from warm_jax import ensemble, partitioning, train_lib
+from warm_jax.stages import pretrain, rm_ensemble, rm_init, sft
 from warm_jax.data import world
 
 M = 4
@@ -42,11 +43,11 @@ def flow(tmp_path_factory):
     world.generate_world(os.path.join(run, "data"), seed=0, n_train_pairs=600, n_valid_pairs=48,
                          n_ood_pairs=48, n_sft=300, n_prompts=16, vocab_size=512)
     _bind(os.path.join(run, "data"))
-    pre = sft.pretrain_stage(run, total_steps=4, batch_size=16, log_every=2,
+    pre = pretrain.pretrain_stage(run, total_steps=4, batch_size=16, log_every=2,
                              checkpoint_every=100, eval_examples=32)
     sf = sft.sft_stage(run, total_steps=6, batch_size=16, snapshot_steps=(2, 4),
                        log_every=2, checkpoint_every=100, eval_examples=32)
-    probe = rm_ensemble.probe_stage(run, probe_pairs=256, num_steps=40, eval_pairs=48)
+    probe = rm_init.probe_stage(run, probe_pairs=256, num_steps=40, eval_pairs=48)
     ens = rm_ensemble.ensemble_stage(run, name="rm_a", num_members=M, **ENS)
     yield {"run": run, "pretrain": pre, "sft": sf, "probe": probe, "ens": ens}
     gin.clear_config()
@@ -129,9 +130,9 @@ def _program(flow, num_members):
     card = ckpt_lib.read_card(flow["ens"]["members"][0]["path"])
     cfg = model_lib.config_from_dict(card["model_config"])
     hp = card["hyperparameters"]
-    opt = rm_ensemble.ensemble_optimizer_config(hp["warmup_steps"], hp["total_steps"])
+    opt = ensemble.ensemble_optimizer_config(hp["warmup_steps"], hp["total_steps"])
     mesh = partitioning.make_mesh(partitioning.MeshConfig())
-    return rm_ensemble.build_ensemble_program(cfg, opt, mesh, num_members,
+    return ensemble.build_ensemble_program(cfg, opt, mesh, num_members,
                                               (hp["batch_size"], hp["seq_len"]))
 
 
@@ -170,7 +171,7 @@ def test_stacked_state_sharded_on_ensemble_axis(flow):
 
 
 def _fire_sigterm_at(monkeypatch, at_step):
-    real = rm_ensemble.member_batch
+    real = ensemble.member_batch
 
     def batch(arrays, specs, batch_size, step):
         if step == at_step:
@@ -218,32 +219,32 @@ def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monke
 
 
 def test_member_loop_choice():
-    assert rm_ensemble.resolve_member_loop("auto", "ensemble") == "vmap"
-    assert rm_ensemble.resolve_member_loop("auto", None) == (
+    assert ensemble.resolve_member_loop("auto", "ensemble") == "vmap"
+    assert ensemble.resolve_member_loop("auto", None) == (
         "map" if jax.default_backend() == "cpu" else "vmap")
     with pytest.raises(ValueError, match="cannot shard members"):
-        rm_ensemble.resolve_member_loop("map", "ensemble")
+        ensemble.resolve_member_loop("map", "ensemble")
     with pytest.raises(ValueError, match="choose auto, vmap or map"):
-        rm_ensemble.resolve_member_loop("scan", None)
+        ensemble.resolve_member_loop("scan", None)
 
 
 def test_member_specs_are_checked():
     snaps = [{"step": 2, "path": "/s2"}, {"step": 4, "path": "/s4"}]
     with pytest.raises(ValueError, match=r"learning_rates = .* has 3 entries but num_members = 4"):
-        rm_ensemble.resolve_members(4, learning_rates=(1e-3,) * 3, snapshots=snaps)
+        ensemble.resolve_members(4, learning_rates=(1e-3,) * 3, snapshots=snaps)
     with pytest.raises(ValueError, match=r"dropout_rates = .* has 5 entries"):
-        rm_ensemble.resolve_members(4, dropout_rates=(0.1,) * 5, snapshots=snaps)
+        ensemble.resolve_members(4, dropout_rates=(0.1,) * 5, snapshots=snaps)
     with pytest.raises(ValueError, match="member_index = 4"):
-        rm_ensemble.resolve_members(4, snapshots=snaps, member_index=4)
+        ensemble.resolve_members(4, snapshots=snaps, member_index=4)
     with pytest.raises(ValueError, match="not a kept snapshot"):
-        rm_ensemble.resolve_members(2, init_snapshots=(2, 3), snapshots=snaps)
-    specs = rm_ensemble.resolve_members(3, snapshots=snaps, seed=7)
+        ensemble.resolve_members(2, init_snapshots=(2, 3), snapshots=snaps)
+    specs = ensemble.resolve_members(3, snapshots=snaps, seed=7)
     assert [s.init_step for s in specs] == [4, 2, 4]
     assert [s.data_seed for s in specs] == [7, 8, 9]
     assert len({(s.learning_rate, s.dropout_rate) for s in specs}) == 3
-    last = rm_ensemble.resolve_members(3, snapshots=snaps, init_snapshots="last")
+    last = ensemble.resolve_members(3, snapshots=snaps, init_snapshots="last")
     assert {s.init_path for s in last} == {"/s4"}
-    solo = rm_ensemble.resolve_members(3, snapshots=snaps, seed=7, member_index=2)
+    solo = ensemble.resolve_members(3, snapshots=snaps, seed=7, member_index=2)
     assert solo == [specs[2]]
 
 
@@ -254,8 +255,8 @@ def test_stacked_step_skips_a_members_nonfinite_update(mesh_cfg=dict(ensemble=2,
     gin.clear_config()
     cfg = model_lib.model_config("tiny")
     mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_cfg))
-    opt = rm_ensemble.ensemble_optimizer_config(0, 4)
-    program = rm_ensemble.build_ensemble_program(cfg, opt, mesh, 2, (8, 16))
+    opt = ensemble.ensemble_optimizer_config(0, 4)
+    program = ensemble.build_ensemble_program(cfg, opt, mesh, 2, (8, 16))
     assert program.member_loop == ("vmap" if "ensemble" in mesh_cfg else "map")
     params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(0))
     params = dict(params, reward_head={"kernel": np.asarray(jax.random.normal(
@@ -268,10 +269,10 @@ def test_stacked_step_skips_a_members_nonfinite_update(mesh_cfg=dict(ensemble=2,
                                        "opt_state": state["opt_state"]})
     rng = np.random.default_rng(0)
     arrays = {k: (rng.integers(3, cfg.vocab_size, (2, 8, 16)) if k.endswith("tokens")
-                  else np.ones((2, 8, 16))).astype(np.int32) for k in rm_ensemble.PAIR_KEYS}
+                  else np.ones((2, 8, 16))).astype(np.int32) for k in ensemble.PAIR_KEYS}
     for _ in range(2):
         with jax.set_mesh(mesh):
-            state, mets = program.step(state, rm_ensemble.put_member_batch(program, arrays))
+            state, mets = program.step(state, ensemble.put_member_batch(program, arrays))
     np.testing.assert_array_equal(np.asarray(state["member_nonfinite"]), [0, 2])
     assert int(state["nonfinite"]) == 2
     np.testing.assert_array_equal(np.asarray(mets["finite"]), [1.0, 0.0])

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from warm_jax import average, rm_eval
+from warm_jax import average
+from warm_jax.stages import rm_eval
+from warm_jax.stages import warm as warm_stages
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import reward as reward_lib
@@ -186,7 +188,7 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
 
 
 def test_warm_stage_merges_top_m_and_resumes(run_dir):
-    s = average.warm_stage(run_dir, ensemble=ENS, num_members=2)
+    s = warm_stages.warm_stage(run_dir, ensemble=ENS, num_members=2)
     out = os.path.join(run_dir, "warm_x_m2")
     assert s["path"] == out and os.path.exists(os.path.join(run_dir, "warm_x_m2_stage",
                                                             "summary.json"))
@@ -206,13 +208,13 @@ def test_warm_stage_merges_top_m_and_resumes(run_dir):
                                    rtol=1e-6, atol=1e-7)
     # interrupted after the export: the stage finishes from the existing merge
     os.remove(os.path.join(run_dir, "warm_x_m2_stage", "summary.json"))
-    again = average.warm_stage(run_dir, ensemble=ENS, num_members=2)
+    again = warm_stages.warm_stage(run_dir, ensemble=ENS, num_members=2)
     assert again["weights"] == s["weights"] and ckpt_lib.read_card(out)["fingerprint"] == \
         card["fingerprint"]
     # a different selection into the same directory is refused
     shutil.rmtree(os.path.join(run_dir, "warm_x_m2_stage"))
     with pytest.raises(average.AveragingError, match="not this stage's merge"):
-        average.warm_stage(run_dir, ensemble=ENS, num_members=3, out_name="warm_x_m2")
+        warm_stages.warm_stage(run_dir, ensemble=ENS, num_members=3, out_name="warm_x_m2")
 
 
 def _write_comparisons(path, rows):

@@ -11,7 +11,8 @@ import pytest
 
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
-from warm_jax import sft, train_lib
+from warm_jax import lm, train_lib
+from warm_jax.stages import pretrain, sft
 from warm_jax.data import pipeline, world
 from warm_jax.data import provider as provider_lib
 
@@ -43,7 +44,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(data_dir, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run_a"))
-    return run, sft.pretrain_stage(run, **LM)
+    return run, pretrain.pretrain_stage(run, **LM)
 
 
 def _params(path):
@@ -51,16 +52,16 @@ def _params(path):
 
 
 def test_default_snapshot_steps():
-    assert sft.default_snapshot_steps(12000) == (8000, 10000, 12000)  # the paper's Baklava
-    assert sft.default_snapshot_steps(300) == (200, 250, 300)
-    assert sft.default_snapshot_steps(3) == (1, 2, 3)
+    assert lm.default_snapshot_steps(12000) == (8000, 10000, 12000)  # the paper's Baklava
+    assert lm.default_snapshot_steps(300) == (200, 250, 300)
+    assert lm.default_snapshot_steps(3) == (1, 2, 3)
 
 
 def test_trim_length():
     mask = np.zeros((3, 40), np.int32)
     mask[0, :5] = 1
     mask[2, :17] = 1
-    out = sft.trim_length({"tokens": mask * 7, "mask": mask, "other": np.arange(3)}, ["mask"])
+    out = lm.trim_length({"tokens": mask * 7, "mask": mask, "other": np.arange(3)}, ["mask"])
     assert out["tokens"].shape == (3, 24) and out["mask"].sum() == mask.sum()
     assert out["other"].shape == (3,)
 
@@ -95,11 +96,11 @@ def test_pretrain_resumes_exactly_after_preemption(pretrained, tmp_path, monkeyp
 
     monkeypatch.setattr(pipeline, "batch_indices", batch_indices)
     with pytest.raises(train_lib.Preempted) as exc:
-        sft.pretrain_stage(run_b, **LM)
+        pretrain.pretrain_stage(run_b, **LM)
     assert exc.value.step == 3
     monkeypatch.undo()
     assert not os.path.exists(os.path.join(run_b, "pretrain", "final"))
-    summary_b = sft.pretrain_stage(run_b, **LM)
+    summary_b = pretrain.pretrain_stage(run_b, **LM)
     assert "resumed" in summary_b["source"] and "step 3" in summary_b["source"]
     for a, b in zip(_params(summary_a["final"]), _params(summary_b["final"])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
@@ -159,6 +160,6 @@ def test_bad_input_is_reported(pretrained, data_dir, tmp_path):
     _bind(data_dir, vocab_size=64)
     try:
         with pytest.raises(ValueError, match="vocab_size=64 is smaller than the data"):
-            sft.pretrain_stage(str(tmp_path / "z"), **LM)
+            pretrain.pretrain_stage(str(tmp_path / "z"), **LM)
     finally:
         _bind(data_dir)

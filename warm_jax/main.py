@@ -55,19 +55,19 @@ import gin
 
 log = logging.getLogger("warm_jax")
 
-# stage name -> "module:function"
+# stage name -> "module:function": stage X lives in warm_jax/stages/X.py
 STAGES = {
-    "data": "warm_jax.flow:data_stage",
-    "pretrain": "warm_jax.sft:pretrain_stage",
-    "sft": "warm_jax.sft:sft_stage",
-    "rm_init": "warm_jax.rm_ensemble:probe_stage",
-    "rm_ensemble": "warm_jax.rm_ensemble:ensemble_stage",
-    "warm": "warm_jax.average:warm_stage",
-    "rm_eval": "warm_jax.rm_eval:rm_eval_stage",
-    "bon": "warm_jax.bon:bon_stage",
-    "rl": "warm_jax.rl:rl_stage",
-    "judge": "warm_jax.judge:judge_stage",
-    "report": "warm_jax.report:report_stage",
+    "data": "warm_jax.stages.data:data_stage",
+    "pretrain": "warm_jax.stages.pretrain:pretrain_stage",
+    "sft": "warm_jax.stages.sft:sft_stage",
+    "rm_init": "warm_jax.stages.rm_init:probe_stage",
+    "rm_ensemble": "warm_jax.stages.rm_ensemble:ensemble_stage",
+    "warm": "warm_jax.stages.warm:warm_stage",
+    "rm_eval": "warm_jax.stages.rm_eval:rm_eval_stage",
+    "bon": "warm_jax.stages.bon:bon_stage",
+    "rl": "warm_jax.stages.rl:rl_stage",
+    "judge": "warm_jax.stages.judge:judge_stage",
+    "report": "warm_jax.stages.report:report_stage",
 }
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -278,3 +278,54 @@ def pairwise_accuracy(fn: Callable, arrays: dict, batch_size: int = 256,
     """Fraction of pairs whose chosen sequence gets the strictly higher reward."""
     rc, rr = pair_rewards(fn, arrays, batch_size, multiple)
     return float(np.mean(rc > rr))
+
+
+Scorer = Callable[[dict], np.ndarray]
+
+
+def oracle_scorer() -> Scorer:
+    """The miniature world's programmatic oracle on (prompt text, completion text)."""
+    from warm_jax.data import oracle
+
+    return lambda batch: oracle.score_batch(batch["prompts"], batch["completions"])
+
+
+def rm_scorer(rm, batch_size: int = 256) -> Scorer:
+    """A RewardModel (single, WARM or ENS) on the token sequences, in fixed-size chunks."""
+
+    def score(batch):
+        toks, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
+        out = []
+        for s in range(0, len(toks), batch_size):
+            t, m = toks[s:s + batch_size], mask[s:s + batch_size]
+            n = len(t)
+            if n < batch_size and len(toks) > batch_size:  # keep one compiled shape
+                t = np.concatenate([t, np.repeat(t[:1], batch_size - n, 0)])
+                m = np.concatenate([m, np.repeat(m[:1], batch_size - n, 0)])
+            out.append(np.asarray(rm(t, m))[:n])
+        return np.concatenate(out).astype(np.float32)
+
+    return score
+
+
+def load_reward(run_dir: str, spec: str):
+    """(RewardModel or None, Scorer) for a reward spec.
+
+    'oracle' -> the world's oracle; 'path:DIR' (or an existing export directory) ->
+    RewardModel.load(DIR); anything else ('warm:warm_clean', 'best:rm_clean',
+    'member:rm_clean:0', 'ens:rm_clean') -> reward.resolve(run_dir, spec).
+    """
+    from warm_jax import reward as reward_lib
+
+    if spec == "oracle":
+        return None, oracle_scorer()
+    path = spec[5:] if spec.startswith("path:") else spec
+    if os.path.exists(os.path.join(path, "card.json")):
+        rm = reward_lib.RewardModel.load(path)
+        return rm, rm_scorer(rm)
+    resolve = getattr(reward_lib, "resolve", None)
+    if resolve is None:
+        raise ValueError(f"reward spec {spec!r}: this warm_jax.reward has no resolve(); pass "
+                         "'oracle' or 'path:DIR' to a params export")
+    rm = resolve(run_dir, spec)
+    return rm, rm_scorer(rm)

@@ -20,19 +20,19 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import gin
 import jax
 import numpy as np
 
+from warm_jax import artifacts
+from warm_jax import reward as reward_lib
 from warm_jax import config_checks
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
 
 log = logging.getLogger("warm_jax")
-
-Scorer = Callable[[dict], np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,54 +77,6 @@ def bon_expectation(proxy: np.ndarray, control: np.ndarray, n: int) -> tuple[np.
 # Scorers
 
 
-def oracle_scorer() -> Scorer:
-    """The miniature world's programmatic oracle on (prompt text, completion text)."""
-    from warm_jax.data import oracle
-
-    return lambda batch: oracle.score_batch(batch["prompts"], batch["completions"])
-
-
-def rm_scorer(rm, batch_size: int = 256) -> Scorer:
-    """A RewardModel (single, WARM or ENS) on the token sequences, in fixed-size chunks."""
-
-    def score(batch):
-        toks, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
-        out = []
-        for s in range(0, len(toks), batch_size):
-            t, m = toks[s:s + batch_size], mask[s:s + batch_size]
-            n = len(t)
-            if n < batch_size and len(toks) > batch_size:  # keep one compiled shape
-                t = np.concatenate([t, np.repeat(t[:1], batch_size - n, 0)])
-                m = np.concatenate([m, np.repeat(m[:1], batch_size - n, 0)])
-            out.append(np.asarray(rm(t, m))[:n])
-        return np.concatenate(out).astype(np.float32)
-
-    return score
-
-
-def load_reward(run_dir: str, spec: str):
-    """(RewardModel or None, Scorer) for a reward spec.
-
-    'oracle' -> the world's oracle; 'path:DIR' (or an existing export directory) ->
-    RewardModel.load(DIR); anything else ('warm:warm_clean', 'best:rm_clean',
-    'member:rm_clean:0', 'ens:rm_clean') -> reward.resolve(run_dir, spec).
-    """
-    from warm_jax import reward as reward_lib
-
-    if spec == "oracle":
-        return None, oracle_scorer()
-    path = spec[5:] if spec.startswith("path:") else spec
-    if os.path.exists(os.path.join(path, "card.json")):
-        rm = reward_lib.RewardModel.load(path)
-        return rm, rm_scorer(rm)
-    resolve = getattr(reward_lib, "resolve", None)
-    if resolve is None:
-        raise ValueError(f"reward spec {spec!r}: this warm_jax.reward has no resolve(); pass "
-                         "'oracle' or 'path:DIR' to a params export")
-    rm = resolve(run_dir, spec)
-    return rm, rm_scorer(rm)
-
-
 # ---------------------------------------------------------------------------------------
 # Sampling a pool and picking
 
@@ -156,7 +108,7 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
     return pool
 
 
-def best_of_n(sampler: sampling.Sampler, params, prompt_tokens, prompt_mask, scorer: Scorer,
+def best_of_n(sampler: sampling.Sampler, params, prompt_tokens, prompt_mask, scorer: reward_lib.Scorer,
               n: int, seed, vocab=None, prompt_texts: Optional[Sequence[str]] = None) -> dict:
     """Samples n completions per prompt (one sampler call, seed as given) and keeps the one
     with the highest score. Returns the picked rows (completion tokens/mask/logprobs,
@@ -278,7 +230,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         from warm_jax import partitioning
 
         pcfg, params, card = sampling.load_policy(run_dir, policy)
-        check_vocab(card, prov.vocab, f"policy {policy!r}")
+        artifacts.check_card_vocab(card, prov.vocab, f"policy {policy!r}")
         mesh = partitioning.make_mesh(partitioning.MeshConfig())
         sampler = sampling.Sampler(pcfg, scfg, mesh=mesh)
         log.info("bon: sampling %d x %d completions from %s", num_prompts, k, card["path"])
@@ -294,9 +246,9 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         path = os.path.join(out_dir, "scores", _safe(spec) + ".npy")
         if os.path.exists(path):
             return np.load(path)
-        rm, scorer = load_reward(run_dir, spec)
+        rm, scorer = reward_lib.load_reward(run_dir, spec)
         if rm is not None and rm.cards:
-            check_vocab(rm.cards[0], prov.vocab, f"reward {spec!r}")
+            artifacts.check_card_vocab(rm.cards[0], prov.vocab, f"reward {spec!r}")
         s = np.asarray(scorer(pool), np.float32).reshape(num_prompts, k)
         np.save(path + ".tmp.npy", s)
         os.replace(path + ".tmp.npy", path)
@@ -356,10 +308,3 @@ def check_bon_stage(c) -> None:
     c.data()
     c.mesh_shape()
     c.write(out, done=os.path.join(out, "summary.json"))
-
-
-def check_vocab(card: dict, vocab, what: str) -> None:
-    want = card.get("vocab_sha256")
-    if want and want != vocab.sha256:
-        raise ValueError(f"{what}: trained with vocabulary {want[:12]} but the data uses "
-                         f"{vocab.sha256[:12]} ({card.get('path', '')})")

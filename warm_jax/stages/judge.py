@@ -24,6 +24,7 @@ import gin
 import jax
 import numpy as np
 
+from warm_jax import reward as reward_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
 
@@ -208,7 +209,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR');
     control-vs-KL curves of the RL runs among them (or `curves`). Writes {run_dir}/judge/:
     samples/<policy>.json, results.jsonl, judge.png, summary.json."""
-    from warm_jax import bon, partitioning
+    from warm_jax import partitioning
     from warm_jax.data import provider as provider_lib
 
     out_dir = os.path.join(run_dir, "judge")
@@ -230,7 +231,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     prompts = prov.prompts("eval")
     n = min(num_prompts, len(prompts["tokens"]))
     prompts = {k: v[:n] for k, v in prompts.items()}
-    _, scorer = bon.load_reward(run_dir, control)
+    _, scorer = reward_lib.load_reward(run_dir, control)
     mesh = partitioning.make_mesh(partitioning.MeshConfig())
     names = list(dict.fromkeys(x for p in pairs for x in p))
     scored = {}

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import time
 from typing import Any, Callable, Optional, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +30,6 @@ from warm_jax import checkpoint as ckpt_lib
 from warm_jax import losses, metrics, optim, partitioning, steps, train_lib
 from warm_jax import model as model_lib
 from warm_jax.data import pipeline
-from warm_jax.data import provider as provider_lib
 
 log = logging.getLogger("warm_jax")
 
@@ -42,11 +38,6 @@ SFT_DIR = "sft"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def trim_length(arrays: dict, mask_keys: Sequence[str], multiple: int = 8) -> dict:
@@ -60,14 +51,6 @@ def trim_length(arrays: dict, mask_keys: Sequence[str], multiple: int = 8) -> di
     keep = min(t, max(multiple, -(-used // multiple) * multiple))
     return {k: (v[:, :keep] if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] == t
                 else v) for k, v in arrays.items()}
-
-
-def check_vocab(model_cfg: model_lib.TransformerConfig, vocab, where: str) -> None:
-    if model_cfg.vocab_size < vocab.vocab_size:
-        raise ValueError(
-            f"{where}: model vocab_size={model_cfg.vocab_size} is smaller than the data "
-            f"vocabulary ({vocab.vocab_size} pieces, {vocab.model_path}); raise "
-            "model_config.vocab_size")
 
 
 def check_batch(batch_size: int, mesh, where: str, ensemble: bool = False) -> None:
@@ -232,160 +215,7 @@ def train_lm(*, name: str, stage_dir: str, program: LMProgram, arrays: dict, bat
     return state, source
 
 
-def lm_card(kind: str, model_cfg, vocab, step: int, **extra) -> dict:
-    return {"kind": kind, "model_config": model_lib.config_to_dict(model_cfg),
-            "vocab_sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "step": int(step),
-            **extra}
-
-
-def export_once(path: str, params, card: dict) -> str:
-    """Exports unless a complete export is already there (resume after a crash)."""
-    if os.path.exists(os.path.join(path, ckpt_lib.CARD_NAME)):
-        return path
-    return ckpt_lib.export_params(path, ckpt_lib.host_tree(params), card, overwrite=True)
-
-
 # --------------------------------------------------------------------------- stages
-
-
-@gin.configurable
-def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
-                   learning_rate: float = 3e-3, warmup_steps: int = 30, seed: int = 0,
-                   init_params_path: Optional[str] = None, log_every: int = 25,
-                   checkpoint_every: int = 100, eval_examples: int = 256) -> dict:
-    """Short language-model pre-training (from scratch, or from `init_params_path`).
-
-    Exports {run_dir}/pretrain/final (card kind 'lm'). `seed` sets the initialisation,
-    the data order and the dropout RNG.
-    """
-    stage_dir = os.path.join(run_dir, PRETRAIN_DIR)
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return read_json(done)
-    t0 = time.time()
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
-    model_cfg = model_lib.model_config()
-    check_vocab(model_cfg, prov.vocab, "pretrain_stage")
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
-    check_batch(batch_size, mesh, "pretrain_stage")
-    train = trim_length(prov.lm("train"), ["mask"])
-    valid = trim_length(prov.sft("valid"), ["mask"])
-    valid = {"tokens": valid["tokens"][:eval_examples], "mask": valid["mask"][:eval_examples],
-             "loss_mask": valid["mask"][:eval_examples]}  # whole-text loss
-    opt_cfg = optimizer_config(learning_rate, warmup_steps, total_steps)
-    program = build_lm_program(model_cfg, opt_cfg, mesh, seed, tuple(sorted(train)))
-    config = {"total_steps": total_steps, "batch_size": batch_size,
-              "learning_rate": learning_rate, "warmup_steps": warmup_steps,
-              "init_params_path": init_params_path, "optimizer": dataclasses.asdict(opt_cfg),
-              "model_config": model_lib.config_to_dict(model_cfg),
-              "train_examples": len(train["tokens"]), "seq_len": train["tokens"].shape[1]}
-    metrics.write_run_info(stage_dir, "pretrain", config=config, seeds={"seed": seed})
-    out: dict = {}
-
-    def finish(state, step):
-        params = state["params"]
-        loss = lm_eval(program, params, valid, 4 * batch_size)
-        card = lm_card("lm", model_cfg, prov.vocab, step, stage="pretrain", seed=seed,
-                       hyperparameters=config, init_params_path=init_params_path,
-                       valid_text_loss=loss)
-        out["final"] = export_once(os.path.join(stage_dir, "final"), params, card)
-        out["valid_text_loss"] = loss
-
-    loop = loop_config(total_steps, log_every, checkpoint_every)
-    _, source = train_lm(name="pretrain", stage_dir=stage_dir, program=program, arrays=train,
-                         batch_size=batch_size, data_seed=seed, loop=loop, boundaries=(),
-                         on_boundary=finish, meta={"stage": "pretrain"},
-                         init_params_path=init_params_path)
-    card = ckpt_lib.read_card(out["final"])
-    summary = {"stage": "pretrain", "final": out["final"], "step": total_steps,
-               "valid_text_loss": out["valid_text_loss"], "fingerprint": card["fingerprint"],
-               "source": source, "seconds": round(time.time() - t0, 2)}
-    metrics.atomic_write_json(done, summary)
-    log.info("pretrain: done, valid text loss %.4f -> %s", out["valid_text_loss"], out["final"])
-    return summary
-
-
-@gin.configurable
-def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
-              learning_rate: float = 1e-3, warmup_steps: int = 10, seed: int = 1,
-              init_params_path: Optional[str] = None,
-              snapshot_steps: Optional[Sequence[int]] = None, log_every: int = 25,
-              checkpoint_every: int = 100, eval_examples: int = 512) -> dict:
-    """Supervised fine-tuning on reference summaries, starting from the pre-training export
-    (or `init_params_path`). Keeps params exports at `snapshot_steps` (default: the last
-    three steps spaced total/6 apart, as the paper's 8k/10k/12k of 12k) under
-    {run_dir}/sft/snapshots/step_N; the final step is always kept.
-    """
-    stage_dir = os.path.join(run_dir, SFT_DIR)
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return read_json(done)
-    t0 = time.time()
-    if init_params_path is None:
-        init_params_path = os.path.join(run_dir, PRETRAIN_DIR, "final")
-    init_card = ckpt_lib.read_card(init_params_path)
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
-    model_cfg = _model_config_from(init_card, init_params_path)
-    check_vocab(model_cfg, prov.vocab, "sft_stage")
-    if init_card.get("vocab_sha256") not in (None, prov.vocab.sha256):
-        raise ValueError(f"{init_params_path}: trained with another vocabulary "
-                         f"(vocab_sha256 {init_card['vocab_sha256'][:12]} != "
-                         f"{prov.vocab.sha256[:12]} of the data)")
-    bad = snapshot_steps_problem(snapshot_steps, total_steps)
-    if bad:
-        raise ValueError(f"sft_stage.snapshot_steps = {snapshot_steps!r}: {bad}")
-    snaps = tuple(sorted(set(int(s) for s in (snapshot_steps or
-                                              default_snapshot_steps(total_steps)))))
-    snaps = tuple(sorted(set(snaps) | {total_steps}))
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
-    check_batch(batch_size, mesh, "sft_stage")
-    train = trim_length(prov.sft("train"), ["mask"])
-    valid = trim_length(prov.sft("valid"), ["mask"])
-    valid = {k: v[:eval_examples] for k, v in valid.items()}
-    opt_cfg = optimizer_config(learning_rate, warmup_steps, total_steps)
-    program = build_lm_program(model_cfg, opt_cfg, mesh, seed, tuple(sorted(train)))
-    config = {"total_steps": total_steps, "batch_size": batch_size,
-              "learning_rate": learning_rate, "warmup_steps": warmup_steps,
-              "init_params_path": init_params_path, "snapshot_steps": list(snaps),
-              "optimizer": dataclasses.asdict(opt_cfg),
-              "model_config": model_lib.config_to_dict(model_cfg),
-              "train_examples": len(train["tokens"]), "seq_len": train["tokens"].shape[1]}
-    metrics.write_run_info(stage_dir, "sft", config=config, seeds={"seed": seed})
-    snapshots: list[dict] = []
-    writer_extra = metrics.MetricWriter(stage_dir, name="snapshots", tensorboard=False)
-
-    def keep(state, step):
-        loss = lm_eval(program, state["params"], valid, 4 * batch_size)
-        card = lm_card("lm", model_cfg, prov.vocab, step, stage="sft", seed=seed,
-                       hyperparameters=config, init_params_path=init_params_path,
-                       init_fingerprint=init_card.get("fingerprint"), sft_valid_loss=loss)
-        path = export_once(os.path.join(stage_dir, "snapshots", f"step_{step}"),
-                           state["params"], card)
-        snapshots.append({"step": step, "path": path, "sft_valid_loss": loss,
-                          "fingerprint": ckpt_lib.read_card(path)["fingerprint"]})
-        writer_extra.write(step, {"sft_valid_loss": loss})
-        log.info("sft: snapshot step %d, valid loss %.4f -> %s", step, loss, path)
-
-    loop = loop_config(total_steps, log_every, checkpoint_every)
-    _, source = train_lm(name="sft", stage_dir=stage_dir, program=program, arrays=train,
-                         batch_size=batch_size, data_seed=seed, loop=loop, boundaries=snaps,
-                         on_boundary=keep, meta={"stage": "sft"},
-                         init_params_path=init_params_path)
-    writer_extra.close()
-    missing = sorted(set(snaps) - {s["step"] for s in snapshots})
-    for s in missing:  # trained past them in an earlier run: their exports must exist
-        path = os.path.join(stage_dir, "snapshots", f"step_{s}")
-        card = ckpt_lib.read_card(path)
-        snapshots.append({"step": s, "path": path, "sft_valid_loss": card.get("sft_valid_loss"),
-                          "fingerprint": card["fingerprint"]})
-    snapshots.sort(key=lambda d: d["step"])
-    summary = {"stage": "sft", "snapshots": snapshots, "final": snapshots[-1]["path"],
-               "step": total_steps, "init_params_path": init_params_path,
-               "init_fingerprint": init_card.get("fingerprint"), "source": source,
-               "sft_valid_loss": snapshots[-1]["sft_valid_loss"],
-               "seconds": round(time.time() - t0, 2)}
-    metrics.atomic_write_json(done, summary)
-    return summary
 
 
 def snapshot_steps_problem(snapshot_steps, total_steps: int) -> Optional[str]:
@@ -402,7 +232,7 @@ def snapshot_steps_problem(snapshot_steps, total_steps: int) -> Optional[str]:
     return None
 
 
-def _check_lm_stage(c) -> None:
+def check_lm_stage(c) -> None:
     """Rules shared by the pre-training and SFT stages (c: config_checks.StageCheck)."""
     c.integer("seed")
     c.integer("total_steps", 1)
@@ -417,38 +247,3 @@ def _check_lm_stage(c) -> None:
     c.optimizer()
     c.loop()
     c.batch_divides_mesh()
-
-
-def check_pretrain_stage(c) -> None:
-    """Up-front rules and plan of the pre-training stage."""
-    _check_lm_stage(c)
-    c.model()
-    c.write(c.rel(PRETRAIN_DIR), done=c.rel(PRETRAIN_DIR, "summary.json"))
-
-
-def check_sft_stage(c) -> None:
-    """Up-front rules and plan of the SFT stage."""
-    _check_lm_stage(c)
-    bad = snapshot_steps_problem(c["snapshot_steps"], c["total_steps"])
-    if bad:
-        c.fail("snapshot_steps", bad)
-    if c["init_params_path"] is None:
-        c.read(c.rel(PRETRAIN_DIR, "final"))
-    c.write(c.rel(SFT_DIR), done=c.rel(SFT_DIR, "summary.json"))
-
-
-def _model_config_from(card: dict, path: str) -> model_lib.TransformerConfig:
-    if "model_config" not in card:
-        raise ckpt_lib.CheckpointError(f"{path}: card.json has no 'model_config'")
-    return model_lib.config_from_dict(card["model_config"])
-
-
-def sft_snapshots(run_dir: str) -> list[dict]:
-    """The SFT snapshots ({step, path, ...}) listed by a finished SFT stage."""
-    path = os.path.join(run_dir, SFT_DIR, "summary.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: the SFT stage has not finished (no summary.json)")
-    snaps = read_json(path).get("snapshots")
-    if not snaps:
-        raise ValueError(f"{path}: field 'snapshots' is empty or missing")
-    return snaps

@@ -361,7 +361,7 @@ def aggregate(run_dirs: list[str], out: str) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m warm_jax.report",
+    ap = argparse.ArgumentParser(prog="python -m warm_jax.stages.report",
                                  description="Rebuild a run's report, or aggregate runs (seeds).")
     ap.add_argument("run_dirs", nargs="+")
     ap.add_argument("--aggregate", metavar="OUT.md", help="write mean ± std over the runs")

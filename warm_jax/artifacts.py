@@ -1,0 +1,67 @@
+"""The artifacts stages leave under RUN_DIR, named in one place, and their small readers.
+
+Stages talk to each other only through these artifacts (never by importing each other):
+a stage finds its inputs with the path functions below and reads them with the readers
+here (JSON summaries, params exports and their cards).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import model as model_lib
+
+PRETRAIN_DIR = "pretrain"
+SFT_DIR = "sft"
+RM_INIT_DIR = "rm_init"
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_model_vocab(model_cfg: model_lib.TransformerConfig, vocab, where: str) -> None:
+    if model_cfg.vocab_size < vocab.vocab_size:
+        raise ValueError(
+            f"{where}: model vocab_size={model_cfg.vocab_size} is smaller than the data "
+            f"vocabulary ({vocab.vocab_size} pieces, {vocab.model_path}); raise "
+            "model_config.vocab_size")
+
+
+def lm_card(kind: str, model_cfg, vocab, step: int, **extra) -> dict:
+    return {"kind": kind, "model_config": model_lib.config_to_dict(model_cfg),
+            "vocab_sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "step": int(step),
+            **extra}
+
+
+def export_once(path: str, params, card: dict) -> str:
+    """Exports unless a complete export is already there (resume after a crash)."""
+    if os.path.exists(os.path.join(path, ckpt_lib.CARD_NAME)):
+        return path
+    return ckpt_lib.export_params(path, ckpt_lib.host_tree(params), card, overwrite=True)
+
+
+def model_config_from(card: dict, path: str) -> model_lib.TransformerConfig:
+    if "model_config" not in card:
+        raise ckpt_lib.CheckpointError(f"{path}: card.json has no 'model_config'")
+    return model_lib.config_from_dict(card["model_config"])
+
+
+def sft_snapshots(run_dir: str) -> list[dict]:
+    """The SFT snapshots ({step, path, ...}) listed by a finished SFT stage."""
+    path = os.path.join(run_dir, SFT_DIR, "summary.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the SFT stage has not finished (no summary.json)")
+    snaps = read_json(path).get("snapshots")
+    if not snaps:
+        raise ValueError(f"{path}: field 'snapshots' is empty or missing")
+    return snaps
+
+
+def check_card_vocab(card: dict, vocab, what: str) -> None:
+    want = card.get("vocab_sha256")
+    if want and want != vocab.sha256:
+        raise ValueError(f"{what}: trained with vocabulary {want[:12]} but the data uses "
+                         f"{vocab.sha256[:12]} ({card.get('path', '')})")

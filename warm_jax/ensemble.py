@@ -1,0 +1,416 @@
+"""Reward-model initialisation (linear probe) and the stacked, sharded RM ensemble.
+
+probe_stage     The paper's RM init: the final SFT backbone, frozen, plus a scalar reward
+                head fitted alone (linear probing, Bradley-Terry on clean training pairs).
+                The backbone is deterministic and frozen, so its last-token features are
+                computed once and the head is fitted on them (exactly what probing through
+                the frozen network computes, at a fraction of the cost). Exports
+                {run_dir}/rm_init/head; the SAME head goes on every member.
+
+ensemble_stage  M reward models trained as ONE pytree stacked on a leading member axis, in
+                ONE jitted program: jax.vmap(steps.rm_train_step, spmd_axis_name='ensemble')
+                over the stacked state, the member axis mapped to the mesh's 'ensemble'
+                axis and each member's batch over (data, fsdp). Members differ by learning
+                rate (the optimizer's injected hyperparameter, one per member), dropout
+                rate (state['hparams']), data order (own data seed) and initialisation
+                (which SFT snapshot: Baklava). The stacked state is checkpointed for exact
+                resume; at the end every member is exported as its own params checkpoint
+                {run_dir}/{name}/members/member_{i} with a card. On CPU without an
+                ensemble mesh axis the same program steps the members in turn (lax.map over
+                the stacked state; measured faster there, see resolve_member_loop).
+
+Member specs. Per-member lists come from gin and must have exactly num_members entries;
+None derives them (so that num_members alone can change): learning rates and dropout rates
+on a grid (lr = learning_rate_grid[i % L], dropout = dropout_rate_grid[(i // L) % D], with
+L, D the grid sizes: 2 x 2 by default), data seed seed + i, init 'cycle'. init_snapshots: 'cycle' (the default, Baklava: member i starts from
+the i-th SFT snapshot counted from the last, cycling), 'last' (all from the final SFT
+snapshot), or a list of SFT steps / params paths, one per member.
+
+One member alone. member_index=k trains member k's spec (of the num_members lists) by
+itself -- one job per member on separate slices -- with the same RNG, data order and init
+as inside the ensemble, and exports the same format to members/member_k (its own
+checkpoint, metrics and summary live under {name}/member_jobs/member_k).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import logging
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from warm_jax import lm, optim, partitioning, steps, train_lib
+from warm_jax import model as model_lib
+from warm_jax.data import pipeline
+
+log = logging.getLogger("warm_jax")
+
+RM_INIT_DIR = "rm_init"
+PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+
+
+# --------------------------------------------------------------------------- shared bits
+
+
+def trim_pairs(*sets: dict) -> list[dict]:
+    """Trims every pair set to one common length (one compiled shape for all of them)."""
+    keep = max(lm.trim_length(s, ["chosen_mask", "rejected_mask"])["chosen_mask"].shape[1]
+               for s in sets)
+    return [{k: (v[:, :keep] if k in PAIR_KEYS else v) for k, v in s.items()} for s in sets]
+
+
+def head_of(params) -> dict:
+    return {"reward_head": params["reward_head"]}
+
+
+def with_head(params, head) -> dict:
+    if "reward_head" not in head:
+        raise ValueError("head params must hold 'reward_head'")
+    out = dict(params)
+    out["reward_head"] = head["reward_head"]
+    return out
+
+
+def lineage_fingerprint(head_fingerprint: str, root_fingerprint: str) -> str:
+    """Fingerprint of an RM lineage: the probed head + the root every SFT snapshot grew from."""
+    return hashlib.sha256(f"{head_fingerprint}:{root_fingerprint}".encode()).hexdigest()[:16]
+
+
+def pairs_accuracy(rc: np.ndarray, rr: np.ndarray) -> float:
+    return float(np.mean(rc > rr)) if rc.size else float("nan")
+
+
+# --------------------------------------------------------------------------- probe
+
+
+# --------------------------------------------------------------------------- member specs
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    index: int  # position in the num_members lists (names the export member_{index})
+    learning_rate: float
+    dropout_rate: float
+    data_seed: int
+    init_path: str  # SFT snapshot (backbone)
+    init_step: Optional[int]  # its SFT step, when known
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_LEARNING_RATES = (1e-3, 2e-3)
+DEFAULT_DROPOUT_RATES = (0.05, 0.1)
+
+
+def _per_member(name: str, values, num_members: int, derive) -> list:
+    if values is None:
+        return [derive(i) for i in range(num_members)]
+    return list(values)
+
+
+def _list_problem(values, num_members: int) -> Optional[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        return f"must be a list of {num_members} values (one per member), or None"
+    if len(values) != num_members:
+        return (f"has {len(values)} entries but num_members = {num_members}: give one per "
+                "member")
+    return None
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def member_problem(num_members, *, learning_rates=None, dropout_rates=None, data_seeds=None,
+                   init_snapshots="cycle", member_index=None,
+                   learning_rate_grid=DEFAULT_LEARNING_RATES,
+                   dropout_rate_grid=DEFAULT_DROPOUT_RATES) -> Optional[tuple[str, Any, str]]:
+    """(argument, value, why) for the first unusable per-member argument of ensemble_stage,
+    or None. Shared by the up-front check and resolve_members."""
+    if isinstance(num_members, bool) or not isinstance(num_members, int):
+        return "num_members", num_members, "must be an integer"
+    if num_members < 1:
+        return "num_members", num_members, "must be >= 1"
+    for field, grid, ok, why in (
+            ("learning_rate_grid", learning_rate_grid, lambda v: _is_real(v) and v > 0,
+             "must be finite and > 0"),
+            ("dropout_rate_grid", dropout_rate_grid, lambda v: _is_real(v) and 0 <= v < 1,
+             "must be in [0, 1)")):
+        if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
+            return field, grid, "must be a non-empty list"
+        for i, v in enumerate(grid):
+            if not ok(v):
+                return f"{field}[{i}]", v, why
+    for field, values, ok, why in (
+            ("learning_rates", learning_rates, lambda v: _is_real(v) and v > 0,
+             "must be finite and > 0"),
+            ("dropout_rates", dropout_rates, lambda v: _is_real(v) and 0 <= v < 1,
+             "must be in [0, 1)"),
+            ("data_seeds", data_seeds, lambda v: isinstance(v, int) and not isinstance(v, bool),
+             "must be an integer")):
+        if values is None:
+            continue
+        bad = _list_problem(values, num_members)
+        if bad:
+            return field, values, bad
+        for i, v in enumerate(values):
+            if not ok(v):
+                return f"{field}[{i}]", v, why
+    if isinstance(init_snapshots, str) and init_snapshots not in ("cycle", "last"):
+        return ("init_snapshots", init_snapshots,
+                "use 'cycle', 'last', or a list of SFT steps / params paths, one per member")
+    if init_snapshots is not None and not isinstance(init_snapshots, str):
+        bad = _list_problem(init_snapshots, num_members)
+        if bad:
+            return "init_snapshots", init_snapshots, bad
+        for i, v in enumerate(init_snapshots):
+            if not isinstance(v, str) and (isinstance(v, bool) or not isinstance(v, int)):
+                return f"init_snapshots[{i}]", v, "must be an SFT step or a params path"
+    if member_index is not None and (isinstance(member_index, bool)
+                                     or not isinstance(member_index, int)
+                                     or not 0 <= member_index < num_members):
+        return "member_index", member_index, f"must be in [0, num_members = {num_members})"
+    return None
+
+
+def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None,
+                    data_seeds=None, init_snapshots: Union[str, Sequence, None] = "cycle",
+                    snapshots: Sequence[dict] = (), seed: int = 0,
+                    member_index: Optional[int] = None,
+                    learning_rate_grid: Sequence[float] = DEFAULT_LEARNING_RATES,
+                    dropout_rate_grid: Sequence[float] = DEFAULT_DROPOUT_RATES
+                    ) -> list[MemberSpec]:
+    """Member specs from the per-member lists (see the module docstring)."""
+    bad = member_problem(num_members, learning_rates=learning_rates,
+                         dropout_rates=dropout_rates, data_seeds=data_seeds,
+                         init_snapshots=init_snapshots, member_index=member_index,
+                         learning_rate_grid=learning_rate_grid,
+                         dropout_rate_grid=dropout_rate_grid)
+    if bad:
+        field, value, why = bad
+        raise ValueError(f"ensemble_stage.{field} = {value!r}: {why}")
+    lrs = _per_member("learning_rates", learning_rates, num_members,
+                      lambda i: learning_rate_grid[i % len(learning_rate_grid)])
+    drs = _per_member("dropout_rates", dropout_rates, num_members,
+                      lambda i: dropout_rate_grid[(i // len(learning_rate_grid))
+                                                  % len(dropout_rate_grid)])
+    dss = _per_member("data_seeds", data_seeds, num_members, lambda i: seed + i)
+    snaps = sorted(snapshots, key=lambda s: s["step"])
+    by_step = {int(s["step"]): s["path"] for s in snaps}
+    if init_snapshots in (None, "cycle", "last"):
+        if not snaps:
+            raise ValueError("no SFT snapshots to initialise from (run the SFT stage, or give "
+                             "ensemble_stage.init_snapshots as a list of params paths)")
+        mode = init_snapshots or "cycle"
+        chosen = [snaps[-1 - (i % len(snaps))] if mode == "cycle" else snaps[-1]
+                  for i in range(num_members)]
+        inits = [(c["path"], int(c["step"])) for c in chosen]
+    else:
+        inits = []
+        for v in init_snapshots:
+            if isinstance(v, str):
+                inits.append((v, None))
+            elif int(v) in by_step:
+                inits.append((by_step[int(v)], int(v)))
+            else:
+                raise ValueError(f"ensemble_stage.init_snapshots: SFT step {v} is not a kept "
+                                 f"snapshot (kept: {sorted(by_step)})")
+    specs = [MemberSpec(i, float(lrs[i]), float(drs[i]), int(dss[i]), inits[i][0], inits[i][1])
+             for i in range(num_members)]
+    if member_index is not None:
+        specs = [specs[member_index]]
+    return specs
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def _ensemble_axis(mesh, num_members: int) -> Optional[str]:
+    n = mesh.shape["ensemble"]
+    return "ensemble" if n > 1 and num_members % n == 0 else None
+
+
+def stacked_batch_sharding(mesh, shape) -> NamedSharding:
+    """[M, B, ...] member batches: P('ensemble', ('data', 'fsdp'), None...)."""
+    names = ("ensemble", "batch") + (None,) * (len(shape) - 2)
+    return NamedSharding(mesh, partitioning.logical_to_spec(names, shape, mesh))
+
+
+@dataclasses.dataclass
+class EnsembleProgram:
+    """The jitted, sharded functions of one stacked ensemble on one mesh."""
+
+    model_cfg: model_lib.TransformerConfig
+    mesh: Any
+    num_members: int
+    param_shardings: Any
+    abstract_state: Any  # with shardings
+    state_shardings: Any
+    init: Any  # (stacked params, lrs [M], dropouts [M], keys [M, 2]) -> state
+    step: Any  # (state, batch [M, B, T]) -> (state, metrics [M])
+    scores: Any  # (stacked params, batch [B, T]) -> (r_chosen [M, B], r_rejected [M, B])
+    spmd_axis: Optional[str]
+    member_loop: str  # 'vmap' | 'map'
+
+
+def resolve_member_loop(member_loop: str, spmd_axis: Optional[str]) -> str:
+    """How the one program steps its members: 'vmap' (batched: the members are sharded
+    over the mesh's 'ensemble' axis) or 'map' (lax.map: members one after another inside
+    the same program, over the same stacked state). 'auto' takes 'map' only on CPU with no
+    ensemble axis, where batching the members' matmuls was measured slower than running
+    them in turn (bench/ensemble_scaling.py), and 'vmap' everywhere else."""
+    if member_loop not in ("auto", "vmap", "map"):
+        raise ValueError(f"member_loop={member_loop!r}; choose auto, vmap or map")
+    if member_loop == "map" and spmd_axis is not None:
+        raise ValueError("member_loop='map' cannot shard members over the mesh's 'ensemble' "
+                         "axis; use 'vmap' (or 'auto'), or set MeshConfig.ensemble = 1")
+    if member_loop == "auto":
+        return "map" if spmd_axis is None and jax.default_backend() == "cpu" else "vmap"
+    return member_loop
+
+
+def ensemble_optimizer_config(warmup_steps: int, total_steps: int) -> optim.OptimizerConfig:
+    """The gin OptimizerConfig for an ensemble; its learning_rate is a placeholder (each
+    member's peak rate is set in its optimizer state)."""
+    return lm.optimizer_config(1.0, warmup_steps, total_steps)
+
+
+@functools.lru_cache(maxsize=4)
+def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_members: int,
+                           batch_shape: tuple[int, int], center_coef: float = 0.0,
+                           member_loop: str = "auto") -> EnsembleProgram:
+    """batch_shape = (pairs per member, sequence length). Cached: a stage called again in
+    one process (one job per member, a resumed run) reuses the compiled executables."""
+    m = num_members
+    tx = optim.make_optimizer(opt_cfg)
+    abstract, names = model_lib.abstract_params(model_cfg)
+    stacked_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
+    p_sh = partitioning.tree_shardings(partitioning.stack_logical(names), stacked_abs, mesh)
+    spmd = _ensemble_axis(mesh, m)
+    loop = resolve_member_loop(member_loop, spmd)
+
+    def init_member(params, lr, dropout, key):
+        st = train_lib.init_state(params, tx, 0)
+        st["opt_state"] = optim.set_learning_rate(st["opt_state"], lr)
+        st["rng"] = key
+        st["hparams"] = {"dropout_rate": dropout}
+        del st["nonfinite"]  # counted per member in 'member_nonfinite', in total outside
+        return st
+
+    def init(params, lrs, dropouts, keys):
+        st = jax.vmap(init_member)(params, lrs, dropouts, keys)
+        st["member_nonfinite"] = jnp.zeros((m,), jnp.int32)
+        st["nonfinite"] = jnp.zeros((), jnp.int32)
+        return st
+
+    member_step = functools.partial(steps.rm_train_step, model_cfg, tx, center_coef=center_coef)
+
+    def one(st, batch):
+        st = dict(st, nonfinite=jnp.zeros((), jnp.int32))
+        st, mets = member_step(st, batch)
+        nf = st.pop("nonfinite")
+        return st, mets, nf
+
+    def step(state, batch):
+        inner = {k: v for k, v in state.items() if k not in ("nonfinite", "member_nonfinite")}
+        if loop == "vmap":
+            new, mets, nf = jax.vmap(one, spmd_axis_name=spmd)(inner, batch)
+        else:
+            new, mets, nf = jax.lax.map(lambda a: one(*a), (inner, batch))
+        new["member_nonfinite"] = state["member_nonfinite"] + nf
+        new["nonfinite"] = state["nonfinite"] + jnp.sum(nf)
+        return new, mets
+
+    def scores(params, batch):
+        score = functools.partial(steps.rm_eval_step, model_cfg)
+        if loop == "vmap":
+            return jax.vmap(score, in_axes=(0, None), spmd_axis_name=spmd)(params, batch)
+        return jax.lax.map(lambda p: score(p, batch), params)
+
+    abs_args = (train_lib.with_shardings(stacked_abs, p_sh),
+                jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32),
+                jax.ShapeDtypeStruct((m, 2), jnp.uint32))
+    abstract_state = jax.eval_shape(init, *abs_args)
+    st_sh = train_lib.state_shardings(abstract_state, p_sh, mesh,
+                                      min_dim_size_to_factor=opt_cfg.min_dim_size_to_factor)
+    b, t = batch_shape
+    b_sh = {k: stacked_batch_sharding(mesh, (m, b, t)) for k in PAIR_KEYS}
+    eval_sh = {k: partitioning.batch_sharding(mesh, 2) for k in PAIR_KEYS}
+    rep = partitioning.replicated(mesh)
+    return EnsembleProgram(
+        model_cfg, mesh, m, p_sh, train_lib.with_shardings(abstract_state, st_sh), st_sh,
+        jax.jit(init, in_shardings=(p_sh, rep, rep, rep), out_shardings=st_sh),
+        jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None),
+                donate_argnums=0),
+        jax.jit(scores, in_shardings=(p_sh, eval_sh)), spmd, loop)
+
+
+def put_member_batch(program: EnsembleProgram, arrays: dict) -> dict:
+    out = {}
+    for k in PAIR_KEYS:
+        v = arrays[k]
+        sh = stacked_batch_sharding(program.mesh, v.shape)
+        out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+    return out
+
+
+def member_batch(arrays: dict, specs: Sequence[MemberSpec], batch_size: int, step: int) -> dict:
+    """[M, B, T] arrays: member i's batch `step` in its own data order."""
+    n = len(arrays["chosen_tokens"])
+    idx = np.stack([pipeline.batch_indices(n, batch_size, s.data_seed, step) for s in specs])
+    return {k: arrays[k][idx] for k in PAIR_KEYS}
+
+
+def evaluate(program: EnsembleProgram, params, pairs: dict, batch_size: int) -> np.ndarray:
+    """Per-member correctness [M, N] (bool) of r(chosen) > r(rejected) on `pairs`."""
+    n = len(pairs["chosen_tokens"])
+    shards = program.mesh.shape["data"] * program.mesh.shape["fsdp"]
+    batch_size = min(batch_size, -(-n // shards) * shards)  # no padding past the set
+    batch_size = max(shards, batch_size // shards * shards)
+    out = []
+    with jax.set_mesh(program.mesh):
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, lo + batch_size) % n
+            b = {k: jax.device_put(pairs[k][idx], partitioning.batch_sharding(program.mesh, 2))
+                 for k in PAIR_KEYS}
+            rc, rr = program.scores(params, b)
+            out.append((np.asarray(rc) > np.asarray(rr))[:, : min(batch_size, n - lo)])
+    return np.concatenate(out, axis=1)
+
+
+def accuracy_report(program: EnsembleProgram, params, eval_sets: dict,
+                    batch_size: int) -> dict[str, np.ndarray]:
+    """{set: [M] accuracies}; a train set with flipped rows also gives train_clean and
+    train_corrupt (agreement with the flipped training label)."""
+    out = {}
+    for name, pairs in eval_sets.items():
+        ok = evaluate(program, params, pairs, batch_size)
+        out[name] = ok.mean(axis=1)
+        if name == "train" and pairs["flipped"].any():
+            fl = np.asarray(pairs["flipped"], bool)
+            out["train_clean"] = ok[:, ~fl].mean(axis=1)
+            out["train_corrupt"] = ok[:, fl].mean(axis=1)
+    return out
+
+
+def member_keys(values: dict, specs: Sequence[MemberSpec], suffix: str = "") -> dict:
+    """{key: [M] array} -> {key/member_i: float} plus the member mean as key."""
+    out = {}
+    for k, v in values.items():
+        v = np.asarray(v)
+        if v.ndim != 1 or len(v) != len(specs):
+            continue
+        for s, x in zip(specs, v):
+            out[f"{k}{suffix}/member_{s.index}"] = float(x)
+        out[f"{k}{suffix}"] = float(np.mean(v))
+    return out
+
+
+# --------------------------------------------------------------------------- the stage

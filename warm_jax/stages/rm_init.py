@@ -1,0 +1,187 @@
+"""The rm_init stage: the paper's RM init by linear probing.
+
+The final SFT backbone, frozen, plus a scalar reward head fitted alone (Bradley-Terry on
+clean training pairs). The backbone is deterministic and frozen, so its last-token
+features are computed once and the head is fitted on them (exactly what probing through
+the frozen network computes, at a fraction of the cost). Exports {run_dir}/rm_init/head;
+the SAME head goes on every member of the ensembles.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from warm_jax import artifacts
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import ensemble, losses, metrics, partitioning
+from warm_jax import model as model_lib
+from warm_jax import train_lib
+from warm_jax.data import pipeline
+from warm_jax.data import provider as provider_lib
+
+log = logging.getLogger("warm_jax")
+
+
+@functools.lru_cache(maxsize=4)
+def _feature_fn(model_cfg, mesh):
+    """jit: (params, tokens, mask) -> final-norm features at the last real token [B, d]."""
+    model = model_lib.Transformer(model_cfg)
+
+    def features(params, tokens, mask):
+        _, inter = model.apply({"params": params}, tokens, mask, head="values",
+                               causal_only=True, mutable=["intermediates"],
+                               capture_intermediates=lambda m, _: m.name == "final_norm")
+        x = inter["intermediates"]["final_norm"]["__call__"][0].astype(jnp.float32)
+        idx = model_lib.last_token_index(mask)
+        return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+
+    return jax.jit(features)
+
+
+def pair_features(model_cfg, params, pairs: dict, mesh, batch_size: int = 256):
+    """(chosen features, rejected features), each [N, d] float32 numpy."""
+    fn = _feature_fn(model_cfg, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = len(pairs["chosen_tokens"])
+    batch_size = min(batch_size, -(-n // shards) * shards)  # no padding past the set
+    batch_size = max(shards, batch_size // shards * shards)
+    outs = {"chosen": [], "rejected": []}
+    sh = partitioning.batch_sharding(mesh, 2)
+    with jax.set_mesh(mesh):
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, lo + batch_size) % n
+            for side in ("chosen", "rejected"):
+                t = jax.device_put(pairs[f"{side}_tokens"][idx], sh)
+                m = jax.device_put(pairs[f"{side}_mask"][idx], sh)
+                outs[side].append(np.asarray(fn(params, t, m))[: min(batch_size, n - lo)])
+    return np.concatenate(outs["chosen"]), np.concatenate(outs["rejected"])
+
+
+def fit_probe(fc: np.ndarray, fr: np.ndarray, head: dict, *, num_steps: int,
+              learning_rate: float, batch_size: int, seed: int,
+              center_coef: float = 0.0) -> tuple[dict, list[float]]:
+    """Fits the reward head (kernel [d,1], bias [1]) by Bradley-Terry on fixed features."""
+    tx = optax.adam(learning_rate)
+    head = jax.tree.map(jnp.asarray, head)
+    opt = tx.init(head)
+    fc, fr = jnp.asarray(fc), jnp.asarray(fr)
+    n = fc.shape[0]
+
+    def score(h, f):
+        p = h["reward_head"]
+        return (f @ p["kernel"])[:, 0] + p["bias"][0]
+
+    @jax.jit
+    def step(h, opt, idx):
+        def loss_fn(h):
+            return losses.bradley_terry_loss(score(h, fc[idx]), score(h, fr[idx]), center_coef)
+
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(h)
+        upd, opt = tx.update(g, opt, h)
+        return optax.apply_updates(h, upd), opt, loss
+
+    trace = []
+    for s in range(num_steps):
+        idx = pipeline.batch_indices(n, min(batch_size, n), seed, s)
+        head, opt, loss = step(head, opt, jnp.asarray(idx))
+        if s % 50 == 0 or s == num_steps - 1:
+            trace.append(float(loss))
+    return jax.tree.map(np.asarray, head), trace
+
+
+def _probe_accuracy(head, fc, fr) -> float:
+    k = np.asarray(head["reward_head"]["kernel"])[:, 0]
+    return ensemble.pairs_accuracy(fc @ k, fr @ k)
+
+
+@gin.configurable
+def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int = 2048,
+                num_steps: int = 300, learning_rate: float = 1e-2, batch_size: int = 256,
+                center_coef: float = 0.0, seed: int = 0, eval_pairs: int = 512) -> dict:
+    """Linear probe of the scalar reward head on the frozen final SFT backbone.
+
+    Fits on `probe_pairs` clean training pairs (a random subset chosen by `seed`), reports
+    accuracy on them and on `eval_pairs` ID-validation and OOD pairs, and exports the head
+    to {run_dir}/rm_init/head (card kind 'rm_head').
+    """
+    stage_dir = os.path.join(run_dir, artifacts.RM_INIT_DIR)
+    done = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(done):
+        return artifacts.read_json(done)
+    t0 = time.time()
+    if sft_path is None:
+        sft_path = artifacts.read_json(os.path.join(run_dir, artifacts.SFT_DIR, "summary.json"))["final"] \
+            if os.path.exists(os.path.join(run_dir, artifacts.SFT_DIR, "summary.json")) else None
+        if sft_path is None:
+            raise FileNotFoundError(f"{run_dir}/{artifacts.SFT_DIR}/summary.json: the SFT stage has "
+                                    "not finished (or set probe_stage.sft_path)")
+    card = ckpt_lib.read_card(sft_path)
+    model_cfg = artifacts.model_config_from(card, sft_path)
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    artifacts.check_model_vocab(model_cfg, prov.vocab, "probe_stage")
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    abstract, names = model_lib.abstract_params(model_cfg)
+    p_sh = partitioning.tree_shardings(names, abstract, mesh)
+    params, _ = ckpt_lib.load_params(sft_path, train_lib.with_shardings(abstract, p_sh))
+    train = prov.preference("train")
+    n = len(train["chosen_tokens"])
+    idx = pipeline.batch_indices(n, min(probe_pairs, n), seed, 0)
+    sets = {"train": provider_lib.subset(train, idx),
+            "valid": provider_lib.subset(prov.preference("valid"),
+                                         np.arange(min(eval_pairs, len(prov.comparisons("valid"))))),
+            "ood": provider_lib.subset(prov.preference("ood"),
+                                       np.arange(min(eval_pairs, len(prov.comparisons("ood")))))}
+    trimmed = ensemble.trim_pairs(*sets.values())
+    feats = {k: pair_features(model_cfg, params, s, mesh) for k, s in zip(sets, trimmed)}
+    head0 = jax.tree.map(np.asarray, ensemble.head_of(params))
+    head, trace = fit_probe(*feats["train"], head0, num_steps=num_steps,
+                            learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                            center_coef=center_coef)
+    acc = {k: _probe_accuracy(head, *f) for k, f in feats.items()}
+    config = {"sft_path": sft_path, "probe_pairs": len(idx), "num_steps": num_steps,
+              "learning_rate": learning_rate, "batch_size": batch_size,
+              "center_coef": center_coef, "eval_pairs": eval_pairs, "optimizer": "adam"}
+    metrics.write_run_info(stage_dir, "rm_init", config=config, seeds={"seed": seed})
+    writer = metrics.MetricWriter(stage_dir, tensorboard=False)
+    writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
+    writer.close()
+    out_card = artifacts.lm_card("rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init",
+                           sft_path=sft_path, sft_fingerprint=card.get("fingerprint"),
+                           root_fingerprint=card.get("init_fingerprint") or card.get("fingerprint"),
+                           accuracy=acc, hyperparameters=config, seed=seed)
+    path = artifacts.export_once(os.path.join(stage_dir, "head"), head, out_card)
+    summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracy": acc,
+               "fingerprint": ckpt_lib.read_card(path)["fingerprint"],
+               "probe_loss": trace[-1] if trace else None,
+               "seconds": round(time.time() - t0, 2)}
+    metrics.atomic_write_json(done, summary)
+    log.info("rm_init: probe accuracy train %.3f valid %.3f ood %.3f -> %s",
+             acc["train"], acc["valid"], acc["ood"], path)
+    return summary
+
+
+def check_probe_stage(c) -> None:
+    """Up-front rules and plan of the rm_init stage (c: config_checks.StageCheck)."""
+    c.integer("seed")
+    c.integer("probe_pairs", 1)
+    c.integer("num_steps", 1)
+    c.rate("learning_rate")
+    c.integer("batch_size", 1)
+    c.number("center_coef", 0)
+    c.integer("eval_pairs", 1)
+    if c["sft_path"] is None:
+        c.read(c.rel(artifacts.SFT_DIR))
+    else:
+        c.existing("sft_path", what="params export")
+    c.data()
+    c.mesh_shape()
+    c.write(c.rel(artifacts.RM_INIT_DIR), done=c.rel(artifacts.RM_INIT_DIR, "summary.json"))

@@ -1,0 +1,146 @@
+"""The warm stage: the averaging op (warm_jax.average) over an ensemble's members.
+
+Averages the top-M members (by ID validation accuracy, as in the paper) of
+{run_dir}/<ensemble>/members/ into one params-only RM at {run_dir}/<out_name>/; the
+stage's summary and metrics go to {run_dir}/<out_name>_stage/.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+import gin
+
+from warm_jax import checkpoint as ckpt_lib
+from warm_jax import average, partitioning
+from warm_jax import model as model_lib
+from warm_jax import reward as reward_lib
+
+log = logging.getLogger("warm_jax")
+
+
+def _stage_suffix(ensemble: str) -> str:
+    return ensemble[3:] if ensemble.startswith("rm_") else ensemble
+
+
+def _load_json(path: str) -> dict:
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+@gin.configurable
+def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str] = None,
+               method: str = "uniform", num_members: Optional[int] = None,
+               weights: Optional[Sequence[float]] = None, force_init_mismatch: bool = False,
+               eval_batch_size: int = 256) -> dict:
+    """Averages the top `num_members` members of {run_dir}/{ensemble} (by ID validation
+    accuracy; None = all) into {run_dir}/{out_name} (default 'warm_<suffix>', plus '_m<M>'
+    when num_members is set; suffix = ensemble without 'rm_'). Weights (method 'weighted')
+    are one per selected member, in member-index order. The stage's own files (summary.json,
+    metrics.jsonl, run info) go to {run_dir}/{out_name}_stage/.
+    """
+    from warm_jax import metrics
+    from warm_jax.data import provider as provider_lib
+
+    out_name = out_name or (f"warm_{_stage_suffix(ensemble)}"
+                            + (f"_m{num_members}" if num_members else ""))
+    stage_dir = os.path.join(run_dir, f"{out_name}_stage")
+    done = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(done):
+        return _load_json(done)
+    out = os.path.join(run_dir, out_name)
+    paths = reward_lib.ensemble_members(run_dir, ensemble)
+    cards = []
+    for p in paths:
+        try:
+            cards.append(ckpt_lib.read_card(p))
+        except ckpt_lib.CheckpointError as e:
+            raise average.AveragingError(str(e)) from e
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    rm_cfg = model_lib.config_from_dict(cards[0]["model_config"]) \
+        if cards[0].get("model_config") else None
+
+    def acc_fn(split):
+        def fn(params):
+            rm = reward_lib.RewardModel.single(rm_cfg, params)
+            return reward_lib.pairwise_accuracy(rm, prov.preference(split), eval_batch_size)
+        return fn
+
+    accs = [reward_lib.card_accuracy(c) for c in cards]
+    if any(a is None for a in accs):
+        log.info("warm: a member card lacks accuracies.valid; measuring ID validation accuracy")
+        accs = [float(acc_fn("valid")(ckpt_lib.load_params(p)[0])) for p in paths]
+    order = reward_lib.rank_by_accuracy(paths, cards, accuracies=accs)
+    if num_members is not None:
+        if not 1 <= int(num_members) <= len(paths):
+            raise average.AveragingError(f"warm_stage.num_members={num_members}: ensemble {ensemble!r} "
+                                 f"has {len(paths)} member(s)")
+        order = order[:int(num_members)]
+    selected = [paths[i] for i in sorted(order)]
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    extra = {"ensemble": ensemble, "selection": "top-M by ID validation accuracy",
+             "ranking": [{"path": paths[i], "valid": accs[i]} for i in order]}
+    os.makedirs(stage_dir, exist_ok=True)
+    metrics.write_run_info(stage_dir, "warm", config={
+        "ensemble": ensemble, "out_name": out_name, "method": method,
+        "num_members": num_members, "weights": weights,
+        "force_init_mismatch": force_init_mismatch}, seeds={})
+    if os.path.exists(out):
+        card = ckpt_lib.read_card(out)
+        if card.get("kind") != "warm" or [m["path"] for m in card.get("members", [])] \
+                != [os.path.abspath(p) for p in selected] or card.get("method") != method:
+            raise average.AveragingError(f"{out}: exists but is not this stage's merge of {selected} "
+                                 f"({method}); remove it or set warm_stage.out_name")
+        log.info("warm: %s already written; finishing the stage", out)
+        stats = {}
+    else:
+        result = average.average_checkpoints(
+            selected, out, weights=weights, method=method, mesh=mesh,
+            force_init_mismatch=force_init_mismatch,
+            eval_fn=acc_fn("valid") if method == "greedy" else None,
+            report_fns={"valid": acc_fn("valid"), "ood": acc_fn("ood")}, extra_card=extra)
+        card, stats = result["card"], result["stats"]
+    writer = metrics.MetricWriter(stage_dir, tensorboard=False)
+    writer.write(0, {**{f"accuracy_{k}": v for k, v in (card.get("accuracies") or {}).items()},
+                     **{k: v for k, v in stats.items() if isinstance(v, (int, float))}})
+    writer.close()
+    summary = {"path": out, "ensemble": ensemble, "method": card["method"],
+               "num_members": card["num_members"], "weights": card["weights"],
+               "members": [{k: m.get(k) for k in ("path", "member", "step", "accuracies",
+                                                  "weight")} for m in card["members"]],
+               "accuracies": card.get("accuracies"), "init_check": card.get("init_check"),
+               "stats": stats}
+    metrics.atomic_write_json(done, summary)
+    return summary
+
+
+def check_warm_stage(c) -> None:
+    """Up-front rules and plan of the warm stage (c: config_checks.StageCheck)."""
+    ensemble = c.name("ensemble")
+    num_members = c.integer("num_members", 1, optional=True)
+    weights = c["weights"]
+    bad = average.method_problem(c["method"], weights)
+    if bad:
+        c.fail(*bad)
+    if weights is not None:
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            c.fail("weights", "must be a list of numbers, one per selected member")
+        if num_members is not None and len(weights) != num_members:
+            c.fail("weights", f"has {len(weights)} entries but num_members = {num_members}")
+        try:
+            average.normalize_weights(weights, len(weights))
+        except average.AveragingError as e:
+            c.fail("weights", str(e).replace("weights: ", ""))
+    c.integer("eval_batch_size", 1)
+    if c["out_name"] is not None:
+        c.name("out_name")
+    out_name = c["out_name"] or (f"warm_{_stage_suffix(ensemble)}"
+                                 + (f"_m{num_members}" if num_members else ""))
+    c.read(c.rel(ensemble, reward_lib.MEMBERS_SUBDIR))
+    c.data()
+    c.mesh_shape()
+    c.write(c.rel(out_name), c.rel(f"{out_name}_stage"),
+            done=c.rel(f"{out_name}_stage", "summary.json"))
