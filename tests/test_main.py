@@ -159,11 +159,11 @@ def test_a_missing_required_macro_names_the_run_file(caplog, monkeypatch, run_fi
 
 
 def test_a_parameter_left_required_is_named(tmp_path, caplog, monkeypatch):
-    g = _write(tmp_path / "t.gin", TINY_DATA + "data_stage.seed = %gin.REQUIRED\n")
+    g = _write(tmp_path / "t.gin", TINY_DATA + "data_stage.n_prompts = %gin.REQUIRED\n")
     rc, errors = _main_errors(caplog, ["--gin_file", g, f"--gin.RUN_DIR='{tmp_path}/r'"],
                               monkeypatch)
-    assert rc == 2 and errors == ["data_stage.seed is set to %gin.REQUIRED but not bound: add "
-                                  "--gin.data_stage.seed=VALUE"]
+    assert rc == 2 and errors == ["data_stage.n_prompts is set to %gin.REQUIRED but not bound: "
+                                  "add --gin.data_stage.n_prompts=VALUE"]
 
 
 def test_an_unquoted_string_binding_is_one_line(tmp_path, caplog, monkeypatch):

@@ -141,7 +141,7 @@ def test_rl_stage_survives_kill9_bitwise(flow, compile_cache):
         n_kills=N_KILLS, rng=rng, total_steps=8,
         start_pattern=r"\[rl\] (?:resumed from \S+ step |restored the final step |"
                       r"initialised from)(\d*)",
-        ckpt_dir=os.path.join(run, "rl_b", "checkpoints"))
+        ckpt_dir=os.path.join(run, "rl_b", "ckpt"))
     print("rl kills:", kills)
     assert rh.kills_inside_training(kills, 8), f"no kill landed inside training: {kills}"
     _same_card_checksums(os.path.join(run, "rl_b", "policy"), os.path.join(run, "rl_a", "policy"))
@@ -165,7 +165,7 @@ def test_sigterm_to_main_exits_143_and_resumes(flow, compile_cache):
     rc = child.wait(300)
     assert rc == 143, child.log_tail()
     assert not os.path.exists(os.path.join(run, "rl_c", "summary.json"))
-    steps = rh.step_dirs(os.path.join(run, "rl_c", "checkpoints"))
+    steps = rh.step_dirs(os.path.join(run, "rl_c", "ckpt"))
     assert steps and steps[-1] >= 3
     child = _launch(run, "rl@rl_c", compile_cache, "rl_c.log")
     assert child.wait(600) == 0, child.log_tail()

@@ -65,3 +65,30 @@ def check_card_vocab(card: dict, vocab, what: str) -> None:
     if want and want != vocab.sha256:
         raise ValueError(f"{what}: trained with vocabulary {want[:12]} but the data uses "
                          f"{vocab.sha256[:12]} ({card.get('path', '')})")
+
+
+# where each stage writes (relative to RUN_DIR); scoped stages take their directory from a
+# name binding (rm_ensemble: `name`, warm: `out_name`, rl: `name`, bon: `stage_dir_name`)
+STAGE_DIRS = {"data": "data_stage", "pretrain": PRETRAIN_DIR, "sft": SFT_DIR,
+              "rm_init": RM_INIT_DIR, "bon": "bon", "judge": "judge", "report": "report"}
+
+
+def stage_path(run_dir: str, stage: str, *parts: str) -> str:
+    """{run_dir}/<the stage's directory>/parts... for the stages with a fixed directory."""
+    return os.path.join(run_dir, STAGE_DIRS[stage], *parts)
+
+
+def ensemble_stage_dir(run_dir: str, name: str, member_index=None) -> str:
+    """An RM ensemble's stage directory ({run_dir}/{name}, or its one-member job's)."""
+    base = os.path.join(run_dir, name)
+    return base if member_index is None else os.path.join(base, "member_jobs",
+                                                          f"member_{member_index}")
+
+
+def member_path(run_dir: str, ensemble: str, index: int) -> str:
+    """Member `index`'s params export of an RM ensemble."""
+    return os.path.join(run_dir, ensemble, "members", f"member_{index}")
+
+
+def sft_snapshot_path(run_dir: str, step: int) -> str:
+    return stage_path(run_dir, "sft", "snapshots", f"step_{step}")

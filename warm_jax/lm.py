@@ -19,15 +19,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import checkpoint as ckpt_lib
-from warm_jax import losses, metrics, optim, partitioning, steps, train_lib
+from warm_jax import losses, optim, partitioning, steps, train_lib, trainer
 from warm_jax import model as model_lib
 from warm_jax.data import pipeline
 
@@ -64,14 +62,6 @@ def default_snapshot_steps(total_steps: int, count: int = 3) -> tuple[int, ...]:
     """The last `count` steps spaced total/6 apart (the paper keeps 8k, 10k, 12k of 12k)."""
     gap = max(total_steps // 6, 1)
     return tuple(sorted({max(total_steps - k * gap, 1) for k in range(count)}))
-
-
-def loop_config(total_steps: int, log_every: int, checkpoint_every: int,
-                keep_checkpoints: int = 2) -> train_lib.LoopConfig:
-    base = train_lib.LoopConfig()  # gin-configured defaults (nan_policy, async saves, ...)
-    return dataclasses.replace(base, total_steps=int(total_steps), log_every=int(log_every),
-                               checkpoint_every=int(checkpoint_every),
-                               keep_checkpoints=int(keep_checkpoints), eval_every=0)
 
 
 def optimizer_config(learning_rate: float, warmup_steps: int,
@@ -169,8 +159,8 @@ def train_lm(*, name: str, stage_dir: str, program: LMProgram, arrays: dict, bat
              data_seed: int, loop: train_lib.LoopConfig, boundaries: Sequence[int],
              on_boundary: Callable[[dict, int], None], meta: dict,
              init_params_path: Optional[str] = None) -> tuple[dict, str]:
-    """Trains to loop.total_steps with exact resume; calls on_boundary(state, s) at each
-    boundary step s (and at the end), after the state at s has been checkpointed."""
+    """Trains an LM program with the trainer (exact resume); calls on_boundary(state, s) at
+    each boundary step s (and at the end), after the state at s has been checkpointed."""
     n = len(arrays["tokens"])
     mesh = program.mesh
 
@@ -179,40 +169,14 @@ def train_lm(*, name: str, stage_dir: str, program: LMProgram, arrays: dict, bat
         return train_lib.put_batch({k: v[idx] for k, v in arrays.items()},
                                    lambda nd: partitioning.batch_sharding(mesh, nd))
 
-    manager = ckpt_lib.CheckpointManager(os.path.join(stage_dir, "ckpt"),
-                                         max_to_keep=loop.keep_checkpoints,
-                                         save_interval_steps=loop.checkpoint_every,
-                                         async_save=loop.async_checkpoints)
-    try:
-        with jax.set_mesh(mesh):
-            try:
-                state, start, source = ckpt_lib.restore_or_initialize(
-                    manager, program.abstract_state, program.fresh_state,
-                    total_steps=loop.total_steps, init_params_path=init_params_path,
-                    abstract_params=program.abstract_params)
-            except ckpt_lib.AlreadyComplete:
-                start, state, _ = manager.restore_latest_good(program.abstract_state)
-                source = f"already trained to step {start}; finishing the exports"
-        log.info("[%s] %s", name, source)
-        writer = metrics.MetricWriter(stage_dir, resume_step=start)
-        ends = sorted({int(s) for s in boundaries if 0 < s <= loop.total_steps}
-                      | {loop.total_steps})
-        for s in ends:
-            if s < start:
-                continue
-            if s > start:
-                with jax.set_mesh(mesh):
-                    state = train_lib.run_loop(
-                        name=name, state=state, step_fn=program.step, batch_fn=batch_fn,
-                        start_step=start, cfg=dataclasses.replace(loop, total_steps=s),
-                        manager=manager, writer=writer, meta_fn=lambda _: dict(meta),
-                        tokens_per_step=int(batch_size * arrays["tokens"].shape[1]))
-                start = s
-            on_boundary(state, s)
-        writer.close()
-    finally:
-        manager.close()
-    return state, source
+    out = trainer.train(name=name, stage_dir=stage_dir, mesh=mesh, loop=loop,
+                        abstract_state=program.abstract_state, fresh_state=program.fresh_state,
+                        step_fn=program.step, batch_fn=batch_fn, meta_fn=lambda _: dict(meta),
+                        boundaries=boundaries, on_boundary=on_boundary,
+                        tokens_per_step=int(batch_size * arrays["tokens"].shape[1]),
+                        init_params_path=init_params_path,
+                        abstract_params=program.abstract_params)
+    return out.state, out.source
 
 
 # --------------------------------------------------------------------------- stages
@@ -234,7 +198,6 @@ def snapshot_steps_problem(snapshot_steps, total_steps: int) -> Optional[str]:
 
 def check_lm_stage(c) -> None:
     """Rules shared by the pre-training and SFT stages (c: config_checks.StageCheck)."""
-    c.integer("seed")
     c.integer("total_steps", 1)
     c.integer("batch_size", 1)
     c.rate("learning_rate")

@@ -41,7 +41,6 @@ import copy
 import difflib
 import importlib
 import inspect
-import json
 import logging
 import os
 import re
@@ -91,6 +90,7 @@ def import_stage_modules() -> None:
     importlib.import_module("warm_jax.model")
     importlib.import_module("warm_jax.optim")
     importlib.import_module("warm_jax.train_lib")
+    importlib.import_module("warm_jax.stages.base")
     try:
         importlib.import_module("warm_jax.distributed")
     except ImportError:
@@ -135,6 +135,7 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
     """Runs the stage entries in order; returns {entry: summary}. A train_lib.Preempted
     leaves with `.entry` set to the entry it stopped."""
     from warm_jax import metrics
+    from warm_jax.stages import base as stage_base
 
     entries = select_entries(stages, only)
     for e in entries:
@@ -161,7 +162,7 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
         dt = time.time() - t0
         results[entry] = out
         log.info("=== %s done in %.1fs ===", entry, dt)
-        _record_timing(run_dir, entry, dt)
+        stage_base.record_timing(run_dir, entry, dt)
     log.info("all %d stages done in %.1fs; run directory: %s", len(entries),
              time.time() - t_start, run_dir)
     metrics.write_run_info(run_dir, "main", config={"stages": list(entries)})
@@ -309,6 +310,10 @@ def check_config(only: Optional[Sequence[str]] = None,
         raise config_checks.ConfigError("run.stages", stages,
                                         "must be a non-empty list of stage entries")
     entries = select_entries(stages, only)
+    seed = gin.get_bindings("run_seed").get("seed", 0)
+    problem = config_checks.range_problem(seed, 0, integer=True)
+    if problem:
+        raise config_checks.ConfigError("run_seed.seed", seed, problem)
     scopes = _scopes_bound()
     checks = []
     for entry in entries:
@@ -385,22 +390,6 @@ def _stop_line(signum: Optional[int], entry: Optional[str], step: Optional[int],
              else "outside a training loop (the stage restarts from its last checkpoint)")
     return (f"stopped by {name} in stage {entry or '(none)'} {where}; "
             f"resume with: {resume_command(argv)}")
-
-
-def _record_timing(run_dir: str, entry: str, seconds: float) -> None:
-    import jax
-
-    from warm_jax import metrics
-
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(run_dir, "timings.json")
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data[entry] = round(seconds, 2)
-    metrics.atomic_write_json(path, data)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

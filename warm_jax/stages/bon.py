@@ -31,6 +31,7 @@ from warm_jax import reward as reward_lib
 from warm_jax import config_checks
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -184,7 +185,7 @@ def _plot(path: str, curves: dict[str, list[dict]], title: str) -> None:
 def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:warm_clean",
                                                      "ens:rm_clean"),
               ns: Sequence[int] = (1, 2, 4, 8, 16, 32), num_prompts: int = 64,
-              policy: str = "sft", control: str = "oracle", seed: int = 0,
+              policy: str = "sft", control: str = "oracle",
               temperature: float = 0.9, max_new_tokens: int = 40,
               prompts_per_call: int = 16, stage_dir_name: str = "bon") -> dict:
     """Best-of-N curves of control reward against N for each reward spec.
@@ -193,15 +194,12 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
     `policy` (default: the final SFT snapshot), scored by every reward in `rewards` and by
     the `control` reward ('oracle', or 'path:DIR' of a control RM export). Writes
     {run_dir}/bon/: pool.npz + pool_texts.json (reused on resume), scores/<spec>.npy,
-    results.jsonl, bon.png, summary.json.
+    results.jsonl, bon.png, summary.json. Sampling seed: the run's SEED.
     """
-    from warm_jax.data import provider as provider_lib
-
-    out_dir = os.path.join(run_dir, stage_dir_name)
-    done = os.path.join(out_dir, "summary.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
+    ctx = StageContext(run_dir, "bon", os.path.join(run_dir, stage_dir_name))
+    if ctx.done:
+        return ctx.summary()
+    seed, out_dir = ctx.seed, ctx.stage_dir
     os.makedirs(os.path.join(out_dir, "scores"), exist_ok=True)
     ns = sorted(int(n) for n in ns)
     if not ns or ns[0] < 1:
@@ -211,9 +209,9 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
     config = dict(rewards=list(rewards), ns=ns, num_prompts=num_prompts, policy=policy,
                   control=control, seed=seed, sampling=dataclasses.asdict(scfg),
                   prompts_per_call=prompts_per_call)
-    metrics_lib.write_run_info(out_dir, "bon", config=config, seeds={"sampling_seed": seed})
+    ctx.write_run_info(config, {"sampling_seed": seed})
 
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     prompts = prov.prompts("eval")
     num_prompts = min(num_prompts, len(prompts["tokens"]))
     prompts = {key: v[:num_prompts] for key, v in prompts.items()}
@@ -227,11 +225,9 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
             pool.update(json.load(f))
         log.info("bon: reusing the sample pool in %s", pool_path)
     else:
-        from warm_jax import partitioning
-
         pcfg, params, card = sampling.load_policy(run_dir, policy)
         artifacts.check_card_vocab(card, prov.vocab, f"policy {policy!r}")
-        mesh = partitioning.make_mesh(partitioning.MeshConfig())
+        mesh = ctx.mesh()
         sampler = sampling.Sampler(pcfg, scfg, mesh=mesh)
         log.info("bon: sampling %d x %d completions from %s", num_prompts, k, card["path"])
         pool = sample_pool(sampler, params, prompts, k, seed, prov.vocab, prompts_per_call)
@@ -287,8 +283,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         "rank_correlation": rank_corr, "gates": [gate],
         "results": res_path, "plot": os.path.join(out_dir, "bon.png"),
     }
-    metrics_lib.atomic_write_json(done, summary)
-    return summary
+    return ctx.finish(summary)
 
 
 def check_bon_stage(c) -> None:
@@ -300,7 +295,6 @@ def check_bon_stage(c) -> None:
     c.integer("num_prompts", 1)
     c.policy("policy")
     c.control("control")
-    c.integer("seed")
     c.number("temperature", 0, lo_open=True)
     c.integer("max_new_tokens", 1)
     c.integer("prompts_per_call", 1)

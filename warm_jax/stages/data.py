@@ -12,20 +12,22 @@ import os
 
 import gin
 
-from warm_jax import distributed, metrics
+from warm_jax import distributed
 from warm_jax.data import provider as provider_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
 
 @gin.configurable
-def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
+def data_stage(run_dir: str, n_train_pairs: int = 20000,
                n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
                n_prompts: int = 2000, vocab_size: int = 512) -> dict:
-    stage_dir = os.path.join(run_dir, "data_stage")
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return _load(done)
+    """Writes the miniature world (seed: the run's SEED) or reads the real files once."""
+    ctx = StageContext(run_dir, "data", stage_dir=os.path.join(run_dir, "data_stage"))
+    if ctx.done:
+        return ctx.summary()
+    seed, stage_dir = ctx.seed, ctx.stage_dir
     cfg = provider_lib.DataConfig()
     os.makedirs(stage_dir, exist_ok=True)
     generated = os.path.abspath(cfg.data_dir) == os.path.abspath(os.path.join(run_dir, "data"))
@@ -60,17 +62,13 @@ def data_stage(run_dir: str, seed: int = 0, n_train_pairs: int = 20000,
     summary["counts"] = counts
     summary["vocab_size"] = prov.vocab.vocab_size
     summary["vocab_sha256"] = prov.vocab.sha256
-    metrics.write_run_info(stage_dir, "data", config={"data_config": vars(cfg)},
-                           seeds={"world_seed": seed})
-    if distributed.is_primary():
-        metrics.atomic_write_json(done, summary)
+    ctx.write_run_info({"data_config": vars(cfg)}, {"world_seed": seed})
     log.info("data: %s", counts)
-    return summary
+    return ctx.finish(summary)
 
 
 def check_data_stage(c) -> None:
     """Up-front rules and plan of the data stage (c: config_checks.StageCheck)."""
-    c.integer("seed")
     for field in ("n_train_pairs", "n_valid_pairs", "n_ood_pairs", "n_sft", "n_prompts"):
         c.integer(field, 1)
     c.integer("vocab_size", 1)

@@ -27,6 +27,7 @@ import numpy as np
 from warm_jax import reward as reward_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -187,7 +188,6 @@ def check_judge_stage(c) -> None:
             c.policy(f"pairs[{i}][{j}]", name)
     c.integer("num_prompts", 1)
     c.control("control")
-    c.integer("seed")
     c.number("temperature", 0, lo_open=True)
     c.integer("max_new_tokens", 1)
     c.number("tie_tol", 0)
@@ -202,37 +202,34 @@ def check_judge_stage(c) -> None:
 def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_single"),
                                                                  ("rl_warm", "sft"),
                                                                  ("rl_single", "sft")),
-                num_prompts: int = 256, control: str = "oracle", seed: int = 0,
+                num_prompts: int = 256, control: str = "oracle",
                 temperature: float = 0.9, max_new_tokens: int = 40, same_seed: bool = True,
                 tie_tol: float = 0.0, curves: Optional[Sequence[str]] = None) -> dict:
     """Win rates of A over B for each (A, B) in `pairs` (names: RL run names, 'sft', or
     export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR');
     control-vs-KL curves of the RL runs among them (or `curves`). Writes {run_dir}/judge/:
-    samples/<policy>.json, results.jsonl, judge.png, summary.json."""
-    from warm_jax import partitioning
-    from warm_jax.data import provider as provider_lib
-
-    out_dir = os.path.join(run_dir, "judge")
-    done = os.path.join(out_dir, "summary.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
+    samples/<policy>.json, results.jsonl, judge.png, summary.json. Sampling and bootstrap
+    seed: the run's SEED."""
+    ctx = StageContext(run_dir, "judge")
+    if ctx.done:
+        return ctx.summary()
+    seed, out_dir = ctx.seed, ctx.stage_dir
     pairs = [tuple(p) for p in pairs]
     bad = [p for p in pairs if len(p) != 2]
     if bad:
         raise ValueError(f"judge_stage.pairs: each entry must be (A, B), got {bad}")
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     scfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
-    metrics_lib.write_run_info(out_dir, "judge", config={
+    ctx.write_run_info({
         "pairs": [list(p) for p in pairs], "num_prompts": num_prompts, "control": control,
         "temperature": temperature, "max_new_tokens": max_new_tokens, "same_seed": same_seed,
-        "tie_tol": tie_tol}, seeds={"seed": seed})
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+        "tie_tol": tie_tol}, {"seed": seed})
+    prov = ctx.provider()
     prompts = prov.prompts("eval")
     n = min(num_prompts, len(prompts["tokens"]))
     prompts = {k: v[:n] for k, v in prompts.items()}
     _, scorer = reward_lib.load_reward(run_dir, control)
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     names = list(dict.fromkeys(x for p in pairs for x in p))
     scored = {}
     for i, name in enumerate(names):
@@ -266,5 +263,4 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                "policies": {k: v["path"] for k, v in scored.items()},
                "curves": {k: v[-1] if v else None for k, v in kl_curves.items()},
                "results": res_path, "plot": os.path.join(out_dir, "judge.png")}
-    metrics_lib.atomic_write_json(done, summary)
-    return summary
+    return ctx.finish(summary)

@@ -10,39 +10,36 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Optional
 
 import gin
 
 from warm_jax import artifacts
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import lm, metrics, partitioning
+from warm_jax import lm, trainer
 from warm_jax import model as model_lib
-from warm_jax.data import provider as provider_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
 
 @gin.configurable
 def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
-                   learning_rate: float = 3e-3, warmup_steps: int = 30, seed: int = 0,
+                   learning_rate: float = 3e-3, warmup_steps: int = 30,
                    init_params_path: Optional[str] = None, log_every: int = 25,
                    checkpoint_every: int = 100, eval_examples: int = 256) -> dict:
     """Short language-model pre-training (from scratch, or from `init_params_path`).
 
-    Exports {run_dir}/pretrain/final (card kind 'lm'). `seed` sets the initialisation,
-    the data order and the dropout RNG.
+    Exports {run_dir}/pretrain/final (card kind 'lm'). The run's SEED sets the
+    initialisation, the data order and the dropout RNG.
     """
-    stage_dir = os.path.join(run_dir, artifacts.PRETRAIN_DIR)
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return artifacts.read_json(done)
-    t0 = time.time()
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    ctx = StageContext(run_dir, "pretrain", artifacts.stage_path(run_dir, "pretrain"))
+    if ctx.done:
+        return ctx.summary()
+    seed, stage_dir, prov = ctx.seed, ctx.stage_dir, ctx.provider()
     model_cfg = model_lib.model_config()
     artifacts.check_model_vocab(model_cfg, prov.vocab, "pretrain_stage")
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     lm.check_batch(batch_size, mesh, "pretrain_stage")
     train = lm.trim_length(prov.lm("train"), ["mask"])
     valid = lm.trim_length(prov.sft("valid"), ["mask"])
@@ -55,7 +52,7 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
               "init_params_path": init_params_path, "optimizer": dataclasses.asdict(opt_cfg),
               "model_config": model_lib.config_to_dict(model_cfg),
               "train_examples": len(train["tokens"]), "seq_len": train["tokens"].shape[1]}
-    metrics.write_run_info(stage_dir, "pretrain", config=config, seeds={"seed": seed})
+    ctx.write_run_info(config, {"seed": seed})
     out: dict = {}
 
     def finish(state, step):
@@ -67,7 +64,7 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
         out["final"] = artifacts.export_once(os.path.join(stage_dir, "final"), params, card)
         out["valid_text_loss"] = loss
 
-    loop = lm.loop_config(total_steps, log_every, checkpoint_every)
+    loop = trainer.loop_config(total_steps, log_every, checkpoint_every)
     _, source = lm.train_lm(name="pretrain", stage_dir=stage_dir, program=program, arrays=train,
                          batch_size=batch_size, data_seed=seed, loop=loop, boundaries=(),
                          on_boundary=finish, meta={"stage": "pretrain"},
@@ -75,10 +72,9 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     card = ckpt_lib.read_card(out["final"])
     summary = {"stage": "pretrain", "final": out["final"], "step": total_steps,
                "valid_text_loss": out["valid_text_loss"], "fingerprint": card["fingerprint"],
-               "source": source, "seconds": round(time.time() - t0, 2)}
-    metrics.atomic_write_json(done, summary)
+               "source": source, "seconds": ctx.seconds}
     log.info("pretrain: done, valid text loss %.4f -> %s", out["valid_text_loss"], out["final"])
-    return summary
+    return ctx.finish(summary)
 
 
 def check_pretrain_stage(c) -> None:

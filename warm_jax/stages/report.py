@@ -15,6 +15,7 @@ from typing import Any, Optional
 import gin
 
 from warm_jax import metrics
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -164,6 +165,8 @@ def check_report_stage(c) -> None:
 
 @gin.configurable
 def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world") -> dict:
+    """report.md from the stages' summaries; written again on every run (no skip)."""
+    ctx = StageContext(run_dir, "report")
     summaries = _stage_summaries(run_dir)
     sections = [f"# {title}",
                 "Generated from this run directory's stage outputs; every number below was "
@@ -206,10 +209,8 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
     out = {"report": path, "claims": len(claims), "gates": len(found_gates),
            "gates_passed": sum(bool(g.get("passed")) for g in found_gates),
            "claims_reproduced": sum(bool(c.get("holds")) for c in claims)}
-    stage_dir = os.path.join(run_dir, "report")
-    os.makedirs(stage_dir, exist_ok=True)
-    metrics.write_run_info(stage_dir, "report")
-    metrics.atomic_write_json(os.path.join(stage_dir, "summary.json"), out)
+    ctx.write_run_info()
+    out = ctx.finish(out)
     log.info("report written to %s (%d claims, %d reproduced)", path, out["claims"],
              out["claims_reproduced"])
     return out

@@ -31,7 +31,6 @@ completions go to samples.jsonl, so reward hacking shows as proxy up, control do
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -46,7 +45,8 @@ from warm_jax import reward as reward_lib
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
-from warm_jax import partitioning, sampling, train_lib
+from warm_jax import partitioning, sampling, train_lib, trainer
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -70,7 +70,7 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
            eval_every: int = 10, log_every: int = 1, checkpoint_every: int = 50,
            num_logged_samples: int = 4, max_steps_per_run: Optional[int] = None,
            card_extra: Optional[dict] = None) -> dict:
-    """Trains from `sft_params` (or resumes from {out_dir}/checkpoints). Returns
+    """Trains from `sft_params` (or resumes from {out_dir}/ckpt) with the trainer. Returns
     {'state', 'step', 'complete', 'final_eval', 'initial_eval'}; writes metrics.jsonl and
     samples.jsonl. prompts dicts: tokens/mask LEFT-padded (+ 'prompts' texts for control).
     control_fn is a bon.Scorer (batch dict(prompts, completions, tokens, mask) -> scores)."""
@@ -83,7 +83,7 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
     # the seed only enters through the state's rng: runs that differ only by seed share
     # one compiled program
     prog = rl_steps.build_program(cfg, dataclasses.replace(rl, seed=0), reward_apply, mesh, layout)
-    p_sh, st_sh, abstract_state = prog.p_sh, prog.st_sh, prog.abstract_state
+    p_sh, abstract_state = prog.p_sh, prog.abstract_state
     rm_shardings = prog.rm_shardings
     train_step, eval_fn_jit = prog.train_step, prog.eval_step
     k = sampling.batch_shards(mesh)
@@ -112,24 +112,12 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
                                      lambda nd: partitioning.batch_sharding(mesh, nd))
     eval_key = jax.random.fold_in(jax.random.PRNGKey(rl.seed), 1_000_003)
 
-    manager = ckpt_lib.CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
-                                         save_interval_steps=checkpoint_every)
-
     def fresh(_):
         with jax.set_mesh(mesh):
             return prog.init(ref_params, ref_params, jax.random.PRNGKey(rl.seed))
 
-    try:
-        state, start, source = ckpt_lib.restore_or_initialize(manager, abstract_state, fresh,
-                                                              total_steps=rl.steps)
-    except ckpt_lib.AlreadyComplete:
-        start, state, _ = manager.restore_latest_good(abstract_state)
-        source = f"restored the final step {start}"
-    log.info("[rl] %s", source)
-    writer = metrics_lib.MetricWriter(out_dir, resume_step=start)
-    samples_writer = metrics_lib.MetricWriter(out_dir, name="samples", resume_step=start,
-                                              tensorboard=False)
     evals: dict[int, dict] = {}
+    samples: list = []
 
     def evaluate(st, step) -> dict:
         with jax.set_mesh(mesh):
@@ -148,18 +136,24 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
             m["eval/control_reward_se"] = float(np.std(control, ddof=1) / np.sqrt(len(control)))
         else:
             control = np.full(len(texts), np.nan)
-        samples_writer.write(step, {"samples": [
+        samples[-1].write(step, {"samples": [
             {"prompt": eval_texts[i][-160:], "completion": texts[i],
              "proxy": float(out["score"][i]), "control": float(control[i]),
              "kl": float(out["kl"][i])} for i in range(min(num_logged_samples, len(texts)))]})
         evals[step] = m
         return m
 
-    initial = None
-    if start == 0:
-        initial = evaluate(state, 0)
-        writer.write(0, initial)
-    stop_at = rl.steps if max_steps_per_run is None else min(rl.steps, start + max_steps_per_run)
+    initial: dict = {}
+
+    def make_writers(start):
+        samples.append(metrics_lib.MetricWriter(out_dir, name="samples", resume_step=start,
+                                                tensorboard=False))
+        return metrics_lib.MetricWriter(out_dir, resume_step=start)
+
+    def on_start(state, start, writer):
+        if start == 0:
+            initial.update(evaluate(state, 0))
+            writer.write(0, initial)
 
     def eval_hook(st, step):
         if step == rl.steps or (eval_every and step % eval_every == 0):
@@ -170,23 +164,22 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
         with jax.set_mesh(mesh):
             return train_step(st, ref_params, rm_params, batch)
 
-    loop_cfg = train_lib.LoopConfig(total_steps=stop_at, log_every=log_every,
-                                    checkpoint_every=checkpoint_every,
-                                    eval_every=eval_every, async_checkpoints=True)
+    loop = trainer.loop_config(rl.steps, log_every, checkpoint_every, eval_every)
     meta = {"kind": "rl", "rl_config": dataclasses.asdict(rl), **(card_extra or {})}
     t0 = time.time()
     try:
-        state = train_lib.run_loop(name="rl", state=state, step_fn=step_fn, batch_fn=batch_fn,
-                                   start_step=start, cfg=loop_cfg, manager=manager,
-                                   writer=writer, meta_fn=lambda s: meta, eval_fn=eval_hook,
-                                   tokens_per_step=rl.batch_size * rl.max_new_tokens)
+        out = trainer.train(name="rl", stage_dir=out_dir, mesh=mesh, loop=loop,
+                            abstract_state=abstract_state, fresh_state=fresh,
+                            step_fn=step_fn, batch_fn=batch_fn, meta_fn=lambda s: meta,
+                            make_writer=make_writers, on_start=on_start, eval_fn=eval_hook,
+                            max_steps_per_run=max_steps_per_run,
+                            tokens_per_step=rl.batch_size * rl.max_new_tokens)
     finally:
-        manager.close()
-        writer.close()
-        samples_writer.close()
-    log.info("[rl] steps %d..%d in %.1fs", start, stop_at, time.time() - t0)
-    return {"state": state, "step": stop_at, "complete": stop_at >= rl.steps,
-            "final_eval": evals.get(stop_at), "initial_eval": initial}
+        for w in samples:
+            w.close()
+    log.info("[rl] steps %d..%d in %.1fs", out.start, out.step, time.time() - t0)
+    return {"state": out.state, "step": out.step, "complete": out.step >= rl.steps,
+            "final_eval": evals.get(out.step), "initial_eval": initial or None}
 
 
 def _batch_indices(n, b, seed, step):
@@ -213,7 +206,6 @@ def check_rl_stage(c) -> None:
     c.integer("value_warmup_steps", 0)
     c.number("temperature", 0, lo_open=True)
     c.integer("max_new_tokens", 1)
-    c.integer("seed")
     c.integer("eval_every", 0)
     c.integer("num_eval_prompts", 1)
     c.integer("num_logged_samples", 0)
@@ -234,33 +226,30 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
              batch_size: int = 32, learning_rate: float = 1e-5, warmup_steps: int = 2000,
              value_learning_rate: Optional[float] = None, value_warmup_steps: int = 0,
              temperature: float = 0.9, max_new_tokens: int = 40,
-             whiten_advantages: bool = False, seed: int = 0, eval_every: int = 10,
+             whiten_advantages: bool = False, eval_every: int = 10,
              num_eval_prompts: int = 64, num_logged_samples: int = 4, log_every: int = 1,
              checkpoint_every: int = 50, control: str = "oracle",
              max_steps_per_run: Optional[int] = None) -> dict:
     """RL of `policy` (default: the final SFT snapshot) against the reward `reward` (a
     reward.resolve spec such as 'warm:warm_clean' / 'best:rm_clean', or 'path:DIR').
 
-    Writes {run_dir}/{name}/: checkpoints/, metrics.jsonl (per step: reward, reward_std,
+    Writes {run_dir}/{name}/: ckpt/, metrics.jsonl (per step: reward, reward_std,
     kl, entropy, value_loss, completion_length, ...; every eval_every steps eval/proxy_reward,
     eval/control_reward, eval/kl), samples.jsonl, the final policy export policy/ (card:
     kind 'lm', reward spec, alpha, step, ...) and summary.json. With max_steps_per_run the
     stage stops (checkpointed) after that many steps and returns {'complete': False, ...}
-    without a summary; calling it again continues exactly.
+    without a summary; calling it again continues exactly. Seed: the run's SEED.
     """
-    from warm_jax.data import provider as provider_lib
-
-    out_dir = os.path.join(run_dir, name)
-    done = os.path.join(out_dir, "summary.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
+    ctx = StageContext(run_dir, "rl", os.path.join(run_dir, name))
+    if ctx.done:
+        return ctx.summary()
+    seed, out_dir = ctx.seed, ctx.stage_dir
     os.makedirs(out_dir, exist_ok=True)
     rl = rl_steps.RLConfig(steps=steps, batch_size=batch_size, alpha=alpha, learning_rate=learning_rate,
                   warmup_steps=warmup_steps, value_learning_rate=value_learning_rate,
                   value_warmup_steps=value_warmup_steps, temperature=temperature,
                   max_new_tokens=max_new_tokens, whiten_advantages=whiten_advantages, seed=seed)
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     pcfg, sft_params, pcard = sampling.load_policy(run_dir, policy)
     artifacts.check_card_vocab(pcard, prov.vocab, f"policy {policy!r}")
     rm, _ = reward_lib.load_reward(run_dir, reward)
@@ -273,7 +262,7 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
         raise ValueError(f"rl_stage: reward {reward!r} has vocab_size {rm.config.vocab_size} "
                          f"but the policy has {pcfg.vocab_size}")
     _, control_fn = reward_lib.load_reward(run_dir, control)
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     reward_apply, rm_params = rl_steps.reward_apply_for(rm)
     rm_sh = rl_steps.reward_param_shardings(rm, mesh)
     eval_prompts = prov.prompts("eval")
@@ -284,7 +273,7 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
               "eval_every": eval_every, "control": control,
               "model_config": model_lib.config_to_dict(pcfg),
               "optimizers": [dataclasses.asdict(o) for o in rl.optimizers()]}
-    metrics_lib.write_run_info(out_dir, "rl", config=config, seeds={"seed": seed})
+    ctx.write_run_info(config, {"seed": seed})
     t0 = time.time()
     res = run_rl(out_dir, policy_cfg=pcfg, sft_params=sft_params, reward_apply=reward_apply,
                  rm_params=rm_params, rm_shardings=rm_sh, train_prompts=prov.prompts("rl"),
@@ -322,8 +311,7 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
         "metrics": os.path.join(out_dir, "metrics.jsonl"),
         "samples": os.path.join(out_dir, "samples.jsonl"),
     }
-    metrics_lib.atomic_write_json(done, summary)
-    return summary
+    return ctx.finish(summary)
 
 
 def _first_eval(records: Sequence[dict]) -> dict:

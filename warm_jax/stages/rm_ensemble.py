@@ -24,10 +24,10 @@ import numpy as np
 
 from warm_jax import artifacts
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import ensemble, lm, metrics, partitioning
+from warm_jax import ensemble, lm, metrics, partitioning, trainer
 from warm_jax import model as model_lib
-from warm_jax import train_lib
 from warm_jax.data import provider as provider_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -77,7 +77,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                    dropout_rate_grid: Sequence[float] = ensemble.DEFAULT_DROPOUT_RATES,
                    total_steps: int = 300,
                    batch_size: int = 32, warmup_steps: int = 20, center_coef: float = 0.0,
-                   seed: int = 0, head_path: Optional[str] = None, eval_every: int = 0,
+                   head_path: Optional[str] = None, eval_every: int = 0,
                    eval_pairs: int = 512, eval_train_pairs: int = 1024,
                    eval_batch_size: int = 256, log_every: int = 25,
                    checkpoint_every: int = 100, member_loop: str = "auto") -> dict:
@@ -86,19 +86,18 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     Writes {run_dir}/{name}/: metrics.jsonl (per-member loss, accuracy, margin, rewards,
     tokens/s; eval accuracies valid/ood/train per member), ckpt/ (the stacked state),
     members/member_{i} (params exports with cards) and summary.json.
-    `seed` seeds each member's dropout RNG (fold_in(PRNGKey(seed), member index)) and the
-    default data seeds (seed + i); the OptimizerConfig from gin supplies everything but the
+    The run's SEED seeds each member's dropout RNG (fold_in(PRNGKey(SEED), member index)) and
+    the default data seeds (SEED + i); the OptimizerConfig from gin supplies everything but the
     per-member learning rate, the warmup and the horizon. member_loop: see
     resolve_member_loop ('auto': vmap over the members, or lax.map on CPU without an
     ensemble mesh axis).
     """
     base_dir = os.path.join(run_dir, name)
-    stage_dir = base_dir if member_index is None else os.path.join(
-        base_dir, "member_jobs", f"member_{member_index}")
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return artifacts.read_json(done)
-    t0 = time.time()
+    ctx = StageContext(run_dir, "rm_ensemble", artifacts.ensemble_stage_dir(
+        run_dir, name, member_index))
+    if ctx.done:
+        return ctx.summary()
+    seed, stage_dir = ctx.seed, ctx.stage_dir
     head_path = head_path or os.path.join(run_dir, artifacts.RM_INIT_DIR, "head")
     head, head_card = ckpt_lib.load_params(head_path)
     head = jax.tree.map(np.asarray, head)
@@ -125,12 +124,12 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
         raise ValueError(f"{head_path}: the head was probed on another architecture")
     model_cfg = model_lib.config_from_dict(cfg_dicts[first])
 
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     artifacts.check_model_vocab(model_cfg, prov.vocab, "ensemble_stage")
     for p, c in init_cards.items():
         if c.get("vocab_sha256") not in (None, prov.vocab.sha256):
             raise ValueError(f"{p}: trained with another vocabulary than the data's")
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     lm.check_batch(batch_size, mesh, "ensemble_stage")
     if mesh.shape["ensemble"] > 1 and m % mesh.shape["ensemble"]:
         log.warning("[%s] %d member(s) do not divide the mesh's ensemble axis (%d): members "
@@ -165,8 +164,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
              "head_path": head_path, "member_loop": program.member_loop}
     config = {**hyper, "members": [s.as_dict() for s in specs],
               "model_config": model_lib.config_to_dict(model_cfg)}
-    metrics.write_run_info(stage_dir, "rm_ensemble", config=config,
-                           seeds={"seed": seed, "data_seeds": [s.data_seed for s in specs]})
+    ctx.write_run_info(config,
+                       seeds={"seed": seed, "data_seeds": [s.data_seed for s in specs]})
 
     init_fps: list[str] = []
 
@@ -180,54 +179,48 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
             return program.init(stacked, np.array([s.learning_rate for s in specs], np.float32),
                                 np.array([s.dropout_rate for s in specs], np.float32), keys)
 
-    loop = lm.loop_config(total_steps, log_every, checkpoint_every)
-    loop = dataclasses.replace(loop, eval_every=eval_every)
-    manager = ckpt_lib.CheckpointManager(os.path.join(stage_dir, "ckpt"),
-                                         max_to_keep=loop.keep_checkpoints,
-                                         save_interval_steps=loop.checkpoint_every,
-                                         async_save=loop.async_checkpoints)
+    loop = trainer.loop_config(total_steps, log_every, checkpoint_every, eval_every)
     last_eval: dict = {}
-    eval_seconds = [0.0]
+    clock = {"eval": 0.0, "start": time.time()}
+    writers: list = []
 
     def eval_fn(state, step):
         te = time.time()
         last_eval.clear()
-        last_eval.update(ensemble.accuracy_report(program, state["params"], eval_sets, eval_batch_size))
+        last_eval.update(ensemble.accuracy_report(program, state["params"], eval_sets,
+                                                  eval_batch_size))
         last_eval["step"] = step
-        eval_seconds[0] += time.time() - te
-        return ensemble.member_keys({f"{k}_accuracy": v for k, v in last_eval.items() if k != "step"},
-                           specs)
+        clock["eval"] += time.time() - te
+        return ensemble.member_keys(
+            {f"{k}_accuracy": v for k, v in last_eval.items() if k != "step"}, specs)
 
     def batch_fn(step):
-        return ensemble.put_member_batch(program, ensemble.member_batch(train, specs, batch_size, step))
+        return ensemble.put_member_batch(program,
+                                         ensemble.member_batch(train, specs, batch_size, step))
 
-    train_seconds = 0.0
-    try:
-        with jax.set_mesh(mesh):
-            try:
-                state, start, source = ckpt_lib.restore_or_initialize(
-                    manager, program.abstract_state, fresh_state, total_steps=total_steps)
-            except ckpt_lib.AlreadyComplete:
-                start, state, _ = manager.restore_latest_good(program.abstract_state)
-                source = f"already trained to step {start}; finishing the exports"
-        if start == 0:
-            source = "initialised from the SFT snapshot(s) + the probed head"
-        log.info("[%s] %s (%d member(s), %d pairs, seq len %d)", name, source, m, n, seq_len)
-        writer = _EnsembleWriter(stage_dir, m, resume_step=start)
-        tt = time.time()
-        with jax.set_mesh(mesh):
-            state = train_lib.run_loop(
-                name=name, state=state, step_fn=program.step, batch_fn=batch_fn,
-                start_step=start, cfg=loop, manager=manager, writer=writer,
-                meta_fn=lambda _: {"stage": "rm_ensemble", "members": [s.as_dict() for s in specs]},
-                eval_fn=eval_fn, summarize=lambda mets: ensemble.member_keys(mets, specs),
-                tokens_per_step=int(m * 2 * batch_size * seq_len))
-        train_seconds = time.time() - tt - eval_seconds[0]
+    def make_writer(start):
+        writers.append(_EnsembleWriter(stage_dir, m, resume_step=start))
+        return writers[-1]
+
+    def on_start(state, start, writer):
+        log.info("[%s] %d member(s), %d pairs, seq len %d", name, m, n, seq_len)
+        clock["start"] = time.time()
+
+    def on_end(state, step):
+        clock["train"] = time.time() - clock["start"] - clock["eval"]
         if last_eval.get("step") != total_steps:
-            writer.write(total_steps, eval_fn(state, total_steps))
-        writer.close()
-    finally:
-        manager.close()
+            writers[-1].write(total_steps, eval_fn(state, total_steps))
+
+    out = trainer.train(
+        name=name, stage_dir=stage_dir, mesh=mesh, loop=loop,
+        abstract_state=program.abstract_state, fresh_state=fresh_state,
+        step_fn=program.step, batch_fn=batch_fn, make_writer=make_writer, on_start=on_start,
+        meta_fn=lambda _: {"stage": "rm_ensemble", "members": [s.as_dict() for s in specs]},
+        eval_fn=eval_fn, summarize=lambda mets: ensemble.member_keys(mets, specs),
+        on_boundary=on_end, tokens_per_step=int(m * 2 * batch_size * seq_len))
+    state, train_seconds, eval_seconds = out.state, clock["train"], [clock["eval"]]
+    source = out.source if out.start else \
+        "initialised from the SFT snapshot(s) + the probed head"
 
     if not init_fps:  # resumed: recompute the init fingerprints from the snapshots
         _, fps, _ = _init_params(specs, head, abstract)
@@ -259,10 +252,9 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                "num_members": num_members, "member_index": member_index, "step": total_steps,
                "members": members, "source": source, "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(eval_seconds[0], 2),
-               "seconds": round(time.time() - t0, 2), "mesh": dict(mesh.shape),
+               "seconds": ctx.seconds, "mesh": dict(mesh.shape),
                "nonfinite_steps": [int(x) for x in np.asarray(state["member_nonfinite"])]}
-    metrics.atomic_write_json(done, summary)
-    return summary
+    return ctx.finish(summary)
 
 
 def check_ensemble_stage(c) -> None:
@@ -276,7 +268,6 @@ def check_ensemble_stage(c) -> None:
     if bad:
         field, value, why = bad
         c.fail(field, why, value=value)
-    c.integer("seed")
     c.integer("total_steps", 1)
     c.integer("batch_size", 1)
     c.integer("warmup_steps", 0)

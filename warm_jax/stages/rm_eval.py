@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Optional, Sequence
 
 import gin
@@ -41,6 +40,7 @@ import numpy as np
 from warm_jax import average, config_checks, gates, metrics, partitioning, steps
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import reward as reward_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -258,7 +258,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                   batch_size: int = 256, num_lambdas: int = 11,
                   interp_members: Optional[Sequence[int]] = None,
                   claim_tolerance: float = 0.01, force_init_mismatch: bool = False,
-                  swap_seed: int = 0, baseline_train_pairs: Optional[int] = 8000) -> dict:
+                  baseline_train_pairs: Optional[int] = 8000) -> dict:
     """Evaluates members, WARM (M = 2..all) and ENS (M = 2..all) of one ensemble, and the
     interpolation between two members (default: the two best by ID validation accuracy;
     interp_members=(i, j) picks member indices). corrupted=None reads it from the
@@ -266,15 +266,14 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
 
     It also measures the gates of :mod:`warm_jax.gates` (does an RM read the post, is it
     near the oracle ceiling and above bag-of-words baselines) on the ID validation rows:
-    swap_seed fixes the post permutation, baseline_train_pairs caps the (clean, uncapped
+    the run's SEED fixes the post permutation, baseline_train_pairs caps the (clean, uncapped
     by DataConfig.max_train_pairs) training pairs the baselines are fitted on."""
     from warm_jax.data import provider as provider_lib
 
-    stage_dir = os.path.join(run_dir, f"rm_eval_{ensemble}")
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return _read_json(done)
-    t0 = time.time()
+    ctx = StageContext(run_dir, "rm_eval", os.path.join(run_dir, f"rm_eval_{ensemble}"))
+    if ctx.done:
+        return ctx.summary()
+    swap_seed, stage_dir = ctx.seed, ctx.stage_dir
     paths = reward_lib.ensemble_members(run_dir, ensemble)
     if len(paths) < 2:
         raise ValueError(f"{os.path.join(run_dir, ensemble)}: rm_eval needs at least 2 "
@@ -285,10 +284,10 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     names = [os.path.basename(p) for p in paths]
     if corrupted is None:
         corrupted = detect_corrupted(run_dir, ensemble, cards)
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs)
     splits = list(sets)
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     abstract, _ = average.target_shardings(cfg, mesh)
     params = []
     for m in members:
@@ -388,12 +387,11 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
 
     m_all = len(paths)
     claims = _claims(table, interp, splits, m_all, claim_tolerance)
-    os.makedirs(stage_dir, exist_ok=True)
-    metrics.write_run_info(stage_dir, "rm_eval", config={
+    ctx.write_run_info({
         "ensemble": ensemble, "corrupted": corrupted, "max_train_pairs": max_train_pairs,
         "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
-        "interp_members": [a, b], "claim_tolerance": claim_tolerance}, seeds={
-        "corruption_seed": prov.config.corruption_seed})
+        "interp_members": [a, b], "claim_tolerance": claim_tolerance}, {
+        "corruption_seed": prov.config.corruption_seed, "swap_seed": swap_seed})
     metrics.atomic_write_text(os.path.join(stage_dir, "results.jsonl"),
                               "".join(json.dumps(r) + "\n" for r in rows))
     plots = _plots(stage_dir, table, interp, splits, names, order)
@@ -416,7 +414,6 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         "table": table, "interpolation": interp, "claims": claims,
         "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
         "results": os.path.join(stage_dir, "results.jsonl"), "plots": plots,
-        "seconds": round(time.time() - t0, 2)}
-    metrics.atomic_write_json(done, summary)
+        "seconds": ctx.seconds}
     log.info("rm_eval[%s]: claims %s", ensemble, {c["id"]: c["holds"] for c in claims})
-    return summary
+    return ctx.finish(summary)

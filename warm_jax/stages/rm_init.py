@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from typing import Optional
 
 import gin
@@ -27,6 +26,7 @@ from warm_jax import model as model_lib
 from warm_jax import train_lib
 from warm_jax.data import pipeline
 from warm_jax.data import provider as provider_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -106,18 +106,17 @@ def _probe_accuracy(head, fc, fr) -> float:
 @gin.configurable
 def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int = 2048,
                 num_steps: int = 300, learning_rate: float = 1e-2, batch_size: int = 256,
-                center_coef: float = 0.0, seed: int = 0, eval_pairs: int = 512) -> dict:
+                center_coef: float = 0.0, eval_pairs: int = 512) -> dict:
     """Linear probe of the scalar reward head on the frozen final SFT backbone.
 
-    Fits on `probe_pairs` clean training pairs (a random subset chosen by `seed`), reports
+    Fits on `probe_pairs` clean training pairs (a random subset chosen by the run's SEED), reports
     accuracy on them and on `eval_pairs` ID-validation and OOD pairs, and exports the head
     to {run_dir}/rm_init/head (card kind 'rm_head').
     """
-    stage_dir = os.path.join(run_dir, artifacts.RM_INIT_DIR)
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return artifacts.read_json(done)
-    t0 = time.time()
+    ctx = StageContext(run_dir, "rm_init", artifacts.stage_path(run_dir, "rm_init"))
+    if ctx.done:
+        return ctx.summary()
+    seed, stage_dir = ctx.seed, ctx.stage_dir
     if sft_path is None:
         sft_path = artifacts.read_json(os.path.join(run_dir, artifacts.SFT_DIR, "summary.json"))["final"] \
             if os.path.exists(os.path.join(run_dir, artifacts.SFT_DIR, "summary.json")) else None
@@ -126,9 +125,9 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
                                     "not finished (or set probe_stage.sft_path)")
     card = ckpt_lib.read_card(sft_path)
     model_cfg = artifacts.model_config_from(card, sft_path)
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     artifacts.check_model_vocab(model_cfg, prov.vocab, "probe_stage")
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     abstract, names = model_lib.abstract_params(model_cfg)
     p_sh = partitioning.tree_shardings(names, abstract, mesh)
     params, _ = ckpt_lib.load_params(sft_path, train_lib.with_shardings(abstract, p_sh))
@@ -150,7 +149,7 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     config = {"sft_path": sft_path, "probe_pairs": len(idx), "num_steps": num_steps,
               "learning_rate": learning_rate, "batch_size": batch_size,
               "center_coef": center_coef, "eval_pairs": eval_pairs, "optimizer": "adam"}
-    metrics.write_run_info(stage_dir, "rm_init", config=config, seeds={"seed": seed})
+    ctx.write_run_info(config, {"seed": seed})
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
     writer.close()
@@ -162,8 +161,8 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracy": acc,
                "fingerprint": ckpt_lib.read_card(path)["fingerprint"],
                "probe_loss": trace[-1] if trace else None,
-               "seconds": round(time.time() - t0, 2)}
-    metrics.atomic_write_json(done, summary)
+               "seconds": ctx.seconds}
+    ctx.finish(summary)
     log.info("rm_init: probe accuracy train %.3f valid %.3f ood %.3f -> %s",
              acc["train"], acc["valid"], acc["ood"], path)
     return summary
@@ -171,7 +170,6 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
 
 def check_probe_stage(c) -> None:
     """Up-front rules and plan of the rm_init stage (c: config_checks.StageCheck)."""
-    c.integer("seed")
     c.integer("probe_pairs", 1)
     c.integer("num_steps", 1)
     c.rate("learning_rate")

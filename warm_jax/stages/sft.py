@@ -10,40 +10,38 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Optional, Sequence
 
 import gin
 
 from warm_jax import artifacts
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import lm, metrics, partitioning
+from warm_jax import lm, metrics, trainer
 from warm_jax import model as model_lib
-from warm_jax.data import provider as provider_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
 
 @gin.configurable
 def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
-              learning_rate: float = 1e-3, warmup_steps: int = 10, seed: int = 1,
+              learning_rate: float = 1e-3, warmup_steps: int = 10,
               init_params_path: Optional[str] = None,
               snapshot_steps: Optional[Sequence[int]] = None, log_every: int = 25,
               checkpoint_every: int = 100, eval_examples: int = 512) -> dict:
     """Supervised fine-tuning on reference summaries, starting from the pre-training export
     (or `init_params_path`). Keeps params exports at `snapshot_steps` (default: the last
     three steps spaced total/6 apart, as the paper's 8k/10k/12k of 12k) under
-    {run_dir}/sft/snapshots/step_N; the final step is always kept.
+    {run_dir}/sft/snapshots/step_N; the final step is always kept. Seed: SEED + 1.
     """
-    stage_dir = os.path.join(run_dir, artifacts.SFT_DIR)
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return artifacts.read_json(done)
-    t0 = time.time()
+    ctx = StageContext(run_dir, "sft", artifacts.stage_path(run_dir, "sft"), seed_offset=1)
+    if ctx.done:
+        return ctx.summary()
+    seed, stage_dir = ctx.seed, ctx.stage_dir
     if init_params_path is None:
         init_params_path = os.path.join(run_dir, artifacts.PRETRAIN_DIR, "final")
     init_card = ckpt_lib.read_card(init_params_path)
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     model_cfg = artifacts.model_config_from(init_card, init_params_path)
     artifacts.check_model_vocab(model_cfg, prov.vocab, "sft_stage")
     if init_card.get("vocab_sha256") not in (None, prov.vocab.sha256):
@@ -56,7 +54,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     snaps = tuple(sorted(set(int(s) for s in (snapshot_steps or
                                               lm.default_snapshot_steps(total_steps)))))
     snaps = tuple(sorted(set(snaps) | {total_steps}))
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     lm.check_batch(batch_size, mesh, "sft_stage")
     train = lm.trim_length(prov.sft("train"), ["mask"])
     valid = lm.trim_length(prov.sft("valid"), ["mask"])
@@ -69,7 +67,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
               "optimizer": dataclasses.asdict(opt_cfg),
               "model_config": model_lib.config_to_dict(model_cfg),
               "train_examples": len(train["tokens"]), "seq_len": train["tokens"].shape[1]}
-    metrics.write_run_info(stage_dir, "sft", config=config, seeds={"seed": seed})
+    ctx.write_run_info(config, {"seed": seed})
     snapshots: list[dict] = []
     writer_extra = metrics.MetricWriter(stage_dir, name="snapshots", tensorboard=False)
 
@@ -85,7 +83,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
         writer_extra.write(step, {"sft_valid_loss": loss})
         log.info("sft: snapshot step %d, valid loss %.4f -> %s", step, loss, path)
 
-    loop = lm.loop_config(total_steps, log_every, checkpoint_every)
+    loop = trainer.loop_config(total_steps, log_every, checkpoint_every)
     _, source = lm.train_lm(name="sft", stage_dir=stage_dir, program=program, arrays=train,
                          batch_size=batch_size, data_seed=seed, loop=loop, boundaries=snaps,
                          on_boundary=keep, meta={"stage": "sft"},
@@ -102,9 +100,8 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
                "step": total_steps, "init_params_path": init_params_path,
                "init_fingerprint": init_card.get("fingerprint"), "source": source,
                "sft_valid_loss": snapshots[-1]["sft_valid_loss"],
-               "seconds": round(time.time() - t0, 2)}
-    metrics.atomic_write_json(done, summary)
-    return summary
+               "seconds": ctx.seconds}
+    return ctx.finish(summary)
 
 
 def check_sft_stage(c) -> None:

@@ -13,9 +13,10 @@ from typing import Optional, Sequence
 import gin
 
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import average, partitioning
+from warm_jax import average, metrics
 from warm_jax import model as model_lib
 from warm_jax import reward as reward_lib
+from warm_jax.stages.base import StageContext
 
 log = logging.getLogger("warm_jax")
 
@@ -42,15 +43,12 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
     are one per selected member, in member-index order. The stage's own files (summary.json,
     metrics.jsonl, run info) go to {run_dir}/{out_name}_stage/.
     """
-    from warm_jax import metrics
-    from warm_jax.data import provider as provider_lib
-
     out_name = out_name or (f"warm_{_stage_suffix(ensemble)}"
                             + (f"_m{num_members}" if num_members else ""))
-    stage_dir = os.path.join(run_dir, f"{out_name}_stage")
-    done = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(done):
-        return _load_json(done)
+    ctx = StageContext(run_dir, "warm", os.path.join(run_dir, f"{out_name}_stage"))
+    if ctx.done:
+        return ctx.summary()
+    stage_dir = ctx.stage_dir
     out = os.path.join(run_dir, out_name)
     paths = reward_lib.ensemble_members(run_dir, ensemble)
     cards = []
@@ -59,7 +57,7 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
             cards.append(ckpt_lib.read_card(p))
         except ckpt_lib.CheckpointError as e:
             raise average.AveragingError(str(e)) from e
-    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    prov = ctx.provider()
     rm_cfg = model_lib.config_from_dict(cards[0]["model_config"]) \
         if cards[0].get("model_config") else None
 
@@ -80,14 +78,13 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
                                  f"has {len(paths)} member(s)")
         order = order[:int(num_members)]
     selected = [paths[i] for i in sorted(order)]
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    mesh = ctx.mesh()
     extra = {"ensemble": ensemble, "selection": "top-M by ID validation accuracy",
              "ranking": [{"path": paths[i], "valid": accs[i]} for i in order]}
-    os.makedirs(stage_dir, exist_ok=True)
-    metrics.write_run_info(stage_dir, "warm", config={
+    ctx.write_run_info({
         "ensemble": ensemble, "out_name": out_name, "method": method,
         "num_members": num_members, "weights": weights,
-        "force_init_mismatch": force_init_mismatch}, seeds={})
+        "force_init_mismatch": force_init_mismatch})
     if os.path.exists(out):
         card = ckpt_lib.read_card(out)
         if card.get("kind") != "warm" or [m["path"] for m in card.get("members", [])] \
@@ -113,8 +110,7 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
                                                   "weight")} for m in card["members"]],
                "accuracies": card.get("accuracies"), "init_check": card.get("init_check"),
                "stats": stats}
-    metrics.atomic_write_json(done, summary)
-    return summary
+    return ctx.finish(summary)
 
 
 def check_warm_stage(c) -> None:

@@ -1,0 +1,115 @@
+"""The frame every stage shares: its directory, done-marker, run info, seed and summary.
+
+    ctx = StageContext(run_dir, "bon")       # stage_dir = {run_dir}/bon
+    if ctx.done:                                  # summary.json exists: skip the stage
+        return ctx.summary()
+    ctx.write_run_info(config, seeds)             # operative config + library versions
+    ...                                           # ctx.provider(), ctx.mesh(), ctx.seed
+    return ctx.finish(summary)                    # writes summary.json, last
+
+summary.json is written last (atomically, by the primary process), so a stage whose
+summary exists is done and a re-run skips it; an interrupted stage resumes from its own
+checkpoints. One SEED drives every stage that draws random numbers: `run_seed.seed`
+(bound to %SEED by the run files); a stage's context seed is SEED + its fixed offset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import gin
+
+from warm_jax import metrics
+
+SUMMARY = "summary.json"
+
+
+@gin.configurable
+def run_seed(seed: int = 0) -> int:
+    """The run's SEED (run files bind `run_seed.seed = %SEED`)."""
+    return int(seed)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+class StageContext:
+    """One stage entry's frame. `name` names its run-info file; `stage_dir` defaults to
+    {run_dir}/{name}; `seed_offset` keeps the stage's random stream apart from the others
+    drawn from the same SEED (the context seed is run_seed() + seed_offset)."""
+
+    def __init__(self, run_dir: str, name: str, stage_dir: Optional[str] = None,
+                 seed_offset: int = 0):
+        self.run_dir, self.name = run_dir, name
+        self.stage_dir = stage_dir or os.path.join(run_dir, name)
+        self.seed = run_seed() + int(seed_offset)
+        self._t0 = time.time()
+        self._provider = None
+        self._mesh = None
+
+    # -- the done-marker
+    @property
+    def done_path(self) -> str:
+        return os.path.join(self.stage_dir, SUMMARY)
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(self.done_path)
+
+    def summary(self) -> dict:
+        return read_json(self.done_path)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.stage_dir, *parts)
+
+    # -- shared inputs (built on first use)
+    def provider(self):
+        if self._provider is None:
+            from warm_jax.data import provider as provider_lib
+
+            self._provider = provider_lib.DataProvider(provider_lib.DataConfig())
+        return self._provider
+
+    def mesh(self):
+        if self._mesh is None:
+            from warm_jax import partitioning
+
+            self._mesh = partitioning.make_mesh(partitioning.MeshConfig())
+        return self._mesh
+
+    # -- bookkeeping, once
+    def write_run_info(self, config: Optional[Mapping[str, Any]] = None,
+                       seeds: Optional[Mapping[str, Any]] = None) -> str:
+        seeds = dict(seeds or {})
+        seeds.setdefault("run_seed", run_seed())
+        return metrics.write_run_info(self.stage_dir, self.name, config=config, seeds=seeds)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the context was made (the stage's start)."""
+        return round(time.time() - self._t0, 2)
+
+    def finish(self, summary: dict, *, primary_only: bool = True) -> dict:
+        """Writes summary.json (the done-marker) last, as given; returns it."""
+        import jax
+
+        if not primary_only or jax.process_index() == 0:
+            os.makedirs(self.stage_dir, exist_ok=True)
+            metrics.atomic_write_json(self.done_path, summary)
+        return summary
+
+
+def record_timing(run_dir: str, entry: str, seconds: float) -> None:
+    """Adds one stage entry's wall time to {run_dir}/timings.json (primary process)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(run_dir, "timings.json")
+    data = read_json(path) if os.path.exists(path) else {}
+    data[entry] = round(seconds, 2)
+    metrics.atomic_write_json(path, data)
