@@ -24,7 +24,7 @@ def _run(tmp_path, name, warm_ood, win):
                                                           "ci_high": 0.9, "wins": 1, "ties": 0,
                                                           "losses": 1, "n": 2}}},
         "rm_clean": {"members": [{"index": 0, "learning_rate": 1e-3, "dropout_rate": 0.1,
-                                  "data_seed": 0, "accuracy": {"valid": 0.71}}]},
+                                  "data_seed": 0, "accuracies": {"valid": 0.71}}]},
     }.items():
         os.makedirs(d / sub)
         (d / sub / "summary.json").write_text(json.dumps(summ))

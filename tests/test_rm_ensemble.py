@@ -65,7 +65,7 @@ def test_flow_exports_and_cards(flow):
     head, hcard = _load(probe["head"])
     assert set(head) == {"reward_head"} and hcard["kind"] == "rm_head"
     assert np.abs(head["reward_head"]["kernel"]).sum() > 0  # the probe moved the head
-    assert {"train", "valid", "ood"} <= set(hcard["accuracy"])
+    assert {"train", "valid", "ood"} <= set(hcard["accuracies"])
     assert hcard["sft_path"] == flow["sft"]["final"]
 
     ens = flow["ens"]
@@ -82,7 +82,7 @@ def test_flow_exports_and_cards(flow):
         assert card["dropout_rate"] == ENS["dropout_rates"][i]
         assert card["data_seed"] == i
         assert card["init_snapshot"] == m["init_snapshot"]
-        assert set(card["accuracy"]) == {"valid", "ood", "train", "train_clean", "train_corrupt"}
+        assert set(card["accuracies"]) == {"valid", "ood", "train", "train_clean", "train_corrupt"}
         # the member's head is trained from the probed head, not from zeros: a few steps
         # leave it far closer to the probed head than the probed head is to zero
         k, k0 = params["reward_head"]["kernel"], head["reward_head"]["kernel"]

@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory):
             "kind": "rm_member", "model_config": model_lib.config_to_dict(CFG),
             "vocab_sha256": card["vocab"]["sha256"], "member": i, "step": 5,
             "learning_rate": 1e-4, "dropout_rate": 0.1, "data_seed": i,
-            "accuracy": {"valid": VALID[i], "ood": 0.5}, "init_fingerprint": fp,
+            "accuracies": {"valid": VALID[i], "ood": 0.5}, "init_fingerprint": fp,
             "shared_fingerprint": fp})
     with open(root / ENS / "summary.json", "w") as f:
         json.dump({"corrupted": True}, f)

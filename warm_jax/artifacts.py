@@ -30,12 +30,6 @@ def check_model_vocab(model_cfg: model_lib.TransformerConfig, vocab, where: str)
             "model_config.vocab_size")
 
 
-def lm_card(kind: str, model_cfg, vocab, step: int, **extra) -> dict:
-    return {"kind": kind, "model_config": model_lib.config_to_dict(model_cfg),
-            "vocab_sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "step": int(step),
-            **extra}
-
-
 def export_once(path: str, params, card: dict) -> str:
     """Exports unless a complete export is already there (resume after a crash)."""
     if os.path.exists(os.path.join(path, ckpt_lib.CARD_NAME)):

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from warm_jax import cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import partitioning
@@ -356,17 +357,8 @@ def merge_checkpoints(paths: Sequence[str], weights: Optional[Sequence[float]] =
         "vocab_sha256": members[0].card["vocab_sha256"],
         "num_members": used,
         "weights": [float(x) for x in w],
-        "members": [{
-            "path": m.path, "member": m.card.get("member"), "step": m.card.get("step"),
-            "accuracies": m.card.get("accuracies", m.card.get("accuracy")),
-            "weight": float(w[i]), "fingerprint": m.card.get("fingerprint"),
-            "lr": m.card.get("lr", m.card.get("learning_rate")),
-            "dropout": m.card.get("dropout", m.card.get("dropout_rate")),
-            "data_seed": m.card.get("data_seed"),
-            "init": m.card.get("init", m.card.get("init_snapshot")),
-            "init_fingerprint": m.card.get("init_fingerprint"),
-            "shared_fingerprint": m.card.get("shared_fingerprint")}
-            for i, m in enumerate(members)],
+        "members": [cards.MemberRef.from_card(m.path, m.card, weight=float(w[i])).as_dict()
+                    for i, m in enumerate(members)],
         "step": max((s for s in steps if s is not None), default=None),
         "init_check": init_check,
         "init_fingerprints": sorted({str(m.card.get("init_fingerprint")) for m in members}),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from warm_jax import cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 
@@ -141,9 +142,8 @@ def ensemble_members(run_dir: str, ensemble: str) -> list[str]:
 
 
 def card_accuracy(card: dict, split: str = "valid") -> Optional[float]:
-    """The card's accuracies[split] (or accuracy[split]) as a float, or None when absent."""
-    value = (card.get("accuracies") or card.get("accuracy") or {}).get(split)
-    return None if value is None else float(value)
+    """The card's accuracies[split] as a float, or None when absent."""
+    return cards.accuracy(card, split)
 
 
 def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: str = "valid",

@@ -14,7 +14,7 @@ from typing import Optional
 
 import gin
 
-from warm_jax import artifacts
+from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import lm, trainer
 from warm_jax import model as model_lib
@@ -58,7 +58,7 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     def finish(state, step):
         params = state["params"]
         loss = lm.lm_eval(program, params, valid, 4 * batch_size)
-        card = artifacts.lm_card("lm", model_cfg, prov.vocab, step, stage="pretrain", seed=seed,
+        card = cards.lm_card("lm", model_cfg, prov.vocab, step, stage="pretrain", seed=seed,
                        hyperparameters=config, init_params_path=init_params_path,
                        valid_text_loss=loss)
         out["final"] = artifacts.export_once(os.path.join(stage_dir, "final"), params, card)

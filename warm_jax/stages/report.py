@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import gin
 
+from warm_jax import cards
 from warm_jax import metrics
 from warm_jax.stages.base import StageContext
 
@@ -220,7 +221,8 @@ def _section_members(name: str, s: dict, run_dir: str) -> str:
     members = s.get("members") or []
     if not members or not isinstance(members, list):
         return _section_generic(f"Reward models: {name}", name, s, run_dir)
-    acc = lambda m: m.get("accuracy") or m.get("accuracies") or {}
+    members = [cards.normalize(m) for m in members]
+    acc = lambda m: m.get("accuracies") or {}
     keys = []
     for m in members:
         for k in acc(m):
@@ -228,8 +230,8 @@ def _section_members(name: str, s: dict, run_dir: str) -> str:
                 keys.append(k)
     rows = []
     for i, m in enumerate(members):
-        rows.append([m.get("index", m.get("member", i)), m.get("learning_rate", m.get("lr")),
-                     m.get("dropout_rate", m.get("dropout")), m.get("data_seed"),
+        rows.append([m.get("index", m.get("member", i)), m.get("learning_rate"),
+                     m.get("dropout_rate"), m.get("data_seed"),
                      m.get("init_snapshot_step")] + [acc(m).get(k) for k in keys])
     corrupted = " (training labels 25% flipped: train_corrupt = agreement with the flipped " \
                 "label, i.e. memorisation)" if s.get("corrupted") else ""

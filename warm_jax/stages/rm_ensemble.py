@@ -22,7 +22,7 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import artifacts
+from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import ensemble, lm, metrics, partitioning, trainer
 from warm_jax import model as model_lib
@@ -232,16 +232,16 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
         root = init_cards[s.init_path].get("init_fingerprint") or \
             init_cards[s.init_path].get("fingerprint")
         acc = {k: float(v[j]) for k, v in last_eval.items() if k != "step"}
-        card = artifacts.lm_card(
+        card = cards.lm_card(
             "rm_member", model_cfg, prov.vocab, total_steps, member=s.index, name=name,
             learning_rate=s.learning_rate, dropout_rate=s.dropout_rate, data_seed=s.data_seed,
             init_snapshot=s.init_path, init_snapshot_step=s.init_step, head_path=head_path,
-            rng_seed=[seed, s.index], accuracy=acc, init_fingerprint=init_fps[j],
+            rng_seed=[seed, s.index], accuracies=acc, init_fingerprint=init_fps[j],
             shared_fingerprint=ensemble.lineage_fingerprint(head_fp, root), hyperparameters=hyper)
         params = jax.tree.map(lambda x: x[j], host_params)
         path = artifacts.export_once(os.path.join(base_dir, "members", f"member_{s.index}"),
                                params, card)
-        members.append({"index": s.index, "path": path, "accuracy": acc,
+        members.append({"index": s.index, "path": path, "accuracies": acc,
                         "learning_rate": s.learning_rate, "dropout_rate": s.dropout_rate,
                         "data_seed": s.data_seed, "init_snapshot": s.init_path,
                         "init_snapshot_step": s.init_step, "init_fingerprint": init_fps[j],

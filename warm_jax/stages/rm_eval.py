@@ -37,6 +37,7 @@ import gin
 import jax
 import numpy as np
 
+from warm_jax import cards as cards_lib
 from warm_jax import average, config_checks, gates, metrics, partitioning, steps
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import reward as reward_lib
@@ -86,7 +87,7 @@ def detect_corrupted(run_dir: str, ensemble: str, cards: Sequence[dict]) -> bool
         if value is not None:
             return bool(value)
     for c in cards:
-        acc = c.get("accuracies") or c.get("accuracy") or {}
+        acc = cards_lib.accuracies(c)
         hyper = c.get("hyperparameters") or {}
         if "train_corrupt" in acc or hyper.get("corrupted") or c.get("corrupted"):
             return True

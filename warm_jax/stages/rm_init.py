@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import artifacts
+from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import ensemble, losses, metrics, partitioning
 from warm_jax import model as model_lib
@@ -153,12 +153,12 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
     writer.close()
-    out_card = artifacts.lm_card("rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init",
+    out_card = cards.lm_card("rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init",
                            sft_path=sft_path, sft_fingerprint=card.get("fingerprint"),
                            root_fingerprint=card.get("init_fingerprint") or card.get("fingerprint"),
-                           accuracy=acc, hyperparameters=config, seed=seed)
+                           accuracies=acc, hyperparameters=config, seed=seed)
     path = artifacts.export_once(os.path.join(stage_dir, "head"), head, out_card)
-    summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracy": acc,
+    summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracies": acc,
                "fingerprint": ckpt_lib.read_card(path)["fingerprint"],
                "probe_loss": trace[-1] if trace else None,
                "seconds": ctx.seconds}

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import gin
 
-from warm_jax import artifacts
+from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import lm, metrics, trainer
 from warm_jax import model as model_lib
@@ -73,7 +73,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
 
     def keep(state, step):
         loss = lm.lm_eval(program, state["params"], valid, 4 * batch_size)
-        card = artifacts.lm_card("lm", model_cfg, prov.vocab, step, stage="sft", seed=seed,
+        card = cards.lm_card("lm", model_cfg, prov.vocab, step, stage="sft", seed=seed,
                        hyperparameters=config, init_params_path=init_params_path,
                        init_fingerprint=init_card.get("fingerprint"), sft_valid_loss=loss)
         path = artifacts.export_once(os.path.join(stage_dir, "snapshots", f"step_{step}"),
