@@ -176,8 +176,14 @@ def test_paper_sweep_grid_and_bindings():
     assert [m.data_seed for m in members] == list(range(6))
     assert [m.init_snapshot for m in members] == [12000, 10000, 8000] * 2
     b = sweeps.ensemble_bindings(sw)
-    assert b["ensemble_stage.num_members"] == 6
-    assert b["ensemble_stage.learning_rates"] == [m.learning_rate for m in members]
+    assert b["MemberSweep.num_members"] == 6
+    assert b["MemberSweep.learning_rates"] == [m.learning_rate for m in members]
+    # the one grid order: the stage's (the learning rate varies fastest)
+    from warm_jax import ensemble
+
+    table = ensemble.MemberSweep(6, learning_rate_grid=(1e-5, 4e-5, 1e-4),
+                                 dropout_rate_grid=(0.05, 0.1)).hyperparameters(seed=0)
+    assert [(m.learning_rate, m.dropout_rate, m.data_seed) for m in members] == table
     assert b["sft_stage.snapshot_steps"] == [8000, 10000, 12000]
     # random sampling: seeded, reproducible, values from the sets
     sw.sampling, sw.num_members, sw.seed = "random", 10, 3
@@ -206,12 +212,9 @@ def test_sweep_bindings_drive_the_ensemble_stage():
     try:
         gin.parse_config(sweeps.gin_lines(jobs[4]["bindings"]))
         with gin.config_scope("rm_clean"):
-            q = lambda k: gin.query_parameter(f"rm_clean/ensemble_stage.{k}")  # noqa: E731
-            specs = ensemble.resolve_members(
-                q("num_members"), learning_rates=q("learning_rates"),
-                dropout_rates=q("dropout_rates"), data_seeds=q("data_seeds"),
-                init_snapshots=q("init_snapshots"), snapshots=snapshots,
-                member_index=q("member_index"))
+            specs = ensemble.MemberSweep().table(
+                snapshots, member_index=gin.query_parameter(
+                    "rm_clean/ensemble_stage.member_index"))
         assert gin.query_parameter("sft_stage.snapshot_steps") == [8000, 10000, 12000]
     finally:
         gin.clear_config()
@@ -230,7 +233,7 @@ def test_sweeps_cli_prints_runs():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[1].split() == ["member", "learning_rate", "dropout", "data_seed", "init"]
+    assert lines[1].split() == ["member", "learning_rate", "dropout_rate", "data_seed", "init"]
     assert lines[2].split() == ["0", "1e-05", "0.05", "0", "12000"]
     from warm_jax import sweeps
 
@@ -243,7 +246,7 @@ def test_sweeps_cli_prints_runs():
                           capture_output=True, text=True, timeout=60)
     jobs = json.loads(proc.stdout)
     assert [j["bindings"]["ensemble_stage.member_index"] for j in jobs] == [0, 1, 2, 3]
-    assert jobs[0]["bindings"]["ensemble_stage.init_snapshots"] == "cycle"
+    assert jobs[0]["bindings"]["MemberSweep.init_snapshots"] == "cycle"
     proc = subprocess.run([sys.executable, "-m", "warm_jax.sweeps", "--set", "nope=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "KEY=VALUE with KEY in" in proc.stderr

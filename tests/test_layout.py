@@ -80,7 +80,6 @@ def _long_functions():
     return sorted(out, reverse=True)
 
 
-@pytest.mark.xfail(strict=True, reason="the long stage functions are split in a later step")
 def test_no_function_over_the_limit_without_a_reason():
     long = _long_functions()
     assert not long, (f"functions over {MAX_LINES} lines whose docstring gives no reason "

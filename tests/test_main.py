@@ -174,16 +174,16 @@ def test_an_unquoted_string_binding_is_one_line(tmp_path, caplog, monkeypatch):
 
 
 BAD_VALUES = [
-    (["--gin.NUM_MEMBERS=0"], "rm_clean/ensemble_stage.num_members = 0: must be >= 1"),
-    (["--gin.ensemble_stage.learning_rates=(1e-3, 2e-3)"],
-     "rm_clean/ensemble_stage.learning_rates = (0.001, 0.002): has 2 entries but "
+    (["--gin.NUM_MEMBERS=0"], "rm_clean/MemberSweep.num_members = 0: must be >= 1"),
+    (["--gin.MemberSweep.learning_rates=(1e-3, 2e-3)"],
+     "rm_clean/MemberSweep.learning_rates = (0.001, 0.002): has 2 entries but "
      "num_members = 4: give one per member"),
-    (["--gin.rm_corrupt/ensemble_stage.dropout_rate_grid=(0.05, 1.0)"],
-     "rm_corrupt/ensemble_stage.dropout_rate_grid[1] = 1.0: must be in [0, 1)"),
+    (["--gin.rm_corrupt/MemberSweep.dropout_rate_grid=(0.05, 1.0)"],
+     "rm_corrupt/MemberSweep.dropout_rate_grid[1] = 1.0: must be in [0, 1)"),
     (["--gin.sft_stage.learning_rate=0"], "sft_stage.learning_rate = 0: must be > 0"),
     (["--gin.pretrain_stage.learning_rate=1e999"],
      "pretrain_stage.learning_rate = inf: must be finite"),
-    (["--gin.rl_warm/rl_stage.alpha=-0.01"], "rl_warm/rl_stage.alpha = -0.01: must be >= 0"),
+    (["--gin.rl_warm/RLConfig.alpha=-0.01"], "rl_warm/RLConfig.alpha = -0.01: must be >= 0"),
     (["--gin.rl_single/rl_stage.reward='best'"],
      "rl_single/rl_stage.reward = 'best': expected warm:<dir>, member:<ensemble>:<i>, "
      "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M> or path:<params export>"),

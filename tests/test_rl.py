@@ -58,7 +58,8 @@ def test_learning_raises_a_synthetic_token_reward(tmp_path):
     out = rl.run_rl(str(tmp_path), policy_cfg=TINY, sft_params=params,
                     reward_apply=reward_apply, rm_params={"scale": jnp.float32(1.0)},
                     train_prompts=_prompts(128, 0), eval_prompts=_prompts(16, 1),
-                    vocab=_Digits(), rl=cfg, mesh=mesh, eval_every=20, log_every=1)
+                    vocab=_Digits(), rl=cfg, mesh=mesh,
+                    evaluation=rl_steps.RLEvalConfig(eval_every=20, log_every=1))
     first, last = out["initial_eval"], out["final_eval"]
     assert first["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at start
     assert last["eval/proxy_reward"] > first["eval/proxy_reward"] + 2.0, (first, last)
@@ -141,10 +142,12 @@ def _stage(run_dir, data, sft, rm, **kw):
     gin.bind_parameter("DataConfig.num_eval_prompts", 16)
     gin.bind_parameter("run_seed.seed", 1)
     try:
-        return rl.rl_stage(run_dir, reward=f"path:{rm}", name="rl_test", policy=sft,
-                           alpha=0.01, steps=6, batch_size=8, learning_rate=3e-3,
-                           warmup_steps=2, max_new_tokens=10, eval_every=3,
-                           num_eval_prompts=8, checkpoint_every=2, **kw)
+        return rl.rl_stage(
+            run_dir, reward=f"path:{rm}", name="rl_test", policy=sft,
+            rl=rl_steps.RLConfig(alpha=0.01, steps=6, batch_size=8, learning_rate=3e-3,
+                                 warmup_steps=2, max_new_tokens=10),
+            evaluation=rl_steps.RLEvalConfig(eval_every=3, num_eval_prompts=8,
+                                             checkpoint_every=2), **kw)
     finally:
         gin.clear_config()
 

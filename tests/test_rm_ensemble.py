@@ -18,9 +18,12 @@ from warm_jax.data import world
 
 M = 4
 STEPS = 4
-ENS = dict(total_steps=STEPS, batch_size=8, warmup_steps=2, log_every=2, checkpoint_every=100,
-           eval_pairs=32, eval_train_pairs=64, corrupted=True,
-           learning_rates=(3e-3, 1e-2, 3e-3, 1e-2), dropout_rates=(0.05, 0.05, 0.1, 0.1))
+ENS = dict(corrupted=True,
+           members=ensemble.MemberSweep(num_members=M, learning_rates=(3e-3, 1e-2, 3e-3, 1e-2),
+                                        dropout_rates=(0.05, 0.05, 0.1, 0.1)),
+           train=ensemble.RMTrainConfig(total_steps=STEPS, batch_size=8, warmup_steps=2,
+                                        log_every=2, checkpoint_every=100, eval_pairs=32,
+                                        eval_train_pairs=64))
 
 
 def _bind(data_dir):
@@ -48,7 +51,7 @@ def flow(tmp_path_factory):
     sf = sft.sft_stage(run, total_steps=6, batch_size=16, snapshot_steps=(2, 4),
                        log_every=2, checkpoint_every=100, eval_examples=32)
     probe = rm_init.probe_stage(run, probe_pairs=256, num_steps=40, eval_pairs=48)
-    ens = rm_ensemble.ensemble_stage(run, name="rm_a", num_members=M, **ENS)
+    ens = rm_ensemble.ensemble_stage(run, name="rm_a", **ENS)
     yield {"run": run, "pretrain": pre, "sft": sf, "probe": probe, "ens": ens}
     gin.clear_config()
 
@@ -178,12 +181,12 @@ def _fire_sigterm_at(monkeypatch, at_step):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(arrays, specs, batch_size, step)
 
-    monkeypatch.setattr(rm_ensemble, "member_batch", batch)
+    monkeypatch.setattr(ensemble, "member_batch", batch)
 
 
 def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monkeypatch):
     run, k = flow["run"], 1
-    solo = rm_ensemble.ensemble_stage(run, name="rm_solo", num_members=M, member_index=k, **ENS)
+    solo = rm_ensemble.ensemble_stage(run, name="rm_solo", member_index=k, **ENS)
     assert [m["index"] for m in solo["members"]] == [k]
     assert solo["members"][0]["path"] == os.path.join(run, "rm_solo", "members", f"member_{k}")
     assert os.path.exists(os.path.join(run, "rm_solo", "member_jobs", f"member_{k}",
@@ -199,12 +202,12 @@ def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monke
     # preempted (SIGTERM) after step 2, then the same call again: resumes from the checkpoint
     _fire_sigterm_at(monkeypatch, 1)
     with pytest.raises(train_lib.Preempted) as exc:
-        rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k, **ENS)
+        rm_ensemble.ensemble_stage(run, name="rm_resume", member_index=k, **ENS)
     assert exc.value.step == 2
     monkeypatch.undo()
     jobdir = os.path.join(run, "rm_resume", "member_jobs", f"member_{k}")
     assert not os.path.exists(os.path.join(jobdir, "summary.json"))
-    resumed = rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k,
+    resumed = rm_ensemble.ensemble_stage(run, name="rm_resume", member_index=k,
                                          **ENS)
     assert "resumed" in resumed["source"]
     again, _ = _load(resumed["members"][0]["path"])
@@ -214,7 +217,7 @@ def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monke
                     if "loss" in l]
     assert steps_logged == sorted(set(steps_logged))  # no step logged twice
     # done: a third call returns the summary without training
-    assert rm_ensemble.ensemble_stage(run, name="rm_resume", num_members=M, member_index=k,
+    assert rm_ensemble.ensemble_stage(run, name="rm_resume", member_index=k,
                                       **ENS) == resumed
 
 
@@ -230,21 +233,22 @@ def test_member_loop_choice():
 
 def test_member_specs_are_checked():
     snaps = [{"step": 2, "path": "/s2"}, {"step": 4, "path": "/s4"}]
-    with pytest.raises(ValueError, match=r"learning_rates = .* has 3 entries but num_members = 4"):
-        ensemble.resolve_members(4, learning_rates=(1e-3,) * 3, snapshots=snaps)
+    with pytest.raises(ValueError,
+                       match=r"MemberSweep.learning_rates = .* has 3 entries but num_members = 4"):
+        ensemble.MemberSweep(4, learning_rates=(1e-3,) * 3).table(snapshots=snaps)
     with pytest.raises(ValueError, match=r"dropout_rates = .* has 5 entries"):
-        ensemble.resolve_members(4, dropout_rates=(0.1,) * 5, snapshots=snaps)
+        ensemble.MemberSweep(4, dropout_rates=(0.1,) * 5).table(snapshots=snaps)
     with pytest.raises(ValueError, match="member_index = 4"):
-        ensemble.resolve_members(4, snapshots=snaps, member_index=4)
+        ensemble.MemberSweep(4).table(snapshots=snaps, member_index=4)
     with pytest.raises(ValueError, match="not a kept snapshot"):
-        ensemble.resolve_members(2, init_snapshots=(2, 3), snapshots=snaps)
-    specs = ensemble.resolve_members(3, snapshots=snaps, seed=7)
+        ensemble.MemberSweep(2, init_snapshots=(2, 3)).table(snapshots=snaps)
+    specs = ensemble.MemberSweep(3).table(snapshots=snaps, seed=7)
     assert [s.init_step for s in specs] == [4, 2, 4]
     assert [s.data_seed for s in specs] == [7, 8, 9]
     assert len({(s.learning_rate, s.dropout_rate) for s in specs}) == 3
-    last = ensemble.resolve_members(3, snapshots=snaps, init_snapshots="last")
+    last = ensemble.MemberSweep(3, init_snapshots="last").table(snapshots=snaps)
     assert {s.init_path for s in last} == {"/s4"}
-    solo = ensemble.resolve_members(3, snapshots=snaps, seed=7, member_index=2)
+    solo = ensemble.MemberSweep(3).table(snapshots=snaps, seed=7, member_index=2)
     assert solo == [specs[2]]
 
 

@@ -214,6 +214,15 @@ class StageCheck:
         values.update(gin.get_bindings(cls))
         return values
 
+    def sub(self, cls) -> "StageCheck":
+        """The same checks on a stage's typed config (a gin-configurable dataclass such as
+        MemberSweep or RLConfig) as it will be built in this scope; failures name its
+        binding (`rm_clean/MemberSweep.num_members = 0: ...`). Reads and writes are shared."""
+        c = StageCheck(self.entry, cls.__name__, self.bound(cls), self.run_dir,
+                       scope=self.scope, num_devices=self.num_devices)
+        c.reads, c.writes, c.notes = self.reads, self.writes, self.notes
+        return c
+
     def field(self, configurable: str, field: str, value, lo=None, hi=None, *,
               lo_open: bool = False, hi_open: bool = False, integer: bool = False,
               optional: bool = False, choices: Optional[Sequence] = None) -> None:

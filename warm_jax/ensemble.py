@@ -1,35 +1,22 @@
-"""Reward-model initialisation (linear probe) and the stacked, sharded RM ensemble.
+"""The stacked, sharded RM ensemble: the member table and one program for M members.
 
-probe_stage     The paper's RM init: the final SFT backbone, frozen, plus a scalar reward
-                head fitted alone (linear probing, Bradley-Terry on clean training pairs).
-                The backbone is deterministic and frozen, so its last-token features are
-                computed once and the head is fitted on them (exactly what probing through
-                the frozen network computes, at a fraction of the cost). Exports
-                {run_dir}/rm_init/head; the SAME head goes on every member.
+MemberSweep     the member table: M and what makes the members differ (learning rate,
+                dropout rate, data seed, initialisation), per-member lists or derived from
+                the grids (grid_point: the one grid order, shared with warm_jax.sweeps).
 
-ensemble_stage  M reward models trained as ONE pytree stacked on a leading member axis, in
+build_ensemble_program
+                M reward models trained as ONE pytree stacked on a leading member axis, in
                 ONE jitted program: jax.vmap(steps.rm_train_step, spmd_axis_name='ensemble')
                 over the stacked state, the member axis mapped to the mesh's 'ensemble'
                 axis and each member's batch over (data, fsdp). Members differ by learning
                 rate (the optimizer's injected hyperparameter, one per member), dropout
                 rate (state['hparams']), data order (own data seed) and initialisation
-                (which SFT snapshot: Baklava). The stacked state is checkpointed for exact
-                resume; at the end every member is exported as its own params checkpoint
-                {run_dir}/{name}/members/member_{i} with a card. On CPU without an
-                ensemble mesh axis the same program steps the members in turn (lax.map over
-                the stacked state; measured faster there, see resolve_member_loop).
+                (which SFT snapshot: Baklava). On CPU without an ensemble mesh axis the same
+                program steps the members in turn (lax.map over the stacked state; measured
+                faster there, see resolve_member_loop).
 
-Member specs. Per-member lists come from gin and must have exactly num_members entries;
-None derives them (so that num_members alone can change): learning rates and dropout rates
-on a grid (lr = learning_rate_grid[i % L], dropout = dropout_rate_grid[(i // L) % D], with
-L, D the grid sizes: 2 x 2 by default), data seed seed + i, init 'cycle'. init_snapshots: 'cycle' (the default, Baklava: member i starts from
-the i-th SFT snapshot counted from the last, cycling), 'last' (all from the final SFT
-snapshot), or a list of SFT steps / params paths, one per member.
-
-One member alone. member_index=k trains member k's spec (of the num_members lists) by
-itself -- one job per member on separate slices -- with the same RNG, data order and init
-as inside the ensemble, and exports the same format to members/member_k (its own
-checkpoint, metrics and summary live under {name}/member_jobs/member_k).
+The rm_init and rm_ensemble stages (warm_jax.stages) use these; RMTrainConfig holds the
+ensemble's training and evaluation knobs.
 """
 from __future__ import annotations
 
@@ -40,6 +27,7 @@ import math
 import logging
 from typing import Any, Optional, Sequence, Union
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,12 +97,6 @@ DEFAULT_LEARNING_RATES = (1e-3, 2e-3)
 DEFAULT_DROPOUT_RATES = (0.05, 0.1)
 
 
-def _per_member(name: str, values, num_members: int, derive) -> list:
-    if values is None:
-        return [derive(i) for i in range(num_members)]
-    return list(values)
-
-
 def _list_problem(values, num_members: int) -> Optional[str]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         return f"must be a list of {num_members} values (one per member), or None"
@@ -128,33 +110,119 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def member_problem(num_members, *, learning_rates=None, dropout_rates=None, data_seeds=None,
-                   init_snapshots="cycle", member_index=None,
-                   learning_rate_grid=DEFAULT_LEARNING_RATES,
-                   dropout_rate_grid=DEFAULT_DROPOUT_RATES) -> Optional[tuple[str, Any, str]]:
-    """(argument, value, why) for the first unusable per-member argument of ensemble_stage,
-    or None. Shared by the up-front check and resolve_members."""
+def grid_point(i: int, learning_rate_grid: Sequence[float],
+               dropout_rate_grid: Sequence[float]) -> tuple[float, float]:
+    """Member i's (learning rate, dropout rate) on the grid: the learning rate varies
+    fastest (lr = grid[i % L], dropout = grid[(i // L) % D]); the one grid order of
+    the stage and of warm_jax.sweeps."""
+    n_lr = len(learning_rate_grid)
+    return (float(learning_rate_grid[i % n_lr]),
+            float(dropout_rate_grid[(i // n_lr) % len(dropout_rate_grid)]))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MemberSweep:
+    """The member table's inputs: M and what makes the members differ.
+
+    Per-member lists (one entry per member; a list of the wrong length is an error) or
+    None = derived: learning and dropout rates from the grids (grid_point), data seed
+    SEED + i. init_snapshots: 'cycle' (Baklava: member i starts from the i-th SFT snapshot
+    counted from the last, cycling), 'last' (all from the final SFT snapshot), or a list of
+    SFT steps / params paths, one per member.
+    """
+
+    num_members: int = 4
+    learning_rates: Optional[Sequence[float]] = None
+    dropout_rates: Optional[Sequence[float]] = None
+    data_seeds: Optional[Sequence[int]] = None
+    init_snapshots: Union[str, Sequence, None] = "cycle"
+    learning_rate_grid: Sequence[float] = DEFAULT_LEARNING_RATES
+    dropout_rate_grid: Sequence[float] = DEFAULT_DROPOUT_RATES
+
+    def problem(self, member_index: Optional[int] = None) -> Optional[tuple[str, Any, str]]:
+        """(field, value, why) for the first unusable field, or None."""
+        return member_problem(self, member_index)
+
+    def hyperparameters(self, seed: int) -> list[tuple[float, float, int]]:
+        """(learning rate, dropout rate, data seed) of every member: the member table."""
+        m = self.num_members
+        grid = [grid_point(i, self.learning_rate_grid, self.dropout_rate_grid)
+                for i in range(m)]
+        lrs = list(self.learning_rates) if self.learning_rates is not None else \
+            [g[0] for g in grid]
+        drs = list(self.dropout_rates) if self.dropout_rates is not None else \
+            [g[1] for g in grid]
+        dss = list(self.data_seeds) if self.data_seeds is not None else \
+            [seed + i for i in range(m)]
+        return [(float(lrs[i]), float(drs[i]), int(dss[i])) for i in range(m)]
+
+    def needs_sft_snapshots(self) -> bool:
+        inits = self.init_snapshots
+        return inits in (None, "cycle", "last") or any(not isinstance(v, str) for v in inits)
+
+    def table(self, snapshots: Sequence[dict] = (), seed: int = 0,
+              member_index: Optional[int] = None) -> list[MemberSpec]:
+        """The members' specs (only member `member_index`'s when given)."""
+        bad = self.problem(member_index)
+        if bad:
+            field, value, why = bad
+            raise ValueError(f"MemberSweep.{field} = {value!r}: {why}")
+        inits = _member_inits(self.init_snapshots, snapshots, self.num_members)
+        specs = [MemberSpec(i, lr, dr, ds, inits[i][0], inits[i][1])
+                 for i, (lr, dr, ds) in enumerate(self.hyperparameters(seed))]
+        return specs if member_index is None else [specs[member_index]]
+
+
+def _member_inits(init_snapshots, snapshots: Sequence[dict], m: int) -> list[tuple]:
+    """[(params path, SFT step or None)] per member."""
+    snaps = sorted(snapshots, key=lambda s: s["step"])
+    by_step = {int(s["step"]): s["path"] for s in snaps}
+    if init_snapshots in (None, "cycle", "last"):
+        if not snaps:
+            raise ValueError("no SFT snapshots to initialise from (run the SFT stage, or give "
+                             "MemberSweep.init_snapshots as a list of params paths)")
+        mode = init_snapshots or "cycle"
+        chosen = [snaps[-1 - (i % len(snaps))] if mode == "cycle" else snaps[-1]
+                  for i in range(m)]
+        return [(c["path"], int(c["step"])) for c in chosen]
+    inits = []
+    for v in init_snapshots:
+        if isinstance(v, str):
+            inits.append((v, None))
+        elif int(v) in by_step:
+            inits.append((by_step[int(v)], int(v)))
+        else:
+            raise ValueError(f"MemberSweep.init_snapshots: SFT step {v} is not a kept "
+                             f"snapshot (kept: {sorted(by_step)})")
+    return inits
+
+
+def member_problem(sweep: MemberSweep, member_index=None) -> Optional[tuple[str, Any, str]]:
+    """(field, value, why) for the first unusable field of a MemberSweep, or None. Shared
+    by the up-front check and the stage."""
+    num_members = sweep.num_members
     if isinstance(num_members, bool) or not isinstance(num_members, int):
         return "num_members", num_members, "must be an integer"
     if num_members < 1:
         return "num_members", num_members, "must be >= 1"
     for field, grid, ok, why in (
-            ("learning_rate_grid", learning_rate_grid, lambda v: _is_real(v) and v > 0,
+            ("learning_rate_grid", sweep.learning_rate_grid, lambda v: _is_real(v) and v > 0,
              "must be finite and > 0"),
-            ("dropout_rate_grid", dropout_rate_grid, lambda v: _is_real(v) and 0 <= v < 1,
-             "must be in [0, 1)")):
+            ("dropout_rate_grid", sweep.dropout_rate_grid,
+             lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)")):
         if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
             return field, grid, "must be a non-empty list"
         for i, v in enumerate(grid):
             if not ok(v):
                 return f"{field}[{i}]", v, why
     for field, values, ok, why in (
-            ("learning_rates", learning_rates, lambda v: _is_real(v) and v > 0,
+            ("learning_rates", sweep.learning_rates, lambda v: _is_real(v) and v > 0,
              "must be finite and > 0"),
-            ("dropout_rates", dropout_rates, lambda v: _is_real(v) and 0 <= v < 1,
+            ("dropout_rates", sweep.dropout_rates, lambda v: _is_real(v) and 0 <= v < 1,
              "must be in [0, 1)"),
-            ("data_seeds", data_seeds, lambda v: isinstance(v, int) and not isinstance(v, bool),
-             "must be an integer")):
+            ("data_seeds", sweep.data_seeds,
+             lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer")):
         if values is None:
             continue
         bad = _list_problem(values, num_members)
@@ -163,6 +231,11 @@ def member_problem(num_members, *, learning_rates=None, dropout_rates=None, data
         for i, v in enumerate(values):
             if not ok(v):
                 return f"{field}[{i}]", v, why
+    return _init_problem(sweep.init_snapshots, num_members) or _index_problem(member_index,
+                                                                             num_members)
+
+
+def _init_problem(init_snapshots, num_members: int) -> Optional[tuple[str, Any, str]]:
     if isinstance(init_snapshots, str) and init_snapshots not in ("cycle", "last"):
         return ("init_snapshots", init_snapshots,
                 "use 'cycle', 'last', or a list of SFT steps / params paths, one per member")
@@ -173,6 +246,10 @@ def member_problem(num_members, *, learning_rates=None, dropout_rates=None, data
         for i, v in enumerate(init_snapshots):
             if not isinstance(v, str) and (isinstance(v, bool) or not isinstance(v, int)):
                 return f"init_snapshots[{i}]", v, "must be an SFT step or a params path"
+    return None
+
+
+def _index_problem(member_index, num_members: int) -> Optional[tuple[str, Any, str]]:
     if member_index is not None and (isinstance(member_index, bool)
                                      or not isinstance(member_index, int)
                                      or not 0 <= member_index < num_members):
@@ -180,53 +257,22 @@ def member_problem(num_members, *, learning_rates=None, dropout_rates=None, data
     return None
 
 
-def resolve_members(num_members: int, *, learning_rates=None, dropout_rates=None,
-                    data_seeds=None, init_snapshots: Union[str, Sequence, None] = "cycle",
-                    snapshots: Sequence[dict] = (), seed: int = 0,
-                    member_index: Optional[int] = None,
-                    learning_rate_grid: Sequence[float] = DEFAULT_LEARNING_RATES,
-                    dropout_rate_grid: Sequence[float] = DEFAULT_DROPOUT_RATES
-                    ) -> list[MemberSpec]:
-    """Member specs from the per-member lists (see the module docstring)."""
-    bad = member_problem(num_members, learning_rates=learning_rates,
-                         dropout_rates=dropout_rates, data_seeds=data_seeds,
-                         init_snapshots=init_snapshots, member_index=member_index,
-                         learning_rate_grid=learning_rate_grid,
-                         dropout_rate_grid=dropout_rate_grid)
-    if bad:
-        field, value, why = bad
-        raise ValueError(f"ensemble_stage.{field} = {value!r}: {why}")
-    lrs = _per_member("learning_rates", learning_rates, num_members,
-                      lambda i: learning_rate_grid[i % len(learning_rate_grid)])
-    drs = _per_member("dropout_rates", dropout_rates, num_members,
-                      lambda i: dropout_rate_grid[(i // len(learning_rate_grid))
-                                                  % len(dropout_rate_grid)])
-    dss = _per_member("data_seeds", data_seeds, num_members, lambda i: seed + i)
-    snaps = sorted(snapshots, key=lambda s: s["step"])
-    by_step = {int(s["step"]): s["path"] for s in snaps}
-    if init_snapshots in (None, "cycle", "last"):
-        if not snaps:
-            raise ValueError("no SFT snapshots to initialise from (run the SFT stage, or give "
-                             "ensemble_stage.init_snapshots as a list of params paths)")
-        mode = init_snapshots or "cycle"
-        chosen = [snaps[-1 - (i % len(snaps))] if mode == "cycle" else snaps[-1]
-                  for i in range(num_members)]
-        inits = [(c["path"], int(c["step"])) for c in chosen]
-    else:
-        inits = []
-        for v in init_snapshots:
-            if isinstance(v, str):
-                inits.append((v, None))
-            elif int(v) in by_step:
-                inits.append((by_step[int(v)], int(v)))
-            else:
-                raise ValueError(f"ensemble_stage.init_snapshots: SFT step {v} is not a kept "
-                                 f"snapshot (kept: {sorted(by_step)})")
-    specs = [MemberSpec(i, float(lrs[i]), float(drs[i]), int(dss[i]), inits[i][0], inits[i][1])
-             for i in range(num_members)]
-    if member_index is not None:
-        specs = [specs[member_index]]
-    return specs
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RMTrainConfig:
+    """How an RM ensemble trains and is evaluated (every member alike)."""
+
+    total_steps: int = 300
+    batch_size: int = 32
+    warmup_steps: int = 20
+    center_coef: float = 0.0
+    log_every: int = 25
+    checkpoint_every: int = 100
+    member_loop: str = "auto"  # see resolve_member_loop
+    eval_every: int = 0  # 0 = evaluate at the end only
+    eval_pairs: int = 512  # ID-validation and OOD pairs per evaluation
+    eval_train_pairs: int = 1024  # training pairs (clean/corrupt split) per evaluation
+    eval_batch_size: int = 256
 
 
 # --------------------------------------------------------------------------- the program

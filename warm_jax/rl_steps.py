@@ -11,6 +11,7 @@ import functools
 import logging
 from typing import Any, Callable, Optional
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,9 +26,11 @@ log = logging.getLogger("warm_jax")
 RewardApply = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, tokens, mask) -> [B]
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Hyperparameters of one RL run (rl_stage's arguments gather into one of these)."""
+    """Hyperparameters of one RL run (gin: RLConfig.alpha = 0.003, rl_single/RLConfig...).
+    `seed` is the run's SEED (the rl stage sets it)."""
 
     steps: int = 100
     batch_size: int = 32  # prompts per step (one completion each)
@@ -55,6 +58,18 @@ class RLConfig:
         v = dataclasses.replace(base, learning_rate=self.value_learning_rate or self.learning_rate,
                                 warmup_steps=self.value_warmup_steps)
         return pi, v
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RLEvalConfig:
+    """How an RL run logs, checkpoints and evaluates on held-out prompts."""
+
+    eval_every: int = 10  # held-out proxy / control reward and KL every this many steps
+    num_eval_prompts: int = 64
+    num_logged_samples: int = 4  # decoded completions per evaluation in samples.jsonl
+    log_every: int = 1
+    checkpoint_every: int = 50
 
 
 def reward_apply_for(rm) -> tuple[RewardApply, Any]:

@@ -7,7 +7,8 @@ ml_collections.ConfigDict describing that diversity:
     learning_rates   the lr values to draw from          (paper: 1e-5, 4e-5, 1e-4)
     dropout_rates    the dropout values to draw from     (paper: 0.05, 0.1)
     num_members      M
-    sampling         'grid': member i takes the i-th point of lr x dropout (cycling);
+    sampling         'grid': member i takes the i-th point of lr x dropout (the stage's one
+                     grid order, ensemble.grid_point: the learning rate varies fastest);
                      'random': each member draws lr and dropout uniformly (seeded)
     seed             data seed of member i = seed + i; also seeds 'random' sampling
     init_snapshots   SFT steps (or params paths) assigned to members in turn (Baklava;
@@ -15,10 +16,11 @@ ml_collections.ConfigDict describing that diversity:
     scope            gin scope of the ensemble stage ('rm_clean', 'rm_corrupt', or '' for
                      every ensemble stage of the run)
 
-`expand(sweep)` gives the member table; `ensemble_bindings(sweep)` the gin bindings of
-rm_ensemble's ensemble_stage (per-member lists learning_rates, dropout_rates, data_seeds,
+`expand(sweep)` gives the member table (the same table as the stage's MemberSweep: one
+grid order, one data-seed rule); `ensemble_bindings(sweep)` the gin bindings of the
+stage's MemberSweep (per-member lists learning_rates, dropout_rates, data_seeds,
 init_snapshots) for one stacked program; `member_jobs(sweep)` one run per member (the same
-lists plus member_index=k) for a pod that trains members as separate jobs. The lists are
+lists plus ensemble_stage.member_index=k) for a pod that trains members as separate jobs. The lists are
 the same in both cases, so a member trained alone equals the same member in the ensemble.
 
     python -m warm_jax.sweeps --print                  # the paper grid, M=6, as a table
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import shlex
 import sys
@@ -114,8 +115,9 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Member]:
     m = sweep.num_members
     lrs, drs = list(sweep.learning_rates), list(sweep.dropout_rates)
     if sweep.sampling == "grid":
-        points = list(itertools.product(lrs, drs))
-        hps = [points[i % len(points)] for i in range(m)]
+        from warm_jax import ensemble
+
+        hps = [ensemble.grid_point(i, lrs, drs) for i in range(m)]
     else:
         rng = np.random.default_rng([int(sweep.seed), 0x5EED])
         hps = [(lrs[rng.integers(len(lrs))], drs[rng.integers(len(drs))]) for _ in range(m)]
@@ -133,12 +135,12 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Member]:
             for i, (lr, dr) in enumerate(hps)]
 
 
-def _name(param: str, scope: str) -> str:
-    return f"{scope}/ensemble_stage.{param}" if scope else f"ensemble_stage.{param}"
+def _name(param: str, scope: str, configurable: str = "MemberSweep") -> str:
+    return f"{scope}/{configurable}.{param}" if scope else f"{configurable}.{param}"
 
 
 def ensemble_bindings(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
-    """gin bindings {name: python value} of ensemble_stage for one stacked M-member run.
+    """gin bindings {name: python value} of MemberSweep for one stacked M-member run.
 
     When init_snapshots are SFT steps, sft_stage.snapshot_steps is bound to them too, so
     that the SFT stage keeps exactly those snapshots (its total_steps must reach them).
@@ -165,7 +167,7 @@ def member_jobs(sweep: ml_collections.ConfigDict) -> list[dict]:
     base = ensemble_bindings(sweep)
     scope = sweep.scope or ""
     return [{"name": f"member_{mb.index}", "member": dataclasses.asdict(mb),
-             "bindings": {**base, _name("member_index", scope): mb.index}}
+             "bindings": {**base, _name("member_index", scope, "ensemble_stage"): mb.index}}
             for mb in expand(sweep)]
 
 
@@ -213,7 +215,7 @@ def make_sweep(preset: str = "paper", num_members: Optional[int] = None,
 
 
 def format_table(members: Sequence[Member]) -> str:
-    rows = [("member", "learning_rate", "dropout", "data_seed", "init")]
+    rows = [("member", "learning_rate", "dropout_rate", "data_seed", "init")]
     rows += [(str(m.index), f"{m.learning_rate:g}", f"{m.dropout_rate:g}", str(m.data_seed),
               "(stage default)" if m.init_snapshot is None else str(m.init_snapshot))
              for m in members]

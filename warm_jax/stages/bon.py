@@ -216,39 +216,10 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
     num_prompts = min(num_prompts, len(prompts["tokens"]))
     prompts = {key: v[:num_prompts] for key, v in prompts.items()}
 
-    pool_path = os.path.join(out_dir, "pool.npz")
-    texts_path = os.path.join(out_dir, "pool_texts.json")
-    if os.path.exists(pool_path) and os.path.exists(texts_path):
-        with np.load(pool_path) as z:
-            pool = {key: z[key] for key in z.files}
-        with open(texts_path) as f:
-            pool.update(json.load(f))
-        log.info("bon: reusing the sample pool in %s", pool_path)
-    else:
-        pcfg, params, card = sampling.load_policy(run_dir, policy)
-        artifacts.check_card_vocab(card, prov.vocab, f"policy {policy!r}")
-        mesh = ctx.mesh()
-        sampler = sampling.Sampler(pcfg, scfg, mesh=mesh)
-        log.info("bon: sampling %d x %d completions from %s", num_prompts, k, card["path"])
-        pool = sample_pool(sampler, params, prompts, k, seed, prov.vocab, prompts_per_call)
-        arrays = {key: v for key, v in pool.items() if isinstance(v, np.ndarray)}
-        tmp = pool_path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, pool_path)
-        metrics_lib.atomic_write_json(texts_path, {"prompts": pool["prompts"],
-                                                   "completions": pool["completions"]})
+    pool = _pool(ctx, policy, prompts, k, scfg, prompts_per_call)
 
     def scores_for(spec: str) -> np.ndarray:
-        path = os.path.join(out_dir, "scores", _safe(spec) + ".npy")
-        if os.path.exists(path):
-            return np.load(path)
-        rm, scorer = reward_lib.load_reward(run_dir, spec)
-        if rm is not None and rm.cards:
-            artifacts.check_card_vocab(rm.cards[0], prov.vocab, f"reward {spec!r}")
-        s = np.asarray(scorer(pool), np.float32).reshape(num_prompts, k)
-        np.save(path + ".tmp.npy", s)
-        os.replace(path + ".tmp.npy", path)
-        return s
+        return _scores(ctx, spec, pool, num_prompts, k)
 
     control_scores = scores_for(control if control != "oracle" else "oracle")
     curves, rows = {}, []
@@ -284,6 +255,47 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
         "results": res_path, "plot": os.path.join(out_dir, "bon.png"),
     }
     return ctx.finish(summary)
+
+
+def _pool(ctx, policy: str, prompts: dict, k: int, scfg, prompts_per_call: int) -> dict:
+    """The sample pool: k completions per prompt, sampled once and kept (pool.npz +
+    pool_texts.json), so that a resumed stage scores the same samples."""
+    pool_path, texts_path = ctx.path("pool.npz"), ctx.path("pool_texts.json")
+    if os.path.exists(pool_path) and os.path.exists(texts_path):
+        with np.load(pool_path) as z:
+            pool = {key: z[key] for key in z.files}
+        with open(texts_path) as f:
+            pool.update(json.load(f))
+        log.info("bon: reusing the sample pool in %s", pool_path)
+        return pool
+    vocab = ctx.provider().vocab
+    pcfg, params, card = sampling.load_policy(ctx.run_dir, policy)
+    artifacts.check_card_vocab(card, vocab, f"policy {policy!r}")
+    sampler = sampling.Sampler(pcfg, scfg, mesh=ctx.mesh())
+    log.info("bon: sampling %d x %d completions from %s", len(prompts["tokens"]), k,
+             card["path"])
+    pool = sample_pool(sampler, params, prompts, k, ctx.seed, vocab, prompts_per_call)
+    arrays = {key: v for key, v in pool.items() if isinstance(v, np.ndarray)}
+    tmp = pool_path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, pool_path)
+    metrics_lib.atomic_write_json(texts_path, {"prompts": pool["prompts"],
+                                               "completions": pool["completions"]})
+    return pool
+
+
+def _scores(ctx, spec: str, pool: dict, num_prompts: int, k: int) -> np.ndarray:
+    """[num_prompts, k] scores of the pool by one reward spec (computed once, kept)."""
+    path = ctx.path("scores", _safe(spec) + ".npy")
+    if os.path.exists(path):
+        return np.load(path)
+    rm, scorer = reward_lib.load_reward(ctx.run_dir, spec)
+    if rm is not None and rm.cards:
+        artifacts.check_card_vocab(rm.cards[0], ctx.provider().vocab, f"reward {spec!r}")
+    s = np.asarray(scorer(pool), np.float32).reshape(num_prompts, k)
+    np.save(path + ".tmp.npy", s)
+    os.replace(path + ".tmp.npy", path)
+    return s
 
 
 def check_bon_stage(c) -> None:

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import types
 from typing import Any, Optional, Sequence
 
 import gin
@@ -269,152 +270,185 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     near the oracle ceiling and above bag-of-words baselines) on the ID validation rows:
     the run's SEED fixes the post permutation, baseline_train_pairs caps the (clean, uncapped
     by DataConfig.max_train_pairs) training pairs the baselines are fitted on."""
-    from warm_jax.data import provider as provider_lib
-
     ctx = StageContext(run_dir, "rm_eval", os.path.join(run_dir, f"rm_eval_{ensemble}"))
     if ctx.done:
         return ctx.summary()
-    swap_seed, stage_dir = ctx.seed, ctx.stage_dir
-    paths = reward_lib.ensemble_members(run_dir, ensemble)
+    r = _load(ctx, ensemble, corrupted, max_train_pairs, max_eval_pairs, batch_size,
+              force_init_mismatch)
+    _members(r)
+    table = dict(r.member_acc)  # {model: {split: accuracy}}: members, warm_M*, ens_M*
+    table.update(_warm_and_ens(r, ensemble))
+    interp = _interpolation(r, interp_members, num_lambdas)
+    gate_rows, swap_acc, base = _gates(ctx, r, table, max_eval_pairs, baseline_train_pairs,
+                                       ensemble)
+    m_all, names, order = len(r.paths), r.names, r.order
+    claims = _claims(table, interp, r.splits, m_all, claim_tolerance)
+    ctx.write_run_info({
+        "ensemble": ensemble, "corrupted": r.corrupted, "max_train_pairs": max_train_pairs,
+        "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
+        "interp_members": list(interp["indices"]), "claim_tolerance": claim_tolerance}, {
+        "corruption_seed": ctx.provider().config.corruption_seed, "swap_seed": ctx.seed})
+    metrics.atomic_write_text(ctx.path("results.jsonl"),
+                              "".join(json.dumps(row) + "\n" for row in r.rows))
+    interp = {k: v for k, v in interp.items() if k != "indices"}
+    plots = _plots(ctx.stage_dir, table, interp, r.splits, names, order)
+    _write_headline(ctx.stage_dir, table, r)
+    summary = {
+        "stage": "rm_eval", "ensemble": ensemble, "corrupted": bool(r.corrupted),
+        "num_members": m_all, "members": [{"name": n, "path": p, "ranking_accuracy":
+                                           r.ranking_acc[i]} for i, (n, p) in
+                                          enumerate(zip(names, r.paths))],
+        "ranking": [names[i] for i in order], "ranked_by": r.ranked_by,
+        "init_check": r.init_check, "best_member": names[order[0]],
+        "splits": {s: int(len(r.sets[s]["index"])) for s in r.splits},
+        "table": table, "interpolation": interp, "claims": claims,
+        "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
+        "results": ctx.path("results.jsonl"), "plots": plots, "seconds": ctx.seconds}
+    log.info("rm_eval[%s]: claims %s", ensemble, {c["id"]: c["holds"] for c in claims})
+    return ctx.finish(summary)
+
+
+def _load(ctx, ensemble: str, corrupted, max_train_pairs, max_eval_pairs, batch_size: int,
+          force_init_mismatch: bool) -> types.SimpleNamespace:
+    """The members (checked, loaded onto the mesh) and the evaluation sets."""
+    paths = reward_lib.ensemble_members(ctx.run_dir, ensemble)
     if len(paths) < 2:
-        raise ValueError(f"{os.path.join(run_dir, ensemble)}: rm_eval needs at least 2 "
+        raise ValueError(f"{os.path.join(ctx.run_dir, ensemble)}: rm_eval needs at least 2 "
                          f"members, found {len(paths)}")
     members, cfg, init_check = average.check_members(paths,
                                                      force_init_mismatch=force_init_mismatch)
     cards = [m.card for m in members]
-    names = [os.path.basename(p) for p in paths]
     if corrupted is None:
-        corrupted = detect_corrupted(run_dir, ensemble, cards)
+        corrupted = detect_corrupted(ctx.run_dir, ensemble, cards)
     prov = ctx.provider()
     sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs)
-    splits = list(sets)
-    mesh = ctx.mesh()
-    abstract, _ = average.target_shardings(cfg, mesh)
-    params = []
-    for m in members:
-        params.append(ckpt_lib.load_params(m.path, abstract)[0])
-    ev = Evaluator(cfg, mesh, batch_size)
+    abstract, _ = average.target_shardings(cfg, ctx.mesh())
+    params = [ckpt_lib.load_params(m.path, abstract)[0] for m in members]
     log.info("rm_eval[%s]: %d members, corrupted=%s, sets %s", ensemble, len(paths), corrupted,
              {k: len(v["index"]) for k, v in sets.items()})
+    return types.SimpleNamespace(
+        paths=paths, cards=cards, names=[os.path.basename(p) for p in paths], params=params,
+        corrupted=corrupted, sets=sets, splits=list(sets), init_check=init_check,
+        ev=Evaluator(cfg, ctx.mesh(), batch_size), rows=[])
 
-    # members: rewards once per split (ENS and reward interpolation reuse them)
-    rc = {s: np.zeros((len(paths), len(sets[s]["index"])), np.float32) for s in splits}
-    rr = {s: np.zeros_like(rc[s]) for s in splits}
-    for i, p in enumerate(params):
+
+def _members(r) -> None:
+    """Each member's rewards once per split (ENS and reward interpolation reuse them), its
+    accuracies, and the ranking (card accuracy, else measured ID validation accuracy)."""
+    sets, splits, names = r.sets, r.splits, r.names
+    r.rc = rc = {s: np.zeros((len(r.paths), len(sets[s]["index"])), np.float32)
+                 for s in splits}
+    r.rr = rr = {s: np.zeros_like(rc[s]) for s in splits}
+    for i, p in enumerate(r.params):
         for s in splits:
-            rc[s][i], rr[s][i] = ev.rewards(p, sets[s])
-    member_acc = {names[i]: {s: _acc(rc[s][i], rr[s][i]) for s in splits}
-                  for i in range(len(paths))}
-    ranking_acc = [reward_lib.card_accuracy(c) for c in cards]
-    ranked_by = "card accuracy.valid"
-    if any(a is None for a in ranking_acc):
-        ranking_acc = [member_acc[n]["valid"] for n in names]
-        ranked_by = "measured ID validation accuracy"
-    order = reward_lib.rank_by_accuracy(paths, cards, accuracies=ranking_acc)
-    rows = [{"model": names[i], "kind": "member", "member": i, "split": s,
-             "accuracy": member_acc[names[i]][s], "n": int(rc[s].shape[1])}
-            for i in range(len(paths)) for s in splits]
+            rc[s][i], rr[s][i] = r.ev.rewards(p, sets[s])
+    r.member_acc = {names[i]: {s: _acc(rc[s][i], rr[s][i]) for s in splits}
+                    for i in range(len(r.paths))}
+    r.ranking_acc = [reward_lib.card_accuracy(c) for c in r.cards]
+    r.ranked_by = "card accuracy.valid"
+    if any(a is None for a in r.ranking_acc):
+        r.ranking_acc = [r.member_acc[n]["valid"] for n in names]
+        r.ranked_by = "measured ID validation accuracy"
+    r.order = reward_lib.rank_by_accuracy(r.paths, r.cards, accuracies=r.ranking_acc)
+    r.rows += [{"model": names[i], "kind": "member", "member": i, "split": s,
+                "accuracy": r.member_acc[names[i]][s], "n": int(rc[s].shape[1])}
+               for i in range(len(r.paths)) for s in splits]
 
-    # WARM and ENS with the top-M members
-    table = dict(member_acc)  # {model: {split: accuracy}}: members, warm_M*, ens_M*
-    warm_rows, ens_rows = {}, {}
-    for m_count in range(2, len(paths) + 1):
+
+def _warm_and_ens(r, ensemble: str) -> dict:
+    """WARM and ENS with the top-M members, M = 2..all: {model: {split: accuracy}}."""
+    rc, rr, order, out = r.rc, r.rr, r.order, {}
+    for m_count in range(2, len(r.paths) + 1):
         top = sorted(order[:m_count])
-        merged = average.average_params([params[i] for i in top])
+        merged = average.average_params([r.params[i] for i in top])
         warm_acc, ens_acc = {}, {}
-        for s in splits:
-            warm_acc[s] = ev.accuracy(merged, sets[s])
+        for s in r.splits:
+            warm_acc[s] = r.ev.accuracy(merged, r.sets[s])
             ens_acc[s] = _acc(rc[s][top].mean(0), rr[s][top].mean(0))
-            rows.append({"model": f"warm_M{m_count}", "kind": "warm", "M": m_count,
-                         "members": top, "split": s, "accuracy": warm_acc[s],
-                         "n": int(rc[s].shape[1])})
-            rows.append({"model": f"ens_M{m_count}", "kind": "ens", "M": m_count,
-                         "members": top, "split": s, "accuracy": ens_acc[s],
-                         "n": int(rc[s].shape[1])})
-        warm_rows[f"warm_M{m_count}"], ens_rows[f"ens_M{m_count}"] = warm_acc, ens_acc
+            r.rows.append({"model": f"warm_M{m_count}", "kind": "warm", "M": m_count,
+                           "members": top, "split": s, "accuracy": warm_acc[s],
+                           "n": int(rc[s].shape[1])})
+            r.rows.append({"model": f"ens_M{m_count}", "kind": "ens", "M": m_count,
+                           "members": top, "split": s, "accuracy": ens_acc[s],
+                           "n": int(rc[s].shape[1])})
+        out[f"warm_M{m_count}"] = warm_acc
         del merged
         log.info("rm_eval[%s] M=%d: WARM %s | ENS %s", ensemble, m_count,
                  " ".join(f"{s}={v:.3f}" for s, v in warm_acc.items()),
                  " ".join(f"{s}={v:.3f}" for s, v in ens_acc.items()))
+        out[f"ens_M{m_count}"] = ens_acc
+    return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("warm")))
 
-    # linear interpolation between two members
-    a, b = (order[0], order[1]) if interp_members is None else tuple(int(i) for i in interp_members)
-    if a == b or not (0 <= a < len(paths) and 0 <= b < len(paths)):
+
+def _interpolation(r, interp_members, num_lambdas: int) -> dict:
+    """Linear interpolation between two members: weights (WA), rewards (ENS), and the
+    straight line between their accuracies."""
+    n, rc, rr = len(r.paths), r.rc, r.rr
+    a, b = (r.order[0], r.order[1]) if interp_members is None else tuple(
+        int(i) for i in interp_members)
+    if a == b or not (0 <= a < n and 0 <= b < n):
         raise ValueError(f"rm_eval_stage.interp_members={interp_members}: need two distinct "
-                         f"member indices in 0..{len(paths) - 1}")
+                         f"member indices in 0..{n - 1}")
     lambdas = [float(x) for x in np.linspace(0.0, 1.0, num_lambdas)]
-    interp_splits = ["valid", "ood", "train_corrupt" if corrupted else "train_clean"]
+    interp_splits = ["valid", "ood", "train_corrupt" if r.corrupted else "train_clean"]
     curves = {s: {"wa": [], "ens": [], "line": []} for s in interp_splits}
+    acc_a, acc_b = r.member_acc[r.names[a]], r.member_acc[r.names[b]]
     for lam in lambdas:
-        wa = average.average_params([params[a], params[b]], [lam, 1.0 - lam])
+        wa = average.average_params([r.params[a], r.params[b]], [lam, 1.0 - lam])
         for s in interp_splits:
-            acc_wa = ev.accuracy(wa, sets[s])
+            acc_wa = r.ev.accuracy(wa, r.sets[s])
             acc_ens = _acc(lam * rc[s][a] + (1 - lam) * rc[s][b],
                            lam * rr[s][a] + (1 - lam) * rr[s][b])
-            line = lam * member_acc[names[a]][s] + (1 - lam) * member_acc[names[b]][s]
+            line = lam * acc_a[s] + (1 - lam) * acc_b[s]
             for kind, value in (("wa", acc_wa), ("ens", acc_ens), ("line", line)):
                 curves[s][kind].append(value)
-                rows.append({"model": f"interp_{kind}_lambda{lam:.2f}", "kind": f"interp_{kind}",
-                             "lambda": lam, "members": [a, b], "split": s, "accuracy": value,
-                             "n": int(rc[s].shape[1])})
+                r.rows.append({"model": f"interp_{kind}_lambda{lam:.2f}",
+                               "kind": f"interp_{kind}", "lambda": lam, "members": [a, b],
+                               "split": s, "accuracy": value, "n": int(rc[s].shape[1])})
         del wa
-    table.update(warm_rows)
-    table.update(ens_rows)
+    return {"members": [r.names[a], r.names[b]], "lambdas": lambdas, "curves": curves,
+            "indices": (a, b)}
 
-    # the gates: post swap (every member and WARM), bag-of-words baselines, oracle ceiling
+
+def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: str):
+    """The gates: post swap (every member and WARM), bag-of-words baselines, the oracle
+    ceiling. Returns (gate rows, swapped-post accuracies, baselines)."""
     from warm_jax.data import pipeline
+    from warm_jax.data import provider as provider_lib
 
+    prov, names, n = ctx.provider(), r.names, len(r.paths)
     valid_comps = prov.comparisons("valid")[:max_eval_pairs or None]
-    swapped = pipeline.preference_arrays(gates.swap_posts(valid_comps, swap_seed), prov.vocab,
+    swapped = pipeline.preference_arrays(gates.swap_posts(valid_comps, ctx.seed), prov.vocab,
                                          prov.config.max_len)
-    swap_acc = {names[i]: ev.accuracy(params[i], swapped) for i in range(len(paths))}
-    merged = average.average_params(params)
-    swap_acc[f"warm_M{len(paths)}"] = ev.accuracy(merged, swapped)
+    swap_acc = {names[i]: r.ev.accuracy(r.params[i], swapped) for i in range(n)}
+    merged = average.average_params(r.params)
+    swap_acc[f"warm_M{n}"] = r.ev.accuracy(merged, swapped)
     del merged
     for model, value in swap_acc.items():
-        rows.append({"model": model, "kind": "swapped_posts", "split": "valid_swapped",
-                     "accuracy": value, "n": len(valid_comps), "swap_seed": swap_seed})
+        r.rows.append({"model": model, "kind": "swapped_posts", "split": "valid_swapped",
+                       "accuracy": value, "n": len(valid_comps), "swap_seed": ctx.seed})
     full = provider_lib.DataProvider(dataclasses.replace(prov.config, max_train_pairs=None))
     base = gates.baselines(full.comparisons("train")[:baseline_train_pairs], valid_comps)
     for model in ("summary_only_bow", "post_aware_bow", "oracle_ceiling"):
-        rows.append({"model": model, "kind": "baseline", "split": "valid",
-                     "accuracy": base[model], "n": len(valid_comps)})
-    best_name = names[order[0]]
-    gate_rows = gates.rm_gates(best_name, member_acc[best_name]["valid"], swap_acc[best_name],
+        r.rows.append({"model": model, "kind": "baseline", "split": "valid",
+                       "accuracy": base[model], "n": len(valid_comps)})
+    best_name = names[r.order[0]]
+    gate_rows = gates.rm_gates(best_name, r.member_acc[best_name]["valid"], swap_acc[best_name],
                                {k: v["valid"] for k, v in table.items()}, base)
     log.info("rm_eval[%s]: gates %s", ensemble,
              {g["id"]: (round(g["value"], 3), g["passed"]) for g in gate_rows})
-    interp = {"members": [names[a], names[b]], "lambdas": lambdas, "curves": curves}
+    return gate_rows, swap_acc, base
 
-    m_all = len(paths)
-    claims = _claims(table, interp, splits, m_all, claim_tolerance)
-    ctx.write_run_info({
-        "ensemble": ensemble, "corrupted": corrupted, "max_train_pairs": max_train_pairs,
-        "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
-        "interp_members": [a, b], "claim_tolerance": claim_tolerance}, {
-        "corruption_seed": prov.config.corruption_seed, "swap_seed": swap_seed})
-    metrics.atomic_write_text(os.path.join(stage_dir, "results.jsonl"),
-                              "".join(json.dumps(r) + "\n" for r in rows))
-    plots = _plots(stage_dir, table, interp, splits, names, order)
+
+def _write_headline(stage_dir: str, table: dict, r) -> None:
+    """metrics.jsonl: WARM / ENS of all members, the best and the mean member, per split."""
+    m_all, names = len(r.paths), r.names
     head = {}
-    for s in splits:
+    for s in r.splits:
         head[f"warm_M{m_all}/{s}"] = table[f"warm_M{m_all}"][s]
         head[f"ens_M{m_all}/{s}"] = table[f"ens_M{m_all}"][s]
-        head[f"best_member/{s}"] = member_acc[names[order[0]]][s]
-        head[f"mean_member/{s}"] = float(np.mean([member_acc[n][s] for n in names]))
+        head[f"best_member/{s}"] = r.member_acc[names[r.order[0]]][s]
+        head[f"mean_member/{s}"] = float(np.mean([r.member_acc[n][s] for n in names]))
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(0, head)
     writer.close()
-    summary = {
-        "stage": "rm_eval", "ensemble": ensemble, "corrupted": bool(corrupted),
-        "num_members": m_all, "members": [{"name": n, "path": p, "ranking_accuracy":
-                                           ranking_acc[i]} for i, (n, p) in
-                                          enumerate(zip(names, paths))],
-        "ranking": [names[i] for i in order], "ranked_by": ranked_by, "init_check": init_check,
-        "best_member": names[order[0]], "splits": {s: int(len(sets[s]["index"])) for s in splits},
-        "table": table, "interpolation": interp, "claims": claims,
-        "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
-        "results": os.path.join(stage_dir, "results.jsonl"), "plots": plots,
-        "seconds": ctx.seconds}
-    log.info("rm_eval[%s]: claims %s", ensemble, {c["id"]: c["holds"] for c in claims})
-    return ctx.finish(summary)
