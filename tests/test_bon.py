@@ -103,7 +103,8 @@ def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
     gin.bind_parameter("DataConfig.num_eval_prompts", 16)
     try:
         summary = bon.bon_stage(run_dir, rewards=(f"path:{rm_path}", "oracle"), ns=(1, 2, 4),
-                                num_prompts=6, max_new_tokens=12, prompts_per_call=3)
+                                num_prompts=6, prompts_per_call=3,
+                                sampling_config=sampling.SamplingConfig(max_new_tokens=12))
         out = os.path.join(run_dir, "bon")
         rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl"))]
         assert len(rows) == 6 and {r["n"] for r in rows} == {1, 2, 4}

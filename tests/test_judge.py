@@ -11,6 +11,7 @@ from warm_jax import checkpoint as ckpt_lib
 from warm_jax.stages import judge
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
+from warm_jax import sampling
 from warm_jax.data import provider as provider_lib
 from warm_jax.data import lexicon, oracle, world
 
@@ -78,13 +79,15 @@ def judged(tmp_path_factory, world_dir):
     gin.bind_parameter("DataConfig.num_eval_prompts", 48)
     try:
         same = judge.judge_stage(run_dir, pairs=(("rl_x", "sft"), ("sft", "sft")),
-                                 num_prompts=48, max_new_tokens=16)
+                                 num_prompts=48,
+                                 sampling_config=sampling.SamplingConfig(max_new_tokens=16))
         other_dir = str(root / "run2")
         os.symlink(os.path.join(run_dir, "sft"), os.path.join(root, "sft_link"))
         indep = judge.judge_stage(other_dir, pairs=((os.path.join(run_dir, "rl_x", "policy"),
                                                      os.path.join(root, "sft_link",
                                                                   "snapshots", "step_5")),),
-                                  num_prompts=48, max_new_tokens=16, same_seed=False)
+                                  num_prompts=48, same_seed=False,
+                                  sampling_config=sampling.SamplingConfig(max_new_tokens=16))
     finally:
         gin.clear_config()
     return run_dir, same, indep
@@ -155,7 +158,8 @@ def test_judge_prefers_the_better_policy_and_keeps_sides(world_dir, tmp_path):
     gin.bind_parameter("DataConfig.num_eval_prompts", 32)
     try:
         s = judge.judge_stage(run_dir, pairs=(("word", "mute"), ("mute", "word")),
-                              num_prompts=32, max_new_tokens=16)
+                              num_prompts=32,
+                              sampling_config=sampling.SamplingConfig(max_new_tokens=16))
     finally:
         gin.clear_config()
     samples = json.load(open(os.path.join(run_dir, "judge", "samples", "word.json")))

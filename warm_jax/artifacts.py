@@ -15,6 +15,8 @@ from warm_jax import model as model_lib
 PRETRAIN_DIR = "pretrain"
 SFT_DIR = "sft"
 RM_INIT_DIR = "rm_init"
+MEMBERS_SUBDIR = "members"  # {run_dir}/{ensemble}/members/member_{i}
+MEMBER_PREFIX = "member_"
 
 
 def read_json(path: str) -> dict:
@@ -81,7 +83,17 @@ def ensemble_stage_dir(run_dir: str, name: str, member_index=None) -> str:
 
 def member_path(run_dir: str, ensemble: str, index: int) -> str:
     """Member `index`'s params export of an RM ensemble."""
-    return os.path.join(run_dir, ensemble, "members", f"member_{index}")
+    return os.path.join(run_dir, ensemble, MEMBERS_SUBDIR, f"{MEMBER_PREFIX}{index}")
+
+
+def rm_eval_dir(run_dir: str, ensemble: str) -> str:
+    """The rm_eval stage's directory for one ensemble."""
+    return os.path.join(run_dir, f"rm_eval_{ensemble}")
+
+
+def warm_paths(run_dir: str, out_name: str) -> tuple[str, str]:
+    """(the merged RM export, the warm stage's own directory) of one merge."""
+    return os.path.join(run_dir, out_name), os.path.join(run_dir, f"{out_name}_stage")
 
 
 def sft_snapshot_path(run_dir: str, step: int) -> str:

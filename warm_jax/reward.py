@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from warm_jax import cards
+from warm_jax.artifacts import MEMBER_PREFIX, MEMBERS_SUBDIR  # noqa: F401 (re-exported)
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 
@@ -117,8 +118,6 @@ class RewardModel:
 # ---------------------------------------------------------------------------------------
 # Ensemble members on disk, ranking, and `resolve` (reward-model specs)
 
-MEMBERS_SUBDIR = "members"
-MEMBER_PREFIX = "member_"
 
 
 class RewardSpecError(ValueError):

@@ -14,7 +14,6 @@ checkpoints. One SEED drives every stage that draws random numbers: `run_seed.se
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Mapping, Optional
@@ -22,6 +21,7 @@ from typing import Any, Mapping, Optional
 import gin
 
 from warm_jax import metrics
+from warm_jax.artifacts import read_json
 
 SUMMARY = "summary.json"
 
@@ -30,11 +30,6 @@ SUMMARY = "summary.json"
 def run_seed(seed: int = 0) -> int:
     """The run's SEED (run files bind `run_seed.seed = %SEED`)."""
     return int(seed)
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 class StageContext:

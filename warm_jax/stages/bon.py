@@ -109,7 +109,8 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
     return pool
 
 
-def best_of_n(sampler: sampling.Sampler, params, prompt_tokens, prompt_mask, scorer: reward_lib.Scorer,
+def best_of_n(sampler: sampling.Sampler, params, prompt_tokens, prompt_mask,
+              scorer: reward_lib.Scorer,
               n: int, seed, vocab=None, prompt_texts: Optional[Sequence[str]] = None) -> dict:
     """Samples n completions per prompt (one sampler call, seed as given) and keeps the one
     with the highest score. Returns the picked rows (completion tokens/mask/logprobs,
@@ -186,7 +187,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
                                                      "ens:rm_clean"),
               ns: Sequence[int] = (1, 2, 4, 8, 16, 32), num_prompts: int = 64,
               policy: str = "sft", control: str = "oracle",
-              temperature: float = 0.9, max_new_tokens: int = 40,
+              sampling_config: Optional[sampling.SamplingConfig] = None,
               prompts_per_call: int = 16, stage_dir_name: str = "bon") -> dict:
     """Best-of-N curves of control reward against N for each reward spec.
 
@@ -205,7 +206,7 @@ def bon_stage(run_dir: str, rewards: Sequence[str] = ("best:rm_clean", "warm:war
     if not ns or ns[0] < 1:
         raise ValueError(f"bon_stage: ns must be positive integers, got {ns}")
     k = ns[-1]
-    scfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
+    scfg = sampling_config or sampling.SamplingConfig()
     config = dict(rewards=list(rewards), ns=ns, num_prompts=num_prompts, policy=policy,
                   control=control, seed=seed, sampling=dataclasses.asdict(scfg),
                   prompts_per_call=prompts_per_call)
@@ -307,8 +308,9 @@ def check_bon_stage(c) -> None:
     c.integer("num_prompts", 1)
     c.policy("policy")
     c.control("control")
-    c.number("temperature", 0, lo_open=True)
-    c.integer("max_new_tokens", 1)
+    sc = c.sub(sampling.SamplingConfig)
+    sc.number("temperature", 0, lo_open=True)
+    sc.integer("max_new_tokens", 1)
     c.integer("prompts_per_call", 1)
     out = c.rel(c.name("stage_dir_name"))
     c.data()

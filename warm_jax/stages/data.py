@@ -12,7 +12,7 @@ import os
 
 import gin
 
-from warm_jax import distributed
+from warm_jax import artifacts, distributed
 from warm_jax.data import provider as provider_lib
 from warm_jax.stages.base import StageContext
 
@@ -24,7 +24,7 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
                n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
                n_prompts: int = 2000, vocab_size: int = 512) -> dict:
     """Writes the miniature world (seed: the run's SEED) or reads the real files once."""
-    ctx = StageContext(run_dir, "data", stage_dir=os.path.join(run_dir, "data_stage"))
+    ctx = StageContext(run_dir, "data", stage_dir=artifacts.stage_path(run_dir, "data"))
     if ctx.done:
         return ctx.summary()
     seed, stage_dir = ctx.seed, ctx.stage_dir
@@ -48,7 +48,7 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
                                         n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size)
             os.replace(tmp, cfg.data_dir)
         distributed.sync("data_stage_world")  # other hosts wait for the primary's world
-        card = _load(os.path.join(cfg.data_dir, "world.json"))
+        card = artifacts.read_json(os.path.join(cfg.data_dir, "world.json"))
         summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab")
                             if k in card}
     prov = provider_lib.DataProvider(cfg)
@@ -76,11 +76,5 @@ def check_data_stage(c) -> None:
     if os.path.abspath(cfg.data_dir or "") == os.path.abspath(c.rel("data")):
         c.reads.clear()  # generates the miniature world there
         c.write(c.rel("data"))
-    c.write(c.rel("data_stage"), done=c.rel("data_stage", "summary.json"))
-
-
-def _load(path: str) -> dict:
-    import json
-
-    with open(path) as f:
-        return json.load(f)
+    c.write(artifacts.stage_path(c.run_dir, "data"),
+            done=artifacts.stage_path(c.run_dir, "data", "summary.json"))

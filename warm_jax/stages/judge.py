@@ -24,6 +24,7 @@ import gin
 import jax
 import numpy as np
 
+from warm_jax import artifacts
 from warm_jax import reward as reward_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
@@ -188,14 +189,16 @@ def check_judge_stage(c) -> None:
             c.policy(f"pairs[{i}][{j}]", name)
     c.integer("num_prompts", 1)
     c.control("control")
-    c.number("temperature", 0, lo_open=True)
-    c.integer("max_new_tokens", 1)
+    sc = c.sub(sampling.SamplingConfig)
+    sc.number("temperature", 0, lo_open=True)
+    sc.integer("max_new_tokens", 1)
     c.number("tie_tol", 0)
     for i, name in enumerate(c.sequence("curves", optional=True) or ()):
         c.policy(f"curves[{i}]", name)
     c.data()
     c.mesh_shape()
-    c.write(c.rel("judge"), done=c.rel("judge", "summary.json"))
+    c.write(artifacts.stage_path(c.run_dir, "judge"),
+            done=artifacts.stage_path(c.run_dir, "judge", "summary.json"))
 
 
 @gin.configurable
@@ -203,7 +206,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                                                                  ("rl_warm", "sft"),
                                                                  ("rl_single", "sft")),
                 num_prompts: int = 256, control: str = "oracle",
-                temperature: float = 0.9, max_new_tokens: int = 40, same_seed: bool = True,
+                sampling_config: Optional[sampling.SamplingConfig] = None, same_seed: bool = True,
                 tie_tol: float = 0.0, curves: Optional[Sequence[str]] = None) -> dict:
     """Win rates of A over B for each (A, B) in `pairs` (names: RL run names, 'sft', or
     export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR');
@@ -219,10 +222,11 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     if bad:
         raise ValueError(f"judge_stage.pairs: each entry must be (A, B), got {bad}")
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    scfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
+    scfg = sampling_config or sampling.SamplingConfig()
     ctx.write_run_info({
         "pairs": [list(p) for p in pairs], "num_prompts": num_prompts, "control": control,
-        "temperature": temperature, "max_new_tokens": max_new_tokens, "same_seed": same_seed,
+        "temperature": scfg.temperature, "max_new_tokens": scfg.max_new_tokens,
+        "same_seed": same_seed,
         "tie_tol": tie_tol}, {"seed": seed})
     prov = ctx.provider()
     prompts = prov.prompts("eval")

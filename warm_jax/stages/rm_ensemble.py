@@ -32,7 +32,8 @@ from warm_jax.stages.base import StageContext
 log = logging.getLogger("warm_jax")
 
 
-def _init_params(specs: Sequence[ensemble.MemberSpec], head: dict, abstract) -> tuple[Any, list, dict]:
+def _init_params(specs: Sequence[ensemble.MemberSpec], head: dict,
+                 abstract) -> tuple[Any, list, dict]:
     """Host-stacked init params, per-member init fingerprints and snapshot cards."""
     trees, cards, fps = {}, {}, {}
     for s in specs:

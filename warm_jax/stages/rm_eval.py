@@ -38,6 +38,7 @@ import gin
 import jax
 import numpy as np
 
+from warm_jax import artifacts
 from warm_jax import cards as cards_lib
 from warm_jax import average, config_checks, gates, metrics, partitioning, steps
 from warm_jax import checkpoint as ckpt_lib
@@ -75,16 +76,11 @@ class Evaluator:
         return float(np.mean(rc > rr))
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def detect_corrupted(run_dir: str, ensemble: str, cards: Sequence[dict]) -> bool:
     """Whether the ensemble was trained on corrupted labels (its summary, else its cards)."""
     summary = os.path.join(run_dir, ensemble, "summary.json")
     if os.path.exists(summary):
-        value = _read_json(summary).get("corrupted")
+        value = artifacts.read_json(summary).get("corrupted")
         if value is not None:
             return bool(value)
     for c in cards:
@@ -250,7 +246,7 @@ def check_rm_eval_stage(c) -> None:
     c.read(c.rel(ensemble))
     c.data()
     c.mesh_shape()
-    out = c.rel(f"rm_eval_{ensemble}")
+    out = artifacts.rm_eval_dir(c.run_dir, ensemble)
     c.write(out, done=os.path.join(out, "summary.json"))
 
 
@@ -270,7 +266,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     near the oracle ceiling and above bag-of-words baselines) on the ID validation rows:
     the run's SEED fixes the post permutation, baseline_train_pairs caps the (clean, uncapped
     by DataConfig.max_train_pairs) training pairs the baselines are fitted on."""
-    ctx = StageContext(run_dir, "rm_eval", os.path.join(run_dir, f"rm_eval_{ensemble}"))
+    ctx = StageContext(run_dir, "rm_eval", artifacts.rm_eval_dir(run_dir, ensemble))
     if ctx.done:
         return ctx.summary()
     r = _load(ctx, ensemble, corrupted, max_train_pairs, max_eval_pairs, batch_size,

@@ -118,11 +118,11 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
         return ctx.summary()
     seed, stage_dir = ctx.seed, ctx.stage_dir
     if sft_path is None:
-        sft_path = artifacts.read_json(os.path.join(run_dir, artifacts.SFT_DIR, "summary.json"))["final"] \
-            if os.path.exists(os.path.join(run_dir, artifacts.SFT_DIR, "summary.json")) else None
-        if sft_path is None:
-            raise FileNotFoundError(f"{run_dir}/{artifacts.SFT_DIR}/summary.json: the SFT stage has "
-                                    "not finished (or set probe_stage.sft_path)")
+        sft_summary = artifacts.stage_path(run_dir, "sft", "summary.json")
+        if not os.path.exists(sft_summary):
+            raise FileNotFoundError(f"{sft_summary}: the SFT stage has not finished (or set "
+                                    "probe_stage.sft_path)")
+        sft_path = artifacts.read_json(sft_summary)["final"]
     card = ckpt_lib.read_card(sft_path)
     model_cfg = artifacts.model_config_from(card, sft_path)
     prov = ctx.provider()
@@ -136,7 +136,8 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     idx = pipeline.batch_indices(n, min(probe_pairs, n), seed, 0)
     sets = {"train": provider_lib.subset(train, idx),
             "valid": provider_lib.subset(prov.preference("valid"),
-                                         np.arange(min(eval_pairs, len(prov.comparisons("valid"))))),
+                                         np.arange(min(eval_pairs,
+                                                       len(prov.comparisons("valid"))))),
             "ood": provider_lib.subset(prov.preference("ood"),
                                        np.arange(min(eval_pairs, len(prov.comparisons("ood")))))}
     trimmed = ensemble.trim_pairs(*sets.values())

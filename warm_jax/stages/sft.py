@@ -39,7 +39,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
         return ctx.summary()
     seed, stage_dir = ctx.seed, ctx.stage_dir
     if init_params_path is None:
-        init_params_path = os.path.join(run_dir, artifacts.PRETRAIN_DIR, "final")
+        init_params_path = artifacts.stage_path(run_dir, "pretrain", "final")
     init_card = ckpt_lib.read_card(init_params_path)
     prov = ctx.provider()
     model_cfg = artifacts.model_config_from(init_card, init_params_path)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import gin
 
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import average, metrics
+from warm_jax import artifacts, average, metrics
 from warm_jax import model as model_lib
 from warm_jax import reward as reward_lib
 from warm_jax.stages.base import StageContext
@@ -23,13 +23,6 @@ log = logging.getLogger("warm_jax")
 
 def _stage_suffix(ensemble: str) -> str:
     return ensemble[3:] if ensemble.startswith("rm_") else ensemble
-
-
-def _load_json(path: str) -> dict:
-    import json
-
-    with open(path) as f:
-        return json.load(f)
 
 
 @gin.configurable
@@ -45,11 +38,10 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
     """
     out_name = out_name or (f"warm_{_stage_suffix(ensemble)}"
                             + (f"_m{num_members}" if num_members else ""))
-    ctx = StageContext(run_dir, "warm", os.path.join(run_dir, f"{out_name}_stage"))
+    out, stage_dir = artifacts.warm_paths(run_dir, out_name)
+    ctx = StageContext(run_dir, "warm", stage_dir)
     if ctx.done:
         return ctx.summary()
-    stage_dir = ctx.stage_dir
-    out = os.path.join(run_dir, out_name)
     paths = reward_lib.ensemble_members(run_dir, ensemble)
     cards = []
     for p in paths:
@@ -74,8 +66,9 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
     order = reward_lib.rank_by_accuracy(paths, cards, accuracies=accs)
     if num_members is not None:
         if not 1 <= int(num_members) <= len(paths):
-            raise average.AveragingError(f"warm_stage.num_members={num_members}: ensemble {ensemble!r} "
-                                 f"has {len(paths)} member(s)")
+            raise average.AveragingError(
+                f"warm_stage.num_members={num_members}: ensemble {ensemble!r} has "
+                f"{len(paths)} member(s)")
         order = order[:int(num_members)]
     selected = [paths[i] for i in sorted(order)]
     mesh = ctx.mesh()
@@ -89,8 +82,9 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
         card = ckpt_lib.read_card(out)
         if card.get("kind") != "warm" or [m["path"] for m in card.get("members", [])] \
                 != [os.path.abspath(p) for p in selected] or card.get("method") != method:
-            raise average.AveragingError(f"{out}: exists but is not this stage's merge of {selected} "
-                                 f"({method}); remove it or set warm_stage.out_name")
+            raise average.AveragingError(
+                f"{out}: exists but is not this stage's merge of {selected} ({method}); "
+                "remove it or set warm_stage.out_name")
         log.info("warm: %s already written; finishing the stage", out)
         stats = {}
     else:
@@ -138,5 +132,5 @@ def check_warm_stage(c) -> None:
     c.read(c.rel(ensemble, reward_lib.MEMBERS_SUBDIR))
     c.data()
     c.mesh_shape()
-    c.write(c.rel(out_name), c.rel(f"{out_name}_stage"),
-            done=c.rel(f"{out_name}_stage", "summary.json"))
+    out, stage_dir = artifacts.warm_paths(c.run_dir, out_name)
+    c.write(out, stage_dir, done=os.path.join(stage_dir, "summary.json"))
