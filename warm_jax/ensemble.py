@@ -144,6 +144,19 @@ class MemberSweep:
         """(field, value, why) for the first unusable field, or None."""
         return member_problem(self, member_index)
 
+    @classmethod
+    def check(cls, c, member_index=None) -> None:
+        """The up-front rules (c: config_checks.StageCheck of this config, StageCheck.sub)."""
+        bad = member_problem(cls(**c.args), member_index)
+        if bad:
+            field, value, why = bad
+            c.fail(field, why, value=value,
+                   configurable="ensemble_stage" if field == "member_index" else None)
+        inits = c["init_snapshots"]
+        for i, v in enumerate(() if inits is None or isinstance(inits, str) else inits):
+            if isinstance(v, str):
+                c.existing(f"init_snapshots[{i}]", v, what="params export")
+
     def hyperparameters(self, seed: int) -> list[tuple[float, float, int]]:
         """(learning rate, dropout rate, data seed) of every member: the member table."""
         m = self.num_members
@@ -273,6 +286,17 @@ class RMTrainConfig:
     eval_pairs: int = 512  # ID-validation and OOD pairs per evaluation
     eval_train_pairs: int = 1024  # training pairs (clean/corrupt split) per evaluation
     eval_batch_size: int = 256
+
+    @classmethod
+    def check(cls, c) -> None:
+        """The up-front rules (c: config_checks.StageCheck of this config, StageCheck.sub)."""
+        for field, lo in (("total_steps", 1), ("batch_size", 1), ("warmup_steps", 0),
+                          ("eval_every", 0), ("eval_pairs", 1), ("eval_train_pairs", 1),
+                          ("eval_batch_size", 1), ("log_every", 1), ("checkpoint_every", 1)):
+            c.integer(field, lo)
+        c.number("center_coef", 0)
+        c.choice("member_loop", ("auto", "vmap", "map"))
+        c.batch_divides_mesh()
 
 
 # --------------------------------------------------------------------------- the program

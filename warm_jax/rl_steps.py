@@ -45,6 +45,20 @@ class RLConfig:
     seed: int = 0
     min_dim_size_to_factor: int = 128
 
+    @classmethod
+    def check(cls, c) -> None:
+        """The up-front rules (c: config_checks.StageCheck of this config, StageCheck.sub)."""
+        c.number("alpha", 0)
+        c.integer("steps", 1)
+        c.integer("batch_size", 1)
+        c.rate("learning_rate")
+        c.integer("warmup_steps", 0)
+        c.rate("value_learning_rate", optional=True)
+        c.integer("value_warmup_steps", 0)
+        c.number("temperature", 0, lo_open=True)
+        c.integer("max_new_tokens", 1)
+        c.batch_divides_mesh()
+
     def sampling_config(self) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(temperature=self.temperature,
                                        max_new_tokens=self.max_new_tokens)
@@ -70,6 +84,15 @@ class RLEvalConfig:
     num_logged_samples: int = 4  # decoded completions per evaluation in samples.jsonl
     log_every: int = 1
     checkpoint_every: int = 50
+
+    @classmethod
+    def check(cls, c) -> None:
+        """The up-front rules (c: config_checks.StageCheck of this config, StageCheck.sub)."""
+        c.integer("eval_every", 0)
+        c.integer("num_eval_prompts", 1)
+        c.integer("num_logged_samples", 0)
+        c.integer("log_every", 1)
+        c.integer("checkpoint_every", 1)
 
 
 def reward_apply_for(rm) -> tuple[RewardApply, Any]:

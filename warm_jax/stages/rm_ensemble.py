@@ -263,30 +263,16 @@ def check_ensemble_stage(c) -> None:
     """Up-front rules and plan of the rm_ensemble stage (c: config_checks.StageCheck)."""
     name = c.name("name")
     sweep = c.sub(ensemble.MemberSweep)
-    bad = ensemble.member_problem(ensemble.MemberSweep(**sweep.args), c["member_index"])
-    if bad:
-        field, value, why = bad
-        (c if field == "member_index" else sweep).fail(field, why, value=value)
-    tc = c.sub(ensemble.RMTrainConfig)
-    for field, lo in (("total_steps", 1), ("batch_size", 1), ("warmup_steps", 0),
-                      ("eval_every", 0), ("eval_pairs", 1), ("eval_train_pairs", 1),
-                      ("eval_batch_size", 1), ("log_every", 1), ("checkpoint_every", 1)):
-        tc.integer(field, lo)
-    tc.number("center_coef", 0)
-    tc.choice("member_loop", ("auto", "vmap", "map"))
+    ensemble.MemberSweep.check(sweep, c["member_index"])
+    ensemble.RMTrainConfig.check(c.sub(ensemble.RMTrainConfig))
     if c["head_path"] is None:
         c.read(c.rel(artifacts.RM_INIT_DIR, "head"))
     else:
         c.existing("head_path", what="params export")
-    inits = sweep["init_snapshots"]
-    if inits in (None, "cycle", "last") or any(not isinstance(v, str) for v in inits):
+    if ensemble.MemberSweep(**sweep.args).needs_sft_snapshots():
         c.read(c.rel(artifacts.SFT_DIR, "snapshots"))
-    for i, v in enumerate(() if inits is None or isinstance(inits, str) else inits):
-        if isinstance(v, str):
-            sweep.existing(f"init_snapshots[{i}]", v, what="params export")
     c.data()
     c.optimizer()
     c.loop()
-    tc.batch_divides_mesh()
     stage_dir = artifacts.ensemble_stage_dir(c.run_dir, name, c["member_index"])
     c.write(stage_dir, done=os.path.join(stage_dir, "summary.json"))
