@@ -59,16 +59,16 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
         params = state["params"]
         loss = lm.lm_eval(program, params, valid, 4 * batch_size)
         card = cards.lm_card("lm", model_cfg, prov.vocab, step, stage="pretrain", seed=seed,
-                       hyperparameters=config, init_params_path=init_params_path,
-                       valid_text_loss=loss)
+                             hyperparameters=config, init_params_path=init_params_path,
+                             valid_text_loss=loss)
         out["final"] = artifacts.export_once(os.path.join(stage_dir, "final"), params, card)
         out["valid_text_loss"] = loss
 
     loop = trainer.loop_config(total_steps, log_every, checkpoint_every)
     _, source = lm.train_lm(name="pretrain", stage_dir=stage_dir, program=program, arrays=train,
-                         batch_size=batch_size, data_seed=seed, loop=loop, boundaries=(),
-                         on_boundary=finish, meta={"stage": "pretrain"},
-                         init_params_path=init_params_path)
+                            batch_size=batch_size, data_seed=seed, loop=loop, boundaries=(),
+                            on_boundary=finish, meta={"stage": "pretrain"},
+                            init_params_path=init_params_path)
     card = ckpt_lib.read_card(out["final"])
     summary = {"stage": "pretrain", "final": out["final"], "step": total_steps,
                "valid_text_loss": out["valid_text_loss"], "fingerprint": card["fingerprint"],

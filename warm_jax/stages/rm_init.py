@@ -154,10 +154,11 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
     writer.close()
-    out_card = cards.lm_card("rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init",
-                           sft_path=sft_path, sft_fingerprint=card.get("fingerprint"),
-                           root_fingerprint=card.get("init_fingerprint") or card.get("fingerprint"),
-                           accuracies=acc, hyperparameters=config, seed=seed)
+    out_card = cards.lm_card(
+        "rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init", sft_path=sft_path,
+        sft_fingerprint=card.get("fingerprint"),
+        root_fingerprint=card.get("init_fingerprint") or card.get("fingerprint"),
+        accuracies=acc, hyperparameters=config, seed=seed)
     path = artifacts.export_once(os.path.join(stage_dir, "head"), head, out_card)
     summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracies": acc,
                "fingerprint": ckpt_lib.read_card(path)["fingerprint"],

@@ -74,10 +74,10 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     def keep(state, step):
         loss = lm.lm_eval(program, state["params"], valid, 4 * batch_size)
         card = cards.lm_card("lm", model_cfg, prov.vocab, step, stage="sft", seed=seed,
-                       hyperparameters=config, init_params_path=init_params_path,
-                       init_fingerprint=init_card.get("fingerprint"), sft_valid_loss=loss)
+                             hyperparameters=config, init_params_path=init_params_path,
+                             init_fingerprint=init_card.get("fingerprint"), sft_valid_loss=loss)
         path = artifacts.export_once(os.path.join(stage_dir, "snapshots", f"step_{step}"),
-                           state["params"], card)
+                                     state["params"], card)
         snapshots.append({"step": step, "path": path, "sft_valid_loss": loss,
                           "fingerprint": ckpt_lib.read_card(path)["fingerprint"]})
         writer_extra.write(step, {"sft_valid_loss": loss})
@@ -85,9 +85,9 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
 
     loop = trainer.loop_config(total_steps, log_every, checkpoint_every)
     _, source = lm.train_lm(name="sft", stage_dir=stage_dir, program=program, arrays=train,
-                         batch_size=batch_size, data_seed=seed, loop=loop, boundaries=snaps,
-                         on_boundary=keep, meta={"stage": "sft"},
-                         init_params_path=init_params_path)
+                            batch_size=batch_size, data_seed=seed, loop=loop, boundaries=snaps,
+                            on_boundary=keep, meta={"stage": "sft"},
+                            init_params_path=init_params_path)
     writer_extra.close()
     missing = sorted(set(snaps) - {s["step"] for s in snapshots})
     for s in missing:  # trained past them in an earlier run: their exports must exist
