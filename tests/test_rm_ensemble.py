@@ -81,8 +81,8 @@ def test_flow_exports_and_cards(flow):
         assert card["model_config"] == ckpt_lib.read_card(m["init_snapshot"])["model_config"]
         assert model_lib.config_from_dict(card["model_config"]).vocab_size == 512
         assert card["vocab_sha256"] == hcard["vocab_sha256"]
-        assert card["learning_rate"] == ENS["learning_rates"][i]
-        assert card["dropout_rate"] == ENS["dropout_rates"][i]
+        assert card["learning_rate"] == ENS["members"].learning_rates[i]
+        assert card["dropout_rate"] == ENS["members"].dropout_rates[i]
         assert card["data_seed"] == i
         assert card["init_snapshot"] == m["init_snapshot"]
         assert set(card["accuracies"]) == {"valid", "ood", "train", "train_clean", "train_corrupt"}
@@ -153,9 +153,9 @@ def test_stacked_state_sharded_on_ensemble_axis(flow):
         assert leaf.sharding.spec[0] == "ensemble"
     # per-member learning rates and dropout rates live in the stacked state
     np.testing.assert_allclose(np.asarray(state["opt_state"].hyperparams["learning_rate"]),
-                               ENS["learning_rates"], rtol=1e-6)
+                               ENS["members"].learning_rates, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(state["hparams"]["dropout_rate"]),
-                               ENS["dropout_rates"], rtol=1e-6)
+                               ENS["members"].dropout_rates, rtol=1e-6)
     # Adafactor statistics are per member (the optimizer is vmapped): every stat of a
     # parameter keeps the leading member axis, sharded on 'ensemble', factored ones included
     params_nd = {jax.tree_util.keystr(p): x.ndim
