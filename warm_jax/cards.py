@@ -55,17 +55,6 @@ def lm_card(kind: str, model_cfg, vocab, step: int, **extra) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class MemberHyperparameters:
-    """What makes one reward model of an ensemble differ from the others."""
-
-    learning_rate: float
-    dropout_rate: float
-    data_seed: int
-    init_snapshot: str
-    init_snapshot_step: Optional[int] = None
-
-
-@dataclasses.dataclass(frozen=True)
 class MemberRef:
     """One member as a merge card (and the rm_ensemble summary) records it."""
 
