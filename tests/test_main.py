@@ -193,8 +193,8 @@ BAD_VALUES = [
     (["--gin.warm_stage.method='mean'"],
      "warm_clean/warm_stage.method = 'mean': method 'mean'; choose from "
      "['uniform', 'weighted', 'greedy']"),
-    (["--gin.sft_stage.snapshot_steps=[100, 400]"],
-     "sft_stage.snapshot_steps = [100, 400]: steps [400] outside (0, total_steps=300]"),
+    (["--gin.sft_stage.snapshot_steps=[100, 700]"],
+     "sft_stage.snapshot_steps = [100, 700]: steps [700] outside (0, total_steps=600]"),
     (["--gin.judge_stage.pairs=[('rl_warm',)]"],
      "judge_stage.pairs[0] = ('rl_warm',): must be a pair (A, B) of policies"),
     (["--gin.eval_corrupt/rm_eval_stage.interp_members=(1, 1)"],
@@ -251,7 +251,7 @@ def test_dry_run_checks_and_prints_the_plan_without_running(tmp_path, capsys, ca
     assert entries == list(gin.query_parameter("run.stages"))
     gin.clear_config()
     assert "  5. rm_ensemble@rm_clean    to run" in out
-    assert "reads:  RUN_DIR/rm_init/head, RUN_DIR/sft/snapshots, RUN_DIR/data" in out
+    assert "reads:  RUN_DIR/rm_init/head, RUN_DIR/rm_init/warm_start, RUN_DIR/data" in out
     assert "writes: RUN_DIR/warm_corrupt, RUN_DIR/warm_corrupt_stage" in out
     n = len(entries)
     assert out.rstrip().endswith(f"configuration OK: {n} entries checked, 0 done, {n} to run; "

@@ -128,7 +128,8 @@ class MemberSweep:
     Per-member lists (one entry per member; a list of the wrong length is an error) or
     None = derived: learning and dropout rates from the grids (grid_point), data seed
     SEED + i. init_snapshots: 'cycle' (Baklava: member i starts from the i-th SFT snapshot
-    counted from the last, cycling), 'last' (all from the final SFT snapshot), or a list of
+    counted from the last, cycling), 'last' (all from the final SFT snapshot), 'rm_init' (all
+    from the rm_init stage's shared warm start), or a list of
     SFT steps / params paths, one per member.
     """
 
@@ -175,13 +176,21 @@ class MemberSweep:
         return inits in (None, "cycle", "last") or any(not isinstance(v, str) for v in inits)
 
     def table(self, snapshots: Sequence[dict] = (), seed: int = 0,
-              member_index: Optional[int] = None) -> list[MemberSpec]:
-        """The members' specs (only member `member_index`'s when given)."""
+              member_index: Optional[int] = None,
+              warm_start: Optional[str] = None) -> list[MemberSpec]:
+        """The members' specs (only member `member_index`'s when given). warm_start: the
+        rm_init stage's shared warm start ('rm_init' members start from it)."""
         bad = self.problem(member_index)
         if bad:
             field, value, why = bad
             raise ValueError(f"MemberSweep.{field} = {value!r}: {why}")
-        inits = _member_inits(self.init_snapshots, snapshots, self.num_members)
+        if self.init_snapshots == "rm_init":
+            if not warm_start:
+                raise ValueError("MemberSweep.init_snapshots = 'rm_init' needs the rm_init "
+                                 "stage's warm start (probe_stage.warm_start_steps > 0)")
+            inits = [(warm_start, None)] * self.num_members
+        else:
+            inits = _member_inits(self.init_snapshots, snapshots, self.num_members)
         specs = [MemberSpec(i, lr, dr, ds, inits[i][0], inits[i][1])
                  for i, (lr, dr, ds) in enumerate(self.hyperparameters(seed))]
         return specs if member_index is None else [specs[member_index]]
@@ -249,9 +258,10 @@ def member_problem(sweep: MemberSweep, member_index=None) -> Optional[tuple[str,
 
 
 def _init_problem(init_snapshots, num_members: int) -> Optional[tuple[str, Any, str]]:
-    if isinstance(init_snapshots, str) and init_snapshots not in ("cycle", "last"):
+    if isinstance(init_snapshots, str) and init_snapshots not in ("cycle", "last", "rm_init"):
         return ("init_snapshots", init_snapshots,
-                "use 'cycle', 'last', or a list of SFT steps / params paths, one per member")
+                "use 'cycle', 'last', 'rm_init', or a list of SFT steps / params paths, one "
+                "per member")
     if init_snapshots is not None and not isinstance(init_snapshots, str):
         bad = _list_problem(init_snapshots, num_members)
         if bad:
@@ -282,6 +292,10 @@ class RMTrainConfig:
     log_every: int = 25
     checkpoint_every: int = 100
     member_loop: str = "auto"  # see resolve_member_loop
+    # where a member's dropout rate applies: 'all' (the embeddings and every residual branch)
+    # or 'head' (the reward head's input only; in the mini model, body dropout of 0.05 stops
+    # the members from learning to read the post: docs/science.md)
+    dropout_sites: str = "all"
     eval_every: int = 0  # 0 = evaluate at the end only
     eval_pairs: int = 512  # ID-validation and OOD pairs per evaluation
     eval_train_pairs: int = 1024  # training pairs (clean/corrupt split) per evaluation
@@ -296,6 +310,7 @@ class RMTrainConfig:
             c.integer(field, lo)
         c.number("center_coef", 0)
         c.choice("member_loop", ("auto", "vmap", "map"))
+        c.choice("dropout_sites", ("all", "head"))
         c.batch_divides_mesh()
 
 
@@ -355,7 +370,8 @@ def ensemble_optimizer_config(warmup_steps: int, total_steps: int) -> optim.Opti
 @functools.lru_cache(maxsize=4)
 def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_members: int,
                            batch_shape: tuple[int, int], center_coef: float = 0.0,
-                           member_loop: str = "auto") -> EnsembleProgram:
+                           member_loop: str = "auto",
+                           dropout_sites: str = "all") -> EnsembleProgram:
     """batch_shape = (pairs per member, sequence length). Cached: a stage called again in
     one process (one job per member, a resumed run) reuses the compiled executables."""
     m = num_members
@@ -380,7 +396,8 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
         st["nonfinite"] = jnp.zeros((), jnp.int32)
         return st
 
-    member_step = functools.partial(steps.rm_train_step, model_cfg, tx, center_coef=center_coef)
+    member_step = functools.partial(steps.rm_train_step, model_cfg, tx, center_coef=center_coef,
+                                    dropout_sites=dropout_sites)
 
     def one(st, batch):
         st = dict(st, nonfinite=jnp.zeros((), jnp.int32))

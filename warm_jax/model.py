@@ -293,8 +293,10 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, mask=None, positions=None, *, head: str = "lm",
                  deterministic: bool = True, dropout_rate=None, decode: bool = False,
-                 causal_only: bool = False):
+                 causal_only: bool = False, dropout_sites: str = "all"):
         cfg = self.config
+        if dropout_sites not in ("all", "head"):
+            raise ValueError(f"dropout_sites={dropout_sites!r}; choose all or head")
         if mask is None:
             mask = (tokens != 0).astype(jnp.int32)
         if positions is None:
@@ -308,7 +310,8 @@ class Transformer(nn.Module):
             (cfg.vocab_size, cfg.d_model), cfg.jparam_dtype)
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.jdtype)
         x = partitioning.constrain(x, ("batch", "length", "act_embed"))
-        x = dropout(self, x, rate, deterministic)
+        body_rate = rate if dropout_sites == "all" else None
+        x = dropout(self, x, body_rate, deterministic)
 
         block_cls = Block
         if cfg.remat != "none":
@@ -317,7 +320,7 @@ class Transformer(nn.Module):
             block_cls = nn.remat(Block, policy=policy, prevent_cse=not decode)
         for i in range(cfg.num_layers):
             x = block_cls(cfg, decode, causal_only, deterministic, name=f"layer_{i}")(
-                x, positions, mask, rate)
+                x, positions, mask, body_rate)
         x = RMSNorm(cfg, name="final_norm")(x)
 
         outputs = {}
@@ -329,12 +332,13 @@ class Transformer(nn.Module):
             outputs["lm"] = partitioning.constrain(logits.astype(jnp.float32),
                                                    ("batch", "length", "act_vocab"))
         if head in ("reward", "values", "all"):
+            feats = x if dropout_sites == "all" else dropout(self, x, rate, deterministic)
             scalars = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.jparam_dtype,
                                kernel_init=nn.with_logical_partitioning(
                                    nn.initializers.zeros, ("embed", "head_out")),
                                bias_init=nn.with_logical_partitioning(
                                    nn.initializers.zeros, ("head_out",)),
-                               name="reward_head")(x.astype(jnp.float32))[..., 0]
+                               name="reward_head")(feats.astype(jnp.float32))[..., 0]
             outputs["values"] = scalars
         if head == "lm":
             return outputs["lm"]

@@ -41,15 +41,18 @@ def lm_train_step(model_cfg: TransformerConfig, tx: optax.GradientTransformation
 
 
 def rm_scores(model_cfg: TransformerConfig, params, tokens, mask, *, deterministic=True,
-              dropout_rate=None, rng=None):
+              dropout_rate=None, rng=None, dropout_sites: str = "all"):
+    """dropout_sites: 'all' (the embeddings and every residual branch) or 'head' (the
+    reward head's input only)."""
     rngs = {"dropout": rng} if rng is not None else {}
     return Transformer(model_cfg).apply({"params": params}, tokens, mask, head="reward",
                                         deterministic=deterministic, dropout_rate=dropout_rate,
-                                        causal_only=True, rngs=rngs)
+                                        causal_only=True, rngs=rngs, dropout_sites=dropout_sites)
 
 
 def rm_train_step(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
-                  state: dict, batch: dict, center_coef: float = 0.0):
+                  state: dict, batch: dict, center_coef: float = 0.0,
+                  dropout_sites: str = "all"):
     """Bradley-Terry step on (chosen, rejected) pairs; one forward over both halves."""
     rate = state.get("hparams", {}).get("dropout_rate")
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
@@ -58,7 +61,7 @@ def rm_train_step(model_cfg: TransformerConfig, tx: optax.GradientTransformation
 
     def loss_fn(params):
         r = rm_scores(model_cfg, params, tokens, mask, deterministic=False, dropout_rate=rate,
-                      rng=step_rng(state))
+                      rng=step_rng(state), dropout_sites=dropout_sites)
         return losses.bradley_terry_loss(r[:n], r[n:], center_coef)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

@@ -94,7 +94,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     opt_cfg = ensemble.ensemble_optimizer_config(tc.warmup_steps, tc.total_steps)
     program = ensemble.build_ensemble_program(setup["model_cfg"], opt_cfg, ctx.mesh(), m,
                                               (tc.batch_size, seq_len), tc.center_coef,
-                                              tc.member_loop)
+                                              tc.member_loop, tc.dropout_sites)
     hyper = {"total_steps": tc.total_steps, "batch_size": tc.batch_size,
              "warmup_steps": tc.warmup_steps, "center_coef": tc.center_coef,
              "corrupted": corrupted, "corruption_fraction":
@@ -103,7 +103,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                            if k != "learning_rate"},  # per member
              "train_pairs": n, "seq_len": seq_len, "num_members": sweep.num_members,
              "member_index": member_index, "seed": ctx.seed, "head_path": head_path,
-             "member_loop": program.member_loop}
+             "member_loop": program.member_loop, "dropout_sites": tc.dropout_sites}
     ctx.write_run_info({**hyper, "members": [s.as_dict() for s in setup["specs"]],
                         "model_config": model_lib.config_to_dict(setup["model_cfg"])},
                        {"seed": ctx.seed, "data_seeds": [s.data_seed for s in setup["specs"]]})
@@ -124,7 +124,11 @@ def _setup(ctx, name: str, sweep: ensemble.MemberSweep, member_index, head_path:
     head, head_card = ckpt_lib.load_params(head_path)
     head = jax.tree.map(np.asarray, head)
     snapshots = artifacts.sft_snapshots(ctx.run_dir) if sweep.needs_sft_snapshots() else []
-    specs = sweep.table(snapshots, seed=ctx.seed, member_index=member_index)
+    warm = None
+    if sweep.init_snapshots == "rm_init":
+        warm = artifacts.read_json(artifacts.stage_path(ctx.run_dir, "rm_init",
+                                                        "summary.json")).get("warm_start")
+    specs = sweep.table(snapshots, seed=ctx.seed, member_index=member_index, warm_start=warm)
     init_cards = {s.init_path: ckpt_lib.read_card(s.init_path) for s in specs}
     cfg_dicts = {p: c.get("model_config") for p, c in init_cards.items()}
     first = specs[0].init_path
@@ -149,12 +153,28 @@ def _setup(ctx, name: str, sweep: ensemble.MemberSweep, member_index, head_path:
     return {"specs": specs, "init_cards": init_cards, "model_cfg": model_cfg, "head": head}
 
 
+def _check_disjoint(ctx, n: int) -> None:
+    """Refuses training rows [0, n) that overlap the rows the rm_init stage reserved for
+    its probe and warm start (when it reserved any)."""
+    path = artifacts.stage_path(ctx.run_dir, "rm_init", "summary.json")
+    if not os.path.exists(path):
+        return
+    summary = artifacts.read_json(path)
+    rows = summary.get("train_rows")
+    if rows and rows[0] > 0 and n > rows[0]:
+        raise ValueError(
+            f"ensemble_stage: training rows [0, {n}) overlap the rows [{rows[0]}, {rows[1]}) "
+            f"that rm_init reserved for its probe and warm start ({path}); set "
+            f"DataConfig.max_train_pairs <= {rows[0]} in this entry's scope")
+
+
 def _data(ctx, corrupted: bool, tc: ensemble.RMTrainConfig) -> dict:
     """Training pairs (corrupted labels when asked) and the evaluation sets, trimmed."""
     prov = ctx.provider()
     lm.check_batch(tc.batch_size, ctx.mesh(), "ensemble_stage")
     train = prov.preference("train", corrupted=corrupted)
     n = len(train["chosen_tokens"])
+    _check_disjoint(ctx, n)
     rng = np.random.default_rng(np.random.SeedSequence([ctx.seed, 0xE7A1]))
     train_eval_idx = np.sort(rng.permutation(n)[:min(tc.eval_train_pairs, n)])
     valid, ood = prov.preference("valid"), prov.preference("ood")
@@ -271,6 +291,8 @@ def check_ensemble_stage(c) -> None:
         c.existing("head_path", what="params export")
     if ensemble.MemberSweep(**sweep.args).needs_sft_snapshots():
         c.read(c.rel(artifacts.SFT_DIR, "snapshots"))
+    if sweep["init_snapshots"] == "rm_init":
+        c.read(c.rel(artifacts.RM_INIT_DIR, "warm_start"))
     c.data()
     c.optimizer()
     c.loop()

@@ -1,13 +1,24 @@
-"""The rm_init stage: the paper's RM init by linear probing.
+"""The rm_init stage: the paper's RM init by linear probing, and an optional shared warm start.
 
 The final SFT backbone, frozen, plus a scalar reward head fitted alone (Bradley-Terry on
 clean training pairs). The backbone is deterministic and frozen, so its last-token
 features are computed once and the head is fitted on them (exactly what probing through
 the frozen network computes, at a fraction of the cost). Exports {run_dir}/rm_init/head;
 the SAME head goes on every member of the ensembles.
+
+Shared warm start (``warm_start_steps > 0``, LP-FT): the probed model is then fine-tuned
+whole, once, for ``warm_start_steps`` Bradley-Terry steps, and exported as
+{run_dir}/rm_init/warm_start (its head replaces rm_init/head). Members started from it
+(``MemberSweep.init_snapshots = 'rm_init'``) share an init that already reads the post, the
+role the pre-trained model plays in the paper; the mini SFT model does not read the post,
+and members fine-tuned from it each learn to in their own way, so their weight average
+falls below every member (docs/science.md). ``reserved_pairs > 0`` puts the probe and the
+warm start on the LAST ``reserved_pairs`` rows of the training split, and the ensembles
+(which read the first ``DataConfig.max_train_pairs`` rows) refuse to overlap them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -23,7 +34,7 @@ from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import ensemble, losses, metrics, partitioning
 from warm_jax import model as model_lib
-from warm_jax import train_lib
+from warm_jax import optim, steps, train_lib
 from warm_jax.data import pipeline
 from warm_jax.data import provider as provider_lib
 from warm_jax.stages.base import StageContext
@@ -106,7 +117,9 @@ def _probe_accuracy(head, fc, fr) -> float:
 @gin.configurable
 def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int = 2048,
                 num_steps: int = 300, learning_rate: float = 1e-2, batch_size: int = 256,
-                center_coef: float = 0.0, eval_pairs: int = 512) -> dict:
+                center_coef: float = 0.0, eval_pairs: int = 512, reserved_pairs: int = 0,
+                warm_start_steps: int = 0, warm_start_learning_rate: float = 1e-3,
+                warm_start_batch_size: int = 32) -> dict:
     """Linear probe of the scalar reward head on the frozen final SFT backbone.
 
     Fits on `probe_pairs` clean training pairs (a random subset chosen by the run's SEED), reports
@@ -131,7 +144,7 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     abstract, names = model_lib.abstract_params(model_cfg)
     p_sh = partitioning.tree_shardings(names, abstract, mesh)
     params, _ = ckpt_lib.load_params(sft_path, train_lib.with_shardings(abstract, p_sh))
-    train = prov.preference("train")
+    train, rows = _init_rows(prov, reserved_pairs)
     n = len(train["chosen_tokens"])
     idx = pipeline.batch_indices(n, min(probe_pairs, n), seed, 0)
     sets = {"train": provider_lib.subset(train, idx),
@@ -149,7 +162,13 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     acc = {k: _probe_accuracy(head, *f) for k, f in feats.items()}
     config = {"sft_path": sft_path, "probe_pairs": len(idx), "num_steps": num_steps,
               "learning_rate": learning_rate, "batch_size": batch_size,
-              "center_coef": center_coef, "eval_pairs": eval_pairs, "optimizer": "adam"}
+              "center_coef": center_coef, "eval_pairs": eval_pairs, "optimizer": "adam",
+              "reserved_pairs": reserved_pairs, "train_rows": rows,
+              "warm_start_steps": warm_start_steps,
+              "warm_start_learning_rate": warm_start_learning_rate,
+              "warm_start_batch_size": warm_start_batch_size}
+    full, head, warm = _warm_start(model_cfg, params, head, train, dict(zip(sets, trimmed)),
+                                   config, seed)
     ctx.write_run_info(config, {"seed": seed})
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
@@ -160,7 +179,11 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
         root_fingerprint=card.get("init_fingerprint") or card.get("fingerprint"),
         accuracies=acc, hyperparameters=config, seed=seed)
     path = artifacts.export_once(os.path.join(stage_dir, "head"), head, out_card)
+    warm_path = warm and _export_warm(stage_dir, model_cfg, prov.vocab, full, warm, card,
+                                      config, seed)
     summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracies": acc,
+               "train_rows": rows, "warm_start": warm_path,
+               "warm_start_accuracies": warm and warm["accuracies"],
                "fingerprint": ckpt_lib.read_card(path)["fingerprint"],
                "probe_loss": trace[-1] if trace else None,
                "seconds": ctx.seconds}
@@ -170,8 +193,96 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     return summary
 
 
+def _warm_start(model_cfg, params, head, train: dict, eval_sets: dict, config: dict,
+                seed: int):
+    """(whole params, head, warm-start record or None): the probed model fine-tuned whole
+    for config['warm_start_steps'] steps, when > 0."""
+    steps_ = config["warm_start_steps"]
+    if not steps_:
+        return None, head, None
+    full = ensemble.with_head(jax.tree.map(np.asarray, params), head)
+    full, acc, trace = warm_start(model_cfg, full, ensemble.trim_pairs(train)[0], eval_sets,
+                                  steps_=steps_,
+                                  learning_rate=config["warm_start_learning_rate"],
+                                  batch_size=config["warm_start_batch_size"], seed=seed)
+    log.info("rm_init: warm start (%d steps) accuracy train %.3f valid %.3f ood %.3f",
+             steps_, acc["train"], acc["valid"], acc["ood"])
+    return full, ensemble.head_of(full), {"accuracies": acc, "loss_trace": trace}
+
+
+def _export_warm(stage_dir: str, model_cfg, vocab, full, warm: dict, sft_card: dict,
+                 config: dict, seed: int) -> str:
+    card = cards.lm_card(
+        "rm_warm_start", model_cfg, vocab, config["warm_start_steps"], stage="rm_init",
+        sft_path=config["sft_path"], sft_fingerprint=sft_card.get("fingerprint"),
+        root_fingerprint=sft_card.get("init_fingerprint") or sft_card.get("fingerprint"),
+        accuracies=warm["accuracies"], hyperparameters=config, seed=seed,
+        train_rows=config["train_rows"])
+    return artifacts.export_once(os.path.join(stage_dir, "warm_start"), full, card)
+
+
+def _init_rows(prov, reserved_pairs: int) -> tuple[dict, list[int]]:
+    """The probe's (and warm start's) training pairs and their [start, end) rows in the
+    FULL training split: every row, or the last `reserved_pairs` rows when > 0."""
+    if not reserved_pairs:
+        train = prov.preference("train")
+        return train, [0, len(train["chosen_tokens"])]
+    full = provider_lib.DataProvider(dataclasses.replace(prov.config, max_train_pairs=None))
+    comps = full.comparisons("train")
+    n = len(comps)
+    if reserved_pairs >= n:
+        raise ValueError(f"probe_stage.reserved_pairs = {reserved_pairs}: the training split "
+                         f"has only {n} pairs")
+    arrays = pipeline.preference_arrays(comps[n - reserved_pairs:], prov.vocab,
+                                        prov.config.max_len)
+    return arrays, [n - reserved_pairs, n]
+
+
+def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
+               learning_rate: float, batch_size: int, seed: int):
+    """The shared warm start: `steps_` Bradley-Terry steps on the whole model (AdamW, 20
+    warm-up steps, cosine decay, clip 1.0; no dropout). Returns (params, accuracies on
+    eval_sets, loss trace). Deterministic; short enough to redo if interrupted."""
+    cfg = optim.OptimizerConfig(name="adamw", learning_rate=learning_rate,
+                                warmup_steps=min(20, steps_), decay="cosine",
+                                total_steps=steps_, grad_clip_norm=1.0)
+    tx = optim.make_optimizer(cfg)
+    params = jax.tree.map(jnp.asarray, params)
+    opt = tx.init(params)
+    keys = ensemble.PAIR_KEYS
+
+    def loss_fn(p, batch):
+        rc, rr = steps.rm_eval_step(model_cfg, p, batch)
+        return losses.bradley_terry_loss(rc, rr)[0]
+
+    @jax.jit
+    def step(p, o, batch):
+        loss, g = jax.value_and_grad(loss_fn)(p, batch)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss
+
+    n, trace = len(train["chosen_tokens"]), []
+    for s in range(steps_):
+        idx = pipeline.batch_indices(n, min(batch_size, n), seed + 1, s)
+        params, opt, loss = step(params, opt, {k: train[k][idx] for k in keys})
+        if s % 50 == 0 or s == steps_ - 1:
+            trace.append(float(loss))
+    score = jax.jit(functools.partial(steps.rm_eval_step, model_cfg))
+    acc = {}
+    for name, pairs in eval_sets.items():
+        out = [score(params, {k: pairs[k][i:i + 256] for k in keys})
+               for i in range(0, len(pairs["chosen_tokens"]), 256)]
+        acc[name] = ensemble.pairs_accuracy(np.concatenate([np.asarray(o[0]) for o in out]),
+                                            np.concatenate([np.asarray(o[1]) for o in out]))
+    return jax.tree.map(np.asarray, params), acc, trace
+
+
 def check_probe_stage(c) -> None:
     """Up-front rules and plan of the rm_init stage (c: config_checks.StageCheck)."""
+    c.integer("reserved_pairs", 0)
+    c.integer("warm_start_steps", 0)
+    c.rate("warm_start_learning_rate")
+    c.integer("warm_start_batch_size", 1)
     c.integer("probe_pairs", 1)
     c.integer("num_steps", 1)
     c.rate("learning_rate")
