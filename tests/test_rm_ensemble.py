@@ -288,3 +288,55 @@ def test_stacked_step_skips_a_members_nonfinite_update(mesh_cfg=dict(ensemble=2,
             np.testing.assert_array_equal(a[1], b[1])  # member 1 untouched
             moved = max(moved, float(np.max(np.abs(a[0].astype(np.float64) - b[0]))))
     assert moved > 1e-4  # member 0 did train
+
+
+# --------------------------------------------------------------------------- the warm start
+
+
+def test_head_dropout_leaves_the_body_deterministic():
+    """dropout_sites='head': the LM logits (the body) are those of a deterministic pass while
+    the reward moves with the dropout RNG; 'all' perturbs the body."""
+    cfg = model_lib.model_config("tiny")
+    model = model_lib.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 3, cfg.vocab_size)
+    params = model.init(jax.random.PRNGKey(1), tokens, head="all")["params"]
+
+    def run(head, sites, seed):
+        return np.asarray(model.apply({"params": params}, tokens, head=head,
+                                      deterministic=False, dropout_rate=0.5,
+                                      dropout_sites=sites,
+                                      rngs={"dropout": jax.random.PRNGKey(seed)}))
+
+    det_lm = np.asarray(model.apply({"params": params}, tokens, head="lm"))
+    np.testing.assert_array_equal(run("lm", "head", 0), det_lm)
+    assert not np.allclose(run("lm", "all", 0), det_lm)
+    params = jax.tree.map(lambda x: x + 0.1, params)  # a non-zero reward head
+    assert not np.allclose(run("values", "head", 0), run("values", "head", 1))
+    with pytest.raises(ValueError, match="dropout_sites"):
+        run("reward", "body", 0)
+
+
+def test_rm_init_members_need_the_warm_start():
+    sweep = ensemble.MemberSweep(num_members=2, init_snapshots="rm_init")
+    assert ensemble.member_problem(sweep) is None
+    with pytest.raises(ValueError, match="warm_start_steps"):
+        sweep.table([], seed=0)
+    specs = sweep.table([], seed=0, warm_start="/x/rm_init/warm_start")
+    assert [s.init_path for s in specs] == ["/x/rm_init/warm_start"] * 2
+    assert ensemble.member_problem(ensemble.MemberSweep(init_snapshots="rminit"))[0] == \
+        "init_snapshots"
+
+
+def test_ensemble_rows_may_not_overlap_the_rows_rm_init_reserved(tmp_path):
+    class Ctx:
+        run_dir = str(tmp_path)
+
+    os.makedirs(tmp_path / "rm_init")
+    with open(tmp_path / "rm_init" / "summary.json", "w") as f:
+        json.dump({"train_rows": [16000, 20000]}, f)
+    rm_ensemble._check_disjoint(Ctx, 16000)  # rows [0, 16000): disjoint
+    with pytest.raises(ValueError, match=r"\[0, 16001\) overlap the rows \[16000, 20000\)"):
+        rm_ensemble._check_disjoint(Ctx, 16001)
+    with open(tmp_path / "rm_init" / "summary.json", "w") as f:
+        json.dump({"train_rows": [0, 20000]}, f)  # nothing reserved: the probe used every row
+    rm_ensemble._check_disjoint(Ctx, 20000)
