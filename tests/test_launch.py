@@ -202,6 +202,7 @@ def test_sweep_bindings_drive_the_ensemble_stage():
     """The emitted gin lines parse against the real ensemble_stage, and its member
     resolution gives back the sweep's table; member jobs pick single members."""
     from warm_jax import ensemble, sweeps
+    from warm_jax.stages import rm_ensemble, sft  # noqa: F401  (register their configurables)
 
     sw = sweeps.make_sweep("paper", 6, ["scope=\"rm_clean\""])
     snapshots = [{"step": s, "path": f"/sft/step_{s}"} for s in (8000, 10000, 12000)]
