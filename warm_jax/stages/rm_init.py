@@ -34,7 +34,7 @@ from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import ensemble, losses, metrics, partitioning
 from warm_jax import model as model_lib
-from warm_jax import optim, steps, train_lib
+from warm_jax import optim, reward, steps, train_lib
 from warm_jax.data import pipeline
 from warm_jax.data import provider as provider_lib
 from warm_jax.stages.base import StageContext
@@ -267,13 +267,8 @@ def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
         params, opt, loss = step(params, opt, {k: train[k][idx] for k in keys})
         if s % 50 == 0 or s == steps_ - 1:
             trace.append(float(loss))
-    score = jax.jit(functools.partial(steps.rm_eval_step, model_cfg))
-    acc = {}
-    for name, pairs in eval_sets.items():
-        out = [score(params, {k: pairs[k][i:i + 256] for k in keys})
-               for i in range(0, len(pairs["chosen_tokens"]), 256)]
-        acc[name] = ensemble.pairs_accuracy(np.concatenate([np.asarray(o[0]) for o in out]),
-                                            np.concatenate([np.asarray(o[1]) for o in out]))
+    scorer = reward.RewardModel.single(model_cfg, params)
+    acc = {name: reward.pairwise_accuracy(scorer, pairs) for name, pairs in eval_sets.items()}
     return jax.tree.map(np.asarray, params), acc, trace
 
 
