@@ -74,7 +74,8 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
     summary["counts"] = counts
     summary["vocab_size"] = prov.vocab.vocab_size
     summary["vocab_sha256"] = prov.vocab.sha256
-    summary["baselines"] = fit_baselines(cfg, prov, baseline_train_pairs, baseline_steps)
+    summary["baselines"] = fit_baselines(cfg, prov, baseline_train_pairs, baseline_steps,
+                                         run_dir)
     if distributed.is_primary():
         metrics.atomic_write_json(ctx.path(artifacts.BASELINES), summary["baselines"])
     ctx.write_run_info({"data_config": vars(cfg), "baseline_train_pairs": baseline_train_pairs,
@@ -87,10 +88,18 @@ NO_ORACLE = ("real data: only the generated miniature world has a programmatic o
              "the oracle-label ceiling is not measured")
 
 
-def fit_baselines(cfg, prov, train_pairs: Optional[int], steps: int) -> dict:
+def _run_relative(path: str, run_dir: str) -> str:
+    """`path` relative to the run directory when it lies inside it (a moved or copied run
+    still names its own files), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
+    return rel if not rel.startswith(os.pardir) else os.path.abspath(path)
+
+
+def fit_baselines(cfg, prov, train_pairs: Optional[int], steps: int, run_dir: str) -> dict:
     """The bag-of-words baselines, fitted once on the first `train_pairs` pairs of the whole
     training split (DataConfig.max_train_pairs does not cap them) and scored on 'valid' (ID)
-    and 'ood', with each split's oracle-label ceiling when the data is a generated world."""
+    and 'ood', with each split's oracle-label ceiling when the data is a generated world.
+    'comparisons' names their file, relative to the run directory when inside it."""
     from warm_jax.data import provider as provider_lib
 
     t0 = time.time()
@@ -100,7 +109,8 @@ def fit_baselines(cfg, prov, train_pairs: Optional[int], steps: int) -> dict:
     train = full.comparisons("train")[:train_pairs or None]
     splits = gates.baselines_by_split(train, {s: prov.comparisons(s) for s in ("valid", "ood")},
                                       steps=steps, with_oracle=with_oracle)
-    out = {"comparisons": cfg.path("comparisons", "comparisons"), "train_pairs": len(train),
+    out = {"comparisons": _run_relative(cfg.path("comparisons", "comparisons"), run_dir),
+           "train_pairs": len(train),
            "train_pairs_cap": train_pairs, "steps": steps, "splits": splits,
            "oracle_ceiling_absent": None if with_oracle else NO_ORACLE,
            "seconds": round(time.time() - t0, 2)}

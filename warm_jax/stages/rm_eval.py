@@ -499,7 +499,7 @@ def _baselines(run_dir: str, prov, valid_comps, baseline_train_pairs) -> dict:
     """The ID baselines of the gates (gates.baselines' fields, plus 'source'): the data
     stage's, fitted once per run, when they are of these rows; else fitted here (logged)."""
     stored = artifacts.data_baselines(run_dir)
-    why = _baselines_problem(stored, prov, len(valid_comps), baseline_train_pairs)
+    why = _baselines_problem(stored, prov, len(valid_comps), baseline_train_pairs, run_dir)
     if why is None:
         v = stored["splits"]["valid"]
         return {"summary_only_bow": v["summary_only_bow"], "post_aware_bow": v["post_aware_bow"],
@@ -514,14 +514,15 @@ def _baselines(run_dir: str, prov, valid_comps, baseline_train_pairs) -> dict:
     return {**base, "source": f"rm_eval ({why})"}
 
 
-def _baselines_problem(stored: Optional[dict], prov, n_valid: int,
-                       baseline_train_pairs) -> Optional[str]:
+def _baselines_problem(stored: Optional[dict], prov, n_valid: int, baseline_train_pairs,
+                       run_dir: str) -> Optional[str]:
     """Why the data stage's baselines are not those of this evaluation (None: they are)."""
     if not stored:
         return "the data stage recorded none (it ran before they moved there)"
     here = prov.config.path("comparisons", "comparisons")
-    if os.path.abspath(stored.get("comparisons") or "") != os.path.abspath(here):
-        return f"the data stage fitted them on {stored.get('comparisons')}, not {here}"
+    theirs = os.path.join(run_dir, stored.get("comparisons") or "")  # run-relative or absolute
+    if os.path.abspath(theirs) != os.path.abspath(here):
+        return f"the data stage fitted them on {theirs}, not {here}"
     if stored.get("train_pairs_cap") != baseline_train_pairs:
         return (f"the data stage fitted them on at most {stored.get('train_pairs_cap')} "
                 f"training pairs, rm_eval_stage.baseline_train_pairs = {baseline_train_pairs}")
