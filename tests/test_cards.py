@@ -38,3 +38,22 @@ def test_a_member_ref_reads_a_member_card():
                                                     "accuracies": {"valid": 0.6}}, weight=0.5)
     assert ref.learning_rate == 1e-3 and ref.dropout_rate == 0.05 and ref.weight == 0.5
     assert ref.as_dict()["accuracies"] == {"valid": 0.6} and ref.path == "/m/member_1"
+
+
+def test_members_are_ranked_on_the_selection_rows_when_every_card_has_them(caplog):
+    """accuracies.select (held-out training rows no ensemble trains on) ranks the members;
+    cards written before it fall back to accuracies.valid, with a log line."""
+    new = [{"accuracies": {"valid": 0.9, "select": 0.6}},
+           {"accuracies": {"valid": 0.7, "select": 0.8}}]
+    assert reward_lib.card_accuracy(new[0]) == 0.6
+    assert reward_lib.card_accuracy(new[0], "valid") == 0.9
+    assert reward_lib.ranking_split(new) == "select"
+    assert reward_lib.rank_by_accuracy(["a", "b"], new) == [1, 0]
+    assert reward_lib.rank_by_accuracy(["a", "b"], new, split="valid") == [0, 1]
+    old = [{"accuracies": {"valid": 0.9}}, {"accuracy": {"valid": 0.7}}]
+    with caplog.at_level("INFO", logger="warm_jax"):
+        assert reward_lib.rank_by_accuracy(["a", "b"], old) == [0, 1]
+    assert "by accuracies.valid" in caplog.text
+    # one old card among new ones: all are ranked on valid (never two splits mixed)
+    assert reward_lib.ranking_split([new[0], old[0]]) == "valid"
+    assert reward_lib.rank_by_accuracy(["a", "b"], [new[1], old[0]]) == [1, 0]

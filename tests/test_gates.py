@@ -67,6 +67,26 @@ def test_baselines_and_ceiling(sets):
     assert base["oracle_ceiling"] > base["post_aware_bow"] - 0.05
 
 
+def test_baselines_of_several_splits_and_the_ceiling_gate_without_an_oracle(sets):
+    train, valid = sets
+    by = gates.baselines_by_split(train, {"valid": valid, "ood": valid[:100]},
+                                  with_oracle=False)
+    one = gates.baselines(train, valid)  # fitted once, scored on each split: the same model
+    for k in ("summary_only_bow", "post_aware_bow"):
+        assert by["valid"][k] == one[k]
+    assert by["valid"]["oracle_ceiling"] is None and by["ood"]["n_eval"] == 100
+    assert by["ood"]["n_train"] == len(train)
+    base = {**by["valid"], "oracle_ceiling_absent": "real data: no oracle"}
+    aware = base["post_aware_bow"]
+    g = {x["id"]: x for x in gates.rm_gates("rm", aware + 0.01, 0.5, {"rm": aware + 0.01},
+                                            base)}
+    assert g["ceiling"]["passed"] and "real data: no oracle" in g["ceiling"]["gate"]
+    assert g["ceiling"]["numbers"]["oracle_ceiling"] is None
+    g = {x["id"]: x for x in gates.rm_gates("rm", aware - 0.01, 0.5, {"rm": aware - 0.01},
+                                            base)}
+    assert not g["ceiling"]["passed"] and "post-aware bag-of-words" in g["ceiling"]["words"]
+
+
 def test_one_weak_rm_fails_the_summary_only_gate():
     base = {"summary_only_bow": 0.55, "post_aware_bow": 0.80, "oracle_ceiling": 0.86}
     ok = gates.rm_gates("m0", 0.82, 0.5, {"m0": 0.82, "m1": 0.70}, base)

@@ -51,6 +51,65 @@ def test_aggregate_over_seeds(tmp_path):
     assert "0.500 ± 0.100" in text  # mean ± std of the win rates and of WARM's OOD accuracy
 
 
+def _keyed_run(tmp_path, name, clean_diff, corrupt_diff):
+    """A run with the same claim (same words, same id) judged on the clean and on the
+    corrupted ensemble, on two splits each, plus a gate of each."""
+    d = tmp_path / name
+    for setting, diff in (("rm_clean", clean_diff), ("rm_corrupt", corrupt_diff)):
+        claims = [{"id": "warm_geq_ens_ood", "claim": "WARM >= ENS OOD (M=2)",
+                   "holds": diff >= 0, "numbers": {"diff": diff}, "setting": setting,
+                   "split": "ood"},
+                  {"id": "warm_matches_ens_in_distribution", "claim": "WARM ~ ENS ID",
+                   "holds": True, "numbers": {"diff": 0.0}, "setting": setting,
+                   "split": "valid"}]
+        gates = [{"id": "post_swap", "value": 0.2, "passed": True, "setting": setting,
+                  "split": "valid"}]
+        os.makedirs(d / f"rm_eval_{setting}")
+        (d / f"rm_eval_{setting}" / "summary.json").write_text(json.dumps(
+            {"ensemble": setting, "claims": claims, "gates": gates,
+             "table": {"warm_M2": {"valid": 0.8, "ood": 0.6 + diff}}}))
+    return str(d)
+
+
+def test_aggregate_keys_claims_by_setting_and_split_once_per_seed(tmp_path):
+    runs = [_keyed_run(tmp_path, "s0", 0.02, -0.01), _keyed_run(tmp_path, "s1", 0.04, 0.03)]
+    text = open(report.aggregate(runs, str(tmp_path / "agg.md"))).read()
+    lines = text.splitlines()
+
+    def row(*cells):
+        (line,) = [l for l in lines if l.startswith("| " + " | ".join(cells) + " |")]
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    # the same words on two settings are two claims, each counted once per seed (n = 2)
+    assert row("rm_clean", "ood", "warm_geq_ens_ood")[3:] == ["2/2 runs", "diff 0.030 ± 0.010"]
+    assert row("rm_corrupt", "ood", "warm_geq_ens_ood")[3:] == ["1/2 runs",
+                                                                "diff 0.010 ± 0.020"]
+    assert row("rm_clean", "valid", "warm_matches_ens_in_distribution")[3] == "2/2 runs"
+    assert row("rm_corrupt", "valid", "warm_matches_ens_in_distribution")[3] == "2/2 runs"
+    assert not any("4 runs" in l or "/4" in l for l in lines)
+    # gates and accuracies per (setting, split)
+    assert row("rm_clean", "valid", "post_swap")[4] == "2/2 runs"
+    assert row("rm_corrupt", "ood", "warm_M2")[3:] == ["0.610 ± 0.020", "2"]
+    assert row("rm_clean", "ood", "warm_M2")[3:] == ["0.630 ± 0.010", "2"]
+
+
+def test_aggregate_reads_claims_written_before_the_setting_and_split_fields(tmp_path):
+    """Older rm_eval summaries: the setting from the stage's name, the split from the id."""
+    runs = []
+    for name in ("s0", "s1"):
+        d = tmp_path / name
+        for stage in ("rm_eval_rm_clean", "rm_eval_rm_corrupt"):
+            os.makedirs(d / stage)
+            (d / stage / "summary.json").write_text(json.dumps({"claims": [
+                {"id": "interpolation_above_line_train_corrupt", "claim": "WA above the line",
+                 "holds": True, "numbers": {"min_wa_minus_line": 0.01}}]}))
+        runs.append(str(d))
+    text = open(report.aggregate(runs, str(tmp_path / "agg.md"))).read()
+    for setting in ("rm_clean", "rm_corrupt"):
+        assert (f"| {setting} | train_corrupt | interpolation_above_line_train_corrupt | "
+                "2/2 runs |") in text
+
+
 # ---------------------------------------------------------------------------------------
 # The whole miniature flow through `python -m warm_jax.main`: report.md holds the numbers
 # the stages wrote (read here from their own output files, not through report's code).

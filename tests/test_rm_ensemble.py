@@ -23,7 +23,7 @@ ENS = dict(corrupted=True,
                                         dropout_rates=(0.05, 0.05, 0.1, 0.1)),
            train=ensemble.RMTrainConfig(total_steps=STEPS, batch_size=8, warmup_steps=2,
                                         log_every=2, checkpoint_every=100, eval_pairs=32,
-                                        eval_train_pairs=64))
+                                        eval_train_pairs=64, select_pairs=64))
 
 
 def _bind(data_dir):
@@ -31,6 +31,7 @@ def _bind(data_dir):
     gin.bind_parameter("DataConfig.data_dir", data_dir)
     gin.bind_parameter("DataConfig.max_len", 64)
     gin.bind_parameter("DataConfig.corruption_fraction", 0.25)
+    gin.bind_parameter("DataConfig.max_train_pairs", 500)  # rows 536-599: the selection rows
     gin.bind_parameter("model_config.preset", "tiny")
     gin.bind_parameter("model_config.vocab_size", 512)
     gin.bind_parameter("MeshConfig.ensemble", 4)
@@ -73,6 +74,10 @@ def test_flow_exports_and_cards(flow):
 
     ens = flow["ens"]
     assert os.path.exists(os.path.join(run, "rm_a", "summary.json"))
+    # the rows it trained on, the selection rows past them, the flips (rm_eval checks these)
+    assert ens["train_rows"] == [0, 500] and ens["select_rows"] == [536, 600]
+    assert ens["corruption_seed"] == 0 and ens["corruption_fraction"] == 0.25
+    assert ens["max_train_pairs"] == 500 and ens["scope"] == ""
     assert [m["index"] for m in ens["members"]] == list(range(M))
     for i, m in enumerate(ens["members"]):
         assert m["path"] == os.path.join(run, "rm_a", "members", f"member_{i}")
@@ -85,7 +90,9 @@ def test_flow_exports_and_cards(flow):
         assert card["dropout_rate"] == ENS["members"].dropout_rates[i]
         assert card["data_seed"] == i
         assert card["init_snapshot"] == m["init_snapshot"]
-        assert set(card["accuracies"]) == {"valid", "ood", "train", "train_clean", "train_corrupt"}
+        assert set(card["accuracies"]) == {"valid", "ood", "train", "train_clean",
+                                           "train_corrupt", "select"}
+        assert card["hyperparameters"]["select_rows"] == [536, 600]
         # the member's head is trained from the probed head, not from zeros: a few steps
         # leave it far closer to the probed head than the probed head is to zero
         k, k0 = params["reward_head"]["kernel"], head["reward_head"]["kernel"]
@@ -340,3 +347,38 @@ def test_ensemble_rows_may_not_overlap_the_rows_rm_init_reserved(tmp_path):
     with open(tmp_path / "rm_init" / "summary.json", "w") as f:
         json.dump({"train_rows": [0, 20000]}, f)  # nothing reserved: the probe used every row
     rm_ensemble._check_disjoint(Ctx, 20000)
+
+
+def test_selection_rows_sit_past_the_ensemble_and_before_the_reserved_rows(tmp_path):
+    """The selection rows: just before rm_init's reserved rows, else at the end of the
+    training split; training rows that overlap them are refused, naming the bindings."""
+    class Prov:
+        class config:
+            max_train_pairs = 2000
+
+        def num_train_rows(self):
+            return 20000
+
+    class Ctx:
+        run_dir = str(tmp_path)
+
+        def provider(self):
+            return Prov()
+
+    ctx = Ctx()
+    assert rm_ensemble._selection_rows(ctx, 2000, 1000) == [19000, 20000]  # nothing reserved
+    assert rm_ensemble._selection_rows(ctx, 2000, 0) is None
+    os.makedirs(tmp_path / "rm_init")
+    with open(tmp_path / "rm_init" / "summary.json", "w") as f:
+        json.dump({"train_rows": [16000, 20000]}, f)
+    assert rm_ensemble._selection_rows(ctx, 2000, 1000) == [15000, 16000]
+    with gin.config_scope("rm_clean"):
+        with pytest.raises(ValueError, match=r"training rows \[0, 15001\) "
+                           r"\(rm_clean/DataConfig.max_train_pairs = 2000\) overlap the "
+                           r"selection rows \[15000, 16000\) "
+                           r"\(rm_clean/RMTrainConfig.select_pairs = 1000, just before the "
+                           r"rows \[16000, 20000\) rm_init reserved"):
+            rm_ensemble._selection_rows(ctx, 15001, 1000)
+        with pytest.raises(ValueError, match=r"rm_clean/RMTrainConfig.select_pairs = 17000 "
+                           r"selection rows do not fit"):
+            rm_ensemble._selection_rows(ctx, 10, 17000)

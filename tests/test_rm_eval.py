@@ -72,6 +72,8 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
                  "interpolation.png", "rm_eval.run_info.json"):
         assert os.path.getsize(os.path.join(stage_dir, name)) > 0, name
     assert s["corrupted"] and s["ranking"] == ["member_1", "member_0", "member_2"]
+    assert s["ranked_by"] == "card accuracies.valid"  # these cards predate accuracies.select
+    assert s["baselines"]["source"].startswith("rm_eval (the data stage recorded none")
     assert s["splits"] == {"train_clean": 48, "train_corrupt": 48, "valid": 80, "ood": 80}
     rows = _rows(s)
     splits = ["train_clean", "train_corrupt", "valid", "ood"]
@@ -172,6 +174,13 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
         "wa_geq_ens_along_path_valid", "wa_geq_ens_along_path_ood", "wa_below_ens_train_corrupt"])
     for c in claims.values():
         assert isinstance(c["holds"], bool) and c["claim"] and c["numbers"]
+        assert c["setting"] == ENS
+    assert {k: c["split"] for k, c in claims.items()} == {
+        "warm_matches_ens_in_distribution": "valid", "warm_geq_ens_ood": "ood",
+        "warm_memorises_less_than_ens": "train_corrupt",
+        "interpolation_above_line_valid": "valid", "interpolation_above_line_ood": "ood",
+        "wa_geq_ens_along_path_valid": "valid", "wa_geq_ens_along_path_ood": "ood",
+        "wa_below_ens_train_corrupt": "train_corrupt"}
     for key, split in (("warm_matches_ens_in_distribution", "valid"), ("warm_geq_ens_ood", "ood"),
                        ("warm_memorises_less_than_ens", "train_corrupt")):
         n = claims[key]["numbers"]
@@ -254,3 +263,54 @@ def test_rm_eval_on_hand_made_splits_of_known_accuracy(run_dir, tmp_path):
     for split, want in (("valid", 0.0), ("ood", 0.5)):
         for kind in ("wa", "ens", "line"):
             assert s["interpolation"]["curves"][split][kind] == [want] * 3, (split, kind)
+
+
+def test_rm_eval_reads_the_data_stage_baselines_and_checks_its_train_rows(run_dir, tmp_path):
+    """The data stage fits the baselines once; rm_eval reads them. rm_eval refuses train rows
+    (or flips) other than the ensemble's, naming the binding in each scope, before scoring."""
+    from warm_jax import gates
+    from warm_jax.stages import data as data_stage
+
+    run = tmp_path / "run"
+    os.makedirs(run / ENS)
+    os.symlink(os.path.join(run_dir, ENS, "members"), run / ENS / "members")
+    (run / ENS / "summary.json").write_text(json.dumps(
+        {"corrupted": True, "train_rows": [0, 48], "scope": "rm_x", "max_train_pairs": 48,
+         "corruption_seed": 0, "corruption_fraction": 0.25}))
+    d = data_stage.data_stage(str(run), baseline_train_pairs=300, baseline_steps=50)
+    base = d["baselines"]
+    assert base == json.load(open(run / "data_stage" / "baselines.json"))
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    valid = prov.comparisons("valid")
+    assert base["splits"]["valid"]["oracle_ceiling"] == pytest.approx(gates.oracle_ceiling(valid))
+    assert base["splits"]["ood"]["n_eval"] == 80 and base["train_pairs"] == 300
+    assert base["oracle_ceiling_absent"] is None  # the data directory holds a generated world
+    # files outside the run directory are named absolutely, those inside relative to it
+    assert base["comparisons"] == os.path.join(run_dir, "data", "comparisons")
+    assert data_stage._run_relative(str(run / "data" / "comparisons"), str(run)) == \
+        os.path.join("data", "comparisons")
+
+    def evaluate(**kw):
+        with gin.config_scope("eval_x"):
+            return rm_eval.rm_eval_stage(str(run), ensemble=ENS, batch_size=16, num_lambdas=3,
+                                         baseline_train_pairs=300, **kw)
+
+    with pytest.raises(ValueError, match=r"scores? training rows \[0, 600\).*set "
+                       r"eval_x/DataConfig\.max_train_pairs = 48 \(now None\) to match "
+                       r"rm_x/DataConfig\.max_train_pairs = 48"):
+        evaluate()  # the eval scope's max_train_pairs binding dropped
+    gin.bind_parameter("eval_x/DataConfig.max_train_pairs", 48)
+    gin.bind_parameter("eval_x/DataConfig.corruption_seed", 1)
+    with pytest.raises(ValueError, match=r"eval_x/DataConfig\.corruption_seed = 1 but ensemble "
+                       r"'rm_x' flipped its labels with rm_x/DataConfig\.corruption_seed = 0"):
+        evaluate()
+    assert not os.path.exists(run / f"rm_eval_{ENS}" / "results.jsonl")  # nothing scored
+    gin.bind_parameter("eval_x/DataConfig.corruption_seed", 0)
+    s = evaluate(max_train_pairs=16)
+    assert s["train_rows"]["checked"] == ["rows", "corruption_seed", "corruption_fraction"]
+    assert s["baselines"]["source"] == "data stage"
+    for k in ("summary_only_bow", "post_aware_bow", "oracle_ceiling"):
+        assert s["baselines"][k] == base["splits"]["valid"][k]
+    g = {x["id"]: x for x in s["gates"]}
+    assert g["ceiling"]["numbers"]["oracle_ceiling"] == base["splits"]["valid"]["oracle_ceiling"]
+    assert all(x["setting"] == ENS and x["split"] == "valid" for x in s["gates"])

@@ -77,6 +77,24 @@ MUTATIONS = [
              'top = sorted(order[:m_count])',
              'top = sorted(order[-m_count:])',
              ("tests/test_rm_eval.py::test_rm_eval_stage_outputs_and_values",)),
+    Mutation("rm_eval_train_rows_unchecked", "rm_eval scores train rows other than the "
+             "ensemble's without a word", "warm_jax/stages/rm_eval.py",
+             'elif list(rows) != [0, n]:',
+             'elif list(rows) == [-1]:',
+             ("tests/test_rm_eval.py::"
+              "test_rm_eval_reads_the_data_stage_baselines_and_checks_its_train_rows",)),
+    Mutation("members_ranked_on_the_reported_split", "members are ranked on the ID split that "
+             "is reported, not on the selection rows", "warm_jax/reward.py",
+             'return SELECT_SPLIT',
+             'return "valid"',
+             ("tests/test_cards.py::"
+              "test_members_are_ranked_on_the_selection_rows_when_every_card_has_them",)),
+    Mutation("aggregate_merges_settings", "the aggregate keys claims without their setting "
+             "(clean and corrupted merged, each seed counted twice)", "warm_jax/claims.py",
+             'setting = claim.get("setting") or setting_of(stage, summary)',
+             'setting = "all"',
+             ("tests/test_report.py::"
+              "test_aggregate_keys_claims_by_setting_and_split_once_per_seed",)),
     Mutation("bradley_terry_sign_dropped", "Bradley-Terry loss without its minus sign",
              "warm_jax/losses.py",
              'loss = -jax.nn.log_sigmoid(margin).mean()',

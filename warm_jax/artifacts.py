@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
@@ -17,6 +18,7 @@ SFT_DIR = "sft"
 RM_INIT_DIR = "rm_init"
 MEMBERS_SUBDIR = "members"  # {run_dir}/{ensemble}/members/member_{i}
 MEMBER_PREFIX = "member_"
+BASELINES = "baselines.json"  # the data stage's bag-of-words baselines and oracle ceiling
 
 
 def read_json(path: str) -> dict:
@@ -72,6 +74,15 @@ STAGE_DIRS = {"data": "data_stage", "pretrain": PRETRAIN_DIR, "sft": SFT_DIR,
 def stage_path(run_dir: str, stage: str, *parts: str) -> str:
     """{run_dir}/<the stage's directory>/parts... for the stages with a fixed directory."""
     return os.path.join(run_dir, STAGE_DIRS[stage], *parts)
+
+
+def data_baselines(run_dir: str) -> Optional[dict]:
+    """The bag-of-words baselines (and oracle-label ceilings) the data stage fitted, from its
+    summary; None when the data stage has not finished or is older than the baselines."""
+    path = stage_path(run_dir, "data", "summary.json")
+    if not os.path.exists(path):
+        return None
+    return read_json(path).get("baselines")
 
 
 def ensemble_stage_dir(run_dir: str, name: str, member_index=None) -> str:

@@ -308,8 +308,8 @@ def merge_checkpoints(paths: Sequence[str], weights: Optional[Sequence[float]] =
 
     Returns (merged params on the mesh, card, stats). method: 'uniform' (default without
     weights), 'weighted' (default with weights), 'greedy' (needs eval_fn(params) -> held-out
-    accuracy; members are ordered by their cards' accuracies.valid, or by eval_fn when a
-    card lacks it). report_fns {name: fn(params) -> float} are evaluated on the merged
+    accuracy; members are ordered by their cards' accuracies.select, or accuracies.valid
+    for cards written before the selection split, or by eval_fn when a card lacks both). report_fns {name: fn(params) -> float} are evaluated on the merged
     model and recorded in the card's 'accuracies'.
     """
     method = method or ("weighted" if weights is not None else "uniform")
@@ -377,7 +377,8 @@ def merge_checkpoints(paths: Sequence[str], weights: Optional[Sequence[float]] =
 
 def _greedy(members, abstract, ops, eval_fn):
     """Greedy soup. Returns (float32 soup, weights, trace)."""
-    accs = [reward_lib.card_accuracy(m.card) for m in members]
+    split = reward_lib.ranking_split([m.card for m in members], "the greedy soup's members")
+    accs = [reward_lib.card_accuracy(m.card, split) for m in members]
     if any(a is None for a in accs):
         log.info("greedy soup: ranking members with eval_fn (a card lacks accuracies.valid)")
         accs = []

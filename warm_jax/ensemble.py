@@ -300,13 +300,19 @@ class RMTrainConfig:
     eval_pairs: int = 512  # ID-validation and OOD pairs per evaluation
     eval_train_pairs: int = 1024  # training pairs (clean/corrupt split) per evaluation
     eval_batch_size: int = 256
+    # the selection rows: clean training rows no ensemble trains on (just before the rows
+    # rm_init reserved, else the last rows of the training split), scored into every card as
+    # accuracies.select; members are ranked on them (the best single RM, top-M WARM / ENS,
+    # the greedy soup), not on the ID split that is reported. 0 = none (ranked on 'valid').
+    select_pairs: int = 1000
 
     @classmethod
     def check(cls, c) -> None:
         """The up-front rules (c: config_checks.StageCheck of this config, StageCheck.sub)."""
         for field, lo in (("total_steps", 1), ("batch_size", 1), ("warmup_steps", 0),
                           ("eval_every", 0), ("eval_pairs", 1), ("eval_train_pairs", 1),
-                          ("eval_batch_size", 1), ("log_every", 1), ("checkpoint_every", 1)):
+                          ("eval_batch_size", 1), ("log_every", 1), ("checkpoint_every", 1),
+                          ("select_pairs", 0)):
             c.integer(field, lo)
         c.number("center_coef", 0)
         c.choice("member_loop", ("auto", "vmap", "map"))

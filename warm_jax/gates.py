@@ -12,12 +12,14 @@ The gates (measured on the ID validation split unless said otherwise):
 * ``ceiling``: the best single RM must be within ``CEILING_GAP`` of the oracle-label ceiling
   (the accuracy of the oracle's own preferred summary against the sampled labels) and at or
   above the post-aware bag-of-words baseline (:class:`warm_jax.data.diagnostics.BagOfWords`).
+  Real data has no oracle: the gate is then the bag-of-words half alone, and says so.
 * ``rank_correlation``: on the SFT policy's own samples (the Best-of-N pool: several per
   prompt), the mean over prompts of the Spearman correlation between an RM's rewards and
   the oracle's must be at least ``RANK_CORR_MIN`` (for at least one RM; all are reported).
 
 Everything here is numpy and the world's oracle; the stages that own the models (rm_eval,
-bon) compute the RM numbers and call these functions.
+bon) compute the RM numbers and call these functions. The baselines are fitted once per run,
+by the data stage (:func:`baselines_by_split`, stored in its summary and baselines.json).
 """
 from __future__ import annotations
 
@@ -73,10 +75,25 @@ def baselines(train: Sequence[Comparison], valid: Sequence[Comparison],
               steps: int = 300) -> dict[str, float]:
     """ID accuracies of the summary-only and the post-aware bag-of-words baselines (trained
     on ``train``) and the oracle-label ceiling on ``valid``."""
+    base = baselines_by_split(train, {"valid": valid}, steps)["valid"]
+    return {"summary_only_bow": base["summary_only_bow"], "post_aware_bow":
+            base["post_aware_bow"], "oracle_ceiling": base["oracle_ceiling"],
+            "n_train": len(train), "n_valid": len(valid)}
+
+
+def baselines_by_split(train: Sequence[Comparison], splits: dict[str, Sequence[Comparison]],
+                       steps: int = 300, with_oracle: bool = True) -> dict[str, dict]:
+    """{split: {summary_only_bow, post_aware_bow, oracle_ceiling, n_train, n_eval}}: the two
+    bag-of-words baselines fitted once on ``train`` and scored on every split, and the
+    oracle-label ceiling of each split (None when ``with_oracle`` is False: real data has
+    no programmatic oracle)."""
     only = diagnostics.BagOfWords(train, post_aware=False).fit(train, steps=steps)
     aware = diagnostics.BagOfWords(train, post_aware=True).fit(train, steps=steps)
-    return {"summary_only_bow": only.accuracy(valid), "post_aware_bow": aware.accuracy(valid),
-            "oracle_ceiling": oracle_ceiling(valid), "n_train": len(train), "n_valid": len(valid)}
+    return {name: {"summary_only_bow": only.accuracy(comps),
+                   "post_aware_bow": aware.accuracy(comps),
+                   "oracle_ceiling": oracle_ceiling(comps) if with_oracle else None,
+                   "n_train": len(train), "n_eval": len(comps)}
+            for name, comps in splits.items()}
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -125,39 +142,63 @@ def rm_gates(best_name: str, best_valid: float, best_swapped: float,
 
     best_valid / best_swapped: the best single RM's ID accuracy with true / swapped posts;
     rm_valid: {model: ID accuracy} of every RM evaluated (members, WARM, ENS);
-    base: :func:`baselines`.
+    base: :func:`baselines`. Its oracle_ceiling may be None (real data: no oracle; the
+    reason in base['oracle_ceiling_absent']): the ceiling gate then judges the post-aware
+    bag-of-words half alone and says so.
     """
-    drop = best_valid - best_swapped
-    only, aware, ceil = base["summary_only_bow"], base["post_aware_bow"], base["oracle_ceiling"]
     worst_name = min(rm_valid, key=rm_valid.get)
-    worst_margin = rm_valid[worst_name] - only
+    return [_post_swap_gate(best_name, best_valid, best_swapped),
+            _summary_only_gate(base["summary_only_bow"], worst_name, rm_valid[worst_name]),
+            _ceiling_gate(best_name, best_valid, base["post_aware_bow"], base["oracle_ceiling"],
+                          base.get("oracle_ceiling_absent"))]
+
+
+def _post_swap_gate(best_name: str, best_valid: float, best_swapped: float) -> dict:
+    drop = best_valid - best_swapped
+    return _gate(
+        "post_swap", f"post-swap: {best_name} ID accuracy drops when posts are swapped",
+        drop, f">= {SWAP_DROP}", drop >= SWAP_DROP,
+        {"valid": best_valid, "swapped": best_swapped, "drop": drop},
+        f"{best_name} depends too little on the post: {best_valid:.3f} with the true posts, "
+        f"{best_swapped:.3f} with swapped ones (drop {drop:.3f} < {SWAP_DROP}).")
+
+
+def _summary_only_gate(only: float, worst_name: str, worst_valid: float) -> dict:
+    worst_margin = worst_valid - only
+    return _gate(
+        "summary_only", "summary-only bag-of-words is weak ID, and every RM beats it",
+        worst_margin, f"baseline <= {SUMMARY_ONLY_MAX}; every RM >= baseline + {RM_MARGIN}",
+        only <= SUMMARY_ONLY_MAX and worst_margin >= RM_MARGIN,
+        {"summary_only_bow": only, "worst_rm": worst_name, "worst_rm_valid": worst_valid,
+         "worst_margin": worst_margin},
+        (f"the summary-only baseline reaches {only:.3f} (> {SUMMARY_ONLY_MAX}): the "
+         "world lets a model that never reads the post do well. "
+         if only > SUMMARY_ONLY_MAX else "")
+        + (f"{worst_name} ({worst_valid:.3f}) beats it by only "
+           f"{worst_margin:.3f} (< {RM_MARGIN})." if worst_margin < RM_MARGIN else ""))
+
+
+def _ceiling_gate(best_name: str, best_valid: float, aware: float, ceil: Optional[float],
+                  absent: Optional[str] = None) -> dict:
+    """The best RM near the oracle-label ceiling and >= the post-aware bag-of-words; without
+    an oracle (ceil None) the bag-of-words half alone, the reason in the gate's name."""
+    beaten = (f"A post-aware bag-of-words ({aware:.3f}) beats it ({best_valid:.3f})."
+              if best_valid < aware else "")
+    if ceil is None:
+        why = absent or "no oracle"
+        return _gate("ceiling", f"{best_name} is >= the post-aware bag-of-words (no "
+                     f"oracle-label ceiling: {why})", best_valid - aware,
+                     "RM >= post-aware BoW (ceiling not measured)", best_valid >= aware,
+                     {"best_valid": best_valid, "oracle_ceiling": None,
+                      "post_aware_bow": aware}, f"{best_name}: {beaten}")
     gap = ceil - best_valid
-    return [
-        _gate("post_swap", f"post-swap: {best_name} ID accuracy drops when posts are swapped",
-              drop, f">= {SWAP_DROP}", drop >= SWAP_DROP,
-              {"valid": best_valid, "swapped": best_swapped, "drop": drop},
-              f"{best_name} depends too little on the post: {best_valid:.3f} with the true posts, "
-              f"{best_swapped:.3f} with swapped ones (drop {drop:.3f} < {SWAP_DROP})."),
-        _gate("summary_only", "summary-only bag-of-words is weak ID, and every RM beats it",
-              worst_margin, f"baseline <= {SUMMARY_ONLY_MAX}; every RM >= baseline + {RM_MARGIN}",
-              only <= SUMMARY_ONLY_MAX and worst_margin >= RM_MARGIN,
-              {"summary_only_bow": only, "worst_rm": worst_name,
-               "worst_rm_valid": rm_valid[worst_name], "worst_margin": worst_margin},
-              (f"the summary-only baseline reaches {only:.3f} (> {SUMMARY_ONLY_MAX}): the "
-               "world lets a model that never reads the post do well. "
-               if only > SUMMARY_ONLY_MAX else "")
-              + (f"{worst_name} ({rm_valid[worst_name]:.3f}) beats it by only "
-                 f"{worst_margin:.3f} (< {RM_MARGIN})." if worst_margin < RM_MARGIN else "")),
-        _gate("ceiling", f"{best_name} is near the oracle-label ceiling and >= the post-aware "
-              "bag-of-words", gap, f"ceiling - RM <= {CEILING_GAP}; RM >= post-aware BoW",
-              gap <= CEILING_GAP and best_valid >= aware,
-              {"best_valid": best_valid, "oracle_ceiling": ceil, "gap": gap,
-               "post_aware_bow": aware},
-              (f"{best_name} ({best_valid:.3f}) is {gap:.3f} below the oracle-label ceiling "
-               f"({ceil:.3f}; allowed {CEILING_GAP}). " if gap > CEILING_GAP else "")
-              + (f"A post-aware bag-of-words ({aware:.3f}) beats it ({best_valid:.3f})."
-                 if best_valid < aware else "")),
-    ]
+    return _gate(
+        "ceiling", f"{best_name} is near the oracle-label ceiling and >= the post-aware "
+        "bag-of-words", gap, f"ceiling - RM <= {CEILING_GAP}; RM >= post-aware BoW",
+        gap <= CEILING_GAP and best_valid >= aware,
+        {"best_valid": best_valid, "oracle_ceiling": ceil, "gap": gap, "post_aware_bow": aware},
+        (f"{best_name} ({best_valid:.3f}) is {gap:.3f} below the oracle-label ceiling "
+         f"({ceil:.3f}; allowed {CEILING_GAP}). " if gap > CEILING_GAP else "") + beaten)
 
 
 def rank_gate(per_rm: dict[str, dict[str, float]], policy: str = "sft") -> dict:

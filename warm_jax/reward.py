@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +28,7 @@ from warm_jax.artifacts import MEMBER_PREFIX, MEMBERS_SUBDIR  # noqa: F401 (re-e
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 
+log = logging.getLogger("warm_jax")
 
 def _score_fn(cfg: model_lib.TransformerConfig):
     model = model_lib.Transformer(cfg)
@@ -140,18 +142,37 @@ def ensemble_members(run_dir: str, ensemble: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
-def card_accuracy(card: dict, split: str = "valid") -> Optional[float]:
-    """The card's accuracies[split] as a float, or None when absent."""
+SELECT_SPLIT = "select"  # held-out training rows no ensemble trains on (rm_ensemble)
+
+
+def card_accuracy(card: dict, split: Optional[str] = None) -> Optional[float]:
+    """The card's accuracies[split] as a float, or None when absent. split None: 'select'
+    (the selection rows) when the card has it, else 'valid' (ID validation)."""
+    if split is None:
+        split = SELECT_SPLIT if cards.accuracy(card, SELECT_SPLIT) is not None else "valid"
     return cards.accuracy(card, split)
 
 
-def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: str = "valid",
+def ranking_split(member_cards: Sequence[dict], what: str = "members") -> str:
+    """The split members are ranked by: 'select' when every card has accuracies.select (rows
+    no ensemble trains on, not reported as ID); else 'valid', with a log line (cards written
+    before the selection split)."""
+    if member_cards and all(cards.accuracy(c, SELECT_SPLIT) is not None for c in member_cards):
+        return SELECT_SPLIT
+    log.info("ranking %s by accuracies.valid, the ID validation split that is also reported: "
+             "not every card has accuracies.select (written before the selection split)", what)
+    return "valid"
+
+
+def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: Optional[str] = None,
                      accuracies: Optional[Sequence[float]] = None) -> list[int]:
     """Indices of `paths`, best held-out accuracy first (ties: lower index first).
 
-    Accuracies come from `accuracies` when given, else from each card's accuracies[split].
+    Accuracies come from `accuracies` when given, else from each card's accuracies[split]
+    (split None: :func:`ranking_split`, i.e. 'select' when every card has it, else 'valid').
     """
     if accuracies is None:
+        split = split or ranking_split(cards)
         accuracies = []
         for p, c in zip(paths, cards):
             a = card_accuracy(c, split)
@@ -194,9 +215,10 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
 
       warm:<dir>            a merged (WARM) checkpoint {run_dir}/<dir>
       member:<ensemble>:<i> member i of an ensemble
-      best:<ensemble>       the member with the best ID validation accuracy (card)
+      best:<ensemble>       the member with the best card accuracy on the selection rows
+                            (accuracies.select; ID validation for older cards)
       ens:<ensemble>        prediction ensemble (ENS) of all members
-      ens:<ensemble>:<M>    ENS of the top M members by ID validation accuracy
+      ens:<ensemble>:<M>    ENS of the top M members, ranked alike
     """
     kind, _, rest = str(spec).partition(":")
     usage = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble> "

@@ -150,6 +150,24 @@ class DataProvider:
         return pipeline.preference_arrays(rows, self.vocab, self.config.max_len, flipped)
 
     @functools.lru_cache(maxsize=None)
+    def train_rows(self, start: int, end: int) -> dict:
+        """Preference arrays (clean labels) of rows [start, end) of the WHOLE training split:
+        DataConfig.max_train_pairs does not apply (e.g. the selection rows past it)."""
+        full = DataProvider(dataclasses.replace(self.config, max_train_pairs=None))
+        rows = full.comparisons("train")
+        if not 0 <= start < end <= len(rows):
+            raise ValueError(f"training rows [{start}, {end}): the training split has "
+                             f"{len(rows)} pairs")
+        return pipeline.preference_arrays(rows[start:end], self.vocab, self.config.max_len)
+
+    def num_train_rows(self) -> int:
+        """Pairs in the WHOLE training split (DataConfig.max_train_pairs does not apply)."""
+        if not self.config.max_train_pairs:
+            return len(self.comparisons("train"))
+        full = DataProvider(dataclasses.replace(self.config, max_train_pairs=None))
+        return len(full.comparisons("train"))
+
+    @functools.lru_cache(maxsize=None)
     def sft(self, split: str) -> dict:
         return pipeline.sft_arrays(self.sft_examples(split), self.vocab, self.config.max_len)
 

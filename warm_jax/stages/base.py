@@ -98,6 +98,17 @@ class StageContext:
         return summary
 
 
+def scope() -> str:
+    """The gin scope the stage entry runs in ('' when unscoped), e.g. 'rm_clean'."""
+    return gin.current_scope_str()
+
+
+def binding(name: str) -> str:
+    """`name` (e.g. 'DataConfig.max_train_pairs') as a binding in the entry's scope
+    ('rm_clean/DataConfig.max_train_pairs'), for error messages that say what to change."""
+    return f"{scope()}/{name}" if scope() else name
+
+
 def record_timing(run_dir: str, entry: str, seconds: float) -> None:
     """Adds one stage entry's wall time to {run_dir}/timings.json (primary process)."""
     import jax

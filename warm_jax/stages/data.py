@@ -4,15 +4,25 @@ With the default DataConfig (data_dir = {run_dir}/data) it writes the miniature 
 (seeded; same seed, same bytes). When DataConfig points elsewhere (the real
 summarize_from_feedback comparisons and filtered TL;DR files), it reads every file once
 so that bad input fails here, with file, line and field, before any training starts.
+
+It also fits the run's bag-of-words baselines once (summary-only and post-aware, on the
+first `baseline_train_pairs` training pairs; warm_jax.gates) and scores them on the ID
+('valid') and OOD ('ood') splits, with the oracle-label ceiling of each split when the data
+is a generated world (it has the oracle; real data does not, and the ceiling is recorded as
+absent with the reason). They go into the summary ('baselines') and baselines.json, where
+rm_eval reads them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
+from typing import Optional
 
 import gin
 
-from warm_jax import artifacts, distributed
+from warm_jax import artifacts, distributed, gates, metrics
 from warm_jax.data import provider as provider_lib
 from warm_jax.stages.base import StageContext
 
@@ -22,8 +32,10 @@ log = logging.getLogger("warm_jax")
 @gin.configurable
 def data_stage(run_dir: str, n_train_pairs: int = 20000,
                n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
-               n_prompts: int = 2000, vocab_size: int = 512) -> dict:
-    """Writes the miniature world (seed: the run's SEED) or reads the real files once."""
+               n_prompts: int = 2000, vocab_size: int = 512,
+               baseline_train_pairs: Optional[int] = 8000, baseline_steps: int = 300) -> dict:
+    """Writes the miniature world (seed: the run's SEED) or reads the real files once, then
+    fits the bag-of-words baselines (see the module docstring)."""
     ctx = StageContext(run_dir, "data", stage_dir=artifacts.stage_path(run_dir, "data"))
     if ctx.done:
         return ctx.summary()
@@ -62,9 +74,49 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
     summary["counts"] = counts
     summary["vocab_size"] = prov.vocab.vocab_size
     summary["vocab_sha256"] = prov.vocab.sha256
-    ctx.write_run_info({"data_config": vars(cfg)}, {"world_seed": seed})
+    summary["baselines"] = fit_baselines(cfg, prov, baseline_train_pairs, baseline_steps,
+                                         run_dir)
+    if distributed.is_primary():
+        metrics.atomic_write_json(ctx.path(artifacts.BASELINES), summary["baselines"])
+    ctx.write_run_info({"data_config": vars(cfg), "baseline_train_pairs": baseline_train_pairs,
+                        "baseline_steps": baseline_steps}, {"world_seed": seed})
     log.info("data: %s", counts)
     return ctx.finish(summary)
+
+
+NO_ORACLE = ("real data: only the generated miniature world has a programmatic oracle, so "
+             "the oracle-label ceiling is not measured")
+
+
+def _run_relative(path: str, run_dir: str) -> str:
+    """`path` relative to the run directory when it lies inside it (a moved or copied run
+    still names its own files), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
+    return rel if not rel.startswith(os.pardir) else os.path.abspath(path)
+
+
+def fit_baselines(cfg, prov, train_pairs: Optional[int], steps: int, run_dir: str) -> dict:
+    """The bag-of-words baselines, fitted once on the first `train_pairs` pairs of the whole
+    training split (DataConfig.max_train_pairs does not cap them) and scored on 'valid' (ID)
+    and 'ood', with each split's oracle-label ceiling when the data is a generated world.
+    'comparisons' names their file, relative to the run directory when inside it."""
+    from warm_jax.data import provider as provider_lib
+
+    t0 = time.time()
+    with_oracle = bool(cfg.data_dir) and os.path.exists(os.path.join(cfg.data_dir,
+                                                                     "world.json"))
+    full = provider_lib.DataProvider(dataclasses.replace(cfg, max_train_pairs=None))
+    train = full.comparisons("train")[:train_pairs or None]
+    splits = gates.baselines_by_split(train, {s: prov.comparisons(s) for s in ("valid", "ood")},
+                                      steps=steps, with_oracle=with_oracle)
+    out = {"comparisons": _run_relative(cfg.path("comparisons", "comparisons"), run_dir),
+           "train_pairs": len(train),
+           "train_pairs_cap": train_pairs, "steps": steps, "splits": splits,
+           "oracle_ceiling_absent": None if with_oracle else NO_ORACLE,
+           "seconds": round(time.time() - t0, 2)}
+    log.info("data: baselines %s", {s: {k: round(v, 3) for k, v in b.items()
+                                        if isinstance(v, float)} for s, b in splits.items()})
+    return out
 
 
 def check_data_stage(c) -> None:
@@ -72,6 +124,8 @@ def check_data_stage(c) -> None:
     for field in ("n_train_pairs", "n_valid_pairs", "n_ood_pairs", "n_sft", "n_prompts"):
         c.integer(field, 1)
     c.integer("vocab_size", 1)
+    c.integer("baseline_train_pairs", 1, optional=True)
+    c.integer("baseline_steps", 1)
     cfg = c.data()
     if os.path.abspath(cfg.data_dir or "") == os.path.abspath(c.rel("data")):
         c.reads.clear()  # generates the miniature world there

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import gin
 
 from warm_jax import cards
+from warm_jax import claims as claims_lib
 from warm_jax import metrics
 from warm_jax.stages.base import StageContext
 
@@ -108,10 +109,11 @@ def _section_claims(claims: list[dict]) -> str:
         if isinstance(nums, dict):
             nums = ", ".join(f"{k} {_fmt(v)}" for k, v in nums.items())
         rows.append([c.get("source", "?"), c.get("claim", "?"),
-                     "reproduced" if c.get("holds") else "NOT reproduced", nums])
+                     "reproduced" if c.get("holds") else "NOT reproduced", nums,
+                     c.get("split")])
     # the setting (the stage that judged the claim: e.g. rm_eval_rm_clean vs
     # rm_eval_rm_corrupt) keeps claims of the same words apart
-    return _table(["setting", "paper claim", "here", "measured"], rows)
+    return _table(["setting", "paper claim", "here", "measured", "split"], rows)
 
 
 def _collect(summaries: dict[str, dict], key: str) -> list[dict]:
@@ -315,48 +317,111 @@ def _section_bon(s: dict, run_dir: str) -> str:
     return "\n".join(parts)
 
 
-def aggregate(run_dirs: list[str], out: str) -> str:
-    """Mean and standard deviation over several runs (seeds) of the RM-evaluation tables, the
-    claims (fraction of runs where each holds) and the judge's win rates; writes `out`."""
+def _run_records(run_dir: str) -> dict[str, dict]:
+    """One run's records, each keyed once: claims by (setting, split, claim id), gates by
+    (setting, split, gate id), RM accuracies by (setting, split, model), the data stage's
+    baselines by (split, baseline), judge win rates by pair. A key found twice in one run
+    is counted once (the first), with a warning."""
+    rec: dict[str, dict] = {"claims": {}, "gates": {}, "acc": {}, "baselines": {}, "wins": {}}
+
+    def put(kind, key, value):
+        if key in rec[kind]:
+            log.warning("%s: %s %s recorded twice; counted once", run_dir, kind, key)
+        else:
+            rec[kind][key] = value
+
+    summaries = _stage_summaries(run_dir)
+    for name, summ in summaries.items():
+        splits = list(summ.get("splits") or {}) or ["train_clean", "train_corrupt", "valid",
+                                                     "ood"]
+        for c in summ.get("claims") if isinstance(summ.get("claims"), list) else []:
+            put("claims", claims_lib.key(c, name, summ, splits), c)
+        for g in summ.get("gates") if isinstance(summ.get("gates"), list) else []:
+            put("gates", (g.get("setting") or claims_lib.setting_of(name, summ),
+                          g.get("split"), g.get("id")), g)
+        if name.startswith(claims_lib.RM_EVAL_PREFIX) and isinstance(summ.get("table"), dict):
+            setting = claims_lib.setting_of(name, summ)
+            for model, row in summ["table"].items():
+                for split, v in row.items():
+                    if isinstance(v, (int, float)):
+                        put("acc", (setting, split, model), float(v))
+    base = (summaries.get("data_stage") or {}).get("baselines") or {}
+    for split, b in (base.get("splits") or {}).items():
+        for k in ("summary_only_bow", "post_aware_bow", "oracle_ceiling"):
+            if isinstance(b.get(k), (int, float)):
+                put("baselines", (split, k), float(b[k]))
+    for pair, r in ((summaries.get("judge") or {}).get("win_rates") or {}).items():
+        put("wins", pair, float(r.get("win_rate")))
+    return rec
+
+
+def _mean_std(xs) -> str:
     import numpy as np
 
-    tables: dict[tuple, list[float]] = {}
-    claims: dict[tuple, list[bool]] = {}  # (setting, claim) -> holds, one per run
-    wins: dict[str, list[float]] = {}
-    gate_runs: dict[tuple, list[tuple[float, bool]]] = {}
-    for d in run_dirs:
-        s = _stage_summaries(d)
-        for g in collect_gates(s):
-            gate_runs.setdefault((g["source"], g.get("id")), []).append(
-                (float(g.get("value", float("nan"))), bool(g.get("passed"))))
-        for name, summ in s.items():
-            if name.startswith("rm_eval") and isinstance(summ.get("table"), dict):
-                for model, row in summ["table"].items():
-                    for split, v in row.items():
-                        if isinstance(v, (int, float)):
-                            tables.setdefault((name, model, split), []).append(float(v))
-            for c in summ.get("claims") if isinstance(summ.get("claims"), list) else []:
-                claims.setdefault((name, c.get("claim", "?")), []).append(bool(c.get("holds")))
-        for pair, r in (s.get("judge", {}).get("win_rates") or {}).items():
-            wins.setdefault(pair, []).append(float(r.get("win_rate")))
-    ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+
+
+def _claim_rows(per_run: list[dict]) -> list[list]:
+    """One row per (setting, split, claim id): runs where it holds / runs that judged it,
+    and mean ± std over those runs of each of its numbers."""
+    keys = list(dict.fromkeys(k for r in per_run for k in r["claims"]))
+    rows = []
+    for key in sorted(keys, key=lambda k: tuple(str(x) for x in k)):
+        found = [r["claims"][key] for r in per_run if key in r["claims"]]
+        nums: dict[str, list[float]] = {}
+        for c in found:
+            for k, v in (c.get("numbers") or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    nums.setdefault(k, []).append(float(v))
+        rows.append([*key, f"{sum(bool(c.get('holds')) for c in found)}/{len(found)} runs",
+                     "; ".join(f"{k} {_mean_std(v)}" for k, v in nums.items())])
+    return rows
+
+
+def _values(per_run: list[dict], kind: str) -> dict[tuple, list]:
+    out: dict[tuple, list] = {}
+    for r in per_run:
+        for key, v in r[kind].items():
+            out.setdefault(key if isinstance(key, tuple) else (key,), []).append(v)
+    return out
+
+
+def aggregate(run_dirs: list[str], out: str) -> str:
+    """Mean and standard deviation over several runs (seeds); writes `out`. Every record is
+    keyed by its setting (the ensemble evaluated, e.g. rm_clean / rm_corrupt) and split:
+    the paper's claims by (setting, split, claim id), with the runs where each holds and
+    mean ± std of its numbers; the gates; the RM accuracies by (setting, split, model); the
+    data stage's baselines by split; the judge's win rates. Each key counts once per run."""
+    per_run = [_run_records(d) for d in run_dirs]
     parts = [f"# Aggregate over {len(run_dirs)} runs", "",
-             "Runs: " + ", ".join(run_dirs), "", "Mean ± standard deviation over runs."]
+             "Runs: " + ", ".join(run_dirs), "",
+             "Mean ± standard deviation over the runs that have each key (one value per run); "
+             "a setting is the ensemble evaluated."]
+    claims = _claim_rows(per_run)
     if claims:
-        parts += ["", "## Claims", "", _table(["setting", "claim", "holds in"], [
-            [setting, c, f"{sum(v)}/{len(v)} runs"] for (setting, c), v in claims.items()])]
-    if gate_runs:
+        parts += ["", "## Claims", "", _table(
+            ["setting", "split", "claim", "holds in", "numbers (mean ± std)"], claims)]
+    gates_ = _values(per_run, "gates")
+    if gates_:
         parts += ["", "## Gates (do the RMs do the task?)", "", _table(
-            ["stage", "gate", "value", "passed in"],
-            [[src, gid, ms([v for v, _ in xs]), f"{sum(p for _, p in xs)}/{len(xs)} runs"]
-             for (src, gid), xs in gate_runs.items()])]
+            ["setting", "split", "gate", "value", "passed in"],
+            [[*k, _mean_std([float(g.get("value", float("nan"))) for g in gs]),
+              f"{sum(bool(g.get('passed')) for g in gs)}/{len(gs)} runs"]
+             for k, gs in gates_.items()])]
+    wins = _values(per_run, "wins")
     if wins:
-        parts += ["", "## Judge win rates", "", _table(["A vs B", "win rate of A"], [
-            [p, ms(v)] for p, v in wins.items()])]
-    if tables:
+        parts += ["", "## Judge win rates", "", _table(["A vs B", "win rate of A", "runs"], [
+            [k[0], _mean_std(v), len(v)] for k, v in wins.items()])]
+    accs = _values(per_run, "acc")
+    if accs:
         parts += ["", "## Reward-model accuracies", "", _table(
-            ["evaluation", "model", "split", "accuracy", "runs"],
-            [[n, m, sp, ms(v), len(v)] for (n, m, sp), v in sorted(tables.items())])]
+            ["setting", "split", "model", "accuracy", "runs"],
+            [[*k, _mean_std(v), len(v)] for k, v in sorted(accs.items())])]
+    base = _values(per_run, "baselines")
+    if base:
+        parts += ["", "## Baselines (data stage)", "", _table(
+            ["split", "baseline", "accuracy", "runs"],
+            [[*k, _mean_std(v), len(v)] for k, v in sorted(base.items())])]
     metrics.atomic_write_text(out, "\n".join(parts) + "\n")
     return out
 

@@ -9,6 +9,13 @@ One member alone. member_index=k trains member k's spec (of the num_members list
 itself -- one job per member on separate slices -- with the same RNG, data order and init
 as inside the ensemble, and exports the same format to members/member_k (its own
 checkpoint, metrics and summary live under {name}/member_jobs/member_k).
+
+Selection rows. Every member's card records accuracies.select: its accuracy on
+RMTrainConfig.select_pairs clean training rows that no ensemble trains on and that are not
+the reported ID split (just before the rows rm_init reserved, else the last rows of the
+training split). The best member, the top-M of WARM / ENS and the greedy soup are chosen on
+them. The stage refuses training rows that overlap them or rm_init's reserved rows, naming
+the bindings to change.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from warm_jax import checkpoint as ckpt_lib
 from warm_jax import ensemble, lm, metrics, partitioning, trainer
 from warm_jax import model as model_lib
 from warm_jax.data import provider as provider_lib
-from warm_jax.stages.base import StageContext
+from warm_jax.stages.base import StageContext, binding, scope
 
 log = logging.getLogger("warm_jax")
 
@@ -77,8 +84,10 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     `members` (default: the gin-configured MemberSweep) is the member table, `train` (default:
     the gin-configured RMTrainConfig) how they train. Writes {run_dir}/{name}/: metrics.jsonl
     (per-member loss, accuracy, margin, rewards, tokens/s; eval accuracies valid/ood/train
-    per member), ckpt/ (the stacked state), members/member_{i} (params exports with cards)
-    and summary.json. The run's SEED seeds each member's dropout RNG (fold_in(PRNGKey(SEED),
+    and select, the selection rows, per member), ckpt/ (the stacked state),
+    members/member_{i} (params exports with cards) and summary.json (with the training rows
+    [0, n), the selection rows, the corruption seed and fraction and the entry's gin scope,
+    which rm_eval checks its own rows against). The run's SEED seeds each member's dropout RNG (fold_in(PRNGKey(SEED),
     member index)) and the default data seeds (SEED + i); the OptimizerConfig from gin
     supplies everything but the per-member learning rate, the warmup and the horizon.
     """
@@ -95,10 +104,13 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     program = ensemble.build_ensemble_program(setup["model_cfg"], opt_cfg, ctx.mesh(), m,
                                               (tc.batch_size, seq_len), tc.center_coef,
                                               tc.member_loop, tc.dropout_sites)
+    dcfg = ctx.provider().config
     hyper = {"total_steps": tc.total_steps, "batch_size": tc.batch_size,
              "warmup_steps": tc.warmup_steps, "center_coef": tc.center_coef,
              "corrupted": corrupted, "corruption_fraction":
-                 ctx.provider().config.corruption_fraction if corrupted else 0.0,
+                 dcfg.corruption_fraction if corrupted else 0.0,
+             "corruption_seed": dcfg.corruption_seed if corrupted else None,
+             "train_rows": [0, n], "select_rows": data["select_rows"],
              "optimizer": {k: v for k, v in dataclasses.asdict(opt_cfg).items()
                            if k != "learning_rate"},  # per member
              "train_pairs": n, "seq_len": seq_len, "num_members": sweep.num_members,
@@ -113,6 +125,9 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
         "stage": "rm_ensemble", "name": name, "corrupted": corrupted,
         "num_members": sweep.num_members, "member_index": member_index,
         "step": tc.total_steps, "members": members_out, "source": run["source"],
+        "scope": scope(), "train_rows": [0, n], "max_train_pairs": dcfg.max_train_pairs,
+        "corruption_fraction": hyper["corruption_fraction"],
+        "corruption_seed": hyper["corruption_seed"], "select_rows": data["select_rows"],
         "train_seconds": round(run["train_seconds"], 2),
         "eval_seconds": round(run["eval_seconds"], 2), "seconds": ctx.seconds,
         "mesh": dict(ctx.mesh().shape),
@@ -153,28 +168,64 @@ def _setup(ctx, name: str, sweep: ensemble.MemberSweep, member_index, head_path:
     return {"specs": specs, "init_cards": init_cards, "model_cfg": model_cfg, "head": head}
 
 
+def _reserved_rows(run_dir: str) -> Optional[list]:
+    """[start, end) of the rows rm_init reserved for its probe and warm start, or None
+    (rm_init has not run, or reserved nothing: its probe used every row)."""
+    path = artifacts.stage_path(run_dir, "rm_init", "summary.json")
+    if not os.path.exists(path):
+        return None
+    rows = artifacts.read_json(path).get("train_rows")
+    return list(rows) if rows and rows[0] > 0 else None
+
+
 def _check_disjoint(ctx, n: int) -> None:
     """Refuses training rows [0, n) that overlap the rows the rm_init stage reserved for
     its probe and warm start (when it reserved any)."""
-    path = artifacts.stage_path(ctx.run_dir, "rm_init", "summary.json")
-    if not os.path.exists(path):
-        return
-    summary = artifacts.read_json(path)
-    rows = summary.get("train_rows")
-    if rows and rows[0] > 0 and n > rows[0]:
+    rows = _reserved_rows(ctx.run_dir)
+    if rows and n > rows[0]:
         raise ValueError(
             f"ensemble_stage: training rows [0, {n}) overlap the rows [{rows[0]}, {rows[1]}) "
-            f"that rm_init reserved for its probe and warm start ({path}); set "
-            f"DataConfig.max_train_pairs <= {rows[0]} in this entry's scope")
+            f"that rm_init reserved for its probe and warm start (probe_stage.reserved_pairs); "
+            f"set {binding('DataConfig.max_train_pairs')} <= {rows[0]}")
+
+
+def _selection_rows(ctx, n: int, select_pairs: int) -> Optional[list]:
+    """[start, end) of the `select_pairs` clean training rows the members are ranked on:
+    just before the rows rm_init reserved (when it reserved any), else the last rows of the
+    whole training split; None when select_pairs is 0. Refuses rows that overlap this
+    ensemble's training rows [0, n), naming the bindings to change."""
+    if not select_pairs:
+        log.info("ensemble_stage: no selection rows (%s = 0): the members will be ranked on "
+                 "the ID validation split", binding("RMTrainConfig.select_pairs"))
+        return None
+    reserved = _reserved_rows(ctx.run_dir)
+    end = reserved[0] if reserved else ctx.provider().num_train_rows()
+    start = end - select_pairs
+    where = (f"just before the rows [{reserved[0]}, {reserved[1]}) rm_init reserved "
+             "(probe_stage.reserved_pairs)" if reserved else
+             f"the last rows of the {end}-pair training split")
+    sel, cap = binding("RMTrainConfig.select_pairs"), binding("DataConfig.max_train_pairs")
+    if start < 0:
+        raise ValueError(f"ensemble_stage: {sel} = {select_pairs} selection rows do not fit "
+                         f"{where}: only {end} rows; lower {sel} (0: rank on ID validation)")
+    if n > start:
+        raise ValueError(
+            f"ensemble_stage: training rows [0, {n}) ({cap} = "
+            f"{ctx.provider().config.max_train_pairs}) overlap the selection rows [{start}, "
+            f"{end}) ({sel} = {select_pairs}, {where}); set {cap} <= {start}, or lower {sel} "
+            "(0: rank the members on ID validation)")
+    return [start, end]
 
 
 def _data(ctx, corrupted: bool, tc: ensemble.RMTrainConfig) -> dict:
-    """Training pairs (corrupted labels when asked) and the evaluation sets, trimmed."""
+    """Training pairs (corrupted labels when asked), the evaluation sets, trimmed, and the
+    selection rows (clean labels, rows no ensemble trains on: see _selection_rows)."""
     prov = ctx.provider()
     lm.check_batch(tc.batch_size, ctx.mesh(), "ensemble_stage")
     train = prov.preference("train", corrupted=corrupted)
     n = len(train["chosen_tokens"])
     _check_disjoint(ctx, n)
+    select_rows = _selection_rows(ctx, n, tc.select_pairs)
     rng = np.random.default_rng(np.random.SeedSequence([ctx.seed, 0xE7A1]))
     train_eval_idx = np.sort(rng.permutation(n)[:min(tc.eval_train_pairs, n)])
     valid, ood = prov.preference("valid"), prov.preference("ood")
@@ -183,8 +234,15 @@ def _data(ctx, corrupted: bool, tc: ensemble.RMTrainConfig) -> dict:
         "ood": provider_lib.subset(ood, np.arange(min(tc.eval_pairs, len(ood["index"])))),
         "train": provider_lib.subset(train, train_eval_idx)}
     trimmed = ensemble.trim_pairs(train, *eval_sets.values())
-    return {"train": trimmed[0], "eval_sets": dict(zip(eval_sets, trimmed[1:])), "n": n,
-            "seq_len": trimmed[0]["chosen_tokens"].shape[1]}
+    sets = dict(zip(eval_sets, trimmed[1:]))
+    seq_len = trimmed[0]["chosen_tokens"].shape[1]
+    if select_rows:  # trimmed on its own (the training shape stays), never below seq_len
+        select = prov.train_rows(*select_rows)
+        keep = max(seq_len, ensemble.trim_pairs(select)[0]["chosen_tokens"].shape[1])
+        sets["select"] = {k: (v[:, :keep] if k in ensemble.PAIR_KEYS else v)
+                          for k, v in select.items()}
+    return {"train": trimmed[0], "eval_sets": sets, "n": n, "seq_len": seq_len,
+            "select_rows": select_rows}
 
 
 def _train(ctx, name: str, program, setup: dict, data: dict,

@@ -4,9 +4,11 @@
 strictly higher reward) of
 
 - each member of {run_dir}/{ensemble}/members/;
-- WARM with M = 2..all: the uniform weight average of the top-M members by ID validation
-  accuracy (their cards' accuracy.valid; measured when absent), averaged in memory with
-  the averaging op's streaming float32 mean (average.average_params);
+- WARM with M = 2..all: the uniform weight average of the top-M members by their cards'
+  accuracies.select (the selection rows, training rows no ensemble trains on; older cards:
+  accuracies.valid; measured ID accuracy when absent; the summary's 'ranked_by' says
+  which), averaged in memory with the averaging op's streaming float32 mean
+  (average.average_params);
 - ENS with the same M: the mean of the members' rewards (prediction ensembling);
 
 on train-clean, train-corrupt (only for an ensemble trained on corrupted labels: rows
@@ -23,7 +25,12 @@ corrupted).
 Outputs under {run_dir}/rm_eval_{ensemble}/: results.jsonl (one row per (model, split)),
 accuracy_vs_m.png, interpolation.png, metrics.jsonl, run info, and summary.json: 'table'
 {model: {split: accuracy}} (member_i, warm_M<M>, ens_M<M>), 'interpolation' (the curves)
-and 'claims', a list of {id, claim, holds, numbers} for each of the paper's claims.
+and 'claims', a list of {id, claim, holds, numbers, setting, split} for each of the paper's
+claims (setting: the ensemble; warm_jax.claims).
+
+Before any scoring it checks that its train rows are the ensemble's (check_train_rows). The
+gates' bag-of-words baselines and oracle ceiling come from the data stage (fitted once per
+run); an older data stage without them makes rm_eval fit them itself, as it logs.
 """
 from __future__ import annotations
 
@@ -40,10 +47,11 @@ import numpy as np
 
 from warm_jax import artifacts
 from warm_jax import cards as cards_lib
+from warm_jax import claims as claims_lib
 from warm_jax import average, config_checks, gates, metrics, partitioning, steps
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import reward as reward_lib
-from warm_jax.stages.base import StageContext
+from warm_jax.stages.base import StageContext, binding
 
 log = logging.getLogger("warm_jax")
 
@@ -197,11 +205,11 @@ def _plots(stage_dir: str, table: dict, interp: dict, splits: Sequence[str],
         ax.plot(ms, [table[f"ens_M{m}"][split] for m in ms], "s--", label="ENS (rewards)")
         member_accs = [table[n][split] for n in names]
         ax.axhline(table[names[order[0]]][split], color="grey", ls=":",
-                   label="best member (ID valid)")
+                   label="best member (by ranked_by)")
         ax.axhline(float(np.mean(member_accs)), color="grey", ls="-.", lw=0.8,
                    label="mean member")
         ax.set_title(SPLIT_TITLES.get(split, split), fontsize=9)
-        ax.set_xlabel("M (top members by ID validation accuracy)")
+        ax.set_xlabel("M (top members by ranked_by)")
         ax.set_xticks(ms)
     axes[0][0].set_ylabel("pairwise accuracy")
     axes[0][0].legend(fontsize=7)
@@ -258,14 +266,16 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                   claim_tolerance: float = 0.01, force_init_mismatch: bool = False,
                   baseline_train_pairs: Optional[int] = 8000) -> dict:
     """Evaluates members, WARM (M = 2..all) and ENS (M = 2..all) of one ensemble, and the
-    interpolation between two members (default: the two best by ID validation accuracy;
+    interpolation between two members (default: the two best, ranked as 'ranked_by' says;
     interp_members=(i, j) picks member indices). corrupted=None reads it from the
     ensemble's summary/cards. See the module docstring for the outputs.
 
     It also measures the gates of :mod:`warm_jax.gates` (does an RM read the post, is it
     near the oracle ceiling and above bag-of-words baselines) on the ID validation rows:
-    the run's SEED fixes the post permutation, baseline_train_pairs caps the (clean, uncapped
-    by DataConfig.max_train_pairs) training pairs the baselines are fitted on."""
+    the run's SEED fixes the post permutation. The baselines are the data stage's when they
+    are of the same rows (baseline_train_pairs equal to data_stage.baseline_train_pairs, the
+    same ID pairs); else rm_eval fits them on the first baseline_train_pairs (clean,
+    uncapped by DataConfig.max_train_pairs) training pairs."""
     ctx = StageContext(run_dir, "rm_eval", artifacts.rm_eval_dir(run_dir, ensemble))
     if ctx.done:
         return ctx.summary()
@@ -278,7 +288,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     gate_rows, swap_acc, base = _gates(ctx, r, table, max_eval_pairs, baseline_train_pairs,
                                        ensemble)
     m_all, names, order = len(r.paths), r.names, r.order
-    claims = _claims(table, interp, r.splits, m_all, claim_tolerance)
+    claims = claims_lib.keyed(_claims(table, interp, r.splits, m_all, claim_tolerance),
+                              ensemble, r.splits)
     ctx.write_run_info({
         "ensemble": ensemble, "corrupted": r.corrupted, "max_train_pairs": max_train_pairs,
         "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
@@ -295,7 +306,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                                            r.ranking_acc[i]} for i, (n, p) in
                                           enumerate(zip(names, r.paths))],
         "ranking": [names[i] for i in order], "ranked_by": r.ranked_by,
-        "init_check": r.init_check, "best_member": names[order[0]],
+        "init_check": r.init_check, "best_member": names[order[0]], "train_rows": r.train_rows,
         "splits": {s: int(len(r.sets[s]["index"])) for s in r.splits},
         "table": table, "interpolation": interp, "claims": claims,
         "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
@@ -317,6 +328,7 @@ def _load(ctx, ensemble: str, corrupted, max_train_pairs, max_eval_pairs, batch_
     if corrupted is None:
         corrupted = detect_corrupted(ctx.run_dir, ensemble, cards)
     prov = ctx.provider()
+    train_rows = check_train_rows(ctx.run_dir, ensemble, cards, corrupted, prov)
     sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs)
     abstract, _ = average.target_shardings(cfg, ctx.mesh())
     params = [ckpt_lib.load_params(m.path, abstract)[0] for m in members]
@@ -325,12 +337,13 @@ def _load(ctx, ensemble: str, corrupted, max_train_pairs, max_eval_pairs, batch_
     return types.SimpleNamespace(
         paths=paths, cards=cards, names=[os.path.basename(p) for p in paths], params=params,
         corrupted=corrupted, sets=sets, splits=list(sets), init_check=init_check,
-        ev=Evaluator(cfg, ctx.mesh(), batch_size), rows=[])
+        ev=Evaluator(cfg, ctx.mesh(), batch_size), rows=[], train_rows=train_rows)
 
 
 def _members(r) -> None:
     """Each member's rewards once per split (ENS and reward interpolation reuse them), its
-    accuracies, and the ranking (card accuracy, else measured ID validation accuracy)."""
+    accuracies, and the ranking (card accuracies.select, the selection rows no ensemble
+    trains on; accuracies.valid for older cards; else measured ID validation accuracy)."""
     sets, splits, names = r.sets, r.splits, r.names
     r.rc = rc = {s: np.zeros((len(r.paths), len(sets[s]["index"])), np.float32)
                  for s in splits}
@@ -340,8 +353,9 @@ def _members(r) -> None:
             rc[s][i], rr[s][i] = r.ev.rewards(p, sets[s])
     r.member_acc = {names[i]: {s: _acc(rc[s][i], rr[s][i]) for s in splits}
                     for i in range(len(r.paths))}
-    r.ranking_acc = [reward_lib.card_accuracy(c) for c in r.cards]
-    r.ranked_by = "card accuracy.valid"
+    split = reward_lib.ranking_split(r.cards, "rm_eval's members")
+    r.ranking_acc = [reward_lib.card_accuracy(c, split) for c in r.cards]
+    r.ranked_by = f"card accuracies.{split}"
     if any(a is None for a in r.ranking_acc):
         r.ranking_acc = [r.member_acc[n]["valid"] for n in names]
         r.ranked_by = "measured ID validation accuracy"
@@ -410,7 +424,6 @@ def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: 
     """The gates: post swap (every member and WARM), bag-of-words baselines, the oracle
     ceiling. Returns (gate rows, swapped-post accuracies, baselines)."""
     from warm_jax.data import pipeline
-    from warm_jax.data import provider as provider_lib
 
     prov, names, n = ctx.provider(), r.names, len(r.paths)
     valid_comps = prov.comparisons("valid")[:max_eval_pairs or None]
@@ -423,17 +436,100 @@ def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: 
     for model, value in swap_acc.items():
         r.rows.append({"model": model, "kind": "swapped_posts", "split": "valid_swapped",
                        "accuracy": value, "n": len(valid_comps), "swap_seed": ctx.seed})
-    full = provider_lib.DataProvider(dataclasses.replace(prov.config, max_train_pairs=None))
-    base = gates.baselines(full.comparisons("train")[:baseline_train_pairs], valid_comps)
+    base = _baselines(ctx.run_dir, prov, valid_comps, baseline_train_pairs)
     for model in ("summary_only_bow", "post_aware_bow", "oracle_ceiling"):
         r.rows.append({"model": model, "kind": "baseline", "split": "valid",
                        "accuracy": base[model], "n": len(valid_comps)})
     best_name = names[r.order[0]]
     gate_rows = gates.rm_gates(best_name, r.member_acc[best_name]["valid"], swap_acc[best_name],
                                {k: v["valid"] for k, v in table.items()}, base)
+    gate_rows = [{**g, "setting": ensemble, "split": "valid"} for g in gate_rows]
     log.info("rm_eval[%s]: gates %s", ensemble,
              {g["id"]: (round(g["value"], 3), g["passed"]) for g in gate_rows})
     return gate_rows, swap_acc, base
+
+
+def check_train_rows(run_dir: str, ensemble: str, cards: Sequence[dict], corrupted: bool,
+                     prov) -> dict:
+    """The training rows rm_eval scores (train_clean / train_corrupt) must be the rows the
+    ensemble trained on: the same first n rows (DataConfig.max_train_pairs in both entries'
+    scopes) and, for a corrupted ensemble, the same flips (DataConfig.corruption_seed and
+    corruption_fraction). Reads the ensemble's summary (older ones: its cards'
+    hyperparameters). Raises ValueError naming both bindings on a mismatch, before any
+    scoring; returns what was compared."""
+    path = os.path.join(run_dir, ensemble, "summary.json")
+    theirs = artifacts.read_json(path) if os.path.exists(path) else {}
+    hyper = dict(cards_lib.normalize(cards[0]).get("hyperparameters") or {}) if cards else {}
+    rows = theirs.get("train_rows") or ([0, hyper["train_pairs"]] if hyper.get("train_pairs")
+                                        else None)
+    if "scope" in theirs:
+        pre = f"{theirs['scope']}/" if theirs["scope"] else ""
+    else:
+        pre = f"<{ensemble}'s scope>/"
+    cfg, n = prov.config, len(prov.comparisons("train"))
+    out = {"eval_rows": [0, n], "ensemble_rows": rows, "checked": []}
+    if rows is None:
+        log.info("rm_eval[%s]: %s records no training rows (written before they were "
+                 "recorded): train_clean / train_corrupt are not checked", ensemble, path)
+    elif list(rows) != [0, n]:
+        raise ValueError(
+            f"rm_eval_stage: it would score training rows [0, {n}) as train_clean / "
+            f"train_corrupt, but ensemble {ensemble!r} trained on rows [{rows[0]}, {rows[1]}) "
+            f"({path}): set {binding('DataConfig.max_train_pairs')} = {rows[1]} (now "
+            f"{cfg.max_train_pairs}) to match {pre}DataConfig.max_train_pairs = "
+            f"{theirs.get('max_train_pairs', rows[1])}")
+    else:
+        out["checked"].append("rows")
+    for field in ("corruption_seed", "corruption_fraction") if corrupted else ():
+        want, ours = theirs.get(field, hyper.get(field)), getattr(cfg, field)
+        if want is None:
+            log.info("rm_eval[%s]: the ensemble records no %s: not checked", ensemble, field)
+        elif want != ours:
+            raise ValueError(
+                f"rm_eval_stage: {binding('DataConfig.' + field)} = {ours} but ensemble "
+                f"{ensemble!r} flipped its labels with {pre}DataConfig.{field} = {want} "
+                f"({path}): train_corrupt would not be the rows its members saw flipped; "
+                "bind the same value in both scopes")
+        else:
+            out["checked"].append(field)
+    return out
+
+
+def _baselines(run_dir: str, prov, valid_comps, baseline_train_pairs) -> dict:
+    """The ID baselines of the gates (gates.baselines' fields, plus 'source'): the data
+    stage's, fitted once per run, when they are of these rows; else fitted here (logged)."""
+    stored = artifacts.data_baselines(run_dir)
+    why = _baselines_problem(stored, prov, len(valid_comps), baseline_train_pairs, run_dir)
+    if why is None:
+        v = stored["splits"]["valid"]
+        return {"summary_only_bow": v["summary_only_bow"], "post_aware_bow": v["post_aware_bow"],
+                "oracle_ceiling": v["oracle_ceiling"], "n_train": v["n_train"],
+                "n_valid": v["n_eval"], "oracle_ceiling_absent":
+                    stored.get("oracle_ceiling_absent"), "source": "data stage"}
+    log.info("rm_eval: fitting the bag-of-words baselines and the oracle ceiling here: %s", why)
+    from warm_jax.data import provider as provider_lib
+
+    full = provider_lib.DataProvider(dataclasses.replace(prov.config, max_train_pairs=None))
+    base = gates.baselines(full.comparisons("train")[:baseline_train_pairs], valid_comps)
+    return {**base, "source": f"rm_eval ({why})"}
+
+
+def _baselines_problem(stored: Optional[dict], prov, n_valid: int, baseline_train_pairs,
+                       run_dir: str) -> Optional[str]:
+    """Why the data stage's baselines are not those of this evaluation (None: they are)."""
+    if not stored:
+        return "the data stage recorded none (it ran before they moved there)"
+    here = prov.config.path("comparisons", "comparisons")
+    theirs = os.path.join(run_dir, stored.get("comparisons") or "")  # run-relative or absolute
+    if os.path.abspath(theirs) != os.path.abspath(here):
+        return f"the data stage fitted them on {theirs}, not {here}"
+    if stored.get("train_pairs_cap") != baseline_train_pairs:
+        return (f"the data stage fitted them on at most {stored.get('train_pairs_cap')} "
+                f"training pairs, rm_eval_stage.baseline_train_pairs = {baseline_train_pairs}")
+    n = (stored.get("splits") or {}).get("valid", {}).get("n_eval")
+    if n != n_valid:
+        return f"the data stage scored {n} ID pairs, this evaluation {n_valid}"
+    return None
 
 
 def _write_headline(stage_dir: str, table: dict, r) -> None:

@@ -1,8 +1,10 @@
 """The warm stage: the averaging op (warm_jax.average) over an ensemble's members.
 
-Averages the top-M members (by ID validation accuracy, as in the paper) of
+Averages the top-M members (by their cards' accuracy on the selection rows, held-out
+training rows no ensemble trains on; ID validation accuracy for older cards) of
 {run_dir}/<ensemble>/members/ into one params-only RM at {run_dir}/<out_name>/; the
-stage's summary and metrics go to {run_dir}/<out_name>_stage/.
+stage's summary and metrics go to {run_dir}/<out_name>_stage/. A greedy soup also decides
+on the selection rows.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
                method: str = "uniform", num_members: Optional[int] = None,
                weights: Optional[Sequence[float]] = None, force_init_mismatch: bool = False,
                eval_batch_size: int = 256) -> dict:
-    """Averages the top `num_members` members of {run_dir}/{ensemble} (by ID validation
-    accuracy; None = all) into {run_dir}/{out_name} (default 'warm_<suffix>', plus '_m<M>'
+    """Averages the top `num_members` members of {run_dir}/{ensemble} (by selection-row
+    accuracy, see the module docstring; None = all) into {run_dir}/{out_name} (default 'warm_<suffix>', plus '_m<M>'
     when num_members is set; suffix = ensemble without 'rm_'). Weights (method 'weighted')
     are one per selected member, in member-index order. The stage's own files (summary.json,
     metrics.jsonl, run info) go to {run_dir}/{out_name}_stage/.
@@ -53,17 +55,14 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
     rm_cfg = model_lib.config_from_dict(cards[0]["model_config"]) \
         if cards[0].get("model_config") else None
 
-    def acc_fn(split):
+    def acc_fn(split, arrays=None):
         def fn(params):
             rm = reward_lib.RewardModel.single(rm_cfg, params)
-            return reward_lib.pairwise_accuracy(rm, prov.preference(split), eval_batch_size)
+            return reward_lib.pairwise_accuracy(
+                rm, prov.preference(split) if arrays is None else arrays, eval_batch_size)
         return fn
 
-    accs = [reward_lib.card_accuracy(c) for c in cards]
-    if any(a is None for a in accs):
-        log.info("warm: a member card lacks accuracies.valid; measuring ID validation accuracy")
-        accs = [float(acc_fn("valid")(ckpt_lib.load_params(p)[0])) for p in paths]
-    order = reward_lib.rank_by_accuracy(paths, cards, accuracies=accs)
+    order, accs, split = _ranking(paths, cards, ensemble, acc_fn("valid"))
     if num_members is not None:
         if not 1 <= int(num_members) <= len(paths):
             raise average.AveragingError(
@@ -72,8 +71,10 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
         order = order[:int(num_members)]
     selected = [paths[i] for i in sorted(order)]
     mesh = ctx.mesh()
-    extra = {"ensemble": ensemble, "selection": "top-M by ID validation accuracy",
-             "ranking": [{"path": paths[i], "valid": accs[i]} for i in order]}
+    extra = {"ensemble": ensemble, "selection": f"top-M by accuracies.{split}",
+             "ranking": [{"path": paths[i], split: accs[i]} for i in order]}
+    greedy_fn = _greedy_eval(run_dir, ensemble, prov, acc_fn, extra) \
+        if method == "greedy" else None
     ctx.write_run_info({
         "ensemble": ensemble, "out_name": out_name, "method": method,
         "num_members": num_members, "weights": weights,
@@ -91,7 +92,7 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
         result = average.average_checkpoints(
             selected, out, weights=weights, method=method, mesh=mesh,
             force_init_mismatch=force_init_mismatch,
-            eval_fn=acc_fn("valid") if method == "greedy" else None,
+            eval_fn=greedy_fn,
             report_fns={"valid": acc_fn("valid"), "ood": acc_fn("ood")}, extra_card=extra)
         card, stats = result["card"], result["stats"]
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
@@ -105,6 +106,32 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
                "accuracies": card.get("accuracies"), "init_check": card.get("init_check"),
                "stats": stats}
     return ctx.finish(summary)
+
+
+def _ranking(paths: Sequence[str], cards: Sequence[dict], ensemble: str, valid_fn):
+    """(member order, accuracies, split): the members ranked by their cards' accuracies on
+    the selection rows (accuracies.valid for older cards; valid_fn measures ID accuracy
+    when a card has neither)."""
+    split = reward_lib.ranking_split(cards, f"the members of {ensemble}")
+    accs = [reward_lib.card_accuracy(c, split) for c in cards]
+    if any(a is None for a in accs):
+        log.info("warm: a member card lacks accuracies.valid; measuring ID validation accuracy")
+        split = "valid (measured)"
+        accs = [float(valid_fn(ckpt_lib.load_params(p)[0])) for p in paths]
+    return reward_lib.rank_by_accuracy(paths, cards, accuracies=accs), accs, split
+
+
+def _greedy_eval(run_dir: str, ensemble: str, prov, acc_fn, extra: dict):
+    """The greedy soup's held-out accuracy: on the selection rows the ensemble's cards were
+    scored on, or on the ID validation split for an ensemble trained before them."""
+    path = os.path.join(run_dir, ensemble, "summary.json")
+    rows = artifacts.read_json(path).get("select_rows") if os.path.exists(path) else None
+    extra["greedy_held_out"] = f"selection rows {rows}" if rows else "valid"
+    if not rows:
+        log.info("warm: %s records no selection rows; the greedy soup decides on the ID "
+                 "validation split", ensemble)
+        return acc_fn("valid")
+    return acc_fn("select", prov.train_rows(*rows))
 
 
 def check_warm_stage(c) -> None:
