@@ -22,8 +22,10 @@ log = logging.getLogger("warm_jax")
 @gin.configurable
 def data_stage(run_dir: str, n_train_pairs: int = 20000,
                n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
-               n_prompts: int = 2000, vocab_size: int = 512) -> dict:
-    """Writes the miniature world (seed: the run's SEED) or reads the real files once."""
+               n_prompts: int = 2000, vocab_size: int = 512, n_dood_posts: int = 1000) -> dict:
+    """Writes the miniature world (seed: the run's SEED) or reads the real files once.
+    n_dood_posts: fresh posts that no other set uses (prompts/dood.jsonl), on which the
+    ood stage samples the run's own policies (the paper's D_ood); 0 writes none."""
     ctx = StageContext(run_dir, "data", stage_dir=artifacts.stage_path(run_dir, "data"))
     if ctx.done:
         return ctx.summary()
@@ -45,20 +47,23 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
                 shutil.rmtree(tmp)
             card = world.generate_world(tmp, seed=seed, n_train_pairs=n_train_pairs,
                                         n_valid_pairs=n_valid_pairs, n_ood_pairs=n_ood_pairs,
-                                        n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size)
+                                        n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size,
+                                        n_dood_posts=n_dood_posts)
             os.replace(tmp, cfg.data_dir)
         distributed.sync("data_stage_world")  # other hosts wait for the primary's world
         card = artifacts.read_json(os.path.join(cfg.data_dir, "world.json"))
-        summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab")
-                            if k in card}
+        summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab",
+                                                 "dood_posts") if k in card}
     prov = provider_lib.DataProvider(cfg)
     counts = {}
-    for split in ("train", "valid", "ood"):
+    for split in ("train", "valid", "stress"):  # stress: valid2
         counts[f"comparisons_{split}"] = len(prov.comparisons(split))
     for split in ("train", "valid"):
         counts[f"sft_{split}"] = len(prov.sft_examples(split))
     counts["prompts_rl"] = len(prov.prompt_examples("rl"))
     counts["prompts_eval"] = len(prov.prompt_examples("eval"))
+    if generated:
+        counts["dood_posts"] = summary["world"].get("files", {}).get(world.DOOD_POSTS, 0)
     summary["counts"] = counts
     summary["vocab_size"] = prov.vocab.vocab_size
     summary["vocab_sha256"] = prov.vocab.sha256
@@ -72,6 +77,7 @@ def check_data_stage(c) -> None:
     for field in ("n_train_pairs", "n_valid_pairs", "n_ood_pairs", "n_sft", "n_prompts"):
         c.integer(field, 1)
     c.integer("vocab_size", 1)
+    c.integer("n_dood_posts", 0)
     cfg = c.data()
     if os.path.abspath(cfg.data_dir or "") == os.path.abspath(c.rel("data")):
         c.reads.clear()  # generates the miniature world there
