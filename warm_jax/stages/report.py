@@ -257,6 +257,9 @@ def _section_ood(s: dict) -> str:
                  f"temperature {_fmt(s.get('temperature'), 2)}; labels by the world's labeler "
                  f"(temperature {_fmt(s.get('labeler_temperature'), 2)}).")
     per = s.get("per_policy") or {}
+    order = [p for p in s.get("policies") or [] if p in per] + sorted(set(per) - set(s.get(
+        "policies") or []))
+    per = {p: per[p] for p in order}
     parts += ["", _table(["policy", "samples", "empty", "distinct kept", "in pairs",
                           "invents a fact", "mean oracle score", "mean length (words)"],
                          [[p, d.get("samples"), d.get("empty"), d.get("distinct_kept"),
@@ -275,9 +278,19 @@ def _section_ood(s: dict) -> str:
     return "\n".join(parts)
 
 
+SPLIT_ORDER = ("train_clean", "train_corrupt", "valid", "ood", "stress")
+
+
+def _split_order(names) -> list:
+    """rm_eval's splits in reading order (train, ID, OOD, stress), others after."""
+    names = list(names)
+    return [k for k in SPLIT_ORDER if k in names] + [k for k in names if k not in SPLIT_ORDER]
+
+
 def _section_rm_eval(name: str, s: dict, run_dir: str) -> str:
     parts = [f"## Reward-model evaluation: {name}", ""]
     titles, sizes = s.get("split_titles") or {}, s.get("splits") or {}
+    sizes = {k: sizes[k] for k in _split_order(sizes)}
     if sizes:
         parts += ["Splits: " + "; ".join(f"{k} = {titles.get(k, k)}, {v} pairs"
                                          for k, v in sizes.items()) + ".", ""]
@@ -293,6 +306,7 @@ def _section_rm_eval(name: str, s: dict, run_dir: str) -> str:
             for k in row:
                 if k not in splits:
                     splits.append(k)
+        splits = _split_order(splits)
         parts.append(_table(["model"] + splits, [[m] + [row.get(k) for k in splits]
                                                  for m, row in table.items()]))
     imgs = _images(run_dir, name)
