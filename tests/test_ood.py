@@ -189,7 +189,7 @@ def _stage(run, **kw):
     return ood.ood_stage(run, **kw)
 
 
-def test_stage_writes_the_public_format_and_its_numbers(run_dir, tmp_path):
+def test_stage_writes_the_public_format_and_its_numbers(run_dir, tmp_path, monkeypatch):
     s = _stage(run_dir)
     path = os.path.join(run_dir, "ood", "comparisons.jsonl")
     assert s["comparisons"] == path and s["n_pairs"] == 40 and s["split"] == "dood"
@@ -218,8 +218,16 @@ def test_stage_writes_the_public_format_and_its_numbers(run_dir, tmp_path):
     assert set(s["policy_paths"]) == set(POLICIES)
     assert s["policy_paths"]["sft:first"].endswith("step_2")
     assert s["policy_paths"]["sft"].endswith("step_4")
-    # done marker; the same seed in another run directory: the same bytes
+    # done marker; interrupted before the summary: the kept samples are labelled again
+    # (nothing is sampled), the same bytes
     assert _stage(run_dir)["seconds"] == s["seconds"]
+    first = open(path, "rb").read()
+    os.remove(os.path.join(run_dir, "ood", "summary.json"))
+    monkeypatch.setattr(ood, "sample_texts", lambda *a, **k: pytest.fail("sampled again"))
+    again = _stage(run_dir)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == first and again["oracle_ceiling"] == s["oracle_ceiling"]
+    # the same seed in another run directory: the same bytes
     other = str(tmp_path / "other")
     os.makedirs(other)
     for d in ("pretrain", "sft"):
@@ -290,3 +298,25 @@ def test_rm_eval_reports_ood_and_stress(run_dir, tmp_path):
 
     text = report._section_rm_eval("rm_eval_rm_x", s, run)
     assert "**Split ood missing**" in text and "stress = stress (valid2" in text
+
+
+def test_policy_and_reward_specs_for_the_d_ood_sources(run_dir):
+    """'sft:first' / 'sft:final' / 'sft:<step>' name SFT snapshots; 'run:<path>' an RM export
+    under RUN_DIR (rl_dood's reward: rm_init's warm start)."""
+    from warm_jax import reward, sampling
+
+    assert sampling.policy_path(run_dir, "sft:first").endswith("step_2")
+    assert sampling.policy_path(run_dir, "sft:final") == sampling.policy_path(run_dir, "sft")
+    assert sampling.policy_path(run_dir, "sft:4").endswith("step_4")
+    with pytest.raises(FileNotFoundError, match="kept steps"):
+        sampling.policy_path(run_dir, "sft:3")
+    assert sampling.policy_source(run_dir, "sft:first") == (os.path.join(run_dir, "sft"), None)
+    assert "names no SFT snapshot" in sampling.policy_source(run_dir, "sft:latest")[1]
+    spec = "run:rm_x/members/member_1"
+    assert reward.spec_source(run_dir, spec) == (os.path.join(run_dir, spec[4:]), None)
+    rm = reward.resolve(run_dir, spec)
+    assert rm.kind == "single" and rm.names == (os.path.join(run_dir, spec[4:]),)
+    for bad in ("run:", "run:../elsewhere", "run:/abs/path"):
+        assert reward.spec_source(run_dir, bad)[1], bad
+        with pytest.raises(reward.RewardSpecError):
+            reward.resolve(run_dir, bad)

@@ -49,6 +49,7 @@ import jax
 import numpy as np
 
 from warm_jax import artifacts
+from warm_jax import checkpoint as ckpt_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import partitioning, sampling
 from warm_jax.data import diagnostics, formats, lexicon, oracle, pipeline, world
@@ -117,7 +118,9 @@ def _policy_samples(ctx, spec: str, prompts: dict, scfg, k: int, posts_per_call:
             "sampling": dataclasses.asdict(scfg), "seed": ctx.seed}
     if os.path.exists(path):
         kept = artifacts.read_json(path)
-        if all(kept.get(key) == value for key, value in want.items()):
+        current = ckpt_lib.read_card(sampling.policy_path(ctx.run_dir, spec)).get("fingerprint")
+        if all(kept.get(key) == value for key, value in want.items()) \
+                and kept.get("fingerprint") == current:
             return kept
     vocab = ctx.provider().vocab
     pcfg, params, card = sampling.load_policy(ctx.run_dir, spec)
