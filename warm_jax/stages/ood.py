@@ -85,6 +85,18 @@ def world_problem(data_dir: str, run_dir: str) -> Optional[str]:
     return None
 
 
+def _generated_without_posts(data_dir: str, run_dir: str) -> bool:
+    """Whether the data stage will generate the world with n_dood_posts bound to 0 (its
+    default writes posts)."""
+    if os.path.abspath(data_dir or ".") != os.path.abspath(os.path.join(run_dir, "data")) \
+            or os.path.exists(os.path.join(data_dir, "world.json")):
+        return False
+    try:
+        return gin.get_bindings("data_stage").get("n_dood_posts") == 0
+    except ValueError:  # the data stage is not registered: nothing bound
+        return False
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling
 
@@ -304,6 +316,9 @@ def check_ood_stage(c) -> None:
         problem = world_problem(cfg.data_dir, c.run_dir)
         if problem:
             c.fail("comparisons", problem)
+        if _generated_without_posts(cfg.data_dir, c.run_dir):
+            c.fail("n_dood_posts", "the data stage would write no D_ood posts for the ood "
+                   "stage (set it > 0)", value=0, configurable="data_stage")
         c.mesh_shape()
     out = c.rel(artifacts.STAGE_DIRS["ood"])
     c.write(out, done=os.path.join(out, "summary.json"))
