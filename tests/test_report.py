@@ -40,7 +40,7 @@ def test_report_stage_renders_measured_numbers(tmp_path):
     assert "reproduced" in text and "0.550" in text and "0.600" in text and "0.710" in text
     assert "WARM >= ENS \\| OOD" in text  # a pipe inside a cell is escaped
     assert "| total | 3.0 |" in text
-    assert "No summary found for: data_stage, pretrain, sft, rm_init, bon" in text
+    assert "No summary found for: data_stage, pretrain, sft, rm_init, ood, bon" in text
 
 
 def test_aggregate_over_seeds(tmp_path):

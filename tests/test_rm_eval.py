@@ -1,6 +1,7 @@
 """rm_eval and warm stages on a tiny generated world with a few tiny members."""
 import json
 import os
+import random
 import shutil
 
 import gin
@@ -14,12 +15,15 @@ from warm_jax.stages import warm as warm_stages
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import reward as reward_lib
+from warm_jax.data import formats, lexicon
 from warm_jax.data import provider as provider_lib
 from warm_jax.data import world
+from warm_jax.stages import ood as ood_stages
 
 CFG = model_lib.model_config("tiny")
 ENS = "rm_x"
 VALID = [0.61, 0.66, 0.58]  # card accuracies: ranking is member_1, member_0, member_2
+N_OOD = 60  # D_ood pairs (the fixture's ood/comparisons.jsonl)
 
 
 def _perturb(params, seed, scale):
@@ -33,7 +37,8 @@ def _perturb(params, seed, scale):
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     card = world.generate_world(str(root / "data"), seed=0, n_train_pairs=600, n_valid_pairs=80,
-                                n_ood_pairs=80, n_sft=300, n_prompts=20, vocab_size=128)
+                                n_ood_pairs=80, n_sft=300, n_prompts=20, vocab_size=128,
+                                n_dood_posts=30)
     base, _ = model_lib.init_params(CFG, jax.random.PRNGKey(0))
     fp = ckpt_lib.fingerprint(base)
     for i in range(3):
@@ -46,6 +51,21 @@ def run_dir(tmp_path_factory):
             "shared_fingerprint": fp})
     with open(root / ENS / "summary.json", "w") as f:
         json.dump({"corrupted": True}, f)
+    # a D_ood set where the ood stage writes it: pairs of the world's own summaries of the
+    # D_ood posts (sampling models is test_ood's business), 2 pairs per post
+    posts = formats.read_sft(str(root / "data" / world.DOOD_POSTS))
+    rng = random.Random(0)
+    samples = []
+    for e in posts:
+        words = set(lexicon.words(e.post))
+        facts = {cat: next((w for w in ws if w in words), None)
+                 for cat, ws in lexicon.CATEGORIES.items()}
+        lat = world.Latent(subreddit=e.subreddit, **facts)
+        samples.append([(p.name, world.write_summary(rng, lat, p)) for p in world.ID_POLICIES])
+    comps, _ = ood_stages.make_pairs(posts, samples, N_OOD, seed=0)
+    path = root / "ood" / "comparisons.jsonl"
+    formats.write_jsonl(str(path), map(formats.comparison_to_json, comps))
+    (root / "ood" / "summary.json").write_text(json.dumps({"comparisons": str(path)}))
     return str(root)
 
 
@@ -74,11 +94,13 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     assert s["corrupted"] and s["ranking"] == ["member_1", "member_0", "member_2"]
     assert s["ranked_by"] == "card accuracies.valid"  # these cards predate accuracies.select
     assert s["baselines"]["source"].startswith("rm_eval (the data stage recorded none")
-    assert s["splits"] == {"train_clean": 48, "train_corrupt": 48, "valid": 80, "ood": 80}
+    assert s["splits"] == {"train_clean": 48, "train_corrupt": 48, "valid": 80, "ood": N_OOD,
+                           "stress": 80}
+    assert s["ood_source"] == os.path.join(run_dir, "ood", "comparisons.jsonl") and not s["missing"]
     rows = _rows(s)
-    splits = ["train_clean", "train_corrupt", "valid", "ood"]
+    splits = ["train_clean", "train_corrupt", "valid", "ood", "stress"]
     # members / WARM / ENS x splits, interpolation, swapped posts (members + WARM), baselines
-    assert len(rows) == 3 * 4 + 2 * 2 * 4 + 5 * 3 * 3 + 4 + 3
+    assert len(rows) == 3 * 5 + 2 * 2 * 5 + 5 * 3 * 4 + 4 + 3
     sizes = dict(s["splits"], valid_swapped=s["splits"]["valid"])
     for r in rows:  # a measured accuracy is a count of pairs over the split's size
         assert r["n"] == sizes[r["split"]], r
@@ -91,7 +113,7 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
 
     # members' accuracies agree with the reward interface (masked attention path)
     prov = provider_lib.DataProvider(provider_lib.DataConfig())
-    sets = rm_eval.eval_sets(prov, True, 48)
+    sets = rm_eval.eval_sets(prov, True, 48, ood_path=s["ood_source"])
     members = reward_lib.ensemble_members(run_dir, ENS)
     rms = [reward_lib.RewardModel.load(p) for p in members]
     for i, rm in enumerate(rms):
@@ -159,7 +181,7 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     # interpolation between the two best members (lambda weighs member_1)
     interp = s["interpolation"]
     assert interp["members"] == ["member_1", "member_0"] and len(interp["lambdas"]) == 5
-    for sp in ("valid", "ood", "train_corrupt"):
+    for sp in ("valid", "ood", "stress", "train_corrupt"):
         c = interp["curves"][sp]
         for kind in ("wa", "ens", "line"):
             assert c[kind][0] == pytest.approx(acc[("member_0", sp)], abs=1e-12), (sp, kind)
@@ -169,19 +191,23 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
                                   "warm_M2", "warm_M3"]
     claims = {c["id"]: c for c in s["claims"]}
     assert sorted(claims) == sorted([
-        "warm_matches_ens_in_distribution", "warm_geq_ens_ood", "warm_memorises_less_than_ens",
+        "warm_matches_ens_in_distribution", "warm_geq_ens_ood", "warm_geq_ens_stress",
+        "warm_memorises_less_than_ens",
         "interpolation_above_line_valid", "interpolation_above_line_ood",
-        "wa_geq_ens_along_path_valid", "wa_geq_ens_along_path_ood", "wa_below_ens_train_corrupt"])
+        "interpolation_above_line_stress", "wa_geq_ens_along_path_valid",
+        "wa_geq_ens_along_path_ood", "wa_geq_ens_along_path_stress", "wa_below_ens_train_corrupt"])
     for c in claims.values():
         assert isinstance(c["holds"], bool) and c["claim"] and c["numbers"]
         assert c["setting"] == ENS
     assert {k: c["split"] for k, c in claims.items()} == {
         "warm_matches_ens_in_distribution": "valid", "warm_geq_ens_ood": "ood",
-        "warm_memorises_less_than_ens": "train_corrupt",
+        "warm_geq_ens_stress": "stress", "warm_memorises_less_than_ens": "train_corrupt",
         "interpolation_above_line_valid": "valid", "interpolation_above_line_ood": "ood",
+        "interpolation_above_line_stress": "stress",
         "wa_geq_ens_along_path_valid": "valid", "wa_geq_ens_along_path_ood": "ood",
-        "wa_below_ens_train_corrupt": "train_corrupt"}
+        "wa_geq_ens_along_path_stress": "stress", "wa_below_ens_train_corrupt": "train_corrupt"}
     for key, split in (("warm_matches_ens_in_distribution", "valid"), ("warm_geq_ens_ood", "ood"),
+                       ("warm_geq_ens_stress", "stress"),
                        ("warm_memorises_less_than_ens", "train_corrupt")):
         n = claims[key]["numbers"]
         assert n["warm"] == acc[("warm_M3", split)] and n["ens"] == acc[("ens_M3", split)]
@@ -233,11 +259,13 @@ def _write_comparisons(path, rows):
 
 
 def test_rm_eval_on_hand_made_splits_of_known_accuracy(run_dir, tmp_path):
-    """Valid and OOD sets whose accuracy is known for ANY reward model: 'valid' is 24 pairs
-    whose two summaries are the same text (a tie is not a correct pair: accuracy 0), 'ood'
-    is 20 pairs of distinct summaries, each given in both orders (exactly one order is
-    correct: accuracy 1/2). Every member, WARM, ENS and point of the interpolation must
-    show 0.0 on valid and 0.5 on ood, on sets of 24 and 40 pairs."""
+    """Valid, stress and OOD sets whose accuracy is known for ANY reward model: 'valid' is
+    24 pairs whose two summaries are the same text (a tie is not a correct pair: accuracy
+    0), 'stress' (valid2) is 20 pairs of distinct summaries, each given in both orders
+    (exactly one order is correct: accuracy 1/2), 'ood' (a D_ood file named by
+    rm_eval_stage.ood_comparisons) 12 pairs of one text twice (accuracy 0). Every member,
+    WARM, ENS and point of the interpolation must show 0.0 on valid, 0.5 on stress and 0.0
+    on ood, on sets of 24, 40 and 12 pairs."""
     data = str(tmp_path / "data")
     shutil.copytree(os.path.join(run_dir, "data"), data)
     comp = os.path.join(data, "comparisons")
@@ -251,16 +279,19 @@ def test_rm_eval_on_hand_made_splits_of_known_accuracy(run_dir, tmp_path):
     same = [dict(r, summaries=[r["summaries"][0], r["summaries"][0]]) for r in same]
     _write_comparisons(os.path.join(comp, "valid2.jsonl"), both)
     _write_comparisons(os.path.join(comp, "valid1.jsonl"), same)
+    dood = [dict(r, split="dood", summaries=[r["summaries"][1], r["summaries"][1]])
+            for r in ood[:12]]
+    _write_comparisons(str(tmp_path / "dood.jsonl"), dood)
     run = str(tmp_path / "run")
     os.makedirs(run)
     os.symlink(os.path.join(run_dir, ENS), os.path.join(run, ENS))
     gin.bind_parameter("DataConfig.data_dir", data)
     s = rm_eval.rm_eval_stage(run, ensemble=ENS, max_train_pairs=16, batch_size=16,
-                              num_lambdas=3)
-    assert s["splits"]["valid"] == 24 and s["splits"]["ood"] == 40
+                              num_lambdas=3, ood_comparisons=str(tmp_path / "dood.jsonl"))
+    assert s["splits"]["valid"] == 24 and s["splits"]["stress"] == 40 and s["splits"]["ood"] == 12
     for model, accs in s["table"].items():
-        assert accs["valid"] == 0.0 and accs["ood"] == 0.5, (model, accs)
-    for split, want in (("valid", 0.0), ("ood", 0.5)):
+        assert accs["valid"] == 0.0 and accs["stress"] == 0.5 and accs["ood"] == 0.0, (model, accs)
+    for split, want in (("valid", 0.0), ("stress", 0.5), ("ood", 0.0)):
         for kind in ("wa", "ens", "line"):
             assert s["interpolation"]["curves"][split][kind] == [want] * 3, (split, kind)
 

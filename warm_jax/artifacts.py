@@ -68,7 +68,9 @@ def check_card_vocab(card: dict, vocab, what: str) -> None:
 # where each stage writes (relative to RUN_DIR); scoped stages take their directory from a
 # name binding (rm_ensemble: `name`, warm: `out_name`, rl: `name`, bon: `stage_dir_name`)
 STAGE_DIRS = {"data": "data_stage", "pretrain": PRETRAIN_DIR, "sft": SFT_DIR,
-              "rm_init": RM_INIT_DIR, "bon": "bon", "judge": "judge", "report": "report"}
+              "rm_init": RM_INIT_DIR, "ood": "ood", "bon": "bon", "judge": "judge",
+              "report": "report"}
+DOOD_COMPARISONS = "comparisons.jsonl"  # {run_dir}/ood/comparisons.jsonl: the D_ood set
 
 
 def stage_path(run_dir: str, stage: str, *parts: str) -> str:
@@ -109,3 +111,9 @@ def warm_paths(run_dir: str, out_name: str) -> tuple[str, str]:
 
 def sft_snapshot_path(run_dir: str, step: int) -> str:
     return stage_path(run_dir, "sft", "snapshots", f"step_{step}")
+
+
+def dood_comparisons(run_dir: str) -> tuple[str, str]:
+    """(the D_ood comparisons file, the ood stage's done-marker) of a run."""
+    return (stage_path(run_dir, "ood", DOOD_COMPARISONS),
+            stage_path(run_dir, "ood", "summary.json"))

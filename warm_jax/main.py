@@ -62,6 +62,7 @@ STAGES = {
     "rm_init": "warm_jax.stages.rm_init:probe_stage",
     "rm_ensemble": "warm_jax.stages.rm_ensemble:ensemble_stage",
     "warm": "warm_jax.stages.warm:warm_stage",
+    "ood": "warm_jax.stages.ood:ood_stage",
     "rm_eval": "warm_jax.stages.rm_eval:rm_eval_stage",
     "bon": "warm_jax.stages.bon:bon_stage",
     "rl": "warm_jax.stages.rl:rl_stage",

@@ -184,7 +184,16 @@ def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: Optiona
 
 
 SPEC_USAGE = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, "
-              "ens:<ensemble>:<M> or path:<params export>")
+              "ens:<ensemble>:<M>, run:<export under RUN_DIR> or path:<params export>")
+
+
+def _run_relative(spec: str) -> Optional[str]:
+    """The path part of a 'run:<path under RUN_DIR>' spec when it stays inside RUN_DIR
+    (e.g. 'run:rm_init/warm_start', rm_init's shared warm start), else None."""
+    rel = spec[len("run:"):]
+    if not rel or os.path.isabs(rel) or ".." in rel.split("/"):
+        return None
+    return rel
 
 
 def spec_source(run_dir: str, spec, oracle: bool = False) -> tuple[Optional[str], Optional[str]]:
@@ -195,6 +204,10 @@ def spec_source(run_dir: str, spec, oracle: bool = False) -> tuple[Optional[str]
         return None, f"must be a reward spec ({SPEC_USAGE})"
     if spec == "oracle":
         return None, None if oracle else "the oracle is not a reward model here"
+    if spec.startswith("run:"):
+        rel = _run_relative(spec)
+        return (None, f"run: needs a path under RUN_DIR ({SPEC_USAGE})") if rel is None \
+            else (os.path.join(run_dir, rel), None)
     if spec.startswith("path:") or os.path.exists(os.path.join(spec, ckpt_lib.CARD_NAME)):
         path = spec[5:] if spec.startswith("path:") else spec
         return path, None if path else f"path: needs a params export ({SPEC_USAGE})"
@@ -219,10 +232,17 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
                             (accuracies.select; ID validation for older cards)
       ens:<ensemble>        prediction ensemble (ENS) of all members
       ens:<ensemble>:<M>    ENS of the top M members, ranked alike
+      run:<path>            the params export {run_dir}/<path>, e.g. run:rm_init/warm_start
+                            (rm_init's shared warm start: an RM no rm_eval evaluates)
     """
     kind, _, rest = str(spec).partition(":")
-    usage = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble> "
-             "or ens:<ensemble>:<M>")
+    usage = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, "
+             "ens:<ensemble>:<M> or run:<export under RUN_DIR>")
+    if kind == "run":
+        rel = _run_relative(str(spec))
+        if rel is None:
+            raise RewardSpecError(f"reward spec {spec!r}: {usage}")
+        return RewardModel.load(os.path.join(run_dir, rel), "single", abstract_params)
     parts = rest.split(":") if rest else []
     if not parts or any(not p for p in parts):
         raise RewardSpecError(f"reward spec {spec!r}: {usage}")

@@ -328,15 +328,47 @@ def _export_path_from_summary(summary: dict, stage_dir: str) -> Optional[str]:
     return None
 
 
+SFT_SNAPSHOT_USAGE = "'sft:first', 'sft:final' or 'sft:<step>' (a snapshot the SFT stage kept)"
+
+
+def _sft_snapshot_problem(which: str) -> Optional[str]:
+    if which in ("first", "final") or (which.isdigit() and int(which) >= 0):
+        return None
+    return f"names no SFT snapshot: use {SFT_SNAPSHOT_USAGE}"
+
+
+def sft_snapshot_path(run_dir: str, which: str) -> str:
+    """The SFT snapshot 'first', 'final' or '<step>' listed by the SFT stage's summary."""
+    from warm_jax import artifacts
+
+    bad = _sft_snapshot_problem(which)
+    if bad:
+        raise ValueError(f"policy 'sft:{which}' {bad}")
+    snaps = sorted(artifacts.sft_snapshots(run_dir), key=lambda d: d["step"])
+    if which == "first":
+        return snaps[0]["path"]
+    if which == "final":
+        return snaps[-1]["path"]
+    for snap in snaps:
+        if snap["step"] == int(which):
+            return snap["path"]
+    raise FileNotFoundError(f"policy 'sft:{which}': the SFT stage kept steps "
+                            f"{[d['step'] for d in snaps]}, not {which}")
+
+
 def policy_path(run_dir: str, name: str) -> str:
     """Where policy `name` lives: a params-export directory (with card.json), 'sft' (the
-    final SFT snapshot of {run_dir}/sft), or an RL run name ({run_dir}/{name})."""
+    final SFT snapshot of {run_dir}/sft), 'sft:first' / 'sft:final' / 'sft:<step>' (one of
+    its snapshots), 'pretrain' (the pre-trained-only model), or an RL run name
+    ({run_dir}/{name})."""
     import glob
     import json
     import os
 
     if os.path.exists(os.path.join(name, "card.json")):
         return name
+    if name.startswith("sft:"):
+        return sft_snapshot_path(run_dir, name[len("sft:"):])
     stage_dir = os.path.join(run_dir, name)
     summary_path = os.path.join(stage_dir, "summary.json")
     if os.path.exists(summary_path):
@@ -365,6 +397,9 @@ def policy_source(run_dir: str, name) -> tuple[Optional[str], Optional[str]]:
         return None, "must be 'sft', an RL run name or a params export path"
     if os.path.exists(os.path.join(name, "card.json")):
         return name, None
+    if name.startswith("sft:"):
+        bad = _sft_snapshot_problem(name[len("sft:"):])
+        return (None, bad) if bad else (os.path.join(run_dir, "sft"), None)
     if "/" in name or name in (".", ".."):
         if os.path.exists(name):
             return None, "is not a params export (no card.json in it)"

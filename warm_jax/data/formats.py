@@ -6,7 +6,8 @@ Two formats are supported, exactly as published:
   ``info`` (``id``, ``post``, ``title``, ``subreddit`` for TL;DR, or ``id``,
   ``article``, ``site`` for CNN/DM), ``summaries`` (two objects with ``text``,
   ``policy``, ``note``), ``choice`` (0 or 1), ``worker``, ``batch``, ``split``
-  (``train``, ``valid1`` or ``valid2``) and optionally ``extra.confidence``.
+  (``train``, ``valid1`` or ``valid2``; warm-jax's own D_ood rows, written by the ``ood``
+  stage, use ``dood``) and optionally ``extra.confidence``.
 * filtered TL;DR SFT JSONL: ``id``, ``subreddit``, ``title``, ``post``,
   ``summary``.
 
@@ -29,7 +30,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid1", "valid2")
+SPLITS = ("train", "valid1", "valid2")  # the public data's splits
+DOOD_SPLIT = "dood"  # the ood stage's comparisons (sampled from the run's own policies)
+KNOWN_SPLITS = SPLITS + (DOOD_SPLIT,)  # what the reader accepts
 PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 PathLike = Union[str, os.PathLike]
 Paths = Union[PathLike, Sequence[PathLike]]
@@ -256,8 +259,8 @@ def _parse_comparison(rec: Any) -> Comparison:
     if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
         raise _FieldError("choice", f"expected 0 or 1, got {_safe_json(choice)[:40]}")
     split = _get(rec, "split", "")
-    if split not in SPLITS:
-        raise _FieldError("split", f"expected one of {', '.join(SPLITS)}, "
+    if split not in KNOWN_SPLITS:
+        raise _FieldError("split", f"expected one of {', '.join(KNOWN_SPLITS)}, "
                                    f"got {_safe_json(split)[:40]}")
     confidence = None
     extra = rec.get("extra")
@@ -349,9 +352,9 @@ def read_comparisons(paths: Paths, splits: Optional[Iterable[str]] = None,
     wanted = None
     if splits is not None:
         wanted = {splits} if isinstance(splits, str) else set(splits)
-        unknown = wanted - set(SPLITS)
+        unknown = wanted - set(KNOWN_SPLITS)
         if unknown:
-            raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+            raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {KNOWN_SPLITS}")
     keep = (lambda c: True) if wanted is None else (lambda c: c.split in wanted)
     return _read(resolve_paths(paths), _parse_comparison, max_bad_fraction, keep)
 

@@ -5,10 +5,14 @@ files one by one); a DataProvider reads, tokenises and caches the arrays each st
 
   provider.lm("train")                 pre-training sequences (posts + reference summaries)
   provider.sft("train"|"valid"|"test") SFT sequences with loss_mask on the summary
-  provider.preference("train"|"valid"|"ood", corrupted=False)
+  provider.preference("train"|"valid"|"stress", corrupted=False)
                                        pairwise arrays; with corrupted=True the train labels
                                        are flipped (exact fraction, by seed) and 'flipped'
-                                       marks which rows
+                                       marks which rows ("stress" = valid2, also named "ood"
+                                       by the stages before rm_eval: rm_init, rm_ensemble,
+                                       warm)
+  provider.preference_file(path)       pairwise arrays of another comparisons file (rm_eval's
+                                       D_ood, written by the ood stage)
   provider.prompts("rl"|"eval")        left-padded prompts + post texts for sampling
 
 The SeqIO tasks in warm_jax.data.tasks serve the same arrays through tf.data.
@@ -28,7 +32,7 @@ from warm_jax.data import formats, pipeline
 
 log = logging.getLogger("warm_jax")
 
-SPLITS = {"train": "train", "valid": "valid1", "ood": "valid2"}
+SPLITS = {"train": "train", "valid": "valid1", "ood": "valid2", "stress": "valid2"}
 
 
 @gin.configurable
@@ -123,6 +127,20 @@ class DataProvider:
         elif split != "train" and self.config.num_eval_pairs:
             rows = rows[:self.config.num_eval_pairs]
         return list(rows)
+
+    @functools.lru_cache(maxsize=None)
+    def comparisons_file(self, path: str) -> list:
+        """Every comparison of one file (any split), capped like the evaluation splits
+        (DataConfig.num_eval_pairs)."""
+        rows = list(formats.read_comparisons(path, max_bad_fraction=self.config.max_bad_fraction))
+        if not rows:
+            raise ValueError(f"{path}: no comparisons in it")
+        return rows[:self.config.num_eval_pairs] if self.config.num_eval_pairs else rows
+
+    @functools.lru_cache(maxsize=None)
+    def preference_file(self, path: str) -> dict:
+        return pipeline.preference_arrays(self.comparisons_file(path), self.vocab,
+                                          self.config.max_len)
 
     @functools.lru_cache(maxsize=None)
     def sft_examples(self, split: str) -> list:

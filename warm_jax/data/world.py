@@ -27,7 +27,10 @@ reverse that: a long rambler that drops facts, a short and correct telegraphic
 writer, and a confabulator that uses the stock phrase.
 
 Labels are drawn from the oracle (:mod:`warm_jax.data.oracle`) by
-Bradley-Terry. :func:`generate_world` writes exactly the public formats.
+Bradley-Terry (:func:`bt_label`, the world's AI labeler). :func:`generate_world` writes
+exactly the public formats. It also sets aside fresh posts that no other set uses
+(``prompts/dood.jsonl``): the ``ood`` stage samples the run's own policies on them and
+labels the pairs with :func:`bt_label` (the paper's D_ood).
 
 Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]``.
 """
@@ -49,6 +52,7 @@ TEMPERATURE = 0.3  # Bradley-Terry temperature of the labeler
 PAIR_STYLE_MATCH = 0.8  # P(both summaries of a pair share padding, stock phrase and ending)
 PAIR_DECISIVE = 0.9     # P(a pair is redrawn until its oracle scores differ by >= DECISIVE_GAP)
 DECISIVE_GAP = 0.25
+DOOD_POSTS = "prompts/dood.jsonl"  # fresh posts for the ood stage's D_ood (SFT layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,15 +267,24 @@ def make_comparisons(factory: _PostFactory, split: str, n: int,
             b = write_summary(rng, lat, pb, style_a if matched else draw_style(rng, pb))
             if b != a and (not decisive or abs(oracle.score(post, b) - score_a) >= DECISIVE_GAP):
                 break
-        diff = (oracle.score(post, a) - oracle.score(post, b)) / temperature
-        p_a = 1.0 / (1.0 + math.exp(-max(min(diff, 50.0), -50.0)))
-        choice = 0 if rng.random() < p_a else 1
-        confidence = 1 + int(round(8 * abs(p_a - 0.5) * 2))  # 1..9, like the public data
+        choice, confidence = bt_label(rng, post, a, b, temperature)
         out.append(Comparison(
             id=f"w{factory.seed}-{split}-{i:06d}", subreddit=lat.subreddit, title=title,
             post=post, summaries=(a, b), policies=(pa.name, pb.name), choice=choice,
-            split=split, worker="oracle", batch=f"world_{split}", confidence=float(confidence)))
+            split=split, worker="oracle", batch=f"world_{split}", confidence=confidence))
     return out
+
+
+def bt_label(rng: random.Random, post: str, a: str, b: str,
+             temperature: float = TEMPERATURE) -> tuple[int, float]:
+    """The world's AI labeler on summaries ``a`` and ``b`` of ``post``: (choice, confidence).
+
+    P(a preferred) = sigmoid((oracle(a) - oracle(b)) / temperature), one draw of ``rng``;
+    confidence 1..9 grows with |P - 1/2|, like the public data's."""
+    diff = (oracle.score(post, a) - oracle.score(post, b)) / temperature
+    p_a = 1.0 / (1.0 + math.exp(-max(min(diff, 50.0), -50.0)))
+    choice = 0 if rng.random() < p_a else 1
+    return choice, float(1 + int(round(8 * abs(p_a - 0.5) * 2)))
 
 
 def make_sft(factory: _PostFactory, name: str, n: int) -> list[SftExample]:
@@ -288,7 +301,7 @@ def make_sft(factory: _PostFactory, name: str, n: int) -> list[SftExample]:
 def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
                    n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
                    n_prompts: int = 2000, vocab_size: int = 512,
-                   temperature: float = TEMPERATURE) -> dict:
+                   temperature: float = TEMPERATURE, n_dood_posts: int = 1000) -> dict:
     """Write a miniature TL;DR world to ``out_dir`` in the public formats.
 
     Layout::
@@ -296,11 +309,14 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
       comparisons/train.jsonl, valid1.jsonl, valid2.jsonl   (summarize_from_feedback rows)
       sft/train.jsonl, valid.jsonl, test.jsonl              (90/5/5 % of n_sft)
       prompts/prompts.jsonl                                  (SFT layout; RL prompts)
+      prompts/dood.jsonl                                     (SFT layout; n_dood_posts fresh
+                                                              posts for the ood stage's D_ood)
       spm.model                                              (if vocab_size > 0)
       world.json                                             (the card, returned)
 
-    Every set uses its own posts (no post text appears twice). The same
-    arguments give the same bytes.
+    Every set uses its own posts (no post text appears twice; the D_ood posts are drawn
+    last, so they leave every other set's bytes as they were). The same arguments give the
+    same bytes.
     """
     factory = _PostFactory(seed)
     comps = {"train": make_comparisons(factory, "train", n_train_pairs, temperature),
@@ -311,6 +327,7 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
            "valid": make_sft(factory, "sft_valid", n_eval),
            "test": make_sft(factory, "sft_test", n_eval)}
     prompts = make_sft(factory, "prompts", n_prompts)
+    dood = make_sft(factory, "dood", n_dood_posts)
 
     files = {}
     for split, rows in comps.items():
@@ -324,6 +341,9 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
     rel = "prompts/prompts.jsonl"
     formats.write_jsonl(os.path.join(out_dir, rel), map(formats.sft_to_json, prompts))
     files[rel] = len(prompts)
+    if dood:
+        formats.write_jsonl(os.path.join(out_dir, DOOD_POSTS), map(formats.sft_to_json, dood))
+        files[DOOD_POSTS] = len(dood)
 
     card = {
         "generator_version": GENERATOR_VERSION,
@@ -335,6 +355,10 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
         "policy_params": {p.name: dataclasses.asdict(p) for p in POLICIES.values()},
         "oracle": oracle.__doc__.split("\n\n")[1].strip(),
         "spurious_features": ["length", lexicon.STOCK_PHRASE],
+        "dood_posts": {"file": DOOD_POSTS if dood else None, "n": len(dood),
+                       "use": "fresh posts no other set uses; the ood stage samples the "
+                              "run's own policies on them and labels pairs by bt_label "
+                              "(the paper's D_ood)"},
     }
     if vocab_size > 0:
         from warm_jax.data import vocab as vocab_lib
@@ -361,13 +385,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n_ood_pairs", type=int, default=2000)
     ap.add_argument("--n_sft", type=int, default=10000)
     ap.add_argument("--n_prompts", type=int, default=2000)
+    ap.add_argument("--n_dood_posts", type=int, default=1000)
     ap.add_argument("--vocab_size", type=int, default=512, help="0 skips the vocabulary")
     ap.add_argument("--diagnose", action="store_true", help="print the diagnostic table")
     args = ap.parse_args(argv)
     card = generate_world(args.out, seed=args.seed, n_train_pairs=args.n_train_pairs,
                           n_valid_pairs=args.n_valid_pairs, n_ood_pairs=args.n_ood_pairs,
                           n_sft=args.n_sft, n_prompts=args.n_prompts,
-                          vocab_size=args.vocab_size)
+                          vocab_size=args.vocab_size, n_dood_posts=args.n_dood_posts)
     print(json.dumps({"out": args.out, "files": card["files"], "vocab": card.get("vocab")},
                      indent=1))
     if args.diagnose:

@@ -32,10 +32,12 @@ log = logging.getLogger("warm_jax")
 @gin.configurable
 def data_stage(run_dir: str, n_train_pairs: int = 20000,
                n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
-               n_prompts: int = 2000, vocab_size: int = 512,
+               n_prompts: int = 2000, vocab_size: int = 512, n_dood_posts: int = 1000,
                baseline_train_pairs: Optional[int] = 8000, baseline_steps: int = 300) -> dict:
     """Writes the miniature world (seed: the run's SEED) or reads the real files once, then
-    fits the bag-of-words baselines (see the module docstring)."""
+    fits the bag-of-words baselines (see the module docstring).
+    n_dood_posts: fresh posts that no other set uses (prompts/dood.jsonl), on which the
+    ood stage samples the run's own policies (the paper's D_ood); 0 writes none."""
     ctx = StageContext(run_dir, "data", stage_dir=artifacts.stage_path(run_dir, "data"))
     if ctx.done:
         return ctx.summary()
@@ -57,20 +59,23 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
                 shutil.rmtree(tmp)
             card = world.generate_world(tmp, seed=seed, n_train_pairs=n_train_pairs,
                                         n_valid_pairs=n_valid_pairs, n_ood_pairs=n_ood_pairs,
-                                        n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size)
+                                        n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size,
+                                        n_dood_posts=n_dood_posts)
             os.replace(tmp, cfg.data_dir)
         distributed.sync("data_stage_world")  # other hosts wait for the primary's world
         card = artifacts.read_json(os.path.join(cfg.data_dir, "world.json"))
-        summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab")
-                            if k in card}
+        summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab",
+                                                 "dood_posts") if k in card}
     prov = provider_lib.DataProvider(cfg)
     counts = {}
-    for split in ("train", "valid", "ood"):
+    for split in ("train", "valid", "stress"):  # stress: valid2
         counts[f"comparisons_{split}"] = len(prov.comparisons(split))
     for split in ("train", "valid"):
         counts[f"sft_{split}"] = len(prov.sft_examples(split))
     counts["prompts_rl"] = len(prov.prompt_examples("rl"))
     counts["prompts_eval"] = len(prov.prompt_examples("eval"))
+    if generated:
+        counts["dood_posts"] = summary["world"].get("files", {}).get(world.DOOD_POSTS, 0)
     summary["counts"] = counts
     summary["vocab_size"] = prov.vocab.vocab_size
     summary["vocab_sha256"] = prov.vocab.sha256
@@ -98,7 +103,7 @@ def _run_relative(path: str, run_dir: str) -> str:
 def fit_baselines(cfg, prov, train_pairs: Optional[int], steps: int, run_dir: str) -> dict:
     """The bag-of-words baselines, fitted once on the first `train_pairs` pairs of the whole
     training split (DataConfig.max_train_pairs does not cap them) and scored on 'valid' (ID)
-    and 'ood', with each split's oracle-label ceiling when the data is a generated world.
+    and 'stress' (valid2), with each split's oracle-label ceiling when the data is a generated world.
     'comparisons' names their file, relative to the run directory when inside it."""
     from warm_jax.data import provider as provider_lib
 
@@ -107,7 +112,7 @@ def fit_baselines(cfg, prov, train_pairs: Optional[int], steps: int, run_dir: st
                                                                      "world.json"))
     full = provider_lib.DataProvider(dataclasses.replace(cfg, max_train_pairs=None))
     train = full.comparisons("train")[:train_pairs or None]
-    splits = gates.baselines_by_split(train, {s: prov.comparisons(s) for s in ("valid", "ood")},
+    splits = gates.baselines_by_split(train, {s: prov.comparisons(s) for s in ("valid", "stress")},
                                       steps=steps, with_oracle=with_oracle)
     out = {"comparisons": _run_relative(cfg.path("comparisons", "comparisons"), run_dir),
            "train_pairs": len(train),
@@ -126,6 +131,7 @@ def check_data_stage(c) -> None:
     c.integer("vocab_size", 1)
     c.integer("baseline_train_pairs", 1, optional=True)
     c.integer("baseline_steps", 1)
+    c.integer("n_dood_posts", 0)
     cfg = c.data()
     if os.path.abspath(cfg.data_dir or "") == os.path.abspath(c.rel("data")):
         c.reads.clear()  # generates the miniature world there

@@ -186,6 +186,8 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
     for name, title_ in order:
         if name in summaries:
             sections.append(_section_generic(title_, name, summaries[name], run_dir))
+    if "ood" in summaries:
+        sections.append(_section_ood(summaries["ood"]))
     for name in sorted(summaries):
         if name.startswith("rm_") and name not in ("rm_init",) and not name.startswith("rm_eval"):
             sections.append(_section_members(name, summaries[name], run_dir))
@@ -202,7 +204,7 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
             sections.append(_section_generic(f"RL: {name}", name, summaries[name], run_dir))
     if "judge" in summaries:
         sections.append(_section_judge(summaries["judge"], run_dir))
-    missing = [n for n in ("data_stage", "pretrain", "sft", "rm_init", "bon", "judge")
+    missing = [n for n in ("data_stage", "pretrain", "sft", "rm_init", "ood", "bon", "judge")
                if n not in summaries]
     if missing:
         sections.append("## Missing stages\n\nNo summary found for: " + ", ".join(missing) + ".")
@@ -245,8 +247,57 @@ def _section_members(name: str, s: dict, run_dir: str) -> str:
     return "\n".join(parts)
 
 
+def _section_ood(s: dict) -> str:
+    """The D_ood set the ood stage built: its sources, pairs and oracle numbers."""
+    parts = ["## D_ood (the OOD evaluation set: the run's own policies on fresh posts)", ""]
+    if s.get("source") == "given":
+        parts.append(f"Comparisons given by the user ({s.get('given')}): {s.get('n_pairs')} "
+                     "pairs; no oracle numbers (they need the miniature world's labeler).")
+        return "\n".join(parts)
+    parts.append(f"{s.get('n_pairs')} pairs on {s.get('n_posts_paired')} of {s.get('n_posts')} "
+                 f"posts; {s.get('samples_per_policy')} samples per post and policy at "
+                 f"temperature {_fmt(s.get('temperature'), 2)}; labels by the world's labeler "
+                 f"(temperature {_fmt(s.get('labeler_temperature'), 2)}).")
+    per = s.get("per_policy") or {}
+    order = [p for p in s.get("policies") or [] if p in per] + sorted(set(per) - set(s.get(
+        "policies") or []))
+    per = {p: per[p] for p in order}
+    parts += ["", _table(["policy", "samples", "empty", "distinct kept", "in pairs",
+                          "invents a fact", "mean oracle score", "mean length (words)"],
+                         [[p, d.get("samples"), d.get("empty"), d.get("distinct_kept"),
+                           d.get("in_pairs"), d.get("invented_fraction"),
+                           d.get("mean_oracle_score"), d.get("mean_length_words")]
+                          for p, d in per.items()])]
+    types = s.get("pair_types") or {}
+    parts += ["", "Pairs by source policies: " + ", ".join(
+        f"{k} {v}" for k, v in (types.get("by_policies") or {}).items())
+        + f" (same policy {types.get('same_policy')}, cross-policy "
+          f"{types.get('cross_policy')})."]
+    parts += ["", _table(["oracle-label ceiling", "oracle ties", "length rule",
+                          "length/oracle correlation"],
+                         [[s.get("oracle_ceiling"), s.get("oracle_ties"),
+                           s.get("length_rule_accuracy"), s.get("length_oracle_correlation")]])]
+    return "\n".join(parts)
+
+
+SPLIT_ORDER = ("train_clean", "train_corrupt", "valid", "ood", "stress")
+
+
+def _split_order(names) -> list:
+    """rm_eval's splits in reading order (train, ID, OOD, stress), others after."""
+    names = list(names)
+    return [k for k in SPLIT_ORDER if k in names] + [k for k in names if k not in SPLIT_ORDER]
+
+
 def _section_rm_eval(name: str, s: dict, run_dir: str) -> str:
     parts = [f"## Reward-model evaluation: {name}", ""]
+    titles, sizes = s.get("split_titles") or {}, s.get("splits") or {}
+    sizes = {k: sizes[k] for k in _split_order(sizes)}
+    if sizes:
+        parts += ["Splits: " + "; ".join(f"{k} = {titles.get(k, k)}, {v} pairs"
+                                         for k, v in sizes.items()) + ".", ""]
+    for split, why in (s.get("missing") or {}).items():
+        parts += [f"**Split {split} missing**: {why}.", ""]
     table = s.get("table")
     if isinstance(table, list) and table and isinstance(table[0], dict):
         headers = list(table[0].keys())
@@ -257,6 +308,7 @@ def _section_rm_eval(name: str, s: dict, run_dir: str) -> str:
             for k in row:
                 if k not in splits:
                     splits.append(k)
+        splits = _split_order(splits)
         parts.append(_table(["model"] + splits, [[m] + [row.get(k) for k in splits]
                                                  for m, row in table.items()]))
     imgs = _images(run_dir, name)

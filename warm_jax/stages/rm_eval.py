@@ -13,13 +13,17 @@ strictly higher reward) of
 
 on train-clean, train-corrupt (only for an ensemble trained on corrupted labels: rows
 whose label was flipped, scored against the FLIPPED label, i.e. memorisation), ID
-validation ('valid') and OOD ('ood'). Train subsets are capped (max_train_pairs) to keep
+validation ('valid'), OOD ('ood': the paper's D_ood, summaries sampled from the run's own
+policies on fresh posts, written by the ood stage; rm_eval_stage.ood_comparisons may name
+the file) and stress ('stress': the world's valid2, whose hand-designed policies reverse
+every in-distribution shortcut). Without a D_ood set the 'ood' split is left out, and the
+log and summary.json ('missing') say so. Train subsets are capped (max_train_pairs) to keep
 it cheap; all scoring is jitted, fixed-shape and batched over the mesh's data axes.
 
 It also traces the paper's linear-mode-connectivity figure between the two best members
 (lambda = 0..1): accuracy of the weight interpolation (WA), of the prediction
 interpolation lambda*r1 + (1-lambda)*r2 (ENS) and the straight line between the
-endpoints, on ID validation, OOD and train-corrupt (train-clean when nothing was
+endpoints, on ID validation, OOD, stress and train-corrupt (train-clean when nothing was
 corrupted).
 
 Outputs under {run_dir}/rm_eval_{ensemble}/: results.jsonl (one row per (model, split)),
@@ -57,7 +61,9 @@ log = logging.getLogger("warm_jax")
 
 SPLIT_TITLES = {"train_clean": "train (clean labels)",
                 "train_corrupt": "train (corrupted labels; agreement with the flipped label)",
-                "valid": "ID validation", "ood": "OOD"}
+                "valid": "ID validation",
+                "ood": "OOD (D_ood: the run's own policies sampled on fresh posts)",
+                "stress": "stress (valid2: policies that reverse the ID shortcuts)"}
 
 
 class Evaluator:
@@ -100,8 +106,10 @@ def detect_corrupted(run_dir: str, ensemble: str, cards: Sequence[dict]) -> bool
 
 
 def eval_sets(prov, corrupted: bool, max_train_pairs: Optional[int] = 2000,
-              max_eval_pairs: Optional[int] = None) -> dict[str, dict]:
-    """{split: preference arrays}: train_clean, train_corrupt (if corrupted), valid, ood."""
+              max_eval_pairs: Optional[int] = None,
+              ood_path: Optional[str] = None) -> dict[str, dict]:
+    """{split: preference arrays}: train_clean, train_corrupt (if corrupted), valid, ood
+    (the D_ood comparisons file `ood_path`, when given) and stress (valid2)."""
     from warm_jax.data.provider import subset
 
     def cap(arrays, idx, limit):
@@ -117,10 +125,30 @@ def eval_sets(prov, corrupted: bool, max_train_pairs: Optional[int] = 2000,
             raise ValueError("the corrupted training set has no flipped rows (check "
                              "DataConfig.corruption_fraction)")
         out["train_corrupt"] = cap(train, np.flatnonzero(flipped), max_train_pairs)
-    for split in ("valid", "ood"):
-        arrays = prov.preference(split)
+    for split in ("valid", "ood", "stress"):
+        if split == "ood":
+            if not ood_path:
+                continue
+            arrays = prov.preference_file(ood_path)
+        else:
+            arrays = prov.preference(split)
         out[split] = cap(arrays, np.arange(len(arrays["index"])), max_eval_pairs)
     return out
+
+
+def ood_source(run_dir: str, explicit: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(the D_ood comparisons file, why there is none): `explicit` when given, else the ood
+    stage's output once that stage has finished."""
+    if explicit:
+        if not os.path.exists(explicit):
+            raise FileNotFoundError(f"rm_eval_stage.ood_comparisons = {explicit!r}: no such file")
+        return explicit, None
+    path, done = artifacts.dood_comparisons(run_dir)
+    if os.path.exists(done):
+        return artifacts.read_json(done).get("comparisons") or path, None
+    return None, (f"no D_ood set: the ood stage has not finished ({done} is missing) and "
+                  "rm_eval_stage.ood_comparisons is not set; the 'ood' split is left out "
+                  "(valid2 is the 'stress' split, not OOD)")
 
 
 def _acc(rc, rr) -> float:
@@ -145,12 +173,17 @@ def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: f
                    "holds": bool(abs(d) <= tol), "tolerance": tol,
                    "numbers": {"warm": warm["valid"], "ens": ens["valid"], "diff": d},
                    "diff_per_M": per_m("valid")})
-    d = warm["ood"] - ens["ood"]
-    claims.append({"id": "warm_geq_ens_ood",
-                   "claim": f"WARM >= ENS out of distribution (OOD, M={m_all})",
-                   "holds": bool(d >= 0),
-                   "numbers": {"warm": warm["ood"], "ens": ens["ood"], "diff": d},
-                   "diff_per_M": per_m("ood")})
+    for split, where in (("ood", "OOD, D_ood: the run's own policies' samples"),
+                         ("stress", "stress split, valid2: policies that reverse the ID "
+                                    "shortcuts")):
+        if split not in splits:
+            continue
+        d = warm[split] - ens[split]
+        claims.append({"id": f"warm_geq_ens_{split}",
+                       "claim": f"WARM >= ENS out of distribution ({where}, M={m_all})",
+                       "holds": bool(d >= 0),
+                       "numbers": {"warm": warm[split], "ens": ens[split], "diff": d},
+                       "diff_per_M": per_m(split)})
     if "train_corrupt" in splits:
         d = warm["train_corrupt"] - ens["train_corrupt"]
         claims.append({"id": "warm_memorises_less_than_ens",
@@ -251,7 +284,11 @@ def check_rm_eval_stage(c) -> None:
     if pair is not None and pair[0] == pair[1]:
         c.fail("interp_members", "must name two different members")
     c.number("claim_tolerance", 0)
+    if c["ood_comparisons"] is not None:
+        c.existing("ood_comparisons", what="comparisons file")
     c.read(c.rel(ensemble))
+    if c["ood_comparisons"] is None:
+        c.read(c.rel(artifacts.STAGE_DIRS["ood"]))  # the D_ood set, when the ood stage ran
     c.data()
     c.mesh_shape()
     out = artifacts.rm_eval_dir(c.run_dir, ensemble)
@@ -264,7 +301,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                   batch_size: int = 256, num_lambdas: int = 11,
                   interp_members: Optional[Sequence[int]] = None,
                   claim_tolerance: float = 0.01, force_init_mismatch: bool = False,
-                  baseline_train_pairs: Optional[int] = 8000) -> dict:
+                  baseline_train_pairs: Optional[int] = 8000,
+                  ood_comparisons: Optional[str] = None) -> dict:
     """Evaluates members, WARM (M = 2..all) and ENS (M = 2..all) of one ensemble, and the
     interpolation between two members (default: the two best, ranked as 'ranked_by' says;
     interp_members=(i, j) picks member indices). corrupted=None reads it from the
@@ -275,12 +313,19 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     the run's SEED fixes the post permutation. The baselines are the data stage's when they
     are of the same rows (baseline_train_pairs equal to data_stage.baseline_train_pairs, the
     same ID pairs); else rm_eval fits them on the first baseline_train_pairs (clean,
-    uncapped by DataConfig.max_train_pairs) training pairs."""
+    uncapped by DataConfig.max_train_pairs) training pairs.
+
+    The 'ood' split is the D_ood set: the file `ood_comparisons` when set, else the ood
+    stage's {run_dir}/ood/comparisons.jsonl once that stage has finished; without either it
+    is left out (said in the log and in summary.json's 'missing'). 'stress' is valid2."""
     ctx = StageContext(run_dir, "rm_eval", artifacts.rm_eval_dir(run_dir, ensemble))
     if ctx.done:
         return ctx.summary()
+    ood_path, ood_missing = ood_source(run_dir, ood_comparisons)
+    if ood_missing:
+        log.warning("rm_eval[%s]: %s", ensemble, ood_missing)
     r = _load(ctx, ensemble, corrupted, max_train_pairs, max_eval_pairs, batch_size,
-              force_init_mismatch)
+              force_init_mismatch, ood_path)
     _members(r)
     table = dict(r.member_acc)  # {model: {split: accuracy}}: members, warm_M*, ens_M*
     table.update(_warm_and_ens(r, ensemble))
@@ -293,7 +338,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     ctx.write_run_info({
         "ensemble": ensemble, "corrupted": r.corrupted, "max_train_pairs": max_train_pairs,
         "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
-        "interp_members": list(interp["indices"]), "claim_tolerance": claim_tolerance}, {
+        "interp_members": list(interp["indices"]), "claim_tolerance": claim_tolerance,
+        "ood_comparisons": ood_path}, {
         "corruption_seed": ctx.provider().config.corruption_seed, "swap_seed": ctx.seed})
     metrics.atomic_write_text(ctx.path("results.jsonl"),
                               "".join(json.dumps(row) + "\n" for row in r.rows))
@@ -308,6 +354,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         "ranking": [names[i] for i in order], "ranked_by": r.ranked_by,
         "init_check": r.init_check, "best_member": names[order[0]], "train_rows": r.train_rows,
         "splits": {s: int(len(r.sets[s]["index"])) for s in r.splits},
+        "split_titles": {s: SPLIT_TITLES.get(s, s) for s in r.splits},
+        "ood_source": ood_path, "missing": {"ood": ood_missing} if ood_missing else {},
         "table": table, "interpolation": interp, "claims": claims,
         "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
         "results": ctx.path("results.jsonl"), "plots": plots, "seconds": ctx.seconds}
@@ -316,7 +364,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
 
 
 def _load(ctx, ensemble: str, corrupted, max_train_pairs, max_eval_pairs, batch_size: int,
-          force_init_mismatch: bool) -> types.SimpleNamespace:
+          force_init_mismatch: bool, ood_path: Optional[str]) -> types.SimpleNamespace:
     """The members (checked, loaded onto the mesh) and the evaluation sets."""
     paths = reward_lib.ensemble_members(ctx.run_dir, ensemble)
     if len(paths) < 2:
@@ -329,7 +377,7 @@ def _load(ctx, ensemble: str, corrupted, max_train_pairs, max_eval_pairs, batch_
         corrupted = detect_corrupted(ctx.run_dir, ensemble, cards)
     prov = ctx.provider()
     train_rows = check_train_rows(ctx.run_dir, ensemble, cards, corrupted, prov)
-    sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs)
+    sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs, ood_path)
     abstract, _ = average.target_shardings(cfg, ctx.mesh())
     params = [ckpt_lib.load_params(m.path, abstract)[0] for m in members]
     log.info("rm_eval[%s]: %d members, corrupted=%s, sets %s", ensemble, len(paths), corrupted,
@@ -400,7 +448,8 @@ def _interpolation(r, interp_members, num_lambdas: int) -> dict:
         raise ValueError(f"rm_eval_stage.interp_members={interp_members}: need two distinct "
                          f"member indices in 0..{n - 1}")
     lambdas = [float(x) for x in np.linspace(0.0, 1.0, num_lambdas)]
-    interp_splits = ["valid", "ood", "train_corrupt" if r.corrupted else "train_clean"]
+    interp_splits = [s for s in ("valid", "ood", "stress") if s in r.sets]
+    interp_splits.append("train_corrupt" if r.corrupted else "train_clean")
     curves = {s: {"wa": [], "ens": [], "line": []} for s in interp_splits}
     acc_a, acc_b = r.member_acc[r.names[a]], r.member_acc[r.names[b]]
     for lam in lambdas:
