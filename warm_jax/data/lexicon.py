@@ -43,6 +43,15 @@ FILLERS = ("this happened last week.", "we have known each other for years.",
            "things were fine before this.", "now it is super awkward.",
            "i feel bad about the whole thing.", "honestly i am so tired.",
            "i do not want to make it worse.", "we barely talk now.")
+# Distractors (world version 3): most posts also mention a person or an object that is NOT
+# part of what happened ("it was not my sister though."). The distractor word occurs in the
+# post, so a model that only checks whether a summary's words occur in the post cannot tell it
+# from a fact; the oracle can, from the phrases below (the distractor follows "not my", or is
+# the subject of "had nothing to do with it" / "was fine").
+DISTRACTOR_PERSON_SENTENCES = ("it was not my {person} though.",
+                               "my {person} had nothing to do with it.")
+DISTRACTOR_OBJECT_SENTENCES = ("not my {object} though, that one was fine.",
+                               "my {object} was fine.")
 ASK_SENTENCES = ("should i {ask}?", "do i {ask} or not?", "is it fair to {ask}?")
 NO_ASK_SENTENCES = ("what do i do?", "am i wrong here?", "any thoughts?")
 CLOSERS = ("", "", "sorry for the long post.", "thanks for reading.")
@@ -68,7 +77,8 @@ def words(text: str) -> list[str]:
 
 
 def _check() -> None:
-    filler_text = " ".join(OPENERS + FACT_SENTENCES + FILLERS + ASK_SENTENCES
+    filler_text = " ".join(OPENERS + FACT_SENTENCES + DISTRACTOR_PERSON_SENTENCES
+                           + DISTRACTOR_OBJECT_SENTENCES + FILLERS + ASK_SENTENCES
                            + NO_ASK_SENTENCES + CLOSERS + TITLES + PADDING
                            + NO_ASK_ENDINGS + tuple(PLACEHOLDER.values()) + (STOCK_PHRASE,))
     clash = FACT_WORDS & set(words(filler_text))

@@ -5,7 +5,8 @@ post TEXT (or a whole TL;DR prompt) and the summary, nothing else, so any
 sample can be scored from its prompt alone:
 
     score = 2.0 * coverage            # fraction of the post's fact words the summary names
-          - 1.0 * invented            # fact words in the summary that the post never uses
+          - 1.0 * invented            # fact words in the summary that are not the post's facts
+                                      # (never used by the post, or a distractor: "not my X")
           - 0.03 * max(0, words - 16) # mild verbosity penalty
           - 0.5 * repetition          # a repeated word bigram or doubled word
           - 0.3 * bad_ending          # does not end with . ? or !
@@ -16,6 +17,7 @@ are deliberately NOT rewarded (length is even mildly penalised).
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -42,9 +44,23 @@ def post_of(text: str) -> str:
     return text
 
 
+_DISTRACTOR = re.compile(r"\bnot my ([a-z]+)|\bmy ([a-z]+) (?:had nothing to do|was fine)")
+
+
+def distractors(post: str) -> frozenset[str]:
+    """Fact-list words a post mentions only as NOT part of what happened ("not my X")."""
+    found = set()
+    for m in _DISTRACTOR.finditer(post_of(post).lower()):
+        w = m.group(1) or m.group(2)
+        if w in lexicon.FACT_WORDS:
+            found.add(w)
+    return frozenset(found)
+
+
 def post_facts(post: str) -> frozenset[str]:
-    """The fact words a post (or prompt) mentions."""
-    return frozenset(w for w in lexicon.words(post_of(post)) if w in lexicon.FACT_WORDS)
+    """The fact words of a post (or prompt): fact-list words it uses, minus its distractors."""
+    return frozenset(w for w in lexicon.words(post_of(post))
+                     if w in lexicon.FACT_WORDS) - distractors(post)
 
 
 def oracle_features(post: str, summary: str) -> dict[str, float]:

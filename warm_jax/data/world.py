@@ -47,12 +47,13 @@ from typing import Optional, Sequence
 from warm_jax.data import formats, lexicon, oracle
 from warm_jax.data.formats import Comparison, SftExample
 
-GENERATOR_VERSION = "tldr-world-2"
+GENERATOR_VERSION = "tldr-world-3"
 TEMPERATURE = 0.3  # Bradley-Terry temperature of the labeler
 PAIR_STYLE_MATCH = 0.8  # P(both summaries of a pair share padding, stock phrase and ending)
 PAIR_DECISIVE = 0.9     # P(a pair is redrawn until its oracle scores differ by >= DECISIVE_GAP)
 DECISIVE_GAP = 0.25
 DOOD_POSTS = "prompts/dood.jsonl"  # fresh posts for the ood stage's D_ood (SFT layout)
+DISTRACTOR_RATE = 0.8   # P(a post mentions a person or object that is not part of the story)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Latent:
     object: str
     ask: Optional[str]
     subreddit: str
+    distractor: Optional[tuple[str, str]] = None  # (category, word): "it was not my X"
 
     @property
     def facts(self) -> dict[str, str]:
@@ -88,6 +90,7 @@ class Policy:
     p_extra_invent: float = 0.0  # a second invented fact
     omit: bool = False         # dropped person/object are left out instead of made vague
     effort: bool = False       # each dropped or invented fact removes one padding phrase
+    p_confuse: float = 0.0     # names the post's distractor instead of the fact it stands beside
 
 
 REFERENCE = Policy("reference", p_drop=0.0, p_invent=0.0, pad=(0.75, 0.25), p_stock=0.1,
@@ -95,22 +98,22 @@ REFERENCE = Policy("reference", p_drop=0.0, p_invent=0.0, pad=(0.75, 0.25), p_st
 # In distribution, flaws are mostly invented facts (length-neutral, invisible without the
 # post); the policies that err less pad a little more and use the stock phrase more often.
 ID_POLICIES = (
-    Policy("sft_careful", p_drop=0.03, p_invent=0.2, pad=(0.4, 0.4, 0.2), p_stock=0.35,
-           p_repeat=0.02, p_noend=0.02),
-    Policy("sft_sloppy", p_drop=0.08, p_invent=0.6, pad=(0.5, 0.35, 0.15), p_stock=0.25,
-           p_repeat=0.04, p_noend=0.04, p_extra_invent=0.2),
-    Policy("chatty", p_drop=0.03, p_invent=0.35, pad=(0.3, 0.4, 0.3), p_stock=0.4,
-           p_repeat=0.02, p_noend=0.02),
-    Policy("terse", p_drop=0.1, p_invent=0.45, pad=(0.6, 0.3, 0.1), p_stock=0.2,
-           p_repeat=0.02, p_noend=0.05),
-    Policy("hallucinator", p_drop=0.03, p_invent=0.85, pad=(0.5, 0.35, 0.15), p_stock=0.25,
-           p_repeat=0.02, p_noend=0.02, p_extra_invent=0.4),
+    Policy("sft_careful", p_drop=0.03, p_invent=0.12, pad=(0.4, 0.4, 0.2), p_stock=0.35,
+           p_repeat=0.02, p_noend=0.02, p_confuse=0.2),
+    Policy("sft_sloppy", p_drop=0.08, p_invent=0.35, pad=(0.5, 0.35, 0.15), p_stock=0.25,
+           p_repeat=0.04, p_noend=0.04, p_extra_invent=0.1, p_confuse=0.45),
+    Policy("chatty", p_drop=0.03, p_invent=0.2, pad=(0.3, 0.4, 0.3), p_stock=0.4,
+           p_repeat=0.02, p_noend=0.02, p_confuse=0.3),
+    Policy("terse", p_drop=0.1, p_invent=0.25, pad=(0.6, 0.3, 0.1), p_stock=0.2,
+           p_repeat=0.02, p_noend=0.05, p_confuse=0.35),
+    Policy("hallucinator", p_drop=0.03, p_invent=0.6, pad=(0.5, 0.35, 0.15), p_stock=0.25,
+           p_repeat=0.02, p_noend=0.02, p_extra_invent=0.3, p_confuse=0.3),
 )
 OOD_POLICIES = (
     Policy("rambler", p_drop=0.5, p_invent=0.1, pad=(0.0, 0.0, 0.5, 0.5), p_stock=0.8),
     Policy("crisp", p_drop=0.05, p_invent=0.05, pad=(1.0,), p_stock=0.0, telegraphic=True),
     Policy("confabulator", p_drop=0.05, p_invent=0.8, pad=(0.0, 0.4, 0.6), p_stock=0.6,
-           p_extra_invent=0.3),
+           p_extra_invent=0.3, p_confuse=0.5),
 )
 POLICIES = {p.name: p for p in (REFERENCE,) + ID_POLICIES + OOD_POLICIES}
 SPLIT_POLICIES = {"train": ID_POLICIES, "valid1": ID_POLICIES, "valid2": OOD_POLICIES}
@@ -124,10 +127,15 @@ def sample_latent(rng: random.Random) -> Latent:
         subreddit = next(s for s, people in lexicon.SUBREDDITS.items() if person in people)
     else:
         subreddit = rng.choice(lexicon.OTHER_SUBREDDITS)
-    return Latent(person=person, event=rng.choice(lexicon.EVENTS),
-                  object=rng.choice(lexicon.OBJECTS),
-                  ask=rng.choice(lexicon.ASKS) if rng.random() < 0.75 else None,
-                  subreddit=subreddit)
+    obj = rng.choice(lexicon.OBJECTS)
+    ask = rng.choice(lexicon.ASKS) if rng.random() < 0.75 else None
+    distractor = None
+    if rng.random() < DISTRACTOR_RATE:
+        cat = rng.choice(("person", "object"))
+        true = person if cat == "person" else obj
+        distractor = (cat, rng.choice([w for w in lexicon.CATEGORIES[cat] if w != true]))
+    return Latent(person=person, event=rng.choice(lexicon.EVENTS), object=obj, ask=ask,
+                  subreddit=subreddit, distractor=distractor)
 
 
 def render_post(rng: random.Random, lat: Latent) -> tuple[str, str]:
@@ -135,7 +143,13 @@ def render_post(rng: random.Random, lat: Latent) -> tuple[str, str]:
     # Short posts (about 20-30 words): the facts, one or two fillers, the question.
     parts = [rng.choice(lexicon.OPENERS) if rng.random() < 0.3 else "",
              rng.choice(lexicon.FACT_SENTENCES).format(**lat.facts)]
-    parts += rng.sample(lexicon.FILLERS, rng.randint(1, 2))
+    fillers = rng.sample(lexicon.FILLERS, rng.randint(1, 2))
+    if lat.distractor:
+        cat, word = lat.distractor
+        sentences = (lexicon.DISTRACTOR_PERSON_SENTENCES if cat == "person"
+                     else lexicon.DISTRACTOR_OBJECT_SENTENCES)
+        fillers.insert(rng.randint(0, len(fillers)), rng.choice(sentences).format(**{cat: word}))
+    parts += fillers
     parts.append(rng.choice(lexicon.ASK_SENTENCES).format(ask=lat.ask) if lat.ask
                  else rng.choice(lexicon.NO_ASK_SENTENCES))
     parts.append(rng.choice(lexicon.CLOSERS) if rng.random() < 0.4 else "")
@@ -169,7 +183,7 @@ def write_summary(rng: random.Random, lat: Latent, policy: Policy,
                   style: Optional[Style] = None) -> str:
     """One summary of ``lat`` in the style of ``policy`` (padding from ``style`` if given)."""
     facts: dict[str, Optional[str]] = dict(lat.facts)
-    post_words = set(facts.values())
+    post_words = set(facts.values()) | ({lat.distractor[1]} if lat.distractor else set())
     cats = list(facts)
     for c in cats:
         if rng.random() < policy.p_drop:
@@ -183,6 +197,11 @@ def write_summary(rng: random.Random, lat: Latent, policy: Policy,
     # drawn from the same list as the true one.
     for c in rng.sample(cats, min(int(n_invent), len(cats))):
         facts[c] = _invent(rng, c, post_words)
+    if lat.distractor and rng.random() < policy.p_confuse:
+        # the confusion: the post's distractor ("not my sister") named in place of the fact
+        cat, word = lat.distractor
+        facts[cat] = word
+        n_flaws += 1
     if policy.telegraphic:
         core = " ".join(v for v in (facts["person"], facts["event"], facts["object"]) if v)
     else:
