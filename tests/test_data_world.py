@@ -1,4 +1,5 @@
 """The miniature TL;DR world: determinism, formats, oracle behaviour, diagnostics."""
+import dataclasses
 import filecmp
 import json
 import os
@@ -91,6 +92,32 @@ def test_post_facts_are_found():
         lat = world.sample_latent(rng)
         _, post = world.render_post(rng, lat)
         assert oracle.post_facts(post) == frozenset(lat.facts.values())
+        assert oracle.distractors(post) == ({lat.distractor[1]} if lat.distractor else set())
+
+
+def test_distractor_named_counts_as_invented():
+    """World 3: a post mentions a person or object that is not part of the story; a summary
+    that names it instead of the fact loses the fact and counts the distractor as invented,
+    although the word occurs in the post."""
+    post = "yesterday my sister broke my laptop. it was not my brother though. should i sue?"
+    good = oracle.oracle_features(post, "my sister broke my laptop, should i sue?")
+    confused = oracle.oracle_features(post, "my brother broke my laptop, should i sue?")
+    assert good["invented"] == 0 and good["coverage"] == 1.0
+    assert confused["invented"] == 1 and confused["coverage"] == 0.75
+    assert confused["score"] < good["score"] - 1.0
+    rng = __import__("random").Random(3)
+    seen = 0
+    policy = dataclasses.replace(world.REFERENCE, p_confuse=1.0)
+    for _ in range(100):
+        lat = world.sample_latent(rng)
+        if not lat.distractor:
+            continue
+        _, post = world.render_post(rng, lat)
+        s = world.write_summary(rng, lat, policy)
+        assert lat.distractor[1] in lexicon.words(s)
+        assert oracle.oracle_features(post, s)["invented"] >= 1
+        seen += 1
+    assert seen > 50
 
 
 def test_sizes_in_words():
@@ -112,16 +139,17 @@ def diag_sets():
 
 
 def test_diagnostic_reading_the_post_pays(diag_sets):
-    """In distribution the true feature decides: a model that reads the post (post-aware
-    bag-of-words) is near the oracle, one that reads the summary alone is weak, and the
-    length rule is at chance; the stress split (valid2) punishes the length rule."""
+    """In distribution the true feature decides: a model that only checks which summary words
+    occur in the post (post-aware bag-of-words) beats one that reads the summary alone, but
+    stays well under the oracle (it cannot tell a distractor from a fact); the length rule
+    is at chance; the stress split (valid2) punishes the length rule."""
     r = diagnostics.diagnose(*diag_sets, steps=300)
     assert r["id"]["oracle_expected"] > 0.9 and r["ood"]["oracle_expected"] > 0.85
     assert 0.44 < r["id"]["length"] < 0.56          # length is no cue in distribution
     assert abs(r["id"]["length_corr"]) < 0.15
     assert r["id"]["bow_summary"] <= 0.62            # the summary alone is not enough
-    assert r["id"]["bow"] > r["id"]["bow_summary"] + 0.25
-    assert r["id"]["bow"] > r["id"]["oracle"] - 0.05
+    assert r["id"]["bow"] > r["id"]["bow_summary"] + 0.15
+    assert r["id"]["bow"] < r["id"]["oracle"] - 0.1   # distractors: reading words is not enough
     assert r["ood"]["length"] < 0.45 and r["ood"]["length_corr"] < -0.2
 
 
