@@ -2,8 +2,8 @@
 
 Fact words (people, events, objects, asks) carry a post's key content; filler
 phrases never contain a fact word, so the oracle can find a post's facts by
-reading its text. Every list is fixed: changing one changes the world, so bump
-``world.GENERATOR_VERSION`` with it.
+reading its text. Every list is fixed: changing one changes the world, so make it a new
+world version (``world.VERSIONS``) and leave the existing ones' bytes as they are.
 """
 from __future__ import annotations
 

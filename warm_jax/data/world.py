@@ -32,7 +32,17 @@ exactly the public formats. It also sets aside fresh posts that no other set use
 (``prompts/dood.jsonl``): the ``ood`` stage samples the run's own policies on them and
 labels the pairs with :func:`bt_label` (the paper's D_ood).
 
-Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]``.
+World version 3 (opt-in, ``version=3``; version 2 is the default) adds DISTRACTORS: most
+posts (``WORLD_3.distractor_rate``) also mention a person or an object that is not part of
+the story ("it was not my brother though.", "my laptop was fine."). The oracle leaves a
+distractor out of the post's facts, so a summary that names it instead of the fact it stands
+beside loses that fact and counts the distractor as invented, although the word occurs in the
+post; its policies make that confusion (``Policy.p_confuse``) and invent a little less. In
+world 3 matching a summary's words against the post is not enough to reach the oracle.
+World 2 draws no distractor and no extra random number: its bytes are those it always had.
+
+Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]
+[--version {2,3}]``.
 """
 from __future__ import annotations
 
@@ -47,13 +57,13 @@ from typing import Optional, Sequence
 from warm_jax.data import formats, lexicon, oracle
 from warm_jax.data.formats import Comparison, SftExample
 
-GENERATOR_VERSION = "tldr-world-3"
+GENERATOR_VERSION = "tldr-world-2"  # the default world's; each WorldVersion has its own
 TEMPERATURE = 0.3  # Bradley-Terry temperature of the labeler
 PAIR_STYLE_MATCH = 0.8  # P(both summaries of a pair share padding, stock phrase and ending)
 PAIR_DECISIVE = 0.9     # P(a pair is redrawn until its oracle scores differ by >= DECISIVE_GAP)
 DECISIVE_GAP = 0.25
 DOOD_POSTS = "prompts/dood.jsonl"  # fresh posts for the ood stage's D_ood (SFT layout)
-DISTRACTOR_RATE = 0.8   # P(a post mentions a person or object that is not part of the story)
+DISTRACTOR_RATE = 0.8   # world 3: P(a post mentions a person or object not part of the story)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +108,26 @@ REFERENCE = Policy("reference", p_drop=0.0, p_invent=0.0, pad=(0.75, 0.25), p_st
 # In distribution, flaws are mostly invented facts (length-neutral, invisible without the
 # post); the policies that err less pad a little more and use the stock phrase more often.
 ID_POLICIES = (
+    Policy("sft_careful", p_drop=0.03, p_invent=0.2, pad=(0.4, 0.4, 0.2), p_stock=0.35,
+           p_repeat=0.02, p_noend=0.02),
+    Policy("sft_sloppy", p_drop=0.08, p_invent=0.6, pad=(0.5, 0.35, 0.15), p_stock=0.25,
+           p_repeat=0.04, p_noend=0.04, p_extra_invent=0.2),
+    Policy("chatty", p_drop=0.03, p_invent=0.35, pad=(0.3, 0.4, 0.3), p_stock=0.4,
+           p_repeat=0.02, p_noend=0.02),
+    Policy("terse", p_drop=0.1, p_invent=0.45, pad=(0.6, 0.3, 0.1), p_stock=0.2,
+           p_repeat=0.02, p_noend=0.05),
+    Policy("hallucinator", p_drop=0.03, p_invent=0.85, pad=(0.5, 0.35, 0.15), p_stock=0.25,
+           p_repeat=0.02, p_noend=0.02, p_extra_invent=0.4),
+)
+OOD_POLICIES = (
+    Policy("rambler", p_drop=0.5, p_invent=0.1, pad=(0.0, 0.0, 0.5, 0.5), p_stock=0.8),
+    Policy("crisp", p_drop=0.05, p_invent=0.05, pad=(1.0,), p_stock=0.0, telegraphic=True),
+    Policy("confabulator", p_drop=0.05, p_invent=0.8, pad=(0.0, 0.4, 0.6), p_stock=0.6,
+           p_extra_invent=0.3),
+)
+# World 3: the same writers, who now also confuse the post's distractor with the fact it
+# stands beside (p_confuse) and invent a little less (the confusion is their main flaw).
+ID_POLICIES_3 = (
     Policy("sft_careful", p_drop=0.03, p_invent=0.12, pad=(0.4, 0.4, 0.2), p_stock=0.35,
            p_repeat=0.02, p_noend=0.02, p_confuse=0.2),
     Policy("sft_sloppy", p_drop=0.08, p_invent=0.35, pad=(0.5, 0.35, 0.15), p_stock=0.25,
@@ -109,28 +139,76 @@ ID_POLICIES = (
     Policy("hallucinator", p_drop=0.03, p_invent=0.6, pad=(0.5, 0.35, 0.15), p_stock=0.25,
            p_repeat=0.02, p_noend=0.02, p_extra_invent=0.3, p_confuse=0.3),
 )
-OOD_POLICIES = (
-    Policy("rambler", p_drop=0.5, p_invent=0.1, pad=(0.0, 0.0, 0.5, 0.5), p_stock=0.8),
-    Policy("crisp", p_drop=0.05, p_invent=0.05, pad=(1.0,), p_stock=0.0, telegraphic=True),
-    Policy("confabulator", p_drop=0.05, p_invent=0.8, pad=(0.0, 0.4, 0.6), p_stock=0.6,
-           p_extra_invent=0.3, p_confuse=0.5),
-)
-POLICIES = {p.name: p for p in (REFERENCE,) + ID_POLICIES + OOD_POLICIES}
-SPLIT_POLICIES = {"train": ID_POLICIES, "valid1": ID_POLICIES, "valid2": OOD_POLICIES}
+OOD_POLICIES_3 = OOD_POLICIES[:2] + (
+    dataclasses.replace(OOD_POLICIES[2], p_confuse=0.5),)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldVersion:
+    """One version of the world: its policy tables and its distractor rate."""
+
+    number: int
+    id_policies: tuple[Policy, ...]
+    ood_policies: tuple[Policy, ...]
+    distractor_rate: float = 0.0
+
+    @property
+    def generator_version(self) -> str:
+        return f"tldr-world-{self.number}"
+
+    @property
+    def split_policies(self) -> dict[str, tuple[Policy, ...]]:
+        return {"train": self.id_policies, "valid1": self.id_policies,
+                "valid2": self.ood_policies}
+
+    @property
+    def policies(self) -> dict[str, Policy]:
+        return {p.name: p for p in (REFERENCE,) + self.id_policies + self.ood_policies}
+
+    def policy_params(self, policy: Policy) -> dict:
+        """``policy``'s fields as the card records them (world 2 predates p_confuse)."""
+        params = dataclasses.asdict(policy)
+        if not self.distractor_rate:
+            params.pop("p_confuse")
+        return params
+
+
+WORLD_2 = WorldVersion(2, ID_POLICIES, OOD_POLICIES)
+WORLD_3 = WorldVersion(3, ID_POLICIES_3, OOD_POLICIES_3, distractor_rate=DISTRACTOR_RATE)
+VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3)}
+DEFAULT_VERSION = 2
+assert WORLD_2.generator_version == GENERATOR_VERSION
+# the default world's tables
+POLICIES = WORLD_2.policies
+SPLIT_POLICIES = WORLD_2.split_policies
+
+
+def world_version(version: int) -> WorldVersion:
+    """The :class:`WorldVersion` numbered ``version`` (2 or 3)."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown world version {version!r}; known: {sorted(VERSIONS)}")
+    return VERSIONS[version]
 
 
 # ----------------------------------------------------------------------------- posts
 
-def sample_latent(rng: random.Random) -> Latent:
+def sample_latent(rng: random.Random, distractor_rate: float = 0.0) -> Latent:
+    """A post's content; with ``distractor_rate`` > 0 (world 3) it may carry a distractor."""
     person = rng.choice(lexicon.PEOPLE)
     if rng.random() < 0.8:
         subreddit = next(s for s, people in lexicon.SUBREDDITS.items() if person in people)
     else:
         subreddit = rng.choice(lexicon.OTHER_SUBREDDITS)
+    if not distractor_rate:
+        # world 2: exactly its draws, in its order (no distractor, no extra random number)
+        return Latent(person=person, event=rng.choice(lexicon.EVENTS),
+                      object=rng.choice(lexicon.OBJECTS),
+                      ask=rng.choice(lexicon.ASKS) if rng.random() < 0.75 else None,
+                      subreddit=subreddit)
     obj = rng.choice(lexicon.OBJECTS)
     ask = rng.choice(lexicon.ASKS) if rng.random() < 0.75 else None
     distractor = None
-    if rng.random() < DISTRACTOR_RATE:
+    if rng.random() < distractor_rate:
         cat = rng.choice(("person", "object"))
         true = person if cat == "person" else obj
         distractor = (cat, rng.choice([w for w in lexicon.CATEGORIES[cat] if w != true]))
@@ -251,16 +329,17 @@ def _draw(rng: random.Random, probs: Sequence[float]) -> int:
 class _PostFactory:
     """Draws posts whose texts are unique across every set of one world."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, version: int = DEFAULT_VERSION):
         self.seed = seed
+        self.world = world_version(version)
         self.seen: set[str] = set()
 
     def rng(self, name: str) -> random.Random:
-        return random.Random(f"{GENERATOR_VERSION}/{self.seed}/{name}")
+        return random.Random(f"{self.world.generator_version}/{self.seed}/{name}")
 
     def draw(self, rng: random.Random) -> tuple[Latent, str, str]:
         for _ in range(1000):
-            lat = sample_latent(rng)
+            lat = sample_latent(rng, self.world.distractor_rate)
             title, post = render_post(rng, lat)
             if post not in self.seen:
                 self.seen.add(post)
@@ -272,7 +351,7 @@ def make_comparisons(factory: _PostFactory, split: str, n: int,
                      temperature: float = TEMPERATURE) -> list[Comparison]:
     """``n`` labelled pairs for ``split``, one post each, labels by Bradley-Terry."""
     rng = factory.rng(f"pairs/{split}")
-    policies = SPLIT_POLICIES[split]
+    policies = factory.world.split_policies[split]
     out = []
     for i in range(n):
         lat, title, post = factory.draw(rng)
@@ -320,7 +399,8 @@ def make_sft(factory: _PostFactory, name: str, n: int) -> list[SftExample]:
 def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
                    n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
                    n_prompts: int = 2000, vocab_size: int = 512,
-                   temperature: float = TEMPERATURE, n_dood_posts: int = 1000) -> dict:
+                   temperature: float = TEMPERATURE, n_dood_posts: int = 1000,
+                   version: int = DEFAULT_VERSION) -> dict:
     """Write a miniature TL;DR world to ``out_dir`` in the public formats.
 
     Layout::
@@ -335,9 +415,11 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
 
     Every set uses its own posts (no post text appears twice; the D_ood posts are drawn
     last, so they leave every other set's bytes as they were). The same arguments give the
-    same bytes.
+    same bytes. ``version`` picks the world (2, the default, or 3 with distractors; see the
+    module docstring); the card's generator_version names it.
     """
-    factory = _PostFactory(seed)
+    factory = _PostFactory(seed, version)
+    spec = factory.world
     comps = {"train": make_comparisons(factory, "train", n_train_pairs, temperature),
              "valid1": make_comparisons(factory, "valid1", n_valid_pairs, temperature),
              "valid2": make_comparisons(factory, "valid2", n_ood_pairs, temperature)}
@@ -365,13 +447,13 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
         files[DOOD_POSTS] = len(dood)
 
     card = {
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": spec.generator_version,
         "seed": seed,
         "files": files,
         "temperature": temperature,
-        "policies": {"in_distribution": [p.name for p in ID_POLICIES],
-                     "ood": [p.name for p in OOD_POLICIES], "reference": REFERENCE.name},
-        "policy_params": {p.name: dataclasses.asdict(p) for p in POLICIES.values()},
+        "policies": {"in_distribution": [p.name for p in spec.id_policies],
+                     "ood": [p.name for p in spec.ood_policies], "reference": REFERENCE.name},
+        "policy_params": {p.name: spec.policy_params(p) for p in spec.policies.values()},
         "oracle": oracle.__doc__.split("\n\n")[1].strip(),
         "spurious_features": ["length", lexicon.STOCK_PHRASE],
         "dood_posts": {"file": DOOD_POSTS if dood else None, "n": len(dood),
@@ -379,6 +461,8 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
                               "run's own policies on them and labels pairs by bt_label "
                               "(the paper's D_ood)"},
     }
+    if spec.distractor_rate:
+        card["distractor_rate"] = spec.distractor_rate
     if vocab_size > 0:
         from warm_jax.data import vocab as vocab_lib
 
@@ -406,12 +490,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n_prompts", type=int, default=2000)
     ap.add_argument("--n_dood_posts", type=int, default=1000)
     ap.add_argument("--vocab_size", type=int, default=512, help="0 skips the vocabulary")
+    ap.add_argument("--version", type=int, choices=sorted(VERSIONS), default=DEFAULT_VERSION,
+                    help="world version: 2 (default) or 3 (distractors)")
     ap.add_argument("--diagnose", action="store_true", help="print the diagnostic table")
     args = ap.parse_args(argv)
     card = generate_world(args.out, seed=args.seed, n_train_pairs=args.n_train_pairs,
                           n_valid_pairs=args.n_valid_pairs, n_ood_pairs=args.n_ood_pairs,
                           n_sft=args.n_sft, n_prompts=args.n_prompts,
-                          vocab_size=args.vocab_size, n_dood_posts=args.n_dood_posts)
+                          vocab_size=args.vocab_size, n_dood_posts=args.n_dood_posts,
+                          version=args.version)
     print(json.dumps({"out": args.out, "files": card["files"], "vocab": card.get("vocab")},
                      indent=1))
     if args.diagnose:
