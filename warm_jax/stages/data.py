@@ -1,9 +1,11 @@
 """The data stage: generate the miniature TL;DR world, or check real data files.
 
 With the default DataConfig (data_dir = {run_dir}/data) it writes the miniature world there
-(seeded; same seed, same bytes). When DataConfig points elsewhere (the real
-summarize_from_feedback comparisons and filtered TL;DR files), it reads every file once
-so that bad input fails here, with file, line and field, before any training starts.
+(seeded; same seed, same bytes). `world_version` picks the world: 2 (the default) or 3, the
+opt-in world with distractors (warm_jax.data.world), e.g. `data_stage.world_version = 3`.
+When DataConfig points elsewhere (the real summarize_from_feedback comparisons and filtered
+TL;DR files), it reads every file once so that bad input fails here, with file, line and
+field, before any training starts.
 
 It also fits the run's bag-of-words baselines once (summary-only and post-aware, on the
 first `baseline_train_pairs` training pairs; warm_jax.gates) and scores them on the ID
@@ -33,7 +35,8 @@ log = logging.getLogger("warm_jax")
 def data_stage(run_dir: str, n_train_pairs: int = 20000,
                n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
                n_prompts: int = 2000, vocab_size: int = 512, n_dood_posts: int = 1000,
-               baseline_train_pairs: Optional[int] = 8000, baseline_steps: int = 300) -> dict:
+               baseline_train_pairs: Optional[int] = 8000, baseline_steps: int = 300,
+               world_version: int = 2) -> dict:
     """Writes the miniature world (seed: the run's SEED) or reads the real files once, then
     fits the bag-of-words baselines (see the module docstring).
     n_dood_posts: fresh posts that no other set uses (prompts/dood.jsonl), on which the
@@ -60,12 +63,21 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
             card = world.generate_world(tmp, seed=seed, n_train_pairs=n_train_pairs,
                                         n_valid_pairs=n_valid_pairs, n_ood_pairs=n_ood_pairs,
                                         n_sft=n_sft, n_prompts=n_prompts, vocab_size=vocab_size,
-                                        n_dood_posts=n_dood_posts)
+                                        n_dood_posts=n_dood_posts, version=world_version)
             os.replace(tmp, cfg.data_dir)
         distributed.sync("data_stage_world")  # other hosts wait for the primary's world
         card = artifacts.read_json(os.path.join(cfg.data_dir, "world.json"))
-        summary["world"] = {k: card[k] for k in ("seed", "files", "policies", "vocab",
-                                                 "dood_posts") if k in card}
+        wanted = world.world_version(world_version).generator_version
+        if card.get("generator_version") != wanted:
+            from warm_jax.data.formats import DataError
+
+            raise DataError(
+                f"{cfg.data_dir} holds a world of version {card.get('generator_version')!r}, "
+                f"but data_stage.world_version = {world_version} asks for {wanted!r}; use a "
+                f"fresh run directory or bind the world version it was made with")
+        summary["world"] = {k: card[k] for k in ("generator_version", "seed", "files",
+                                                 "policies", "vocab", "dood_posts")
+                            if k in card}
     prov = provider_lib.DataProvider(cfg)
     counts = {}
     for split in ("train", "valid", "stress"):  # stress: valid2
@@ -84,7 +96,9 @@ def data_stage(run_dir: str, n_train_pairs: int = 20000,
     if distributed.is_primary():
         metrics.atomic_write_json(ctx.path(artifacts.BASELINES), summary["baselines"])
     ctx.write_run_info({"data_config": vars(cfg), "baseline_train_pairs": baseline_train_pairs,
-                        "baseline_steps": baseline_steps}, {"world_seed": seed})
+                        "baseline_steps": baseline_steps,
+                        "world_version": world_version if generated else None},
+                       {"world_seed": seed})
     log.info("data: %s", counts)
     return ctx.finish(summary)
 
@@ -132,6 +146,9 @@ def check_data_stage(c) -> None:
     c.integer("baseline_train_pairs", 1, optional=True)
     c.integer("baseline_steps", 1)
     c.integer("n_dood_posts", 0)
+    from warm_jax.data import world
+
+    c.choice("world_version", sorted(world.VERSIONS))
     cfg = c.data()
     if os.path.abspath(cfg.data_dir or "") == os.path.abspath(c.rel("data")):
         c.reads.clear()  # generates the miniature world there
