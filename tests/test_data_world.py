@@ -1,8 +1,12 @@
-"""The miniature TL;DR world: determinism, formats, oracle behaviour, diagnostics."""
+"""The miniature TL;DR world: determinism, formats, oracle behaviour, diagnostics.
+
+World version 2 is the default; world version 3 (opt-in) adds distractors."""
 import dataclasses
 import filecmp
+import hashlib
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -30,6 +34,52 @@ def test_same_seed_same_bytes(tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert match == files, (mismatch, errors)
     assert (a / "comparisons/train.jsonl").read_bytes() != (c / "comparisons/train.jsonl").read_bytes()
+
+
+# sha256 of the files of generate_world(seed=1, vocab_size=0, **SMALL), world version 2, as
+# the generator wrote them before world version 3 existed: world 2's bytes must not change.
+WORLD_2_SMALL_SHA256 = {
+    "world.json": "b2a526e1a0f4e3f5ab826996c1d31d03cfe8c3bf1397d5c5cb6f92b62b4f6f55",
+    "comparisons/train.jsonl": "111176c8295c670f85fd6a0fec79ff1cfffad5c0b9b2b594529a30fa41963749",
+    "comparisons/valid1.jsonl": "4a982a6998c10c50719a2f3e20d18fb3a7fbe6290b461750b847b57d818cccc9",
+    "comparisons/valid2.jsonl": "ba86ff6684a71376b7eace5909f8e59b5257babf70c5d1392a2f8646e6e3ac88",
+    "prompts/dood.jsonl": "876d4594f3b0213387350409f8e82dcd4707ab05fc28e750ff5010b6908a260d",
+    "prompts/prompts.jsonl": "efa824641e91d4cc485e0162d029ac8ae3d6d9b56c82a6a6f265a257247c08c5",
+    "sft/test.jsonl": "8f097c777aa6d077ebe1b85c928ad36af9be435c9957d3e4c0ac5c3c4edd6cc6",
+    "sft/train.jsonl": "cb4ee47bf53fbd69dcb92d83391844e659e7bcbb342c05cfdc95f666a5aa5fa2",
+    "sft/valid.jsonl": "2ba9c724525872c65874301fb1b7fe689bd4ba50a169f4fdb61d928a019fd03a",
+}
+
+
+def _sha256s(root):
+    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            for rel in WORLD_2_SMALL_SHA256}
+
+
+def test_world_2_is_the_default_and_its_bytes_are_unchanged(small_world, tmp_path):
+    """The default world is version 2, byte for byte as before world 3; version=2 is the same
+    call; version 3 is another world (its own seed stream, distractors, its card's version)."""
+    out, card = small_world
+    assert card["generator_version"] == "tldr-world-2" == world.GENERATOR_VERSION
+    assert "distractor_rate" not in card
+    assert all("p_confuse" not in p for p in card["policy_params"].values())
+    assert _sha256s(out) == WORLD_2_SMALL_SHA256
+    explicit = tmp_path / "v2"
+    world.generate_world(str(explicit), seed=1, vocab_size=0, version=2, **SMALL)
+    assert _sha256s(explicit) == WORLD_2_SMALL_SHA256
+    v3 = tmp_path / "v3"
+    card3 = world.generate_world(str(v3), seed=1, vocab_size=0, version=3, **SMALL)
+    assert card3["generator_version"] == "tldr-world-3"
+    assert card3["distractor_rate"] == world.WORLD_3.distractor_rate > 0.5
+    assert card3["policy_params"]["sft_sloppy"]["p_confuse"] > 0
+    assert card3["policies"] == card["policies"]  # same writers, other parameters
+    sums3 = _sha256s(v3)
+    assert all(sums3[k] != WORLD_2_SMALL_SHA256[k] for k in sums3)
+    comps = formats.read_comparisons(v3 / "comparisons")
+    with_distractor = np.mean([bool(oracle.distractors(c.post)) for c in comps])
+    assert 0.7 < with_distractor < 0.9
+    with pytest.raises(ValueError, match="unknown world version 4"):
+        world.generate_world(str(tmp_path / "v4"), seed=1, vocab_size=0, version=4, **SMALL)
 
 
 def test_world_in_public_formats(small_world):
@@ -86,13 +136,35 @@ def test_reference_summaries_score_high(small_world):
     assert all(f["bad_ending"] == 0 for f in feats)
 
 
-def test_post_facts_are_found():
-    rng = __import__("random").Random(0)
+@pytest.mark.parametrize("version", [2, 3])
+def test_post_facts_are_found(version):
+    rng = random.Random(0)
+    rate = world.world_version(version).distractor_rate
+    n_distractors = 0
     for _ in range(200):
-        lat = world.sample_latent(rng)
+        lat = world.sample_latent(rng, rate)
         _, post = world.render_post(rng, lat)
         assert oracle.post_facts(post) == frozenset(lat.facts.values())
         assert oracle.distractors(post) == ({lat.distractor[1]} if lat.distractor else set())
+        n_distractors += bool(lat.distractor)
+    assert (n_distractors > 120) if version == 3 else n_distractors == 0
+
+
+def test_world_2_text_has_no_distractor_phrase():
+    """The oracle's distractor rule ("not my X", "my X had nothing to do", "my X was fine")
+    never fires on world 2's text: none of its sentences, filled with any fact word, matches
+    it, so the oracle scores world 2 as it always did."""
+    templates = (lexicon.OPENERS + lexicon.FACT_SENTENCES + lexicon.FILLERS
+                 + lexicon.ASK_SENTENCES + lexicon.NO_ASK_SENTENCES + lexicon.CLOSERS
+                 + lexicon.TITLES + lexicon.PADDING + lexicon.NO_ASK_ENDINGS)
+    for i in range(len(lexicon.PEOPLE)):
+        fill = {cat: words[i % len(words)] for cat, words in lexicon.CATEGORIES.items()}
+        text = " ".join(t.format(**fill) for t in templates)
+        assert not oracle.distractors(text), text
+    f = world._PostFactory(0)
+    posts = [c.post for c in world.make_comparisons(f, "train", 500)]
+    posts += [e.post for e in world.make_sft(f, "sft_train", 500)]
+    assert not any(oracle.distractors(p) for p in posts)
 
 
 def test_distractor_named_counts_as_invented():
@@ -105,11 +177,11 @@ def test_distractor_named_counts_as_invented():
     assert good["invented"] == 0 and good["coverage"] == 1.0
     assert confused["invented"] == 1 and confused["coverage"] == 0.75
     assert confused["score"] < good["score"] - 1.0
-    rng = __import__("random").Random(3)
+    rng = random.Random(3)
     seen = 0
     policy = dataclasses.replace(world.REFERENCE, p_confuse=1.0)
     for _ in range(100):
-        lat = world.sample_latent(rng)
+        lat = world.sample_latent(rng, world.WORLD_3.distractor_rate)
         if not lat.distractor:
             continue
         _, post = world.render_post(rng, lat)
@@ -120,13 +192,15 @@ def test_distractor_named_counts_as_invented():
     assert seen > 50
 
 
-def test_sizes_in_words():
-    rng = __import__("random").Random(1)
+@pytest.mark.parametrize("version", [2, 3])
+def test_sizes_in_words(version):
+    rng = random.Random(1)
+    spec = world.world_version(version)
     for _ in range(200):
-        lat = world.sample_latent(rng)
+        lat = world.sample_latent(rng, spec.distractor_rate)
         title, post = world.render_post(rng, lat)
         assert 10 <= len(lexicon.words(post)) <= 45
-        for p in world.ID_POLICIES + world.OOD_POLICIES:
+        for p in spec.id_policies + spec.ood_policies:
             n = len(lexicon.words(world.write_summary(rng, lat, p)))
             assert 1 <= n <= 30
 
@@ -139,22 +213,44 @@ def diag_sets():
 
 
 def test_diagnostic_reading_the_post_pays(diag_sets):
-    """In distribution the true feature decides: a model that only checks which summary words
-    occur in the post (post-aware bag-of-words) beats one that reads the summary alone, but
-    stays well under the oracle (it cannot tell a distractor from a fact); the length rule
-    is at chance; the stress split (valid2) punishes the length rule."""
+    """In distribution the true feature decides: a model that reads the post (post-aware
+    bag-of-words) is near the oracle, one that reads the summary alone is weak, and the
+    length rule is at chance; the stress split (valid2) punishes the length rule."""
     r = diagnostics.diagnose(*diag_sets, steps=300)
     assert r["id"]["oracle_expected"] > 0.9 and r["ood"]["oracle_expected"] > 0.85
     assert 0.44 < r["id"]["length"] < 0.56          # length is no cue in distribution
     assert abs(r["id"]["length_corr"]) < 0.15
     assert r["id"]["bow_summary"] <= 0.62            # the summary alone is not enough
+    assert r["id"]["bow"] > r["id"]["bow_summary"] + 0.25
+    assert r["id"]["bow"] > r["id"]["oracle"] - 0.05
+    assert r["ood"]["length"] < 0.45 and r["ood"]["length_corr"] < -0.2
+
+
+@pytest.fixture(scope="module")
+def diag_sets_3():
+    f = world._PostFactory(0, version=3)
+    return (world.make_comparisons(f, "train", 3000), world.make_comparisons(f, "valid1", 1000),
+            world.make_comparisons(f, "valid2", 1000))
+
+
+def test_diagnostic_world_3_reading_words_is_not_enough(diag_sets_3):
+    """World 3: a model that only checks which summary words occur in the post (post-aware
+    bag-of-words) beats one that reads the summary alone, but stays well under the oracle (it
+    cannot tell a distractor from a fact); the length rule is at chance; the stress split
+    (valid2) punishes the length rule."""
+    r = diagnostics.diagnose(*diag_sets_3, steps=300)
+    assert r["id"]["oracle_expected"] > 0.9 and r["ood"]["oracle_expected"] > 0.85
+    assert 0.44 < r["id"]["length"] < 0.56
+    assert abs(r["id"]["length_corr"]) < 0.15
+    assert r["id"]["bow_summary"] <= 0.62
     assert r["id"]["bow"] > r["id"]["bow_summary"] + 0.15
     assert r["id"]["bow"] < r["id"]["oracle"] - 0.1   # distractors: reading words is not enough
     assert r["ood"]["length"] < 0.45 and r["ood"]["length_corr"] < -0.2
 
 
-def test_pairs_length_matched_and_decided_by_facts(diag_sets):
-    _, valid, _ = diag_sets
+@pytest.mark.parametrize("sets", ["diag_sets", "diag_sets_3"])
+def test_pairs_length_matched_and_decided_by_facts(sets, request):
+    _, valid, _ = request.getfixturevalue(sets)
     same_len = np.mean([len(lexicon.words(a)) == len(lexicon.words(b))
                         for a, b in (c.summaries for c in valid)])
     assert same_len > 0.6
@@ -177,3 +273,54 @@ def test_cli(tmp_path, capsys):
                        "--vocab_size", "0"]) == 0
     assert "comparisons/train.jsonl" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "world.json")
+    assert json.loads((tmp_path / "world.json").read_text())["generator_version"] == "tldr-world-2"
+    v3 = tmp_path / "v3"
+    assert world.main(["--out", str(v3), "--n_train_pairs", "20", "--n_valid_pairs", "5",
+                       "--n_ood_pairs", "5", "--n_sft", "40", "--n_prompts", "5",
+                       "--vocab_size", "0", "--version", "3"]) == 0
+    assert json.loads((v3 / "world.json").read_text())["generator_version"] == "tldr-world-3"
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path / "v4"), "--version", "4"])
+
+
+TINY_DATA = """
+RUN_DIR = %gin.REQUIRED
+run.run_dir = %RUN_DIR
+run.stages = ['data']
+data_stage.n_train_pairs = 300
+data_stage.n_valid_pairs = 60
+data_stage.n_ood_pairs = 60
+data_stage.n_sft = 100
+data_stage.n_prompts = 40
+data_stage.baseline_steps = 20
+"""
+
+
+def test_data_stage_world_version(tmp_path, caplog):
+    """data_stage.world_version = 3 writes world 3 and names it in the summary; a run
+    directory whose world is of another version than the binding asks for fails clearly."""
+    import gin
+
+    from warm_jax import main as main_lib
+
+    run_dir = str(tmp_path / "run")
+    g = tmp_path / "t.gin"
+    g.write_text(TINY_DATA + "data_stage.world_version = 3\n")
+    gin.clear_config()
+    try:
+        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{run_dir}'"]) == 0
+        summary = json.load(open(os.path.join(run_dir, "data_stage", "summary.json")))
+        assert summary["world"]["generator_version"] == "tldr-world-3"
+        card = json.load(open(os.path.join(run_dir, "data", "world.json")))
+        assert card["generator_version"] == "tldr-world-3"
+        os.remove(os.path.join(run_dir, "data_stage", "summary.json"))  # the stage reruns
+        g.write_text(TINY_DATA)  # world version 2, the default
+        gin.clear_config()
+        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{run_dir}'"]) == 2
+        assert "holds a world of version 'tldr-world-3'" in caplog.text
+        g.write_text(TINY_DATA + "data_stage.world_version = 4\n")
+        gin.clear_config()
+        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r4'"]) == 2
+        assert "data_stage.world_version = 4: must be one of [2, 3]" in caplog.text
+    finally:
+        gin.clear_config()
