@@ -155,7 +155,8 @@ def _policy_samples(ctx, spec: str, prompts: dict, scfg, k: int, posts_per_call:
 
 
 def make_pairs(posts: Sequence[formats.SftExample], samples: Sequence[Sequence[tuple[str, str]]],
-               num_pairs: int, seed: int, temperature: float = world.TEMPERATURE
+               num_pairs: int, seed: int, temperature: float = world.TEMPERATURE,
+               generator_version: str = world.GENERATOR_VERSION
                ) -> tuple[list[Comparison], dict]:
     """Labelled pairs of two distinct summaries of one post.
 
@@ -163,9 +164,10 @@ def make_pairs(posts: Sequence[formats.SftExample], samples: Sequence[Sequence[t
     texts already seen for the same post are dropped (counted); the pairs of each post are
     shuffled, then taken round by round (round r takes the r-th pair of every post that has
     one) until num_pairs. Each pair's order and label (world.bt_label at `temperature`)
-    are drawn in file order. Returns (comparisons, {'dropped_empty', 'dropped_duplicate',
+    are drawn in file order, from the stream of the world's `generator_version` (world.json's;
+    world 2 by default). Returns (comparisons, {'dropped_empty', 'dropped_duplicate',
     'kept': {policy: distinct samples}})."""
-    rng = random.Random(f"{world.GENERATOR_VERSION}/{seed}/pairs/dood")
+    rng = random.Random(f"{generator_version}/{seed}/pairs/dood")
     stats = {"dropped_empty": 0, "dropped_duplicate": 0, "kept": {}}
     candidates = []
     for i, rows in enumerate(samples):
@@ -363,7 +365,8 @@ def ood_stage(run_dir: str, policies: Sequence[str] = DEFAULT_POLICIES,
                              samplers) for spec in policies]
     samples = [[(d["policy"], t) for d in drawn for t in d["texts"][i]]
                for i in range(len(posts))]
-    comps, stats = make_pairs(posts, samples, num_pairs, ctx.seed, label_t)
+    comps, stats = make_pairs(posts, samples, num_pairs, ctx.seed, label_t,
+                              card.get("generator_version", world.GENERATOR_VERSION))
     if not comps:
         raise ValueError(f"ood_stage: no pair could be made from {len(posts)} posts (every "
                          "post has fewer than two distinct non-empty samples)")
