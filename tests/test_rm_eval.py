@@ -314,7 +314,7 @@ def test_rm_eval_reads_the_data_stage_baselines_and_checks_its_train_rows(run_di
     prov = provider_lib.DataProvider(provider_lib.DataConfig())
     valid = prov.comparisons("valid")
     assert base["splits"]["valid"]["oracle_ceiling"] == pytest.approx(gates.oracle_ceiling(valid))
-    assert base["splits"]["ood"]["n_eval"] == 80 and base["train_pairs"] == 300
+    assert base["splits"]["stress"]["n_eval"] == 80 and base["train_pairs"] == 300
     assert base["oracle_ceiling_absent"] is None  # the data directory holds a generated world
     # files outside the run directory are named absolutely, those inside relative to it
     assert base["comparisons"] == os.path.join(run_dir, "data", "comparisons")

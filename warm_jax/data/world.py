@@ -408,8 +408,7 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
       comparisons/train.jsonl, valid1.jsonl, valid2.jsonl   (summarize_from_feedback rows)
       sft/train.jsonl, valid.jsonl, test.jsonl              (90/5/5 % of n_sft)
       prompts/prompts.jsonl                                  (SFT layout; RL prompts)
-      prompts/dood.jsonl                                     (SFT layout; n_dood_posts fresh
-                                                              posts for the ood stage's D_ood)
+      prompts/dood.jsonl                                     (n_dood_posts posts for D_ood)
       spm.model                                              (if vocab_size > 0)
       world.json                                             (the card, returned)
 
