@@ -164,6 +164,8 @@ def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
             [oracle.oracle_features(p, c)["invented"] > 0
              for p, c in zip(texts["prompts"], texts["completions"])]))
         assert summary["cost"]["samples"] == 24 and summary["cost"]["sampling_seconds"] > 0
+        assert summary["distinct_per_prompt"] == pytest.approx(np.mean(
+            [len(set(texts["completions"][i:i + 4])) for i in range(0, 24, 4)]))
         assert os.path.exists(os.path.join(out, "bon.run_info.json"))
         mtime = os.path.getmtime(os.path.join(out, "summary.json"))
         assert bon.bon_stage(run_dir) == summary  # done: returned without recomputing

@@ -106,7 +106,7 @@ def test_report_shows_the_judge_and_bon_tables(tmp_path):
                                                 "mean_difference": 0.15, "message": None},
                        "rl_a vs rl_b": {"message": "the runs' KL ranges do not overlap: x"}}}
     bon_s = {"policy": "sft", "ns": [1, 4, 16], "num_prompts": 2, "pool_size": 16,
-             "invented_fraction": 0.25, "cost": {"samples": 32, "sampling_seconds_per_1000": 1.5,
+             "invented_fraction": 0.25, "distinct_per_prompt": 3.5, "cost": {"samples": 32, "sampling_seconds_per_1000": 1.5,
                                                  "rm_scoring_seconds_per_1000": 0.5,
                                                  "oracle_seconds_per_1000": 0.05},
              "selectors": {"oracle": {"control_n1": 0.1, "best_n": 16, "control_best_n": 0.9,
@@ -127,7 +127,7 @@ def test_report_shows_the_judge_and_bon_tables(tmp_path):
             "[0.700, 0.900] | 256 |") in text
     assert "| rl_warm vs rl_single | 1.000 | 0.500 | 0.200 | 0.300 |" in text
     assert "rl_a vs rl_b: the runs' KL ranges do not overlap: x." in text
-    assert "invent a fact: 25.0% of 32" in text
+    assert "invent a fact: 25.0% of 32" in text and "3.5 distinct summaries per prompt" in text
     assert "| best:rm_clean | 0.100 | 4 | 0.400 | 0.200 |" in text
     # the win-rate table shows N = 4 and 16 (powers of 4, and the largest), not N = 1
     assert "| 4 | 0.000 | 1.2/0.5/0.2 | 0.600 | [0.500, 0.700] | 0.600 | [n/a, n/a] |" in text
@@ -227,10 +227,14 @@ def check_report_matches_stage_outputs(run):
     rewards = list(dict.fromkeys(r["reward"] for r in rows))
     assert rewards == ["oracle", "best:rm_clean", "warm:rm_clean:2", "ens:rm_clean",
                        "best:rm_corrupt", "warm:rm_corrupt:2", "ens:rm_corrupt"]
-    assert rewards == list(bon_s["selectors"]) and sorted({r["n"] for r in rows}) == [1, 2, 4]
-    for name, v in bon_s["selectors"].items():  # the per-selector table
-        assert (f"| {name} | {v['control_n1']:.3f} | {v['best_n']} | {v['control_best_n']:.3f}"
-                f" | {v['control_max_n']:.3f} |") in bon_text.splitlines(), name
+    assert rewards == bon_s["selector_order"] and sorted({r["n"] for r in rows}) == [1, 2, 4]
+    lines = bon_text.splitlines()
+    rows_at = []
+    for name in rewards:  # the per-selector table, in the selectors' order
+        v = bon_s["selectors"][name]
+        rows_at.append(lines.index(f"| {name} | {v['control_n1']:.3f} | {v['best_n']} | "
+                                   f"{v['control_best_n']:.3f} | {v['control_max_n']:.3f} |"))
+    assert rows_at == sorted(rows_at)
     assert f"invent a fact: {100 * bon_s['invented_fraction']:.1f}%" in bon_text
     wins = bon_s["win_rates"]["warm:rm_clean:2 vs best:rm_clean"]
     assert [r["n"] for r in wins] == [1, 2, 4]

@@ -293,7 +293,7 @@ def _plot(path: str, curves: dict[str, list[dict]], sels: list[dict],
                               alpha=0.2)
     axes[-1].axhline(0.5, color="grey", ls=":")
     axes[-1].set_ylim(0, 1)
-    axes[-1].set_title("WARM's pick vs the single RM's (tie-adjusted, 95% bootstrap)")
+    axes[-1].set_title("WARM vs single RM: win rate of the pick\n(tie-adjusted, 95% bootstrap)")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [f"{n}\n{bon_kl(n):.2f}" for n in ns], fontsize=7)
@@ -418,9 +418,10 @@ def _summary(ctx, sels, curves, wins, proxies, control_scores, pool, scores,
                             "control_n1": c[0]["control"], "best_n": peak["n"],
                             "control_best_n": peak["control"], "kl_best_n": peak["kl"],
                             "control_max_n": c[-1]["control"]}
-    n_samples = head["num_prompts"] * head["pool_size"]
+    n_samples, k = head["num_prompts"] * head["pool_size"], head["pool_size"]
     return {
         "stage": "bon", **head, "selectors": table,
+        "selector_order": [x["name"] for x in sels],  # (JSON objects come back key-sorted)
         "control_at_max_n": {k: v["control_max_n"] for k, v in table.items()},
         "best_n": {k: v["best_n"] for k, v in table.items()},
         "control_n1": float(control_scores.mean()),
@@ -430,6 +431,8 @@ def _summary(ctx, sels, curves, wins, proxies, control_scores, pool, scores,
                                                 "prompts")}
                             for r in rs] for key, rs in wins.items()},
         "invented_fraction": invented_fraction(pool["prompts"], pool["completions"]),
+        "distinct_per_prompt": float(np.mean([len(set(pool["completions"][i:i + k])) for i in
+                                              range(0, n_samples, k)])),
         "mean_completion_length": float(np.mean(pool["lengths"])),
         "rank_correlation": rank_corr, "gates": gate_rows,
         "cost": scores.cost(n_samples), "seconds": ctx.seconds,

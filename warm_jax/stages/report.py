@@ -331,9 +331,12 @@ def _section_bon(s: dict, run_dir: str) -> str:
                   f"{_fmt(100 * s['invented_fraction'], 1)}% of "
                   f"{_fmt((s.get('cost') or {}).get('samples'))} (pool of "
                   f"{_fmt(s.get('pool_size'))} per prompt, {_fmt(s.get('num_prompts'))} "
-                  "prompts).", ""]
+                  f"prompts; {_fmt(s.get('distinct_per_prompt'), 1)} distinct summaries per "
+                  "prompt on average).", ""]
     table = s.get("selectors") or {}
     if table:
+        order = [k for k in s.get("selector_order") or [] if k in table]
+        table = {k: table[k] for k in order + [k for k in table if k not in order]}
         n_max = max(s.get("ns") or [0])
         parts += [_table(["selector", "control, N=1", "best N", "control at best N",
                           f"control at N={n_max}"],
