@@ -266,11 +266,11 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                                         seed=seed, a_texts=scored[a]["completions"],
                                         b_texts=scored[b]["completions"])}
         results.append(r)
-        f = lambda *ks: " ".join("n/a" if r[k] is None else f"{r[k]:.3f}" for k in ks)
+        f = lambda k: "n/a" if r[k] is None else f"{r[k]:.3f}"
         log.info("judge: %s vs %s: W/T/L %d/%d/%d (%d identical texts among the ties); "
-                 "tie-adjusted %s, decisive %s", a, b, r["wins"], r["ties"], r["losses"],
-                 r["identical_ties"], f("win_rate", "ci_low", "ci_high"),
-                 f("decisive_rate", "decisive_low", "decisive_high"))
+                 "tie-adjusted %s [%s, %s], decisive %s [%s, %s]", a, b, r["wins"], r["ties"],
+                 r["losses"], r["identical_ties"], f("win_rate"), f("ci_low"), f("ci_high"),
+                 f("decisive_rate"), f("decisive_low"), f("decisive_high"))
     kl_curves, matched = _curves(run_dir, names, pairs, curves, matched_kl_points)
     res_path = os.path.join(out_dir, "results.jsonl")
     metrics_lib.atomic_write_text(res_path, "".join(json.dumps(r) + "\n" for r in results))

@@ -295,12 +295,13 @@ def _section_judge(s: dict, run_dir: str) -> str:
             if m.get("message"):
                 parts.append(f"- {pair}: {m['message']}.")
                 continue
+            parts += [] if parts[-1] == "" else [""]
             parts += [_table(["pair", "KL", f"control, {m['a']}", f"control, {m['b']}",
                               "difference"],
                              [[pair, k, a, b, d] for k, a, b, d in zip(
                                  m["kl"], m["control_a"], m["control_b"], m["difference"])]),
                       "", f"Mean difference over the matched KLs: "
-                          f"{_fmt(m.get('mean_difference'))}.", ""]
+                          f"{_fmt(m.get('mean_difference'))}."]
     means = s.get("mean_control") or {}
     if means:
         parts += ["", "Mean control (oracle) reward of each policy's samples: " +
