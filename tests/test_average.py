@@ -372,9 +372,26 @@ def test_ens_is_mean_of_member_rewards_and_resolve_specs(tmp_path):
     average.average_checkpoints(paths, str(tmp_path / "warm_x"))
     warm = reward_lib.resolve(str(tmp_path), "warm:warm_x")
     assert warm.kind == "warm"
+    # WARM of the top M members, averaged on the fly: M = all is the stage's merge, M = 2
+    # the average of members 1 (0.8) and 2 (0.7)
+    warm3 = reward_lib.resolve(str(tmp_path), "warm:rm_x:3")
+    assert warm3.kind == "warm" and warm3.names == tuple(paths)
+    np.testing.assert_allclose(np.asarray(warm3(tokens, mask)), np.asarray(warm(tokens, mask)),
+                               rtol=1e-5, atol=1e-6)
+    warm2 = reward_lib.resolve(str(tmp_path), "warm:rm_x:2")
+    assert warm2.names == (paths[1], paths[2])
+    ref = reward_lib.RewardModel.single(CFG, average.average_params(
+        [ckpt_lib.load_params(p)[0] for p in paths[1:]]))
+    np.testing.assert_allclose(np.asarray(warm2(tokens, mask)), np.asarray(ref(tokens, mask)),
+                               rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(warm2(tokens, mask)) - np.asarray(warm3(tokens, mask))).max() > 1e-4
+    assert reward_lib.spec_source(str(tmp_path), "warm:rm_x:2") == (
+        os.path.join(str(tmp_path), "rm_x"), None)
+    assert reward_lib.spec_source(str(tmp_path), "warm:rm_x:0")[1] is not None
     for bad, frag in [("foo:rm_x", "expected"), ("ens:", "expected"), ("member:rm_x:9", "0..2"),
                       ("ens:rm_x:0", "1..3"), ("best:nope", "no such directory"),
-                      ("warm:rm_x/members/member_0", "not a merged")]:
+                      ("warm:rm_x/members/member_0", "not a merged"), ("warm:rm_x:4", "1..3"),
+                      ("warm:rm_x:x", "1..3")]:
         with pytest.raises((reward_lib.RewardSpecError, ckpt_lib.CheckpointError), match=frag):
             reward_lib.resolve(str(tmp_path), bad)
 

@@ -1,5 +1,6 @@
-"""Best-of-N: the KL formula, the exact subset expectation, N=1 equals plain sampling, the
-oracle as selector raises the oracle score with N, and the stage end to end."""
+"""Best-of-N: the KL formula, the exact subset expectation and pairwise outcomes, N=1 equals
+plain sampling, the oracle as selector raises the oracle score with N, and the stage end to
+end (extra reward specs; an ensemble's selectors, whose curves the oracle's bounds)."""
 import itertools
 import json
 import os
@@ -58,6 +59,31 @@ def test_bon_expectation_equals_enumeration_of_subsets():
     assert (np.diff(curve) > 0).all()
 
 
+def test_pair_outcomes_equal_enumeration_of_subsets():
+    """P(A's pick beats / ties / loses to B's pick of the same N-subset), exact, against every
+    subset enumerated; control scores with ties (a tie of different samples counts)."""
+    rng = np.random.default_rng(0)
+    p, k = 4, 7
+    pa, pb = rng.normal(size=(p, k)), rng.normal(size=(p, k))
+    control = rng.integers(0, 3, size=(p, k)).astype(float)
+    many = bon.bon_pair_outcomes(pa, pb, control, list(range(1, k + 1)))
+    assert many.shape == (k, 3, p)
+    for n in range(1, k + 1):
+        got = bon.bon_pair_outcomes(pa, pb, control, n)
+        np.testing.assert_allclose(got, many[n - 1])
+        for i in range(p):
+            d = np.array([np.sign(control[i, max(sub, key=lambda j: pa[i, j])]
+                                  - control[i, max(sub, key=lambda j: pb[i, j])])
+                          for sub in itertools.combinations(range(k), n)])
+            np.testing.assert_allclose(got[:, i], [(d > 0).mean(), (d == 0).mean(),
+                                                   (d < 0).mean()], atol=1e-12)
+    # N=1: both pick the same sample, always a tie; a selector against itself: always a tie
+    np.testing.assert_allclose(many[0][1], 1.0)
+    np.testing.assert_allclose(bon.bon_pair_outcomes(pa, pa, control, 3)[1], 1.0)
+    # the control as selector never loses to another selector's pick
+    assert (bon.bon_pair_outcomes(control, pa, control, [2, 5, 7])[:, 2] < 1e-12).all()
+
+
 def test_best_of_one_equals_plain_sampling(tiny_world):
     _, prov, cfg, params = tiny_world
     pr = prov.prompts("eval")
@@ -102,7 +128,8 @@ def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
     gin.bind_parameter("DataConfig.data_dir", d)
     gin.bind_parameter("DataConfig.num_eval_prompts", 16)
     try:
-        summary = bon.bon_stage(run_dir, rewards=(f"path:{rm_path}", "oracle"), ns=(1, 2, 4),
+        summary = bon.bon_stage(run_dir, ensembles=(), rewards=(f"path:{rm_path}", "oracle"),
+                                ns=(1, 2, 4),
                                 num_prompts=6, prompts_per_call=3,
                                 sampling_config=sampling.SamplingConfig(max_new_tokens=12))
         out = os.path.join(run_dir, "bon")
@@ -129,13 +156,112 @@ def test_bon_stage_writes_curves_and_skips_when_done(tiny_world, tmp_path):
                 float(np.mean(picks)), abs=1e-6), n
         assert os.path.getsize(os.path.join(out, "bon.png")) > 1000
         assert summary["pool_size"] == 4 and summary["num_prompts"] == 6
-        # the rank-correlation gate: the oracle ranks its own scores perfectly (Spearman 1)
+        # the rank-correlation gate is over the RMs only (the control would pass it trivially)
         rc = summary["rank_correlation"]
-        assert rc["oracle"]["n_prompts"] > 0 and rc["oracle"]["mean"] == pytest.approx(1.0)
-        assert summary["gates"][0]["id"] == "rank_correlation" and summary["gates"][0]["passed"]
+        assert list(rc) == [f"path:{rm_path}"] and summary["gates"][0]["id"] == "rank_correlation"
+        assert summary["selectors"]["oracle"]["kind"] == "control"
+        assert summary["invented_fraction"] == pytest.approx(np.mean(
+            [oracle.oracle_features(p, c)["invented"] > 0
+             for p, c in zip(texts["prompts"], texts["completions"])]))
+        assert summary["cost"]["samples"] == 24 and summary["cost"]["sampling_seconds"] > 0
+        assert summary["distinct_per_prompt"] == pytest.approx(np.mean(
+            [len(set(texts["completions"][i:i + 4])) for i in range(0, 24, 4)]))
         assert os.path.exists(os.path.join(out, "bon.run_info.json"))
         mtime = os.path.getmtime(os.path.join(out, "summary.json"))
         assert bon.bon_stage(run_dir) == summary  # done: returned without recomputing
         assert os.path.getmtime(os.path.join(out, "summary.json")) == mtime
+    finally:
+        gin.clear_config()
+
+
+def _ensemble(run_dir, cfg, vocab_sha, accuracies=(0.6, 0.8, 0.7)):
+    """rm_x/members/member_i: perturbations of one RM (a shared init), random heads."""
+    base, _ = model_lib.init_params(cfg, jax.random.PRNGKey(5))
+    fp = ckpt_lib.fingerprint(base)
+    for i, acc in enumerate(accuracies):
+        leaves, tdef = jax.tree.flatten(base)
+        keys = jax.random.split(jax.random.PRNGKey(30 + i), len(leaves))
+        p = jax.tree.unflatten(tdef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+        p = dict(p, reward_head={"kernel": np.asarray(jax.random.normal(
+            jax.random.PRNGKey(40 + i), (cfg.d_model, 1))), "bias": np.zeros((1,), np.float32)})
+        ckpt_lib.export_params(
+            os.path.join(run_dir, "rm_x", "members", f"member_{i}"), p,
+            {"kind": "rm_member", "model_config": model_lib.config_to_dict(cfg),
+             "vocab_sha256": vocab_sha, "member": i, "accuracies": {"valid": acc},
+             "init_fingerprint": fp})
+
+
+def test_bon_stage_selectors_of_an_ensemble(tiny_world, tmp_path):
+    """The selectors of one ensemble (best member, WARM of M = 2, 3, ENS) on one pool: the
+    oracle's curve bounds every other at every N, each curve is the exact expectation of its
+    own scores (best = the top member's, ENS = the members' mean, WARM = the averaged RM's),
+    and WARM-vs-single win rates are the exact pairwise outcomes; a re-run after losing the
+    summary reuses pool and scores and gives the same results."""
+    d, prov, cfg, params = tiny_world
+    run_dir = str(tmp_path / "run")
+    card = {"kind": "lm", "model_config": model_lib.config_to_dict(cfg),
+            "vocab_sha256": prov.vocab.sha256, "step": 0}
+    ckpt_lib.export_params(os.path.join(run_dir, "sft", "snapshots", "step_0"), params, card)
+    _ensemble(run_dir, cfg, prov.vocab.sha256)
+    gin.clear_config()
+    gin.bind_parameter("DataConfig.data_dir", d)
+    gin.bind_parameter("DataConfig.num_eval_prompts", 16)
+    ns = (1, 2, 4, 8)
+    try:
+        run = lambda: bon.bon_stage(run_dir, ensembles=("rm_x",), ns=ns, num_prompts=6,
+                                    prompts_per_call=3,
+                                    sampling_config=sampling.SamplingConfig(max_new_tokens=12))
+        s = run()
+        out = os.path.join(run_dir, "bon")
+        assert list(s["selectors"]) == ["oracle", "best:rm_x", "warm:rm_x:2", "warm:rm_x:3",
+                                        "ens:rm_x"]
+        rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl"))]
+        by = {(r["reward"], r["n"]): r["control"] for r in rows}
+        # the ceiling: on every subset the oracle's pick has the highest oracle score
+        for name in s["selectors"]:
+            for n in ns:
+                assert by[("oracle", n)] >= by[(name, n)] - 1e-9, (name, n)
+        assert by[("oracle", 8)] > by[("oracle", 1)]
+        # each curve from its own scores: the member scores (rescored here), best = member 1
+        # (accuracy 0.8), ENS = their mean, WARM of M = 3 = the averaged RM's scores
+        with np.load(os.path.join(out, "pool.npz")) as z:
+            tokens, mask = z["tokens"], z["mask"]
+        texts = json.load(open(os.path.join(out, "pool_texts.json")))
+        control = oracle.score_batch(texts["prompts"], texts["completions"]).reshape(6, 8)
+        load = lambda spec: np.load(os.path.join(out, "scores", bon._safe(spec) + ".npy"))
+        members = np.stack([load(f"member:rm_x:{i}") for i in range(3)])
+        for i in range(3):
+            rm = reward_lib.resolve(run_dir, f"member:rm_x:{i}")
+            np.testing.assert_allclose(members[i], np.asarray(rm(tokens, mask)).reshape(6, 8),
+                                       rtol=1e-4, atol=1e-4)
+        warm3 = reward_lib.resolve(run_dir, "warm:rm_x:3")
+        np.testing.assert_allclose(load("warm:rm_x:3"),
+                                   np.asarray(warm3(tokens, mask)).reshape(6, 8),
+                                   rtol=1e-4, atol=1e-4)
+        for name, proxy in [("best:rm_x", members[1]), ("ens:rm_x", members.mean(0)),
+                            ("warm:rm_x:3", load("warm:rm_x:3"))]:
+            for n in ns:
+                assert by[(name, n)] == pytest.approx(
+                    bon.bon_expectation(proxy, control, n)[0].mean(), abs=1e-6), (name, n)
+        # WARM (all members) against the single RM, per N
+        (key, wins), = s["win_rates"].items()
+        assert key == "warm:rm_x:3 vs best:rm_x" and [r["n"] for r in wins] == list(ns)
+        assert wins[0]["ties"] == pytest.approx(6) and wins[0]["win_rate"] == pytest.approx(0.5)
+        probs = bon.bon_pair_outcomes(load("warm:rm_x:3"), members[1], control, ns)
+        for r, (w, t, l) in zip(wins, probs):
+            assert (r["wins"], r["ties"], r["losses"]) == pytest.approx((w.sum(), t.sum(),
+                                                                         l.sum()))
+            assert r["win_rate"] == pytest.approx(np.mean(w + t / 2))
+            assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
+        assert s["best_n"]["oracle"] == 8 and s["selectors"]["ens:rm_x"]["M"] == 3
+        assert os.path.getsize(os.path.join(out, "bon.png")) > 1000
+        # resume: the pool and every score are kept; the same results again
+        before = open(os.path.join(out, "results.jsonl")).read()
+        os.remove(os.path.join(out, "summary.json"))
+        again = run()
+        assert open(os.path.join(out, "results.jsonl")).read() == before
+        assert json.dumps(again["win_rates"]) == json.dumps(s["win_rates"])  # nan-safe
+        assert again["cost"]["sampling_seconds"] == s["cost"]["sampling_seconds"]
     finally:
         gin.clear_config()

@@ -1,4 +1,5 @@
-"""The judge: tie-aware win rates with intervals, self-play ~ 0.5, reward-hacking curves."""
+"""The judge: W/T/L, tie-adjusted and decisive rates with bootstrap intervals, self-play ~ 0.5,
+reward-hacking curves and RL runs at matched KL."""
 import json
 import os
 
@@ -12,30 +13,99 @@ from warm_jax.stages import judge
 from warm_jax import metrics as metrics_lib
 from warm_jax import model as model_lib
 from warm_jax import sampling
+from warm_jax import stats
 from warm_jax.data import provider as provider_lib
 from warm_jax.data import lexicon, oracle, world
 
 
-def test_win_rate_counts_ties_as_half_and_intervals():
-    r = judge.win_rate([3, 2, 1, 1], [1, 2, 2, 0])
+def test_win_rate_counts_ties_rates_and_intervals():
+    r = judge.win_rate([3, 2, 1, 1], [1, 2, 2, 0], a_texts=["x", "same", "y", "z"],
+                       b_texts=["w", "same", "v", "z"])
     assert (r["wins"], r["ties"], r["losses"], r["n"]) == (2, 1, 1, 4)
-    assert r["win_rate"] == pytest.approx(2.5 / 4)
+    assert r["win_rate"] == pytest.approx(2.5 / 4)  # a tie counts one half
+    assert r["decisive_rate"] == pytest.approx(2 / 3)  # wins / (wins + losses)
+    assert r["identical_ties"] == 1 and r["outcomes"] == [1.0, 0.5, 0.0, 1.0]
     assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
+    assert r["decisive_low"] <= r["decisive_rate"] <= r["decisive_high"]
+    assert r["wilson_low"] <= r["win_rate"] <= r["wilson_high"]
     # textbook Wilson value: 50/100 -> [0.404, 0.596]
     lo, hi = judge.wilson_interval(0.5, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     lo, hi = judge.wilson_interval(1.0, 20)
     assert hi == 1.0 and 0.8 < lo < 0.9
-    # ties within tolerance
-    assert judge.win_rate([1.0, 2.0], [1.05, 1.0], tie_tol=0.1)["ties"] == 1
-    # bootstrap interval brackets the mean of a skewed sample
+    # ties within tolerance; a tie of different texts is not an identical one
+    r = judge.win_rate([1.0, 2.0], [1.05, 1.0], tie_tol=0.1, a_texts=["a", "b"],
+                       b_texts=["c", "b"])
+    assert r["ties"] == 1 and r["identical_ties"] == 0
+    # every prompt a tie: rate 1/2 exactly, no decisive prompt (nan), Wilson still wide
+    r = judge.win_rate([1.0] * 50, [1.0] * 50)
+    assert (r["win_rate"], r["ci_low"], r["ci_high"]) == (0.5, 0.5, 0.5)
+    assert r["decisive_rate"] is None and r["decisive_low"] is None  # undefined, plain JSON
+    assert r["wilson_low"] < 0.4 and r["wilson_high"] > 0.6
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.3, 1, 400), rng.normal(0, 1, 400)
     r = judge.win_rate(a, b)
-    assert r["bootstrap_low"] < r["win_rate"] < r["bootstrap_high"]
     assert 0.5 < r["win_rate"] < 0.7 and r["ci_low"] > 0.5
     with pytest.raises(ValueError):
         judge.outcomes([1, 2], [1])
+
+
+def test_with_ties_the_bootstrap_is_narrower_than_wilson():
+    """198 ties in 256 prompts (a measured case): the bootstrap over prompts reflects that a
+    tie carries no variance, Wilson treats every prompt as a coin flip."""
+    a = np.array([1.0] * 40 + [0.0] * 18 + [0.5] * 198)
+    r = judge.win_rate(a, np.full_like(a, 0.5))
+    assert (r["wins"], r["ties"], r["losses"]) == (40, 198, 18)
+    boot, wilson = r["ci_high"] - r["ci_low"], r["wilson_high"] - r["wilson_low"]
+    assert 2.0 < wilson / boot < 2.6
+    assert r["decisive_rate"] == pytest.approx(40 / 58) and r["decisive_low"] > 0.5
+
+
+def test_bootstrap_intervals_cover_the_truth_on_a_synthetic_coin():
+    """A coin with ties: win 0.35, tie 0.3, loss 0.35 (true tie-adjusted rate 0.5, true
+    decisive rate 0.5). Over 300 experiments of 200 prompts, both 95% bootstrap intervals
+    cover the truth about 95% of the time."""
+    rng = np.random.default_rng(1)
+    cover_rate = cover_decisive = 0
+    trials = 300
+    for t in range(trials):
+        o = rng.choice([1.0, 0.5, 0.0], size=200, p=[0.35, 0.3, 0.35])
+        r = stats.compare(*stats.split_outcomes(o), n_boot=500, seed=t)
+        cover_rate += r["ci_low"] <= 0.5 <= r["ci_high"]
+        cover_decisive += r["decisive_low"] <= 0.5 <= r["decisive_high"]
+    assert 0.9 <= cover_rate / trials <= 0.99
+    assert 0.9 <= cover_decisive / trials <= 0.99
+
+
+def test_matched_kl_interpolates_and_says_when_ranges_do_not_overlap(tmp_path):
+    # A: control = 1 - kl on kl in [0, 4]; B: control = 0.5 - 0.5 kl on kl in [0, 2]
+    a = [{"kl": k, "control": 1.0 - k} for k in (0.0, 1.0, 2.5, 4.0)]
+    b = [{"kl": k, "control": 0.5 - 0.5 * k} for k in (2.0, 0.0, 0.8)]  # any order
+    m = stats.matched_kl(a, b, ("a", "b"), num_points=5)
+    assert m["overlap"] == [0.0, 2.0] and m["kl"] == pytest.approx([0, 0.5, 1, 1.5, 2])
+    np.testing.assert_allclose(m["control_a"], [1, 0.5, 0, -0.5, -1])
+    np.testing.assert_allclose(m["control_b"], [0.5, 0.25, 0, -0.25, -0.5])
+    np.testing.assert_allclose(m["difference"], [0.5, 0.25, 0, -0.25, -0.5])
+    assert m["mean_difference"] == pytest.approx(0.0) and m["message"] is None
+    # equal KLs are averaged; a point outside the range is nan
+    np.testing.assert_allclose(stats.control_at_kl([0, 1, 1, 2], [0, 1, 3, 2], [1, 1.5, 3]),
+                               [2, 2, np.nan])
+    far = [{"kl": k, "control": 0.0} for k in (5.0, 6.0)]
+    m = stats.matched_kl(a, far, ("a", "far"))
+    assert m["overlap"] is None and m["kl"] == [] and "do not overlap" in m["message"]
+    assert "[0, 4]" in m["message"] and "[5, 6]" in m["message"]
+    assert "no eval records" in stats.matched_kl(a, [], ("a", "b"))["message"]
+    # the stage's wiring: RL runs found by their metrics, pairs of two runs matched
+    for name, rows in (("rl_a", a), ("rl_b", b)):
+        w = metrics_lib.MetricWriter(str(tmp_path / name), tensorboard=False)
+        for step, r in enumerate(rows):
+            w.write(step, {"eval/kl": r["kl"], "eval/control_reward": r["control"],
+                           "eval/proxy_reward": 0.0})
+        w.close()
+    curves, matched = judge._curves(str(tmp_path), ["rl_a", "rl_b", "sft"],
+                                    [("rl_a", "rl_b"), ("rl_a", "sft")], None, 3)
+    assert list(curves) == ["rl_a", "rl_b"] and list(matched) == ["rl_a vs rl_b"]
+    np.testing.assert_allclose(matched["rl_a vs rl_b"]["difference"], [0.5, 0, -0.5])
 
 
 def test_control_kl_curve_reads_eval_records(tmp_path):
@@ -98,7 +168,9 @@ def test_policy_against_itself_ties_with_common_seeds(judged):
     for key in ("rl_x vs sft", "sft vs sft"):
         r = same["win_rates"][key]
         assert r["win_rate"] == 0.5 and r["ties"] == r["n"] == 48
-        assert r["ci_low"] < 0.5 < r["ci_high"]
+        assert r["identical_ties"] == 48  # the same params and seed: the same texts
+        assert r["ci_low"] == r["ci_high"] == 0.5 and r["decisive_rate"] is None
+        assert r["wilson_low"] < 0.5 < r["wilson_high"]
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "judge", "results.jsonl"))]
     assert [(r["a"], r["b"]) for r in rows] == [("rl_x", "sft"), ("sft", "sft")]
     assert os.path.getsize(os.path.join(run_dir, "judge", "judge.png")) > 1000
@@ -112,7 +184,7 @@ def test_policy_against_itself_independent_samples_near_half(judged):
     (r,) = indep["win_rates"].values()
     assert r["ties"] < r["n"]  # different seeds: real comparisons happened
     assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
-    assert r["bootstrap_low"] <= r["win_rate"] <= r["bootstrap_high"]
+    assert r["decisive_low"] <= r["decisive_rate"] <= r["decisive_high"]
     assert r["ci_low"] < 0.5 < r["ci_high"]  # the same policy: no significant difference
 
 
@@ -169,7 +241,9 @@ def test_judge_prefers_the_better_policy_and_keeps_sides(world_dir, tmp_path):
     ab, ba = s["win_rates"]["word vs mute"], s["win_rates"]["mute vs word"]
     assert (ab["win_rate"], ab["wins"], ab["ties"], ab["losses"], ab["n"]) == (1.0, 32, 0, 0, 32)
     assert (ba["win_rate"], ba["wins"], ba["ties"], ba["losses"], ba["n"]) == (0.0, 0, 0, 32, 32)
-    assert ab["ci_low"] > 0.85 and ba["ci_high"] < 0.15  # Wilson at 32/32 and 0/32
+    assert ab["ci_low"] == 1.0 and ba["ci_high"] == 0.0  # bootstrap at 32/32 and 0/32
+    assert ab["wilson_low"] > 0.85 and ba["wilson_high"] < 0.15  # Wilson at 32/32 and 0/32
+    assert (ab["decisive_rate"], ba["decisive_rate"], ab["identical_ties"]) == (1.0, 0.0, 0)
     assert s["mean_control"]["mute"] == -2.0
     assert s["mean_control"]["word"] == pytest.approx(
         np.mean([oracle.score(p, text) for p in prov.prompts("eval")["prompts"][:32]]))

@@ -185,9 +185,15 @@ BAD_VALUES = [
      "pretrain_stage.learning_rate = inf: must be finite"),
     (["--gin.rl_warm/RLConfig.alpha=-0.01"], "rl_warm/RLConfig.alpha = -0.01: must be >= 0"),
     (["--gin.rl_single/rl_stage.reward='best'"],
-     "rl_single/rl_stage.reward = 'best': expected warm:<dir>, member:<ensemble>:<i>, "
-     "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M> or path:<params export>"),
+     "rl_single/rl_stage.reward = 'best': expected warm:<dir>, warm:<ensemble>:<M>, "
+     "member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M> or "
+     "path:<params export>"),
     (["--gin.bon_stage.ns=[4, 0]"], "bon_stage.ns[1] = 0: must be >= 1"),
+    (["--gin.bon_stage.warm_sizes=[0]"], "bon_stage.warm_sizes[0] = 0: must be >= 1"),
+    (["--gin.bon_stage.ensembles=[]"],
+     "bon_stage.ensembles = []: no selector to compare: give ensembles or rewards"),
+    (["--gin.judge_stage.matched_kl_points=0"],
+     "judge_stage.matched_kl_points = 0: must be >= 1"),
     (["--gin.rl_warm/rl_stage.name='../rl_warm'"],
      "rl_warm/rl_stage.name = '../rl_warm': must be a directory name under RUN_DIR"),
     (["--gin.warm_stage.method='mean'"],

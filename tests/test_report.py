@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from warm_jax.stages import report
@@ -110,6 +111,89 @@ def test_aggregate_reads_claims_written_before_the_setting_and_split_fields(tmp_
                 "2/2 runs |") in text
 
 
+def _judge_results(d, seed_outcomes):
+    """judge/results.jsonl of one run: rl_warm vs rl_single with the given per-prompt
+    outcomes (the judge's own statistics of them)."""
+    from warm_jax.stages import judge
+
+    o = np.asarray(seed_outcomes, np.float64)
+    r = {"a": "rl_warm", "b": "rl_single", **judge.win_rate(o, np.full_like(o, 0.5))}
+    os.makedirs(os.path.join(d, "judge"), exist_ok=True)
+    with open(os.path.join(d, "judge", "results.jsonl"), "w") as f:
+        f.write(json.dumps(r) + "\n")
+    return r
+
+
+def test_aggregate_judge_over_two_seeds(tmp_path):
+    """Per pair: the mean of the per-seed rates, the pooled W/T/L and decisive rate, the
+    bootstrap interval over seeds and prompts, and the seeds whose own interval is above
+    0.5 (k/n)."""
+    from warm_jax import stats
+
+    a, b = _run(tmp_path, "a", 0.55, 0.6), _run(tmp_path, "b", 0.45, 0.4)
+    ra = _judge_results(a, [1.0] * 60 + [0.5] * 30 + [0.0] * 10)  # rate 0.75, CI above 0.5
+    rb = _judge_results(b, [1.0] * 40 + [0.5] * 20 + [0.0] * 40)  # rate 0.50
+    assert ra["ci_low"] > 0.5 and rb["ci_low"] < 0.5
+    text = open(report.aggregate([a, b], str(tmp_path / "agg.md"))).read()
+    (line,) = [l for l in text.splitlines() if l.startswith("| rl_warm vs rl_single |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "0.625 ± 0.125"  # mean ± std of 0.75 and 0.5
+    assert cells[3] == "100/50/50" and cells[4] == f"{100 / 150:.3f}" and cells[5] == "1/2"
+    ci = stats.seeds_interval([stats.split_outcomes(r["outcomes"]) for r in (ra, rb)])
+    assert cells[2] == f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+    # resampling seeds as well as prompts: wider than either seed's prompt-only interval
+    assert ci["ci_low"] < 0.625 < ci["ci_high"]
+    assert ci["ci_high"] - ci["ci_low"] > ra["ci_high"] - ra["ci_low"]
+    # two identical seeds where A always wins: the interval is exactly [1, 1]
+    for d in (a, b):
+        _judge_results(d, [1.0] * 20)
+    text = open(report.aggregate([a, b], str(tmp_path / "agg2.md"))).read()
+    assert "| rl_warm vs rl_single | 1.000 ± 0.000 | [1.000, 1.000] | 40/0/0 | 1.000 | 2/2 |" \
+        in text
+
+
+def test_report_shows_the_judge_and_bon_tables(tmp_path):
+    d = tmp_path / "run"
+    judge_s = {"win_rates": {"rl_warm vs rl_single": {
+        "win_rate": 0.61, "ci_low": 0.55, "ci_high": 0.67, "decisive_rate": 0.8,
+        "decisive_low": 0.7, "decisive_high": 0.9, "wins": 40, "ties": 198, "losses": 18,
+        "identical_ties": 150, "n": 256}},
+        "matched_kl": {"rl_warm vs rl_single": {"a": "rl_warm", "b": "rl_single",
+                                                "kl": [0.0, 1.0], "control_a": [0.1, 0.5],
+                                                "control_b": [0.1, 0.2],
+                                                "difference": [0.0, 0.3],
+                                                "mean_difference": 0.15, "message": None},
+                       "rl_a vs rl_b": {"message": "the runs' KL ranges do not overlap: x"}}}
+    bon_s = {"policy": "sft", "ns": [1, 4, 16], "num_prompts": 2, "pool_size": 16,
+             "invented_fraction": 0.25, "distinct_per_prompt": 3.5, "cost": {"samples": 32, "sampling_seconds_per_1000": 1.5,
+                                                 "rm_scoring_seconds_per_1000": 0.5,
+                                                 "oracle_seconds_per_1000": 0.05},
+             "selectors": {"oracle": {"control_n1": 0.1, "best_n": 16, "control_best_n": 0.9,
+                                      "control_max_n": 0.9},
+                           "best:rm_clean": {"control_n1": 0.1, "best_n": 4,
+                                             "control_best_n": 0.4, "control_max_n": 0.2}},
+             "win_rates": {"warm:rm_clean:4 vs best:rm_clean": [
+                 {"n": n, "kl": 0.0, "win_rate": w, "ci_low": w - 0.1, "ci_high": w + 0.1,
+                  "decisive_rate": w, "decisive_low": None, "decisive_high": None,
+                  "wins": 1.25, "ties": 0.5, "losses": 0.25} for n, w in ((1, 0.5), (4, 0.6),
+                                                                        (16, 0.7))]}}
+    for sub, summ in (("judge", judge_s), ("bon", bon_s)):
+        os.makedirs(d / sub)
+        (d / sub / "summary.json").write_text(json.dumps(summ))
+    report.report_stage(str(d))
+    text = (d / "report.md").read_text()
+    assert ("| rl_warm vs rl_single | 0.610 | [0.550, 0.670] | 40 | 198 | 18 | 150 | 0.800 | "
+            "[0.700, 0.900] | 256 |") in text
+    assert "| rl_warm vs rl_single | 1.000 | 0.500 | 0.200 | 0.300 |" in text
+    assert "rl_a vs rl_b: the runs' KL ranges do not overlap: x." in text
+    assert "invent a fact: 25.0% of 32" in text and "3.5 distinct summaries per prompt" in text
+    assert "| best:rm_clean | 0.100 | 4 | 0.400 | 0.200 |" in text
+    # the win-rate table shows N = 4 and 16 (powers of 4, and the largest), not N = 1
+    assert "| 4 | 0.000 | 1.2/0.5/0.2 | 0.600 | [0.500, 0.700] | 0.600 | [n/a, n/a] |" in text
+    assert "| 16 |" in text and "| 1 | 0.000 | 1.2" not in text
+    assert "sampling 1.50 s, scoring by one RM 0.50 s" in text
+
+
 # ---------------------------------------------------------------------------------------
 # The whole miniature flow through `python -m warm_jax.main`: report.md holds the numbers
 # the stages wrote (read here from their own output files, not through report's code).
@@ -161,10 +245,15 @@ def check_report_matches_stage_outputs(run):
     judge_text = section("Judge")
     rows = [json.loads(l) for l in open(run / "judge" / "results.jsonl")]
     assert len(rows) == 3
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"
     for r in rows:
-        want = (f"| {r['a']} vs {r['b']} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, "
-                f"{r['ci_high']:.3f}] | {r['wins']} | {r['ties']} | {r['losses']} | {r['n']} |")
+        want = (f"| {r['a']} vs {r['b']} | {r['win_rate']:.3f} | [{f(r['ci_low'])}, "
+                f"{f(r['ci_high'])}] | {r['wins']} | {r['ties']} | {r['losses']} | "
+                f"{r['identical_ties']} | {f(r['decisive_rate'])} | [{f(r['decisive_low'])}, "
+                f"{f(r['decisive_high'])}] | {r['n']} |")
         assert want in judge_text.splitlines(), (want, judge_text)
+    judge_s = json.load(open(run / "judge" / "summary.json"))
+    assert list(judge_s["matched_kl"]) == ["rl_warm vs rl_single"]
     # rm_eval: member / WARM / ENS accuracies of rm_eval_rm_corrupt/results.jsonl
     eval_text = section("Reward-model evaluation: rm_eval_rm_corrupt")
     rows = [json.loads(l) for l in open(run / "rm_eval_rm_corrupt" / "results.jsonl")]
@@ -190,13 +279,27 @@ def check_report_matches_stage_outputs(run):
             (line,) = [l for l in claims_text.splitlines() if l.startswith(
                 f"| {setting} | " + c["claim"].replace("|", "\\|") + " |")]
             assert ("| reproduced |" in line) == c["holds"], line
-    # Best-of-N: control of each reward's expected pick at each N, from bon/results.jsonl
+    # Best-of-N: control of each selector's expected pick at each N, from bon/results.jsonl
     bon_text = section("Best-of-N")
+    bon_s = json.load(open(run / "bon" / "summary.json"))
     rows = [json.loads(l) for l in open(run / "bon" / "results.jsonl")]
     rewards = list(dict.fromkeys(r["reward"] for r in rows))
-    assert len(rewards) == 3 and sorted({r["n"] for r in rows}) == [1, 2, 4]
+    assert rewards == ["oracle", "best:rm_clean", "warm:rm_clean:2", "ens:rm_clean",
+                       "best:rm_corrupt", "warm:rm_corrupt:2", "ens:rm_corrupt"]
+    assert rewards == bon_s["selector_order"] and sorted({r["n"] for r in rows}) == [1, 2, 4]
+    lines = bon_text.splitlines()
+    rows_at = []
+    for name in rewards:  # the per-selector table, in the selectors' order
+        v = bon_s["selectors"][name]
+        rows_at.append(lines.index(f"| {name} | {v['control_n1']:.3f} | {v['best_n']} | "
+                                   f"{v['control_best_n']:.3f} | {v['control_max_n']:.3f} |"))
+    assert rows_at == sorted(rows_at)
+    assert f"invent a fact: {100 * bon_s['invented_fraction']:.1f}%" in bon_text
+    wins = bon_s["win_rates"]["warm:rm_clean:2 vs best:rm_clean"]
+    assert [r["n"] for r in wins] == [1, 2, 4]
+    curve_text = bon_text[bon_text.index("Control reward of the expected pick at every N"):]
     for n in (1, 2, 4):
-        (line,) = _lines_starting(bon_text, f"| {n} |")
+        (line,) = _lines_starting(curve_text, f"| {n} |")
         cells = [c.strip() for c in line.strip("|").split("|")]
         by = {r["reward"]: r for r in rows if r["n"] == n}
         assert cells[1] == f"{by[rewards[0]]['kl']:.3f}"

@@ -86,6 +86,18 @@ def test_num_samples_repeats_prompts_and_pads_to_the_mesh():
     # the 5 candidates of a prompt are not all identical (independent draws)
     t = np.asarray(out["tokens"]).reshape(3, 5, 6)
     assert any(len({tuple(r) for r in t[i]}) > 1 for i in range(3))
+    # each prompt is prefilled once and its cache copied to its 5 rows: the same samples as
+    # the naive sampler over the repeated, padded batch (same key schedule, same 16 rows)
+    naive = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=6),
+                             mesh=mesh, naive=True)(params, toks, mask, 0, num_samples=5)
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(naive["tokens"]))
+    np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(naive["logprobs"]),
+                               atol=1e-4)
+    # and on one device, without padding
+    one = sampling.Sampler(CFG, sampling.SamplingConfig(temperature=1.0, max_new_tokens=6))
+    rep = one(params, np.repeat(toks, 4, 0), np.repeat(mask, 4, 0), 0)
+    np.testing.assert_array_equal(np.asarray(one(params, toks, mask, 0, num_samples=4)["tokens"]),
+                                  np.asarray(rep["tokens"]))
 
 
 def test_top_k_and_top_p_restrict_the_support():

@@ -7,7 +7,8 @@ the mean of the members' rewards, costing M forward passes where WARM costs one.
 Checkpoints are params-only exports whose card.json carries 'model_config'.
 
 `resolve(run_dir, spec)` builds one from a spec naming artifacts of a run ("warm:<dir>",
-"member:<ensemble>:<i>", "best:<ensemble>", "ens:<ensemble>[:<M>]"), and
+"warm:<ensemble>:<M>", "member:<ensemble>:<i>", "best:<ensemble>", "ens:<ensemble>[:<M>]"),
+and
 `pair_rewards` / `pairwise_accuracy` evaluate any scorer on a preference set in fixed-shape
 jitted batches.
 """
@@ -183,8 +184,9 @@ def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: Optiona
     return sorted(range(len(paths)), key=lambda i: (-float(accuracies[i]), i))
 
 
-SPEC_USAGE = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, "
-              "ens:<ensemble>:<M>, run:<export under RUN_DIR> or path:<params export>")
+SPEC_USAGE = ("expected warm:<dir>, warm:<ensemble>:<M>, member:<ensemble>:<i>, "
+              "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M>, run:<export under RUN_DIR> "
+              "or path:<params export>")
 
 
 def _run_relative(spec: str) -> Optional[str]:
@@ -216,8 +218,9 @@ def spec_source(run_dir: str, spec, oracle: bool = False) -> tuple[Optional[str]
     ok = parts and all(parts) and (
         (kind in ("warm", "best") and len(parts) == 1)
         or (kind == "member" and len(parts) == 2 and parts[1].isdigit())
-        or (kind == "ens" and (len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit()
-                                                   and int(parts[1]) >= 1))))
+        or (kind in ("ens", "warm") and len(parts) == 2 and parts[1].isdigit()
+            and int(parts[1]) >= 1)
+        or (kind == "ens" and len(parts) == 1))
     if not ok:
         return None, SPEC_USAGE
     return os.path.join(run_dir, parts[0]), None
@@ -227,6 +230,8 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
     """A RewardModel from a spec relative to a run directory:
 
       warm:<dir>            a merged (WARM) checkpoint {run_dir}/<dir>
+      warm:<ensemble>:<M>   WARM of the top M members (ranked as best: ranks), averaged
+                            here (uniform weights, the warm stage's ranking and checks)
       member:<ensemble>:<i> member i of an ensemble
       best:<ensemble>       the member with the best card accuracy on the selection rows
                             (accuracies.select; ID validation for older cards)
@@ -236,8 +241,7 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
                             (rm_init's shared warm start: an RM no rm_eval evaluates)
     """
     kind, _, rest = str(spec).partition(":")
-    usage = ("expected warm:<dir>, member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, "
-             "ens:<ensemble>:<M> or run:<export under RUN_DIR>")
+    usage = SPEC_USAGE.replace(" or path:<params export>", "")
     if kind == "run":
         rel = _run_relative(str(spec))
         if rel is None:
@@ -253,6 +257,9 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
             raise RewardSpecError(f"reward spec {spec!r}: {path} is a {card.get('kind')!r} "
                                   "checkpoint, not a merged (kind 'warm') one")
         return RewardModel.load(path, "warm", abstract_params)
+    if kind == "warm" and len(parts) == 2:
+        paths = top_members(run_dir, spec, parts[0], parts[1])
+        return warm_of(paths, abstract_params)
     if kind == "member" and len(parts) == 2:
         paths = ensemble_members(run_dir, parts[0])
         if not parts[1].isdigit() or int(parts[1]) >= len(paths):
@@ -265,12 +272,31 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
     if kind == "ens" and len(parts) in (1, 2):
         paths = ensemble_members(run_dir, parts[0])
         if len(parts) == 2:
-            if not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(paths):
-                raise RewardSpecError(f"reward spec {spec!r}: M must be 1..{len(paths)}")
-            order = rank_by_accuracy(paths, [ckpt_lib.read_card(p) for p in paths])
-            paths = [paths[i] for i in sorted(order[:int(parts[1])])]
+            paths = top_members(run_dir, spec, parts[0], parts[1])
         return RewardModel.load(paths, "ens", abstract_params)
     raise RewardSpecError(f"reward spec {spec!r}: {usage}")
+
+
+def top_members(run_dir: str, spec: str, ensemble: str, m: str) -> list[str]:
+    """The top `m` members of an ensemble by card accuracy (rank_by_accuracy), in member-index
+    order: what 'ens:<ensemble>:<M>' and 'warm:<ensemble>:<M>' combine."""
+    paths = ensemble_members(run_dir, ensemble)
+    if not str(m).isdigit() or not 1 <= int(m) <= len(paths):
+        raise RewardSpecError(f"reward spec {spec!r}: M must be 1..{len(paths)}")
+    order = rank_by_accuracy(paths, [ckpt_lib.read_card(p) for p in paths])
+    return [paths[i] for i in sorted(order[:int(m)])]
+
+
+def warm_of(paths: Sequence[str], abstract_params: Any = None) -> "RewardModel":
+    """WARM of member checkpoints averaged in memory (uniform weights): the merge the warm
+    stage writes for the same members, after the same checks (average.check_members)."""
+    from warm_jax import average  # average imports this module
+
+    members, cfg, _ = average.check_members(paths)
+    trees = [ckpt_lib.load_params(m.path, abstract_params)[0] for m in members]
+    merged = average.average_params(trees)
+    return RewardModel(cfg, merged, "warm", tuple(m.path for m in members),
+                       tuple(m.card for m in members))
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,22 +357,38 @@ def oracle_scorer() -> Scorer:
     return lambda batch: oracle.score_batch(batch["prompts"], batch["completions"])
 
 
+def score_sequences(fn: Callable, tokens, mask, batch_size: int = 256,
+                    multiple: int = 16) -> np.ndarray:
+    """fn(tokens [B, T], mask) -> rewards [B] on every row, each distinct row scored once.
+
+    The distinct rows (tokens and mask) are sorted by where their last real token is, cut
+    into batches of `batch_size` (the last one padded, so shapes repeat), and each batch is
+    trimmed to the columns its rows use (rounded up to a multiple of `multiple`): dropping
+    columns that are padding in every row of a batch leaves each row's reward unchanged,
+    and only a few (batch, width) shapes are compiled. Policy samples repeat often, so
+    this costs a fraction of scoring every row at full width."""
+    toks, msk = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
+    if len(toks) == 0:
+        return np.zeros((0,), np.float32)
+    rows, first, inverse = np.unique(np.concatenate([toks, msk], axis=1), axis=0,
+                                     return_index=True, return_inverse=True)
+    used = msk[first] > 0
+    ends = np.where(used.any(1), toks.shape[1] - np.argmax(used[:, ::-1], axis=1), 1)
+    order = np.argsort(ends, kind="stable")
+    b = min(batch_size, len(order))
+    out = np.zeros(len(order), np.float32)
+    for s in range(0, len(order), b):
+        idx = order[s:s + b]
+        width = min(toks.shape[1], -(-int(ends[idx].max()) // multiple) * multiple)
+        pad = np.concatenate([idx, np.repeat(idx[:1], b - len(idx))])
+        r = np.asarray(fn(toks[first[pad], :width], msk[first[pad], :width]), np.float32)
+        out[idx] = r[:len(idx)]
+    return out[np.asarray(inverse).reshape(-1)]
+
+
 def rm_scorer(rm, batch_size: int = 256) -> Scorer:
-    """A RewardModel (single, WARM or ENS) on the token sequences, in fixed-size chunks."""
-
-    def score(batch):
-        toks, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
-        out = []
-        for s in range(0, len(toks), batch_size):
-            t, m = toks[s:s + batch_size], mask[s:s + batch_size]
-            n = len(t)
-            if n < batch_size and len(toks) > batch_size:  # keep one compiled shape
-                t = np.concatenate([t, np.repeat(t[:1], batch_size - n, 0)])
-                m = np.concatenate([m, np.repeat(m[:1], batch_size - n, 0)])
-            out.append(np.asarray(rm(t, m))[:n])
-        return np.concatenate(out).astype(np.float32)
-
-    return score
+    """A RewardModel (single, WARM or ENS) on the token sequences (score_sequences)."""
+    return lambda batch: score_sequences(rm, batch["tokens"], batch["mask"], batch_size)
 
 
 def load_reward(run_dir: str, spec: str):

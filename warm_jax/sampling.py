@@ -13,7 +13,8 @@ same samples. `sample_naive` recomputes the full forward pass at every step with
 key schedule; it exists for the equality test and the benchmark.
 
 `Sampler` wraps both in jit with explicit shardings (params by their logical names, the
-batch over the data/fsdp mesh axes) and repeats each prompt N times for N candidates.
+batch over the data/fsdp mesh axes) and draws N candidates per prompt (each prompt
+prefilled once, its KV cache copied to its N rows).
 `concat_right_padded` turns (prompt, completion) into RIGHT-padded [B, T] sequences for
 scoring with a RewardModel and for log-prob recomputation in RL.
 """
@@ -120,26 +121,48 @@ def _constrain_batch(x):
     return partitioning.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def _expand(x, num_samples: int, extra_rows: int):
+    """Rows of x repeated num_samples times each (row i -> rows i*N .. i*N+N-1), then
+    extra_rows copies of row 0."""
+    if x.ndim == 0:
+        return x
+    rep = jnp.repeat(x, num_samples, axis=0)
+    return jnp.concatenate([rep, jnp.repeat(x[:1], extra_rows, axis=0)]) if extra_rows else rep
+
+
 def sample(cfg: model_lib.TransformerConfig, params, tokens, mask, rng,
            scfg: SamplingConfig = SamplingConfig(), *, eos_id: int = EOS_ID,
-           pad_id: int = PAD_ID) -> dict:
-    """Samples completions for LEFT-padded prompts tokens/mask [B, P] with the KV cache.
+           pad_id: int = PAD_ID, num_samples: int = 1, extra_rows: int = 0) -> dict:
+    """Samples completions for LEFT-padded prompts tokens/mask [B0, P] with the KV cache.
+
+    Each prompt gets num_samples rows (i*N .. i*N+N-1), then extra_rows copies of prompt 0
+    follow (padding to a multiple of the mesh's batch shards), B = B0*N + extra_rows rows
+    in all. The prompts are prefilled once each and their cache copied to their rows, which
+    gives the same samples as prefilling the repeated prompts (same key schedule over the
+    same B rows) at 1/N of the prefill's cost.
 
     Returns dict(tokens [B, G] int32, mask [B, G] int32 (1 on generated tokens, EOS
     included), logprobs [B, G] float32 (0 where mask is 0), lengths [B] int32), G =
     scfg.max_new_tokens.
     """
-    b, p = tokens.shape
+    b0, p = tokens.shape
     g = scfg.max_new_tokens
+    b = b0 * num_samples + extra_rows
+    shared = num_samples > 1 or extra_rows > 0
     mask = mask.astype(jnp.int32)
-    prompt_len = jnp.sum(mask, axis=1)
-    cache = model_lib.init_cache(cfg, params, b, p + g)
-    cache = jax.tree.map(_constrain_batch, cache)
+    cache = model_lib.init_cache(cfg, params, b0, p + g)
+    if not shared:
+        cache = jax.tree.map(_constrain_batch, cache)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, cache = model_lib.decode_step(cfg, params, cache, tokens, mask, positions)
+    last = logits[:, -1]
+    if shared:
+        expand = lambda x: _constrain_batch(_expand(x, num_samples, extra_rows))
+        cache, last, mask = jax.tree.map(expand, cache), expand(last), expand(mask)
+    prompt_len = jnp.sum(mask, axis=1)
     out = (jnp.full((b, g), pad_id, jnp.int32), jnp.zeros((b, g), jnp.int32),
            jnp.zeros((b, g), jnp.float32))
-    tok, logp = sample_token(jax.random.fold_in(rng, 0), logits[:, -1], scfg)
+    tok, logp = sample_token(jax.random.fold_in(rng, 0), last, scfg)
     out, done = _emit(out, 0, tok, logp, jnp.zeros((b,), jnp.bool_), eos_id, pad_id)
 
     def cond(carry):
@@ -262,48 +285,65 @@ def batch_shards(mesh) -> int:
 class Sampler:
     """jit(sample) with explicit shardings; `param_names` are the params' logical names.
 
-    sampler(params, tokens, mask, seed_or_key, num_samples=1) repeats each prompt
-    num_samples times (rows i*N .. i*N+N-1 belong to prompt i) and pads the batch to a
-    multiple of the mesh's batch shards (pad rows are dropped from the result).
+    sampler(params, tokens, mask, seed_or_key, num_samples=1) samples each prompt
+    num_samples times (rows i*N .. i*N+N-1 belong to prompt i; each prompt prefilled once)
+    and pads the batch to a multiple of the mesh's batch shards with copies of prompt 0
+    (pad rows are dropped from the result). One compiled program per (prompt batch,
+    num_samples).
     """
 
     def __init__(self, cfg: model_lib.TransformerConfig, scfg: SamplingConfig = SamplingConfig(),
                  *, mesh=None, param_names: Any = None, naive: bool = False,
                  eos_id: int = EOS_ID, pad_id: int = PAD_ID):
-        self.cfg, self.scfg, self.mesh = cfg, scfg, mesh
-        fn = functools.partial(sample_naive if naive else sample, cfg, scfg=scfg,
-                               eos_id=eos_id, pad_id=pad_id)
-        if mesh is None:
-            self._fn = jax.jit(fn)
-        else:
+        self.cfg, self.scfg, self.mesh, self.naive = cfg, scfg, mesh, naive
+        self._base = functools.partial(sample_naive if naive else sample, cfg, scfg=scfg,
+                                       eos_id=eos_id, pad_id=pad_id)
+        self._fns: dict = {}
+        self._shardings = None
+        if mesh is not None:
             if param_names is None:
                 param_names = model_lib.abstract_params(cfg)[1]
             abstract = model_lib.abstract_params(cfg)[0]
-            p_sh = partitioning.tree_shardings(param_names, abstract, mesh)
+            self.param_shardings = partitioning.tree_shardings(param_names, abstract, mesh)
             b2 = partitioning.batch_sharding(mesh, 2)
-            b1 = partitioning.batch_sharding(mesh, 1)
             rep = NamedSharding(mesh, P())
-            self.param_shardings = p_sh
-            self._fn = jax.jit(fn, in_shardings=(p_sh, b2, b2, rep),
-                               out_shardings={"tokens": b2, "mask": b2, "logprobs": b2,
-                                              "lengths": b1})
+            self._shardings = (self.param_shardings, b2, rep, {
+                "tokens": b2, "mask": b2, "logprobs": b2,
+                "lengths": partitioning.batch_sharding(mesh, 1)})
+
+    def _fn(self, num_samples: int, extra: int):
+        """The jitted sampler of this layout. Its prompts come sharded over the batch when
+        they are the rows (the naive sampler's repeated, padded batch; one sample per
+        prompt and no padding), replicated when `sample` expands them (their count need
+        not divide the mesh)."""
+        whole = self.naive or (num_samples == 1 and extra == 0)
+        key = (0, 0) if whole else (num_samples, extra)
+        if key not in self._fns:
+            fn = self._base if whole else functools.partial(
+                self._base, num_samples=num_samples, extra_rows=extra)
+            kw = {}
+            if self._shardings is not None:
+                p_sh, b2, rep, out = self._shardings
+                prompts = b2 if whole else rep
+                kw = dict(in_shardings=(p_sh, prompts, prompts, rep), out_shardings=out)
+            self._fns[key] = jax.jit(fn, **kw)
+        return self._fns[key]
 
     def __call__(self, params, tokens, mask, seed_or_key, num_samples: int = 1) -> dict:
         rng = (jax.random.PRNGKey(seed_or_key) if isinstance(seed_or_key, (int, np.integer))
                else seed_or_key)
-        tokens = np.repeat(np.asarray(tokens, np.int32), num_samples, axis=0)
-        mask = np.repeat(np.asarray(mask, np.int32), num_samples, axis=0)
-        n = tokens.shape[0]
-        k = batch_shards(self.mesh)
-        extra = (-n) % k
-        if extra:
-            tokens = np.concatenate([tokens, np.repeat(tokens[:1], extra, axis=0)])
-            mask = np.concatenate([mask, np.repeat(mask[:1], extra, axis=0)])
+        tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
+        n = tokens.shape[0] * num_samples
+        extra = (-n) % batch_shards(self.mesh)
+        if self.naive:  # the repeated, padded batch, as `sample` lays it out
+            tokens = np.asarray(_expand(tokens, num_samples, extra))
+            mask = np.asarray(_expand(mask, num_samples, extra))
+        fn = self._fn(num_samples, extra)
         if self.mesh is None:
-            out = self._fn(params, tokens, mask, rng)
+            out = fn(params, tokens, mask, rng)
         else:
             with jax.set_mesh(self.mesh):
-                out = self._fn(params, tokens, mask, rng)
+                out = fn(params, tokens, mask, rng)
         if extra:
             out = {key: v[:n] for key, v in out.items()}
         return out

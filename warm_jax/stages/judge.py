@@ -2,20 +2,24 @@
 
 Each policy summarises the same held-out prompts (DataProvider.prompts('eval')); by default
 both sides of a pair use the same sampling seed (common random numbers), so a policy
-against itself ties everywhere. A prompt counts 1 for a win, 1/2 for a tie (equal control
-reward), 0 for a loss. Confidence intervals: Wilson's score interval on the tie-adjusted
-rate (conservative with ties, since they carry less variance than a coin) and a bootstrap
-percentile interval over prompts.
+against itself ties everywhere. Per pair (warm_jax.stats.compare): wins / ties / losses
+(counts of prompts; a tie is equal control reward), how many ties are identical texts, the
+tie-adjusted rate (a tie counts 1/2) with a bootstrap interval over prompts (the primary
+interval), and the decisive rate wins / (wins + losses) with its bootstrap interval.
+Wilson's interval of the tie-adjusted rate is kept in the results as a conservative
+secondary (it treats ties as coin flips). The per-prompt outcomes go to results.jsonl, for
+`report --aggregate` over seeds.
 
 Control reward against KL: read from each RL run's metrics.jsonl (its eval records hold
 eval/kl, eval/proxy_reward and eval/control_reward), so over-optimisation of the proxy
-(proxy up, control down) is visible per run.
+(proxy up, control down) is visible per run. Two RL runs are compared at the same step
+(their final policies: the win rates) and at matched KL (stats.matched_kl: each run's
+control reward interpolated at common KL values within the overlap of their KL ranges).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from typing import Optional, Sequence
@@ -28,58 +32,42 @@ from warm_jax import artifacts
 from warm_jax import reward as reward_lib
 from warm_jax import metrics as metrics_lib
 from warm_jax import sampling
+from warm_jax import stats
 from warm_jax.stages.base import StageContext
+from warm_jax.stats import bootstrap_interval, outcomes, wilson_interval  # noqa: F401
 
 log = logging.getLogger("warm_jax")
+
+# what the summary keeps of each pair (results.jsonl keeps everything)
+SUMMARY_FIELDS = ("win_rate", "ci_low", "ci_high", "decisive_rate", "decisive_low",
+                  "decisive_high", "wins", "ties", "losses", "n", "identical_ties",
+                  "wilson_low", "wilson_high")
 
 
 # ---------------------------------------------------------------------------------------
 # Statistics
 
 
-def outcomes(a_scores, b_scores, tie_tol: float = 0.0) -> np.ndarray:
-    """Per-prompt outcome for A: 1 win, 0.5 tie (|a - b| <= tie_tol), 0 loss."""
-    a, b = np.asarray(a_scores, np.float64), np.asarray(b_scores, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"score arrays differ in shape: {a.shape} vs {b.shape}")
-    d = a - b
-    return np.where(np.abs(d) <= tie_tol, 0.5, (d > 0).astype(np.float64))
-
-
-def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a rate p observed over n trials."""
-    if n <= 0:
-        return 0.0, 1.0
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def bootstrap_interval(values, n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (resampling prompts)."""
-    v = np.asarray(values, np.float64)
-    if v.size == 0:
-        return 0.0, 1.0
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
-def win_rate(a_scores, b_scores, tie_tol: float = 0.0, n_boot: int = 2000,
-             seed: int = 0) -> dict:
-    """Win rate of A over B with ties as halves, and its Wilson / bootstrap 95% intervals."""
+def win_rate(a_scores, b_scores, tie_tol: float = 0.0, n_boot: int = 2000, seed: int = 0,
+             a_texts: Optional[Sequence[str]] = None,
+             b_texts: Optional[Sequence[str]] = None) -> dict:
+    """A against B on the same prompts: W/T/L counts, the tie-adjusted rate with its
+    bootstrap interval over prompts (ci_low/ci_high), the decisive rate with its own
+    (decisive_low/high), Wilson's interval of the tie-adjusted rate (wilson_low/high),
+    identical_ties (ties whose two texts are the same; None without texts), and the
+    per-prompt outcomes (1 / 0.5 / 0)."""
     o = outcomes(a_scores, b_scores, tie_tol)
-    n = int(o.size)
-    rate = float(o.mean()) if n else float("nan")
-    lo, hi = wilson_interval(rate, n)
-    blo, bhi = bootstrap_interval(o, n_boot, seed=seed)
-    return {"win_rate": rate, "wins": int(np.sum(o == 1.0)), "ties": int(np.sum(o == 0.5)),
-            "losses": int(np.sum(o == 0.0)), "n": n, "ci_low": lo, "ci_high": hi,
-            "bootstrap_low": blo, "bootstrap_high": bhi,
-            "mean_control_a": float(np.mean(a_scores)), "mean_control_b": float(np.mean(b_scores))}
+    r = stats.compare(*stats.split_outcomes(o), n_boot=n_boot, seed=seed)
+    r.update(wins=int(r["wins"]), ties=int(r["ties"]), losses=int(r["losses"]))
+    r["identical_ties"] = None
+    if a_texts is not None and b_texts is not None:
+        if len(a_texts) != o.size or len(b_texts) != o.size:
+            raise ValueError(f"{len(a_texts)} and {len(b_texts)} texts for {o.size} prompts")
+        r["identical_ties"] = int(sum(x == y and v == 0.5
+                                      for x, y, v in zip(a_texts, b_texts, o)))
+    r.update(mean_control_a=float(np.mean(a_scores)), mean_control_b=float(np.mean(b_scores)),
+             outcomes=[float(v) for v in o])
+    return r
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,7 +87,8 @@ def control_kl_curve(metrics_path: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def _plot(path: str, curves: dict[str, list[dict]], results: list[dict]) -> None:
+def _plot(path: str, curves: dict[str, list[dict]], results: list[dict],
+          matched: Optional[dict] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,20 +104,28 @@ def _plot(path: str, curves: dict[str, list[dict]], results: list[dict]) -> None
                              marker="o", label=f"{name} control")
         axes[1].plot([r["step"] for r in rows], [r["proxy"] for r in rows], ls="--",
                      color=line.get_color(), label=f"{name} proxy")
+    for m in (matched or {}).values():
+        if m.get("overlap"):
+            axes[0].axvspan(*m["overlap"], color="grey", alpha=0.1)
     axes[0].set_xlabel("KL(policy || SFT) (nats / sample)")
     axes[0].set_ylabel("control reward")
-    axes[0].set_title("control reward vs KL")
+    axes[0].set_title("control reward vs KL (shaded: matched-KL range)")
     axes[1].set_xlabel("RL step")
     axes[1].set_title("proxy (dashed) and control (solid) reward")
-    labels = [f"{r['a']}\nvs {r['b']}" for r in results]
-    rates = [r["win_rate"] for r in results]
-    err = [[r["win_rate"] - r["ci_low"] for r in results],
-           [r["ci_high"] - r["win_rate"] for r in results]]
-    axes[2].bar(range(len(rates)), rates, yerr=err, capsize=4)
+    x = np.arange(len(results))
+    for off, key, lo, hi, label in ((-0.2, "win_rate", "ci_low", "ci_high", "tie-adjusted"),
+                                    (0.2, "decisive_rate", "decisive_low", "decisive_high",
+                                     "decisive (ties left out)")):
+        v, vlo, vhi = (np.array([r[k] for r in results], np.float64) for k in (key, lo, hi))
+        err = np.stack([v - vlo, vhi - v])  # undefined (None) -> nan -> no bar
+        axes[2].bar(x + off, np.nan_to_num(v), width=0.4, yerr=np.nan_to_num(err), capsize=3,
+                    label=label)
     axes[2].axhline(0.5, color="grey", ls=":")
-    axes[2].set_xticks(range(len(rates)), labels, fontsize=7)
+    axes[2].set_xticks(x, [f"{r['a']}\nvs {r['b']}\nW/T/L {r['wins']}/{r['ties']}/"
+                           f"{r['losses']}" for r in results], fontsize=7)
     axes[2].set_ylim(0, 1)
-    axes[2].set_title("control win rate (95% Wilson)")
+    axes[2].set_title("control win rate of A (95% bootstrap over prompts)")
+    axes[2].legend(fontsize=7)
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -179,6 +176,24 @@ def policy_control_scores(run_dir: str, name: str, prompts: dict, vocab, scfg, s
     return out
 
 
+def _curves(run_dir: str, names: Sequence[str], pairs, curves: Optional[Sequence[str]],
+            points: int) -> tuple[dict, dict]:
+    """(control-vs-KL curve of each RL run, {pair: stats.matched_kl} of each pair of RL
+    runs). Runs: `curves`, else the policies with eval records in {run_dir}/<name>/."""
+    curve_names = list(curves) if curves is not None else [
+        x for x in names if os.path.exists(os.path.join(run_dir, x, "metrics.jsonl"))]
+    kl_curves = {x: control_kl_curve(os.path.join(run_dir, x, "metrics.jsonl"))
+                 for x in curve_names}
+    if curves is None:  # keep only runs with eval records (an SFT stage has none)
+        kl_curves = {x: rows for x, rows in kl_curves.items() if rows}
+    matched = {f"{a} vs {b}": stats.matched_kl(kl_curves[a], kl_curves[b], (a, b), points)
+               for a, b in pairs if a != b and a in kl_curves and b in kl_curves}
+    for key, m in matched.items():
+        log.info("judge: %s at matched KL: %s", key, m["message"] or " ".join(
+            f"KL {k:.3g}: {d:+.3f}" for k, d in zip(m["kl"], m["difference"])))
+    return kl_curves, matched
+
+
 def check_judge_stage(c) -> None:
     """Up-front rules and plan of the judge stage (c: config_checks.StageCheck)."""
     pairs = c.sequence("pairs", min_length=1)
@@ -193,6 +208,7 @@ def check_judge_stage(c) -> None:
     sc.number("temperature", 0, lo_open=True)
     sc.integer("max_new_tokens", 1)
     c.number("tie_tol", 0)
+    c.integer("matched_kl_points", 1)
     for i, name in enumerate(c.sequence("curves", optional=True) or ()):
         c.policy(f"curves[{i}]", name)
     c.data()
@@ -207,12 +223,14 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                                                                  ("rl_single", "sft")),
                 num_prompts: int = 256, control: str = "oracle",
                 sampling_config: Optional[sampling.SamplingConfig] = None, same_seed: bool = True,
-                tie_tol: float = 0.0, curves: Optional[Sequence[str]] = None) -> dict:
+                tie_tol: float = 0.0, curves: Optional[Sequence[str]] = None,
+                matched_kl_points: int = 5) -> dict:
     """Win rates of A over B for each (A, B) in `pairs` (names: RL run names, 'sft', or
     export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR');
-    control-vs-KL curves of the RL runs among them (or `curves`). Writes {run_dir}/judge/:
-    samples/<policy>.json, results.jsonl, judge.png, summary.json. Sampling and bootstrap
-    seed: the run's SEED."""
+    control-vs-KL curves of the RL runs among them (or `curves`), and each pair of RL runs
+    at `matched_kl_points` common KL values. Writes {run_dir}/judge/: samples/<policy>.json,
+    results.jsonl (with the per-prompt outcomes), curves.json, judge.png, summary.json.
+    Sampling and bootstrap seed: the run's SEED."""
     ctx = StageContext(run_dir, "judge")
     if ctx.done:
         return ctx.summary()
@@ -226,8 +244,8 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     ctx.write_run_info({
         "pairs": [list(p) for p in pairs], "num_prompts": num_prompts, "control": control,
         "temperature": scfg.temperature, "max_new_tokens": scfg.max_new_tokens,
-        "same_seed": same_seed,
-        "tie_tol": tie_tol}, {"seed": seed})
+        "same_seed": same_seed, "tie_tol": tie_tol,
+        "matched_kl_points": matched_kl_points}, {"seed": seed})
     prov = ctx.provider()
     prompts = prov.prompts("eval")
     n = min(num_prompts, len(prompts["tokens"]))
@@ -245,26 +263,29 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     results = []
     for a, b in pairs:
         r = {"a": a, "b": b, **win_rate(scored[a]["scores"], scored[b]["scores"], tie_tol,
-                                        seed=seed)}
+                                        seed=seed, a_texts=scored[a]["completions"],
+                                        b_texts=scored[b]["completions"])}
         results.append(r)
-        log.info("judge: %s vs %s: win rate %.3f [%.3f, %.3f] (W/T/L %d/%d/%d)", a, b,
-                 r["win_rate"], r["ci_low"], r["ci_high"], r["wins"], r["ties"], r["losses"])
-    curve_names = list(curves) if curves is not None else [
-        x for x in names if os.path.exists(os.path.join(run_dir, x, "metrics.jsonl"))]
-    kl_curves = {x: control_kl_curve(os.path.join(run_dir, x, "metrics.jsonl"))
-                 for x in curve_names}
-    if curves is None:  # keep only runs with eval records (an SFT stage has none)
-        kl_curves = {x: rows for x, rows in kl_curves.items() if rows}
+        f = lambda k: "n/a" if r[k] is None else f"{r[k]:.3f}"
+        log.info("judge: %s vs %s: W/T/L %d/%d/%d (%d identical texts among the ties); "
+                 "tie-adjusted %s [%s, %s], decisive %s [%s, %s]", a, b, r["wins"], r["ties"],
+                 r["losses"], r["identical_ties"], f("win_rate"), f("ci_low"), f("ci_high"),
+                 f("decisive_rate"), f("decisive_low"), f("decisive_high"))
+    kl_curves, matched = _curves(run_dir, names, pairs, curves, matched_kl_points)
     res_path = os.path.join(out_dir, "results.jsonl")
     metrics_lib.atomic_write_text(res_path, "".join(json.dumps(r) + "\n" for r in results))
     metrics_lib.atomic_write_json(os.path.join(out_dir, "curves.json"), kl_curves)
-    _plot(os.path.join(out_dir, "judge.png"), kl_curves, results)
+    _plot(os.path.join(out_dir, "judge.png"), kl_curves, results, matched)
     summary = {"stage": "judge", "control": control, "num_prompts": n,
-               "win_rates": {f"{r['a']} vs {r['b']}": {k: r[k] for k in (
-                   "win_rate", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "wins",
-                   "ties", "losses", "n")} for r in results},
+               "win_rates": {f"{r['a']} vs {r['b']}": {k: r[k] for k in SUMMARY_FIELDS}
+                             for r in results},
+               "interval": "95% percentile bootstrap over prompts (ci_*: tie-adjusted rate, "
+                           "decisive_*: decisive rate); wilson_*: Wilson's interval of the "
+                           "tie-adjusted rate, conservative with ties",
+               "matched_kl": matched,
                "mean_control": {k: float(np.mean(v["scores"])) for k, v in scored.items()},
                "policies": {k: v["path"] for k, v in scored.items()},
                "curves": {k: v[-1] if v else None for k, v in kl_curves.items()},
-               "results": res_path, "plot": os.path.join(out_dir, "judge.png")}
+               "results": res_path, "plot": os.path.join(out_dir, "judge.png"),
+               "seconds": ctx.seconds}
     return ctx.finish(summary)

@@ -317,15 +317,45 @@ def _section_rm_eval(name: str, s: dict, run_dir: str) -> str:
     return "\n".join(parts)
 
 
+def _ci(r: dict, lo: str = "ci_low", hi: str = "ci_high") -> str:
+    return f"[{_fmt(r.get(lo))}, {_fmt(r.get(hi))}]"
+
+
+def _wtl(r: dict, digits: int = 0) -> str:
+    return "/".join(_fmt(float(r[k]), digits) if isinstance(r.get(k), (int, float)) else "n/a"
+                    for k in ("wins", "ties", "losses"))
+
+
 def _section_judge(s: dict, run_dir: str) -> str:
-    parts = ["## Judge (oracle win rates on held-out prompts)", ""]
+    parts = ["## Judge (oracle win rates on held-out prompts)", "",
+             "A against B, one sample of each per prompt (the same sampling seed for both), "
+             "judged by the control reward. A tie is equal control reward; the tie-adjusted "
+             "rate counts it 1/2, the decisive rate leaves it out (wins / (wins + losses)). "
+             "Intervals: 95% percentile bootstrap over prompts.", ""]
     rates = s.get("win_rates") or {}
     if rates:
-        rows = [[pair, r.get("win_rate"), f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
-                 r.get("wins"), r.get("ties"), r.get("losses"), r.get("n")]
+        rows = [[pair, r.get("win_rate"), _ci(r), r.get("wins"), r.get("ties"),
+                 r.get("losses"), r.get("identical_ties"), r.get("decisive_rate"),
+                 _ci(r, "decisive_low", "decisive_high"), r.get("n")]
                 for pair, r in rates.items()]
-        parts.append(_table(["A vs B", "win rate of A", "95% CI (Wilson)", "wins", "ties",
-                             "losses", "n"], rows))
+        parts.append(_table(["A vs B", "tie-adjusted win rate of A", "95% CI", "wins", "ties",
+                             "losses", "identical texts among ties", "decisive rate",
+                             "95% CI (decisive)", "n"], rows))
+    matched = s.get("matched_kl") or {}
+    if matched:
+        parts += ["", "RL runs at matched KL (control reward interpolated from each run's "
+                  "eval records at common KL values):", ""]
+        for pair, m in matched.items():
+            if m.get("message"):
+                parts.append(f"- {pair}: {m['message']}.")
+                continue
+            parts += [] if parts[-1] == "" else [""]
+            parts += [_table(["pair", "KL", f"control, {m['a']}", f"control, {m['b']}",
+                              "difference"],
+                             [[pair, k, a, b, d] for k, a, b, d in zip(
+                                 m["kl"], m["control_a"], m["control_b"], m["difference"])]),
+                      "", f"Mean difference over the matched KLs: "
+                          f"{_fmt(m.get('mean_difference'))}."]
     means = s.get("mean_control") or {}
     if means:
         parts += ["", "Mean control (oracle) reward of each policy's samples: " +
@@ -342,27 +372,47 @@ def _section_judge(s: dict, run_dir: str) -> str:
     return "\n".join(parts)
 
 
+def _few(ns: list[int]) -> list[int]:
+    """The N to show in tables: powers of 4 from 4 up, and the largest."""
+    return sorted({n for n in ns if n >= 4 and (n & (n - 1)) == 0 and n.bit_length() % 2}
+                  | ({max(ns)} if ns and max(ns) > 1 else set()))
+
+
 def _section_bon(s: dict, run_dir: str) -> str:
-    parts = ["## Best-of-N (samples of the SFT policy, picked by each RM, scored by the oracle)",
-             ""]
-    rows_in = []
-    path = os.path.join(run_dir, "bon", "results.jsonl")
-    if os.path.exists(path):
-        rows_in = metrics.read_jsonl(path)
-    if rows_in:
-        rewards = []
-        for r in rows_in:
-            if r.get("reward") not in rewards:
-                rewards.append(r.get("reward"))
-        ns = sorted({r["n"] for r in rows_in if "n" in r})
-        by = {(r.get("reward"), r.get("n")): r for r in rows_in}
-        table = []
-        for n in ns:
-            kl = next((by[(k, n)].get("kl") for k in rewards if (k, n) in by), None)
-            table.append([n, kl] + [by.get((k, n), {}).get("control") for k in rewards])
-        parts.append(_table(["N", "KL(BoN)"] + [f"control, {k}" for k in rewards], table))
-    else:
-        parts.append(_section_generic("", "bon", s, run_dir))
+    parts = ["## Best-of-N (samples of the SFT policy, picked by each selector, scored by the "
+             "oracle)", ""]
+    if s.get("invented_fraction") is not None:
+        parts += [f"Samples of the {s.get('policy', 'SFT')} policy that invent a fact: "
+                  f"{_fmt(100 * s['invented_fraction'], 1)}% of "
+                  f"{_fmt((s.get('cost') or {}).get('samples'))} (pool of "
+                  f"{_fmt(s.get('pool_size'))} per prompt, {_fmt(s.get('num_prompts'))} "
+                  f"prompts; {_fmt(s.get('distinct_per_prompt'), 1)} distinct summaries per "
+                  "prompt on average).", ""]
+    table = s.get("selectors") or {}
+    if table:
+        order = [k for k in s.get("selector_order") or [] if k in table]
+        table = {k: table[k] for k in order + [k for k in table if k not in order]}
+        n_max = max(s.get("ns") or [0])
+        parts += [_table(["selector", "control, N=1", "best N", "control at best N",
+                          f"control at N={n_max}"],
+                         [[k, v.get("control_n1"), v.get("best_n"), v.get("control_best_n"),
+                           v.get("control_max_n")] for k, v in table.items()]), ""]
+    for pair, rows in (s.get("win_rates") or {}).items():
+        few = _few([r["n"] for r in rows])
+        parts += [f"{pair}: the pick of A against the pick of B from the same N samples, "
+                  "by the oracle (expected over every N-subset of the pool):", "",
+                  _table(["N", "KL", "W/T/L (expected prompts)", "tie-adjusted win rate of A",
+                          "95% CI", "decisive rate", "95% CI (decisive)"],
+                         [[r["n"], r.get("kl"), _wtl(r, 1), r.get("win_rate"), _ci(r),
+                           r.get("decisive_rate"), _ci(r, "decisive_low", "decisive_high")]
+                          for r in rows if r["n"] in few]), ""]
+    cost = s.get("cost") or {}
+    if cost:
+        parts += [f"Cost: sampling {_fmt(cost.get('sampling_seconds_per_1000'), 2)} s, "
+                  f"scoring by one RM {_fmt(cost.get('rm_scoring_seconds_per_1000'), 2)} s, "
+                  f"by the oracle {_fmt(cost.get('oracle_seconds_per_1000'), 2)} s per 1000 "
+                  "samples (wall time).", ""]
+    parts.append(_bon_curve_table(run_dir, s))
     imgs = _images(run_dir, "bon")
     if imgs:
         parts += ["", imgs]
@@ -372,9 +422,9 @@ def _section_bon(s: dict, run_dir: str) -> str:
 def _run_records(run_dir: str) -> dict[str, dict]:
     """One run's records, each keyed once: claims by (setting, split, claim id), gates by
     (setting, split, gate id), RM accuracies by (setting, split, model), the data stage's
-    baselines by (split, baseline), judge win rates by pair. A key found twice in one run
+    baselines by (split, baseline) (the judge: aggregate_judge). A key found twice in one run
     is counted once (the first), with a warning."""
-    rec: dict[str, dict] = {"claims": {}, "gates": {}, "acc": {}, "baselines": {}, "wins": {}}
+    rec: dict[str, dict] = {"claims": {}, "gates": {}, "acc": {}, "baselines": {}}
 
     def put(kind, key, value):
         if key in rec[kind]:
@@ -402,8 +452,6 @@ def _run_records(run_dir: str) -> dict[str, dict]:
         for k in ("summary_only_bow", "post_aware_bow", "oracle_ceiling"):
             if isinstance(b.get(k), (int, float)):
                 put("baselines", (split, k), float(b[k]))
-    for pair, r in ((summaries.get("judge") or {}).get("win_rates") or {}).items():
-        put("wins", pair, float(r.get("win_rate")))
     return rec
 
 
@@ -438,6 +486,56 @@ def _values(per_run: list[dict], kind: str) -> dict[tuple, list]:
     return out
 
 
+def _bon_curve_table(run_dir: str, s: dict) -> str:
+    """Control of each selector's expected pick at every N, from bon/results.jsonl."""
+    path = os.path.join(run_dir, "bon", "results.jsonl")
+    rows_in = metrics.read_jsonl(path) if os.path.exists(path) else []
+    if not rows_in:
+        return _section_generic("", "bon", s, run_dir)
+    rewards = list(dict.fromkeys(r.get("reward") for r in rows_in))
+    ns = sorted({r["n"] for r in rows_in if "n" in r})
+    by = {(r.get("reward"), r.get("n")): r for r in rows_in}
+    table = []
+    for n in ns:
+        kl = next((by[(k, n)].get("kl") for k in rewards if (k, n) in by), None)
+        table.append([n, kl] + [by.get((k, n), {}).get("control") for k in rewards])
+    return "Control reward of the expected pick at every N:\n\n" + _table(
+        ["N", "KL(BoN)"] + [f"control, {k}" for k in rewards], table)
+
+
+def _judge_runs(run_dir: str, summary: dict) -> dict[str, dict]:
+    """{pair: judge row} of one run: results.jsonl (with per-prompt outcomes) when it is
+    there, else the summary's win rates."""
+    path = os.path.join(run_dir, "judge", "results.jsonl")
+    if os.path.exists(path):
+        return {f"{r['a']} vs {r['b']}": r for r in metrics.read_jsonl(path)}
+    return dict(summary.get("win_rates") or {})
+
+
+def aggregate_judge(per_run: list[dict[str, dict]], seed: int = 0) -> list[list]:
+    """Rows of the aggregate judge table: per pair the mean and std over seeds of the
+    tie-adjusted rate, the bootstrap interval over seeds and prompts (runs with per-prompt
+    outcomes only), the pooled W/T/L and decisive rate, and in how many seeds the rate's
+    own interval lies above 0.5."""
+    import numpy as np
+
+    from warm_jax import stats
+
+    pairs = list(dict.fromkeys(p for run in per_run for p in run))
+    rows = []
+    for pair in pairs:
+        mine = [run[pair] for run in per_run if pair in run]
+        rates = [float(r["win_rate"]) for r in mine]
+        with_o = [stats.split_outcomes(r["outcomes"]) for r in mine if r.get("outcomes")]
+        ci = stats.seeds_interval(with_o, seed=seed) if len(with_o) == len(mine) else {}
+        w, t, l = (sum(float(r.get(k) or 0) for r in mine) for k in ("wins", "ties", "losses"))
+        above = sum(1 for r in mine if (r.get("ci_low") or 0) > 0.5)
+        rows.append([pair, f"{np.mean(rates):.3f} ± {np.std(rates):.3f}", _ci(ci),
+                     f"{w:.0f}/{t:.0f}/{l:.0f}", w / (w + l) if w + l else float("nan"),
+                     f"{above}/{len(mine)}"])
+    return rows
+
+
 def aggregate(run_dirs: list[str], out: str) -> str:
     """Mean and standard deviation over several runs (seeds); writes `out`. Every record is
     keyed by its setting (the ensemble evaluated, e.g. rm_clean / rm_corrupt) and split:
@@ -445,6 +543,8 @@ def aggregate(run_dirs: list[str], out: str) -> str:
     mean ± std of its numbers; the gates; the RM accuracies by (setting, split, model); the
     data stage's baselines by split; the judge's win rates. Each key counts once per run."""
     per_run = [_run_records(d) for d in run_dirs]
+    judge_runs = [r for r in (_judge_runs(d, _stage_summaries(d).get("judge") or {})
+                              for d in run_dirs) if r]
     parts = [f"# Aggregate over {len(run_dirs)} runs", "",
              "Runs: " + ", ".join(run_dirs), "",
              "Mean ± standard deviation over the runs that have each key (one value per run); "
@@ -460,10 +560,15 @@ def aggregate(run_dirs: list[str], out: str) -> str:
             [[*k, _mean_std([float(g.get("value", float("nan"))) for g in gs]),
               f"{sum(bool(g.get('passed')) for g in gs)}/{len(gs)} runs"]
              for k, gs in gates_.items()])]
-    wins = _values(per_run, "wins")
-    if wins:
-        parts += ["", "## Judge win rates", "", _table(["A vs B", "win rate of A", "runs"], [
-            [k[0], _mean_std(v), len(v)] for k, v in wins.items()])]
+    if judge_runs:
+        parts += ["", "## Judge win rates", "",
+                  "Tie-adjusted win rate of A: mean ± std of the per-seed rates; 95% "
+                  "bootstrap interval over seeds and prompts (seeds resampled, then prompts "
+                  "within each seed); W/T/L and the decisive rate pooled over seeds; seeds "
+                  "whose own 95% interval lies above 0.5.", "",
+                  _table(["A vs B", "win rate of A", "95% CI (seeds and prompts)",
+                          "W/T/L (pooled)", "decisive rate (pooled)",
+                          "seeds with CI above 0.5"], aggregate_judge(judge_runs))]
     accs = _values(per_run, "acc")
     if accs:
         parts += ["", "## Reward-model accuracies", "", _table(
