@@ -186,8 +186,8 @@ BAD_VALUES = [
     (["--gin.rl_warm/RLConfig.alpha=-0.01"], "rl_warm/RLConfig.alpha = -0.01: must be >= 0"),
     (["--gin.rl_single/rl_stage.reward='best'"],
      "rl_single/rl_stage.reward = 'best': expected warm:<dir>, warm:<ensemble>:<M>, "
-     "member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M> or "
-     "path:<params export>"),
+     "member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M>, "
+     "run:<export under RUN_DIR> or path:<params export>"),
     (["--gin.bon_stage.ns=[4, 0]"], "bon_stage.ns[1] = 0: must be >= 1"),
     (["--gin.bon_stage.warm_sizes=[0]"], "bon_stage.warm_sizes[0] = 0: must be >= 1"),
     (["--gin.bon_stage.ensembles=[]"],
