@@ -289,6 +289,14 @@ def oracle_scorer() -> Scorer:
     return lambda batch: oracle.score_batch(batch["prompts"], batch["completions"])
 
 
+def oracle_feature_scorer() -> Callable[[dict], dict]:
+    """The oracle's components (score, invented, coverage, ...) of each completion, as
+    arrays: batch dict(prompts, completions) -> {component: [B]}."""
+    from warm_jax.data import oracle
+
+    return lambda batch: oracle.features_batch(batch["prompts"], batch["completions"])
+
+
 def rm_scorer(rm, batch_size: int = 256) -> Scorer:
     """A RewardModel (single, WARM or ENS) on the token sequences, in fixed-size chunks."""
 
