@@ -198,6 +198,35 @@ def test_paper_sweep_grid_and_bindings():
         sweeps.make_sweep("paper", overrides=["dropout_rates=[0.5, 1.5]"])
 
 
+def test_the_rl_sweep_is_the_paper_miniature_run_file():
+    """paper_miniature.gin runs RL over the paper's alphas against the best single RM and
+    WARM, plus the corrupted-label runs at alpha 0.01: exactly sweeps.rl_sweep()."""
+    import gin
+
+    from warm_jax import main, sweeps  # noqa: F401  (main registers run)
+    from warm_jax.stages import judge, rl  # noqa: F401  (register their configurables)
+
+    entries, bindings, pairs = sweeps.rl_sweep()
+    assert sweeps.rl_run_name("single", 0.003) == "rl_single_a0p003"
+    assert len(entries) == 8 and "rl@rl_warm_corrupt" in entries
+    assert bindings["rl_single_corrupt/rl_stage.reward"] == "best:rm_corrupt"
+    assert bindings["rl_warm_corrupt/RLConfig.alpha"] == 0.01
+    assert ("rl_warm_a0p01", "rl_single_a0p01") in pairs and ("rl_warm_corrupt", "sft") in pairs
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(os.path.join(ROOT, "gin"))
+        gin.parse_config_files_and_bindings(
+            [os.path.join(ROOT, "gin", "runs", "paper_miniature.gin")],
+            ["RUN_DIR = '/nonexistent'"], skip_unknown=True)
+        stages = gin.query_parameter("run.stages")
+        assert [s for s in stages if s.startswith("rl@")] == entries
+        for key, value in bindings.items():
+            assert gin.query_parameter(key) == value, key
+        assert [tuple(p) for p in gin.query_parameter("judge_stage.pairs")] == pairs
+    finally:
+        gin.clear_config()
+
+
 def test_sweep_bindings_drive_the_ensemble_stage():
     """The emitted gin lines parse against the real ensemble_stage, and its member
     resolution gives back the sweep's table; member jobs pick single members."""

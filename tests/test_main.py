@@ -184,6 +184,23 @@ BAD_VALUES = [
     (["--gin.pretrain_stage.learning_rate=1e999"],
      "pretrain_stage.learning_rate = inf: must be finite"),
     (["--gin.rl_warm/RLConfig.alpha=-0.01"], "rl_warm/RLConfig.alpha = -0.01: must be >= 0"),
+    (["--gin.RLConfig.momentum=1.0"], "rl_single/RLConfig.momentum = 1.0: must be < 1"),
+    (["--gin.rl_warm/RLConfig.reward_normalization='zscore'"],
+     "rl_warm/RLConfig.reward_normalization = 'zscore': must be one of ['sft', 'none']"),
+    (["--gin.RLConfig.normalization_samples=1"],
+     "rl_single/RLConfig.normalization_samples = 1: must be >= 2"),
+    (["--gin.RLConfig.samples_per_prompt=3"],
+     "rl_single/RLConfig.samples_per_prompt = 3: must divide batch_size = 32"),
+    (["--gin.RLConfig.samples_per_prompt=1"],
+     "rl_single/RLConfig.samples_per_prompt = 1: must be >= 2 with baseline 'group' (the "
+     "baseline of a completion is the mean of its prompt's other completions)"),
+    (["--gin.RLConfig.optimizer='sgd'"],
+     "rl_single/RLConfig.optimizer = 'sgd': must be one of ['adafactor', 'adamw']"),
+    (["--gin.RLConfig.value_init='zero'"],
+     "rl_single/RLConfig.value_init = 'zero': must be one of ['fit', 'mean', 'none']"),
+    (["--gin.RLEvalConfig.num_eval_prompts=512"],
+     "rl_single/RLEvalConfig.num_eval_prompts = 512: asks for more held-out prompts than "
+     "DataConfig.num_eval_prompts = 256 provides"),
     (["--gin.rl_single/rl_stage.reward='best'"],
      "rl_single/rl_stage.reward = 'best': expected warm:<dir>, warm:<ensemble>:<M>, "
      "member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M>, "

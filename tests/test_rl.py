@@ -1,5 +1,6 @@
 """RL trainer: the return/reward shaping, learning against a synthetic reward, and the stage
 end to end (metrics, samples, export card) with exact resume after an interruption."""
+import dataclasses
 import json
 import os
 
@@ -53,7 +54,7 @@ def test_learning_raises_a_synthetic_token_reward(tmp_path):
         (tokens == TOKEN) * mask, axis=1).astype(jnp.float32)
     cfg = rl_steps.RLConfig(steps=20, batch_size=16, alpha=0.01, learning_rate=1e-2, warmup_steps=0,
                       max_new_tokens=12, temperature=1.0, whiten_advantages=True,
-                      min_dim_size_to_factor=32)
+                      min_dim_size_to_factor=32, momentum=None, normalization_samples=32)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, tensor=2))
     out = rl.run_rl(str(tmp_path), policy_cfg=TINY, sft_params=params,
                     reward_apply=reward_apply, rm_params={"scale": jnp.float32(1.0)},
@@ -136,7 +137,7 @@ def tiny_run(tmp_path_factory):
     return data, sft, rm
 
 
-def _stage(run_dir, data, sft, rm, **kw):
+def _stage(run_dir, data, sft, rm, rl_kw=(), **kw):
     gin.clear_config()
     gin.bind_parameter("DataConfig.data_dir", data)
     gin.bind_parameter("DataConfig.num_eval_prompts", 16)
@@ -145,7 +146,8 @@ def _stage(run_dir, data, sft, rm, **kw):
         return rl.rl_stage(
             run_dir, reward=f"path:{rm}", name="rl_test", policy=sft,
             rl=rl_steps.RLConfig(alpha=0.01, steps=6, batch_size=8, learning_rate=3e-3,
-                                 warmup_steps=2, max_new_tokens=10),
+                                 warmup_steps=2, max_new_tokens=10, normalization_samples=16,
+                                 **dict(rl_kw)),
             evaluation=rl_steps.RLEvalConfig(eval_every=3, num_eval_prompts=8,
                                              checkpoint_every=2), **kw)
     finally:
@@ -158,14 +160,20 @@ def _records(run_dir, name):
             for r in metrics_lib.read_jsonl(os.path.join(run_dir, "rl_test", name))]
 
 
-def test_stage_resume_continues_exactly(tiny_run, tmp_path):
+BASELINES = {"value": (("baseline", "value"),),  # the value model from the RM, head fitted
+             "group": (("baseline", "group"), ("samples_per_prompt", 2))}
+
+
+@pytest.mark.parametrize("baseline", sorted(BASELINES))
+def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
     data, sft, rm = tiny_run
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    full = _stage(a, data, sft, rm)
-    part = _stage(b, data, sft, rm, max_steps_per_run=3)
+    kw = BASELINES[baseline]
+    full = _stage(a, data, sft, rm, kw)
+    part = _stage(b, data, sft, rm, kw, max_steps_per_run=3)
     assert part["complete"] is False and part["step"] == 3
     assert not os.path.exists(os.path.join(b, "rl_test", "summary.json"))
-    resumed = _stage(b, data, sft, rm)
+    resumed = _stage(b, data, sft, rm, kw)
     # the same policy, bit for bit, and the same logged metrics and samples
     pa, ca = ckpt_lib.load_params(full["policy"])
     pb, cb = ckpt_lib.load_params(resumed["policy"])
@@ -181,7 +189,25 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path):
     recs = _records(a, "metrics.jsonl")
     evals = [r for r in recs if "eval/control_reward" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
-    assert all(np.isfinite(r["eval/control_reward"]) for r in evals)
+    for r in evals:
+        for key in ("eval/control_reward", "eval/control_reward_se", "eval/proxy_reward",
+                    "eval/proxy_reward_standardised", "eval/kl", "eval/completion_length",
+                    "eval/invented_fraction"):
+            assert np.isfinite(r[key]), (key, r)
+        assert 0.0 <= r["eval/invented_fraction"] <= 1.0
+    # the reward's standardisation: set once from the SFT samples, restored on resume
+    init = {k: v for k, v in evals[0].items() if k.startswith("init/")}
+    assert init["init/pool_size"] == 16 and init["init/reward_std"] > 0
+    norm = {"mean": np.float32(init["init/reward_mean"]),
+            "std": np.float32(init["init/reward_std"])}
+    for k, v in norm.items():
+        assert full[f"reward_norm_{k}"] == resumed[f"reward_norm_{k}"] == float(v)
+    np.testing.assert_allclose(evals[0]["eval/proxy_reward_standardised"],
+                               (evals[0]["eval/proxy_reward"] - norm["mean"]) / norm["std"],
+                               rtol=1e-5, atol=1e-6)
+    assert full["init"]["reward_mean"] == init["init/reward_mean"]
+    assert full["peak_step"] in (0, 3, 6) and full["peak_control_reward"] >= \
+        full["final_control_reward"]
     samples = _records(a, "samples.jsonl")
     # the first logged samples are of the first held-out prompts, in order
     gin.bind_parameter("DataConfig.data_dir", data)
@@ -195,7 +221,10 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path):
     assert full["final_kl"] == evals[-1]["eval/kl"]
     info = json.load(open(os.path.join(a, "rl_test", "rl.run_info.json")))
     assert info["config"]["reward"] == f"path:{rm}"
-    assert _stage(a, data, sft, rm) == full  # done: skipped
+    if baseline == "value":  # the value head was fitted on the RM's features
+        assert np.isfinite(full["init"]["value_r2_heldout"])
+    assert full["baseline"] == baseline
+    assert _stage(a, data, sft, rm, kw) == full  # done: skipped
 
 
 def test_shaped_rewards_without_penalty_is_the_score_at_the_last_token():
@@ -238,7 +267,7 @@ def test_kl_coefficient_keeps_the_policy_near_the_reference():
     def train(alpha, start, scale, steps=6):
         cfg = rl_steps.RLConfig(steps=steps, batch_size=16, alpha=alpha, learning_rate=1e-2,
                           warmup_steps=0, max_new_tokens=8, temperature=1.0,
-                          min_dim_size_to_factor=32)
+                          min_dim_size_to_factor=32, momentum=None)
         opt_pi, opt_v = cfg.optimizers()
         tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
         if alpha not in steps_by_alpha:  # one compile per alpha
@@ -262,3 +291,146 @@ def test_kl_coefficient_keeps_the_policy_near_the_reference():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert max(float(jnp.max(jnp.abs(a - b)))
                for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(away))) > 1e-3
+
+
+def _count_reward(p, tokens, mask):
+    """A reward with spread on a random policy's samples: offset + scale x the number of
+    completion-side tokens divisible by 5."""
+    return p["offset"] + p["scale"] * jnp.sum(((tokens % 5) == 0) * mask, 1).astype(jnp.float32)
+
+
+def test_rewards_are_standardised_on_the_sft_samples_and_the_value_starts_from_a_fit():
+    """Before the first step the SFT policy's samples set the reward's {mean, std}: the same
+    samples, drawn again, standardise to mean 0 and std 1. The fitted value head's mean
+    prediction on them is the mean return (ridge with a free bias); 'mean' sets only the
+    bias; 'none' keeps the policy's head."""
+    from warm_jax import sampling, train_lib
+
+    params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
+    rm = {"offset": jnp.float32(5.0), "scale": jnp.float32(3.0)}
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, tensor=2))
+    ptoks, pmask = sampling.trim_left_padding(**_prompts(64, 0))
+    layout = ("replicated", jax.tree.structure(rm))
+    found = {}
+    for how in ("fit", "mean", "none"):
+        cfg = rl_steps.RLConfig(steps=2, batch_size=8, learning_rate=1e-3, warmup_steps=0,
+                                max_new_tokens=8, temperature=1.0, min_dim_size_to_factor=32,
+                                normalization_samples=48, value_init=how)
+        prog = rl_steps.build_program(TINY, dataclasses.replace(cfg, seed=0), _count_reward,
+                                      mesh, layout)
+        ref = partitioning.shard_tree(params, prog.p_sh)
+        with jax.set_mesh(mesh):
+            state, stats = rl.initial_state(prog, cfg, mesh, ref, rm, ptoks, pmask)
+        found[how] = (jax.device_get(state), stats)
+    state, stats = found["fit"]
+    norm = state["reward_norm"]
+    # the same samples again: deterministic in (seed, config)
+    idx = rl.pool_indices(len(ptoks), 48, 0)
+    batch = train_lib.put_batch({"tokens": ptoks[idx], "mask": pmask[idx]},
+                                lambda nd: partitioning.batch_sharding(mesh, nd))
+    with jax.set_mesh(mesh):
+        pool = jax.device_get(prog.pool_step(ref, ref, rm, batch, jax.random.fold_in(
+            jax.random.PRNGKey(0), rl.POOL_KEY)))
+    z = (np.asarray(pool["score"], np.float64) - norm["mean"]) / norm["std"]
+    assert np.std(pool["score"]) > 1.0 and abs(np.mean(pool["score"]) - 5.0) > 1.0
+    assert abs(np.mean(z)) < 1e-5 and abs(np.std(z) - 1.0) < 1e-5
+    assert stats["init/reward_mean"] == pytest.approx(float(norm["mean"]), rel=1e-6)
+    # the fitted value head: its token-weighted mean prediction is the mean return
+    values = np.asarray(model_lib.Transformer(TINY).apply(
+        {"params": state["value_params"]}, pool["tokens"], pool["mask"], head="values",
+        causal_only=True))[:, :-1]
+    tm = np.asarray(pool["tmask"]) > 0
+    assert abs(stats["init/return_mean"]) < 0.1  # standardised returns
+    assert np.mean(values[tm]) == pytest.approx(stats["init/return_mean"], abs=1e-3)
+    assert np.any(state["value_params"]["reward_head"]["kernel"] != 0)
+    assert stats["init/value_r2_fit"] >= 0.0
+    head_mean = found["mean"][0]["value_params"]["reward_head"]
+    assert np.all(head_mean["kernel"] == 0)
+    assert head_mean["bias"][0] == pytest.approx(found["mean"][1]["init/return_mean"], abs=1e-6)
+    np.testing.assert_array_equal(found["none"][0]["value_params"]["reward_head"]["kernel"],
+                                  params["reward_head"]["kernel"])
+    # the policy itself is the SFT policy, untouched
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_value_head_fit_recovers_a_linear_return_and_reports_held_out_r2():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 6, 4))
+    w, b = np.array([0.5, -1.0, 2.0, 0.0]), 0.7
+    returns = feats @ w + b + 0.01 * rng.normal(size=(40, 6))
+    tmask = (rng.random((40, 6)) < 0.7).astype(np.float32)
+    head = {"kernel": np.zeros((4, 1), np.float32), "bias": np.zeros((1,), np.float32)}
+    fit, stats = rl_steps.fit_value_head(feats, returns, tmask, "fit", 1e-6, head)
+    np.testing.assert_allclose(fit["kernel"][:, 0], w, atol=0.01)
+    assert fit["bias"][0] == pytest.approx(b, abs=0.01)
+    assert stats["value_r2_fit"] > 0.99 and stats["value_r2_heldout"] > 0.99
+    assert fit["kernel"].dtype == np.float32
+    mean, stats = rl_steps.fit_value_head(feats, returns, tmask, "mean", 1e-6, head)
+    assert mean["bias"][0] == pytest.approx(np.mean(returns[tmask > 0]))
+    assert "value_r2_fit" not in stats
+
+
+def test_reward_standardisation_refuses_a_constant_reward():
+    with pytest.raises(ValueError, match="cannot standardise"):
+        rl_steps.reward_norm_of(np.full(16, 3.0), "sft")
+    assert rl_steps.reward_norm_of(np.full(16, 3.0), "none") == {"mean": 0.0, "std": 1.0}
+
+
+def test_the_momentum_optimiser_does_not_start_with_sign_sized_steps():
+    """Adafactor without momentum (the mini model's matrices are too small to factor) moves
+    every parameter by exactly lr x sign(g) on its first step, whatever |g|. With the RL
+    default momentum 0.9 (an EMA without bias correction) the first step is a tenth of that,
+    and a direction the gradients keep grows towards lr step by step."""
+    params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+    grads = jax.tree.map(lambda x: 1e-4 * jnp.exp(2 * jax.random.normal(next(keys), x.shape))
+                         * jax.random.normal(next(keys), x.shape), params)
+    lr = 1e-3
+    first = {}
+    for momentum in (None, 0.9):
+        opt, _ = rl_steps.RLConfig(learning_rate=lr, warmup_steps=0, momentum=momentum,
+                                   steps=10).optimizers()
+        tx = optim.make_optimizer(opt)
+        state = tx.init(params)
+        u1, state = tx.update(grads, state, params)
+        u2, _ = tx.update(grads, state, params)
+        first[momentum] = (u1, u2)
+    for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(first[None][0])):
+        np.testing.assert_allclose(np.asarray(u), -lr * np.sign(np.asarray(g)), rtol=1e-5)
+    for g, u1, u2 in zip(jax.tree.leaves(grads), *(jax.tree.leaves(u) for u in first[0.9])):
+        np.testing.assert_allclose(np.asarray(u1), -0.1 * lr * np.sign(np.asarray(g)),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(u2), -0.19 * lr * np.sign(np.asarray(g)),
+                                   rtol=1e-5)
+
+
+def test_group_baseline_is_the_mean_of_the_other_completions_of_the_prompt():
+    rewards = jnp.array([[1.0, 0, 0], [0, 2.0, 0], [3.0, 0, 0], [0, 0, 6.0]])  # totals 1 2 3 6
+    np.testing.assert_allclose(rl_steps.group_baseline(rewards, 2)[:, 0], [2, 1, 6, 3])
+    np.testing.assert_allclose(rl_steps.group_baseline(rewards, 4)[:, 0],
+                               [11 / 3, 10 / 3, 9 / 3, 6 / 3], rtol=1e-6)
+
+
+def test_a_group_baseline_step_trains_the_policy_and_leaves_the_value_model():
+    """baseline 'group': rows i*k..i*k+k-1 share a prompt; the value model is not used."""
+    params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
+    cfg = rl_steps.RLConfig(steps=2, batch_size=8, alpha=0.01, learning_rate=1e-2,
+                            warmup_steps=0, max_new_tokens=6, temperature=1.0,
+                            min_dim_size_to_factor=32, samples_per_prompt=4, baseline="group")
+    opt_pi, opt_v = cfg.optimizers()
+    tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
+    state = rl_steps.init_rl_state(params, params, jax.random.PRNGKey(2), tx_pi, tx_v,
+                                   {"mean": 5.0, "std": 3.0})
+    step = jax.jit(rl_steps.make_train_step(TINY, cfg, _count_reward, tx_pi, tx_v))
+    prompts = _prompts(2, 0)
+    batch = {k: np.repeat(v, 4, axis=0) for k, v in prompts.items()}
+    new, m = step(state, params, {"offset": jnp.float32(5.0), "scale": jnp.float32(3.0)},
+                  batch)
+    assert float(m["finite"]) == 1.0 and float(m["value_loss"]) == 0.0
+    for a, b in zip(jax.tree.leaves(new["value_params"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(params)))
+    np.testing.assert_allclose(float(m["reward_standardised"]),
+                               (float(m["reward"]) - 5.0) / 3.0, rtol=1e-5, atol=1e-6)

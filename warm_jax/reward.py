@@ -386,6 +386,14 @@ def score_sequences(fn: Callable, tokens, mask, batch_size: int = 256,
     return out[np.asarray(inverse).reshape(-1)]
 
 
+def oracle_feature_scorer() -> Callable[[dict], dict]:
+    """The oracle's components (score, invented, coverage, ...) of each completion, as
+    arrays: batch dict(prompts, completions) -> {component: [B]}."""
+    from warm_jax.data import oracle
+
+    return lambda batch: oracle.features_batch(batch["prompts"], batch["completions"])
+
+
 def rm_scorer(rm, batch_size: int = 256) -> Scorer:
     """A RewardModel (single, WARM or ENS) on the token sequences (score_sequences)."""
     return lambda batch: score_sequences(rm, batch["tokens"], batch["mask"], batch_size)

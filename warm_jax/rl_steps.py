@@ -1,8 +1,10 @@
 """KL-regularised RL: the pure, jittable pieces (the objective: warm_jax.stages.rl).
 
 RLConfig, the reward functions usable inside jit, per-token log-probs, shaped rewards and
-returns, the rollout, and the one jitted train step (sampling -> rewards -> advantages ->
-guarded policy and value updates) and eval step.
+returns, the baselines (learned value, or leave-one-out over a prompt's completions), the
+rollout, the one jitted train step (sampling -> standardised rewards -> advantages ->
+guarded policy and value updates) and eval step, and what runs before the first step: the
+SFT policy's samples (pool step) that set the reward's mean / std and the value head's fit.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Callable, Optional
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from warm_jax import optim, partitioning
@@ -30,7 +33,22 @@ RewardApply = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, token
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """Hyperparameters of one RL run (gin: RLConfig.alpha = 0.003, rl_single/RLConfig...).
-    `seed` is the run's SEED (the rl stage sets it)."""
+    `seed` is the run's SEED (the rl stage sets it).
+
+    The protocol (docs/science.md, "RL protocol"):
+    - reward_normalization 'sft': before the first step, `normalization_samples`
+      completions of the initial (SFT) policy on RL training prompts are scored by the RM,
+      and the RM's reward is used as (r - mean) / std from then on, so that one alpha
+      means the same for a single RM and for WARM ('none': the raw reward);
+    - value_init 'fit': the value head is fitted by ridge regression (l2 `value_fit_l2`)
+      on those samples' returns, from the value model's own final features, so the
+      baseline starts at the mean return and explains what a linear head can ('mean':
+      only its bias, set to the mean return; 'none': the policy's own head, zero for SFT);
+    - optimizer 'adafactor' with `momentum` (an EMA of the Adafactor steps without bias
+      correction: the first update is (1 - momentum) x the sign-sized Adafactor step, and
+      noise that changes sign from step to step averages out), or 'adamw' (`momentum` is
+      Adam's b1; Adam's first step is lr x sign(g)).
+    """
 
     steps: int = 100
     batch_size: int = 32  # prompts per step (one completion each)
@@ -44,6 +62,15 @@ class RLConfig:
     whiten_advantages: bool = False
     seed: int = 0
     min_dim_size_to_factor: int = 128
+    optimizer: str = "adafactor"  # adafactor | adamw (policy and value)
+    momentum: Optional[float] = 0.9  # Adafactor's momentum (None: none) / Adam's b1
+    reward_normalization: str = "sft"  # sft | none
+    normalization_samples: int = 256  # SFT completions that set the reward's mean / std
+    samples_per_prompt: int = 1  # completions per prompt in a step (batch_size of them)
+    baseline: str = "value"  # value | group (leave-one-out over a prompt's completions)
+    value_model: str = "reward"  # reward | policy: the value model's initial weights
+    value_init: str = "fit"  # fit | mean | none
+    value_fit_l2: float = 1e-3
 
     @classmethod
     def check(cls, c) -> None:
@@ -58,20 +85,58 @@ class RLConfig:
         c.number("temperature", 0, lo_open=True)
         c.integer("max_new_tokens", 1)
         c.batch_divides_mesh()
+        c.choice("optimizer", OPTIMIZERS)
+        c.number("momentum", 0, 1, hi_open=True, optional=True)
+        if c["optimizer"] == "adamw" and c["momentum"] is None:
+            c.fail("momentum", "must be a number with optimizer 'adamw' (it is Adam's b1)")
+        c.choice("reward_normalization", REWARD_NORMALIZATIONS)
+        k = c.integer("samples_per_prompt", 1)
+        if c["batch_size"] % k:
+            c.fail("samples_per_prompt", f"must divide batch_size = {c['batch_size']}")
+        c.choice("baseline", BASELINES)
+        if c["baseline"] == "group" and k < 2:
+            c.fail("samples_per_prompt", "must be >= 2 with baseline 'group' (the baseline "
+                   "of a completion is the mean of its prompt's other completions)")
+        c.choice("value_model", VALUE_MODELS)
+        c.choice("value_init", VALUE_INITS)
+        c.number("value_fit_l2", 0)
+        if c["reward_normalization"] != "none" or (c["value_init"] != "none"
+                                                   and c["baseline"] == "value"):
+            c.integer("normalization_samples", 2)
+            c.batch_divides_mesh("normalization_samples")
+
+    def needs_pool(self) -> bool:
+        """Whether the run samples the SFT policy before its first step."""
+        return self.reward_normalization != "none" or self.value_fit() != "none"
+
+    def value_fit(self) -> str:
+        """How the value head starts: value_init, or 'none' when no value model is used."""
+        return self.value_init if self.baseline == "value" else "none"
 
     def sampling_config(self) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(temperature=self.temperature,
                                        max_new_tokens=self.max_new_tokens)
 
     def optimizers(self) -> tuple[optim.OptimizerConfig, optim.OptimizerConfig]:
-        base = dataclasses.replace(optim.OptimizerConfig(), name="adafactor",
+        base = dataclasses.replace(optim.OptimizerConfig(), name=self.optimizer,
                                    total_steps=max(self.steps, 1),
                                    min_dim_size_to_factor=self.min_dim_size_to_factor)
+        if self.optimizer == "adamw":
+            base = dataclasses.replace(base, b1=self.momentum, momentum=None)
+        else:
+            base = dataclasses.replace(base, momentum=self.momentum)
         pi = dataclasses.replace(base, learning_rate=self.learning_rate,
                                  warmup_steps=self.warmup_steps)
         v = dataclasses.replace(base, learning_rate=self.value_learning_rate or self.learning_rate,
                                 warmup_steps=self.value_warmup_steps)
         return pi, v
+
+
+OPTIMIZERS = ("adafactor", "adamw")
+REWARD_NORMALIZATIONS = ("sft", "none")
+VALUE_INITS = ("fit", "mean", "none")
+VALUE_MODELS = ("reward", "policy")
+BASELINES = ("value", "group")
 
 
 @gin.configurable
@@ -80,7 +145,7 @@ class RLEvalConfig:
     """How an RL run logs, checkpoints and evaluates on held-out prompts."""
 
     eval_every: int = 10  # held-out proxy / control reward and KL every this many steps
-    num_eval_prompts: int = 64
+    num_eval_prompts: int = 256  # the first held-out (eval) prompts; all of them at most
     num_logged_samples: int = 4  # decoded completions per evaluation in samples.jsonl
     log_every: int = 1
     checkpoint_every: int = 50
@@ -181,7 +246,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         # the sampler's log-probs are the policy's (same temperature, no filtering): no
         # extra forward pass is needed for the KL estimate
         kl_t = jax.lax.stop_gradient(ro["sample_lp"] - ro["ref_lp"]) * tmask
-        rewards = shaped_rewards(ro["score"], kl_t, tmask, rl.alpha)
+        score = standardise(ro["score"], state["reward_norm"])
+        rewards = shaped_rewards(score, kl_t, tmask, rl.alpha)
         returns = discounted_returns(rewards, tmask)
 
         def value_loss_fn(vparams):
@@ -189,13 +255,16 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
                                                  head="values", causal_only=True)[:, :-1]
             return 0.5 * _masked_mean(jnp.square(v - returns), tmask), v
 
-        (v_loss, values), v_grads = jax.value_and_grad(value_loss_fn, has_aux=True)(
-            state["value_params"])
-        adv = jax.lax.stop_gradient(returns - values)
-        if rl.whiten_advantages:
-            mu = _masked_mean(adv, tmask)
-            sd = jnp.sqrt(_masked_mean(jnp.square(adv - mu), tmask) + 1e-8)
-            adv = (adv - mu) / sd * tmask
+        groups = []
+        if rl.baseline == "value":
+            (v_loss, values), v_grads = jax.value_and_grad(value_loss_fn, has_aux=True)(
+                state["value_params"])
+            groups = [("value_params", "value_opt_state", tx_v, v_grads)]
+            base = values
+        else:  # the value model is not used (nor trained)
+            v_loss, values, v_grads = jnp.zeros(()), jnp.zeros_like(returns), {}
+            base = group_baseline(rewards, rl.samples_per_prompt)
+        adv = advantages(returns, base, tmask, rl.whiten_advantages)
 
         def policy_loss_fn(params):
             lp, ent = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True)
@@ -204,21 +273,22 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         (pi_loss, ent), pi_grads = jax.value_and_grad(policy_loss_fn, has_aux=True)(
             state["params"])
         loss = pi_loss + v_loss
-        new, finite = train_lib.guarded_multi_update(state, loss, [
-            ("params", "opt_state", tx_pi, pi_grads),
-            ("value_params", "value_opt_state", tx_v, v_grads)])
+        new, finite = train_lib.guarded_multi_update(
+            state, loss, [("params", "opt_state", tx_pi, pi_grads)] + groups)
         n_tok = jnp.sum(tmask, axis=1)
         kl_seq = jnp.sum(kl_t * tmask, axis=1)
         metrics = {
             "reward": jnp.mean(ro["score"]), "reward_std": jnp.std(ro["score"]),
-            "kl": jnp.mean(kl_seq), "objective": jnp.mean(ro["score"] - rl.alpha * kl_seq),
+            "reward_standardised": jnp.mean(score),
+            "kl": jnp.mean(kl_seq), "objective": jnp.mean(score - rl.alpha * kl_seq),
             "entropy": _masked_mean(ent, tmask), "value_loss": v_loss, "policy_loss": pi_loss,
             "value_mean": _masked_mean(values, tmask), "return_mean": _masked_mean(returns, tmask),
             "completion_length": jnp.mean(n_tok),
             "completion_length_max": jnp.max(n_tok),
             "eos_fraction": jnp.mean(jnp.any((tokens == sampling.EOS_ID) & (seq["completion_mask"] > 0),
                                              axis=1).astype(jnp.float32)),
-            "grad_norm": optax.tree.norm(pi_grads), "value_grad_norm": optax.tree.norm(v_grads),
+            "grad_norm": optax.tree.norm(pi_grads),
+            "value_grad_norm": optax.tree.norm(v_grads) if groups else jnp.zeros(()),
             "learning_rate": optim.current_learning_rate(rl.optimizers()[0], state["opt_state"],
                                                          state["step"]),
             "finite": finite.astype(jnp.float32),
@@ -226,6 +296,27 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         return new, metrics
 
     return step
+
+
+def group_baseline(rewards, k: int):
+    """[B, 1] leave-one-out baseline of each completion: the mean total return (standardised
+    score - alpha x KL) of the other k - 1 completions of its prompt (rows i*k .. i*k+k-1
+    share a prompt). Independent of the completion it is subtracted from, so the policy
+    gradient stays unbiased; it removes the prompt-to-prompt spread of the reward, which a
+    value model must otherwise learn."""
+    g = jnp.sum(rewards, axis=1).reshape(-1, k)
+    loo = (jnp.sum(g, axis=1, keepdims=True) - g) / (k - 1)
+    return loo.reshape(-1)[:, None]
+
+
+def advantages(returns, baseline, tmask, whiten: bool):
+    """A_t = G_t - baseline (stop-gradient), optionally whitened over the batch's tokens."""
+    adv = jax.lax.stop_gradient(returns - baseline) * tmask
+    if whiten:
+        mu = _masked_mean(adv, tmask)
+        sd = jnp.sqrt(_masked_mean(jnp.square(adv - mu), tmask) + 1e-8)
+        adv = (adv - mu) / sd * tmask
+    return adv
 
 
 def make_eval_step(cfg, rl: RLConfig, reward_apply: RewardApply):
@@ -243,10 +334,108 @@ def make_eval_step(cfg, rl: RLConfig, reward_apply: RewardApply):
     return evaluate
 
 
-def init_rl_state(params, value_params, rng, tx_pi, tx_v) -> dict:
+def standardise(score, reward_norm):
+    """(score - mean) / std with the run's reward_norm {mean, std} (float32 scalars)."""
+    return (score - reward_norm["mean"]) / reward_norm["std"]
+
+
+def identity_norm() -> dict:
+    """The reward_norm of an unstandardised reward."""
+    return {"mean": jnp.zeros((), jnp.float32), "std": jnp.ones((), jnp.float32)}
+
+
+def init_rl_state(params, value_params, rng, tx_pi, tx_v, reward_norm=None) -> dict:
+    """The RL state; reward_norm {mean, std} (default: the identity) is checkpointed with it,
+    so a resumed run standardises exactly as the run it continues."""
+    norm = identity_norm() if reward_norm is None else {
+        k: jnp.asarray(reward_norm[k], jnp.float32) for k in ("mean", "std")}
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx_pi.init(params),
             "value_params": value_params, "value_opt_state": tx_v.init(value_params),
-            "rng": rng, "nonfinite": jnp.zeros((), jnp.int32)}
+            "rng": rng, "nonfinite": jnp.zeros((), jnp.int32), "reward_norm": norm}
+
+
+# ---------------------------------------------------------------------------------------
+# Before the first step: the SFT policy's samples set the reward's scale and the baseline
+
+
+def make_pool_step(cfg, rl: RLConfig, reward_apply: RewardApply):
+    """pool(ref_params, value_base, rm_params, prompts, key) -> the initial policy's
+    completions on `prompts` as RIGHT-padded sequences, their RM scores, per-token KL
+    estimates and the final-norm features of the value model's body (`value_base`: the SFT
+    policy's or the RM's weights) at each position: what the reward's standardisation and
+    the value fit need."""
+    scfg = rl.sampling_config()
+
+    def pool(ref_params, value_base, rm_params, prompts, key):
+        ro = rollout(cfg, scfg, reward_apply, ref_params, ref_params, rm_params,
+                     prompts["tokens"], prompts["mask"], key)
+        seq = ro["seq"]
+        return {"tokens": seq["tokens"], "mask": seq["mask"], "tmask": ro["tmask"],
+                "score": ro["score"], "kl_t": (ro["sample_lp"] - ro["ref_lp"]) * ro["tmask"],
+                "features": value_features(cfg, value_base, seq["tokens"], seq["mask"])}
+
+    return pool
+
+
+def value_features(cfg, params, tokens, mask):
+    """[B, T-1, d] final-norm features the value head reads at positions 0..T-2 (the value
+    at position j is the baseline of completion token j+1, as in the train step)."""
+    _, inter = model_lib.Transformer(cfg).apply(
+        {"params": params}, tokens, mask, head="values", causal_only=True,
+        mutable=["intermediates"], capture_intermediates=lambda m, _: m.name == "final_norm")
+    return inter["intermediates"]["final_norm"]["__call__"][0].astype(jnp.float32)[:, :-1]
+
+
+def reward_norm_of(scores: np.ndarray, how: str) -> dict:
+    """{mean, std} (python floats) of the SFT samples' RM scores; the identity for 'none'."""
+    if how == "none":
+        return {"mean": 0.0, "std": 1.0}
+    s = np.asarray(scores, np.float64)
+    std = float(np.std(s))
+    if not np.isfinite(std) or std < 1e-6:
+        raise ValueError(f"RL reward standardisation: the RM gives the {len(s)} SFT samples "
+                         f"rewards of std {std:.3g}; cannot standardise (set "
+                         "RLConfig.reward_normalization = 'none')")
+    return {"mean": float(np.mean(s)), "std": std}
+
+
+def fit_value_head(features: np.ndarray, returns: np.ndarray, tmask: np.ndarray, how: str,
+                   l2: float, head: dict) -> tuple[dict, dict]:
+    """(value head {kernel [d, 1], bias [1]}, fit statistics) from per-token features
+    [B, T, d], returns [B, T] and completion mask [B, T] of the SFT samples.
+
+    'fit': ridge regression of the return on the features (bias unpenalised), token-weighted
+    as the value loss; its R^2 is reported on the samples and, for a fit on the first 3/4
+    of them, on the last 1/4. 'mean': kernel 0, bias the mean return. 'none': `head`."""
+    sel = np.asarray(tmask) > 0
+    x = np.asarray(features, np.float64)[sel]
+    y = np.asarray(returns, np.float64)[sel]
+    stats = {"return_mean": float(np.mean(y)), "return_std": float(np.std(y)),
+             "tokens": int(len(y))}
+    dtype = np.asarray(head["kernel"]).dtype
+    if how == "none":
+        return head, stats
+    if how == "mean":
+        return {"kernel": np.zeros_like(np.asarray(head["kernel"])),
+                "bias": np.full((1,), np.mean(y), dtype)}, stats
+
+    def ridge(xs, ys):
+        a = np.concatenate([xs, np.ones((len(xs), 1))], 1)
+        reg = l2 * np.eye(a.shape[1])
+        reg[-1, -1] = 0.0
+        return np.linalg.solve(a.T @ a / len(a) + reg, a.T @ ys / len(a))
+
+    def r2(w, xs, ys):
+        pred = xs @ w[:-1] + w[-1]
+        return float(1.0 - np.mean((ys - pred) ** 2) / max(np.var(ys), 1e-12))
+
+    rows = np.repeat(np.arange(sel.shape[0])[:, None], sel.shape[1], 1)[sel]
+    held = rows >= (3 * sel.shape[0]) // 4
+    w = ridge(x[~held], y[~held])
+    stats["value_r2_heldout"] = r2(w, x[held], y[held]) if held.any() else float("nan")
+    w = ridge(x, y)
+    stats["value_r2_fit"] = r2(w, x, y)
+    return {"kernel": w[:-1, None].astype(dtype), "bias": w[-1:].astype(dtype)}, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +447,7 @@ class _Program:
     init: Callable
     train_step: Callable
     eval_step: Callable
+    pool_step: Callable
 
 
 @functools.lru_cache(maxsize=8)
@@ -270,8 +460,9 @@ def build_program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout)
     abstract, names = model_lib.abstract_params(cfg)
     p_sh = partitioning.tree_shardings(names, abstract, mesh)
     abs_p = train_lib.with_shardings(abstract, p_sh)
-    init = functools.partial(init_rl_state, tx_pi=tx_pi, tx_v=tx_v)
-    abstract_state = jax.eval_shape(init, abs_p, abs_p, jax.random.PRNGKey(0))
+    init = lambda params, value_params, rng, norm: init_rl_state(params, value_params, rng,
+                                                                  tx_pi, tx_v, norm)
+    abstract_state = jax.eval_shape(init, abs_p, abs_p, jax.random.PRNGKey(0), identity_norm())
     st_sh = train_lib.state_shardings(abstract_state, p_sh, mesh,
                                       min_dim_size_to_factor=rl.min_dim_size_to_factor)
     abstract_state = train_lib.with_shardings(abstract_state, st_sh)
@@ -284,9 +475,11 @@ def build_program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout)
     batch_sh = {"tokens": b2, "mask": b2}
     return _Program(
         p_sh=p_sh, st_sh=st_sh, abstract_state=abstract_state, rm_shardings=rm_sh,
-        init=jax.jit(init, in_shardings=(p_sh, p_sh, rep), out_shardings=st_sh),
+        init=jax.jit(init, in_shardings=(p_sh, p_sh, rep, rep), out_shardings=st_sh),
         train_step=jax.jit(make_train_step(cfg, rl, reward_apply, tx_pi, tx_v),
                            in_shardings=(st_sh, p_sh, rm_sh, batch_sh),
                            out_shardings=(st_sh, None), donate_argnums=0),
         eval_step=jax.jit(make_eval_step(cfg, rl, reward_apply),
-                          in_shardings=(p_sh, p_sh, rm_sh, batch_sh, rep)))
+                          in_shardings=(p_sh, p_sh, rm_sh, batch_sh, rep)),
+        pool_step=jax.jit(make_pool_step(cfg, rl, reward_apply),
+                          in_shardings=(p_sh, p_sh, rm_sh, batch_sh, rep), out_shardings=rep))

@@ -26,6 +26,7 @@ the same in both cases, so a member trained alone equals the same member in the 
     python -m warm_jax.sweeps --print                  # the paper grid, M=6, as a table
     python -m warm_jax.sweeps --print --preset mini --num_members 4 --format flags
     python -m warm_jax.sweeps --print --jobs --format json
+    python -m warm_jax.sweeps --rl                     # the RL alpha sweep's run-file lines
 """
 from __future__ import annotations
 
@@ -223,6 +224,45 @@ def format_table(members: Sequence[Member]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+# ---------------------------------------------------------------------------------------
+# The RL sweep: KL coefficients x reward models, one scoped 'rl@<name>' entry per run
+
+PAPER_RL_ALPHAS = (0.003, 0.01, 0.03)  # the paper's alpha grid
+RL_REWARDS = (("single", "best:rm_clean"), ("warm", "warm:warm_clean"))
+# the paper's corrupted-label RL: alpha 0.01, the corrupted ensemble's best member and WARM
+RL_CORRUPT = (("single_corrupt", "best:rm_corrupt", 0.01),
+              ("warm_corrupt", "warm:warm_corrupt", 0.01))
+
+
+def rl_run_name(kind: str, alpha: Optional[float] = None) -> str:
+    """'rl_single_a0p01' for ('single', 0.01); 'rl_<kind>' without alpha."""
+    if alpha is None:
+        return f"rl_{kind}"
+    return f"rl_{kind}_a{alpha!r}".replace(".", "p").replace("-", "m")
+
+
+def rl_sweep(alphas: Sequence[float] = PAPER_RL_ALPHAS,
+             rewards: Sequence[tuple[str, str]] = RL_REWARDS,
+             extra: Sequence[tuple[str, str, float]] = RL_CORRUPT
+             ) -> tuple[list[str], dict[str, Any], list[tuple[str, str]]]:
+    """(run.stages entries, gin bindings, judge pairs) of RL against each reward at each
+    alpha (runs named by rl_run_name), plus the `extra` (kind, reward, alpha) runs named
+    'rl_<kind>'. Judge pairs: WARM against the single RM at each alpha (and in `extra`,
+    'warm_corrupt' against 'single_corrupt'), and each of them against SFT."""
+    runs = [(rl_run_name(kind, a), spec, a) for a in alphas for kind, spec in rewards]
+    runs += [(rl_run_name(kind), spec, a) for kind, spec, a in extra]
+    bindings: dict[str, Any] = {}
+    for name, spec, alpha in runs:
+        bindings[f"{name}/rl_stage.reward"] = spec
+        bindings[f"{name}/rl_stage.name"] = name
+        bindings[f"{name}/RLConfig.alpha"] = float(alpha)
+    names = [r[0] for r in runs]
+    pairs = [(n, n.replace("_warm", "_single", 1)) for n in names
+             if n.startswith("rl_warm") and n.replace("_warm", "_single", 1) in names]
+    pairs += [(n, "sft") for n in names]
+    return [f"rl@{n}" for n in names], bindings, pairs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m warm_jax.sweeps",
                                  description="Expand the RM hyperparameter sweep.")
@@ -234,7 +274,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="override a sweep field (JSON value), e.g. --set sampling=random")
     ap.add_argument("--jobs", action="store_true", help="one run per member (member_index)")
     ap.add_argument("--format", default="table", choices=("table", "gin", "flags", "json"))
+    ap.add_argument("--rl", action="store_true",
+                    help="print the RL sweep (the paper's alphas x single RM / WARM, and the "
+                         "corrupted-label runs) as the lines of a run file")
     args = ap.parse_args(argv)
+    if args.rl:
+        entries, bindings, pairs = rl_sweep()
+        print("# run.stages entries: " + ", ".join(repr(e) for e in entries))
+        print(gin_lines(bindings) + "judge_stage.pairs = " + gin_value([list(p) for p in pairs]))
+        return 0
     try:
         sweep = make_sweep(args.preset, args.num_members, args.set)
     except ValueError as e:

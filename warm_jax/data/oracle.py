@@ -103,3 +103,15 @@ def score_batch(posts: Sequence[str], summaries: Sequence[str]) -> np.ndarray:
     if len(posts) != len(summaries):
         raise ValueError(f"{len(posts)} posts for {len(summaries)} summaries")
     return np.asarray([score(p, s) for p, s in zip(posts, summaries)], dtype=np.float32)
+
+
+def features_batch(posts: Sequence[str], summaries: Sequence[str]) -> dict[str, np.ndarray]:
+    """:func:`oracle_features` of each (post, summary), as float32 arrays by component
+    (``score``, ``invented``, ``coverage``, ...); posts as in :func:`score_batch`."""
+    if len(posts) == 1 and len(summaries) != 1:
+        posts = list(posts) * len(summaries)
+    if len(posts) != len(summaries):
+        raise ValueError(f"{len(posts)} posts for {len(summaries)} summaries")
+    rows = [oracle_features(p, s) for p, s in zip(posts, summaries)]
+    keys = rows[0].keys() if rows else ("score",)
+    return {k: np.asarray([r[k] for r in rows], dtype=np.float32) for k in keys}

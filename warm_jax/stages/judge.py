@@ -75,7 +75,8 @@ def win_rate(a_scores, b_scores, tie_tol: float = 0.0, n_boot: int = 2000, seed:
 
 
 def control_kl_curve(metrics_path: str) -> list[dict]:
-    """[{step, kl, proxy, control}] from an RL run's eval records (in step order)."""
+    """[{step, kl, proxy, proxy_standardised, control}] from an RL run's eval records (in
+    step order; proxy_standardised None for runs that did not log it)."""
     if not os.path.exists(metrics_path):
         raise FileNotFoundError(f"{metrics_path}: no RL metrics (has the RL stage run?)")
     rows = []
@@ -83,6 +84,7 @@ def control_kl_curve(metrics_path: str) -> list[dict]:
         if "eval/kl" in r:
             rows.append({"step": r["step"], "kl": r["eval/kl"],
                          "proxy": r.get("eval/proxy_reward"),
+                         "proxy_standardised": r.get("eval/proxy_reward_standardised"),
                          "control": r.get("eval/control_reward")})
     return sorted(rows, key=lambda r: r["step"])
 
@@ -102,8 +104,11 @@ def _plot(path: str, curves: dict[str, list[dict]], results: list[dict],
         axes[0].plot(kl, [r["control"] for r in rows], marker="o", label=name)
         line, = axes[1].plot([r["step"] for r in rows], [r["control"] for r in rows],
                              marker="o", label=f"{name} control")
-        axes[1].plot([r["step"] for r in rows], [r["proxy"] for r in rows], ls="--",
-                     color=line.get_color(), label=f"{name} proxy")
+        # the standardised proxy (the RL runs' own scale, comparable across RMs) if logged
+        std = all(r.get("proxy_standardised") is not None for r in rows)
+        axes[1].plot([r["step"] for r in rows],
+                     [r["proxy_standardised" if std else "proxy"] for r in rows], ls="--",
+                     color=line.get_color(), label=f"{name} proxy" + (" (std.)" if std else ""))
     for m in (matched or {}).values():
         if m.get("overlap"):
             axes[0].axvspan(*m["overlap"], color="grey", alpha=0.1)

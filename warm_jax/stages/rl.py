@@ -1,32 +1,45 @@
 """KL-regularised RL of the policy against a (merged) reward model, as in the paper.
 
 Objective: E_{y ~ pi(.|x)} [ r(x, y) ] - alpha * KL(pi || pi_SFT), optimised with REINFORCE
-and a learned value baseline:
+and a baseline:
 
+  reward             r(x, y) = (RM(x, y) - mean) / std, mean and std of the RM's rewards of
+                     the SFT policy's completions (RLConfig.reward_normalization 'sft')
   per-token reward   r_t = -alpha * (log pi(y_t|.) - log pi_SFT(y_t|.)),  + r(x, y) at the
                      last completion token (its EOS when it emitted one)
   return             G_t = sum_{s >= t} r_s                     (undiscounted)
-  advantage          A_t = G_t - V(x, y_<t)                      (stop-gradient)
+  advantage          A_t = G_t - b_t                             (stop-gradient)
+  baseline b_t       'value': V(x, y_<t), a learned value model (the paper's);
+                     'group': the mean total return of the other completions of the same
+                     prompt (RLConfig.samples_per_prompt of them; leave-one-out)
   policy loss        -mean_t A_t * log pi(y_t|.)                 (over completion tokens)
-  value loss         0.5 * mean_t (V(x, y_<t) - G_t)^2
+  value loss         0.5 * mean_t (V(x, y_<t) - G_t)^2           ('value' only)
 
-Policy and value model both start from the SFT weights; the value model is the same
-Transformer read per token through the scalar head (head='values'). The frozen SFT policy
-is the reference. Log-probs, entropy and KL use the temperature-scaled distribution the
+The policy starts from the SFT weights; the value model from the RM's (value_model
+'reward') or the SFT policy's ('policy') body, read per token through the scalar head
+(head='values'), whose weights are first fitted on the SFT completions' returns
+(value_init 'fit'). Before the first step (`initial_state`), RLConfig.normalization_samples
+SFT completions of RL training prompts give the reward's mean / std and that fit; both are
+in the checkpointed state, so a resumed run continues exactly. The frozen SFT policy is the
+reference. Log-probs, entropy and KL use the temperature-scaled distribution the
 completions are sampled from (temperature 0.9 as in the paper), so the gradient estimator
 is unbiased for the policy that is actually sampled.
 
 Warmup: the paper's "2k-step policy warmup" is read as a linear learning-rate warmup of
 the policy optimiser (optim.OptimizerConfig.warmup_steps); the value model has its own
-(`value_warmup_steps`, default 0) so the baseline can adapt from the first step.
+(`value_warmup_steps`, default 0) so the baseline can adapt from the first step. The
+optimiser (RLConfig.optimizer, momentum) is Adafactor with momentum by default, so that the
+first steps are not lr x sign(gradient) for every parameter.
 
 One jitted step (`make_train_step`) does sampling (KV cache) -> rewards -> advantages ->
 policy and value updates, with explicit shardings; the state {step, params, opt_state,
-value_params, value_opt_state, rng, nonfinite} is checkpointed for exact resume. The data
-of step s is pipeline.batch_indices(n, B, seed, s) and its sampling key fold_in(rng, s).
-Every `eval_every` steps a fixed set of held-out prompts is sampled and scored by the proxy
-RM, by the CONTROL reward (the world's oracle) and for KL to SFT, and a few decoded
-completions go to samples.jsonl, so reward hacking shows as proxy up, control down.
+value_params, value_opt_state, rng, nonfinite, reward_norm} is checkpointed for exact
+resume. The prompts of step s are pipeline.batch_indices(n, B / k, seed, s), each repeated
+k = samples_per_prompt times, and its sampling key fold_in(rng, s). Every `eval_every`
+steps a fixed set of held-out prompts is sampled and scored by the proxy RM (raw and
+standardised), by the CONTROL reward (the world's oracle: its score and whether a
+completion invents a fact) and for KL to SFT, and a few decoded completions go to
+samples.jsonl, so reward hacking shows as proxy up, control down.
 """
 from __future__ import annotations
 
@@ -67,45 +80,55 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
            reward_apply: rl_steps.RewardApply, rm_params: Any, rm_shardings: Any = None,
            train_prompts: dict, eval_prompts: dict, vocab, rl: rl_steps.RLConfig, mesh=None,
            control_fn: Optional[Callable[[dict], np.ndarray]] = None,
+           control_features_fn: Optional[Callable[[dict], dict]] = None,
            evaluation: Optional[rl_steps.RLEvalConfig] = None,
-           max_steps_per_run: Optional[int] = None, card_extra: Optional[dict] = None) -> dict:
+           max_steps_per_run: Optional[int] = None, card_extra: Optional[dict] = None,
+           value_params: Any = None) -> dict:
     """Trains from `sft_params` (or resumes from {out_dir}/ckpt) with the trainer. Returns
     {'state', 'step', 'complete', 'final_eval', 'initial_eval'}; writes metrics.jsonl and
     samples.jsonl. prompts dicts: tokens/mask LEFT-padded (+ 'prompts' texts for control).
-    control_fn is a reward.Scorer (batch dict(prompts, completions, tokens, mask) -> scores)."""
+    control_fn is a reward.Scorer (batch dict(prompts, completions, tokens, mask) -> scores);
+    control_features_fn (e.g. reward.oracle_feature_scorer) returns {component: [B]} with
+    'score' (then the control reward) and 'invented' (the invented-fact fraction).
+    value_params: the value model's initial weights (the policy's tree structure; default
+    `sft_params`), whose head initial_state fits."""
     mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig())
     ev = evaluation or rl_steps.RLEvalConfig()
-    if rm_shardings is None:
-        layout = ("replicated", jax.tree.structure(rm_params))
-    else:
-        layout = ("given", jax.tree.structure(rm_shardings), tuple(jax.tree.leaves(rm_shardings)))
     # the seed only enters through the state's rng: runs that differ only by seed share
     # one compiled program
     prog = rl_steps.build_program(policy_cfg, dataclasses.replace(rl, seed=0), reward_apply,
-                                  mesh, layout)
+                                  mesh, _rm_layout(rm_params, rm_shardings))
     k = sampling.batch_shards(mesh)
     if rl.batch_size % k:
         raise ValueError(f"rl batch_size {rl.batch_size} must be a multiple of the mesh's "
                          f"{k} batch shards (data x fsdp)")
     ref_params = partitioning.shard_tree(sft_params, prog.p_sh)
     rm_params = partitioning.shard_tree(rm_params, prog.rm_shardings)
+    value_base = None if value_params is None else partitioning.shard_tree(value_params,
+                                                                           prog.p_sh)
     ptoks, pmask = sampling.trim_left_padding(train_prompts["tokens"], train_prompts["mask"])
     evaluate = _Evaluator(prog, mesh, ref_params, rm_params, eval_prompts, vocab, control_fn,
-                          ev, rl.seed, out_dir)
+                          ev, rl.seed, out_dir, control_features_fn)
     initial: dict = {}
+    init_stats: dict = {}
 
     def batch_fn(step):
-        idx = _batch_indices(len(ptoks), rl.batch_size, rl.seed, step)
+        k = rl.samples_per_prompt  # rows i*k .. i*k+k-1: one prompt
+        idx = np.repeat(_batch_indices(len(ptoks), rl.batch_size // k, rl.seed, step), k)
         return train_lib.put_batch({"tokens": ptoks[idx], "mask": pmask[idx]},
                                    lambda nd: partitioning.batch_sharding(mesh, nd))
 
     def fresh(_):
         with jax.set_mesh(mesh):
-            return prog.init(ref_params, ref_params, jax.random.PRNGKey(rl.seed))
+            state, stats = initial_state(prog, rl, mesh, ref_params, rm_params, ptoks, pmask,
+                                         value_base)
+        init_stats.update(stats)
+        return state
 
     def on_start(state, start, writer):
         if start == 0:
             initial.update(evaluate(state, 0))
+            initial.update(init_stats)
             writer.write(0, initial)
 
     def eval_hook(st, step):
@@ -135,12 +158,70 @@ def run_rl(out_dir: str, *, policy_cfg: model_lib.TransformerConfig, sft_params:
             "final_eval": evaluate.evals.get(out.step), "initial_eval": initial or None}
 
 
+def _rm_layout(rm_params, rm_shardings) -> tuple:
+    """The RM params' layout as a hashable key of build_program's cache."""
+    if rm_shardings is None:
+        return ("replicated", jax.tree.structure(rm_params))
+    return ("given", jax.tree.structure(rm_shardings), tuple(jax.tree.leaves(rm_shardings)))
+
+
+POOL_KEY = 2_000_003  # fold_in(PRNGKey(seed), POOL_KEY): the SFT samples' sampling key
+
+
+def pool_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """The RL training prompts whose SFT completions set the reward's scale: the first k of
+    a seeded permutation of the n prompts (wrapping when k > n)."""
+    perm = np.random.default_rng([int(seed), POOL_KEY]).permutation(n)
+    return np.resize(perm, k)
+
+
+def initial_state(prog, rl: rl_steps.RLConfig, mesh, ref_params, rm_params, ptoks, pmask,
+                  value_base=None):
+    """(fresh RL state, statistics for the step-0 record). When rl.needs_pool(): samples
+    rl.normalization_samples completions of the SFT policy on training prompts, sets the
+    reward's {mean, std} from their RM scores (rl.reward_normalization) and the value head
+    from their returns (rl.value_init; rl_steps.fit_value_head). Deterministic in (seed,
+    config), and only run for a fresh start: a resumed run restores both from its state.
+    value_base: the value model's initial weights (sharded as the policy's; default the
+    SFT policy's); its head is replaced by the fit."""
+    key = jax.random.PRNGKey(rl.seed)
+    value_base = ref_params if value_base is None else value_base
+    if not rl.needs_pool():
+        return prog.init(ref_params, value_base, key, rl_steps.identity_norm()), {}
+    idx = pool_indices(len(ptoks), rl.normalization_samples, rl.seed)
+    batch = train_lib.put_batch({"tokens": ptoks[idx], "mask": pmask[idx]},
+                                lambda nd: partitioning.batch_sharding(mesh, nd))
+    pool = jax.device_get(prog.pool_step(ref_params, value_base, rm_params, batch,
+                                         jax.random.fold_in(key, POOL_KEY)))
+    norm = rl_steps.reward_norm_of(pool["score"], rl.reward_normalization)
+    norm32 = {k: np.float32(v) for k, v in norm.items()}
+    score = rl_steps.standardise(pool["score"], norm32)
+    returns = rl_steps.discounted_returns(rl_steps.shaped_rewards(
+        score, pool["kl_t"], pool["tmask"], rl.alpha), pool["tmask"])
+    head = jax.device_get(value_base["reward_head"])
+    new_head, fit = rl_steps.fit_value_head(pool["features"], np.asarray(returns),
+                                            pool["tmask"], rl.value_fit(), rl.value_fit_l2,
+                                            head)
+    value_params = dict(value_base, reward_head=new_head)
+    stats = {"init/reward_mean": norm["mean"], "init/reward_std": norm["std"],
+             "init/pool_size": int(len(idx)),
+             "init/pool_reward_raw": float(np.mean(pool["score"])),
+             "init/pool_reward_raw_std": float(np.std(pool["score"])),
+             **{f"init/{k}": v for k, v in fit.items()}}
+    log.info("[rl] reward standardisation (%s) on %d SFT samples: mean %.4f std %.4f; value "
+             "head '%s': R^2 %.3f (held-out %.3f)", rl.reward_normalization, len(idx),
+             norm["mean"], norm["std"], rl.value_fit(), fit.get("value_r2_fit", float("nan")),
+             fit.get("value_r2_heldout", float("nan")))
+    return prog.init(ref_params, value_params, key, norm32), stats
+
+
 class _Evaluator:
     """Held-out evaluation of the policy: proxy reward, KL to SFT, control reward, and a few
     decoded samples (samples.jsonl). Same prompts and sampling key at every evaluation."""
 
     def __init__(self, prog, mesh, ref_params, rm_params, eval_prompts: dict, vocab,
-                 control_fn, ev: rl_steps.RLEvalConfig, seed: int, out_dir: str):
+                 control_fn, ev: rl_steps.RLEvalConfig, seed: int, out_dir: str,
+                 control_features_fn=None):
         k = sampling.batch_shards(mesh)
         etoks, emask = sampling.trim_left_padding(eval_prompts["tokens"], eval_prompts["mask"])
         n_eval = len(etoks) - len(etoks) % k
@@ -153,6 +234,7 @@ class _Evaluator:
         self.key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
         self.prog, self.mesh, self.ref, self.rm = prog, mesh, ref_params, rm_params
         self.vocab, self.control_fn, self.ev, self.out_dir = vocab, control_fn, ev, out_dir
+        self.features_fn = control_features_fn
         self.evals: dict[int, dict] = {}
         self.samples: list = []
 
@@ -169,21 +251,15 @@ class _Evaluator:
         with jax.set_mesh(self.mesh):
             out = jax.device_get(self.prog.eval_step(st["params"], self.ref, self.rm,
                                                      self.batch, self.key))
+            norm = jax.device_get(st["reward_norm"])
         texts = sampling.decode_completions(self.vocab, out["tokens"], out["mask"])
-        m = {"eval/proxy_reward": float(np.mean(out["score"])),
+        raw = np.asarray(out["score"], np.float64)
+        m = {"eval/proxy_reward": float(np.mean(raw)),
+             "eval/proxy_reward_standardised": float(np.mean(
+                 (raw - float(norm["mean"])) / float(norm["std"]))),
              "eval/kl": float(np.mean(out["kl"])),
              "eval/completion_length": float(np.mean(out["lengths"]))}
-        if self.control_fn is not None:
-            seq = sampling.concat_right_padded(self.etoks, self.emask, out["tokens"],
-                                               out["mask"])
-            control = np.asarray(self.control_fn({
-                "prompts": self.texts, "completions": texts,
-                "tokens": np.asarray(seq["tokens"]), "mask": np.asarray(seq["mask"])}),
-                np.float64)
-            m["eval/control_reward"] = float(np.mean(control))
-            m["eval/control_reward_se"] = float(np.std(control, ddof=1) / np.sqrt(len(control)))
-        else:
-            control = np.full(len(texts), np.nan)
+        control = self._control(out, texts, m)
         self.samples[-1].write(step, {"samples": [
             {"prompt": self.texts[i][-160:], "completion": texts[i],
              "proxy": float(out["score"][i]), "control": float(control[i]),
@@ -191,6 +267,25 @@ class _Evaluator:
             for i in range(min(self.ev.num_logged_samples, len(texts)))]})
         self.evals[step] = m
         return m
+
+    def _control(self, out, texts, m: dict) -> np.ndarray:
+        """The control reward of each completion (NaN without a control); adds its mean,
+        standard error and (oracle) the invented-fact fraction to the record m."""
+        if self.control_fn is None and self.features_fn is None:
+            return np.full(len(texts), np.nan)
+        seq = sampling.concat_right_padded(self.etoks, self.emask, out["tokens"], out["mask"])
+        batch = {"prompts": self.texts, "completions": texts,
+                 "tokens": np.asarray(seq["tokens"]), "mask": np.asarray(seq["mask"])}
+        if self.features_fn is not None:
+            feats = self.features_fn(batch)
+            control = np.asarray(feats["score"], np.float64)
+            if "invented" in feats:
+                m["eval/invented_fraction"] = float(np.mean(np.asarray(feats["invented"]) > 0))
+        else:
+            control = np.asarray(self.control_fn(batch), np.float64)
+        m["eval/control_reward"] = float(np.mean(control))
+        m["eval/control_reward_se"] = float(np.std(control, ddof=1) / np.sqrt(len(control)))
+        return control
 
 
 def _batch_indices(n, b, seed, step):
@@ -209,9 +304,13 @@ def check_rl_stage(c) -> None:
     name = c.name("name")
     c.policy("policy")
     c.control("control")
-    rl_steps.RLEvalConfig.check(c.sub(rl_steps.RLEvalConfig))
+    ev = c.sub(rl_steps.RLEvalConfig)
+    rl_steps.RLEvalConfig.check(ev)
     c.integer("max_steps_per_run", 1, optional=True)
-    c.data()
+    data = c.data()
+    if ev["num_eval_prompts"] > data.num_eval_prompts:
+        ev.fail("num_eval_prompts", f"asks for more held-out prompts than "
+                f"DataConfig.num_eval_prompts = {data.num_eval_prompts} provides")
     c.optimizer()
     c.loop()
     rl_steps.RLConfig.check(c.sub(rl_steps.RLConfig))
@@ -229,10 +328,14 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
     the hyperparameters `rl` and the logging `evaluation` (default: the gin-configured
     RLConfig and RLEvalConfig of the entry's scope).
 
-    Writes {run_dir}/{name}/: ckpt/, metrics.jsonl (per step: reward, reward_std,
-    kl, entropy, value_loss, completion_length, ...; every eval_every steps eval/proxy_reward,
-    eval/control_reward, eval/kl), samples.jsonl, the final policy export policy/ (card:
-    kind 'lm', reward spec, alpha, step, ...) and summary.json. With max_steps_per_run the
+    Writes {run_dir}/{name}/: ckpt/, metrics.jsonl (per step: reward, reward_standardised,
+    reward_std, kl, entropy, value_loss, completion_length, ...; at step 0 the init/ figures
+    of the reward's standardisation and the value fit; every eval_every steps
+    eval/proxy_reward, eval/proxy_reward_standardised, eval/control_reward(_se), eval/kl,
+    eval/completion_length and, with the oracle as control, eval/invented_fraction),
+    samples.jsonl, the final policy export policy/ (card: kind 'lm', reward spec, alpha,
+    step, ...) and summary.json (with the control reward's peak: step, KL, drop to the
+    end). With max_steps_per_run the
     stage stops (checkpointed) after that many steps and returns {'complete': False, ...}
     without a summary; calling it again continues exactly. Seed: the run's SEED.
     """
@@ -246,10 +349,15 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
     prov = ctx.provider()
     pcfg, sft_params, pcard, rm = _policy_and_reward(run_dir, policy, reward, prov.vocab)
     _, control_fn = reward_lib.load_reward(run_dir, control)
+    features_fn = reward_lib.oracle_feature_scorer() if control == "oracle" else None
     mesh = ctx.mesh()
     reward_apply, rm_params = rl_steps.reward_apply_for(rm)
     rm_sh = rl_steps.reward_param_shardings(rm, mesh)
+    value_params = _value_model(rl, rm, sft_params, reward)
     eval_prompts = prov.prompts("eval")
+    if len(eval_prompts["tokens"]) < ev.num_eval_prompts:
+        raise ValueError(f"RLEvalConfig.num_eval_prompts = {ev.num_eval_prompts}: the data "
+                         f"has only {len(eval_prompts['tokens'])} held-out prompts")
     eval_prompts = {kk: v[:ev.num_eval_prompts] for kk, v in eval_prompts.items()}
     config = {"rl_config": dataclasses.asdict(rl), "reward": reward, "policy": policy,
               "policy_path": pcard["path"], "reward_paths": list(rm.names),
@@ -262,11 +370,25 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
     res = run_rl(out_dir, policy_cfg=pcfg, sft_params=sft_params, reward_apply=reward_apply,
                  rm_params=rm_params, rm_shardings=rm_sh, train_prompts=prov.prompts("rl"),
                  eval_prompts=eval_prompts, vocab=prov.vocab, rl=rl, mesh=mesh,
-                 control_fn=control_fn, evaluation=ev, max_steps_per_run=max_steps_per_run,
-                 card_extra={"reward": reward})
+                 control_fn=control_fn, control_features_fn=features_fn, evaluation=ev,
+                 max_steps_per_run=max_steps_per_run,
+                 card_extra={"reward": reward}, value_params=value_params)
     if not res["complete"]:
         return {"complete": False, "step": res["step"], "stage": "rl", "name": name}
     return ctx.finish(_finish(ctx, name, res, rl, pcfg, pcard, rm, reward, t0))
+
+
+def _value_model(rl: rl_steps.RLConfig, rm, sft_params, reward: str):
+    """The value model's initial weights: the RM's (rl.value_model 'reward': one tree of the
+    policy's shapes, so a single RM or WARM, not ENS) or None (the SFT policy's)."""
+    if rl.value_model != "reward" or rl.baseline != "value":
+        return None
+    shapes = lambda t: jax.tree.map(lambda x: tuple(np.shape(x)), t)
+    if rm.kind == "ens" or shapes(rm.params) != shapes(sft_params):
+        raise ValueError(f"RLConfig.value_model = 'reward': the reward {reward!r} "
+                         f"({rm.kind}) does not have the policy's parameter shapes; set "
+                         "RLConfig.value_model = 'policy'")
+    return rm.params
 
 
 def _policy_and_reward(run_dir: str, policy: str, reward: str, vocab):
@@ -312,11 +434,32 @@ def _finish(ctx, name: str, res: dict, rl, pcfg, pcard, rm, reward: str, t0: flo
         "initial_control_reward": initial_eval.get("eval/control_reward"),
         "train_reward_last10": float(np.mean([r["reward"] for r in tail])) if tail else None,
         "train_kl_last10": float(np.mean([r["kl"] for r in tail])) if tail else None,
+        **{f"reward_norm_{k}": float(v) for k, v in
+           jax.device_get(res["state"]["reward_norm"]).items()},
+        "baseline": rl.baseline, "samples_per_prompt": rl.samples_per_prompt,
+        "reward_normalization": rl.reward_normalization, "value_init": rl.value_init,
+        "init": {k[len("init/"):]: v for k, v in initial_eval.items()
+                 if k.startswith("init/")},
+        **_peak(records),
         "seconds": round(time.time() - t0, 1),
         "metrics": os.path.join(out_dir, "metrics.jsonl"),
         "samples": os.path.join(out_dir, "samples.jsonl"),
     }
     return summary
+
+
+def _peak(records: Sequence[dict]) -> dict:
+    """The evaluation with the highest control reward (the first such): its step, control
+    reward and KL, and the final evaluation's drop from it (reward hacking shows as a
+    peak before the end)."""
+    evals = [r for r in records if "eval/control_reward" in r]
+    if not evals:
+        return {}
+    best = max(evals, key=lambda r: (r["eval/control_reward"], -r["step"]))
+    last = max(evals, key=lambda r: r["step"])
+    return {"peak_control_reward": best["eval/control_reward"], "peak_step": best["step"],
+            "peak_kl": best["eval/kl"],
+            "drop_from_peak": best["eval/control_reward"] - last["eval/control_reward"]}
 
 
 def _first_eval(records: Sequence[dict]) -> dict:
