@@ -219,7 +219,9 @@ def test_the_rl_sweep_is_the_paper_miniature_run_file():
             [os.path.join(ROOT, "gin", "runs", "paper_miniature.gin")],
             ["RUN_DIR = '/nonexistent'"], skip_unknown=True)
         stages = gin.query_parameter("run.stages")
-        assert [s for s in stages if s.startswith("rl@")] == entries
+        # rl@rl_dood is the D_ood source (RL against rm_init's warm start), not the sweep
+        assert [s for s in stages if s.startswith("rl@") and s != "rl@rl_dood"] == entries
+        assert stages.index("rl@rl_dood") < stages.index("ood")
         for key, value in bindings.items():
             assert gin.query_parameter(key) == value, key
         assert [tuple(p) for p in gin.query_parameter("judge_stage.pairs")] == pairs
