@@ -40,10 +40,15 @@ class RLConfig:
       completions of the initial (SFT) policy on RL training prompts are scored by the RM,
       and the RM's reward is used as (r - mean) / std from then on, so that one alpha
       means the same for a single RM and for WARM ('none': the raw reward);
-    - value_init 'fit': the value head is fitted by ridge regression (l2 `value_fit_l2`)
-      on those samples' returns, from the value model's own final features, so the
-      baseline starts at the mean return and explains what a linear head can ('mean':
-      only its bias, set to the mean return; 'none': the policy's own head, zero for SFT);
+    - baseline 'value' (the paper's): a learned value model, started from `value_model`'s
+      weights ('reward': the RM's, a single tree of the policy's shapes; 'policy': the
+      SFT policy's); value_init 'fit' fits its head by ridge regression (l2
+      `value_fit_l2`) on those samples' returns from the model's own final features, so
+      the baseline starts at the mean return and explains what a linear head can
+      ('mean': only its bias, set to the mean return; 'none': the head as loaded);
+    - baseline 'group': each step samples `samples_per_prompt` completions of
+      batch_size / samples_per_prompt prompts, and a completion's baseline is the mean
+      total return of its prompt's other completions (no value model is used);
     - optimizer 'adafactor' with `momentum` (an EMA of the Adafactor steps without bias
       correction: the first update is (1 - momentum) x the sign-sized Adafactor step, and
       noise that changes sign from step to step averages out), or 'adamw' (`momentum` is
@@ -51,7 +56,7 @@ class RLConfig:
     """
 
     steps: int = 100
-    batch_size: int = 32  # prompts per step (one completion each)
+    batch_size: int = 32  # completions per step (batch_size / samples_per_prompt prompts)
     alpha: float = 0.003  # KL coefficient (paper: 0.003 clean labels, 0.01 corrupted)
     learning_rate: float = 1e-5  # policy peak lr (paper scale)
     warmup_steps: int = 2000  # policy lr warmup (paper: 2k)

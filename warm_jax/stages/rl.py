@@ -335,9 +335,9 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
     eval/completion_length and, with the oracle as control, eval/invented_fraction),
     samples.jsonl, the final policy export policy/ (card: kind 'lm', reward spec, alpha,
     step, ...) and summary.json (with the control reward's peak: step, KL, drop to the
-    end). With max_steps_per_run the
-    stage stops (checkpointed) after that many steps and returns {'complete': False, ...}
-    without a summary; calling it again continues exactly. Seed: the run's SEED.
+    end). With max_steps_per_run the stage stops (checkpointed) after that many steps and
+    returns {'complete': False, ...} without a summary; calling it again continues
+    exactly. Seed: the run's SEED.
     """
     ctx = StageContext(run_dir, "rl", os.path.join(run_dir, name))
     if ctx.done:
