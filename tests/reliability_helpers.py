@@ -15,6 +15,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_LM = os.path.join(REPO, "tests", "reliability_train_lm.py")
 
 
+# A run file with the data stage alone, on a tiny world (test_main, test_data_world).
+TINY_DATA_GIN = """
+RUN_DIR = %gin.REQUIRED
+run.run_dir = %RUN_DIR
+run.stages = ['data']
+data_stage.n_train_pairs = 300
+data_stage.n_valid_pairs = 60
+data_stage.n_ood_pairs = 60
+data_stage.n_sft = 100
+data_stage.n_prompts = 40
+data_stage.baseline_steps = 20
+"""
+
 def subprocess_env(compile_cache: Optional[str] = None, devices: Optional[int] = None) -> dict:
     """The test environment for a child process (CPU, same fake device count, shared
     persistent compilation cache so that restarts do not recompile)."""

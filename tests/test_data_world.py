@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 
+import reliability_helpers as rh
 from warm_jax.data import diagnostics, formats, lexicon, oracle, world
 
 SMALL = dict(n_train_pairs=300, n_valid_pairs=100, n_ood_pairs=100, n_sft=200, n_prompts=50)
@@ -283,17 +284,7 @@ def test_cli(tmp_path, capsys):
         world.main(["--out", str(tmp_path / "v4"), "--version", "4"])
 
 
-TINY_DATA = """
-RUN_DIR = %gin.REQUIRED
-run.run_dir = %RUN_DIR
-run.stages = ['data']
-data_stage.n_train_pairs = 300
-data_stage.n_valid_pairs = 60
-data_stage.n_ood_pairs = 60
-data_stage.n_sft = 100
-data_stage.n_prompts = 40
-data_stage.baseline_steps = 20
-"""
+TINY_DATA = rh.TINY_DATA_GIN
 
 
 def test_data_stage_world_version(tmp_path, caplog):

@@ -23,16 +23,7 @@ def _write(path, text):
     return str(path)
 
 
-TINY_DATA = """
-RUN_DIR = %gin.REQUIRED
-run.run_dir = %RUN_DIR
-run.stages = ['data']
-data_stage.n_train_pairs = 300
-data_stage.n_valid_pairs = 60
-data_stage.n_ood_pairs = 60
-data_stage.n_sft = 100
-data_stage.n_prompts = 40
-"""
+TINY_DATA = rh.TINY_DATA_GIN
 
 
 def test_parse_args_bindings_and_errors():
