@@ -279,9 +279,12 @@ def test_rm_eval_reports_ood_and_stress(run_dir, tmp_path):
     assert s["missing"] == {} and "D_ood" in s["split_titles"]["ood"]
     assert "valid2" in s["split_titles"]["stress"]
     claims = {c["id"] for c in s["claims"]}
-    assert {"warm_geq_ens_ood", "warm_geq_ens_stress", "interpolation_above_line_ood",
-            "interpolation_above_line_stress"} <= claims
-    assert set(s["interpolation"]["curves"]) == {"valid", "ood", "stress", "train_clean"}
+    assert {"warm_geq_ens_ood", "warm_geq_ens_stress", "interpolation_above_line_ood"} <= claims
+    # defaults: curves on ID, D_ood and the training rows (not stress); the post-swap test on
+    # the best member and WARM over all members
+    assert "interpolation_above_line_stress" not in claims
+    assert set(s["interpolation"]["curves"]) == {"valid", "ood", "train_clean"}
+    assert set(s["swapped_posts"]) == {s["best_member"], f"warm_M{s['num_members']}"}
     for model, accs in s["table"].items():
         assert set(accs) == {"train_clean", "valid", "ood", "stress"}, model
     # without the ood stage: 'ood' is said to be missing, valid2 stays as 'stress'

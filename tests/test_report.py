@@ -311,3 +311,22 @@ def check_report_matches_stage_outputs(run):
         for key in ("final_control_reward", "final_kl"):
             assert f"| {key} | {s[key]:.3f} |" in rl_text.splitlines(), (name, key)
     assert json.load(open(run / "report" / "summary.json"))["claims"] == len(claims)
+
+
+def test_report_timings_wall_cpu_and_load(tmp_path):
+    """timings.json as main writes it now: wall and CPU seconds and the load per entry; the
+    report sums both and flags a loaded machine."""
+    d = _run(tmp_path, "t", 0.55, 0.6)
+    from warm_jax.stages import base
+    os.remove(os.path.join(d, "timings.json"))
+    base.record_timing(d, "data", 1.25, 2.5)
+    base.record_timing(d, "judge", 2.0, 1.0)
+    rows = base.timing_rows(json.load(open(os.path.join(d, "timings.json"))))
+    assert [(e, w, c) for e, w, c, _ in rows] == [("data", 1.25, 2.5), ("judge", 2.0, 1.0)]
+    timings = json.load(open(os.path.join(d, "timings.json")))
+    timings["judge"]["load_1m"] = 3.2
+    (tmp_path / "t" / "timings.json").write_text(json.dumps(timings))
+    report.report_stage(d)
+    text = open(os.path.join(d, "report.md")).read()
+    assert "| total | 3.2 | 3.5 |" in text  # 1.25 + 2.0 wall, 2.5 + 1.0 CPU
+    assert "load average reached 3.2" in text

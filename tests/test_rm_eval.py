@@ -86,7 +86,8 @@ def _rows(summary):
 
 def test_rm_eval_stage_outputs_and_values(run_dir):
     s = rm_eval.rm_eval_stage(run_dir, ensemble=ENS, max_train_pairs=48, batch_size=16,
-                              num_lambdas=5)
+                              num_lambdas=5, interp_splits=["valid", "ood", "stress", "train"],
+                              swap_models="all")
     stage_dir = os.path.join(run_dir, f"rm_eval_{ENS}")
     for name in ("summary.json", "results.jsonl", "metrics.jsonl", "accuracy_vs_m.png",
                  "interpolation.png", "rm_eval.run_info.json"):
@@ -287,7 +288,8 @@ def test_rm_eval_on_hand_made_splits_of_known_accuracy(run_dir, tmp_path):
     os.symlink(os.path.join(run_dir, ENS), os.path.join(run, ENS))
     gin.bind_parameter("DataConfig.data_dir", data)
     s = rm_eval.rm_eval_stage(run, ensemble=ENS, max_train_pairs=16, batch_size=16,
-                              num_lambdas=3, ood_comparisons=str(tmp_path / "dood.jsonl"))
+                              num_lambdas=3, ood_comparisons=str(tmp_path / "dood.jsonl"),
+                              interp_splits=["valid", "ood", "stress"])
     assert s["splits"]["valid"] == 24 and s["splits"]["stress"] == 40 and s["splits"]["ood"] == 12
     for model, accs in s["table"].items():
         assert accs["valid"] == 0.0 and accs["stress"] == 0.5 and accs["ood"] == 0.0, (model, accs)

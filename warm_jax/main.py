@@ -147,7 +147,7 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
     for i, entry in enumerate(entries):
         fn, scope = resolve_stage(entry)
         log.info("=== stage %d/%d: %s ===", i + 1, len(entries), entry)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         _NOW["entry"] = entry
         try:
             if scope:
@@ -160,10 +160,10 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
             raise
         finally:
             _NOW["entry"] = None
-        dt = time.time() - t0
+        dt, cpu = time.time() - t0, time.process_time() - c0
         results[entry] = out
-        log.info("=== %s done in %.1fs ===", entry, dt)
-        stage_base.record_timing(run_dir, entry, dt)
+        log.info("=== %s done in %.1fs (CPU %.1fs) ===", entry, dt, cpu)
+        stage_base.record_timing(run_dir, entry, dt, cpu)
     log.info("all %d stages done in %.1fs; run directory: %s", len(entries),
              time.time() - t_start, run_dir)
     metrics.write_run_info(run_dir, "main", config={"stages": list(entries)})

@@ -109,13 +109,36 @@ def binding(name: str) -> str:
     return f"{scope()}/{name}" if scope() else name
 
 
-def record_timing(run_dir: str, entry: str, seconds: float) -> None:
-    """Adds one stage entry's wall time to {run_dir}/timings.json (primary process)."""
+def record_timing(run_dir: str, entry: str, seconds: float,
+                  cpu_seconds: Optional[float] = None) -> None:
+    """Adds one stage entry's wall time, the process's CPU time (user + system, all threads)
+    and the 1-minute load average at its end to {run_dir}/timings.json (primary process):
+    {entry: {"wall_s", "cpu_s", "load_1m"}}. A load above the machine's core count means
+    other jobs shared the CPUs, and the wall time is an upper bound."""
     import jax
 
     if jax.process_index() != 0:
         return
     path = os.path.join(run_dir, "timings.json")
     data = read_json(path) if os.path.exists(path) else {}
-    data[entry] = round(seconds, 2)
+    row = {"wall_s": round(seconds, 2)}
+    if cpu_seconds is not None:
+        row["cpu_s"] = round(cpu_seconds, 2)
+    try:
+        row["load_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:  # not every platform has a load average
+        pass
+    data[entry] = row
     metrics.atomic_write_json(path, data)
+
+
+def timing_rows(timings: dict) -> list[tuple[str, float, Optional[float], Optional[float]]]:
+    """(entry, wall s, CPU s or None, load or None) from timings.json, old files included
+    (whose values are wall seconds)."""
+    out = []
+    for entry, v in timings.items():
+        if isinstance(v, dict):
+            out.append((entry, float(v.get("wall_s", 0.0)), v.get("cpu_s"), v.get("load_1m")))
+        else:
+            out.append((entry, float(v), None, None))
+    return out

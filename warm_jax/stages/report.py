@@ -80,9 +80,20 @@ def _section_overview(run_dir: str, s: dict) -> str:
         lines.append(f"Devices: {info.get('num_devices')} ({', '.join(info.get('devices', [])[:2])}"
                      f"{'...' if len(info.get('devices', [])) > 2 else ''}).")
     if timings:
-        total = sum(timings.values())
-        lines += ["", _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]
-                              + [["total", f"{total:.1f}"]])]
+        from warm_jax.stages.base import timing_rows
+
+        rows = timing_rows(timings)
+        fmt = lambda v: "" if v is None else f"{v:.1f}"
+        cpu_total = (sum(r[2] for r in rows) if all(r[2] is not None for r in rows) else None)
+        lines += ["", _table(["stage", "wall s", "CPU s", "load (1 min)"],
+                             [[k, f"{w:.1f}", fmt(c), fmt(l)] for k, w, c, l in rows]
+                             + [["total", f"{sum(r[1] for r in rows):.1f}", fmt(cpu_total),
+                                 ""]])]
+        loads = [r[3] for r in rows if r[3] is not None]
+        if loads and max(loads) > 1.5:
+            lines.append(f"\nThe 1-minute load average reached {max(loads):.1f} at a stage's end:"
+                         " other jobs shared the CPUs, so wall times are upper bounds. CPU "
+                         "seconds count this process's threads only.")
     data = s.get("data_stage")
     if data:
         lines += ["", "Data: " + ", ".join(f"{k} {v}" for k, v in data.get("counts", {}).items())

@@ -284,6 +284,10 @@ def check_rm_eval_stage(c) -> None:
     if pair is not None and pair[0] == pair[1]:
         c.fail("interp_members", "must name two different members")
     c.number("claim_tolerance", 0)
+    known = ("valid", "ood", "stress", "train", "train_clean", "train_corrupt")
+    c.sequence("interp_splits", optional=True, min_length=1,
+               item=lambda v: None if v in known else f"must be one of {list(known)}")
+    c.choice("swap_models", ("best", "all"))
     if c["ood_comparisons"] is not None:
         c.existing("ood_comparisons", what="comparisons file")
     c.read(c.rel(ensemble))
@@ -302,7 +306,9 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
                   interp_members: Optional[Sequence[int]] = None,
                   claim_tolerance: float = 0.01, force_init_mismatch: bool = False,
                   baseline_train_pairs: Optional[int] = 8000,
-                  ood_comparisons: Optional[str] = None) -> dict:
+                  ood_comparisons: Optional[str] = None,
+                  interp_splits: Optional[Sequence[str]] = None,
+                  swap_models: str = "best") -> dict:
     """Evaluates members, WARM (M = 2..all) and ENS (M = 2..all) of one ensemble, and the
     interpolation between two members (default: the two best, ranked as 'ranked_by' says;
     interp_members=(i, j) picks member indices). corrupted=None reads it from the
@@ -317,7 +323,13 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
 
     The 'ood' split is the D_ood set: the file `ood_comparisons` when set, else the ood
     stage's {run_dir}/ood/comparisons.jsonl once that stage has finished; without either it
-    is left out (said in the log and in summary.json's 'missing'). 'stress' is valid2."""
+    is left out (said in the log and in summary.json's 'missing'). 'stress' is valid2.
+
+    interp_splits: the splits the interpolation curves are measured on (None: 'valid',
+    'ood' and the training split, train_corrupt or train_clean; 'stress' on request). Its
+    end points (lambda 0 and 1) are the members themselves and reuse their scores.
+    swap_models: 'best' (the post-swap test on the best member, which the gate reads, and on
+    WARM over all members) or 'all' (every member too)."""
     ctx = StageContext(run_dir, "rm_eval", artifacts.rm_eval_dir(run_dir, ensemble))
     if ctx.done:
         return ctx.summary()
@@ -329,9 +341,9 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     _members(r)
     table = dict(r.member_acc)  # {model: {split: accuracy}}: members, warm_M*, ens_M*
     table.update(_warm_and_ens(r, ensemble))
-    interp = _interpolation(r, interp_members, num_lambdas)
+    interp = _interpolation(r, interp_members, num_lambdas, interp_splits)
     gate_rows, swap_acc, base = _gates(ctx, r, table, max_eval_pairs, baseline_train_pairs,
-                                       ensemble)
+                                       ensemble, swap_models)
     m_all, names, order = len(r.paths), r.names, r.order
     claims = claims_lib.keyed(_claims(table, interp, r.splits, m_all, claim_tolerance),
                               ensemble, r.splits)
@@ -339,7 +351,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         "ensemble": ensemble, "corrupted": r.corrupted, "max_train_pairs": max_train_pairs,
         "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
         "interp_members": list(interp["indices"]), "claim_tolerance": claim_tolerance,
-        "ood_comparisons": ood_path}, {
+        "ood_comparisons": ood_path, "interp_splits": list(interp["curves"]),
+        "swap_models": swap_models}, {
         "corruption_seed": ctx.provider().config.corruption_seed, "swap_seed": ctx.seed})
     metrics.atomic_write_text(ctx.path("results.jsonl"),
                               "".join(json.dumps(row) + "\n" for row in r.rows))
@@ -438,9 +451,11 @@ def _warm_and_ens(r, ensemble: str) -> dict:
     return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("warm")))
 
 
-def _interpolation(r, interp_members, num_lambdas: int) -> dict:
+def _interpolation(r, interp_members, num_lambdas: int,
+                   interp_splits: Optional[Sequence[str]] = None) -> dict:
     """Linear interpolation between two members: weights (WA), rewards (ENS), and the
-    straight line between their accuracies."""
+    straight line between their accuracies. At lambda 0 and 1 the weight average is the
+    member itself (average_params is exact for one-hot weights), so its scores are reused."""
     n, rc, rr = len(r.paths), r.rc, r.rr
     a, b = (r.order[0], r.order[1]) if interp_members is None else tuple(
         int(i) for i in interp_members)
@@ -448,14 +463,24 @@ def _interpolation(r, interp_members, num_lambdas: int) -> dict:
         raise ValueError(f"rm_eval_stage.interp_members={interp_members}: need two distinct "
                          f"member indices in 0..{n - 1}")
     lambdas = [float(x) for x in np.linspace(0.0, 1.0, num_lambdas)]
-    interp_splits = [s for s in ("valid", "ood", "stress") if s in r.sets]
-    interp_splits.append("train_corrupt" if r.corrupted else "train_clean")
+    train_split = "train_corrupt" if r.corrupted else "train_clean"
+    if interp_splits is None:
+        interp_splits = [s for s in ("valid", "ood", train_split) if s in r.sets]
+    else:
+        interp_splits = [train_split if s == "train" else s for s in interp_splits]
+        missing = [s for s in interp_splits if s not in r.sets]
+        if missing:
+            raise ValueError(f"rm_eval_stage.interp_splits = {list(interp_splits)}: "
+                             f"{missing} not measured in this run (splits: {r.splits})")
     curves = {s: {"wa": [], "ens": [], "line": []} for s in interp_splits}
     acc_a, acc_b = r.member_acc[r.names[a]], r.member_acc[r.names[b]]
     for lam in lambdas:
-        wa = average.average_params([r.params[a], r.params[b]], [lam, 1.0 - lam])
+        ends = {1.0: a, 0.0: b}
+        wa = (None if lam in ends else
+              average.average_params([r.params[a], r.params[b]], [lam, 1.0 - lam]))
         for s in interp_splits:
-            acc_wa = r.ev.accuracy(wa, r.sets[s])
+            acc_wa = (r.member_acc[r.names[ends[lam]]][s] if lam in ends
+                      else r.ev.accuracy(wa, r.sets[s]))
             acc_ens = _acc(lam * rc[s][a] + (1 - lam) * rc[s][b],
                            lam * rr[s][a] + (1 - lam) * rr[s][b])
             line = lam * acc_a[s] + (1 - lam) * acc_b[s]
@@ -469,16 +494,21 @@ def _interpolation(r, interp_members, num_lambdas: int) -> dict:
             "indices": (a, b)}
 
 
-def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: str):
-    """The gates: post swap (every member and WARM), bag-of-words baselines, the oracle
-    ceiling. Returns (gate rows, swapped-post accuracies, baselines)."""
+def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: str,
+           swap_models: str = "best"):
+    """The gates: post swap (the best member and WARM; every member with swap_models='all'),
+    bag-of-words baselines, the oracle ceiling. Returns (gate rows, swapped-post accuracies,
+    baselines)."""
     from warm_jax.data import pipeline
 
     prov, names, n = ctx.provider(), r.names, len(r.paths)
     valid_comps = prov.comparisons("valid")[:max_eval_pairs or None]
     swapped = pipeline.preference_arrays(gates.swap_posts(valid_comps, ctx.seed), prov.vocab,
                                          prov.config.max_len)
-    swap_acc = {names[i]: r.ev.accuracy(r.params[i], swapped) for i in range(n)}
+    if swap_models not in ("best", "all"):
+        raise ValueError(f"rm_eval_stage.swap_models = {swap_models!r}: 'best' or 'all'")
+    swapped_members = range(n) if swap_models == "all" else [r.order[0]]
+    swap_acc = {names[i]: r.ev.accuracy(r.params[i], swapped) for i in swapped_members}
     merged = average.average_params(r.params)
     swap_acc[f"warm_M{n}"] = r.ev.accuracy(merged, swapped)
     del merged
