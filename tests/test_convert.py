@@ -154,7 +154,7 @@ def test_export_reimports_bitwise(name, tmp_path, one_device):
 def test_native_rm_exports_with_its_bias_and_in_bfloat16(tmp_path, one_device):
     """A warm-jax model (never seen by transformers) -> Llama ForSequenceClassification; the
     reward head's bias travels in config.json; bf16 is the fp32 tensor rounded."""
-    cfg = model_lib.model_config("tiny", vocab_size=96)
+    cfg = model_lib.model_config("tiny", vocab_size=160)
     params = _random_params(cfg, 3)
     params["reward_head"]["bias"] = jnp.array([0.375], jnp.float32)
     ckpt = str(tmp_path / "rm")
@@ -175,7 +175,7 @@ def test_native_rm_exports_with_its_bias_and_in_bfloat16(tmp_path, one_device):
 
 
 def test_policy_exports_as_causal_lm(tmp_path, one_device):
-    cfg = model_lib.model_config("tiny", vocab_size=96, tie_embeddings=False)
+    cfg = model_lib.model_config("tiny", vocab_size=160, tie_embeddings=False)
     params = _random_params(cfg, 5)
     ckpt = str(tmp_path / "policy")
     ckpt_lib.export_params(ckpt, params, {"kind": "lm", "step": 1, "vocab_sha256": None,
@@ -310,7 +310,7 @@ def test_hf_tokenizer_behind_the_vocabulary_interface(tmp_path):
     path = os.path.join(FX, "tokenizer.json")
     v = vocab_lib.load_vocab(path)
     assert isinstance(v, vocab_lib.HFTokenizerVocab)
-    assert (v.pad_id, v.eos_id, v.unk_id, v.vocab_size) == (0, 1, 2, 96)
+    assert (v.pad_id, v.eos_id, v.unk_id, v.vocab_size) == (0, 1, 2, 160)
     assert v.sha256 == vocab_lib.file_sha256(path)
     z = np.load(os.path.join(FX, "inputs.npz"))
     ids = v.encode(str(z["texts"][0]))  # the fixture rows are these ids, then eos

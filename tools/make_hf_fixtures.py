@@ -35,6 +35,9 @@ CORPUS = [
     "a reward model scores a summary; the policy writes summaries that score well",
     "weight averaged reward models are more robust than their members",
     "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ?",
+    "last weekend my boyfriend crashed my car. it has been really stressful. do i forgive him?",
+    "what to do about my roommate and my dog. i am not sure what to do. i feel bad about it",
+    "my husband returned the couch; things were fine before this. help, advice, legal, money",
 ]
 TEXTS = [
     "the cat sat on the mat",
@@ -43,14 +46,14 @@ TEXTS = [
 ]
 SEQ = 12
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+             num_key_value_heads=2, max_position_embeddings=256)
 
 
 def make_tokenizer(out: str) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<pad>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<pad>", "</s>", "<unk>"],
                                   show_progress=False)
     tok.train_from_iterator(CORPUS, trainer=trainer)
     assert [tok.token_to_id(t) for t in ("<pad>", "</s>", "<unk>")] == [0, 1, 2]

@@ -392,6 +392,42 @@ class HFCheckpoint:
         return card
 
 
+def place(ck: HFCheckpoint, abstract: Any) -> Any:
+    """The checkpoint's tensors as arrays on `abstract`'s shardings (ShapeDtypeStructs with
+    shardings, or without: the default device), one tensor and one shard slice at a time."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out = []
+    for path, a in leaves:
+        key = jax.tree_util.keystr(path)
+        fn = ck.host_value(key, a.shape, np.dtype(a.dtype))
+        sharding = getattr(a, "sharding", None)
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        out.append(jax.make_array_from_callback(a.shape, sharding, fn))
+    params = jax.tree_util.tree_unflatten(treedef, out)
+    jax.block_until_ready(params)
+    ck.files.close()
+    return params
+
+
+def load_into(directory: str, abstract: Any = None) -> tuple[Any, dict]:
+    """checkpoint.load_params for an HF directory: (params on `abstract`'s shardings, card).
+    The target's dtypes win (a bf16 target gets the tensors cast to bf16)."""
+    ck = HFCheckpoint(directory)
+    if abstract is None:
+        abstract, _ = model_lib.abstract_params(ck.cfg)
+    want = {jax.tree_util.keystr(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    have, _ = model_lib.abstract_params(ck.cfg)
+    got = {jax.tree_util.keystr(p): tuple(a.shape)
+           for p, a in jax.tree_util.tree_flatten_with_path(have)[0]}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise ConversionError(f"{ck.config_path}: the model it describes does not match the "
+                              f"target parameters ({diff})")
+    return place(ck, abstract), ck.card()
+
+
 def load_hf(directory: str, mesh=None, *, dtype: str = "float32", param_dtype: str = "float32",
             tokenizer: Optional[str] = None, checkpoint: Optional[HFCheckpoint] = None
             ) -> tuple[Any, dict, dict]:
@@ -403,17 +439,8 @@ def load_hf(directory: str, mesh=None, *, dtype: str = "float32", param_dtype: s
     mesh = mesh if mesh is not None else partitioning.make_mesh(partitioning.MeshConfig())
     abstract, _ = avg_lib.target_shardings(ck.cfg, mesh)
     t0 = time.perf_counter()
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    out = []
-    for path, a in leaves:
-        key = jax.tree_util.keystr(path)
-        fn = ck.host_value(key, a.shape, np.dtype(a.dtype))
-        arr = jax.make_array_from_callback(a.shape, a.sharding, fn)
-        out.append(arr)
-    params = jax.tree_util.tree_unflatten(treedef, out)
-    jax.block_until_ready(params)
+    params = place(ck, abstract)
     seconds = time.perf_counter() - t0
-    ck.files.close()
     stats = {"seconds": seconds, "file_bytes": ck.files.nbytes(),
              "read_bytes_per_s": ck.files.nbytes() / max(seconds, 1e-9)}
     return params, ck.card(), stats

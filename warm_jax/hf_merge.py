@@ -43,10 +43,7 @@ _BOOKKEEPING = ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
                 convert.REWARD_BIAS_KEY)
 
 
-def is_hf_dir(path: str) -> bool:
-    """A Hugging Face model directory (config.json) rather than a warm-jax checkpoint."""
-    return (os.path.isfile(os.path.join(path, "config.json"))
-            and not os.path.isfile(os.path.join(path, "card.json")))
+is_hf_dir = avg_lib.ckpt_lib.is_hf_dir
 
 
 def _comparable(hf: dict) -> dict:
