@@ -3,6 +3,7 @@ params checkpoint (an RM member, a WARM merge, an RL policy) to a Hugging Face d
 
   python -m warm_jax.convert import HF_DIR OUT [--param_dtype bfloat16] [--tokenizer T.json]
   python -m warm_jax.convert export CKPT OUT [--as rm|lm] [--dtype bfloat16] [--tokenizer T.json]
+  python -m warm_jax.convert score CKPT_OR_HF_DIR --inputs ids.npz --out outputs.npz
 
 Families (config.json model_type): llama (Llama 2/3, TinyLlama, SmolLM), mistral, qwen2,
 gemma. Their differences are model config options (model.TransformerConfig): GQA
@@ -551,6 +552,8 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
     shards.append(cur)
 
     tok = tokenizer or hf_info.get("tokenizer")
+    if not tok:
+        log.warning("%s: no tokenizer.json shipped (pass --tokenizer to include one)", out)
     if tok and not os.path.exists(tok):
         raise ConversionError(f"{tok}: no such tokenizer file (pass --tokenizer)")
     if tok and card.get("vocab_sha256") and _file_sha(tok) != card["vocab_sha256"]:
@@ -632,6 +635,24 @@ def export_hf(ckpt: str, out: str, mesh=None, *, kind: Optional[str] = None,
 # CLI
 
 
+def score(path: str, input_ids: np.ndarray, attention_mask: np.ndarray,
+          kind: Optional[str] = None) -> np.ndarray:
+    """Rewards [B] (reward models) or logits [B, T, V] (policies) of a warm-jax checkpoint
+    or an HF directory on given token ids, computed by warm-jax (the export check's other
+    side)."""
+    from warm_jax import average as avg_lib
+
+    card = ckpt_lib.read_card(path)
+    cfg = model_lib.config_from_dict(card["model_config"])
+    one = partitioning.make_mesh(partitioning.MeshConfig(data=1), devices=jax.devices()[:1])
+    params, card = ckpt_lib.load_params(path, avg_lib.target_shardings(cfg, one)[0])
+    kind = kind or ("rm" if str(card.get("kind", "")).startswith(("rm", "warm")) else "lm")
+    out = model_lib.Transformer(cfg).apply(
+        {"params": params}, np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32),
+        head="reward" if kind == "rm" else "lm")
+    return np.asarray(out, np.float32)
+
+
 def _mesh(args):
     sizes = {a: getattr(args, f"mesh_{a}") for a in partitioning.MESH_AXES
              if getattr(args, f"mesh_{a}", None) is not None}
@@ -658,6 +679,11 @@ def _parse(argv):
     exp.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     exp.add_argument("--tokenizer", default=None, help="tokenizer.json to ship with it")
     exp.add_argument("--max_shard_gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30)
+    sc = sub.add_parser("score", help="rewards / logits of a checkpoint on token ids (npz)")
+    sc.add_argument("checkpoint", help="warm-jax checkpoint or Hugging Face directory")
+    sc.add_argument("--inputs", required=True, help="npz with input_ids and attention_mask")
+    sc.add_argument("--out", required=True, help="npz to write ('rewards' or 'logits')")
+    sc.add_argument("--as", dest="kind", choices=("rm", "lm"), default=None)
     for p in (imp, exp):
         for axis in partitioning.MESH_AXES:
             p.add_argument(f"--mesh_{axis}", type=int, default=None)
@@ -668,6 +694,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.cmd == "score":
+            try:
+                z = np.load(args.inputs)
+                ids, mask = z["input_ids"], z["attention_mask"]
+            except (KeyError, ValueError) as e:
+                raise ConversionError(f"{args.inputs}: needs arrays input_ids and "
+                                      f"attention_mask ({e})") from e
+            y = score(args.checkpoint, ids, mask, args.kind)
+            np.savez(args.out, **{"rewards" if y.ndim == 1 else "logits": y})
+            print(f"wrote {args.out}: {'rewards' if y.ndim == 1 else 'logits'} {list(y.shape)}")
+            return 0
         mesh = _mesh(args)
         if args.cmd == "import":
             r = import_hf(args.hf_dir, args.out, mesh, dtype=args.dtype,
