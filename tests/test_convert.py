@@ -339,3 +339,11 @@ def test_family_options_default_to_the_original_model():
     assert names["layer_0"]["attn"]["key"]["bias"] == ("kv",)
     with pytest.raises(ValueError, match="mlp_activation"):
         model_lib.model_config("tiny", mlp_activation="relu")
+
+
+def test_score_cli_gives_the_fixture_rewards(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert convert.main(["score", os.path.join(FX, "gemma_rm"), "--inputs",
+                         os.path.join(FX, "inputs.npz"), "--out", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out)["rewards"], np.load(
+        os.path.join(FX, "gemma_rm", "expected.npz"))["rewards"], atol=1e-4, rtol=1e-4)
