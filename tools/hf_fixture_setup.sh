@@ -5,6 +5,7 @@
 #
 #   bash tools/hf_fixture_setup.sh                  # creates .venv-hf
 #   HF_VENV=/some/where bash tools/hf_fixture_setup.sh
+#   WITH_MERGEKIT=1 bash tools/hf_fixture_setup.sh  # + mergekit, for bench/hf_checkpoints.py
 #
 # torch must be the CPU build (see bench/peer_setup.sh for where pip finds it).
 set -euo pipefail
@@ -25,6 +26,9 @@ if "+cpu" not in torch.__version__ or torch.cuda.is_available():
     sys.exit(f"expected the CPU build of torch, got {torch.__version__}")
 PY
 "$VENV/bin/python" -m pip install -q "${HF_SPECS[@]}" "$TORCH_SPEC"
+if [ "${WITH_MERGEKIT:-0}" = "1" ]; then
+  "$VENV/bin/python" -m pip install -q mergekit==0.1.5 "${HF_SPECS[@]}" "$TORCH_SPEC"
+fi
 "$VENV/bin/python" -m pip check
 "$VENV/bin/python" - <<'PY'
 import torch, transformers

@@ -336,7 +336,7 @@ class HFCheckpoint:
             if tuple(shape) != tuple(want):
                 raise ConversionError(f"{self.files.path_of(hf)}: tensor {hf!r} has shape "
                                       f"{list(shape)}, config.json implies {list(want)}")
-            if self.files.dtype(hf).kind != "f":
+            if str(self.files.dtype(hf)) not in ("float32", "bfloat16", "float16", "float64"):
                 raise ConversionError(f"{self.files.path_of(hf)}: tensor {hf!r} has dtype "
                                       f"{self.files.dtype(hf)}, expected a float type")
         extra = sorted(have - wanted - tied_extra)

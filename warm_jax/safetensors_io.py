@@ -67,7 +67,6 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} data_offsets {[b, e]} do "
                                        f"not fit shape {shape} {dtype} (file of {size} bytes)")
             self.header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [int(b), int(e)]}
-        self._mm: Optional[np.memmap] = None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -79,16 +78,18 @@ class SafetensorsFile:
         return np.dtype(DTYPES[self.header[name]["dtype"]])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only view of the mapped file (no bytes read yet)."""
+        """The tensor as a read-only memory map of its own bytes (nothing read yet; the
+        mapping goes away with the last reference, so pages read do not pile up)."""
         info = self.header[name]
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         b, e = info["data_offsets"]
-        buf = self._mm[self._start + b:self._start + e]
-        return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        if e == b:
+            return np.zeros(info["shape"], dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._start + b,
+                         shape=tuple(info["shape"]))
 
     def close(self) -> None:
-        self._mm = None
+        """Nothing to release: every tensor maps (and unmaps) its own bytes."""
 
 
 class CheckpointFiles:
