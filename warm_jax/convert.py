@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -352,20 +353,21 @@ class HFCheckpoint:
     def special_ids(self) -> dict:
         return {k: self.hf.get(k) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
 
-    def host_value(self, key: str, shape, dtype) -> Callable[[Any], np.ndarray]:
-        """index -> that slice of the parameter `key` as `dtype` (read from the mapped file)."""
+    def host_value(self, key: str, shape, dtype) -> tuple[Callable[[Any], np.ndarray], bool]:
+        """(index -> that slice as `dtype`, transposed). A transposed parameter is served in
+        the file's layout ([out, in], the transpose of `shape`) and transposed on device:
+        XLA's blocked transpose is several times faster than numpy's strided copy."""
+        transposed = False
         if key in self.names:
             hf, transposed = self.names[key]
             view = self.files.get(hf)
-            if transposed:
-                view = view.T
             if key == "['reward_head']['kernel']":
-                view = view.reshape(shape)
+                view, transposed = view.reshape(shape), False
         elif key == "['reward_head']['bias']":
             view = np.full(shape, self.reward_bias, np.float32)
         else:  # the LM head of a ForSequenceClassification, the reward head of a ForCausalLM
             view = np.zeros(shape, np.float32)
-        return lambda index: np.asarray(view[index]).astype(dtype)
+        return (lambda index: np.asarray(view[index]).astype(dtype)), transposed
 
     def card(self) -> dict:
         fm = self.front_matter
@@ -393,6 +395,23 @@ class HFCheckpoint:
         return card
 
 
+def _transposed_sharding(sharding, ndim: int):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[::-1]))
+    return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _transpose_fn(out_sharding, dtype=None):
+    return jax.jit(lambda x: (x.T if dtype is None else x.T.astype(dtype)),
+                   out_shardings=out_sharding)
+
+
+def _transpose(x, out_sharding, dtype=None):
+    return _transpose_fn(out_sharding, dtype)(x)
+
+
 def place(ck: HFCheckpoint, abstract: Any) -> Any:
     """The checkpoint's tensors as arrays on `abstract`'s shardings (ShapeDtypeStructs with
     shardings, or without: the default device), one tensor and one shard slice at a time."""
@@ -400,11 +419,17 @@ def place(ck: HFCheckpoint, abstract: Any) -> Any:
     out = []
     for path, a in leaves:
         key = jax.tree_util.keystr(path)
-        fn = ck.host_value(key, a.shape, np.dtype(a.dtype))
+        fn, transposed = ck.host_value(key, a.shape, np.dtype(a.dtype))
         sharding = getattr(a, "sharding", None)
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        out.append(jax.make_array_from_callback(a.shape, sharding, fn))
+        if transposed:  # file layout, sharded as the transpose of the target: a local .T
+            src = _transposed_sharding(sharding, a.ndim)
+            arr = jax.make_array_from_callback(a.shape[::-1], src, fn)
+            out.append(_transpose(arr, sharding))
+            del arr
+        else:
+            out.append(jax.make_array_from_callback(a.shape, sharding, fn))
     params = jax.tree_util.tree_unflatten(treedef, out)
     jax.block_until_ready(params)
     ck.files.close()
@@ -530,10 +555,11 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
     np_dtype = np.dtype(_DTYPES[dtype])
 
     def fetch(key, transposed):
-        def fn():
-            a = np.asarray(jax.device_get(flat[key]))
-            a = a.T if transposed else a
-            return a.astype(np_dtype)
+        def fn():  # transpose and cast on device (XLA's blocked transpose), then fetch
+            x = flat[key]
+            if transposed:
+                x = _transpose(x, _transposed_sharding(x.sharding, x.ndim), np_dtype)
+            return np.asarray(jax.device_get(x)).astype(np_dtype, copy=False)
         return fn
 
     tensors = []

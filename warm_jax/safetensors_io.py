@@ -193,7 +193,9 @@ def write_file(path: str, tensors: Iterable[tuple[str, np.ndarray]],
             if a.shape != shape or a.dtype != dtype:
                 raise SafetensorsError(f"{path}: tensor {name!r} is {a.shape} {a.dtype}, "
                                        f"announced {shape} {dtype}")
-            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
             del a
     return offset
 
