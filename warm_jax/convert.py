@@ -530,6 +530,33 @@ def _default_kind(card: dict) -> str:
     return "rm" if str(card.get("kind", "")).startswith(("rm", "warm")) else "lm"
 
 
+def write_shards(directory: str, tensors: list, meta: dict, max_shard_bytes: int
+                 ) -> tuple[int, int]:
+    """Writes (name, array or st.Lazy) pairs as model.safetensors, or as shards of at most
+    max_shard_bytes (consecutive tensors) with model.safetensors.index.json.
+    Returns (bytes of tensor data, number of files)."""
+    shards, cur, size = [], [], 0
+    for name, arr in tensors:
+        shape, dtype = arr.spec if isinstance(arr, st.Lazy) else (arr.shape, arr.dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, arr))
+        size += n
+    shards.append(cur)
+    if len(shards) == 1:
+        return st.write_file(os.path.join(directory, st.SINGLE_NAME), shards[0], meta), 1
+    total, weight_map = 0, {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += st.write_file(os.path.join(directory, fname), shard, meta)
+        weight_map.update({name: fname for name, _ in shard})
+    with open(os.path.join(directory, st.INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return total, len(shards)
+
+
 def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
              dtype: str = "float32", tokenizer: Optional[str] = None,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
@@ -566,17 +593,6 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
     for key, (hf, transposed) in names.items():
         shape = flat[key].shape[::-1] if transposed else flat[key].shape
         tensors.append((hf, st.Lazy(shape, np_dtype, fetch(key, transposed))))
-    # shards: consecutive tensors up to max_shard_bytes each
-    shards, cur, size = [], [], 0
-    for name, lazy in tensors:
-        n = int(np.prod(lazy.spec[0], dtype=np.int64)) * np_dtype.itemsize
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, lazy))
-        size += n
-    shards.append(cur)
-
     tok = tokenizer or hf_info.get("tokenizer")
     if not tok:
         log.warning("%s: no tokenizer.json shipped (pass --tokenizer to include one)", out)
@@ -585,26 +601,17 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
     if tok and card.get("vocab_sha256") and _file_sha(tok) != card["vocab_sha256"]:
         raise ConversionError(f"{tok}: sha256 differs from the card's field 'vocab_sha256' "
                               f"({str(card['vocab_sha256'])[:12]}...): not the model's tokenizer")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
+    made, p = [], os.path.dirname(out)
+    while p and not os.path.exists(p):  # parents this call creates (removed on failure)
+        made.append(p)
+        p = os.path.dirname(p)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
-    total = 0
     meta = {"format": "pt", "warm_jax_kind": str(card.get("kind")),
             "warm_jax_fingerprint": str(card.get("fingerprint"))}
     try:
-        os.makedirs(tmp)
-        if len(shards) == 1:
-            total = st.write_file(os.path.join(tmp, st.SINGLE_NAME), shards[0], meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                total += st.write_file(os.path.join(tmp, fname), shard, meta)
-                weight_map.update({name: fname for name, _ in shard})
-            with open(os.path.join(tmp, st.INDEX_NAME), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
-                          indent=1)
+        os.makedirs(tmp)  # and its parents
+        total, num_shards = write_shards(tmp, tensors, meta, max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, WARM_CARD_NAME), "w") as f:
@@ -616,10 +623,15 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # innermost first
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
         raise
     seconds = time.perf_counter() - t0
     return {"path": out, "kind": kind, "family": family, "config": hf_cfg,
-            "stats": {"seconds": seconds, "bytes": total, "shards": len(shards),
+            "stats": {"seconds": seconds, "bytes": total, "shards": num_shards,
                       "write_bytes_per_s": total / max(seconds, 1e-9)}}
 
 
