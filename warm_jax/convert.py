@@ -593,7 +593,18 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
     for key, (hf, transposed) in names.items():
         shape = flat[key].shape[::-1] if transposed else flat[key].shape
         tensors.append((hf, st.Lazy(shape, np_dtype, fetch(key, transposed))))
-    tok = tokenizer or hf_info.get("tokenizer")
+    return write_dir(out, tensors, hf_cfg, card, kind=kind, dtype=dtype,
+                     tokenizer=tokenizer or hf_info.get("tokenizer"),
+                     max_shard_bytes=max_shard_bytes) | {"family": family}
+
+
+def write_dir(out: str, tensors: list, hf_cfg: dict, card: dict, *, kind: str, dtype: str,
+              tokenizer: Optional[str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """Writes an HF directory atomically: tensors ((name, array or st.Lazy) pairs), config.json,
+    the model card (README.md), warm_jax_card.json and the tokenizer; a failure leaves no
+    output, temporary or parent directory behind."""
+    out = os.path.abspath(out)
+    tok = tokenizer
     if not tok:
         log.warning("%s: no tokenizer.json shipped (pass --tokenizer to include one)", out)
     if tok and not os.path.exists(tok):
@@ -630,7 +641,7 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
                 pass
         raise
     seconds = time.perf_counter() - t0
-    return {"path": out, "kind": kind, "family": family, "config": hf_cfg,
+    return {"path": out, "kind": kind, "config": hf_cfg,
             "stats": {"seconds": seconds, "bytes": total, "shards": num_shards,
                       "write_bytes_per_s": total / max(seconds, 1e-9)}}
 

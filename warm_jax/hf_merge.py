@@ -10,20 +10,21 @@ The same op as warm_jax.average, with the same guarantees:
    base shown (the same `base_model` in every README.md, or the same init/shared
    fingerprint in every warm_jax_card.json) unless force_init_mismatch; weights as
    average.normalize_weights wants them.
-2. Streaming merge: each member is read straight onto the mesh shardings
-   (convert.load_hf) and folded into the float32 running weighted mean of
-   average._Accumulator, then freed; the result is cast back to the members' dtype.
-3. Atomic output (convert.write_hf): the directory exists whole or not at all, and a
-   failure leaves no temporary or parent directory behind.
+2. Streaming merge: each member's tensors are read straight onto the mesh shardings, in
+   the files' own layout (averaging is elementwise: nothing is transposed), and folded into
+   the float32 running weighted mean of average._Accumulator, then freed; the result is
+   cast back to the members' dtype. A warm-jax reward bias in config.json
+   (warm_jax_reward_bias) is averaged with the same weights.
+3. Atomic output (convert.write_dir): the members' config.json (less _name_or_path), the
+   merged tensors, a model card naming members and weights, the tokenizer; the directory
+   exists whole or not at all, and a failure leaves no temporary or parent directory.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Optional, Sequence
 
@@ -34,7 +35,9 @@ import numpy as np
 from warm_jax import average as avg_lib
 from warm_jax import cards
 from warm_jax import convert
+from warm_jax import model as model_lib
 from warm_jax import partitioning
+from warm_jax import safetensors_io as st
 
 log = logging.getLogger("warm_jax")
 
@@ -172,51 +175,71 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
     w = avg_lib.normalize_weights(weights, len(paths))
     members, stored, init_check = check_hf_members(paths, force_init_mismatch=force_init_mismatch)
     mesh = mesh if mesh is not None else partitioning.make_mesh(partitioning.MeshConfig())
+    target = raw_target(members[0], mesh, stored)
     t0 = time.perf_counter()
-    ops, acc, total = None, None, 0.0
+    ops = avg_lib._Accumulator({k: a.dtype for k, a in target.items()})
+    acc, total, bias = None, 0.0, 0.0
     for i, m in enumerate(members):
         if w[i] == 0:
             continue
-        ck = convert.HFCheckpoint(m.directory, param_dtype=stored)
-        params, card0, _ = convert.load_hf(m.directory, mesh, checkpoint=ck)
-        if ops is None:
-            ops = avg_lib._Accumulator(jax.tree.map(lambda a: a.dtype, params))
-            first_card = card0
+        tensors = load_raw(m, target)
         total += float(w[i])
-        acc = ops.start(params) if acc is None else ops.update(acc, params,
-                                                              jnp.float32(w[i] / total))
-        del params
+        coef = w[i] / total
+        acc = ops.start(tensors) if acc is None else ops.update(acc, tensors, jnp.float32(coef))
+        bias += coef * (m.reward_bias - bias)
+        del tensors
     merged = ops.finish(acc)
     jax.block_until_ready(merged)
     seconds = time.perf_counter() - t0
+    m0 = members[0]
     card = {
-        "kind": "warm", "method": method, "model_config": first_card["model_config"],
-        "vocab_sha256": first_card["vocab_sha256"], "vocab_size": first_card["vocab_size"],
+        "kind": "warm", "method": method, "model_config": model_lib.config_to_dict(m0.cfg),
+        "vocab_sha256": _sha(m0.tokenizer), "vocab_size": m0.cfg.vocab_size,
         "num_members": int(np.sum(w > 0)), "weights": [float(x) for x in w],
         "members": [cards.MemberRef(path=m.directory, weight=float(w[i])).as_dict()
                     for i, m in enumerate(members)],
         "init_check": init_check, "accumulate_dtype": "float32", "stored_dtype": stored,
-        "step": None, "hf": dict(first_card["hf"], source=None),
+        "step": None, "fingerprint": avg_lib.ckpt_lib.fingerprint(merged),
+        "hf": dict(m0.card()["hf"], source=None),
     }
-    card["fingerprint"] = avg_lib.ckpt_lib.fingerprint(merged)
-    made, p = [], os.path.dirname(out)
-    while p and not os.path.exists(p):
-        made.append(p)
-        p = os.path.dirname(p)
-    before = set(glob.glob(glob.escape(out) + ".*"))
-    try:
-        result = convert.write_hf(out, merged, card, kind="rm", dtype=stored)
-    except BaseException:
-        for leftover in set(glob.glob(glob.escape(out) + ".*")) - before:
-            shutil.rmtree(leftover, ignore_errors=True)
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-        raise
+    hf_cfg = {k: v for k, v in m0.hf.items() if k not in ("_name_or_path", convert.REWARD_BIAS_KEY)}
+    if bias:
+        hf_cfg[convert.REWARD_BIAS_KEY] = float(bias)
+    tensors = [(name, st.Lazy(merged[name].shape, merged[name].dtype,
+                              lambda name=name: np.asarray(jax.device_get(merged[name]))))
+               for name in target]
+    result = convert.write_dir(out, tensors, hf_cfg, card, kind="rm", dtype=stored,
+                               tokenizer=m0.tokenizer,
+                               max_shard_bytes=max(f.size for f in m0.files.files.values()))
     result["card"] = card
     result["stats"].update(merge_seconds=seconds, members_read=card["num_members"])
     log.info("averaged %d Hugging Face member(s) (%s) in %.2fs", card["num_members"], method,
              seconds)
     return result
+
+
+def raw_target(ck: convert.HFCheckpoint, mesh, dtype: str) -> dict:
+    """{HF tensor name: ShapeDtypeStruct} in the files' own layout, sharded on `mesh` as
+    the model's parameters are (transposed where the layouts differ): a merge of HF files
+    needs no transposes, since averaging is elementwise."""
+    abstract, _ = avg_lib.target_shardings(ck.cfg, mesh)
+    flat = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    out = {}
+    for key, (hf, transposed) in ck.names.items():
+        a = flat[key]
+        sharding = convert._transposed_sharding(a.sharding, a.ndim) if transposed else a.sharding
+        out[hf] = jax.ShapeDtypeStruct(tuple(ck.files.shape(hf)), np.dtype(dtype),
+                                       sharding=sharding)
+    return out
+
+
+def load_raw(ck: convert.HFCheckpoint, target: dict) -> dict:
+    """The member's tensors on `target`'s shardings, read one tensor (and shard slice) at a time."""
+    out = {}
+    for name, a in target.items():
+        view = ck.files.get(name)
+        out[name] = jax.make_array_from_callback(
+            a.shape, a.sharding, lambda idx, v=view, d=a.dtype: np.asarray(v[idx]).astype(d))
+        del view
+    jax.block_until_ready(out)
+    return out

@@ -51,7 +51,7 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: header is not a JSON object")
         self.metadata: dict = dict(header.pop("__metadata__", None) or {})
         self._start = 8 + n
-        self._size = size
+        self.size = size  # bytes of the file
         self.header: dict = {}
         for name, info in header.items():
             try:
