@@ -395,6 +395,11 @@ class HFCheckpoint:
         return card
 
 
+# Transposes of tensors at least this large run on device (one compile per shape and
+# sharding pays off); smaller ones are transposed by numpy on the host.
+_DEVICE_TRANSPOSE_MIN = 1 << 20
+
+
 def _transposed_sharding(sharding, ndim: int):
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
@@ -423,6 +428,8 @@ def place(ck: HFCheckpoint, abstract: Any) -> Any:
         sharding = getattr(a, "sharding", None)
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if transposed and a.size < _DEVICE_TRANSPOSE_MIN:  # small: numpy, no compile
+            fn, transposed = (lambda idx, f=fn: np.ascontiguousarray(f(tuple(idx)[::-1]).T)), False
         if transposed:  # file layout, sharded as the transpose of the target: a local .T
             src = _transposed_sharding(sharding, a.ndim)
             arr = jax.make_array_from_callback(a.shape[::-1], src, fn)
@@ -584,6 +591,9 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
     def fetch(key, transposed):
         def fn():  # transpose and cast on device (XLA's blocked transpose), then fetch
             x = flat[key]
+            if transposed and x.size < _DEVICE_TRANSPOSE_MIN:
+                return np.ascontiguousarray(np.asarray(jax.device_get(x)).T).astype(
+                    np_dtype, copy=False)
             if transposed:
                 x = _transpose(x, _transposed_sharding(x.sharding, x.ndim), np_dtype)
             return np.asarray(jax.device_get(x)).astype(np_dtype, copy=False)
