@@ -53,6 +53,9 @@ def _outputs(d, params, card, ids, mask):
 def test_fixture_families_cover_the_issue():
     families = {json.load(open(os.path.join(FX, d, "config.json")))["model_type"] for d in MODELS}
     assert {"llama", "qwen2", "gemma", "mistral"} <= families
+    ropes = {json.load(open(os.path.join(FX, d, "config.json")))["rope_parameters"]["rope_type"]
+             for d in MODELS}
+    assert ropes == {"default", "llama3"}
     assert os.path.exists(os.path.join(FX, "llama_lm", st.INDEX_NAME))  # a sharded one
 
 
@@ -104,7 +107,8 @@ def _same_config(hf_cfg, src_cfg):
     assert hf_cfg["architectures"] == src_cfg["architectures"]
     for k in ("model_type", "hidden_size", "num_key_value_heads", "head_dim", "rms_norm_eps",
               "tie_word_embeddings", "vocab_size", "pad_token_id", "eos_token_id",
-              "num_attention_heads", "intermediate_size", "num_hidden_layers"):
+              "num_attention_heads", "intermediate_size", "num_hidden_layers",
+              "rope_parameters"):
         if k in src_cfg:
             assert hf_cfg[k] == src_cfg[k], k
 
@@ -137,7 +141,7 @@ def test_cli_import_then_export_is_the_source(tmp_path):
     assert json.load(open(out / convert.WARM_CARD_NAME))["fingerprint"] == card["fingerprint"]
 
 
-@pytest.mark.parametrize("name", ["gemma_lm", "llama_lm", "smollm_rm"])
+@pytest.mark.parametrize("name", ["gemma_lm", "llama_lm", "smollm_rm", "llama31_rm"])
 def test_export_reimports_bitwise(name, tmp_path, one_device):
     src = os.path.join(FX, name)
     p1, card, _ = convert.load_hf(src, one_device)
@@ -290,7 +294,7 @@ def test_import_errors_are_one_line(tmp_path, capsys):
     fails(["import", str(tmp_path / "nope"), str(tmp_path / "o")], "no such")
     d = _copy_member(tmp_path, "scaled", os.path.join(FX, "llama_rm"))
     c = json.load(open(d / "config.json"))
-    c["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    c["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}
     json.dump(c, open(d / "config.json", "w"))
     fails(["import", str(d), str(tmp_path / "o")], "config.json", "rope_type")
     c["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}

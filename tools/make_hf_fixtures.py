@@ -102,6 +102,13 @@ FAMILIES = {
                                                               "rope_theta": 1000000.0}), False),
     "gemma": (transformers.GemmaConfig, dict(SMALL, head_dim=8, num_key_value_heads=1,
                                              hidden_activation="gelu_pytorch_tanh"), True),
+    # Llama 3.1+ rope scaling; a short original context so that it shows on 12 tokens
+    "llama31": (transformers.LlamaConfig,
+                dict(SMALL, head_dim=16, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                      "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 32}), False),
 }
 
 
@@ -114,7 +121,7 @@ def config_for(family: str, vocab: int, num_labels: int | None = None):
 
 
 def model_class(family: str, kind: str):
-    prefix = {"llama": "Llama", "smollm": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+    prefix = {"llama": "Llama", "smollm": "Llama", "llama31": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
               "gemma": "Gemma"}[family]
     return getattr(transformers, prefix + ("ForCausalLM" if kind == "lm"
                                            else "ForSequenceClassification"))

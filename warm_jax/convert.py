@@ -108,24 +108,43 @@ def hf_kind(hf: dict, where: str) -> str:
                           "*ForCausalLM or *ForSequenceClassification")
 
 
-def _rope_theta(hf: dict, where: str) -> float:
+def _rope(hf: dict, where: str) -> tuple[float, Optional[tuple]]:
+    """(rope_theta, rope_scaling) from rope_parameters (transformers 5) or rope_theta /
+    rope_scaling (older configs); rope types other than default, linear and llama3 are
+    refused with the field named."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
-    if isinstance(params, dict):
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ConversionError(f"{where}: field 'rope_parameters.rope_type' is {kind!r}; "
-                                  "only plain rotary positions ('default') are supported")
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConversionError(f"{where}: field 'rope_parameters.partial_rotary_factor' "
-                                  "must be 1.0")
-        if "rope_theta" in params:
-            return float(params["rope_theta"])
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in (
-            None, "default"):
-        raise ConversionError(f"{where}: field 'rope_scaling' ({scaling}) is not supported; "
-                              "only plain rotary positions are")
-    return float(hf.get("rope_theta", 10000.0))
+    field = "rope_parameters"
+    if not isinstance(params, dict):
+        params, field = (scaling if isinstance(scaling, dict) else {}), "rope_scaling"
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConversionError(f"{where}: field '{field}.partial_rotary_factor' must be 1.0")
+    try:
+        if kind == "default":
+            return theta, None
+        if kind == "linear":
+            return theta, ("linear", float(params["factor"]))
+        if kind == "llama3":
+            return theta, ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                           float(params["high_freq_factor"]),
+                           int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ConversionError(f"{where}: field '{field}' (rope_type {kind!r}) lacks {e}") from e
+    raise ConversionError(f"{where}: field '{field}.rope_type' is {kind!r}; supported: "
+                          "'default', 'linear', 'llama3'")
+
+
+def _hf_rope(cfg: model_lib.TransformerConfig) -> dict:
+    rs = cfg.rope_scaling
+    out = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if rs and rs[0] == "linear":
+        out.update(rope_type="linear", factor=rs[1])
+    elif rs and rs[0] == "llama3":
+        out.update(rope_type="llama3", factor=rs[1], low_freq_factor=rs[2],
+                   high_freq_factor=rs[3], original_max_position_embeddings=rs[4])
+    return out
 
 
 def config_from_hf(hf: dict, where: str, *, dtype: str = "float32",
@@ -164,13 +183,14 @@ def config_from_hf(hf: dict, where: str, *, dtype: str = "float32",
                         "window, within which attention is exact", where, window, max_len)
             max_len = int(window)
     gemma = mt == "gemma"
+    theta, scaling = _rope(hf, where)
     return model_lib.TransformerConfig(
         vocab_size=int(need("vocab_size")), num_layers=int(need("num_hidden_layers")),
         d_model=d, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
         mlp_dim=int(need("intermediate_size")), max_len=max_len, dropout_rate=0.0,
         dtype=dtype, param_dtype=param_dtype,
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        rope_theta=_rope_theta(hf, where),
+        rope_theta=theta, rope_scaling=scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=mt == "qwen2", norm_plus_one=gemma, embed_scale=gemma,
         mlp_activation=_ACTIVATIONS[act_name])
@@ -206,8 +226,7 @@ def hf_config_from(cfg: model_lib.TransformerConfig, kind: str, *, family: str,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,
+        "rope_parameters": _hf_rope(cfg), "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": _HF_ACTIVATION[cfg.mlp_activation],
         "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
         "use_cache": True, "dtype": dtype, "torch_dtype": dtype, **special,

@@ -9,7 +9,7 @@ stacked ensemble members can each have their own, and a KV cache for incremental
 
 Pretrained families (warm_jax.convert) differ from that default only in config options:
 Llama / Mistral / TinyLlama / SmolLM need none beyond GQA, rope_theta, norm_eps, head_dim
-and tie_embeddings; Qwen2 adds biases to the query/key/value projections (qkv_bias);
+and tie_embeddings (Llama 3.1+ adds rope_scaling); Qwen2 adds biases to the query/key/value projections (qkv_bias);
 Gemma normalises with (1 + w) (norm_plus_one), scales the embedding by sqrt(d_model)
 (embed_scale) and gates its MLP with tanh-approximated GELU (mlp_activation='gelu_tanh').
 Every new option defaults to the original behaviour, and config_to_dict leaves options at
@@ -59,6 +59,9 @@ class TransformerConfig:
     norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale), scale starts at 0 (Gemma)
     embed_scale: bool = False  # embedding output times sqrt(d_model) (Gemma)
     mlp_activation: str = "silu"  # gate activation: silu (SwiGLU) | gelu_tanh (GeGLU) | gelu
+    # None (plain rotary), ("linear", factor) or ("llama3", factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings): Hugging Face's rope types
+    rope_scaling: Optional[tuple] = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -69,6 +72,14 @@ class TransformerConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose from {list(_DTYPES)}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}; choose none, full or dots")
+        if self.rope_scaling is not None:
+            rs = tuple(self.rope_scaling)
+            object.__setattr__(self, "rope_scaling", rs)  # a JSON list from a card
+            if not ((rs[:1] == ("linear",) and len(rs) == 2)
+                    or (rs[:1] == ("llama3",) and len(rs) == 5)):
+                raise ValueError(f"rope_scaling={rs!r}; use None, ('linear', factor) or "
+                                 "('llama3', factor, low_freq_factor, high_freq_factor, "
+                                 "original_max_position_embeddings)")
         if self.mlp_activation not in ACTIVATIONS:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}; choose from "
                              f"{sorted(ACTIVATIONS)}")
@@ -118,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Options added for pretrained families: config_to_dict omits them at these defaults.
 FAMILY_OPTION_DEFAULTS = {"qkv_bias": False, "norm_plus_one": False, "embed_scale": False,
-                          "mlp_activation": "silu"}
+                          "mlp_activation": "silu", "rope_scaling": None}
 ACTIVATIONS = {"silu": jax.nn.silu,
                "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "gelu": functools.partial(jax.nn.gelu, approximate=False)}
@@ -216,10 +227,28 @@ def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float
                     name=name, dot_general=_cpu_dot_general if _use_cpu_matmul(cfg) else None)
 
 
-def rotary(x, positions, theta: float):
+def rope_frequencies(d: int, theta: float, scaling: Optional[tuple] = None):
+    """The D/2 rotary frequencies theta^(-2i/D), rescaled as Hugging Face's 'linear'
+    (all / factor) or 'llama3' rope types do (low frequencies / factor, high ones kept,
+    a smooth interpolation between; Llama 3.1+)."""
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    if scaling is None:
+        return freqs
+    if scaling[0] == "linear":
+        return freqs / scaling[1]
+    _, factor, low, high, old_len = scaling
+    wavelen = 2 * jnp.pi / freqs
+    scaled = jnp.where(wavelen > old_len / low, freqs / factor, freqs)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x, positions, theta: float, scaling: Optional[tuple] = None):
     """Rotary position embedding; x [B, T, N, D], positions [B, T]."""
     d = x.shape[-1]
-    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    freqs = rope_frequencies(d, theta, scaling)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -241,8 +270,8 @@ class Attention(nn.Module):
         q = _dense(cfg, h * dh, ("embed", "heads"), "query", use_bias=bias)(x).reshape(b, t, h, dh)
         k = _dense(cfg, kvh * dh, ("embed", "kv"), "key", use_bias=bias)(x).reshape(b, t, kvh, dh)
         v = _dense(cfg, kvh * dh, ("embed", "kv"), "value", use_bias=bias)(x).reshape(b, t, kvh, dh)
-        q = rotary(q, positions, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta)
+        q = rotary(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rotary(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
         if self.decode:
             k, v, attn_mask = self._update_cache(k, v, mask)
