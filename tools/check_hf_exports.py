@@ -37,11 +37,12 @@ def transformers_outputs(d: str, ids: np.ndarray, mask: np.ndarray, dtype) -> tu
     return "logits", out.logits.float().numpy()
 
 
-def warm_jax_outputs(src: str, python: str) -> dict:
+def warm_jax_outputs(src: str, python: str, kind: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.npz")
         subprocess.run([python, "-m", "warm_jax.convert", "score", src, "--inputs", INPUTS,
-                        "--out", out], check=True, cwd=ROOT, capture_output=True)
+                        "--out", out, "--as", kind], check=True, cwd=ROOT,
+                       capture_output=True)
         return dict(np.load(out))
 
 
@@ -65,7 +66,7 @@ def main() -> int:
             continue
         name, theirs = transformers_outputs(d, ids, mask, dtype)
         src = card.get("source_checkpoint") or d
-        ours = warm_jax_outputs(src, args.python)[name]
+        ours = warm_jax_outputs(src, args.python, "rm" if name == "rewards" else "lm")[name]
         real = mask.astype(bool)
         diff = np.abs(theirs[real] - ours[real]).max() if name == "logits" else np.abs(
             theirs - ours).max()
