@@ -351,3 +351,16 @@ def test_score_cli_gives_the_fixture_rewards(tmp_path, capsys):
                          os.path.join(FX, "inputs.npz"), "--out", str(out)]) == 0
     np.testing.assert_allclose(np.load(out)["rewards"], np.load(
         os.path.join(FX, "gemma_rm", "expected.npz"))["rewards"], atol=1e-4, rtol=1e-4)
+
+
+def test_rope_scaling_option_round_trips_through_a_card():
+    f = np.asarray(model_lib.rope_frequencies(16, 1e4))
+    np.testing.assert_allclose(model_lib.rope_frequencies(16, 1e4, ("linear", 4.0)), f / 4)
+    scaled = ("llama3", 8.0, 1.0, 4.0, 32)
+    cfg = model_lib.model_config("tiny", rope_scaling=scaled)
+    back = model_lib.config_from_dict(json.loads(json.dumps(model_lib.config_to_dict(cfg))))
+    assert back == cfg and back.rope_scaling == scaled and hash(back) == hash(cfg)
+    g = np.asarray(model_lib.rope_frequencies(16, 1e4, scaled))
+    assert g[0] == f[0] and g[-1] == pytest.approx(f[-1] / 8)  # high kept, low / factor
+    with pytest.raises(ValueError, match="rope_scaling"):
+        model_lib.model_config("tiny", rope_scaling=("yarn", 2.0))
