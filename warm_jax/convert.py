@@ -5,13 +5,14 @@ params checkpoint (an RM member, a WARM merge, an RL policy) to a Hugging Face d
   python -m warm_jax.convert export CKPT OUT [--as rm|lm] [--dtype bfloat16] [--tokenizer T.json]
   python -m warm_jax.convert score CKPT_OR_HF_DIR --inputs ids.npz --out outputs.npz
 
-Families (config.json model_type): llama (Llama 2/3, TinyLlama, SmolLM), mistral, qwen2,
-gemma. Their differences are model config options (model.TransformerConfig): GQA
-(num_kv_heads), rope_theta, norm_eps, head_dim, tie_embeddings; Qwen2's q/k/v biases
-(qkv_bias); Gemma's (1 + w) RMSNorm (norm_plus_one), sqrt(d_model) embedding scale
-(embed_scale) and GeGLU (mlp_activation='gelu_tanh'). A config option the model cannot
-express (rope scaling, sliding-window attention shorter than the context, attention or MLP
-biases elsewhere, bidirectional attention) is refused with the file and field named.
+Families (config.json model_type): llama (Llama 2/3/3.1, TinyLlama, SmolLM), mistral,
+qwen2, gemma. Their differences are model config options (model.TransformerConfig): GQA
+(num_kv_heads), rope_theta, rope_scaling ('linear', 'llama3'), norm_eps, head_dim,
+tie_embeddings; Qwen2's q/k/v biases (qkv_bias); Gemma's (1 + w) RMSNorm (norm_plus_one),
+sqrt(d_model) embedding scale (embed_scale) and GeGLU (mlp_activation='gelu_tanh'). A config
+option the model cannot express (other rope types, sliding-window attention shorter than the
+context, attention or MLP biases elsewhere, bidirectional attention) is refused with the
+file and field named.
 
 Tensor names and layouts: HF nn.Linear weights are [out, in], warm-jax Dense kernels
 [in, out] (transposed on the way in and out); head order is the same on both sides (HF's
@@ -23,10 +24,11 @@ constant, which changes no preference) and read back by import. The reward head 
 imported ForCausalLM and the LM head of an imported untied ForSequenceClassification are
 zeros (the file has none); the card says so.
 
-Import reads the safetensors files by memory map and puts each tensor straight onto its
-target NamedSharding (jax.make_array_from_callback, one shard slice at a time), so the
-host holds at most one tensor beyond the device buffers. Export fetches and writes one
-tensor at a time, into a temporary directory renamed into place (whole or nothing).
+Import maps each tensor of the safetensors files (np.memmap) and puts it straight onto its
+target NamedSharding (jax.make_array_from_callback, one shard slice at a time; large
+[out, in] weights in the file's layout, transposed on device by XLA), so the host holds at
+most one tensor beyond the device buffers. Export fetches and writes one tensor at a time,
+into a temporary directory renamed into place (whole or nothing).
 """
 from __future__ import annotations
 
