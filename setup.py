@@ -16,6 +16,7 @@ DATA = [
     "tensorflow-text>=2.21",
     "tensorflow-datasets>=4.9",
     "sentencepiece>=0.2",
+    "tokenizers>=0.20",  # Hugging Face tokenizer.json vocabularies
 ]
 REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
 DEV = ["pytest>=8", "hypothesis>=6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"]

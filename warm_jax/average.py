@@ -513,8 +513,11 @@ def average_stacked(stacked_params: Any, weights: Optional[Sequence[float]] = No
 def _parse(argv):
     ap = argparse.ArgumentParser(
         prog="python -m warm_jax.average",
-        description="Weight-average reward-model checkpoints (WARM) into one checkpoint.")
-    ap.add_argument("checkpoints", nargs="+", metavar="CKPT", help="member checkpoint dirs")
+        description="Weight-average reward-model checkpoints (WARM) into one checkpoint. "
+                    "Members may be warm-jax params checkpoints or Hugging Face "
+                    "*ForSequenceClassification directories (then the output is one too).")
+    ap.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                    help="member checkpoint dirs (warm-jax, or Hugging Face)")
     ap.add_argument("--out", required=True, help="output directory (must not exist)")
     ap.add_argument("--weights", default=None, help="comma-separated weights, one per CKPT")
     ap.add_argument("--method", choices=METHODS, default=None,
@@ -546,6 +549,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sizes and "data" not in sizes:
             sizes["data"] = -1
         mesh = partitioning.make_mesh(partitioning.MeshConfig(**sizes))
+        from warm_jax import hf_merge
+
+        hf = [hf_merge.is_hf_dir(p) for p in args.checkpoints]
+        if any(hf):
+            if not all(hf):
+                odd = args.checkpoints[hf.index(False) if hf[0] else hf.index(True)]
+                raise AveragingError(f"{odd}: mixes Hugging Face directories and warm-jax "
+                                     "checkpoints (import the Hugging Face ones first)")
+            r = hf_merge.average_hf(args.checkpoints, args.out, weights, args.method, mesh,
+                                    force_init_mismatch=args.force_init_mismatch)
+            card = r["card"]
+            print(f"wrote {r['path']}: {card['method']} average of {card['num_members']} "
+                  f"Hugging Face member(s), weights {[round(x, 4) for x in card['weights']]} "
+                  f"-> {r['config']['architectures'][0]} ({r['stats']['merge_seconds']:.2f}s)")
+            return 0
         eval_fn = None
         if args.method == "greedy":
             if not args.data_dir:

@@ -281,11 +281,25 @@ def export_params(path: str, params: Any, card: Optional[dict] = None, *,
     return path
 
 
+def is_hf_dir(path: str) -> bool:
+    """A Hugging Face model directory (config.json, no card.json): read through
+    warm_jax.convert wherever a params checkpoint is (an init path, for instance)."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.exists(os.path.join(path, CARD_NAME)))
+
+
 def read_card(path: str) -> dict:
     path = os.path.abspath(path)
     card_path = os.path.join(path, CARD_NAME)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such params checkpoint directory")
+    if is_hf_dir(path):
+        from warm_jax import convert  # deferred: convert imports this module
+
+        try:
+            return convert.HFCheckpoint(path).card()
+        except convert.ConversionError as e:
+            raise CheckpointError(str(e)) from e
     if not os.path.exists(card_path):
         raise CorruptCheckpointError(f"{path}: missing {CARD_NAME} (incomplete or not a "
                                      "warm-jax params checkpoint)")
@@ -311,9 +325,18 @@ def load_params(path: str, abstract_params: Any = None, *, verify: bool = True) 
     """Restores a params-only checkpoint onto the shardings of `abstract_params`.
 
     Without abstract_params the arrays come back on the default device as stored.
-    `path` may be relative (to the working directory) or absolute.
+    `path` may be relative (to the working directory) or absolute, and may be a Hugging
+    Face model directory (imported on the fly by warm_jax.convert, tensor by tensor onto
+    the target shardings).
     """
     path = os.path.abspath(path)  # Orbax takes absolute paths only
+    if is_hf_dir(path):
+        from warm_jax import convert  # deferred: convert imports this module
+
+        try:
+            return convert.load_into(path, abstract_params)
+        except convert.ConversionError as e:
+            raise CheckpointError(str(e)) from e
     card = read_card(path)
     ckptr = ocp.StandardCheckpointer()
     try:

@@ -7,6 +7,14 @@ mesh). Pre-norm RMSNorm, rotary positions, gated (SwiGLU) MLP, grouped-query att
 (num_kv_heads=1 is multi-query), dropout with a per-call (possibly traced) rate so that
 stacked ensemble members can each have their own, and a KV cache for incremental decoding.
 
+Pretrained families (warm_jax.convert) differ from that default only in config options:
+Llama / Mistral / TinyLlama / SmolLM need none beyond GQA, rope_theta, norm_eps, head_dim
+and tie_embeddings (Llama 3.1+ adds rope_scaling); Qwen2 adds biases to the query/key/value projections (qkv_bias);
+Gemma normalises with (1 + w) (norm_plus_one), scales the embedding by sqrt(d_model)
+(embed_scale) and gates its MLP with tanh-approximated GELU (mlp_activation='gelu_tanh').
+Every new option defaults to the original behaviour, and config_to_dict leaves options at
+their defaults out, so cards of existing models are unchanged.
+
 Conventions: tokens int32 [B, T], pad id 0; `mask` int32/bool [B, T], 1 on real tokens.
 Positions default to cumsum(mask) - 1, so left-padded prompts and right-padded training
 sequences both get positions 0, 1, 2, ... on their real tokens.
@@ -46,6 +54,14 @@ class TransformerConfig:
     attention_impl: Optional[str] = None  # None (XLA) | "cudnn" (fused, GPU)
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
+    # Options of pretrained families (see the module docstring); defaults = the original model.
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale), scale starts at 0 (Gemma)
+    embed_scale: bool = False  # embedding output times sqrt(d_model) (Gemma)
+    mlp_activation: str = "silu"  # gate activation: silu (SwiGLU) | gelu_tanh (GeGLU) | gelu
+    # None (plain rotary), ("linear", factor) or ("llama3", factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings): Hugging Face's rope types
+    rope_scaling: Optional[tuple] = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -56,6 +72,17 @@ class TransformerConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose from {list(_DTYPES)}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}; choose none, full or dots")
+        if self.rope_scaling is not None:
+            rs = tuple(self.rope_scaling)
+            object.__setattr__(self, "rope_scaling", rs)  # a JSON list from a card
+            if not ((rs[:1] == ("linear",) and len(rs) == 2)
+                    or (rs[:1] == ("llama3",) and len(rs) == 5)):
+                raise ValueError(f"rope_scaling={rs!r}; use None, ('linear', factor) or "
+                                 "('llama3', factor, low_freq_factor, high_freq_factor, "
+                                 "original_max_position_embeddings)")
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(f"mlp_activation={self.mlp_activation!r}; choose from "
+                             f"{sorted(ACTIVATIONS)}")
 
     @property
     def jdtype(self):
@@ -69,6 +96,7 @@ class TransformerConfig:
         d, h, kv, dh, f, v = (self.d_model, self.num_heads, self.num_kv_heads, self.head_dim,
                               self.mlp_dim, self.vocab_size)
         per_layer = d * h * dh * 2 + d * kv * dh * 2 + 3 * d * f + 2 * d
+        per_layer += (h * dh + 2 * kv * dh) if self.qkv_bias else 0
         head = 0 if self.tie_embeddings else d * v
         return v * d + self.num_layers * per_layer + d + head + d + 1
 
@@ -99,6 +127,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Options added for pretrained families: config_to_dict omits them at these defaults.
+FAMILY_OPTION_DEFAULTS = {"qkv_bias": False, "norm_plus_one": False, "embed_scale": False,
+                          "mlp_activation": "silu", "rope_scaling": None}
+ACTIVATIONS = {"silu": jax.nn.silu,
+               "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
 @gin.configurable
 def model_config(preset: str = "mini", **overrides) -> TransformerConfig:
     if preset not in PRESETS:
@@ -123,11 +159,16 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.config.jparam_dtype)
+        cfg = self.config
+        init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
+                           (x.shape[-1],), cfg.jparam_dtype)
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(self.config.jdtype)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        w = scale.astype(jnp.float32)
+        if cfg.norm_plus_one:
+            w = 1.0 + w
+        return (y * w).astype(cfg.jdtype)
 
 
 @jax.custom_vjp
@@ -178,16 +219,36 @@ def _use_cpu_matmul(cfg: TransformerConfig) -> bool:
     return cfg.remat == "none" and jax.default_backend() == "cpu"
 
 
-def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0):
-    return nn.Dense(features, use_bias=False, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,
-                    kernel_init=nn.with_logical_partitioning(_dense_init(scale), names), name=name,
-                    dot_general=_cpu_dot_general if _use_cpu_matmul(cfg) else None)
+def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0,
+           use_bias: bool = False):
+    return nn.Dense(features, use_bias=use_bias, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,
+                    kernel_init=nn.with_logical_partitioning(_dense_init(scale), names),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+                    name=name, dot_general=_cpu_dot_general if _use_cpu_matmul(cfg) else None)
 
 
-def rotary(x, positions, theta: float):
+def rope_frequencies(d: int, theta: float, scaling: Optional[tuple] = None):
+    """The D/2 rotary frequencies theta^(-2i/D), rescaled as Hugging Face's 'linear'
+    (all / factor) or 'llama3' rope types do (low frequencies / factor, high ones kept,
+    a smooth interpolation between; Llama 3.1+)."""
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    if scaling is None:
+        return freqs
+    if scaling[0] == "linear":
+        return freqs / scaling[1]
+    _, factor, low, high, old_len = scaling
+    wavelen = 2 * jnp.pi / freqs
+    scaled = jnp.where(wavelen > old_len / low, freqs / factor, freqs)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x, positions, theta: float, scaling: Optional[tuple] = None):
     """Rotary position embedding; x [B, T, N, D], positions [B, T]."""
     d = x.shape[-1]
-    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    freqs = rope_frequencies(d, theta, scaling)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -205,11 +266,12 @@ class Attention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, h * dh, ("embed", "heads"), "query")(x).reshape(b, t, h, dh)
-        k = _dense(cfg, kvh * dh, ("embed", "kv"), "key")(x).reshape(b, t, kvh, dh)
-        v = _dense(cfg, kvh * dh, ("embed", "kv"), "value")(x).reshape(b, t, kvh, dh)
-        q = rotary(q, positions, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta)
+        bias = cfg.qkv_bias
+        q = _dense(cfg, h * dh, ("embed", "heads"), "query", use_bias=bias)(x).reshape(b, t, h, dh)
+        k = _dense(cfg, kvh * dh, ("embed", "kv"), "key", use_bias=bias)(x).reshape(b, t, kvh, dh)
+        v = _dense(cfg, kvh * dh, ("embed", "kv"), "value", use_bias=bias)(x).reshape(b, t, kvh, dh)
+        q = rotary(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rotary(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
         if self.decode:
             k, v, attn_mask = self._update_cache(k, v, mask)
@@ -257,7 +319,8 @@ class MLP(nn.Module):
         cfg = self.config
         gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
         up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x)
-        hidden = partitioning.constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        act = ACTIVATIONS[cfg.mlp_activation]
+        hidden = partitioning.constrain(act(gate) * up, ("batch", "length", "act_mlp"))
         return _dense(cfg, cfg.d_model, ("mlp", "embed"), "wo", scale=1.0 / (2 * cfg.num_layers))(hidden)
 
 
@@ -309,6 +372,8 @@ class Transformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             (cfg.vocab_size, cfg.d_model), cfg.jparam_dtype)
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.jdtype)
+        if cfg.embed_scale:  # Gemma: the scale is rounded to the activation dtype first
+            x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.jdtype)
         x = partitioning.constrain(x, ("batch", "length", "act_embed"))
         body_rate = rate if dropout_sites == "all" else None
         x = dropout(self, x, body_rate, deterministic)
@@ -387,7 +452,13 @@ def decode_step(config: TransformerConfig, params, cache, tokens, mask, position
 
 
 def config_to_dict(config: TransformerConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The config as a dict; family options at their defaults are left out (so a card of a
+    model without them reads exactly as before they existed)."""
+    d = dataclasses.asdict(config)
+    for k, v in FAMILY_OPTION_DEFAULTS.items():
+        if d.get(k) == v:
+            d.pop(k)
+    return d
 
 
 def config_from_dict(d: dict) -> TransformerConfig:

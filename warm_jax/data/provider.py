@@ -42,7 +42,7 @@ class DataConfig:
     comparisons: Optional[str] = None  # file, dir or glob; default {data_dir}/comparisons
     sft: Optional[str] = None  # dir with train/valid/test.jsonl; default {data_dir}/sft
     prompts: Optional[str] = None  # JSONL in SFT layout; default {data_dir}/prompts
-    vocab_model: Optional[str] = None  # SentencePiece .model; default {data_dir}/spm.model
+    vocab_model: Optional[str] = None  # .model or tokenizer.json; default {data_dir}/spm.model
     max_len: int = 128  # training sequence length (prompt + summary + EOS)
     max_prompt_len: int = 96  # sampling prompt length (left padded)
     corruption_fraction: float = 0.25
@@ -103,14 +103,14 @@ class DataProvider:
 
     @functools.cached_property
     def vocab(self):
-        from warm_jax.data.vocab import Vocab
+        from warm_jax.data.vocab import load_vocab
 
         path = self.config.path("vocab_model", "spm.model")
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{path}: no SentencePiece model (generate the world with a vocabulary, or set "
-                "DataConfig.vocab_model to an existing .model file)")
-        return Vocab.load(path)
+                "DataConfig.vocab_model to an existing .model or tokenizer.json file)")
+        return load_vocab(path)
 
     # -- raw records
     @functools.lru_cache(maxsize=None)
