@@ -122,3 +122,24 @@ def test_an_example_longer_than_max_len_names_task_split_and_row(small):
     msg = str(e.value)
     assert "'test_too_long' split 'validation': example 2" in msg and "more than 128" in msg
     assert "\n" not in msg
+
+
+def test_a_mixture_gives_the_rows_of_its_tasks(small):
+    import seqio
+
+    pref = _seqio(small, "tldr_preference")  # registers the TL;DR tasks of this DataConfig
+    seqio.MixtureRegistry.remove("test_pref_mix")
+    seqio.MixtureRegistry.add("test_pref_mix", [("tldr_preference", 1.0),
+                                                ("tldr_preference_corrupted", 1.0)])
+    mix = _seqio(small, "test_pref_mix").preference("valid")
+    one = pref.preference("valid")
+    # one epoch's worth of the rate-weighted stream: as many rows as both tasks hold
+    assert len(mix["index"]) == 2 * len(one["index"]) == 48
+    assert list(mix["index"]) == list(range(48))  # rows renumbered in the mixture's order
+    rows = {tuple(r) for r in mix["chosen_tokens"]}
+    assert rows <= {tuple(r) for r in one["chosen_tokens"]}  # validation is clean in both
+    assert len(rows) > 20
+    again = _seqio(small, "test_pref_mix").preference("valid")  # the same order every time
+    assert np.array_equal(again["chosen_tokens"], mix["chosen_tokens"])
+    some = _seqio(small, "test_pref_mix", mixture_examples=10).preference("valid")
+    assert np.array_equal(some["chosen_tokens"], mix["chosen_tokens"][:10])

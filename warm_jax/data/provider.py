@@ -134,6 +134,7 @@ class DataSource:
     test_split: str = "test"
     modules: tuple = ()  # modules to import first (they register the task)
     shard_by_process: bool = True
+    mixture_examples: Optional[int] = None  # examples taken from a mixture's stream per split
 
     def split(self, name: str) -> str:
         """The task split that plays the provider's split `name`."""
@@ -157,6 +158,8 @@ def check_data_source(src: DataSource, c) -> None:
     for field in ("train_split", "valid_split", "stress_split", "test_split"):
         if not isinstance(getattr(src, field), str) or not getattr(src, field):
             c.fail(field, "must be a split name", value=getattr(src, field), configurable=name)
+    if src.mixture_examples is not None:
+        c.field(name, "mixture_examples", src.mixture_examples, 1, integer=True)
     mods = src.modules
     if isinstance(mods, str) or not all(isinstance(m, str) and m for m in mods):
         c.fail("modules", "must be a list of module names", value=mods, configurable=name)

@@ -25,6 +25,11 @@ off, deterministic); the provider's splits map to task splits by DataSource (tra
 valid_split, stress_split, test_split); the caps of DataConfig (max_train_pairs,
 num_eval_pairs, num_eval_prompts) apply as to the files.
 
+A mixture is read as seqio serves it for training, an endless stream sampled by the mixing
+rates (seed 0): the provider takes DataSource.mixture_examples examples of it, by default
+one epoch's worth (the sum of its tasks' split sizes; the rows are drawn by rate, so a task
+may repeat and another fall short).
+
 Multi-process: with DataSource.shard_by_process each process reads its own shard
 (seqio.ShardInfo(jax.process_index(), jax.process_count())) and the shards are gathered
 (jax.experimental.multihost_utils) into the same global arrays on every process, so the
@@ -187,9 +192,14 @@ def read_split(source: DataSource, task: str, split: str, kind: str, length: int
                   "prompts": ("inputs",)}[kind]
     kwargs = dict(sequence_length={k: length for k in token_keys}, split=split, shuffle=False,
                   num_epochs=1, shard_info=_shard_info(source), trim_output_features=False)
-    if isinstance(provider, seqio.Mixture):
-        kwargs.update(seed=0, passthrough_features=list(_OPTIONAL[kind]) + ["post", "prompt"])
+    take = None
+    if isinstance(provider, seqio.Mixture):  # an endless rate-weighted stream: take n
+        take = _mixture_share(provider, split, source)
+        kwargs.update(seed=0, num_epochs=None,
+                      passthrough_features=list(_OPTIONAL[kind]) + ["post", "prompt"])
     ds = provider.get_dataset(**kwargs)
+    if take is not None:
+        ds = ds.take(take)
     ds = ds.enumerate().map(_fill_and_check(kind, length, where))
     if kind == "pairs":
         conv, lengths = tasks.PairwiseFeatureConverter(), {
@@ -218,6 +228,22 @@ def read_split(source: DataSource, task: str, split: str, kind: str, length: int
     if not len(arrays["index"]):
         raise formats.DataError(f"{where}: no examples")
     return arrays
+
+
+def _mixture_share(mixture, split: str, source: DataSource) -> int:
+    """Examples this process takes from a mixture's stream: DataSource.mixture_examples, else
+    one epoch's worth (the sum of its tasks' split sizes), split evenly over the processes."""
+    n = source.mixture_examples
+    if n is None:
+        n = 0
+        for task in mixture.tasks:
+            if split in task.splits:
+                raw = task.source.get_dataset(split=split, shuffle=False)
+                n += int(raw.reduce(np.int64(0), lambda c, _: c + 1))
+    info = _shard_info(source)
+    if info is None:
+        return int(n)
+    return int(n // info.num_shards + (1 if info.index < n % info.num_shards else 0))
 
 
 def _assert_message(message: str) -> str:
