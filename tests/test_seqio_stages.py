@@ -155,7 +155,7 @@ def test_a_user_preference_task_trains_the_ensemble_and_is_evaluated(data_dir, t
         assert len(ens["members"]) == 2
         ev = rm_eval.rm_eval_stage(run, ensemble="rm_user", corrupted=False,
                                    max_train_pairs=64, max_eval_pairs=24, batch_size=16,
-                                   num_lambdas=2)
+                                   num_lambdas=3)
     finally:
         gin.clear_config()
     assert ev["splits"] == {"train_clean": 64, "valid": 24, "stress": 24}

@@ -18,7 +18,6 @@ warm start on the LAST ``reserved_pairs`` rows of the training split, and the en
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
