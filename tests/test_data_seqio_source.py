@@ -143,3 +143,17 @@ def test_a_mixture_gives_the_rows_of_its_tasks(small):
     assert np.array_equal(again["chosen_tokens"], mix["chosen_tokens"])
     some = _seqio(small, "test_pref_mix", mixture_examples=10).preference("valid")
     assert np.array_equal(some["chosen_tokens"], mix["chosen_tokens"][:10])
+
+
+def test_a_task_in_another_vocabulary_is_refused(small):
+    import seqio
+    import tensorflow as tf
+
+    feat = seqio.Feature(seqio.ByteVocabulary(), add_eos=False, dtype=tf.int32)
+    seqio.TaskRegistry.remove("test_bytes")
+    seqio.TaskRegistry.add("test_bytes", source=seqio.FunctionDataSource(
+        lambda split, shuffle_files, seed=None: tf.data.Dataset.range(1), splits=["train"]),
+        preprocessors=[], output_features={"chosen_tokens": feat, "rejected_tokens": feat})
+    with pytest.raises(ValueError, match="SeqIO task 'test_bytes' feature 'chosen_tokens': a "
+                                         "ByteVocabulary of 259 ids is not DataConfig's"):
+        _seqio(small, "test_bytes")

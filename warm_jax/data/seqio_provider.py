@@ -316,6 +316,30 @@ class SeqIOProvider(DataProvider):
         if problem:
             raise ValueError(f"DataSource.{problem[0]} = {getattr(source, problem[0])!r}: "
                              f"{problem[1]}")
+        self._check_vocab()
+
+    def _check_vocab(self) -> None:
+        """The task's token ids must be those of DataConfig's SentencePiece model (cards,
+        sampling and the reward models decode with it)."""
+        import hashlib
+
+        ours = self.config.path("vocab_model", "spm.model")
+        task = seqio.get_mixture_or_task(self.source.task)
+        for name, feature in task.output_features.items():
+            v = feature.vocabulary
+            path = getattr(v, "sentencepiece_model_file", None)
+            if path and os.path.exists(path):
+                with open(path, "rb") as f:
+                    same = hashlib.sha256(f.read()).hexdigest() == self.vocab.sha256
+                what = f"its SentencePiece model {path}"
+            else:
+                same = getattr(v, "vocab_size", None) in (None, self.vocab.vocab_size)
+                what = f"a {type(v).__name__} of {getattr(v, 'vocab_size', '?')} ids"
+            if not same:
+                raise ValueError(
+                    f"SeqIO task {self.source.task!r} feature {name!r}: {what} is not "
+                    f"DataConfig's vocabulary ({ours}, {self.vocab.vocab_size} ids): set "
+                    "DataConfig.vocab_model to the model the task tokenises with")
 
     def _no_records(self, what: str):
         raise ValueError(
