@@ -1,8 +1,8 @@
-"""Stages trained from SeqIO tasks (DataSource.kind = 'seqio') on 8 fake devices: exact
-resume after preemption with the SeqIO source (the restarted run reads the task again and
-continues at the same example), and a user-registered preference task in another JSONL
-layout trained by the RM ensemble stage and evaluated by rm_eval, without converting files
-(the example of docs/seqio.md)."""
+"""Stages trained from SeqIO tasks (DataSource.kind = 'seqio') on 8 fake devices: a
+user-registered preference task in another JSONL layout trained by the RM ensemble stage
+and evaluated by rm_eval, without converting files (the example of docs/seqio.md), with
+exact resume after preemption (the restarted stage reads the task again and continues at
+the same example); the same resume for pre-training from tldr_sft (slow)."""
 import json
 import os
 import signal
@@ -45,6 +45,7 @@ def _params(path):
     return [np.asarray(x) for x in jax.tree.leaves(ckpt_lib.load_params(path)[0])]
 
 
+@pytest.mark.slow  # the LM twin of the ensemble's resume below (a second compiled program)
 def test_pretrain_from_a_seqio_task_resumes_at_the_same_example(data_dir, tmp_path,
                                                                 monkeypatch):
     _bind(data_dir, **{"DataSource.kind": "seqio", "DataSource.task": "tldr_sft"})
@@ -142,17 +143,42 @@ def test_a_user_preference_task_trains_the_ensemble_and_is_evaluated(data_dir, t
     _bind(data_dir, **{"DataSource.kind": "seqio", "DataSource.task": "user_prefs",
                        "DataSource.modules": ["seqio_user_task"],
                        "DataConfig.max_train_pairs": 160})
+    spec = dict(head_path=head, members=ensemble.MemberSweep(
+        num_members=2, init_snapshots=inits, learning_rates=(3e-3, 1e-2),
+        dropout_rates=(0.05, 0.1)), train=ensemble.RMTrainConfig(
+        total_steps=4, batch_size=8, warmup_steps=2, log_every=2, checkpoint_every=100,
+        eval_pairs=16, eval_train_pairs=32, select_pairs=32))
+    seen = {"a": [], "b": []}
+    real = ensemble.member_batch
+
+    def recording(who, stop_at=None):
+        def member_batch(arrays, specs, batch_size, step):
+            if step == stop_at:  # preempted while building batch 1
+                os.kill(os.getpid(), signal.SIGTERM)
+            out = real(arrays, specs, batch_size, step)
+            seen[who].append((step, out["chosen_tokens"].tobytes()))
+            return out
+        return member_batch
+
     try:
-        ens = rm_ensemble.ensemble_stage(
-            run, name="rm_user", head_path=head,
-            members=ensemble.MemberSweep(num_members=2, init_snapshots=inits,
-                                         learning_rates=(3e-3, 1e-2),
-                                         dropout_rates=(0.05, 0.1)),
-            train=ensemble.RMTrainConfig(total_steps=4, batch_size=8, warmup_steps=2,
-                                         log_every=2, checkpoint_every=100, eval_pairs=16,
-                                         eval_train_pairs=32, select_pairs=32))
+        monkeypatch.setattr(ensemble, "member_batch", recording("a"))
+        ens = rm_ensemble.ensemble_stage(run, name="rm_user", **spec)
         assert ens["train_rows"] == [0, 160] and ens["select_rows"] == [168, 200]
         assert len(ens["members"]) == 2
+        # the same ensemble preempted after step 1, then resumed: the task is read again
+        # and training continues at the same example, to the same members bit for bit
+        monkeypatch.setattr(ensemble, "member_batch", recording("b", stop_at=1))
+        with pytest.raises(train_lib.Preempted) as exc:
+            rm_ensemble.ensemble_stage(run, name="rm_user_b", **spec)
+        assert exc.value.step == 2
+        monkeypatch.setattr(ensemble, "member_batch", recording("b"))
+        resumed = rm_ensemble.ensemble_stage(run, name="rm_user_b", **spec)
+        assert "resumed" in resumed["source"] and "step 2" in resumed["source"]
+        assert [s for s in seen["b"] if s[0] >= 2] == [s for s in seen["a"] if s[0] >= 2]
+        for a, b in zip(ens["members"], resumed["members"]):
+            for x, y in zip(_params(a["path"]), _params(b["path"])):
+                assert np.array_equal(x, y)
+        monkeypatch.setattr(ensemble, "member_batch", real)
         ev = rm_eval.rm_eval_stage(run, ensemble="rm_user", corrupted=False,
                                    max_train_pairs=64, max_eval_pairs=24, batch_size=16,
                                    num_lambdas=3)
