@@ -25,7 +25,8 @@ def tiny(tmp_path_factory):
 def test_core_modules_import_without_tensorflow():
     code = ("import sys\n"
             "for m in ['warm_jax.data.formats', 'warm_jax.data.world', 'warm_jax.data.oracle',"
-            " 'warm_jax.data.vocab', 'warm_jax.data.pipeline', 'warm_jax.data.diagnostics']:\n"
+            " 'warm_jax.data.vocab', 'warm_jax.data.pipeline', 'warm_jax.data.diagnostics',"
+            " 'warm_jax.data.provider', 'warm_jax.stages.base', 'warm_jax.config_checks']:\n"
             "    __import__(m)\n"
             "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]\n"
             "assert not bad, bad\n")

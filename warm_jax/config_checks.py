@@ -240,8 +240,9 @@ class StageCheck:
         """DataConfig as the stage will build it, checked; its input files recorded."""
         from warm_jax.data import provider as provider_lib
 
-        cfg = provider_lib.DataConfig()
-        provider_lib.check_data_config(cfg, self)
+        cfg, source = provider_lib.DataConfig(), provider_lib.DataSource()
+        provider_lib.check_data_source(source, self)
+        provider_lib.check_data_config(cfg, self, source)
         return cfg
 
     def mesh_shape(self) -> Optional[dict]:

@@ -15,7 +15,11 @@ files one by one); a DataProvider reads, tokenises and caches the arrays each st
                                        D_ood, written by the ood stage)
   provider.prompts("rl"|"eval")        left-padded prompts + post texts for sampling
 
-The SeqIO tasks in warm_jax.data.tasks serve the same arrays through tf.data.
+The SeqIO tasks in warm_jax.data.tasks serve the same arrays through tf.data. A stage reads
+them instead of the files when its DataSource says so (`rm_clean/DataSource.kind = 'seqio'`,
+`rm_clean/DataSource.task = 'my_preference_task'`): make_provider then builds a
+warm_jax.data.seqio_provider.SeqIOProvider, which serves the same methods and arrays
+(docs/seqio.md). Only that module imports seqio / TensorFlow.
 """
 from __future__ import annotations
 
@@ -61,10 +65,11 @@ class DataConfig:
         return os.path.join(self.data_dir, default_rel)
 
 
-def check_data_config(cfg: DataConfig, c) -> None:
+def check_data_config(cfg: DataConfig, c, source: Optional["DataSource"] = None) -> None:
     """Up-front rules on a DataConfig (c: config_checks.StageCheck): value ranges, and the
     input files exist when they are outside the run directory (the data stage writes the
-    miniature world to {RUN_DIR}/data). Records the inputs as read."""
+    miniature world to {RUN_DIR}/data). Records the inputs as read. With a SeqIO source
+    only the vocabulary file is read (and data_dir, for the TL;DR tasks)."""
     name = "DataConfig"
     c.field(name, "max_len", cfg.max_len, 2, integer=True)
     c.field(name, "max_prompt_len", cfg.max_prompt_len, 1, integer=True)
@@ -74,6 +79,9 @@ def check_data_config(cfg: DataConfig, c) -> None:
     c.field(name, "max_train_pairs", cfg.max_train_pairs, 1, integer=True, optional=True)
     c.field(name, "num_eval_pairs", cfg.num_eval_pairs, 1, integer=True, optional=True)
     c.field(name, "num_eval_prompts", cfg.num_eval_prompts, 1, integer=True)
+    if source is not None and source.kind == "seqio":
+        _check_seqio_inputs(cfg, c, source)
+        return
     if not cfg.data_dir and not all((cfg.comparisons, cfg.sft, cfg.prompts, cfg.vocab_model)):
         c.fail("data_dir", "set data_dir (or each of comparisons, sft, prompts, vocab_model)",
                value=cfg.data_dir, configurable=name)
@@ -97,9 +105,112 @@ def check_data_config(cfg: DataConfig, c) -> None:
             c.read(cfg.data_dir)
 
 
+SOURCE_KINDS = ("files", "seqio")
+# the TL;DR SeqIO tasks (warm_jax.data.tasks), registered from the entry's DataConfig
+TLDR_TASKS = ("tldr_sft", "tldr_preference", "tldr_preference_corrupted", "tldr_prompts")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where a stage entry's examples come from (bound in the entry's gin scope).
+
+    kind='files': the DataConfig files through the numpy pipeline (the default).
+    kind='seqio': the SeqIO task or mixture `task`, read through a feature converter into
+    the same arrays. What the task must give depends on what the stage reads: sequences
+    (pretrain, SFT: `targets`, optional `inputs` = the prompt), preference pairs
+    (rm_init, rm_ensemble, warm, rm_eval: `chosen_tokens`, `rejected_tokens`, optional
+    `prompt_len`, `flipped`) or prompts (rl, bon, judge: `inputs`, optional `post` and
+    `prompt` texts). `modules` are imported first (they register the tasks); the TL;DR
+    tasks (tasks.TASK_NAMES) are registered from the entry's DataConfig. In a
+    multi-process run each process reads its own shard (seqio.ShardInfo(process index,
+    process count)) and the rows are gathered in process order."""
+
+    kind: str = "files"
+    task: str = ""  # SeqIO task or mixture name
+    train_split: str = "train"
+    valid_split: str = "validation"  # ID validation ('valid')
+    stress_split: str = "ood"  # the valid2 role ('stress', also 'ood' before rm_eval)
+    test_split: str = "test"
+    modules: tuple = ()  # modules to import first (they register the task)
+    shard_by_process: bool = True
+    mixture_examples: Optional[int] = None  # examples taken from a mixture's stream per split
+
+    def split(self, name: str) -> str:
+        """The task split that plays the provider's split `name`."""
+        return {"train": self.train_split, "valid": self.valid_split,
+                "ood": self.stress_split, "stress": self.stress_split,
+                "test": self.test_split}.get(name, name)
+
+
+def check_data_source(src: DataSource, c) -> None:
+    """Up-front rules on a DataSource (c: config_checks.StageCheck). With kind='seqio' it
+    imports the modules and checks that the task is registered and has the splits (the
+    TL;DR tasks are registered when the stage runs, from its DataConfig)."""
+    name = "DataSource"
+    if src.kind not in SOURCE_KINDS:
+        c.fail("kind", f"must be one of {list(SOURCE_KINDS)}", value=src.kind, configurable=name)
+    if src.kind == "files":
+        return
+    if not isinstance(src.task, str) or not src.task:
+        c.fail("task", "name the SeqIO task or mixture to read (kind='seqio')",
+               value=src.task, configurable=name)
+    for field in ("train_split", "valid_split", "stress_split", "test_split"):
+        if not isinstance(getattr(src, field), str) or not getattr(src, field):
+            c.fail(field, "must be a split name", value=getattr(src, field), configurable=name)
+    if src.mixture_examples is not None:
+        c.field(name, "mixture_examples", src.mixture_examples, 1, integer=True)
+    mods = src.modules
+    if isinstance(mods, str) or not all(isinstance(m, str) and m for m in mods):
+        c.fail("modules", "must be a list of module names", value=mods, configurable=name)
+    from warm_jax.data import seqio_provider
+
+    problem = seqio_provider.task_problem(src)
+    if problem:
+        c.fail(problem[0], problem[1], value=getattr(src, problem[0]), configurable=name)
+
+
+def make_provider(config: DataConfig, source: Optional[DataSource] = None) -> "DataProvider":
+    """The provider a stage reads from: the files (DataProvider), or a SeqIO task
+    (seqio_provider.SeqIOProvider, imported only then)."""
+    source = source or DataSource()
+    if source.kind == "files":
+        return DataProvider(config)
+    if source.kind != "seqio":
+        raise ValueError(f"DataSource.kind = {source.kind!r}: must be one of "
+                         f"{list(SOURCE_KINDS)}")
+    from warm_jax.data import seqio_provider
+
+    return seqio_provider.SeqIOProvider(config, source)
+
+
+def _check_seqio_inputs(cfg: DataConfig, c, source) -> None:
+    name = "DataConfig"
+    if not cfg.data_dir and not cfg.vocab_model:
+        c.fail("vocab_model", "a SeqIO source still needs the SentencePiece model of the "
+               "token ids: set vocab_model (or data_dir)", value=cfg.vocab_model,
+               configurable=name)
+    path = cfg.path("vocab_model", "spm.model")
+    if not c.in_run_dir(path) and not os.path.exists(path):
+        c.fail("vocab_model" if cfg.vocab_model else "data_dir", f"{path} does not exist",
+               value=cfg.vocab_model or cfg.data_dir, configurable=name)
+    c.read(path)
+    if source.task in TLDR_TASKS:
+        if not cfg.data_dir:
+            c.fail("data_dir", f"DataSource.task = {source.task!r} reads the TL;DR files "
+                   "under data_dir: set it", value=cfg.data_dir, configurable=name)
+        c.read(cfg.data_dir)
+
+
 class DataProvider:
+    kind = "files"  # the DataSource kind it serves
+
     def __init__(self, config: DataConfig):
         self.config = config
+
+    def num_pairs(self, split: str) -> int:
+        """Preference pairs in `split` (capped as preference(split) is)."""
+        return len(self.comparisons(split))
 
     @functools.cached_property
     def vocab(self):

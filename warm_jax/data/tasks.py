@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from warm_jax.data import formats, pipeline  # noqa: E402
+from warm_jax.data import formats, pipeline, provider  # noqa: E402
 from warm_jax.data.vocab import Vocab  # noqa: E402
 
 try:
@@ -34,7 +34,7 @@ try:
 except RuntimeError:  # devices already initialised
     pass
 
-TASK_NAMES = ("tldr_sft", "tldr_preference", "tldr_preference_corrupted", "tldr_prompts")
+TASK_NAMES = provider.TLDR_TASKS
 PREFERENCE_SPLITS = {"train": "train", "validation": "valid1", "ood": "valid2"}
 SFT_SPLITS = {"train": "train", "validation": "valid", "test": "test"}
 
@@ -72,6 +72,7 @@ def _sft_source(data_dir: str, files: Mapping[str, str]):
             "post": [e.post for e in rows],
             "summary": [e.summary for e in rows],
             "prompt": [e.prompt for e in rows],
+            "index": tf.range(len(rows), dtype=tf.int32),
         })
     return seqio.FunctionDataSource(dataset_fn, splits=list(files))
 
@@ -129,7 +130,7 @@ def _sft_preprocessor(asm: _Assembler, max_len: int):
             target = tf.concat([asm.encode(ex["summary"]), asm.eos], 0)
             prompt = asm.prompt(ex["id"], asm.head(ex["head"]), asm.encode(ex["post"]),
                                 max_len - tf.size(target))
-            return {"inputs": prompt, "targets": target, "id": ex["id"]}
+            return {"inputs": prompt, "targets": target, "id": ex["id"], "index": ex["index"]}
         return ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return fn
 
@@ -137,9 +138,11 @@ def _sft_preprocessor(asm: _Assembler, max_len: int):
 def _prompt_preprocessor(asm: _Assembler, max_prompt_len: int):
     def fn(ds: tf.data.Dataset) -> tf.data.Dataset:
         def one(ex):
-            prompt = asm.prompt(ex["id"], asm.head(ex["head"]), asm.encode(ex["post"]),
-                                tf.constant(max_prompt_len))
-            return {"inputs": prompt, "post": ex["post"], "prompt": ex["prompt"], "id": ex["id"]}
+            head, post = asm.head(ex["head"]), asm.encode(ex["post"])
+            prompt = asm.prompt(ex["id"], head, post, tf.constant(max_prompt_len))
+            full = tf.size(head) + tf.size(post) + tf.size(asm.tail)
+            return {"inputs": prompt, "post": ex["post"], "prompt": ex["prompt"], "id": ex["id"],
+                    "index": ex["index"], "truncated": tf.size(prompt) < full}
         return ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return fn
 
@@ -239,6 +242,82 @@ class PairwiseFeatureConverter(seqio.FeatureConverter):
                                    "rejected_mask")}
         out.update({k: 1 for k in self._SCALARS})
         return out
+
+
+def _right_pad(x: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
+    n = tf.size(x)
+    return tf.pad(x, [[0, length - n]]), tf.pad(tf.ones([n], tf.int32), [[0, length - n]])
+
+
+class SequenceFeatureConverter(seqio.FeatureConverter):
+    """``inputs`` (the prompt, may be empty) + ``targets`` -> the arrays of
+    pipeline.sft_arrays: tokens, mask, loss_mask (int32 [T], right padded; loss_mask is 1
+    on the targets); with ``lm=True`` (pre-training) loss_mask is the whole mask, as
+    pipeline.lm_arrays' sequences are trained. ``index`` (int32) passes through. The length
+    is task_feature_lengths['targets']; inputs + targets must fit it (checked before)."""
+
+    TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                     "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                     "index": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0)}
+    MODEL_FEATURES = {**{k: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+                         for k in ("tokens", "mask", "loss_mask")},
+                      "index": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0)}
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, lm: bool = False, **kwargs):
+        self.lm = lm
+        super().__init__(pack=False, **kwargs)
+
+    def _convert_features(self, ds, task_feature_lengths):
+        length = task_feature_lengths["targets"]
+
+        def one(ex):
+            tokens, mask = _right_pad(tf.concat([ex["inputs"], ex["targets"]], 0), length)
+            if self.lm:
+                loss = mask
+            else:
+                n_in, n_t = tf.size(ex["inputs"]), tf.size(ex["targets"])
+                loss = tf.pad(tf.ones([n_t], tf.int32), [[n_in, length - n_in - n_t]])
+            return {"tokens": tokens, "mask": mask, "loss_mask": loss, "index": ex["index"]}
+        return ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        length = task_feature_lengths["targets"]
+        return {"tokens": length, "mask": length, "loss_mask": length, "index": 1}
+
+
+class PromptFeatureConverter(seqio.FeatureConverter):
+    """``inputs`` (prompt ids) -> the arrays of pipeline.prompt_arrays: tokens, mask (int32
+    [T], LEFT padded), truncated (bool); the ``post`` and ``prompt`` texts and ``index``
+    pass through."""
+
+    _PASS = {"truncated": tf.bool, "index": tf.int32, "post": tf.string, "prompt": tf.string}
+    TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                     **{k: seqio.FeatureConverter.FeatureSpec(dtype=v, rank=0)
+                        for k, v in _PASS.items()}}
+    MODEL_FEATURES = {"tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                      "mask": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                      **{k: seqio.FeatureConverter.FeatureSpec(dtype=v, rank=0)
+                         for k, v in _PASS.items()}}
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, **kwargs):
+        super().__init__(pack=False, **kwargs)
+
+    def _convert_features(self, ds, task_feature_lengths):
+        length = task_feature_lengths["inputs"]
+
+        def one(ex):
+            n = tf.size(ex["inputs"])
+            out = {"tokens": tf.pad(ex["inputs"], [[length - n, 0]]),
+                   "mask": tf.pad(tf.ones([n], tf.int32), [[length - n, 0]])}
+            out.update({k: ex[k] for k in self._PASS})
+            return out
+        return ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        length = task_feature_lengths["inputs"]
+        return {"tokens": length, "mask": length, **{k: 1 for k in self._PASS}}
 
 
 def preference_dataset(task: str, split: str, max_len: int, shuffle: bool = False,

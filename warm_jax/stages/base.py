@@ -66,7 +66,8 @@ class StageContext:
         if self._provider is None:
             from warm_jax.data import provider as provider_lib
 
-            self._provider = provider_lib.DataProvider(provider_lib.DataConfig())
+            self._provider = provider_lib.make_provider(provider_lib.DataConfig(),
+                                                        provider_lib.DataSource())
         return self._provider
 
     def mesh(self):

@@ -502,6 +502,11 @@ def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: 
     from warm_jax.data import pipeline
 
     prov, names, n = ctx.provider(), r.names, len(r.paths)
+    if prov.kind != "files":  # the gates swap posts and fit baselines on comparison records
+        why = (f"not measured: the data source is {prov.kind} (token arrays); the gates "
+               "need the comparison files (DataSource.kind = 'files')")
+        log.info("rm_eval[%s]: gates %s", ensemble, why)
+        return [], {}, {"skipped": why}
     valid_comps = prov.comparisons("valid")[:max_eval_pairs or None]
     swapped = pipeline.preference_arrays(gates.swap_posts(valid_comps, ctx.seed), prov.vocab,
                                          prov.config.max_len)
@@ -545,7 +550,7 @@ def check_train_rows(run_dir: str, ensemble: str, cards: Sequence[dict], corrupt
         pre = f"{theirs['scope']}/" if theirs["scope"] else ""
     else:
         pre = f"<{ensemble}'s scope>/"
-    cfg, n = prov.config, len(prov.comparisons("train"))
+    cfg, n = prov.config, prov.num_pairs("train")
     out = {"eval_rows": [0, n], "ensemble_rows": rows, "checked": []}
     if rows is None:
         log.info("rm_eval[%s]: %s records no training rows (written before they were "

@@ -18,7 +18,6 @@ warm start on the LAST ``reserved_pairs`` rows of the training split, and the en
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -150,9 +149,9 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     sets = {"train": provider_lib.subset(train, idx),
             "valid": provider_lib.subset(prov.preference("valid"),
                                          np.arange(min(eval_pairs,
-                                                       len(prov.comparisons("valid"))))),
+                                                       prov.num_pairs("valid")))),
             "ood": provider_lib.subset(prov.preference("ood"),
-                                       np.arange(min(eval_pairs, len(prov.comparisons("ood")))))}
+                                       np.arange(min(eval_pairs, prov.num_pairs("ood"))))}
     trimmed = ensemble.trim_pairs(*sets.values())
     feats = {k: pair_features(model_cfg, params, s, mesh) for k, s in zip(sets, trimmed)}
     head0 = jax.tree.map(np.asarray, ensemble.head_of(params))
@@ -227,15 +226,11 @@ def _init_rows(prov, reserved_pairs: int) -> tuple[dict, list[int]]:
     if not reserved_pairs:
         train = prov.preference("train")
         return train, [0, len(train["chosen_tokens"])]
-    full = provider_lib.DataProvider(dataclasses.replace(prov.config, max_train_pairs=None))
-    comps = full.comparisons("train")
-    n = len(comps)
+    n = prov.num_train_rows()
     if reserved_pairs >= n:
         raise ValueError(f"probe_stage.reserved_pairs = {reserved_pairs}: the training split "
                          f"has only {n} pairs")
-    arrays = pipeline.preference_arrays(comps[n - reserved_pairs:], prov.vocab,
-                                        prov.config.max_len)
-    return arrays, [n - reserved_pairs, n]
+    return prov.train_rows(n - reserved_pairs, n), [n - reserved_pairs, n]
 
 
 def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
