@@ -277,7 +277,7 @@ def check_rm_eval_stage(c) -> None:
     c.integer("max_train_pairs", 1, optional=True)
     c.integer("max_eval_pairs", 1, optional=True)
     c.integer("batch_size", 1)
-    c.integer("num_lambdas", 2)
+    c.integer("num_lambdas", 3)  # the claims read the points strictly between the ends
     pair = c.sequence("interp_members", length=2, optional=True,
                       item=lambda i: config_checks.range_problem(i, 0, integer=True),
                       length_why=" (two member indices)")
