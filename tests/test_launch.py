@@ -354,7 +354,8 @@ def test_colab_notebook_is_valid_and_names_the_flow():
     text = "\n".join(code)
     for needle in ("git", "clone", "pip", "install", "jax[tpu]", "jax[cuda12]", "nvidia-smi",
                    "warm_jax.main", "gin/runs/warm_mini.gin", "--gin.RUN_DIR=", "report.md",
-                   "*.png", "display(Markdown", "display(Image"):
+                   "*.png", "display(Markdown", "display(Image", "warm_jax.convert",
+                   "snapshot_download", "warm_jax.average"):
         assert needle in text, needle
     assert os.path.exists(os.path.join(ROOT, "gin", "mesh", "gpu_1.gin"))
     # a broken notebook is refused (the validation above can fail)
