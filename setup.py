@@ -18,6 +18,11 @@ DATA = [
     "sentencepiece>=0.2",
 ]
 REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
+# libtpu at the version jax's own `tpu` extra pins (jax 0.10.2: libtpu==0.0.42.*; ~200 MB
+# download, ~680 MB installed). On a TPU VM it runs the programs; on any other host it lets
+# `python -m warm_jax.aot` compile them for a TPU topology. Not in requirements.lock: the
+# default install and CI stay without it (tests/test_aot.py skips its compile tests).
+TPU = ["jax[tpu]"]
 DEV = ["pytest>=8", "hypothesis>=6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"]
 
 setup(
@@ -31,6 +36,7 @@ setup(
         "data": DATA,
         "report": REPORT,
         "dev": DEV,
+        "tpu": TPU,
         "all": DATA + REPORT + DEV,
     },
     entry_points={"console_scripts": ["warm-jax=warm_jax.main:console_main"]},
