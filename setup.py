@@ -18,11 +18,12 @@ DATA = [
     "sentencepiece>=0.2",
 ]
 REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
-# libtpu at the version jax's own `tpu` extra pins (jax 0.10.2: libtpu==0.0.42.*; ~200 MB
-# download, ~680 MB installed). On a TPU VM it runs the programs; on any other host it lets
-# `python -m warm_jax.aot` compile them for a TPU topology. Not in requirements.lock: the
-# default install and CI stay without it (tests/test_aot.py skips its compile tests).
-TPU = ["jax[tpu]"]
+# libtpu at the version the locked jax's own `tpu` extra pins (jax 0.10.2: libtpu==0.0.42.*;
+# ~200 MB download, ~680 MB installed; tests/test_aot.py checks the two agree). On a TPU VM
+# it runs the programs; on any other host it lets `python -m warm_jax.aot` compile them for
+# a TPU topology. Not in requirements.lock: the default install and CI stay without it
+# (tests/test_aot.py then skips its compile tests and says why).
+TPU = ["libtpu==0.0.42.*", "requests"]
 DEV = ["pytest>=8", "hypothesis>=6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"]
 
 setup(

@@ -7,6 +7,7 @@ the rules table says: the stacked members' leading axis on 'ensemble', the model
 and say so. The argument checks run everywhere.
 """
 import json
+import os
 
 import gin
 import jax
@@ -125,6 +126,17 @@ def test_cli_prints_json_lines_and_the_run_record(devices, capsys):
     assert recs[-1]["not_compiled"] == ["judge"]
     assert recs[-1]["entries"]["warm@warm_clean"]["steps"] == 4  # NUM_MEMBERS updates
     assert "| average_update | warm@warm_clean |" in err
+
+
+def test_the_tpu_extra_pins_the_libtpu_that_jax_pins():
+    import importlib.metadata
+    import re
+
+    want = sorted(r.split(";")[0].replace(" ", "") for r in importlib.metadata.requires("jax")
+                  if 'extra == "tpu"' in r and r.startswith("libtpu"))
+    setup_py = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.py")).read()
+    got = re.search(r"^TPU = \[(.*)\]", setup_py, re.M).group(1)
+    assert want and [x.strip(' "') for x in got.split(",") if "libtpu" in x] == want
 
 
 def test_bad_arguments_fail_in_one_line(capsys):
