@@ -158,3 +158,20 @@ def test_without_libtpu_the_tool_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setattr(aot, "libtpu_problem", lambda: "libtpu is not installed (...)")
     assert aot.main(["--gin_file=gin/runs/warm_mini.gin", "--topology=v5e:2x2"]) == 2
     assert capsys.readouterr().err.strip() == "error: libtpu is not installed (...)"
+
+
+def test_a_program_that_does_not_fit_is_one_line_with_its_largest_buffers():
+    text = ("%0 = stablehlo.dot %a, %b : (tensor<6x32x576x1536xbf16>, tensor<1536x6144xbf16>)"
+            " -> tensor<6x32x576x6144xbf16>\n%1 = stablehlo.add : tensor<2x2xf32>")
+    largest = aot._largest_values(text, top=2)
+    assert largest == ["bf16[6,32,576,6144] 1.27 GiB (global)",
+                       "bf16[6,32,576,1536] 0.32 GiB (global)"]
+    rec = {"program": "rm_ensemble_step", "entries": ["rm_ensemble@rm_clean"],
+           "topology": "v5e:4x4", "hbm_bytes_chip": 16 * aot.GiB, "fits": False,
+           "error": "RESOURCE_EXHAUSTED: Ran out of memory on HBM", "largest_buffers": largest}
+    line = aot._does_not_fit_line(rec)
+    assert "\n" not in line
+    assert line.startswith("DOES NOT FIT: rm_ensemble_step (rm_ensemble@rm_clean) on v5e:4x4 "
+                           "(16.00 GiB HBM per chip): RESOURCE_EXHAUSTED")
+    assert line.endswith("largest buffers: " + "; ".join(largest))
+    assert aot.records(rec)[0]["metric"] == "fits" and aot.records(rec)[0]["value"] is False

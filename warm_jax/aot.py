@@ -181,6 +181,7 @@ class Program:
     decode_tokens: int = 0  # sequential generated tokens per step (sampling floor)
     param_bytes: int = 0  # full weights read per generated token
     shapes: dict = dataclasses.field(default_factory=dict)
+    largest: list = dataclasses.field(default_factory=list)  # when the compile fails
     entries: list = dataclasses.field(default_factory=list)  # [(entry, steps in the run)]
 
 
@@ -424,6 +425,23 @@ def _oom_buffers(message: str, top: int = 3) -> list[str]:
     return out
 
 
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4, "ui32": 4, "i8": 1, "i1": 1,
+                "f64": 8, "i64": 8}
+
+
+def _largest_values(stablehlo: str, top: int = 3) -> list[str]:
+    """The largest arrays a lowered program computes (global shapes, before partitioning):
+    what to shrink when the temporaries do not fit."""
+    sizes = {}
+    for m in re.finditer(r"tensor<((?:[0-9]+x)+)([a-z0-9]+)>", stablehlo):
+        dims, dtype = m.group(1)[:-1], m.group(2)
+        if dtype in _DTYPE_BYTES:
+            sizes[f"{dtype}[{dims.replace('x', ',')}]"] = \
+                math.prod(int(d) for d in dims.split("x")) * _DTYPE_BYTES[dtype]
+    big = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+    return [f"{name} {nbytes / GiB:.2f} GiB (global)" for name, nbytes in big]
+
+
 def _largest_args(args, top: int = 3) -> list[str]:
     """The largest per-device argument shards: 'path shape dtype spec size'."""
     import jax
@@ -452,6 +470,7 @@ def compile_program(prog: Program):
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises XlaRuntimeError / JaxRuntimeError
+        prog.largest = _largest_values(lowered.as_text())
         return None, str(e)
     finally:
         prog.shapes["compile_s"] = round(time.perf_counter() - t0, 2)
@@ -467,7 +486,8 @@ def measure(prog: Program, topo: Topology, compiled, error: Optional[str]) -> di
                  "hbm_bytes_chip": chip.hbm_bytes}
     if compiled is None:
         rec.update(fits=False, error=_first_line(error or ""),
-                   largest_buffers=_oom_buffers(error or "") or _largest_args(prog.args))
+                   largest_buffers=(_oom_buffers(error or "") or prog.largest
+                                    or _largest_args(prog.args)))
         return rec
     mem = compiled.memory_analysis()
     used = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -569,11 +589,11 @@ def markdown(recs: Sequence[dict], run: dict) -> str:
 
 
 def _does_not_fit_line(rec: dict) -> str:
-    used = f"{_gib(rec['hbm_bytes'])} GiB" if "hbm_bytes" in rec else "compile failed"
+    why = (f"needs {_gib(rec['hbm_bytes'])} GiB" if "hbm_bytes" in rec
+           else rec.get("error", "the compile failed"))
     return (f"DOES NOT FIT: {rec['program']} ({', '.join(rec['entries'])}) on "
-            f"{rec['topology']}: {used} of {_gib(rec['hbm_bytes_chip'])} GiB HBM per chip"
-            f"{'; ' + rec['error'] if rec.get('error') else ''}; largest buffers: "
-            f"{'; '.join(rec.get('largest_buffers', []))}")
+            f"{rec['topology']} ({_gib(rec['hbm_bytes_chip'])} GiB HBM per chip): {why}; "
+            f"largest buffers: {'; '.join(rec.get('largest_buffers', []))}")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -599,6 +619,21 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, bindings
 
 
+def bind_required_macros() -> list[str]:
+    """Binds every %gin.REQUIRED macro left unbound (RUN_DIR, data paths, ...) to a
+    placeholder string: compiling reads no file. Returns their names."""
+    import gin
+
+    from warm_jax import main as main_lib
+
+    names = sorted(scope for (scope, selector), params in gin.config._CONFIG.items()
+                   if selector == "gin.macro" and main_lib._is_required(params.get("value")))
+    with gin.unlock_config():
+        for name in names:
+            gin.bind_parameter(f"{name}/macro.value", f"<{name}: unused by aot>")
+    return names
+
+
 def compile_run(gin_files: Sequence[str], bindings: Sequence[str], topo: Topology,
                 only: Optional[Sequence[str]] = None, out=None, err=None,
                 as_markdown: bool = False) -> dict:
@@ -612,6 +647,7 @@ def compile_run(gin_files: Sequence[str], bindings: Sequence[str], topo: Topolog
     out, err = out or sys.stdout, err or sys.stderr
     devices = topology_devices(topo)
     main_lib.configure(gin_files, list(bindings))
+    placeholders = bind_required_macros()
     entries = main_lib.select_entries(gin.query_parameter("run.stages"), only)
     programs, skipped = build_programs(entries, devices)
     recs = []
@@ -627,6 +663,7 @@ def compile_run(gin_files: Sequence[str], bindings: Sequence[str], topo: Topolog
         if not rec["fits"]:
             print(_does_not_fit_line(rec), file=err, flush=True)
     run = run_record(recs, programs, topo, skipped)
+    run["placeholder_macros"] = placeholders
     if as_markdown:
         print(markdown(recs, run), file=out, flush=True)
     else:
