@@ -458,8 +458,9 @@ def _largest_args(args, top: int = 3) -> list[str]:
     return [r for _, r in sorted(rows, key=lambda r: -r[0])[:top]]
 
 
-def compile_program(prog: Program):
-    """(compiled, None) or (None, error text): lowered and compiled, never run."""
+def compile_program(prog: Program, compiler_options: Optional[dict] = None):
+    """(compiled, None) or (None, error text): lowered and compiled, never run.
+    compiler_options: XLA options by name (e.g. exec_time_optimization_effort)."""
     import time
 
     import jax
@@ -468,7 +469,7 @@ def compile_program(prog: Program):
     with jax.set_mesh(prog.mesh):
         lowered = prog.fn.lower(*prog.args)
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options or None)
     except Exception as e:  # noqa: BLE001 - XLA raises XlaRuntimeError / JaxRuntimeError
         prog.largest = _largest_values(lowered.as_text())
         return None, str(e)
@@ -607,6 +608,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--stages", default="", help="comma-separated subset of stage entries")
     ap.add_argument("--markdown", action="store_true",
                     help="print the markdown table on stdout instead of JSON lines")
+    ap.add_argument("--compiler_option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA compile option, e.g. exec_time_optimization_effort=-1 "
+                         "(faster compiles; repeatable)")
     args, rest = ap.parse_known_args(argv)
     bindings = []
     for r in rest:
@@ -636,7 +640,7 @@ def bind_required_macros() -> list[str]:
 
 def compile_run(gin_files: Sequence[str], bindings: Sequence[str], topo: Topology,
                 only: Optional[Sequence[str]] = None, out=None, err=None,
-                as_markdown: bool = False) -> dict:
+                as_markdown: bool = False, compiler_options: Optional[dict] = None) -> dict:
     """Compiles every selected entry's programs one at a time; returns the run record."""
     import gc
 
@@ -652,8 +656,10 @@ def compile_run(gin_files: Sequence[str], bindings: Sequence[str], topo: Topolog
     programs, skipped = build_programs(entries, devices)
     recs = []
     for prog in programs:
-        compiled, error = compile_program(prog)
+        compiled, error = compile_program(prog, compiler_options)
         rec = measure(prog, topo, compiled, error)
+        if compiler_options:
+            rec["compiler_options"] = dict(compiler_options)
         del compiled
         gc.collect()
         recs.append(rec)
@@ -672,6 +678,20 @@ def compile_run(gin_files: Sequence[str], bindings: Sequence[str], topo: Topolog
     return run
 
 
+def compiler_options(pairs: Sequence[str]) -> dict:
+    """--compiler_option NAME=VALUE pairs (numbers and booleans parsed) as a dict."""
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise AOTError(f"--compiler_option {pair!r}: expected NAME=VALUE")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, bindings = parse_args(argv)
@@ -679,7 +699,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         topo = parse_topology(args.topology)
         set_tpu_env(topo)
         only = [s for s in args.stages.split(",") if s] or None
-        compile_run(args.gin_file, bindings, topo, only, as_markdown=args.markdown)
+        compile_run(args.gin_file, bindings, topo, only, as_markdown=args.markdown,
+                    compiler_options=compiler_options(args.compiler_option))
     except AOTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
