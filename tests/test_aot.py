@@ -152,6 +152,10 @@ def test_bad_arguments_fail_in_one_line(capsys):
     assert aot.parse_topology("v5e:4x4").accelerator_type == "v5litepod-16"
     assert aot.parse_topology("v5p:2x4x4").accelerator_type == "v5p-64"
     assert aot.parse_topology("v5e:2x2").chips_per_host_bounds == (2, 2, 1)
+    assert aot.compiler_options(["exec_time_optimization_effort=-1", "x=y"]) == \
+        {"exec_time_optimization_effort": -1, "x": "y"}
+    with pytest.raises(aot.AOTError, match="expected NAME=VALUE"):
+        aot.compiler_options(["exec_time_optimization_effort"])
 
 
 def test_without_libtpu_the_tool_says_how_to_get_it(monkeypatch, capsys):
