@@ -7,6 +7,7 @@ the rules table says: the stacked members' leading axis on 'ensemble', the model
 and say so. The argument checks run everywhere.
 """
 import json
+import math
 import os
 
 import gin
@@ -179,3 +180,35 @@ def test_a_program_that_does_not_fit_is_one_line_with_its_largest_buffers():
                            "(16.00 GiB HBM per chip): RESOURCE_EXHAUSTED")
     assert line.endswith("largest buffers: " + "; ".join(largest))
     assert aot.records(rec)[0]["metric"] == "fits" and aot.records(rec)[0]["value"] is False
+
+
+PAPER_RUNS = {"paper_tpu_v4_32": ("v4:2x2x4", "s"), "paper_tpu_v5e_16": ("v5e:4x4", "xs"),
+              "paper_tpu_v5p_64": ("v5p:2x4x4", "s"), "paper_tpu_v6e_16": ("v6e:4x4", "s")}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_paper_run_files_name_their_topology_and_the_paper_protocol(name):
+    from warm_jax import main as main_lib
+
+    path = f"gin/runs/{name}.gin"
+    topology, preset = PAPER_RUNS[name]
+    text = open(path).read()
+    assert f"--gin_file=gin/runs/{name}.gin --topology={topology}" in text
+    topo = aot.parse_topology(topology)
+    main_lib.configure([path], [])
+    try:
+        placeholders = aot.bind_required_macros()
+        assert placeholders == ["CONTROL", "DATA_DIR", "PRETRAINED", "RUN_DIR"]
+        q = gin.query_parameter
+        assert q("model_config.preset") == preset
+        assert ensemble.MemberSweep().num_members == 6 and q("RMTrainConfig.batch_size") == 128
+        assert q("RLConfig.batch_size") == 128 and q("RLConfig.learning_rate") == 1e-5
+        assert q("MemberSweep.learning_rate_grid") == (1e-5, 4e-5, 1e-4)
+        with gin.config_scope("rm_clean"):
+            mesh = partitioning.MeshConfig()
+        assert mesh.ensemble == 2 and 6 % mesh.ensemble == 0
+        # the mesh preset's axes fill exactly the topology's chips
+        assert math.prod(mesh.shape(topo.num_chips)) == topo.num_chips
+        assert partitioning.MeshConfig().shape(topo.num_chips)[2] > 1  # weights on fsdp
+    finally:
+        gin.clear_config()
