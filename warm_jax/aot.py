@@ -113,10 +113,14 @@ def parse_topology(name: str) -> Topology:
 
 def set_tpu_env(topo: Topology) -> None:
     """What libtpu reads on a TPU VM, set for this process (it warns without them); the
-    process's own backend stays the CPU (JAX_PLATFORMS=cpu unless already set)."""
+    process's own backend stays the CPU (JAX_PLATFORMS=cpu unless already set). Set before
+    libtpu loads (the first topology_devices call)."""
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # nothing runs on a chip here: several processes may compile at once (libtpu otherwise
+    # takes /tmp/libtpu_lockfile and refuses a second process)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
