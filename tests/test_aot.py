@@ -22,6 +22,7 @@ from warm_jax import model as model_lib
 LIBTPU = aot.libtpu_problem()
 needs_libtpu = pytest.mark.skipif(LIBTPU is not None, reason=f"skipped: {LIBTPU}")
 TOPOLOGY = aot.parse_topology("v5e:2x2")
+FAST = {"exec_time_optimization_effort": -1.0}  # a quicker compile; the layout is the same
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_rm_ensemble_step_compiles_for_v5e_with_members_on_the_ensemble_axis(dev
         prog = aot.ensemble_program(
             {"members": ensemble.MemberSweep(num_members=4),
              "train": ensemble.RMTrainConfig(batch_size=8, total_steps=10)}, devices)
-        compiled, error = aot.compile_program(prog)
+        compiled, error = aot.compile_program(prog, FAST)
     finally:
         gin.clear_config()
     assert error is None, error
@@ -94,7 +95,7 @@ def test_rl_step_compiles_for_v5e_with_weights_on_the_fsdp_axis(devices):
         prog = aot.rl_program({"reward": "warm:warm_clean",
                                "rl": rl_steps.RLConfig(batch_size=8, max_new_tokens=8,
                                                        baseline="value")}, devices)
-        compiled, error = aot.compile_program(prog)
+        compiled, error = aot.compile_program(prog, FAST)
     finally:
         gin.clear_config()
     assert error is None, error
