@@ -103,8 +103,9 @@ def test_rl_step_compiles_for_v5e_with_weights_on_the_fsdp_axis(devices):
     assert _spec(specs, "['layer_0']['mlp']['wi_gate']['kernel']")[:2] == ("fsdp", None)
     assert _spec(specs, "['layer_0']['attn']['query']['kernel']")[:2] == ("fsdp", None)
     assert _spec(specs, "['embedding']")[:2] == (None, "fsdp")
-    value = {jax.tree_util.keystr(p): tuple(s.spec) for p, s in jax.tree_util.tree_flatten_with_path(
-        compiled.input_shardings[0][0]["value_params"])[0]}
+    value = {jax.tree_util.keystr(p): tuple(s.spec) for p, s in
+             jax.tree_util.tree_flatten_with_path(
+                 compiled.input_shardings[0][0]["value_params"])[0]}
     assert _spec(value, "['layer_0']['mlp']['wo']['kernel']")[:2] == (None, "fsdp")
     rm = {jax.tree_util.keystr(p): tuple(s.spec) for p, s in
           jax.tree_util.tree_flatten_with_path(compiled.input_shardings[0][2])[0]}

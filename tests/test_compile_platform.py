@@ -46,7 +46,8 @@ def test_cpu_matmul_path_follows_the_mesh_not_the_default_backend():
     cfg = model_lib.model_config("tiny")  # remat 'none': the CPU path applies on CPU
     cpu_mesh = partitioning.make_mesh(partitioning.MeshConfig())
     # traced for the CPU mesh: the custom weight gradient (its optimization barrier) is in it
-    assert "optimization_barrier" in _rm_loss_jaxpr(cfg, lambda f: partitioning.for_mesh(f, cpu_mesh))
+    cpu_jaxpr = _rm_loss_jaxpr(cfg, lambda f: partitioning.for_mesh(f, cpu_mesh))
+    assert "optimization_barrier" in cpu_jaxpr
     # the same process (default backend: cpu), traced for a TPU mesh: plain autodiff
     tpu_jaxpr = _rm_loss_jaxpr(cfg, lambda f: partitioning.for_mesh(f, _fake_mesh("tpu")))
     assert "optimization_barrier" not in tpu_jaxpr
