@@ -214,3 +214,12 @@ def test_paper_run_files_name_their_topology_and_the_paper_protocol(name):
         assert partitioning.MeshConfig().shape(topo.num_chips)[2] > 1  # weights on fsdp
     finally:
         gin.clear_config()
+
+
+@needs_libtpu
+def test_topologies_have_one_device_per_chip(devices):
+    """As JAX on the VMs: v4 and v5p chips are one (megacore) device each."""
+    for name, chips, kind in (("v4:2x2x4", 16, "TPU v4"), ("v5p:2x4x4", 32, "TPU v5"),
+                              ("v5e:4x4", 16, "TPU v5 lite"), ("v6e:4x4", 16, "TPU v6 lite")):
+        devs = aot.topology_devices(aot.parse_topology(name))
+        assert len(devs) == chips and devs[0].device_kind == kind, name

@@ -60,10 +60,11 @@ class Chip:
     hbm_bandwidth: float  # bytes/s
     accelerator_prefix: str  # gcloud's accelerator type: v5litepod-16, v4-32, ...
     cores_per_chip: int  # what the accelerator type's number counts per chip
+    chip_config: str = "default"  # libtpu's: 'megacore' = one device per chip, as JAX on v4
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1.2e12, "v4", 2),
+    "v4": Chip("v4", 32 * GiB, 275e12, 1.2e12, "v4", 2, "megacore"),
     "v5e": Chip("v5e", 16 * GiB, 197e12, 0.819e12, "v5litepod", 1),
     "v5p": Chip("v5p", 95 * GiB, 459e12, 2.765e12, "v5p", 2),
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1.64e12, "v6e", 1),
@@ -144,11 +145,14 @@ def topology_devices(topo: Topology) -> list:
 
     try:
         desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=topo.name, chip_config_name="default",
+            platform="tpu", topology_name=topo.name, chip_config_name=topo.chip.chip_config,
             chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=1)
     except Exception as e:  # noqa: BLE001 - libtpu's errors are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AOTError(f"--topology={topo.name}: libtpu cannot describe it: {first}") from e
+    if len(desc.devices) != topo.num_chips:
+        raise AOTError(f"--topology={topo.name}: libtpu describes {len(desc.devices)} devices "
+                       f"for {topo.num_chips} chips (one JAX device per chip expected)")
     return list(desc.devices)
 
 
