@@ -19,6 +19,12 @@ DATA = [
     "tokenizers>=0.20",  # Hugging Face tokenizer.json vocabularies
 ]
 REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
+# libtpu at the version the locked jax's own `tpu` extra pins (jax 0.10.2: libtpu==0.0.42.*;
+# ~200 MB download, ~680 MB installed; tests/test_aot.py checks the two agree). On a TPU VM
+# it runs the programs; on any other host it lets `python -m warm_jax.aot` compile them for
+# a TPU topology. Not in requirements.lock: the default install and CI stay without it
+# (tests/test_aot.py then skips its compile tests and says why).
+TPU = ["libtpu==0.0.42.*", "requests"]
 DEV = ["pytest>=8", "hypothesis>=6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"]
 
 setup(
@@ -32,6 +38,7 @@ setup(
         "data": DATA,
         "report": REPORT,
         "dev": DEV,
+        "tpu": TPU,
         "all": DATA + REPORT + DEV,
     },
     entry_points={"console_scripts": ["warm-jax=warm_jax.main:console_main"]},

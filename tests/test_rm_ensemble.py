@@ -232,6 +232,11 @@ def test_member_loop_choice():
     assert ensemble.resolve_member_loop("auto", "ensemble") == "vmap"
     assert ensemble.resolve_member_loop("auto", None) == (
         "map" if jax.default_backend() == "cpu" else "vmap")
+    # decided by the platform of the mesh compiled for, not by the default backend
+    assert ensemble.resolve_member_loop("auto", None, "cpu") == "map"
+    assert ensemble.resolve_member_loop("auto", None, "tpu") == "vmap"
+    with partitioning.compile_platform("tpu"):
+        assert ensemble.resolve_member_loop("auto", None) == "vmap"
     with pytest.raises(ValueError, match="cannot shard members"):
         ensemble.resolve_member_loop("map", "ensemble")
     with pytest.raises(ValueError, match="choose auto, vmap or map"):

@@ -351,19 +351,22 @@ class EnsembleProgram:
     member_loop: str  # 'vmap' | 'map'
 
 
-def resolve_member_loop(member_loop: str, spmd_axis: Optional[str]) -> str:
+def resolve_member_loop(member_loop: str, spmd_axis: Optional[str],
+                        platform: Optional[str] = None) -> str:
     """How the one program steps its members: 'vmap' (batched: the members are sharded
     over the mesh's 'ensemble' axis) or 'map' (lax.map: members one after another inside
     the same program, over the same stacked state). 'auto' takes 'map' only on CPU with no
     ensemble axis, where batching the members' matmuls was measured slower than running
-    them in turn (bench/ensemble_scaling.py), and 'vmap' everywhere else."""
+    them in turn (bench/ensemble_scaling.py), and 'vmap' everywhere else. `platform`: that
+    of the mesh the program is compiled for (default: partitioning.current_platform())."""
     if member_loop not in ("auto", "vmap", "map"):
         raise ValueError(f"member_loop={member_loop!r}; choose auto, vmap or map")
     if member_loop == "map" and spmd_axis is not None:
         raise ValueError("member_loop='map' cannot shard members over the mesh's 'ensemble' "
                          "axis; use 'vmap' (or 'auto'), or set MeshConfig.ensemble = 1")
     if member_loop == "auto":
-        return "map" if spmd_axis is None and jax.default_backend() == "cpu" else "vmap"
+        platform = platform or partitioning.current_platform()
+        return "map" if spmd_axis is None and platform == "cpu" else "vmap"
     return member_loop
 
 
@@ -386,7 +389,7 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
     stacked_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
     p_sh = partitioning.tree_shardings(partitioning.stack_logical(names), stacked_abs, mesh)
     spmd = _ensemble_axis(mesh, m)
-    loop = resolve_member_loop(member_loop, spmd)
+    loop = resolve_member_loop(member_loop, spmd, partitioning.mesh_platform(mesh))
 
     def init_member(params, lr, dropout, key):
         st = train_lib.init_state(params, tx, 0)
@@ -437,12 +440,13 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
     b_sh = {k: stacked_batch_sharding(mesh, (m, b, t)) for k in PAIR_KEYS}
     eval_sh = {k: partitioning.batch_sharding(mesh, 2) for k in PAIR_KEYS}
     rep = partitioning.replicated(mesh)
+    traced = lambda fn: partitioning.for_mesh(fn, mesh)  # the mesh's platform's code paths
     return EnsembleProgram(
         model_cfg, mesh, m, p_sh, train_lib.with_shardings(abstract_state, st_sh), st_sh,
-        jax.jit(init, in_shardings=(p_sh, rep, rep, rep), out_shardings=st_sh),
-        jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None),
+        jax.jit(traced(init), in_shardings=(p_sh, rep, rep, rep), out_shardings=st_sh),
+        jax.jit(traced(step), in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None),
                 donate_argnums=0),
-        jax.jit(scores, in_shardings=(p_sh, eval_sh)), spmd, loop)
+        jax.jit(traced(scores), in_shardings=(p_sh, eval_sh)), spmd, loop)
 
 
 def put_member_batch(program: EnsembleProgram, arrays: dict) -> dict:

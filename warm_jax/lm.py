@@ -114,8 +114,9 @@ def build_lm_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, seed: int,
                                       min_dim_size_to_factor=opt_cfg.min_dim_size_to_factor)
     abstract_state = train_lib.with_shardings(jax.eval_shape(init, abstract_p), st_sh)
     b_sh = {k: partitioning.batch_sharding(mesh, 2) for k in batch_keys}
-    step = jax.jit(functools.partial(steps.lm_train_step, model_cfg, tx), donate_argnums=0,
-                   in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None))
+    traced = lambda fn: partitioning.for_mesh(fn, mesh)  # the mesh's platform's code paths
+    step = jax.jit(traced(functools.partial(steps.lm_train_step, model_cfg, tx)),
+                   donate_argnums=0, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None))
     model = model_lib.Transformer(model_cfg)
 
     def eval_loss(params, batch):
@@ -127,8 +128,8 @@ def build_lm_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, seed: int,
 
     return LMProgram(model_cfg, tx, mesh, p_sh, abstract_p, abstract_state, st_sh,
                      jax.jit(init, out_shardings=st_sh), step,
-                     jax.jit(eval_loss, in_shardings=(p_sh, None)), seed,
-                     jax.jit(lambda r: model_lib.init_params(model_cfg, r)[0],
+                     jax.jit(traced(eval_loss), in_shardings=(p_sh, None)), seed,
+                     jax.jit(traced(lambda r: model_lib.init_params(model_cfg, r)[0]),
                              out_shardings=p_sh))
 
 

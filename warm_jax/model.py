@@ -215,8 +215,10 @@ def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
 def _use_cpu_matmul(cfg: TransformerConfig) -> bool:
     """The explicit-transpose gradient pays off on XLA:CPU only (GPU/TPU matmuls take
     transposed operands for free), and only without remat (whose 'dots' policy cannot
-    see inside a custom_vjp)."""
-    return cfg.remat == "none" and jax.default_backend() == "cpu"
+    see inside a custom_vjp). The platform is the one the program is traced for (the
+    devices of its mesh: partitioning.current_platform), not the process's default
+    backend, so a TPU program compiled ahead of time on a CPU host takes the TPU path."""
+    return cfg.remat == "none" and partitioning.current_platform() == "cpu"
 
 
 def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0,

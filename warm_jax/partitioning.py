@@ -13,7 +13,10 @@ key/value projection stays replicated on a 4-way tensor axis); the report says s
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -110,6 +113,67 @@ def make_mesh(config: Optional[MeshConfig] = None,
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
                 axis_types=(AxisType.Auto,) * 4)
+
+
+# ----------------------------------------------------------------- the platform compiled for
+
+_COMPILE_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "warm_jax_compile_platform", default=None)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ('cpu', 'gpu', 'tpu') of the devices of a concrete mesh."""
+    return mesh.devices.flat[0].platform
+
+
+@contextlib.contextmanager
+def compile_platform(platform: str):
+    """Code traced inside this block is compiled for `platform` (see current_platform)."""
+    token = _COMPILE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _COMPILE_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform the code being traced will run on, for backend-dependent code paths:
+    the innermost compile_platform block (the program builders open one for the devices of
+    the mesh they compile for), else the devices of the mesh set by jax.set_mesh, else the
+    process's default backend. Ahead-of-time compilation for a TPU topology on a CPU host
+    thus takes the TPU paths, whatever jax.default_backend() says."""
+    platform = _COMPILE_PLATFORM.get()
+    if platform is not None:
+        return platform
+    mesh = _concrete_mesh()
+    if mesh is not None and not mesh.empty:
+        return mesh_platform(mesh)
+    return jax.default_backend()
+
+
+def _concrete_mesh() -> Optional[Mesh]:
+    """The mesh set by jax.set_mesh, also while tracing (jax.sharding.get_mesh refuses to
+    answer inside jit); None when this jax version does not expose it."""
+    try:
+        from jax._src import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+
+        return mesh_lib.get_concrete_mesh()
+    except (ImportError, AttributeError):
+        return None
+
+
+def for_mesh(fn, mesh: Optional[Mesh]):
+    """fn, traced for the platform of `mesh`'s devices (unchanged when mesh is None)."""
+    if mesh is None:
+        return fn
+    platform = mesh_platform(mesh)
+
+    @functools.wraps(fn)
+    def traced_for_mesh(*args, **kwargs):
+        with compile_platform(platform):
+            return fn(*args, **kwargs)
+
+    return traced_for_mesh
 
 
 def _mesh_axes_for(name: Optional[str], rules) -> tuple[str, ...]:

@@ -478,13 +478,14 @@ def build_program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout)
         rm_sh = jax.tree.unflatten(rm_layout[1], list(rm_layout[2]))
     b2 = partitioning.batch_sharding(mesh, 2)
     batch_sh = {"tokens": b2, "mask": b2}
+    traced = lambda fn: partitioning.for_mesh(fn, mesh)  # the mesh's platform's code paths
     return _Program(
         p_sh=p_sh, st_sh=st_sh, abstract_state=abstract_state, rm_shardings=rm_sh,
         init=jax.jit(init, in_shardings=(p_sh, p_sh, rep, rep), out_shardings=st_sh),
-        train_step=jax.jit(make_train_step(cfg, rl, reward_apply, tx_pi, tx_v),
+        train_step=jax.jit(traced(make_train_step(cfg, rl, reward_apply, tx_pi, tx_v)),
                            in_shardings=(st_sh, p_sh, rm_sh, batch_sh),
                            out_shardings=(st_sh, None), donate_argnums=0),
-        eval_step=jax.jit(make_eval_step(cfg, rl, reward_apply),
+        eval_step=jax.jit(traced(make_eval_step(cfg, rl, reward_apply)),
                           in_shardings=(p_sh, p_sh, rm_sh, batch_sh, rep)),
-        pool_step=jax.jit(make_pool_step(cfg, rl, reward_apply),
+        pool_step=jax.jit(traced(make_pool_step(cfg, rl, reward_apply)),
                           in_shardings=(p_sh, p_sh, rm_sh, batch_sh, rep), out_shardings=rep))

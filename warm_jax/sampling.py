@@ -326,7 +326,7 @@ class Sampler:
                 p_sh, b2, rep, out = self._shardings
                 prompts = b2 if whole else rep
                 kw = dict(in_shardings=(p_sh, prompts, prompts, rep), out_shardings=out)
-            self._fns[key] = jax.jit(fn, **kw)
+            self._fns[key] = jax.jit(partitioning.for_mesh(fn, self.mesh), **kw)
         return self._fns[key]
 
     def __call__(self, params, tokens, mask, seed_or_key, num_samples: int = 1) -> dict:
