@@ -190,11 +190,9 @@ def _init_check(members: Sequence[Member], force: bool) -> str:
     return "forced"
 
 
-def check_members(paths: Sequence[str], *, force_init_mismatch: bool = False
-                  ) -> tuple[list[Member], model_lib.TransformerConfig, str]:
-    """Runs every check that needs no array data. Returns (members, model config, the
-    field through which the members share an init ('init_fingerprint',
-    'shared_fingerprint' or 'forced'))."""
+def checked_member_paths(paths: Sequence[str]) -> list[str]:
+    """Absolute member paths; raises AveragingError when none is given, one is listed
+    twice or one is not a directory."""
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     if not paths:
         raise AveragingError("nothing to average: no member checkpoints given")
@@ -203,10 +201,19 @@ def check_members(paths: Sequence[str], *, force_init_mismatch: bool = False
         if p in seen:
             raise AveragingError(f"{p}: listed twice (give it a larger weight instead)")
         seen.add(p)
-    members = []
-    for p in paths:
         if not os.path.isdir(p):
             raise AveragingError(f"{p}: no such checkpoint directory")
+    return paths
+
+
+def check_members(paths: Sequence[str], *, force_init_mismatch: bool = False
+                  ) -> tuple[list[Member], model_lib.TransformerConfig, str]:
+    """Runs every check that needs no array data. Returns (members, model config, the
+    field through which the members share an init ('init_fingerprint',
+    'shared_fingerprint' or 'forced'))."""
+    paths = checked_member_paths(paths)
+    members = []
+    for p in paths:
         try:
             card = ckpt_lib.read_card(p)
         except ckpt_lib.CheckpointError as e:
@@ -437,12 +444,7 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Optional[Sequen
         paths, weights, method, mesh, force_init_mismatch=force_init_mismatch,
         eval_fn=eval_fn, report_fns=report_fns)
     card.update(extra_card or {})
-    parent = os.path.dirname(out)
-    made = []
-    p = parent
-    while p and not os.path.exists(p):
-        made.append(p)
-        p = os.path.dirname(p)
+    made = ckpt_lib.missing_parents(out)  # removed again on failure
     before = set(glob.glob(glob.escape(out) + ".*"))
     t0 = time.perf_counter()
     try:
@@ -452,11 +454,7 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Optional[Sequen
             shutil.rmtree(leftover, ignore_errors=True)
         if os.path.exists(out) and not os.path.exists(os.path.join(out, ckpt_lib.CARD_NAME)):
             shutil.rmtree(out, ignore_errors=True)
-        for d in made:  # innermost first
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        ckpt_lib.remove_empty_dirs(made)
         raise
     stats["write_seconds"] = time.perf_counter() - t0
     return {"path": out, "card": ckpt_lib.read_card(out), "stats": stats}

@@ -241,6 +241,25 @@ PARAMS_SUBDIR = "params"
 CARD_NAME = "card.json"
 
 
+def missing_parents(path: str) -> list[str]:
+    """The parent folders of ``path`` that do not exist yet, innermost first: what a
+    writer creates and must remove again if it fails (see `remove_empty_dirs`)."""
+    made, p = [], os.path.dirname(os.fspath(path))
+    while p and not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    return made
+
+
+def remove_empty_dirs(dirs: list[str]) -> None:
+    """Removes the folders of `missing_parents` (innermost first) that are still empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
 def export_params(path: str, params: Any, card: Optional[dict] = None, *,
                   overwrite: bool = False) -> str:
     """Writes params (+ card.json) to `path` atomically (temp dir, then rename)."""

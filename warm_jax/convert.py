@@ -643,10 +643,7 @@ def write_dir(out: str, tensors: list, hf_cfg: dict, card: dict, *, kind: str, d
     if tok and card.get("vocab_sha256") and _file_sha(tok) != card["vocab_sha256"]:
         raise ConversionError(f"{tok}: sha256 differs from the card's field 'vocab_sha256' "
                               f"({str(card['vocab_sha256'])[:12]}...): not the model's tokenizer")
-    made, p = [], os.path.dirname(out)
-    while p and not os.path.exists(p):  # parents this call creates (removed on failure)
-        made.append(p)
-        p = os.path.dirname(p)
+    made = ckpt_lib.missing_parents(out)  # removed again on failure
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     meta = {"format": "pt", "warm_jax_kind": str(card.get("kind")),
@@ -665,11 +662,7 @@ def write_dir(out: str, tensors: list, hf_cfg: dict, card: dict, *, kind: str, d
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in made:  # innermost first
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        ckpt_lib.remove_empty_dirs(made)
         raise
     seconds = time.perf_counter() - t0
     return {"path": out, "kind": kind, "config": hf_cfg,

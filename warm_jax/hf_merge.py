@@ -96,16 +96,9 @@ def _shared_base(members: list[convert.HFCheckpoint], force: bool) -> str:
 def check_hf_members(paths: Sequence[str], *, force_init_mismatch: bool = False
                      ) -> tuple[list[convert.HFCheckpoint], str, str]:
     """Every check that needs no tensor data: (members, their stored dtype, init check)."""
-    paths = [os.path.abspath(os.fspath(p)) for p in paths]
-    if not paths:
-        raise AveragingError("nothing to average: no member checkpoints given")
-    if len(set(paths)) != len(paths):
-        dup = next(p for p in paths if paths.count(p) > 1)
-        raise AveragingError(f"{dup}: listed twice (give it a larger weight instead)")
+    paths = avg_lib.checked_member_paths(paths)
     members = []
     for p in paths:
-        if not os.path.isdir(p):
-            raise AveragingError(f"{p}: no such checkpoint directory")
         try:
             m = convert.HFCheckpoint(p)
         except convert.ConversionError as e:

@@ -64,6 +64,18 @@ def train_vocab(texts: Iterable[str], model_path: str, vocab_size: int = 512,
     return Vocab.load(model_path)
 
 
+def _text_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """The ids up to the first eos, without pad and out-of-range ids."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == EOS_ID:
+            break
+        if i != PAD_ID and 0 <= i < vocab_size:
+            out.append(i)
+    return out
+
+
 class Vocab:
     """A SentencePiece model with T5/seqio special ids."""
 
@@ -102,15 +114,7 @@ class Vocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: stops at the first eos, ignores pad and out-of-range ids."""
-        out = []
-        n = self.vocab_size
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i == PAD_ID or not 0 <= i < n:
-                continue
-            out.append(i)
+        out = _text_ids(ids, self.vocab_size)
         return self._sp.decode(out)
 
     def id_to_piece(self, i: int) -> str:
@@ -206,15 +210,7 @@ class HFTokenizerVocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: stops at the first eos, ignores pad and out-of-range ids."""
-        out = []
-        n = self.vocab_size
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i == PAD_ID or not 0 <= i < n:
-                continue
-            out.append(i)
+        out = _text_ids(ids, self.vocab_size)
         return self._tok.decode(out, skip_special_tokens=False)
 
     def id_to_piece(self, i: int) -> str:
