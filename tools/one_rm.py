@@ -67,8 +67,10 @@ def main():
     init = a.init or os.path.relpath(
         json.load(open(os.path.join(a.run, "sft", "summary.json")))["final"], a.run)
     params, card = ckpt_lib.load_params(os.path.abspath(os.path.join(a.run, init)))
-    head, _ = ckpt_lib.load_params(os.path.abspath(os.path.join(a.run, "rm_init", "head")))
-    params = jax.tree.map(jnp.asarray, {**params, "reward_head": head["reward_head"]})
+    if "reward_head" not in params:  # an LM export: add the probed head (a warm start has its own)
+        head, _ = ckpt_lib.load_params(os.path.abspath(os.path.join(a.run, "rm_init", "head")))
+        params = {**params, "reward_head": head["reward_head"]}
+    params = jax.tree.map(jnp.asarray, params)
     model = model_lib.Transformer(model_lib.config_from_dict(card["model_config"]))
     train = prov.preference("train")
     valid_c = prov.comparisons("valid")[:a.eval_pairs]
