@@ -25,7 +25,7 @@ REPORT = ["matplotlib>=3.8", "tensorboardX>=2.6"]
 # a TPU topology. Not in requirements.lock: the default install and CI stay without it
 # (tests/test_aot.py then skips its compile tests and says why).
 TPU = ["libtpu==0.0.42.*", "requests"]
-DEV = ["pytest>=8", "hypothesis>=6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"]
+DEV = ["pytest>=8", "pytest-xdist>=3.8", "hypothesis>=6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"]
 
 setup(
     name="warm_jax",

@@ -11,3 +11,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "multihost: spawns several processes on 127.0.0.1")
+
+
+# The files that take longest run first, so that `pytest -n 2 --dist loadfile` (launch/test.sh)
+# keeps both workers busy to the end; within a file the order is unchanged.
+_LONGEST_FIRST = ("test_reliability_stages.py", "test_report.py", "test_reliability_loop.py",
+                  "test_multihost.py", "test_main.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable
