@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export TF_CPP_MIN_LOG_LEVEL=2
-# Two workers (pytest-xdist), one test file each at a time: module fixtures stay in one process.
-exec .venv/bin/python -m pytest -q -x -n "${TEST_WORKERS:-2}" --dist loadfile --durations=30 tests "$@"
+# Two workers (pytest-xdist), one test file each at a time (module fixtures stay in one
+# process), the longest files first (tests/conftest.py).
+exec .venv/bin/python -m pytest -q -x -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=30 tests "$@"

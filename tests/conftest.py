@@ -13,10 +13,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "multihost: spawns several processes on 127.0.0.1")
 
 
-# The files that take longest run first, so that `pytest -n 2 --dist loadfile` (launch/test.sh)
-# keeps both workers busy to the end; within a file the order is unchanged.
-_LONGEST_FIRST = ("test_reliability_stages.py", "test_report.py", "test_reliability_loop.py",
-                  "test_multihost.py", "test_main.py")
+# The files that take longest run first, so that `pytest -n 2 --dist loadfile
+# --no-loadscope-reorder` (launch/test.sh) keeps both workers busy to the end (xdist's own
+# reorder puts the files with the most tests first, and these have few); within a file the
+# order is unchanged.
+_LONGEST_FIRST = ("test_reliability_stages.py", "test_rl.py", "test_reliability_loop.py",
+                  "test_report.py", "test_multihost.py", "test_main.py", "test_rm_ensemble.py",
+                  "test_seqio_stages.py")
 
 
 def pytest_collection_modifyitems(config, items):
