@@ -331,3 +331,29 @@ def test_report_timings_wall_cpu_and_load(tmp_path):
     text = open(os.path.join(d, "report.md")).read()
     assert "| total | 3.2 | 3.5 |" in text  # 1.25 + 2.0 wall, 2.5 + 1.0 CPU
     assert "load average reached 3.2" in text
+
+
+def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
+    """tools/seed_table.py (docs/results.md's per-seed table): one column per run, "-" where
+    a run lacks a stage."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import seed_table
+
+    a = tmp_path / "seed_a"
+    for sub, summ in (("ood", {"invented_fraction": {"sft": 0.25}}),
+                      ("rm_init", {"warm_start_accuracies": {"valid": 0.8125}}),
+                      ("rl_warm", {"initial_control_reward": 1.0, "peak_control_reward": 1.5,
+                                   "peak_step": 20, "peak_kl": 0.5,
+                                   "final_control_reward": 1.25, "final_kl": 2.0})):
+        os.makedirs(a / sub)
+        (a / sub / "summary.json").write_text(json.dumps(summ))
+    (a / "timings.json").write_text(json.dumps({"data": {"wall_s": 120.0, "cpu_s": 60.0,
+                                                          "load_1m": 0.5}}))
+    os.makedirs(tmp_path / "seed_b")
+    seed_table.main([str(a), str(tmp_path / "seed_b")])
+    out = capsys.readouterr().out
+    assert "| | seed_a | seed_b |" in out
+    assert "| SFT invents (D_ood posts, T = 1.0) | 25.0% | - |" in out
+    assert "| rm_init warm start, ID | 0.812 | - |" in out
+    assert "| rl_warm: start / peak (step, KL) / end (KL) | 1.000 / 1.500 (20, 0.50) / 1.250 (2.00) | - |" in out
+    assert "| flow CPU min (wall min; max load) | 1.0 (2.0; 0.5) | - |" in out
