@@ -58,8 +58,20 @@ def test_seqio_provider_gives_the_files_arrays(small):
         _same(prompts.prompts(which), files.prompts(which), which)
     # the task that flips its own labels (over its whole split, so no cap here)
     whole = dataclasses.replace(small, max_train_pairs=None)
-    _same(_seqio(whole, "tldr_preference_corrupted").preference("train", corrupted=True),
+    pre = _seqio(whole, "tldr_preference_corrupted")
+    _same(pre.preference("train", corrupted=True),
           provider_lib.DataProvider(whole).preference("train", corrupted=True), "pre-flipped")
+    # its clean view (the clean ensemble, the warm start's and the selection rows) puts the
+    # task's own flips back: the files' clean labels
+    _same(pre.preference("train"), provider_lib.DataProvider(whole).preference("train"),
+          "pre-flipped, clean view")
+    _same(pre.train_rows(150, 160), files.train_rows(150, 160), "pre-flipped, selection rows")
+    # a cap that keeps none of the task's flipped rows does not flip any row itself
+    k = int(np.argmax(pre.preference("train", corrupted=True)["flipped"]))  # first flipped row
+    assert k >= 4, k  # round(0.25 * k) >= 1: a second corruption would flip a row
+    capped = _seqio(dataclasses.replace(small, max_train_pairs=k),
+                    "tldr_preference_corrupted").preference("train", corrupted=True)
+    assert len(capped["flipped"]) == k and not capped["flipped"].any()
 
 
 def test_records_are_refused_with_the_binding_to_change(small):

@@ -347,3 +347,18 @@ def test_rm_eval_reads_the_data_stage_baselines_and_checks_its_train_rows(run_di
     g = {x["id"]: x for x in s["gates"]}
     assert g["ceiling"]["numbers"]["oracle_ceiling"] == base["splits"]["valid"]["oracle_ceiling"]
     assert all(x["setting"] == ENS and x["split"] == "valid" for x in s["gates"])
+
+
+def test_interp_splits_are_resolved_once_each_and_checked_before_scoring():
+    """'train' names the ensemble's training split; a split named twice is measured once (a
+    doubled curve broke the claims after all the scoring); one the run lacks stops the stage
+    before any scoring."""
+    import types
+
+    r = types.SimpleNamespace(corrupted=True, splits=["train_clean", "train_corrupt", "valid"],
+                              sets={"train_clean": {}, "train_corrupt": {}, "valid": {}})
+    assert rm_eval._interp_splits(r, ["train", "valid", "train_corrupt", "valid"]) == [
+        "train_corrupt", "valid"]
+    assert rm_eval._interp_splits(r, None) == ["valid", "train_corrupt"]
+    with pytest.raises(ValueError, match=r"\['ood'\] not measured in this run"):
+        rm_eval._interp_splits(r, ["valid", "ood"])

@@ -261,8 +261,10 @@ def remove_empty_dirs(dirs: list[str]) -> None:
 
 
 def export_params(path: str, params: Any, card: Optional[dict] = None, *,
-                  overwrite: bool = False) -> str:
-    """Writes params (+ card.json) to `path` atomically (temp dir, then rename)."""
+                  overwrite: bool = False, extra_files: Optional[dict] = None) -> str:
+    """Writes params (+ card.json) to `path` atomically (temp dir, then rename).
+    extra_files: {name in the checkpoint: source file} copied in before the rename (a
+    tokenizer that travels with the checkpoint), so that `path` appears whole or not at all."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
@@ -289,6 +291,8 @@ def export_params(path: str, params: Any, card: Optional[dict] = None, *,
     if _is_primary():
         with open(os.path.join(tmp, CARD_NAME), "w") as f:
             json.dump(card, f, indent=1, sort_keys=True, default=str)
+        for name, src in (extra_files or {}).items():
+            shutil.copy(src, os.path.join(tmp, name))
         if os.path.exists(path):
             old = f"{path}.old-{token}"
             os.rename(path, old)

@@ -10,9 +10,10 @@ qwen2, gemma. Their differences are model config options (model.TransformerConfi
 (num_kv_heads), rope_theta, rope_scaling ('linear', 'llama3'), norm_eps, head_dim,
 tie_embeddings; Qwen2's q/k/v biases (qkv_bias); Gemma's (1 + w) RMSNorm (norm_plus_one),
 sqrt(d_model) embedding scale (embed_scale) and GeGLU (mlp_activation='gelu_tanh'). A config
-option the model cannot express (other rope types, sliding-window attention shorter than the
-context, attention or MLP biases elsewhere, bidirectional attention) is refused with the
-file and field named.
+option the model cannot express (other rope types, attention or MLP biases elsewhere,
+bidirectional attention) is refused with the file and field named. Sliding-window attention
+shorter than the context is imported with max_len cut to the window (a warning says so),
+within which attention is exact.
 
 Tensor names and layouts: HF nn.Linear weights are [out, in], warm-jax Dense kernels
 [in, out] (transposed on the way in and out); head order is the same on both sides (HF's
@@ -167,6 +168,8 @@ def config_from_hf(hf: dict, where: str, *, dtype: str = "float32",
     kv = int(hf.get("num_key_value_heads") or heads)
     head_dim = int(hf.get("head_dim") or d // heads)
     act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if mt == "gemma" and not hf.get("hidden_activation") and act_name == "gelu":
+        act_name = "gelu_pytorch_tanh"  # as transformers reads Gemma 1.0's legacy 'gelu'
     if act_name not in _ACTIVATIONS:
         raise ConversionError(f"{where}: field 'hidden_act' is {act_name!r}; supported: "
                               f"{sorted(_ACTIVATIONS)}")
@@ -229,6 +232,8 @@ def hf_config_from(cfg: model_lib.TransformerConfig, kind: str, *, family: str,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": _hf_rope(cfg), "rope_theta": cfg.rope_theta,
+        # transformers 4.x reads the scaling from 'rope_scaling' (5.x accepts both)
+        **({"rope_scaling": _hf_rope(cfg)} if cfg.rope_scaling else {}),
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": _HF_ACTIVATION[cfg.mlp_activation],
         "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
         "use_cache": True, "dtype": dtype, "torch_dtype": dtype, **special,
@@ -509,10 +514,8 @@ def import_hf(directory: str, out: str, mesh=None, *, dtype: str = "float32",
     params, card, stats = load_hf(directory, mesh, dtype=dtype, param_dtype=param_dtype,
                                   tokenizer=tokenizer)
     t0 = time.perf_counter()
-    ckpt_lib.export_params(out, params, card)
-    tok = card["hf"]["tokenizer"]
-    if tok:  # the vocabulary travels with the checkpoint (cards record its hash)
-        shutil.copy(tok, os.path.join(out, TOKENIZER_NAME))
+    tok = card["hf"]["tokenizer"]  # the vocabulary travels with the checkpoint (cards record its hash)
+    ckpt_lib.export_params(out, params, card, extra_files={TOKENIZER_NAME: tok} if tok else None)
     stats["write_seconds"] = time.perf_counter() - t0
     return {"path": out, "card": ckpt_lib.read_card(out), "stats": stats}
 
@@ -552,6 +555,18 @@ def _model_card(card: dict, hf_cfg: dict, kind: str, dtype: str) -> str:
               f"warm-jax params: {card.get('fingerprint')}. The full warm-jax card is "
               f"`{WARM_CARD_NAME}`.", ""]
     return "\n".join(lines)
+
+
+def _card_model_config(path: str, card: dict):
+    """The TransformerConfig of a checkpoint's card; a one-line error naming the card when
+    its 'model_config' is missing or invalid."""
+    where = path if ckpt_lib.is_hf_dir(path) else os.path.join(path, ckpt_lib.CARD_NAME)
+    if "model_config" not in card:
+        raise ConversionError(f"{where}: missing field 'model_config'")
+    try:
+        return model_lib.config_from_dict(card["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: field 'model_config' is invalid: {e}") from e
 
 
 def _default_kind(card: dict) -> str:
@@ -682,14 +697,7 @@ def export_hf(ckpt: str, out: str, mesh=None, *, kind: Optional[str] = None,
         card = ckpt_lib.read_card(ckpt)
     except ckpt_lib.CheckpointError as e:
         raise ConversionError(str(e)) from e
-    if "model_config" not in card:
-        raise ConversionError(f"{os.path.join(ckpt, ckpt_lib.CARD_NAME)}: missing field "
-                              "'model_config'")
-    try:
-        cfg = model_lib.config_from_dict(card["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{os.path.join(ckpt, ckpt_lib.CARD_NAME)}: field 'model_config' "
-                              f"is invalid: {e}") from e
+    cfg = _card_model_config(ckpt, card)
     if tokenizer is None and os.path.exists(os.path.join(ckpt, TOKENIZER_NAME)):
         tokenizer = os.path.join(ckpt, TOKENIZER_NAME)
     mesh = mesh if mesh is not None else partitioning.make_mesh(partitioning.MeshConfig())
@@ -715,11 +723,14 @@ def score(path: str, input_ids: np.ndarray, attention_mask: np.ndarray,
     side)."""
     from warm_jax import average as avg_lib
 
-    card = ckpt_lib.read_card(path)
-    cfg = model_lib.config_from_dict(card["model_config"])
+    try:
+        card = ckpt_lib.read_card(path)
+    except ckpt_lib.CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    cfg = _card_model_config(path, card)
     one = partitioning.make_mesh(partitioning.MeshConfig(data=1), devices=jax.devices()[:1])
     params, card = ckpt_lib.load_params(path, avg_lib.target_shardings(cfg, one)[0])
-    kind = kind or ("rm" if str(card.get("kind", "")).startswith(("rm", "warm")) else "lm")
+    kind = kind or _default_kind(card)
     out = model_lib.Transformer(cfg).apply(
         {"params": params}, np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32),
         head="reward" if kind == "rm" else "lm")

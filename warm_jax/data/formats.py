@@ -401,19 +401,26 @@ def write_jsonl(path: PathLike, records: Iterable[dict]) -> None:
 
 # ----------------------------------------------------------------------------- corruption
 
+def corruption_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of n rows get their label flipped: exactly round(fraction * n), chosen by seed.
+    The one definition for comparison records (corrupt_labels) and token arrays
+    (seqio_provider.corrupt_arrays), so both flip the same rows."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    k = int(round(fraction * n))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED_F11B]))
+    mask = np.zeros(n, dtype=np.bool_)
+    mask[rng.permutation(n)[:k]] = True
+    return mask
+
+
 def corrupt_labels(comparisons: Sequence[Comparison], fraction: float,
                    seed: int) -> tuple[list[Comparison], np.ndarray]:
     """Flip exactly round(fraction * N) labels, chosen deterministically by seed.
 
     Returns the new list (same order) and a boolean mask marking flipped rows.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    n = len(comparisons)
-    k = int(round(fraction * n))
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED_F11B]))
-    mask = np.zeros(n, dtype=np.bool_)
-    mask[rng.permutation(n)[:k]] = True
+    mask = corruption_mask(len(comparisons), fraction, seed)
     out = [dataclasses.replace(c, choice=1 - c.choice) if m else c
            for c, m in zip(comparisons, mask)]
     return out, mask

@@ -275,17 +275,30 @@ def _stack(rows: list, kind: str, length: int) -> dict:
 
 def corrupt_arrays(arrays: dict, fraction: float, seed: int) -> dict:
     """formats.corrupt_labels on arrays: the same rows flipped (chosen <-> rejected)."""
-    n = len(arrays["index"])
-    k = int(round(fraction * n))
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED_F11B]))
-    mask = np.zeros(n, np.bool_)
-    mask[rng.permutation(n)[:k]] = True
+    mask = formats.corruption_mask(len(arrays["index"]), fraction, seed)
+    out = _swap_sides(arrays, mask)
+    out["flipped"] = mask
+    return out
+
+
+def _swap_sides(arrays: dict, mask: np.ndarray) -> dict:
+    """`arrays` with chosen and rejected exchanged on the rows of `mask`."""
     out = dict(arrays)
     for side in ("tokens", "mask"):
         c, r = arrays[f"chosen_{side}"], arrays[f"rejected_{side}"]
         out[f"chosen_{side}"] = np.where(mask[:, None], r, c)
         out[f"rejected_{side}"] = np.where(mask[:, None], c, r)
-    out["flipped"] = mask
+    return out
+
+
+def clean_arrays(arrays: dict) -> dict:
+    """A task's pairs with the labels it flipped itself put back (its 'flipped' rows),
+    'flipped' all False: the clean view of a corrupted task."""
+    flipped = np.asarray(arrays["flipped"], np.bool_)
+    if not flipped.any():
+        return arrays
+    out = _swap_sides(arrays, flipped)
+    out["flipped"] = np.zeros_like(flipped)
     return out
 
 
@@ -372,9 +385,12 @@ class SeqIOProvider(DataProvider):
     def preference(self, split: str, corrupted: bool = False) -> dict:
         arrays = self._pairs(split)
         cap = self.config.max_train_pairs if split == "train" else self.config.num_eval_pairs
+        pre_flipped = bool(arrays["flipped"].any())  # over the whole split, before the cap
         arrays = _take(arrays, cap) if cap else dict(arrays)
-        if corrupted and split == "train":
-            if arrays["flipped"].any():
+        if not corrupted:
+            return clean_arrays(arrays)  # a corrupted task's clean labels
+        if split == "train":
+            if pre_flipped:
                 log.info("SeqIO task %r: its training labels come flipped (%d rows): used as "
                          "they are", self.source.task, int(arrays["flipped"].sum()))
             else:
@@ -389,8 +405,7 @@ class SeqIOProvider(DataProvider):
         if not 0 <= start < end <= n:
             raise ValueError(f"training rows [{start}, {end}): the training split has "
                              f"{n} pairs")
-        out = {k: v[start:end] for k, v in arrays.items()}
-        out["flipped"] = np.zeros(end - start, np.bool_)
+        out = clean_arrays({k: v[start:end] for k, v in arrays.items()})  # clean labels
         out["index"] = np.arange(end - start, dtype=np.int32)
         return out
 

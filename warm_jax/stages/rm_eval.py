@@ -285,8 +285,10 @@ def check_rm_eval_stage(c) -> None:
         c.fail("interp_members", "must name two different members")
     c.number("claim_tolerance", 0)
     known = ("valid", "ood", "stress", "train", "train_clean", "train_corrupt")
-    c.sequence("interp_splits", optional=True, min_length=1,
-               item=lambda v: None if v in known else f"must be one of {list(known)}")
+    splits = c.sequence("interp_splits", optional=True, min_length=1,
+                        item=lambda v: None if v in known else f"must be one of {list(known)}")
+    if splits is not None and len(set(splits)) != len(splits):
+        c.fail("interp_splits", f"names a split twice: {list(splits)}")
     c.choice("swap_models", ("best", "all"))
     if c["ood_comparisons"] is not None:
         c.existing("ood_comparisons", what="comparisons file")
@@ -336,8 +338,11 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     ood_path, ood_missing = ood_source(run_dir, ood_comparisons)
     if ood_missing:
         log.warning("rm_eval[%s]: %s", ensemble, ood_missing)
+    if swap_models not in ("best", "all"):
+        raise ValueError(f"rm_eval_stage.swap_models = {swap_models!r}: must be 'best' or 'all'")
     r = _load(ctx, ensemble, corrupted, max_train_pairs, max_eval_pairs, batch_size,
               force_init_mismatch, ood_path)
+    interp_splits = _interp_splits(r, interp_splits)  # checked before any scoring
     _members(r)
     table = dict(r.member_acc)  # {model: {split: accuracy}}: members, warm_M*, ens_M*
     table.update(_warm_and_ens(r, ensemble))
@@ -451,6 +456,20 @@ def _warm_and_ens(r, ensemble: str) -> dict:
     return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("warm")))
 
 
+def _interp_splits(r, interp_splits: Optional[Sequence[str]]) -> list:
+    """The splits the interpolation curves are measured on ('train' = the ensemble's
+    training split), each once; checked against the loaded sets before any scoring."""
+    train_split = "train_corrupt" if r.corrupted else "train_clean"
+    if interp_splits is None:
+        return [s for s in ("valid", "ood", train_split) if s in r.sets]
+    out = list(dict.fromkeys(train_split if s == "train" else s for s in interp_splits))
+    missing = [s for s in out if s not in r.sets]
+    if missing:
+        raise ValueError(f"rm_eval_stage.interp_splits = {list(interp_splits)}: "
+                         f"{missing} not measured in this run (splits: {r.splits})")
+    return out
+
+
 def _interpolation(r, interp_members, num_lambdas: int,
                    interp_splits: Optional[Sequence[str]] = None) -> dict:
     """Linear interpolation between two members: weights (WA), rewards (ENS), and the
@@ -463,15 +482,7 @@ def _interpolation(r, interp_members, num_lambdas: int,
         raise ValueError(f"rm_eval_stage.interp_members={interp_members}: need two distinct "
                          f"member indices in 0..{n - 1}")
     lambdas = [float(x) for x in np.linspace(0.0, 1.0, num_lambdas)]
-    train_split = "train_corrupt" if r.corrupted else "train_clean"
-    if interp_splits is None:
-        interp_splits = [s for s in ("valid", "ood", train_split) if s in r.sets]
-    else:
-        interp_splits = [train_split if s == "train" else s for s in interp_splits]
-        missing = [s for s in interp_splits if s not in r.sets]
-        if missing:
-            raise ValueError(f"rm_eval_stage.interp_splits = {list(interp_splits)}: "
-                             f"{missing} not measured in this run (splits: {r.splits})")
+    interp_splits = _interp_splits(r, interp_splits)
     curves = {s: {"wa": [], "ens": [], "line": []} for s in interp_splits}
     acc_a, acc_b = r.member_acc[r.names[a]], r.member_acc[r.names[b]]
     for lam in lambdas:
@@ -510,8 +521,6 @@ def _gates(ctx, r, table: dict, max_eval_pairs, baseline_train_pairs, ensemble: 
     valid_comps = prov.comparisons("valid")[:max_eval_pairs or None]
     swapped = pipeline.preference_arrays(gates.swap_posts(valid_comps, ctx.seed), prov.vocab,
                                          prov.config.max_len)
-    if swap_models not in ("best", "all"):
-        raise ValueError(f"rm_eval_stage.swap_models = {swap_models!r}: 'best' or 'all'")
     swapped_members = range(n) if swap_models == "all" else [r.order[0]]
     swap_acc = {names[i]: r.ev.accuracy(r.params[i], swapped) for i in swapped_members}
     merged = average.average_params(r.params)
