@@ -470,11 +470,12 @@ def _interp_splits(r, interp_splits: Optional[Sequence[str]]) -> list:
     return out
 
 
-def _interpolation(r, interp_members, num_lambdas: int,
-                   interp_splits: Optional[Sequence[str]] = None) -> dict:
+def _interpolation(r, interp_members, num_lambdas: int, interp_splits: Sequence[str]
+                   ) -> dict:
     """Linear interpolation between two members: weights (WA), rewards (ENS), and the
     straight line between their accuracies. At lambda 0 and 1 the weight average is the
-    member itself (average_params is exact for one-hot weights), so its scores are reused."""
+    member itself (average_params is exact for one-hot weights), so its scores are reused.
+    interp_splits: resolved by _interp_splits."""
     n, rc, rr = len(r.paths), r.rc, r.rr
     a, b = (r.order[0], r.order[1]) if interp_members is None else tuple(
         int(i) for i in interp_members)
@@ -482,7 +483,6 @@ def _interpolation(r, interp_members, num_lambdas: int,
         raise ValueError(f"rm_eval_stage.interp_members={interp_members}: need two distinct "
                          f"member indices in 0..{n - 1}")
     lambdas = [float(x) for x in np.linspace(0.0, 1.0, num_lambdas)]
-    interp_splits = _interp_splits(r, interp_splits)
     curves = {s: {"wa": [], "ens": [], "line": []} for s in interp_splits}
     acc_a, acc_b = r.member_acc[r.names[a]], r.member_acc[r.names[b]]
     for lam in lambdas:
