@@ -362,3 +362,17 @@ def test_interp_splits_are_resolved_once_each_and_checked_before_scoring():
     assert rm_eval._interp_splits(r, None) == ["valid", "train_corrupt"]
     with pytest.raises(ValueError, match=r"\['ood'\] not measured in this run"):
         rm_eval._interp_splits(r, ["valid", "ood"])
+
+
+def test_ood_source_follows_a_moved_run_dir(tmp_path):
+    """The ood stage's summary records its file as it was given when the stage ran; a run
+    dir moved (or evaluated from another working directory) still finds its own file."""
+    run = tmp_path / "moved_run"
+    (run / "ood").mkdir(parents=True)
+    (run / "ood" / "comparisons.jsonl").write_text("{}\n")
+    (run / "ood" / "summary.json").write_text(
+        json.dumps({"comparisons": "runs/old_name/ood/comparisons.jsonl"}))
+    path, why = rm_eval.ood_source(str(run))
+    assert path == str(run / "ood" / "comparisons.jsonl") and why is None
+    os.remove(run / "ood" / "comparisons.jsonl")  # no file of its own: the recorded one
+    assert rm_eval.ood_source(str(run))[0] == "runs/old_name/ood/comparisons.jsonl"

@@ -296,6 +296,11 @@ class RMTrainConfig:
     # or 'head' (the reward head's input only; in the mini model, body dropout of 0.05 stops
     # the members from learning to read the post: docs/science.md)
     dropout_sites: str = "all"
+    # score each (chosen, rejected) pair as one packed sequence (the shared post once:
+    # steps.pack_pairs); the rewards are those of the two sequences apart up to float
+    # rounding, for about half the tokens. With dropout_sites='all' the shared prefix draws
+    # one body-dropout mask for both.
+    pack_pairs: bool = True
     eval_every: int = 0  # 0 = evaluate at the end only
     eval_pairs: int = 512  # ID-validation and OOD pairs per evaluation
     eval_train_pairs: int = 1024  # training pairs (clean/corrupt split) per evaluation
@@ -380,9 +385,13 @@ def ensemble_optimizer_config(warmup_steps: int, total_steps: int) -> optim.Opti
 def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_members: int,
                            batch_shape: tuple[int, int], center_coef: float = 0.0,
                            member_loop: str = "auto",
-                           dropout_sites: str = "all") -> EnsembleProgram:
-    """batch_shape = (pairs per member, sequence length). Cached: a stage called again in
-    one process (one job per member, a resumed run) reuses the compiled executables."""
+                           dropout_sites: str = "all",
+                           pack_length: Optional[int] = None) -> EnsembleProgram:
+    """batch_shape = (pairs per member, sequence length). pack_length: each pair is scored
+    as one packed sequence of this many tokens (steps.pack_pairs; steps.packed_length of
+    the sets gives one that fits them), None: the two sequences apart. Cached: a stage
+    called again in one process (one job per member, a resumed run) reuses the compiled
+    executables."""
     m = num_members
     tx = optim.make_optimizer(opt_cfg)
     abstract, names = model_lib.abstract_params(model_cfg)
@@ -406,7 +415,7 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
         return st
 
     member_step = functools.partial(steps.rm_train_step, model_cfg, tx, center_coef=center_coef,
-                                    dropout_sites=dropout_sites)
+                                    dropout_sites=dropout_sites, pack_length=pack_length)
 
     def one(st, batch):
         st = dict(st, nonfinite=jnp.zeros((), jnp.int32))
@@ -425,7 +434,7 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
         return new, mets
 
     def scores(params, batch):
-        score = functools.partial(steps.rm_eval_step, model_cfg)
+        score = functools.partial(steps.rm_eval_step, model_cfg, pack_length=pack_length)
         if loop == "vmap":
             return jax.vmap(score, in_axes=(0, None), spmd_axis_name=spmd)(params, batch)
         return jax.lax.map(lambda p: score(p, batch), params)

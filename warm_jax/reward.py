@@ -340,6 +340,39 @@ def pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256,
     return np.concatenate(outs_c, -1), np.concatenate(outs_r, -1)
 
 
+def packed_pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256, multiple: int = 1,
+                        bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """pair_rewards for a scorer of packed pairs: fn(batch, pack_length) -> (chosen,
+    rejected) [B], batch the right-padded pair arrays (steps.rm_eval_step's contract).
+    Pairs are scored shortest first, each batch packed into the fewest tokens that fit it
+    (rounded up to `bucket`: a handful of compiled shapes), so a set costs about its real
+    tokens rather than twice its longest sequence. Returns (chosen, rejected) [N] in the
+    set's order."""
+    from warm_jax import steps
+
+    n, t = _trim(arrays)
+    if n == 0:
+        raise ValueError("packed_pair_rewards: empty preference set")
+    totals = steps.packed_totals({k: np.asarray(arrays[k])[:, :t] for k in _PAIR_KEYS})
+    order = np.argsort(totals, kind="stable")
+    b = -(-max(1, min(batch_size, n)) // multiple) * multiple
+    rc, rr = np.empty(n, np.float32), np.empty(n, np.float32)
+    for s in range(0, n, b):
+        idx = order[np.arange(s, s + b) % n]  # wraps to the shortest rows: fixed shape
+        k = min(b, n - s)
+        length = int(-(-int(totals[idx].max()) // bucket) * bucket)
+        batch = {key: np.asarray(arrays[key])[idx, :t].astype(np.int32) for key in _PAIR_KEYS}
+        c, r = (np.asarray(jax.device_get(x), np.float32) for x in fn(batch, length))
+        rc[idx[:k]], rr[idx[:k]] = c[:k], r[:k]
+    if np.isnan(rc).any() or np.isnan(rr).any():
+        raise FloatingPointError("packed_pair_rewards: NaN rewards (a pair overflowed its "
+                                 "packed length, or the model is not finite)")
+    return rc, rr
+
+
+_PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+
+
 def pairwise_accuracy(fn: Callable, arrays: dict, batch_size: int = 256,
                       multiple: int = 1) -> float:
     """Fraction of pairs whose chosen sequence gets the strictly higher reward."""

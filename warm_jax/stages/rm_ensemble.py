@@ -31,7 +31,7 @@ import numpy as np
 
 from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
-from warm_jax import ensemble, lm, metrics, partitioning, trainer
+from warm_jax import ensemble, lm, metrics, partitioning, steps, trainer
 from warm_jax import model as model_lib
 from warm_jax.data import provider as provider_lib
 from warm_jax.stages.base import StageContext, binding, scope
@@ -103,7 +103,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     opt_cfg = ensemble.ensemble_optimizer_config(tc.warmup_steps, tc.total_steps)
     program = ensemble.build_ensemble_program(setup["model_cfg"], opt_cfg, ctx.mesh(), m,
                                               (tc.batch_size, seq_len), tc.center_coef,
-                                              tc.member_loop, tc.dropout_sites)
+                                              tc.member_loop, tc.dropout_sites,
+                                              data["pack_length"])
     dcfg = ctx.provider().config
     hyper = {"total_steps": tc.total_steps, "batch_size": tc.batch_size,
              "warmup_steps": tc.warmup_steps, "center_coef": tc.center_coef,
@@ -113,7 +114,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
              "train_rows": [0, n], "select_rows": data["select_rows"],
              "optimizer": {k: v for k, v in dataclasses.asdict(opt_cfg).items()
                            if k != "learning_rate"},  # per member
-             "train_pairs": n, "seq_len": seq_len, "num_members": sweep.num_members,
+             "train_pairs": n, "seq_len": seq_len, "pack_length": data["pack_length"],
+             "num_members": sweep.num_members,
              "member_index": member_index, "seed": ctx.seed, "head_path": head_path,
              "member_loop": program.member_loop, "dropout_sites": tc.dropout_sites}
     ctx.write_run_info({**hyper, "members": [s.as_dict() for s in setup["specs"]],
@@ -241,8 +243,9 @@ def _data(ctx, corrupted: bool, tc: ensemble.RMTrainConfig) -> dict:
         keep = max(seq_len, ensemble.trim_pairs(select)[0]["chosen_tokens"].shape[1])
         sets["select"] = {k: (v[:, :keep] if k in ensemble.PAIR_KEYS else v)
                           for k, v in select.items()}
+    pack_length = steps.packed_length(trimmed[0], *sets.values()) if tc.pack_pairs else None
     return {"train": trimmed[0], "eval_sets": sets, "n": n, "seq_len": seq_len,
-            "select_rows": select_rows}
+            "select_rows": select_rows, "pack_length": pack_length}
 
 
 def _train(ctx, name: str, program, setup: dict, data: dict,
@@ -280,7 +283,9 @@ def _train(ctx, name: str, program, setup: dict, data: dict,
         return writers[-1]
 
     def on_start(state, start, writer):
-        log.info("[%s] %d member(s), %d pairs, seq len %d", name, m, data["n"], data["seq_len"])
+        log.info("[%s] %d member(s), %d pairs, seq len %d%s", name, m, data["n"], data["seq_len"],
+                 f" (pairs packed into {data['pack_length']} tokens)" if data["pack_length"]
+                 else "")
         clock["start"] = time.time()
 
     def on_end(state, step):
@@ -298,7 +303,7 @@ def _train(ctx, name: str, program, setup: dict, data: dict,
         make_writer=make_writer, on_start=on_start, on_boundary=on_end,
         meta_fn=lambda _: {"stage": "rm_ensemble", "members": [s.as_dict() for s in specs]},
         eval_fn=eval_fn, summarize=lambda mets: ensemble.member_keys(mets, specs),
-        tokens_per_step=int(m * 2 * tc.batch_size * data["seq_len"]))
+        tokens_per_step=int(m * tc.batch_size * (data["pack_length"] or 2 * data["seq_len"])))
     if not init_fps:  # resumed: recompute the init fingerprints from the snapshots
         init_fps[:] = _init_params(specs, setup["head"], abstract)[1]
     return {"state": out.state, "last_eval": last_eval, "init_fps": init_fps,

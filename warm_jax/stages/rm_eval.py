@@ -67,22 +67,34 @@ SPLIT_TITLES = {"train_clean": "train (clean labels)",
 
 
 class Evaluator:
-    """Scores preference sets with one jitted function (compiled once per batch shape),
-    inputs sharded over the mesh's data axes."""
+    """Scores preference sets with one jitted function, inputs sharded over the mesh's data
+    axes. pack (default): each pair is one packed sequence (steps.pack_pairs), the set
+    scored shortest first in a few packed lengths (reward.packed_pair_rewards); else the
+    two sequences apart, one compiled batch shape."""
 
-    def __init__(self, cfg, mesh, batch_size: int = 256):
+    def __init__(self, cfg, mesh, batch_size: int = 256, pack: bool = True):
         self.mesh = mesh
         self.batch_size = batch_size
+        self.pack = pack
         self.multiple = int(mesh.shape["data"] * mesh.shape["fsdp"])
         self._in = partitioning.batch_sharding(mesh, 2)
         self._score = jax.jit(lambda p, t, m: steps.rm_scores(cfg, p, t, m))
+        self._pairs = jax.jit(lambda p, b, n: steps.rm_eval_step(cfg, p, b, pack_length=n),
+                              static_argnums=2)
 
     def rewards(self, params: Any, arrays: dict) -> tuple[np.ndarray, np.ndarray]:
         """(chosen, rejected) rewards [N] of one model (right-padded pairs)."""
         def fn(t, m):
             return self._score(params, jax.device_put(t, self._in), jax.device_put(m, self._in))
 
+        def packed(batch, length):
+            return self._pairs(params, {k: jax.device_put(v, self._in)
+                                        for k, v in batch.items()}, length)
+
         with jax.set_mesh(self.mesh):
+            if self.pack:
+                return reward_lib.packed_pair_rewards(packed, arrays, self.batch_size,
+                                                      self.multiple)
             return reward_lib.pair_rewards(fn, arrays, self.batch_size, self.multiple)
 
     def accuracy(self, params: Any, arrays: dict) -> float:
@@ -145,7 +157,10 @@ def ood_source(run_dir: str, explicit: Optional[str] = None) -> tuple[Optional[s
         return explicit, None
     path, done = artifacts.dood_comparisons(run_dir)
     if os.path.exists(done):
-        return artifacts.read_json(done).get("comparisons") or path, None
+        # the run's own file first: the summary records the path as given when the stage
+        # ran (relative to that working directory), which breaks once the run dir moves
+        recorded = artifacts.read_json(done).get("comparisons")
+        return (path if os.path.exists(path) or not recorded else recorded), None
     return None, (f"no D_ood set: the ood stage has not finished ({done} is missing) and "
                   "rm_eval_stage.ood_comparisons is not set; the 'ood' split is left out "
                   "(valid2 is the 'stress' split, not OOD)")

@@ -234,10 +234,11 @@ def _init_rows(prov, reserved_pairs: int) -> tuple[dict, list[int]]:
 
 
 def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
-               learning_rate: float, batch_size: int, seed: int):
+               learning_rate: float, batch_size: int, seed: int, pack: bool = True):
     """The shared warm start: `steps_` Bradley-Terry steps on the whole model (AdamW, 20
-    warm-up steps, cosine decay, clip 1.0; no dropout). Returns (params, accuracies on
-    eval_sets, loss trace). Deterministic; short enough to redo if interrupted."""
+    warm-up steps, cosine decay, clip 1.0; no dropout), each pair packed into one sequence
+    when `pack` (steps.pack_pairs). Returns (params, accuracies on eval_sets, loss trace).
+    Deterministic; short enough to redo if interrupted."""
     cfg = optim.OptimizerConfig(name="adamw", learning_rate=learning_rate,
                                 warmup_steps=min(20, steps_), decay="cosine",
                                 total_steps=steps_, grad_clip_norm=1.0)
@@ -245,9 +246,10 @@ def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
     params = jax.tree.map(jnp.asarray, params)
     opt = tx.init(params)
     keys = ensemble.PAIR_KEYS
+    pack_length = steps.packed_length(train) if pack else None
 
     def loss_fn(p, batch):
-        rc, rr = steps.rm_eval_step(model_cfg, p, batch)
+        rc, rr = steps.rm_eval_step(model_cfg, p, batch, pack_length=pack_length)
         return losses.bradley_terry_loss(rc, rr)[0]
 
     @jax.jit

@@ -1,0 +1,148 @@
+"""Packed preference pairs (steps.pack_pairs) and the CPU attention path
+(model.grouped_attention): both must give what the plain computation gives."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from warm_jax import model as model_lib
+from warm_jax import reward, steps, train_lib
+
+CFG = model_lib.model_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, num_heads=4,
+                             num_kv_heads=2, head_dim=8, max_len=32)
+KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+_eval_step = jax.jit(steps.rm_eval_step, static_argnums=(0, 3))  # (cfg, params, batch, length)
+
+
+def _right_pad(rows, t):
+    tok = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        tok[i, :len(r)] = r
+    return tok, (tok > 0).astype(np.int32)
+
+
+def _pairs(seed=0, n=24, t=20):
+    """Pairs sharing a 'post' prefix, plus the edge cases: identical sequences, one a
+    prefix of the other, nothing shared, summaries sharing their first tokens."""
+    rng = np.random.default_rng(seed)
+    chosen, rejected = [], []
+    for _ in range(n):
+        post = list(rng.integers(3, 64, rng.integers(2, 10)))
+        chosen.append(post + list(rng.integers(3, 64, rng.integers(1, 8))))
+        rejected.append(post + list(rng.integers(3, 64, rng.integers(1, 8))))
+    chosen += [[5, 6, 7], [5, 6], [9, 9, 9, 4], [8, 3, 3, 3, 7]]
+    rejected += [[5, 6, 7], [5, 6, 7, 8], [10, 9, 9], [8, 3, 3, 5]]
+    ct, cm = _right_pad(chosen, t)
+    rt, rm = _right_pad(rejected, t)
+    return {"chosen_tokens": ct, "chosen_mask": cm, "rejected_tokens": rt, "rejected_mask": rm}
+
+
+def _params(seed=0):
+    p = model_lib.init_params(CFG, jax.random.PRNGKey(seed))[0]
+    # a nonzero reward head (it starts at zero) and weights away from their init
+    return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                                              x.shape, x.dtype), p)
+
+
+def test_packed_totals_and_length():
+    pairs = _pairs()
+    totals = steps.packed_totals(pairs)
+    # the hand-made rows: identical (3), prefix (2 + 4 - 2), nothing shared (4 + 3),
+    # summaries sharing '8 3 3' (5 + 4 - 3)
+    assert totals[-4:].tolist() == [3, 4, 7, 6]
+    lc, lr = pairs["chosen_mask"].sum(1), pairs["rejected_mask"].sum(1)
+    assert (totals <= lc + lr).all() and (totals >= np.maximum(lc, lr)).all()
+    assert steps.packed_length(pairs) == -(-int(totals.max()) // 8) * 8
+    assert steps.packed_length(pairs, multiple=1) == int(totals.max())
+
+
+def test_packed_rewards_equal_the_unpacked_ones():
+    pairs, params = _pairs(), _params()
+    batch = {k: jnp.asarray(pairs[k]) for k in KEYS}
+    rc0, rr0 = _eval_step(CFG, params, batch, None)
+    length = steps.packed_length(pairs)
+    rc1, rr1 = _eval_step(CFG, params, batch, length)
+    assert float(jnp.std(rc0)) > 0.1  # the rewards differ between rows: a real check
+    np.testing.assert_allclose(rc1, rc0, atol=2e-5)
+    np.testing.assert_allclose(rr1, rr0, atol=2e-5)
+    assert float(rc1[-4]) == pytest.approx(float(rr1[-4]), abs=1e-6)  # identical texts
+
+
+def test_a_pair_that_does_not_fit_gets_nan_rewards():
+    pairs, params = _pairs(), _params()
+    totals = steps.packed_totals(pairs)
+    length = int(np.sort(totals)[-3])  # the two longest pairs do not fit
+    rc, rr = _eval_step(CFG, params, {k: jnp.asarray(pairs[k]) for k in KEYS}, length)
+    over = totals > length
+    assert over.sum() >= 1
+    assert np.isnan(np.asarray(rc))[over].all() and not np.isnan(np.asarray(rc))[~over].any()
+    assert np.isnan(np.asarray(rr))[over].all()
+
+
+def test_packed_pair_rewards_keeps_the_set_order():
+    pairs, params = _pairs(n=40), _params()
+    score = jax.jit(lambda t, m: steps.rm_scores(CFG, params, t, m))
+    rc0, rr0 = reward.pair_rewards(score, pairs, batch_size=16)
+    lengths = []
+
+    def packed(batch, length):
+        lengths.append(length)
+        return _eval_step(CFG, params, batch, length)
+
+    rc1, rr1 = reward.packed_pair_rewards(packed, pairs, batch_size=16, bucket=4)
+    np.testing.assert_allclose(rc1, rc0, atol=2e-5)
+    np.testing.assert_allclose(rr1, rr0, atol=2e-5)
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1  # shortest first, bucketed
+
+
+def test_packed_training_step_matches_the_unpacked_one():
+    pairs = _pairs()
+    batch = {k: jnp.asarray(pairs[k]) for k in KEYS}
+    tx = optax.adamw(1e-2)
+    out = []
+    for length in (None, steps.packed_length(pairs)):
+        state = train_lib.init_state(_params(), tx, 0)
+        step = jax.jit(lambda s, b, n=length: steps.rm_train_step(CFG, tx, s, b, pack_length=n))
+        for _ in range(3):
+            state, mets = step(state, batch)
+        out.append((state["params"], float(mets["loss"])))
+    assert out[0][1] == pytest.approx(out[1][1], abs=1e-4)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                         out[0][0], out[1][0]))
+    assert max(diffs) < 1e-4
+
+
+def test_segments_need_positions():
+    tok = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="explicit positions"):
+        model_lib.Transformer(CFG).apply({"params": _params()}, tok, tok, head="values",
+                                         segments=tok)
+
+
+@pytest.mark.parametrize("h,kvh", [(8, 2)])
+def test_grouped_attention_matches_jax(h, kvh):
+    key = jax.random.PRNGKey(h * 10 + kvh)
+    kq, kk, kv, km = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (3, 7, h, 8))
+    k = jax.random.normal(kk, (3, 7, kvh, 8))
+    v = jax.random.normal(kv, (3, 7, kvh, 8))
+    np.testing.assert_allclose(
+        model_lib.grouped_attention(q, k, v, is_causal=True),
+        jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
+        atol=2e-6)
+    mask = jax.random.bernoulli(km, 0.6, (3, 1, 7, 7)).at[..., 0].set(True)
+    np.testing.assert_allclose(
+        model_lib.grouped_attention(q, k, v, mask=mask),
+        jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), atol=2e-6)
+    # gradients too (the training step differentiates through it)
+    f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    got = f(lambda q, k, v: model_lib.grouped_attention(q, k, v, is_causal=True))
+    want = f(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_attention_impl_is_checked():
+    with pytest.raises(ValueError, match="attention_impl"):
+        model_lib.model_config("tiny", attention_impl="flash")
