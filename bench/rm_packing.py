@@ -98,7 +98,7 @@ def bench_train(prov, cfg, params, rounds: int, steps_per_round: int) -> list[di
     for p in (True, False):
         fns[p] = jax.jit(lambda s, b, n=(length if p else None): steps.rm_train_step(
             cfg, tx, s, b, dropout_sites="head", pack_length=n), donate_argnums=0)
-        st = train_lib.init_state(params, tx, 0)
+        st = train_lib.init_state(jax.tree.map(jnp.array, params), tx, 0)  # donated: own copy
         st["hparams"] = {"dropout_rate": jnp.float32(0.1)}
         states[p] = jax.block_until_ready(fns[p](st, batch)[0])
     wall = {True: [], False: []}
