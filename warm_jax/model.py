@@ -269,10 +269,8 @@ def grouped_attention(q, k, v, mask=None, is_causal: bool = False):
     weighted sum in the values' dtype (as jax.nn.dot_product_attention's XLA path).
 
     XLA:CPU runs jax.nn.dot_product_attention's five-axis einsums (and their gradients) as
-    strided loops over small per-head matrices. Measured on 2 cores (RM training step,
-    AdamW, the two attentions alternated in one process, medians): mini preset with four
-    K/V heads, 32 pairs x 96 tokens, 195 -> 181 ms; llama_peer, 8 pairs x 256 tokens,
-    1.62 -> 1.44 s."""
+    strided loops over small per-head matrices; this path is ~7-11% faster for the RM
+    training step on 2 CPU cores (bench/attention_ab.py, docs/benchmarks.md)."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
