@@ -143,6 +143,19 @@ def test_not_an_object(tmp_path):
 def test_bad_confidence(tmp_path):
     expect_error(rows_with_bad(tmp_path, json.dumps(good_row(extra={"confidence": "hi"}))),
                  "field 'extra.confidence'")
+    big = tmp_path / "big"
+    big.mkdir()
+    expect_error(rows_with_bad(big, json.dumps(good_row(extra={"confidence": 10 ** 400}))),
+                 "field 'extra.confidence'")  # beyond float range
+
+
+def test_confidence_past_int64_is_read(tmp_path):
+    """JSON integers have no bound; numpy's isfinite raised TypeError past int64 (found by
+    the fuzz test below)."""
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps(good_row(extra={"confidence": -9223372036854775809})) + "\n")
+    (row,) = formats.read_comparisons(str(p))
+    assert row.confidence == float(-9223372036854775809)
 
 
 def test_sft_errors(tmp_path):

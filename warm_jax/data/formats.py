@@ -23,6 +23,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -269,9 +270,15 @@ def _parse_comparison(rec: Any) -> Comparison:
             raise _FieldError("extra", f"expected an object, got {_describe(extra)}")
         c = extra.get("confidence")
         if c is not None:
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not np.isfinite(c):
+            value = None  # any int (JSON has no bound; numpy's isfinite stops at int64)
+            if isinstance(c, (int, float)) and not isinstance(c, bool):
+                try:
+                    value = float(c)
+                except OverflowError:  # beyond float range: as bad as a NaN
+                    value = None
+            if value is None or not math.isfinite(value):
                 raise _FieldError("extra.confidence", f"expected a number, got {_describe(c)}")
-            confidence = float(c)
+            confidence = value
     return Comparison(
         id=ex_id, subreddit=subreddit, title=title, post=post,
         summaries=(texts[0], texts[1]), policies=(policies[0], policies[1]),
