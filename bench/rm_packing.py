@@ -28,7 +28,6 @@ import time
 from bench import common
 
 BENCH = "rm_packing"
-KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
 
 
 def _world(tmp: str, pairs: int):
@@ -91,7 +90,7 @@ def bench_train(prov, cfg, params, rounds: int, steps_per_round: int) -> list[di
 
     train = ensemble.trim_pairs(prov.preference("train"))[0]
     length = steps.packed_length(train)
-    batch = {k: jnp.asarray(train[k][:32]) for k in KEYS}
+    batch = {k: jnp.asarray(train[k][:32]) for k in steps.PAIR_KEYS}
     tx = optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-4,
                                                     grad_clip_norm=1.0))
     fns, states = {}, {}

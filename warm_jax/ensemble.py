@@ -40,7 +40,7 @@ from warm_jax.data import pipeline
 log = logging.getLogger("warm_jax")
 
 RM_INIT_DIR = "rm_init"
-PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+PAIR_KEYS = steps.PAIR_KEYS
 
 
 # --------------------------------------------------------------------------- shared bits

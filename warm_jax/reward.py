@@ -353,7 +353,8 @@ def packed_pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256, multi
     n, t = _trim(arrays)
     if n == 0:
         raise ValueError("packed_pair_rewards: empty preference set")
-    totals = steps.packed_totals({k: np.asarray(arrays[k])[:, :t] for k in _PAIR_KEYS})
+    keys = steps.PAIR_KEYS
+    totals = steps.packed_totals({k: np.asarray(arrays[k])[:, :t] for k in keys})
     order = np.argsort(totals, kind="stable")
     b = -(-max(1, min(batch_size, n)) // multiple) * multiple
     rc, rr = np.empty(n, np.float32), np.empty(n, np.float32)
@@ -361,16 +362,13 @@ def packed_pair_rewards(fn: Callable, arrays: dict, batch_size: int = 256, multi
         idx = order[np.arange(s, s + b) % n]  # wraps to the shortest rows: fixed shape
         k = min(b, n - s)
         length = int(-(-int(totals[idx].max()) // bucket) * bucket)
-        batch = {key: np.asarray(arrays[key])[idx, :t].astype(np.int32) for key in _PAIR_KEYS}
+        batch = {key: np.asarray(arrays[key])[idx, :t].astype(np.int32) for key in keys}
         c, r = (np.asarray(jax.device_get(x), np.float32) for x in fn(batch, length))
         rc[idx[:k]], rr[idx[:k]] = c[:k], r[:k]
     if np.isnan(rc).any() or np.isnan(rr).any():
         raise FloatingPointError("packed_pair_rewards: NaN rewards (a pair overflowed its "
                                  "packed length, or the model is not finite)")
     return rc, rr
-
-
-_PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
 
 
 def pairwise_accuracy(fn: Callable, arrays: dict, batch_size: int = 256,

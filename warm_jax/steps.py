@@ -51,6 +51,9 @@ def rm_scores(model_cfg: TransformerConfig, params, tokens, mask, *, determinist
                                         causal_only=True, rngs=rngs, dropout_sites=dropout_sites)
 
 
+PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+
+
 def pack_pairs(batch: dict, length: int):
     """Packs each (chosen, rejected) pair into ONE sequence of `length` tokens: the tokens
     the two share from the start (the post, and any common opening of the summaries), then
