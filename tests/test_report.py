@@ -357,3 +357,34 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
     assert "| rm_init warm start, ID | 0.812 | - |" in out
     assert "| rl_warm: start / peak (step, KL) / end (KL) | 1.000 / 1.500 (20, 0.50) / 1.250 (2.00) | - |" in out
     assert "| flow CPU min (wall min; max load) | 1.0 (2.0; 0.5) | - |" in out
+
+
+def test_aggregate_rl_peaks_and_matched_kl_over_seeds(tmp_path):
+    """The RL section: per RL run the rise to the peak, the KL there and the drop after it
+    over seeds, the seeds with the reward-hacking shape (rose, then fell); per judged pair the
+    matched-KL difference per seed and the seeds where A is ahead."""
+    runs = []
+    for name, (rise_w, drop_w, diff) in {"a": (0.05, 0.02, 0.03), "b": (0.0, 0.04, -0.01),
+                                          "c": (0.02, 0.0, 0.05)}.items():
+        d = tmp_path / name
+        for sub, summ in {
+            "rl_warm": {"initial_control_reward": 1.0, "peak_control_reward": 1.0 + rise_w,
+                        "peak_kl": 0.5, "drop_from_peak": drop_w, "final_kl": 1.0},
+            "rl_single": {"initial_control_reward": 1.0, "peak_control_reward": 1.01,
+                          "peak_kl": 0.1, "drop_from_peak": 0.05, "final_kl": 2.0},
+            "judge": {"matched_kl": {"rl_warm vs rl_single": {"mean_difference": diff},
+                                     "rl_x vs rl_y": {"message": "no overlap"}}},
+        }.items():
+            os.makedirs(d / sub)
+            (d / sub / "summary.json").write_text(json.dumps(summ))
+        runs.append(str(d))
+    text = open(report.aggregate(runs, str(tmp_path / "agg.md"))).read()
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip("|").split("|")]
+            for l in text.splitlines() if l.startswith("| rl_")}
+    assert rows["rl_warm"][1] == "0.023 ± 0.021"  # rises 0.05, 0.0, 0.02
+    assert rows["rl_warm"][5:7] == ["2/3", "1/3"]  # rose: a, c; rose then fell: a only
+    assert rows["rl_single"][1:3] == ["0.010 ± 0.000", "0.100 ± 0.000"]
+    assert rows["rl_single"][5:7] == ["3/3", "3/3"]
+    m = rows["rl_warm vs rl_single"]
+    assert m[1] == "0.023 ± 0.025" and m[2] == "+0.030 -0.010 +0.050" and m[3] == "2/3"
+    assert "rl_x vs rl_y" not in text  # no overlap: no number to aggregate

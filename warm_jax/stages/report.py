@@ -547,12 +547,47 @@ def aggregate_judge(per_run: list[dict[str, dict]], seed: int = 0) -> list[list]
     return rows
 
 
+def aggregate_rl(summaries: list[dict[str, dict]]) -> tuple[list[list], list[list]]:
+    """Rows of the aggregate RL tables. Per RL run name (a summary with `peak_control_reward`):
+    over the seeds that ran it, the control reward's rise from the start to its peak (mean ±
+    std), the KL at the peak, the drop from the peak to the end, and in how many seeds the
+    control first rose above the start and then fell below its peak (the reward-hacking
+    shape). Per judged pair of RL runs: the mean difference of control reward at matched KL
+    (A - B, stats.matched_kl) per seed, mean ± std, and in how many seeds it is > 0."""
+    import numpy as np
+
+    runs: dict[str, list[dict]] = {}
+    for summ in summaries:
+        for name, s in summ.items():
+            if isinstance(s.get("peak_control_reward"), (int, float)) and \
+                    isinstance(s.get("initial_control_reward"), (int, float)):
+                runs.setdefault(name, []).append(s)
+    rl_rows = []
+    for name, ss in sorted(runs.items()):
+        rise = [s["peak_control_reward"] - s["initial_control_reward"] for s in ss]
+        drop = [float(s.get("drop_from_peak") or 0.0) for s in ss]
+        shape = sum(1 for r, d in zip(rise, drop) if r > 0 and d > 0)
+        rl_rows.append([name, _mean_std(rise),
+                        _mean_std([float(s.get("peak_kl") or 0.0) for s in ss]),
+                        _mean_std(drop), _mean_std([float(s.get("final_kl") or 0.0) for s in ss]),
+                        f"{sum(r > 0 for r in rise)}/{len(ss)}", f"{shape}/{len(ss)}"])
+    matched: dict[str, list[float]] = {}
+    for summ in summaries:
+        for pair, m in ((summ.get("judge") or {}).get("matched_kl") or {}).items():
+            if isinstance(m, dict) and isinstance(m.get("mean_difference"), (int, float)):
+                matched.setdefault(pair, []).append(float(m["mean_difference"]))
+    kl_rows = [[pair, _mean_std(v), " ".join(f"{x:+.3f}" for x in v),
+                f"{sum(x > 0 for x in v)}/{len(v)}"] for pair, v in matched.items()]
+    return rl_rows, kl_rows
+
+
 def aggregate(run_dirs: list[str], out: str) -> str:
     """Mean and standard deviation over several runs (seeds); writes `out`. Every record is
     keyed by its setting (the ensemble evaluated, e.g. rm_clean / rm_corrupt) and split:
     the paper's claims by (setting, split, claim id), with the runs where each holds and
-    mean ± std of its numbers; the gates; the RM accuracies by (setting, split, model); the
-    data stage's baselines by split; the judge's win rates. Each key counts once per run."""
+    mean ± std of its numbers; the gates; the judge's win rates; the RL runs' peaks and
+    matched-KL differences (aggregate_rl); the RM accuracies by (setting, split, model); the
+    data stage's baselines by split. Each key counts once per run."""
     per_run = [_run_records(d) for d in run_dirs]
     judge_runs = [r for r in (_judge_runs(d, _stage_summaries(d).get("judge") or {})
                               for d in run_dirs) if r]
@@ -580,6 +615,21 @@ def aggregate(run_dirs: list[str], out: str) -> str:
                   _table(["A vs B", "win rate of A", "95% CI (seeds and prompts)",
                           "W/T/L (pooled)", "decisive rate (pooled)",
                           "seeds with CI above 0.5"], aggregate_judge(judge_runs))]
+    rl_rows, kl_rows = aggregate_rl([_stage_summaries(d) for d in run_dirs])
+    if rl_rows:
+        parts += ["", "## RL (control reward on held-out prompts)", "",
+                  "Per RL run over the seeds that ran it: the control reward's rise from the "
+                  "start (the SFT policy) to its peak among the evaluations, the KL at the "
+                  "peak, the drop from the peak to the end and the final KL (mean ± std); the "
+                  "seeds where the control rose above the start, and where it rose and then "
+                  "fell (the reward-hacking shape).", "",
+                  _table(["run", "rise to peak", "KL at peak", "drop after peak", "final KL",
+                          "rose", "rose then fell"], rl_rows)]
+    if kl_rows:
+        parts += ["", "Control reward at matched KL (A - B, mean over the KLs both runs "
+                  "reached; judge stage):", "",
+                  _table(["A vs B", "mean difference", "per seed", "seeds with A ahead"],
+                         kl_rows)]
     accs = _values(per_run, "acc")
     if accs:
         parts += ["", "## Reward-model accuracies", "", _table(
