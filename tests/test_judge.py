@@ -119,6 +119,35 @@ def test_control_kl_curve_reads_eval_records(tmp_path):
         judge.control_kl_curve(os.path.join(tmp_path, "nope.jsonl"))
 
 
+def test_rl_claims_from_the_curves():
+    """Per judged pair of RL runs: hacking visible with B's reward (rise and fall each beyond
+    one standard error of the start), A's peak >= B's, A's peak later in KL, A >= B at
+    matched KL; pairs with a non-RL side (sft) give none."""
+    c = lambda rows: [{"step": 10 * i, "kl": k, "control": v, "control_se": 0.02}
+                      for i, (k, v) in enumerate(rows)]
+    single = c([(0.0, 1.0), (0.1, 1.05), (0.5, 0.9)])   # rises 0.05, falls 0.15
+    warm = c([(0.0, 1.0), (0.2, 1.04), (0.6, 1.08)])     # peaks at the end, 1.08
+    flat = c([(0.0, 1.0), (0.1, 1.01), (0.5, 0.95)])     # rises 0.01 < se
+    curves = {"rl_warm": warm, "rl_single": single, "rl_flat": flat}
+    matched = {"rl_warm vs rl_single": stats.matched_kl(warm, single, ("rl_warm", "rl_single"))}
+    claims = {(x["setting"], x["id"]): x for x in judge.rl_claims(
+        curves, matched, [("rl_warm", "rl_single"), ("rl_warm", "rl_flat"),
+                          ("rl_warm", "sft")])}
+    w = lambda i: claims[("rl_warm vs rl_single", i)]
+    assert w("rl_hacking_visible")["holds"] and w("rl_peak_geq")["holds"]
+    assert w("rl_peak_later_in_kl")["numbers"] == {"kl_a": 0.6, "kl_b": 0.1}
+    assert w("rl_geq_at_matched_kl")["holds"] and w("rl_geq_at_matched_kl")["numbers"]["diff"] > 0
+    assert abs(w("rl_peak_geq")["numbers"]["diff"] - 0.03) < 1e-9
+    assert all(x["split"] == "heldout" for x in claims.values())
+    assert not claims[("rl_warm vs rl_flat", "rl_hacking_visible")]["holds"]  # within one se
+    assert ("rl_warm vs rl_flat", "rl_geq_at_matched_kl") not in claims  # not matched here
+    assert not any(k[0] == "rl_warm vs sft" for k in claims)
+    # the reverse pair: the single RM's peak is not above WARM's and not later
+    rev = {x["id"]: x for x in judge.rl_claims(curves, {}, [("rl_single", "rl_warm")])}
+    assert not rev["rl_peak_geq"]["holds"] and not rev["rl_peak_later_in_kl"]["holds"]
+    assert not rev["rl_hacking_visible"]["holds"]  # WARM's control never falls
+
+
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
     data = str(tmp_path_factory.mktemp("judge_world") / "data")

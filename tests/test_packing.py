@@ -146,3 +146,52 @@ def test_grouped_attention_matches_jax(h, kvh):
 def test_attention_impl_is_checked():
     with pytest.raises(ValueError, match="attention_impl"):
         model_lib.model_config("tiny", attention_impl="flash")
+
+
+def test_ensemble_scores_pack_to_their_own_length():
+    """The ensemble program trains at pack_length and scores at eval_pack_length: evaluation
+    pairs longer than any training pair get their true rewards, not NaN."""
+    from warm_jax import ensemble, partitioning
+
+    pairs = _pairs(n=20)  # 24 rows: the batch splits over 8 fake devices
+    totals = steps.packed_totals(pairs)
+    short = steps.packed_length({k: v[totals <= 12] for k, v in pairs.items()})
+    assert short < totals.max()  # some pairs do not fit the training length
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    opt = ensemble.ensemble_optimizer_config(0, 10)
+    prog = ensemble.build_ensemble_program(CFG, opt, mesh, 2, (4, pairs["chosen_tokens"].shape[1]),
+                                           member_loop="map", pack_length=short,
+                                           eval_pack_length=steps.packed_length(pairs))
+    stacked = partitioning.shard_tree(
+        jax.tree.map(lambda a, b: jnp.stack([a, b]), _params(0), _params(1)),
+        prog.param_shardings)
+    with jax.set_mesh(mesh):
+        rc, rr = prog.scores(stacked, {k: jax.device_put(
+            pairs[k], partitioning.batch_sharding(mesh, 2)) for k in KEYS})
+    assert np.isfinite(np.asarray(rc)).all() and np.isfinite(np.asarray(rr)).all()
+    for i, seed in enumerate((0, 1)):
+        uc, ur = _eval_step(CFG, _params(seed), {k: jnp.asarray(pairs[k]) for k in KEYS}, None)
+        np.testing.assert_allclose(np.asarray(rc)[i], uc, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(rr)[i], ur, atol=2e-5)
+
+
+def test_warm_start_packs_each_batch_like_the_unpacked_run():
+    """rm_init's warm start packs each batch to its own length (a few compiled shapes):
+    the same parameters and accuracies as the unpacked warm start, up to float rounding."""
+    from warm_jax.data import pipeline
+    from warm_jax.stages import rm_init
+
+    pairs = _pairs(n=60)
+    totals = steps.packed_totals(pairs)
+    idx = [pipeline.batch_indices(len(totals), 2, 2, s) for s in range(6)]
+    lengths = {min(steps.packed_length(pairs), -(-int(totals[i].max()) // 16) * 16)
+               for i in idx}
+    assert len(lengths) > 1  # the batches really pack to different lengths
+    evals = {"all": {k: pairs[k] for k in KEYS}}
+    out = [rm_init.warm_start(CFG, _params(), pairs, evals, steps_=6, learning_rate=1e-2,
+                              batch_size=2, seed=1, pack=pack) for pack in (False, True)]
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         out[0][0], out[1][0]))
+    assert max(diffs) < 1e-4
+    assert out[0][1] == out[1][1]
+    np.testing.assert_allclose(out[0][2], out[1][2], atol=1e-4)

@@ -386,13 +386,16 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
                            batch_shape: tuple[int, int], center_coef: float = 0.0,
                            member_loop: str = "auto",
                            dropout_sites: str = "all",
-                           pack_length: Optional[int] = None) -> EnsembleProgram:
-    """batch_shape = (pairs per member, sequence length). pack_length: each pair is scored
-    as one packed sequence of this many tokens (steps.pack_pairs; steps.packed_length of
-    the sets gives one that fits them), None: the two sequences apart. Cached: a stage
-    called again in one process (one job per member, a resumed run) reuses the compiled
-    executables."""
+                           pack_length: Optional[int] = None,
+                           eval_pack_length: Optional[int] = None) -> EnsembleProgram:
+    """batch_shape = (pairs per member, sequence length). pack_length: each training pair is
+    one packed sequence of this many tokens (steps.pack_pairs; steps.packed_length of the
+    training set gives one that fits it), None: the two sequences apart. eval_pack_length:
+    the same for `scores` (None: pack_length), so that longer evaluation pairs do not pad
+    every training step. Cached: a stage called again in one process (one job per member, a
+    resumed run) reuses the compiled executables."""
     m = num_members
+    eval_pack_length = pack_length if eval_pack_length is None else eval_pack_length
     tx = optim.make_optimizer(opt_cfg)
     abstract, names = model_lib.abstract_params(model_cfg)
     stacked_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
@@ -434,7 +437,7 @@ def build_ensemble_program(model_cfg, opt_cfg: optim.OptimizerConfig, mesh, num_
         return new, mets
 
     def scores(params, batch):
-        score = functools.partial(steps.rm_eval_step, model_cfg, pack_length=pack_length)
+        score = functools.partial(steps.rm_eval_step, model_cfg, pack_length=eval_pack_length)
         if loop == "vmap":
             return jax.vmap(score, in_axes=(0, None), spmd_axis_name=spmd)(params, batch)
         return jax.lax.map(lambda p: score(p, batch), params)

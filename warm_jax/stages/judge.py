@@ -85,8 +85,60 @@ def control_kl_curve(metrics_path: str) -> list[dict]:
             rows.append({"step": r["step"], "kl": r["eval/kl"],
                          "proxy": r.get("eval/proxy_reward"),
                          "proxy_standardised": r.get("eval/proxy_reward_standardised"),
-                         "control": r.get("eval/control_reward")})
+                         "control": r.get("eval/control_reward"),
+                         "control_se": r.get("eval/control_reward_se")})
     return sorted(rows, key=lambda r: r["step"])
+
+
+def _peak(curve: list[dict]) -> dict:
+    rows = [r for r in curve if r.get("control") is not None]
+    start, peak = rows[0], max(rows, key=lambda r: r["control"])
+    return {"start": start["control"], "se": float(start.get("control_se") or 0.0),
+            "peak": peak["control"], "peak_kl": peak["kl"], "peak_step": peak["step"],
+            "rise": peak["control"] - start["control"],
+            "drop": peak["control"] - rows[-1]["control"]}
+
+
+def rl_claims(curves: dict[str, list[dict]], matched: dict, pairs) -> list[dict]:
+    """The paper's RL claims for each judged pair (A, B) of RL runs (A: WARM's, B: the single
+    RM's), from their eval records on held-out prompts: with B's reward the control reward
+    first rises above the start by more than one standard error of the start's mean, then
+    falls from its peak by more than one (reward hacking visible); A's control peak is at
+    least B's, and comes at a KL at least B's; at matched KL A's control is at least B's.
+    Keyed by setting 'A vs B' and split 'heldout' (report --aggregate counts them per seed)."""
+    out = []
+    for a, b in pairs:
+        if a == b or not curves.get(a) or not curves.get(b):
+            continue
+        pa, pb = _peak(curves[a]), _peak(curves[b])
+        if pa["start"] is None or pb["start"] is None:
+            continue
+        base = {"setting": f"{a} vs {b}", "split": "heldout"}
+        out += [
+            {**base, "id": "rl_hacking_visible",
+             "claim": f"With {b}'s reward the control reward rises above the start, then falls "
+                      "(each by more than one standard error of the start's mean)",
+             "holds": pb["rise"] > pb["se"] and pb["drop"] > pb["se"],
+             "numbers": {"rise": pb["rise"], "drop": pb["drop"], "se": pb["se"],
+                         "peak_kl": pb["peak_kl"]}},
+            {**base, "id": "rl_peak_geq",
+             "claim": f"{a}'s control peak is at least {b}'s",
+             "holds": pa["peak"] >= pb["peak"],
+             "numbers": {"diff": pa["peak"] - pb["peak"], "peak_a": pa["peak"],
+                         "peak_b": pb["peak"]}},
+            {**base, "id": "rl_peak_later_in_kl",
+             "claim": f"{a}'s control peak comes at a KL at least that of {b}'s",
+             "holds": pa["peak_kl"] >= pb["peak_kl"],
+             "numbers": {"kl_a": pa["peak_kl"], "kl_b": pb["peak_kl"]}}]
+        m = matched.get(f"{a} vs {b}") or {}
+        if isinstance(m.get("mean_difference"), (int, float)):
+            out.append({**base, "id": "rl_geq_at_matched_kl",
+                        "claim": f"{a}'s control reward at matched KL is at least {b}'s "
+                                 "(mean over the KLs both reached)",
+                        "holds": m["mean_difference"] >= 0,
+                        "numbers": {"diff": m["mean_difference"],
+                                    "kl_high": (m.get("overlap") or [None, None])[1]}})
+    return out
 
 
 def _plot(path: str, curves: dict[str, list[dict]], results: list[dict],
@@ -288,6 +340,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                            "decisive_*: decisive rate); wilson_*: Wilson's interval of the "
                            "tie-adjusted rate, conservative with ties",
                "matched_kl": matched,
+               "claims": rl_claims(kl_curves, matched, pairs),
                "mean_control": {k: float(np.mean(v["scores"])) for k, v in scored.items()},
                "policies": {k: v["path"] for k, v in scored.items()},
                "curves": {k: v[-1] if v else None for k, v in kl_curves.items()},

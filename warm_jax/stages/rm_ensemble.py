@@ -104,7 +104,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     program = ensemble.build_ensemble_program(setup["model_cfg"], opt_cfg, ctx.mesh(), m,
                                               (tc.batch_size, seq_len), tc.center_coef,
                                               tc.member_loop, tc.dropout_sites,
-                                              data["pack_length"])
+                                              data["pack_length"], data["eval_pack_length"])
     dcfg = ctx.provider().config
     hyper = {"total_steps": tc.total_steps, "batch_size": tc.batch_size,
              "warmup_steps": tc.warmup_steps, "center_coef": tc.center_coef,
@@ -115,6 +115,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
              "optimizer": {k: v for k, v in dataclasses.asdict(opt_cfg).items()
                            if k != "learning_rate"},  # per member
              "train_pairs": n, "seq_len": seq_len, "pack_length": data["pack_length"],
+             "eval_pack_length": data["eval_pack_length"],
              "num_members": sweep.num_members,
              "member_index": member_index, "seed": ctx.seed, "head_path": head_path,
              "member_loop": program.member_loop, "dropout_sites": tc.dropout_sites}
@@ -243,9 +244,12 @@ def _data(ctx, corrupted: bool, tc: ensemble.RMTrainConfig) -> dict:
         keep = max(seq_len, ensemble.trim_pairs(select)[0]["chosen_tokens"].shape[1])
         sets["select"] = {k: (v[:, :keep] if k in ensemble.PAIR_KEYS else v)
                           for k, v in select.items()}
-    pack_length = steps.packed_length(trimmed[0], *sets.values()) if tc.pack_pairs else None
+    # training steps pack to what the training pairs need, evaluation to what its sets need
+    pack_length = steps.packed_length(trimmed[0]) if tc.pack_pairs else None
+    eval_pack_length = steps.packed_length(*sets.values()) if tc.pack_pairs else None
     return {"train": trimmed[0], "eval_sets": sets, "n": n, "seq_len": seq_len,
-            "select_rows": select_rows, "pack_length": pack_length}
+            "select_rows": select_rows, "pack_length": pack_length,
+            "eval_pack_length": eval_pack_length}
 
 
 def _train(ctx, name: str, program, setup: dict, data: dict,
@@ -284,8 +288,8 @@ def _train(ctx, name: str, program, setup: dict, data: dict,
 
     def on_start(state, start, writer):
         log.info("[%s] %d member(s), %d pairs, seq len %d%s", name, m, data["n"], data["seq_len"],
-                 f" (pairs packed into {data['pack_length']} tokens)" if data["pack_length"]
-                 else "")
+                 f" (pairs packed into {data['pack_length']} tokens, evaluation pairs into "
+                 f"{data['eval_pack_length']})" if data["pack_length"] else "")
         clock["start"] = time.time()
 
     def on_end(state, step):

@@ -237,7 +237,8 @@ def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
                learning_rate: float, batch_size: int, seed: int, pack: bool = True):
     """The shared warm start: `steps_` Bradley-Terry steps on the whole model (AdamW, 20
     warm-up steps, cosine decay, clip 1.0; no dropout), each pair packed into one sequence
-    when `pack` (steps.pack_pairs). Returns (params, accuracies on eval_sets, loss trace).
+    when `pack` (steps.pack_pairs; each batch to the length its pairs need, rounded up to
+    16 tokens). Returns (params, accuracies on eval_sets, loss trace).
     Deterministic; short enough to redo if interrupted."""
     cfg = optim.OptimizerConfig(name="adamw", learning_rate=learning_rate,
                                 warmup_steps=min(20, steps_), decay="cosine",
@@ -246,22 +247,26 @@ def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
     params = jax.tree.map(jnp.asarray, params)
     opt = tx.init(params)
     keys = ensemble.PAIR_KEYS
-    pack_length = steps.packed_length(train) if pack else None
+    # each batch packs to what its own pairs need, rounded up to 16 tokens (a few compiled
+    # shapes), never past what the whole set needs
+    totals = steps.packed_totals(train) if pack else None
+    cap = steps.packed_length(train) if pack else None
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, pack_length):
         rc, rr = steps.rm_eval_step(model_cfg, p, batch, pack_length=pack_length)
         return losses.bradley_terry_loss(rc, rr)[0]
 
-    @jax.jit
-    def step(p, o, batch):
-        loss, g = jax.value_and_grad(loss_fn)(p, batch)
+    @functools.partial(jax.jit, static_argnums=3)
+    def step(p, o, batch, pack_length):
+        loss, g = jax.value_and_grad(loss_fn)(p, batch, pack_length)
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
     n, trace = len(train["chosen_tokens"]), []
     for s in range(steps_):
         idx = pipeline.batch_indices(n, min(batch_size, n), seed + 1, s)
-        params, opt, loss = step(params, opt, {k: train[k][idx] for k in keys})
+        pack_length = min(cap, -(-int(totals[idx].max()) // 16) * 16) if pack else None
+        params, opt, loss = step(params, opt, {k: train[k][idx] for k in keys}, pack_length)
         if s % 50 == 0 or s == steps_ - 1:
             trace.append(float(loss))
     scorer = reward.RewardModel.single(model_cfg, params)
