@@ -388,3 +388,15 @@ def test_aggregate_rl_peaks_and_matched_kl_over_seeds(tmp_path):
     m = rows["rl_warm vs rl_single"]
     assert m[1] == "0.023 ± 0.025" and m[2] == "+0.030 -0.010 +0.050" and m[3] == "2/3"
     assert "rl_x vs rl_y" not in text  # no overlap: no number to aggregate
+
+
+def test_judge_claims_name_their_pair():
+    """A judge claim's row names the pair of RL runs it is about; rm_eval rows keep their
+    stage (which already names the ensemble)."""
+    text = report._section_claims([
+        {"source": "judge", "setting": "rl_warm vs rl_single", "claim": "peak",
+         "holds": True, "split": "heldout", "numbers": {"diff": 0.01}},
+        {"source": "rm_eval_rm_clean", "setting": "rm_clean", "claim": "WARM ~ ENS",
+         "holds": False, "split": "valid"}])
+    assert "| judge (rl_warm vs rl_single) | peak | reproduced | diff 0.010 | heldout |" in text
+    assert "| rm_eval_rm_clean | WARM ~ ENS | NOT reproduced |" in text

@@ -66,6 +66,48 @@ def test_trim_length():
     assert out["other"].shape == (3,)
 
 
+def test_lm_head_at_the_target_positions_only():
+    """SFT's step runs the LM head at the loss's positions only (lm_target_positions): the
+    same loss, metrics and update as the full head, up to float rounding."""
+    import jax.numpy as jnp
+    import optax
+
+    from warm_jax import steps
+
+    rng = np.random.default_rng(0)
+    n, t = 6, 12
+    tokens = rng.integers(3, 60, (n, t)).astype(np.int32)
+    mask = np.ones((n, t), np.int32)
+    loss_mask = np.zeros((n, t), np.int32)
+    for i, (lo, hi) in enumerate([(5, 9), (3, 12), (8, 10), (11, 12), (2, 7), (6, 11)]):
+        loss_mask[i, lo:hi] = 1
+    mask[0, 9:] = 0  # a right-padded row
+    tokens[0, 9:] = 0
+    pos, w = lm.lm_target_positions(loss_mask, multiple=4)
+    assert pos.shape == (n, 11)  # 9 targets at most, rounded up to 12, capped at T - 1
+    assert lm.lm_target_positions(loss_mask[2:4], multiple=4)[0].shape == (2, 4)
+    assert w.sum(1).tolist() == [4, 9, 2, 1, 5, 5]
+    assert pos[1, :9].tolist() == list(range(2, 11)) and pos[3, 0] == 10
+    np.testing.assert_array_equal(loss_mask[np.arange(n)[:, None], pos + 1] * w, w)
+    cfg = model_lib.model_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, max_len=16)
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(0))[0]
+    tx = optax.adamw(1e-2)
+    batch = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+    out = []
+    for b in (batch, dict(batch, target_positions=pos, target_weights=w)):
+        state = train_lib.init_state(params, tx, 0)
+        step = jax.jit(lambda s, x: steps.lm_train_step(cfg, tx, s, x))
+        for _ in range(2):
+            state, mets = step(state, {k: jnp.asarray(v) for k, v in b.items()})
+        out.append((state["params"], {k: float(v) for k, v in mets.items()}))
+    for k in ("loss", "token_accuracy", "num_target_tokens", "grad_norm"):
+        assert out[0][1][k] == pytest.approx(out[1][1][k], abs=1e-5), k
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         out[0][0], out[1][0]))
+    assert max(diffs) < 1e-5
+
+
 def test_pretrain_export_card(pretrained, data_dir):
     run, summary = pretrained
     assert summary["final"] == os.path.join(run, "pretrain", "final")

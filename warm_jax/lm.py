@@ -51,6 +51,19 @@ def trim_length(arrays: dict, mask_keys: Sequence[str], multiple: int = 8) -> di
                 else v) for k, v in arrays.items()}
 
 
+def lm_target_positions(loss_mask: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """For a loss mask [N, T] (1 on target tokens), the positions whose next token is a
+    target, per row, left-aligned and padded: (positions [N, K] int32, weights [N, K]
+    int32, 1 on real ones), K = the most targets in a row rounded up to `multiple` (at most
+    T - 1). steps.lm_train_step then runs the LM head at those K positions only."""
+    m = np.asarray(loss_mask)[:, 1:] > 0
+    counts = m.sum(1)
+    k = int(min(m.shape[1], max(multiple, -(-int(counts.max(initial=0)) // multiple) * multiple)))
+    order = np.argsort(~m, axis=1, kind="stable")[:, :k]  # target positions first, in order
+    weights = (np.arange(k)[None, :] < counts[:, None]).astype(np.int32)
+    return (order * weights).astype(np.int32), weights
+
+
 def check_batch(batch_size: int, mesh, where: str, ensemble: bool = False) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:

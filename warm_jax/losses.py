@@ -25,6 +25,21 @@ def lm_loss(logits, tokens, loss_mask):
     return loss, {"loss": loss, "token_accuracy": acc, "num_target_tokens": m.sum()}
 
 
+def lm_loss_at(logits, tokens, positions, weights):
+    """lm_loss over selected positions: logits [B, K, V] are the model's at `positions`
+    [B, K] (Transformer(logit_positions=...)), each predicting the token after it; weights
+    [B, K] are 1 for a real target and 0 for padding. The same loss and metrics as lm_loss
+    with loss_mask[b, p + 1] = 1 exactly at those positions (lm_target_positions)."""
+    targets = jnp.take_along_axis(tokens, positions.astype(jnp.int32) + 1, axis=1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    m = weights.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    loss = -(lp * m).sum() / n
+    acc = ((jnp.argmax(logits, -1) == targets) * m).sum() / n
+    return loss, {"loss": loss, "token_accuracy": acc, "num_target_tokens": m.sum()}
+
+
 def bradley_terry_loss(r_chosen, r_rejected, center_coef: float = 0.0):
     """-log sigmoid(r_c - r_r), plus optional reward centering coef * (r_c + r_r)^2.
 

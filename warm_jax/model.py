@@ -405,10 +405,13 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, mask=None, positions=None, *, head: str = "lm",
                  deterministic: bool = True, dropout_rate=None, decode: bool = False,
-                 causal_only: bool = False, dropout_sites: str = "all", segments=None):
+                 causal_only: bool = False, dropout_sites: str = "all", segments=None,
+                 logit_positions=None):
         """segments [B, T] (optional): packed sequences (steps.pack_pairs): a token attends
         to earlier tokens of its own segment and of segment 1 (the shared prefix); 0 is
-        padding. Needs explicit positions."""
+        padding. Needs explicit positions. logit_positions [B, K] (optional, head 'lm'):
+        the LM head only at these positions of each row -> logits [B, K, V] (a loss that
+        reads a few positions, e.g. SFT's summary tokens, need not pay for the others)."""
         cfg = self.config
         if dropout_sites not in ("all", "head"):
             raise ValueError(f"dropout_sites={dropout_sites!r}; choose all or head")
@@ -449,10 +452,13 @@ class Transformer(nn.Module):
 
         outputs = {}
         if head in ("lm", "all"):
+            xl = x
+            if logit_positions is not None:
+                xl = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
             if cfg.tie_embeddings:
-                logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.jdtype))
+                logits = jnp.einsum("btd,vd->btv", xl, embedding.astype(cfg.jdtype))
             else:
-                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(xl)
             outputs["lm"] = partitioning.constrain(logits.astype(jnp.float32),
                                                    ("batch", "length", "act_vocab"))
         if head in ("reward", "values", "all"):

@@ -23,15 +23,21 @@ def step_rng(state):
 
 def lm_train_step(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
                   state: dict, batch: dict):
-    """Next-token loss on batch['tokens'] where batch['loss_mask'] (default: mask) is 1."""
+    """Next-token loss on batch['tokens'] where batch['loss_mask'] (default: mask) is 1.
+    With batch['target_positions'] / batch['target_weights'] (lm_target_positions of the
+    loss mask) the LM head runs at those positions only: the same loss, less work when the
+    targets are a small part of each row (SFT: the summary)."""
     model = Transformer(model_cfg)
     loss_mask = batch.get("loss_mask", batch["mask"])
     rate = state.get("hparams", {}).get("dropout_rate")
+    at = batch.get("target_positions")
 
     def loss_fn(params):
         logits = model.apply({"params": params}, batch["tokens"], batch["mask"], head="lm",
                              deterministic=False, dropout_rate=rate, causal_only=True,
-                             rngs={"dropout": step_rng(state)})
+                             rngs={"dropout": step_rng(state)}, logit_positions=at)
+        if at is not None:
+            return losses.lm_loss_at(logits, batch["tokens"], at, batch["target_weights"])
         return losses.lm_loss(logits, batch["tokens"], loss_mask)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

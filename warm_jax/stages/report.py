@@ -119,7 +119,10 @@ def _section_claims(claims: list[dict]) -> str:
         nums = c.get("numbers") or c.get("measured") or {}
         if isinstance(nums, dict):
             nums = ", ".join(f"{k} {_fmt(v)}" for k, v in nums.items())
-        rows.append([c.get("source", "?"), c.get("claim", "?"),
+        where = c.get("source", "?")
+        if c.get("setting") and str(c["setting"]) not in str(where):  # judge: the pair
+            where = f"{where} ({c['setting']})"
+        rows.append([where, c.get("claim", "?"),
                      "reproduced" if c.get("holds") else "NOT reproduced", nums,
                      c.get("split")])
     # the setting (the stage that judged the claim: e.g. rm_eval_rm_clean vs

@@ -57,6 +57,9 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     mesh = ctx.mesh()
     lm.check_batch(batch_size, mesh, "sft_stage")
     train = lm.trim_length(prov.sft("train"), ["mask"])
+    # the LM head only where the loss reads it (the summary and its EOS)
+    train["target_positions"], train["target_weights"] = lm.lm_target_positions(
+        train["loss_mask"])
     valid = lm.trim_length(prov.sft("valid"), ["mask"])
     valid = {k: v[:eval_examples] for k, v in valid.items()}
     opt_cfg = lm.optimizer_config(learning_rate, warmup_steps, total_steps)
