@@ -279,6 +279,12 @@ def check_report_matches_stage_outputs(run):
             (line,) = [l for l in claims_text.splitlines() if l.startswith(
                 f"| {setting} | " + c["claim"].replace("|", "\\|") + " |")]
             assert ("| reproduced |" in line) == c["holds"], line
+    # the judge's RL claims, one row per pair and claim, named by the pair
+    for c in json.load(open(run / "judge" / "summary.json")).get("claims") or []:
+        claims.append(c)
+        (line,) = [l for l in claims_text.splitlines() if l.startswith(
+            f"| judge ({c['setting']}) | " + c["claim"].replace("|", "\\|") + " |")]
+        assert ("| reproduced |" in line) == c["holds"], line
     # Best-of-N: control of each selector's expected pick at each N, from bon/results.jsonl
     bon_text = section("Best-of-N")
     bon_s = json.load(open(run / "bon" / "summary.json"))
