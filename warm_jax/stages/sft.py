@@ -35,8 +35,8 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     (lm_target_positions; the same loss up to float rounding, ~15% faster on the mini
     preset), off by default: its different rounding gave seed 0 a different SFT policy and a
     weaker RM warm start (0.791 ID against 0.871; docs/benchmarks.md). Keeps params exports
-    at `snapshot_steps` (default: the last three steps spaced total/6 apart, as the paper's 8k/10k/12k of 12k) under
-    {run_dir}/sft/snapshots/step_N; the final step is always kept. Seed: SEED + 1.
+    at `snapshot_steps` (default: the last three steps spaced total/6 apart, as the paper's
+    8k/10k/12k of 12k) under {run_dir}/sft/snapshots/step_N; the final step is always kept. Seed: SEED + 1.
     """
     ctx = StageContext(run_dir, "sft", artifacts.stage_path(run_dir, "sft"), seed_offset=1)
     if ctx.done:
