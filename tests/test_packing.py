@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from warm_jax import model as model_lib
-from warm_jax import reward, steps, train_lib
+from warm_jax import losses, reward, steps, train_lib
 
 CFG = model_lib.model_config("tiny", vocab_size=64, d_model=32, mlp_dim=64, num_heads=4,
                              num_kv_heads=2, head_dim=8, max_len=32)
@@ -195,3 +195,42 @@ def test_warm_start_packs_each_batch_like_the_unpacked_run():
     assert max(diffs) < 1e-4
     assert out[0][1] == out[1][1]
     np.testing.assert_allclose(out[0][2], out[1][2], atol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_pairwise_loss_leaves_the_reward_bias_alone_unless_centering_is_on(packed,
+                                                                              monkeypatch):
+    """Bradley-Terry reads reward differences: the bias gradient is zero up to rounding,
+    and a normalising optimiser must not turn that rounding into steps (it did: a member
+    trained alone and the same member inside the ensemble drifted apart by its learning
+    rate on one machine)."""
+    pairs = _pairs()
+    batch = {k: jnp.asarray(pairs[k]) for k in KEYS}
+    length = steps.packed_length(pairs) if packed else None
+    tx = optax.adam(1e-2, eps=1e-30)  # as scale-free as Adafactor
+    params = _params()
+    bias0 = np.asarray(params["reward_head"]["bias"])
+    real = losses.bradley_terry_loss
+
+    def rounded(rc, rr, center_coef=0.0):  # the rounding a different summation order leaves
+        loss, mets = real(rc, rr, center_coef)
+        return loss + 1e-9 * jnp.mean(rc + rr), mets
+
+    monkeypatch.setattr(losses, "bradley_terry_loss", rounded)
+    for coef, moves in ((0.0, False), (0.1, True)):
+        state = train_lib.init_state(params, tx, 0)
+        step = jax.jit(lambda s, b, c=coef: steps.rm_train_step(CFG, tx, s, b, center_coef=c,
+                                                                pack_length=length))
+        for _ in range(3):
+            state, _ = step(state, batch)
+        moved = np.abs(np.asarray(state["params"]["reward_head"]["bias"]) - bias0).max()
+        assert (moved > 1e-3) if moves else (moved == 0.0), (coef, moved)
+    # the raw gradient is what the helper zeroes, and only the bias is touched
+    grads = jax.grad(lambda p: jnp.mean(jnp.stack(steps.rm_pair_scores(
+        CFG, p, batch, pack_length=length)) ** 2))(params)
+    kept = steps.pairwise_grads(grads)
+    assert float(jnp.abs(kept["reward_head"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(grads["reward_head"]["bias"]).max()) > 0.0
+    for a, b in zip(jax.tree.leaves(kept["layer_0"]), jax.tree.leaves(grads["layer_0"])):
+        np.testing.assert_array_equal(a, b)
+    assert steps.pairwise_grads(grads, center_coef=0.1) is grads

@@ -21,6 +21,18 @@ def step_rng(state):
     return jax.random.fold_in(state["rng"], state["step"])
 
 
+def pairwise_grads(grads: dict, center_coef: float = 0.0) -> dict:
+    """grads with the reward head's bias gradient set to zero unless reward centering
+    (center_coef) makes the bias matter. The Bradley-Terry loss reads reward differences
+    only, so that gradient is zero up to rounding; a normalising optimiser (Adafactor, Adam)
+    would turn the rounding into learning-rate-sized steps that depend on the summation
+    order (one member trained alone vs inside the ensemble, one machine vs another)."""
+    if center_coef or "reward_head" not in grads or "bias" not in grads["reward_head"]:
+        return grads
+    head = dict(grads["reward_head"], bias=jnp.zeros_like(grads["reward_head"]["bias"]))
+    return dict(grads, reward_head=head)
+
+
 def lm_train_step(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
                   state: dict, batch: dict):
     """Next-token loss on batch['tokens'] where batch['loss_mask'] (default: mask) is 1.
@@ -152,6 +164,7 @@ def rm_train_step(model_cfg: TransformerConfig, tx: optax.GradientTransformation
         return losses.bradley_terry_loss(rc, rr, center_coef)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grads = pairwise_grads(grads, center_coef)
     state, finite = train_lib.guarded_update(state, grads, loss, tx)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["finite"] = finite.astype(jnp.float32)

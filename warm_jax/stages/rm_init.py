@@ -96,7 +96,7 @@ def fit_probe(fc: np.ndarray, fr: np.ndarray, head: dict, *, num_steps: int,
             return losses.bradley_terry_loss(score(h, fc[idx]), score(h, fr[idx]), center_coef)
 
         (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(h)
-        upd, opt = tx.update(g, opt, h)
+        upd, opt = tx.update(steps.pairwise_grads(g, center_coef), opt, h)
         return optax.apply_updates(h, upd), opt, loss
 
     trace = []
@@ -259,7 +259,7 @@ def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
     @functools.partial(jax.jit, static_argnums=3)
     def step(p, o, batch, pack_length):
         loss, g = jax.value_and_grad(loss_fn)(p, batch, pack_length)
-        upd, o = tx.update(g, o, p)
+        upd, o = tx.update(steps.pairwise_grads(g), o, p)
         return optax.apply_updates(p, upd), o, loss
 
     n, trace = len(train["chosen_tokens"]), []
