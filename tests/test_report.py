@@ -217,6 +217,12 @@ def test_report_of_the_smoke_flow_reads_what_the_stages_wrote(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_report_matches_stage_outputs(run)
+    # main times every entry: wall, CPU and the part spent compiling (training stages compile)
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"data", "pretrain", "rm_ensemble@rm_clean", "judge"} <= set(timings)
+    for entry in ("pretrain", "rm_ensemble@rm_clean"):
+        row = timings[entry]
+        assert 0 < row["compile_s"] < row["wall_s"] and row["cpu_s"] > 0, (entry, row)
 
 
 def check_report_matches_stage_outputs(run):
@@ -320,22 +326,22 @@ def check_report_matches_stage_outputs(run):
 
 
 def test_report_timings_wall_cpu_and_load(tmp_path):
-    """timings.json as main writes it now: wall and CPU seconds and the load per entry; the
-    report sums both and flags a loaded machine."""
+    """timings.json as main writes it now: wall, CPU and compiling seconds and the load per
+    entry; the report sums them and flags a loaded machine."""
     d = _run(tmp_path, "t", 0.55, 0.6)
     from warm_jax.stages import base
     os.remove(os.path.join(d, "timings.json"))
-    base.record_timing(d, "data", 1.25, 2.5)
-    base.record_timing(d, "judge", 2.0, 1.0)
+    base.record_timing(d, "data", 1.25, 2.5, compile_seconds=0.5)
+    base.record_timing(d, "judge", 2.0, 1.0, compile_seconds=0.25)
     rows = base.timing_rows(json.load(open(os.path.join(d, "timings.json"))))
-    assert [(e, w, c) for e, w, c, _ in rows] == [("data", 1.25, 2.5), ("judge", 2.0, 1.0)]
+    assert [r[:4] for r in rows] == [("data", 1.25, 2.5, 0.5), ("judge", 2.0, 1.0, 0.25)]
     timings = json.load(open(os.path.join(d, "timings.json")))
     timings["data"]["load_1m"] = 0.4  # record_timing stored this machine's load: set both
     timings["judge"]["load_1m"] = 3.2
     (tmp_path / "t" / "timings.json").write_text(json.dumps(timings))
     report.report_stage(d)
     text = open(os.path.join(d, "report.md")).read()
-    assert "| total | 3.2 | 3.5 |" in text  # 1.25 + 2.0 wall, 2.5 + 1.0 CPU
+    assert "| total | 3.2 | 3.5 | 0.8 |" in text  # 1.25 + 2.0 wall, 2.5 + 1.0 CPU, compiling
     assert "load average reached 3.2" in text
 
 

@@ -111,11 +111,13 @@ def binding(name: str) -> str:
 
 
 def record_timing(run_dir: str, entry: str, seconds: float,
-                  cpu_seconds: Optional[float] = None) -> None:
-    """Adds one stage entry's wall time, the process's CPU time (user + system, all threads)
-    and the 1-minute load average at its end to {run_dir}/timings.json (primary process):
-    {entry: {"wall_s", "cpu_s", "load_1m"}}. A load above the machine's core count means
-    other jobs shared the CPUs, and the wall time is an upper bound."""
+                  cpu_seconds: Optional[float] = None,
+                  compile_seconds: Optional[float] = None) -> None:
+    """Adds one stage entry's wall time, the process's CPU time (user + system, all threads),
+    the wall seconds JAX spent tracing, lowering and compiling, and the 1-minute load average
+    at its end to {run_dir}/timings.json (primary process):
+    {entry: {"wall_s", "cpu_s", "compile_s", "load_1m"}}. A load above the machine's core
+    count means other jobs shared the CPUs, and the wall time is an upper bound."""
     import jax
 
     if jax.process_index() != 0:
@@ -125,6 +127,8 @@ def record_timing(run_dir: str, entry: str, seconds: float,
     row = {"wall_s": round(seconds, 2)}
     if cpu_seconds is not None:
         row["cpu_s"] = round(cpu_seconds, 2)
+    if compile_seconds is not None:
+        row["compile_s"] = round(compile_seconds, 2)
     try:
         row["load_1m"] = round(os.getloadavg()[0], 2)
     except OSError:  # not every platform has a load average
@@ -133,13 +137,14 @@ def record_timing(run_dir: str, entry: str, seconds: float,
     metrics.atomic_write_json(path, data)
 
 
-def timing_rows(timings: dict) -> list[tuple[str, float, Optional[float], Optional[float]]]:
-    """(entry, wall s, CPU s or None, load or None) from timings.json, old files included
-    (whose values are wall seconds)."""
+def timing_rows(timings: dict) -> list[tuple]:
+    """(entry, wall s, CPU s, compile s, load) from timings.json, None where a file lacks
+    one, old files included (whose values are wall seconds)."""
     out = []
     for entry, v in timings.items():
         if isinstance(v, dict):
-            out.append((entry, float(v.get("wall_s", 0.0)), v.get("cpu_s"), v.get("load_1m")))
+            out.append((entry, float(v.get("wall_s", 0.0)), v.get("cpu_s"), v.get("compile_s"),
+                        v.get("load_1m")))
         else:
-            out.append((entry, float(v), None, None))
+            out.append((entry, float(v), None, None, None))
     return out

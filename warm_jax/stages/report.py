@@ -84,12 +84,13 @@ def _section_overview(run_dir: str, s: dict) -> str:
 
         rows = timing_rows(timings)
         fmt = lambda v: "" if v is None else f"{v:.1f}"
-        cpu_total = (sum(r[2] for r in rows) if all(r[2] is not None for r in rows) else None)
-        lines += ["", _table(["stage", "wall s", "CPU s", "load (1 min)"],
-                             [[k, f"{w:.1f}", fmt(c), fmt(l)] for k, w, c, l in rows]
-                             + [["total", f"{sum(r[1] for r in rows):.1f}", fmt(cpu_total),
-                                 ""]])]
-        loads = [r[3] for r in rows if r[3] is not None]
+        total = lambda i: (sum(r[i] for r in rows) if all(r[i] is not None for r in rows)
+                           else None)
+        lines += ["", _table(["stage", "wall s", "CPU s", "compiling s", "load (1 min)"],
+                             [[k, f"{w:.1f}", fmt(c), fmt(j), fmt(l)] for k, w, c, j, l in rows]
+                             + [["total", f"{sum(r[1] for r in rows):.1f}", fmt(total(2)),
+                                 fmt(total(3)), ""]])]
+        loads = [r[4] for r in rows if r[4] is not None]
         if loads and max(loads) > 1.5:
             lines.append(f"\nThe 1-minute load average reached {max(loads):.1f} at a stage's end:"
                          " other jobs shared the CPUs, so wall times are upper bounds. CPU "
