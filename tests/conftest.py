@@ -28,3 +28,38 @@ def pytest_collection_modifyitems(config, items):
         return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
 
     items.sort(key=rank)  # stable
+
+
+
+# Seconds JAX spends tracing, lowering and compiling in the test processes (pytest-xdist
+# workers report theirs; subprocesses that tests start are not counted): printed at the
+# end, to keep the suite's cost visible.
+_COMPILE_S = {"here": 0.0, "workers": 0.0}
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+def pytest_sessionstart(session):
+    import jax.monitoring
+
+    def listen(event, seconds, **kwargs):
+        if event in _COMPILE_EVENTS:
+            _COMPILE_S["here"] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand it to the controller
+        session.config.workeroutput["compile_s"] = _COMPILE_S["here"]
+
+
+def pytest_testnodedown(node, error):
+    _COMPILE_S["workers"] += getattr(node, "workeroutput", {}).get("compile_s", 0.0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    total = _COMPILE_S["here"] + _COMPILE_S["workers"]
+    terminalreporter.write_line(f"JAX tracing, lowering and compiling in the test processes: "
+                                f"{total:.0f} s")
