@@ -36,8 +36,8 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     preset), off by default: its different rounding gave seed 0 a different SFT policy and a
     weaker RM warm start (0.791 ID against 0.871; docs/benchmarks.md). Keeps params exports
     at `snapshot_steps` (default: the last three steps spaced total/6 apart, as the paper's
-    8k/10k/12k of 12k) under {run_dir}/sft/snapshots/step_N; the final step is always kept. Seed: SEED + 1.
-    """
+    8k/10k/12k of 12k) under {run_dir}/sft/snapshots/step_N; the final step is always kept.
+    Seed: SEED + 1."""
     ctx = StageContext(run_dir, "sft", artifacts.stage_path(run_dir, "sft"), seed_offset=1)
     if ctx.done:
         return ctx.summary()
@@ -52,12 +52,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
         raise ValueError(f"{init_params_path}: trained with another vocabulary "
                          f"(vocab_sha256 {init_card['vocab_sha256'][:12]} != "
                          f"{prov.vocab.sha256[:12]} of the data)")
-    bad = lm.snapshot_steps_problem(snapshot_steps, total_steps)
-    if bad:
-        raise ValueError(f"sft_stage.snapshot_steps = {snapshot_steps!r}: {bad}")
-    snaps = tuple(sorted(set(int(s) for s in (snapshot_steps or
-                                              lm.default_snapshot_steps(total_steps)))))
-    snaps = tuple(sorted(set(snaps) | {total_steps}))
+    snaps = _snapshots_to_keep(snapshot_steps, total_steps)
     mesh = ctx.mesh()
     lm.check_batch(batch_size, mesh, "sft_stage")
     train = lm.trim_length(prov.sft("train"), ["mask"])
@@ -96,19 +91,35 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
                             on_boundary=keep, meta={"stage": "sft"},
                             init_params_path=init_params_path)
     writer_extra.close()
-    missing = sorted(set(snaps) - {s["step"] for s in snapshots})
-    for s in missing:  # trained past them in an earlier run: their exports must exist
-        path = os.path.join(stage_dir, "snapshots", f"step_{s}")
-        card = ckpt_lib.read_card(path)
-        snapshots.append({"step": s, "path": path, "sft_valid_loss": card.get("sft_valid_loss"),
-                          "fingerprint": card["fingerprint"]})
-    snapshots.sort(key=lambda d: d["step"])
+    snapshots = _with_earlier_snapshots(snapshots, snaps, stage_dir)
     summary = {"stage": "sft", "snapshots": snapshots, "final": snapshots[-1]["path"],
                "step": total_steps, "init_params_path": init_params_path,
                "init_fingerprint": init_card.get("fingerprint"), "source": source,
                "sft_valid_loss": snapshots[-1]["sft_valid_loss"],
                "seconds": ctx.seconds}
     return ctx.finish(summary)
+
+
+def _snapshots_to_keep(snapshot_steps, total_steps: int) -> tuple:
+    """The steps whose params SFT exports: `snapshot_steps` (default: the last three, spaced
+    total/6 apart) and always the final step."""
+    bad = lm.snapshot_steps_problem(snapshot_steps, total_steps)
+    if bad:
+        raise ValueError(f"sft_stage.snapshot_steps = {snapshot_steps!r}: {bad}")
+    snaps = set(int(s) for s in (snapshot_steps or lm.default_snapshot_steps(total_steps)))
+    return tuple(sorted(snaps | {total_steps}))
+
+
+def _with_earlier_snapshots(snapshots: list, snaps: tuple, stage_dir: str) -> list:
+    """snapshots plus those an earlier run exported before it stopped (a resumed run trains
+    past them, so their exports must exist), in step order."""
+    missing = sorted(set(snaps) - {s["step"] for s in snapshots})
+    for s in missing:
+        path = os.path.join(stage_dir, "snapshots", f"step_{s}")
+        card = ckpt_lib.read_card(path)
+        snapshots = snapshots + [{"step": s, "path": path, "fingerprint": card["fingerprint"],
+                                  "sft_valid_loss": card.get("sft_valid_loss")}]
+    return sorted(snapshots, key=lambda d: d["step"])
 
 
 def check_sft_stage(c) -> None:
