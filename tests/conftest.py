@@ -7,20 +7,6 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent XLA compilation cache for the whole session: pytest-xdist workers and the
-# subprocesses tests start (smoke flows, kill -9 and resume) inherit it through the
-# environment, so a program that several tests or a resumed subprocess build again is
-# compiled once. Executables come back bit for bit, so results do not change. The process
-# that made it removes it at the end; WARM_JAX_TEST_COMPILE_CACHE=0 turns it off, and a
-# JAX_COMPILATION_CACHE_DIR set by the caller is used as it is and kept.
-if (os.environ.get("WARM_JAX_TEST_COMPILE_CACHE", "1") != "0"
-        and "JAX_COMPILATION_CACHE_DIR" not in os.environ):
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="warm_jax_xla_cache_")
-    os.environ["WARM_JAX_TEST_COMPILE_CACHE_OWNER"] = str(os.getpid())
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
@@ -71,13 +57,6 @@ def pytest_sessionfinish(session):
 
 def pytest_testnodedown(node, error):
     _COMPILE_S["workers"] += getattr(node, "workeroutput", {}).get("compile_s", 0.0)
-
-
-def pytest_unconfigure(config):
-    if os.environ.get("WARM_JAX_TEST_COMPILE_CACHE_OWNER") == str(os.getpid()):
-        import shutil
-
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
