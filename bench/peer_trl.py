@@ -62,7 +62,8 @@ def random_pairs(n: int, seq: int, seed: int) -> dict:
     return {"chosen_ids": ids(), "rejected_ids": ids()}
 
 
-def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: str) -> dict:
+def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: str,
+            bf16: bool = False) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
@@ -83,7 +84,7 @@ def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: s
     args = RewardConfig(
         output_dir=out_dir, per_device_train_batch_size=pairs, max_steps=total,
         learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        bf16=bf16, fp16=False, gradient_checkpointing=False, use_cpu=True,
         max_length=seq, logging_steps=10**6, save_strategy="no", report_to=[],
         dataloader_num_workers=0, seed=seed, disable_tqdm=True)
     trainer = RewardTrainer(model=build_model(seq, seed), args=args, train_dataset=data,
@@ -92,8 +93,10 @@ def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: s
     return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "impl": "trl.RewardTrainer"}
 
 
-def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int) -> dict:
-    """Plain loop: same model, Bradley-Terry loss, AdamW and gradient clipping."""
+def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int,
+              bf16: bool = False) -> dict:
+    """Plain loop: same model, Bradley-Terry loss, AdamW and gradient clipping (bf16:
+    the forward under torch.autocast to bfloat16, as the Trainer's bf16=True does)."""
     import torch
     import torch.nn.functional as F
 
@@ -105,7 +108,9 @@ def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int) -> dict:
         c0, t0 = time.process_time(), time.perf_counter()
         sl = slice(s * pairs, (s + 1) * pairs)
         ids = torch.tensor(data["chosen_ids"][sl] + data["rejected_ids"][sl])
-        r = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, 0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            r = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      use_cache=False).logits[:, 0].float()
         loss = -F.logsigmoid(r[:pairs] - r[pairs:]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,17 +123,22 @@ def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int) -> dict:
 
 
 def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
-            threads: int = 2, impl: str = "trl", seed: int = 0, out_dir: str = "") -> list[dict]:
-    """Runs the peer and returns its JSON records (tokens/s, step time, FLOP/s)."""
+            threads: int = 2, impl: str = "trl", seed: int = 0, out_dir: str = "",
+            dtype: str = "float32") -> list[dict]:
+    """Runs the peer and returns its JSON records (tokens/s, step time, FLOP/s). dtype
+    'bfloat16': bf16 mixed precision (fp32 weights, bf16 compute: the Trainer's bf16=True)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}; choose float32 or bfloat16")
+    bf16 = dtype == "bfloat16"
     import tempfile
 
     import torch
     torch.set_num_threads(threads)
     if impl == "trl":
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_trl(pairs, seq, steps, warmup, seed, out_dir or tmp)
+            res = run_trl(pairs, seq, steps, warmup, seed, out_dir or tmp, bf16)
     elif impl == "torch":
-        res = run_torch(pairs, seq, steps, warmup, seed)
+        res = run_torch(pairs, seq, steps, warmup, seed, bf16)
     else:
         raise ValueError(f"impl {impl!r}; choose trl or torch")
     import transformers
@@ -136,7 +146,7 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
     tokens = 2 * pairs * seq
     flops_tok = common.transformer_train_flops_per_token(seq_len=seq, lm_head=False, **SHAPE)
     config = dict(impl=res["impl"], pairs=pairs, seq=seq, steps=len(res["step_times"]),
-                  warmup=warmup, threads=threads, dtype="float32", optimizer="adamw",
+                  warmup=warmup, threads=threads, dtype=dtype, optimizer="adamw",
                   torch=torch.__version__, transformers=transformers.__version__,
                   machine=common.machine_info(with_jax=False))
     if impl == "trl":
@@ -162,8 +172,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--impl", choices=("trl", "torch"), default="trl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = p.parse_args(argv)
-    for rec in measure(a.pairs, a.seq, a.steps, a.warmup, a.threads, a.impl, a.seed):
+    for rec in measure(a.pairs, a.seq, a.steps, a.warmup, a.threads, a.impl, a.seed,
+                       dtype=a.dtype):
         common.emit(rec)
 
 

@@ -116,12 +116,13 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
 
 
 def run_peer(pairs: int, seq: int, steps: int, warmup: int = 2, impl: str = "trl",
-             python: str = PEER_PYTHON, timeout: float = 1800) -> list[dict]:
+             python: str = PEER_PYTHON, timeout: float = 1800,
+             dtype: str = "float32") -> list[dict]:
     """Runs bench.peer_trl in its own interpreter; returns its JSON records."""
     if not os.path.exists(python):
         raise FileNotFoundError(f"peer interpreter {python} not found: run bench/peer_setup.sh")
     cmd = [python, "-m", "bench.peer_trl", "--pairs", str(pairs), "--seq", str(seq),
-           "--steps", str(steps), "--warmup", str(warmup), "--impl", impl]
+           "--steps", str(steps), "--warmup", str(warmup), "--impl", impl, "--dtype", dtype]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -136,8 +137,11 @@ def _value(recs: list[dict], metric: str) -> float:
 
 
 def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rounds: int,
-                 peer_impl: str = "trl", cpu_matmul: bool = True) -> list[dict]:
+                 peer_impl: str = "trl", cpu_matmul: bool = True,
+                 dtype: str = "float32") -> list[dict]:
     """Alternates warm-jax (AdamW) and the peer `rounds` times; returns ratio records.
+    dtype 'bfloat16': warm-jax's model in bf16 (`--model dtype=bfloat16`), the peer's
+    Trainer with bf16=True.
 
     speedup_vs_peer: ratio of median tokens/s (wall clock). speedup_vs_peer_cpu_time: ratio
     of median process CPU seconds per step (peer / warm-jax), less sensitive to other jobs
@@ -145,18 +149,19 @@ def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rou
     """
     ours, peer, ours_cpu, peer_cpu = [], [], [], []
     for r in range(rounds):
-        recs = measure(preset, pairs, seq, steps, warmup, "adamw", cpu_matmul=cpu_matmul)
+        recs = measure(preset, pairs, seq, steps, warmup, "adamw", cpu_matmul=cpu_matmul,
+                       model_overrides={"dtype": dtype} if dtype != "float32" else None)
         ours.append(_value(recs, "tokens_per_s"))
         ours_cpu.append(_value(recs, "cpu_s_per_step"))
         for rec in recs:
             common.emit({**rec, "round": r})
-        recs = run_peer(pairs, seq, steps, warmup, peer_impl)
+        recs = run_peer(pairs, seq, steps, warmup, peer_impl, dtype=dtype)
         peer.append(_value(recs, "tokens_per_s"))
         peer_cpu.append(_value(recs, "cpu_s_per_step"))
         for rec in recs:
             common.emit({**rec, "round": r})
     cfg = dict(preset=preset, pairs=pairs, seq=seq, steps=steps, rounds=rounds,
-               optimizer="adamw", dtype="float32", peer_impl=peer_impl,
+               optimizer="adamw", dtype=dtype, peer_impl=peer_impl,
                warm_jax_tokens_per_s=ours, peer_tokens_per_s=peer,
                warm_jax_cpu_s_per_step=ours_cpu, peer_cpu_s_per_step=peer_cpu,
                machine=common.machine_info())
@@ -212,11 +217,14 @@ def main(argv=None):
     overrides = parse_overrides(a.model)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if a.with_peer:
-        if a.preset != "llama_peer" or overrides:
-            p.error("--with_peer compares the peer's shape only: preset llama_peer, no --model")
+        dtype = overrides.pop("dtype", "float32")
+        if a.preset != "llama_peer" or overrides or dtype not in ("float32", "bfloat16"):
+            p.error("--with_peer compares the peer's shape only: preset llama_peer, no --model "
+                    "but dtype=float32 or dtype=bfloat16")
         for rec in side_by_side(a.preset, a.pairs, a.seq, a.steps, a.warmup, a.rounds,
-                                a.peer_impl, cpu_matmul=not a.autodiff_grads):
+                                a.peer_impl, cpu_matmul=not a.autodiff_grads, dtype=dtype):
             common.emit(rec)
+        overrides = {"dtype": dtype} if dtype != "float32" else {}
         extra = [o for o in a.optimizers.split(",") if o and o != "adamw"]
     else:
         extra = [o for o in a.optimizers.split(",") if o]
