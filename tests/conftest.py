@@ -4,6 +4,13 @@ import os
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# The suite compiles hundreds of small programs: at XLA's default backend optimisation level
+# compiling was ~46% of the test processes' time (951 s of a 17-minute run). Level 0
+# compiles ~30% faster per file (tests/test_packing.py 70 -> 50 s, tests/test_rm_ensemble.py
+# 76 -> 55 s); subprocesses inherit it. A level set by the caller is kept.
+_opt = "--xla_backend_optimization_level"
+if _opt not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" {_opt}=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
