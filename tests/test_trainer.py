@@ -1,5 +1,6 @@
 """The one trainer: ckpt/ under the stage directory, LoopConfig from gin (keep_checkpoints
 included), resume from the latest step, max_steps_per_run, boundaries."""
+import logging
 import os
 
 import gin
@@ -40,7 +41,7 @@ def gin_clean():
     gin.clear_config()
 
 
-def test_the_trainer_keeps_what_loop_config_says_and_resumes(tmp_path, gin_clean):
+def test_the_trainer_keeps_what_loop_config_says_and_resumes(tmp_path, gin_clean, caplog):
     gin.bind_parameter("LoopConfig.keep_checkpoints", 1)
     gin.bind_parameter("LoopConfig.async_checkpoints", False)
     gin.bind_parameter("LoopConfig.progress_every_s", 0.0)
@@ -50,9 +51,13 @@ def test_the_trainer_keeps_what_loop_config_says_and_resumes(tmp_path, gin_clean
     steps = sorted(int(s) for s in os.listdir(os.path.join(d, trainer.CKPT_DIR)) if s.isdigit())
     assert steps == [2]  # keep_checkpoints = 1
     seen = []
-    full = _train(d, 5, boundaries=(3,), on_boundary=lambda st, s: seen.append(s))
+    with caplog.at_level(logging.INFO, logger="warm_jax"):
+        full = _train(d, 5, boundaries=(3,), on_boundary=lambda st, s: seen.append(s))
     assert (full.start, full.step) == (2, 5) and "resumed" in full.source
     assert seen == [3, 5]
+    # progress counts towards the last step, not towards the next boundary
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[t] step ")]
+    assert lines and all(m.split()[2].endswith("/5") for m in lines), lines
     np.testing.assert_allclose(np.asarray(full.state["params"]["w"]), 0 + 1 + 2 + 3 + 4)
     again = _train(d, 5)  # already trained: restores the last step, trains nothing
     assert again.start == 5 and "already trained" in again.source

@@ -218,12 +218,15 @@ def run_loop(*, name: str, state: dict, step_fn: Callable, batch_fn: Callable[[i
              writer: Optional[metrics_lib.MetricWriter], meta_fn: Callable[[int], dict] = dict,
              eval_fn: Optional[Callable[[dict, int], Mapping[str, Any]]] = None,
              summarize: Optional[Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]]] = None,
-             tokens_per_step: int = 0) -> dict:
+             tokens_per_step: int = 0, progress_total: Optional[int] = None) -> dict:
     """Runs step_fn from start_step to cfg.total_steps. batch_fn(step) must be a pure
-    function of the step so that a resumed run sees exactly the same data."""
+    function of the step so that a resumed run sees exactly the same data. progress_total:
+    the step the progress lines count towards (default cfg.total_steps; a trainer running
+    one segment between export boundaries passes the stage's last step)."""
     if cfg.nan_policy not in ("stop", "skip"):
         raise ValueError(f"nan_policy {cfg.nan_policy!r}; choose stop or skip")
-    progress = metrics_lib.Progress(name, cfg.total_steps, start_step, cfg.progress_every_s)
+    progress = metrics_lib.Progress(name, progress_total or cfg.total_steps, start_step,
+                                    cfg.progress_every_s)
     summarize = summarize or (lambda m: {k: float(np.mean(v)) for k, v in m.items()})
     last_nonfinite = int(jax.device_get(state["nonfinite"]))
     t_last, steps_since = time.time(), 0

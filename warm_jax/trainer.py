@@ -117,7 +117,8 @@ def train(*, name: str, stage_dir: str, mesh, loop: train_lib.LoopConfig,
                             name=name, state=state, step_fn=step_fn, batch_fn=batch_fn,
                             start_step=step, cfg=dataclasses.replace(loop, total_steps=s),
                             manager=manager, writer=writer, meta_fn=meta_fn, eval_fn=eval_fn,
-                            summarize=summarize, tokens_per_step=tokens_per_step)
+                            summarize=summarize, tokens_per_step=tokens_per_step,
+                            progress_total=end)
                     step = s
                 if on_boundary is not None:
                     on_boundary(state, s)
