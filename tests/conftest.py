@@ -41,32 +41,29 @@ def pytest_collection_modifyitems(config, items):
 # Seconds JAX spends tracing, lowering and compiling in the test processes (pytest-xdist
 # workers report theirs; subprocesses that tests start are not counted): printed at the
 # end, to keep the suite's cost visible.
-_COMPILE_S = {"here": 0.0, "workers": 0.0}
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_WORKERS_COMPILE_S = [0.0]
 
 
 def pytest_sessionstart(session):
-    import jax.monitoring
+    from warm_jax import metrics
 
-    def listen(event, seconds, **kwargs):
-        if event in _COMPILE_EVENTS:
-            _COMPILE_S["here"] += seconds
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
+    metrics.compile_seconds()  # starts counting
 
 
 def pytest_sessionfinish(session):
     if hasattr(session.config, "workeroutput"):  # an xdist worker: hand it to the controller
-        session.config.workeroutput["compile_s"] = _COMPILE_S["here"]
+        from warm_jax import metrics
+
+        session.config.workeroutput["compile_s"] = metrics.compile_seconds()
 
 
 def pytest_testnodedown(node, error):
-    _COMPILE_S["workers"] += getattr(node, "workeroutput", {}).get("compile_s", 0.0)
+    _WORKERS_COMPILE_S[0] += getattr(node, "workeroutput", {}).get("compile_s", 0.0)
 
 
 def pytest_terminal_summary(terminalreporter):
-    total = _COMPILE_S["here"] + _COMPILE_S["workers"]
+    from warm_jax import metrics
+
+    total = metrics.compile_seconds() + _WORKERS_COMPILE_S[0]
     terminalreporter.write_line(f"JAX tracing, lowering and compiling in the test processes: "
                                 f"{total:.0f} s")

@@ -118,25 +118,6 @@ def select_entries(stages: Sequence[str], only: Optional[Sequence[str]] = None) 
 
 
 _NOW = {"entry": None, "argv": None}  # the running stage entry and main's argv
-_COMPILE = {"s": 0.0, "listening": False}  # seconds JAX spent tracing, lowering, compiling
-
-
-def _count_compile_time() -> None:
-    """Adds JAX's trace / lower / compile durations to _COMPILE['s'] (once per process)."""
-    if _COMPILE["listening"]:
-        return
-    import jax.monitoring
-
-    events = {"/jax/core/compile/jaxpr_trace_duration",
-              "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration"}
-
-    def listen(event, seconds, **kwargs):
-        if event in events:
-            _COMPILE["s"] += seconds
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    _COMPILE["listening"] = True
 
 
 def _stop_outside_loop(signum, frame):
@@ -163,11 +144,11 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
     os.makedirs(run_dir, exist_ok=True)
     results = {}
     t_start = time.time()
-    _count_compile_time()
+    metrics.compile_seconds()  # starts counting
     for i, entry in enumerate(entries):
         fn, scope = resolve_stage(entry)
         log.info("=== stage %d/%d: %s ===", i + 1, len(entries), entry)
-        t0, c0, k0 = time.time(), time.process_time(), _COMPILE["s"]
+        t0, c0, k0 = time.time(), time.process_time(), metrics.compile_seconds()
         _NOW["entry"] = entry
         try:
             if scope:
@@ -180,7 +161,8 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
             raise
         finally:
             _NOW["entry"] = None
-        dt, cpu, comp = time.time() - t0, time.process_time() - c0, _COMPILE["s"] - k0
+        dt, cpu = time.time() - t0, time.process_time() - c0
+        comp = metrics.compile_seconds() - k0
         results[entry] = out
         log.info("=== %s done in %.1fs (CPU %.1fs; compiling %.1fs) ===", entry, dt, cpu, comp)
         stage_base.record_timing(run_dir, entry, dt, cpu, compile_seconds=comp)

@@ -175,3 +175,24 @@ def write_run_info(directory: str, stage: str, *, config: Optional[Mapping[str, 
     if op.strip():
         atomic_write_text(os.path.join(directory, "operative_config.gin"), op)
     return path
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_COMPILE = {"s": 0.0, "listening": False}
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in JAX tracing, lowering and compiling since the first
+    call (the first call registers a jax.monitoring listener and returns 0.0)."""
+    if not _COMPILE["listening"]:
+        import jax.monitoring
+
+        def listen(event, seconds, **kwargs):
+            if event in _COMPILE_EVENTS:
+                _COMPILE["s"] += seconds
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        _COMPILE["listening"] = True
+    return _COMPILE["s"]
