@@ -1,6 +1,7 @@
 """The miniature TL;DR world: determinism, formats, oracle behaviour, diagnostics.
 
-World version 2 is the default; world version 3 (opt-in) adds distractors."""
+World version 2 is the default; world version 3 (opt-in) adds distractors; world version 4
+(opt-in) is world 2 with imperfect reference summaries."""
 import dataclasses
 import filecmp
 import hashlib
@@ -79,8 +80,40 @@ def test_world_2_is_the_default_and_its_bytes_are_unchanged(small_world, tmp_pat
     comps = formats.read_comparisons(v3 / "comparisons")
     with_distractor = np.mean([bool(oracle.distractors(c.post)) for c in comps])
     assert 0.7 < with_distractor < 0.9
-    with pytest.raises(ValueError, match="unknown world version 4"):
-        world.generate_world(str(tmp_path / "v4"), seed=1, vocab_size=0, version=4, **SMALL)
+    with pytest.raises(ValueError, match="unknown world version 5"):
+        world.generate_world(str(tmp_path / "v5"), seed=1, vocab_size=0, version=5, **SMALL)
+
+
+def _reference_quality(rows):
+    """(mean oracle score, fraction that name every fact) of SFT rows' references."""
+    scores = [oracle.score(r.post, r.summary) for r in rows]
+    return float(np.mean(scores)), float(np.mean([s >= 1.99 for s in scores]))
+
+
+def test_world_4_is_world_2_with_imperfect_references(small_world, tmp_path):
+    """World 4: the comparisons are world 2's byte for byte; the references make facts vague
+    (placeholders, never invented facts), so they sit well below the oracle's optimum where
+    world 2's name every fact."""
+    out, card = small_world
+    v4 = tmp_path / "v4"
+    card4 = world.generate_world(str(v4), seed=1, vocab_size=0, version=4, **SMALL)
+    assert card4["generator_version"] == "tldr-world-4"
+    assert card4["policy_params"]["reference"]["p_drop"] == world.REFERENCE_DROP_4 > 0
+    assert card["policy_params"]["reference"]["p_drop"] == 0
+    sums4 = _sha256s(v4)
+    for rel in ("comparisons/train.jsonl", "comparisons/valid1.jsonl",
+                "comparisons/valid2.jsonl"):
+        assert sums4[rel] == WORLD_2_SMALL_SHA256[rel], rel
+    assert sums4["sft/train.jsonl"] != WORLD_2_SMALL_SHA256["sft/train.jsonl"]
+    ref2 = formats.read_sft(out / "sft" / "train.jsonl")
+    ref4 = formats.read_sft(v4 / "sft" / "train.jsonl")
+    mean2, whole2 = _reference_quality(ref2)
+    mean4, whole4 = _reference_quality(ref4)
+    assert mean2 > 1.99 and whole2 > 0.95
+    assert 1.2 < mean4 < 1.7 and 0.15 < whole4 < 0.4, (mean4, whole4)
+    vague = set(lexicon.PLACEHOLDER.values())
+    assert np.mean([any(v in r.summary for v in vague) for r in ref4]) > 0.5
+    assert all(not (oracle.oracle_features(r.post, r.summary)["invented"]) for r in ref4)
 
 
 def test_world_in_public_formats(small_world):
@@ -281,7 +314,7 @@ def test_cli(tmp_path, capsys):
                        "--vocab_size", "0", "--version", "3"]) == 0
     assert json.loads((v3 / "world.json").read_text())["generator_version"] == "tldr-world-3"
     with pytest.raises(SystemExit):
-        world.main(["--out", str(tmp_path / "v4"), "--version", "4"])
+        world.main(["--out", str(tmp_path / "v5"), "--version", "5"])
 
 
 TINY_DATA = rh.TINY_DATA_GIN
@@ -309,9 +342,9 @@ def test_data_stage_world_version(tmp_path, caplog):
         gin.clear_config()
         assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{run_dir}'"]) == 2
         assert "holds a world of version 'tldr-world-3'" in caplog.text
-        g.write_text(TINY_DATA + "data_stage.world_version = 4\n")
+        g.write_text(TINY_DATA + "data_stage.world_version = 5\n")
         gin.clear_config()
-        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r4'"]) == 2
-        assert "data_stage.world_version = 4: must be one of [2, 3]" in caplog.text
+        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r5'"]) == 2
+        assert "data_stage.world_version = 5: must be one of [2, 3, 4]" in caplog.text
     finally:
         gin.clear_config()

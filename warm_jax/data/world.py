@@ -41,8 +41,17 @@ post; its policies make that confusion (``Policy.p_confuse``) and invent a littl
 world 3 matching a summary's words against the post is not enough to reach the oracle.
 World 2 draws no distractor and no extra random number: its bytes are those it always had.
 
+World version 4 (opt-in, ``version=4``) is world 2 with human-like reference summaries: the
+reference writer (``WORLD_4.reference``) makes each fact vague with probability
+``REFERENCE_DROP_4``, as real TL;DR references are decent but beatable. World 2's references
+name every fact, so an SFT policy that learns to copy sits at the oracle's optimum and leaves
+Best-of-N and RL nothing to gain. World 4 draws from world 2's random streams: its
+comparisons (train, valid1, valid2) are world 2's byte for byte; the SFT sets, prompts and
+D_ood posts carry the new references (and, where a reference drops every fact, the next
+posts differ).
+
 Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]
-[--version {2,3}]``.
+[--version {2,3,4}]``.
 """
 from __future__ import annotations
 
@@ -141,6 +150,14 @@ ID_POLICIES_3 = (
 )
 OOD_POLICIES_3 = OOD_POLICIES[:2] + (
     dataclasses.replace(OOD_POLICIES[2], p_confuse=0.5),)
+# World 4: world 2 with human-like reference summaries. Real TL;DR references are decent, not
+# perfect, and an RLHF policy beats them; world 2's references name every fact, so an SFT
+# policy that learns to copy reaches the oracle's optimum and leaves Best-of-N and RL nothing
+# to gain. World 4's references make each fact vague ("this person", "stuff") with
+# probability REFERENCE_DROP_4, like a writer in a hurry; everything the reward models see
+# (the comparisons) is world 2's, byte for byte.
+REFERENCE_DROP_4 = 0.3
+REFERENCE_4 = dataclasses.replace(REFERENCE, p_drop=REFERENCE_DROP_4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +168,17 @@ class WorldVersion:
     id_policies: tuple[Policy, ...]
     ood_policies: tuple[Policy, ...]
     distractor_rate: float = 0.0
+    reference: Policy = REFERENCE  # the writer of the SFT (and prompt) reference summaries
+    streams: Optional[int] = None  # draw from this version's random streams (None: its own)
 
     @property
     def generator_version(self) -> str:
         return f"tldr-world-{self.number}"
+
+    @property
+    def stream_version(self) -> str:
+        """The name the world's random streams are keyed by."""
+        return f"tldr-world-{self.streams or self.number}"
 
     @property
     def split_policies(self) -> dict[str, tuple[Policy, ...]]:
@@ -163,7 +187,7 @@ class WorldVersion:
 
     @property
     def policies(self) -> dict[str, Policy]:
-        return {p.name: p for p in (REFERENCE,) + self.id_policies + self.ood_policies}
+        return {p.name: p for p in (self.reference,) + self.id_policies + self.ood_policies}
 
     def policy_params(self, policy: Policy) -> dict:
         """``policy``'s fields as the card records them (world 2 predates p_confuse)."""
@@ -175,7 +199,8 @@ class WorldVersion:
 
 WORLD_2 = WorldVersion(2, ID_POLICIES, OOD_POLICIES)
 WORLD_3 = WorldVersion(3, ID_POLICIES_3, OOD_POLICIES_3, distractor_rate=DISTRACTOR_RATE)
-VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3)}
+WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)
+VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3, WORLD_4)}
 DEFAULT_VERSION = 2
 assert WORLD_2.generator_version == GENERATOR_VERSION
 # the default world's tables
@@ -184,7 +209,7 @@ SPLIT_POLICIES = WORLD_2.split_policies
 
 
 def world_version(version: int) -> WorldVersion:
-    """The :class:`WorldVersion` numbered ``version`` (2 or 3)."""
+    """The :class:`WorldVersion` numbered ``version`` (2, 3 or 4)."""
     if version not in VERSIONS:
         raise ValueError(f"unknown world version {version!r}; known: {sorted(VERSIONS)}")
     return VERSIONS[version]
@@ -335,7 +360,7 @@ class _PostFactory:
         self.seen: set[str] = set()
 
     def rng(self, name: str) -> random.Random:
-        return random.Random(f"{self.world.generator_version}/{self.seed}/{name}")
+        return random.Random(f"{self.world.stream_version}/{self.seed}/{name}")
 
     def draw(self, rng: random.Random) -> tuple[Latent, str, str]:
         for _ in range(1000):
@@ -386,13 +411,14 @@ def bt_label(rng: random.Random, post: str, a: str, b: str,
 
 
 def make_sft(factory: _PostFactory, name: str, n: int) -> list[SftExample]:
-    """``n`` posts with reference summaries."""
+    """``n`` posts with reference summaries (by the world's reference writer)."""
     rng = factory.rng(f"sft/{name}")
+    reference = factory.world.reference
     out = []
     for i in range(n):
         lat, title, post = factory.draw(rng)
         out.append(SftExample(id=f"w{factory.seed}-{name}-{i:06d}", subreddit=lat.subreddit,
-                              title=title, post=post, summary=write_summary(rng, lat, REFERENCE)))
+                              title=title, post=post, summary=write_summary(rng, lat, reference)))
     return out
 
 
@@ -414,8 +440,9 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
 
     Every set uses its own posts (no post text appears twice; the D_ood posts are drawn
     last, so they leave every other set's bytes as they were). The same arguments give the
-    same bytes. ``version`` picks the world (2, the default, or 3 with distractors; see the
-    module docstring); the card's generator_version names it.
+    same bytes. ``version`` picks the world (2, the default; 3 with distractors; 4, world 2
+    with imperfect references; see the module docstring); the card's generator_version names
+    it.
     """
     factory = _PostFactory(seed, version)
     spec = factory.world
@@ -451,7 +478,8 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
         "files": files,
         "temperature": temperature,
         "policies": {"in_distribution": [p.name for p in spec.id_policies],
-                     "ood": [p.name for p in spec.ood_policies], "reference": REFERENCE.name},
+                     "ood": [p.name for p in spec.ood_policies],
+                     "reference": spec.reference.name},
         "policy_params": {p.name: spec.policy_params(p) for p in spec.policies.values()},
         "oracle": oracle.__doc__.split("\n\n")[1].strip(),
         "spurious_features": ["length", lexicon.STOCK_PHRASE],
@@ -490,7 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n_dood_posts", type=int, default=1000)
     ap.add_argument("--vocab_size", type=int, default=512, help="0 skips the vocabulary")
     ap.add_argument("--version", type=int, choices=sorted(VERSIONS), default=DEFAULT_VERSION,
-                    help="world version: 2 (default) or 3 (distractors)")
+                    help="world version: 2 (default), 3 (distractors) or 4 (world 2 with "
+                         "imperfect reference summaries)")
     ap.add_argument("--diagnose", action="store_true", help="print the diagnostic table")
     args = ap.parse_args(argv)
     card = generate_world(args.out, seed=args.seed, n_train_pairs=args.n_train_pairs,

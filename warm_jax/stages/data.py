@@ -1,8 +1,10 @@
 """The data stage: generate the miniature TL;DR world, or check real data files.
 
 With the default DataConfig (data_dir = {run_dir}/data) it writes the miniature world there
-(seeded; same seed, same bytes). `world_version` picks the world: 2 (the default) or 3, the
-opt-in world with distractors (warm_jax.data.world), e.g. `data_stage.world_version = 3`.
+(seeded; same seed, same bytes). `world_version` picks the world (warm_jax.data.world): 2 (the
+default), 3 (distractors) or 4 (world 2's comparisons with imperfect reference summaries, so
+that the SFT policy leaves Best-of-N and RL something to gain), e.g.
+`data_stage.world_version = 4`.
 When DataConfig points elsewhere (the real summarize_from_feedback comparisons and filtered
 TL;DR files), it reads every file once so that bad input fails here, with file, line and
 field, before any training starts.
