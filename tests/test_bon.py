@@ -265,3 +265,39 @@ def test_bon_stage_selectors_of_an_ensemble(tiny_world, tmp_path):
         assert again["cost"]["sampling_seconds"] == s["cost"]["sampling_seconds"]
     finally:
         gin.clear_config()
+
+
+def _curve(controls, se=0.01):
+    return [{"n": n, "kl": bon.bon_kl(n), "control": c, "control_se": se, "proxy": 0.0}
+            for n, c in zip((1, 4, 16, 64), controls)]
+
+
+def test_bon_claims_read_the_curves_and_the_duel():
+    """The Best-of-N claims per ensemble: the single RM rises then falls (each beyond one
+    standard error), WARM of all members >= the single RM at the largest N, and its pick wins
+    the duel there; a flat single RM fails the first two; a sharp one fails hacking."""
+    sels = [{"name": "oracle", "kind": "control", "ensemble": None, "M": None},
+            {"name": "best:e", "kind": "best", "ensemble": "e", "M": 1},
+            {"name": "warm:e:2", "kind": "warm", "ensemble": "e", "M": 2},
+            {"name": "warm:e:3", "kind": "warm", "ensemble": "e", "M": 3},
+            {"name": "ens:e", "kind": "ens", "ensemble": "e", "M": 3}]
+    duel = {"warm:e:3 vs best:e": [{"n": 64, "win_rate": 0.56, "ci_low": 0.52,
+                                    "ci_high": 0.60}]}
+    curves = {"best:e": _curve([1.4, 1.8, 1.87, 1.82]), "warm:e:2": _curve([1.4, 1.7, 1.7, 1.7]),
+              "warm:e:3": _curve([1.4, 1.8, 1.88, 1.85])}
+    got = {c["id"]: c for c in bon.bon_claims(sels, curves, duel)}
+    assert {c["setting"] for c in got.values()} == {"e"}
+    assert {c["split"] for c in got.values()} == {"bon"}
+    assert all(c["holds"] for c in got.values()), got
+    assert got["bon_single_rises"]["numbers"]["best_n"] == 16
+    assert abs(got["bon_single_overoptimised"]["numbers"]["drop"] - 0.05) < 1e-9
+    assert abs(got["bon_warm_geq_single_at_max_n"]["numbers"]["diff"] - 0.03) < 1e-9
+    flat = dict(curves, **{"best:e": _curve([1.4, 1.402, 1.405, 1.405])})
+    got = {c["id"]: c for c in bon.bon_claims(sels, flat, {})}
+    assert not got["bon_single_rises"]["holds"] and not got["bon_single_overoptimised"]["holds"]
+    assert "bon_warm_beats_single_at_max_n" not in got  # no duel recorded
+    lost = {"warm:e:3 vs best:e": [{"n": 64, "win_rate": 0.5, "ci_low": 0.45, "ci_high": 0.55}]}
+    worse = dict(curves, **{"warm:e:3": _curve([1.4, 1.7, 1.8, 1.81])})
+    got = {c["id"]: c for c in bon.bon_claims(sels, worse, lost)}
+    assert not got["bon_warm_geq_single_at_max_n"]["holds"]
+    assert not got["bon_warm_beats_single_at_max_n"]["holds"]

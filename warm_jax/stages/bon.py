@@ -393,6 +393,49 @@ def _win_rates(sels: list[dict], proxies: dict, control: np.ndarray, ns: list[in
     return out
 
 
+def bon_claims(sels: list[dict], curves: dict[str, list[dict]],
+               wins: dict[str, list[dict]]) -> list[dict]:
+    """The paper's Best-of-N claims per ensemble (setting: the ensemble; split 'bon'): the
+    best single RM's pick improves on N=1 by more than one standard error (the RM is useful),
+    then falls from its peak by more than one standard error of the largest N's mean (it is
+    over-optimised); WARM of all members is at least the single RM at the largest N, and its
+    pick beats the single RM's there (tie-adjusted win rate > 0.5, interval over prompts)."""
+    out = []
+    for e in dict.fromkeys(x["ensemble"] for x in sels if x["ensemble"]):
+        warm = [x for x in sels if x["ensemble"] == e and x["kind"] == "warm"]
+        single = curves.get(f"best:{e}")
+        if not warm or not single:
+            continue
+        a = max(warm, key=lambda x: x["M"])["name"]
+        peak, first, last = _argmax_row(single), single[0], single[-1]
+        base = {"setting": e, "split": "bon"}
+        rise, drop = peak["control"] - first["control"], peak["control"] - last["control"]
+        out += [
+            {**base, "id": "bon_single_rises",
+             "claim": f"Best-of-N with best:{e} improves on N=1 (by more than one standard "
+                      "error)", "holds": rise > peak["control_se"],
+             "numbers": {"rise": rise, "best_n": peak["n"], "se": peak["control_se"]}},
+            {**base, "id": "bon_single_overoptimised",
+             "claim": f"Best-of-N with best:{e} falls from its peak by the largest N (by more "
+                      "than one standard error)", "holds": drop > last["control_se"],
+             "numbers": {"drop": drop, "best_n": peak["n"], "max_n": last["n"],
+                         "se": last["control_se"]}},
+            {**base, "id": "bon_warm_geq_single_at_max_n",
+             "claim": f"{a}'s Best-of-N control at the largest N is at least best:{e}'s",
+             "holds": curves[a][-1]["control"] >= last["control"],
+             "numbers": {"diff": curves[a][-1]["control"] - last["control"],
+                         "max_n": last["n"]}}]
+        duel = (wins.get(f"{a} vs best:{e}") or [None])[-1]
+        if duel:
+            out.append({**base, "id": "bon_warm_beats_single_at_max_n",
+                        "claim": f"{a}'s pick beats best:{e}'s pick at the largest N "
+                                 "(tie-adjusted win rate > 0.5)",
+                        "holds": duel["win_rate"] > 0.5,
+                        "numbers": {"win_rate": duel["win_rate"], "ci_low": duel["ci_low"],
+                                    "ci_high": duel["ci_high"], "n": duel["n"]}})
+    return out
+
+
 def _summary(ctx, sels, curves, wins, proxies, control_scores, pool, scores,
              head: dict) -> dict:
     """Writes results.jsonl, win_rates.jsonl and bon.png; returns the stage's summary."""
@@ -435,6 +478,7 @@ def _summary(ctx, sels, curves, wins, proxies, control_scores, pool, scores,
                                               range(0, n_samples, k)])),
         "mean_completion_length": float(np.mean(pool["lengths"])),
         "rank_correlation": rank_corr, "gates": gate_rows,
+        "claims": bon_claims(sels, curves, wins),
         "cost": scores.cost(n_samples), "seconds": ctx.seconds,
         "results": res_path, "win_rates_path": win_path, "plot": os.path.join(out_dir, "bon.png"),
     }
