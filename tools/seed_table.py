@@ -56,6 +56,23 @@ def column(run):
                                     if with_m else None)
         if isinstance(v, dict):
             out[f"BoN pool rank correlation, {sel}"] = _f(v.get("mean"))
+    sels = bon.get("selectors") or {}
+    if sels:
+        out["BoN: SFT control (N=1) / oracle at max N"] = (
+            f"{_f(bon.get('control_n1'))} / {_f((sels.get('oracle') or {}).get('control_max_n'))}")
+    for e in ("rm_clean", "rm_corrupt"):
+        warm = [k for k in sels if k.startswith(f"warm:{e}:")]
+        if f"best:{e}" not in sels or not warm:
+            continue
+        top = max(warm, key=lambda k: int(k.rsplit(":", 1)[1]))
+        for name, key in (("single", f"best:{e}"), (f"WARM M{top.rsplit(':', 1)[1]}", top)):
+            r = sels[key]
+            out[f"BoN {e} {name}: peak (N) / at max N"] = (
+                f"{_f(r.get('control_best_n'))} ({r.get('best_n')}) / {_f(r.get('control_max_n'))}")
+        duel = ((bon.get("win_rates") or {}).get(f"{top} vs best:{e}") or [None])[-1]
+        if duel:
+            out[f"BoN {e}: WARM's pick vs single's at N={duel['n']} [95% CI]"] = (
+                f"{duel['win_rate']:.3f} [{duel['ci_low']:.3f}, {duel['ci_high']:.3f}]")
     for name in ("rl_single", "rl_warm"):
         rl = _load(run, name, "summary.json")
         if rl:
