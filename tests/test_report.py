@@ -356,7 +356,18 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
                       ("rm_init", {"warm_start_accuracies": {"valid": 0.8125}}),
                       ("rl_warm", {"initial_control_reward": 1.0, "peak_control_reward": 1.5,
                                    "peak_step": 20, "peak_kl": 0.5,
-                                   "final_control_reward": 1.25, "final_kl": 2.0})):
+                                   "final_control_reward": 1.25, "final_kl": 2.0}),
+                      ("bon", {"control_n1": 1.4, "selectors": {
+                          "oracle": {"control_max_n": 2.0},
+                          "best:rm_clean": {"control_best_n": 1.875, "best_n": 16,
+                                            "control_max_n": 1.8},
+                          "warm:rm_clean:2": {"control_best_n": 1.7, "best_n": 4,
+                                              "control_max_n": 1.6},
+                          "warm:rm_clean:3": {"control_best_n": 1.9, "best_n": 64,
+                                              "control_max_n": 1.9}},
+                          "win_rates": {"warm:rm_clean:3 vs best:rm_clean": [
+                              {"n": 4, "win_rate": 0.4, "ci_low": 0.3, "ci_high": 0.5},
+                              {"n": 64, "win_rate": 0.625, "ci_low": 0.5, "ci_high": 0.75}]}})):
         os.makedirs(a / sub)
         (a / sub / "summary.json").write_text(json.dumps(summ))
     (a / "timings.json").write_text(json.dumps({"data": {"wall_s": 120.0, "cpu_s": 60.0,
@@ -369,6 +380,12 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
     assert "| rm_init warm start, ID | 0.812 | - |" in out
     assert "| rl_warm: start / peak (step, KL) / end (KL) | 1.000 / 1.500 (20, 0.50) / 1.250 (2.00) | - |" in out
     assert "| flow CPU min (wall min; max load) | 1.0 (2.0; 0.5) | - |" in out
+    assert "| BoN: SFT control (N=1) / oracle at max N | 1.400 / 2.000 | - |" in out
+    assert "| BoN rm_clean single: peak (N) / at max N | 1.875 (16) / 1.800 | - |" in out
+    assert "| BoN rm_clean WARM M3: peak (N) / at max N | 1.900 (64) / 1.900 | - |" in out
+    assert ("| BoN rm_clean: WARM's pick vs single's at N=64 [95% CI] | 0.625 [0.500, 0.750] "
+            "| - |") in out
+    assert "rm_corrupt" not in out
 
 
 def test_aggregate_rl_peaks_and_matched_kl_over_seeds(tmp_path):
