@@ -429,3 +429,41 @@ def test_judge_claims_name_their_pair():
          "holds": False, "split": "valid"}])
     assert "| judge (rl_warm vs rl_single) | peak | reproduced | diff 0.010 | heldout |" in text
     assert "| rm_eval_rm_clean | WARM ~ ENS | NOT reproduced |" in text
+
+
+def test_tie_preferences_reads_the_pool_and_the_kept_scores(tmp_path):
+    """tools/tie_preferences.py (docs/science.md, section 12): among same-prompt samples the
+    oracle scores alike, how often a reward prefers the longer one and the one with the stock
+    phrase; pairs the oracle separates are left out."""
+    import random
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import tie_preferences
+    from warm_jax.data import oracle, world
+
+    lat = world.sample_latent(random.Random(3))
+    _, post = world.render_post(random.Random(4), lat)
+    prompt = f"POST: {post} TL;DR:"
+    core = f"my {lat.person} {lat.event} my {lat.object}"
+    comps = [f"{core}.", f"and it is a whole thing, {core}.", f"{core}. hope this helps.",
+             f"so yeah, {core}. hope this helps.", "my stuff."]  # the last: a worse score
+    scores = [oracle.score(prompt, c) for c in comps]
+    assert len(set(scores[:4])) == 1 and scores[4] < scores[0]
+    os.makedirs(tmp_path / "bon" / "scores")
+    (tmp_path / "bon" / "pool_texts.json").write_text(json.dumps(
+        {"prompts": [prompt] * 5, "completions": comps, "config": {"pool_size": 5}}))
+    lengths = np.asarray([[len(c.split()) for c in comps]], np.float32)
+    np.save(tmp_path / "bon" / "scores" / "member_rm_clean_0.npy", lengths)  # longer wins
+    np.save(tmp_path / "bon" / "scores" / "warm_rm_clean_2.npy", -lengths)  # shorter wins
+    stock = np.asarray([["hope this helps" in c for c in comps]], np.float32)
+    np.save(tmp_path / "bon" / "scores" / "member_rm_clean_1.npy", 10 * stock + lengths / 100)
+    np.save(tmp_path / "bon" / "scores" / "member_rm_corrupt_0.npy", lengths)  # not clean
+    out = tie_preferences.tie_preferences(str(tmp_path))
+    # 6 pairs among the 4 tied samples, all of different lengths; 4 differ in the stock phrase
+    assert out["pairs"] == 6 and out["pairs_stock"] == 4
+    # the stock-phrase sample is the longer in 2 of those 4 pairs
+    assert out["member_rm_clean_0"] == {"prefers_longer": 1.0, "prefers_stock": 0.5}
+    assert out["warm_rm_clean_2"] == {"prefers_longer": 0.0, "prefers_stock": 0.5}
+    # the stock phrase first: it wins both pairs where it is the shorter summary
+    assert out["member_rm_clean_1"] == {"prefers_longer": 0.667, "prefers_stock": 1.0}
+    assert "member_rm_corrupt_0" not in out
