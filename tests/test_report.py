@@ -291,6 +291,14 @@ def check_report_matches_stage_outputs(run):
         (line,) = [l for l in claims_text.splitlines() if l.startswith(
             f"| judge ({c['setting']}) | " + c["claim"].replace("|", "\\|") + " |")]
         assert ("| reproduced |" in line) == c["holds"], line
+    # the Best-of-N claims, one row per ensemble and claim, named by the ensemble
+    bon_claims = json.load(open(run / "bon" / "summary.json"))["claims"]
+    assert {c["setting"] for c in bon_claims} == {"rm_clean", "rm_corrupt"}
+    for c in bon_claims:
+        claims.append(c)
+        (line,) = [l for l in claims_text.splitlines() if l.startswith(
+            f"| bon ({c['setting']}) | " + c["claim"].replace("|", "\\|") + " |")]
+        assert ("| reproduced |" in line) == c["holds"], line
     # Best-of-N: control of each selector's expected pick at each N, from bon/results.jsonl
     bon_text = section("Best-of-N")
     bon_s = json.load(open(run / "bon" / "summary.json"))
