@@ -214,8 +214,8 @@ BAD_VALUES = [
     (["--gin.warm_stage.method='mean'"],
      "warm_clean/warm_stage.method = 'mean': method 'mean'; choose from "
      "['uniform', 'weighted', 'greedy']"),
-    (["--gin.sft_stage.snapshot_steps=[100, 900]"],
-     "sft_stage.snapshot_steps = [100, 900]: steps [900] outside (0, total_steps=800]"),
+    (["--gin.sft_stage.snapshot_steps=[100, 1300]"],
+     "sft_stage.snapshot_steps = [100, 1300]: steps [1300] outside (0, total_steps=1200]"),
     (["--gin.judge_stage.pairs=[('rl_warm',)]"],
      "judge_stage.pairs[0] = ('rl_warm',): must be a pair (A, B) of policies"),
     (["--gin.eval_corrupt/rm_eval_stage.interp_members=(1, 1)"],
