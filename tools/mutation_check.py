@@ -42,6 +42,21 @@ class Mutation:
 
 
 MUTATIONS = [
+    Mutation("world4_references_perfect", "world 4's references name every fact (world 2's)",
+             "warm_jax/data/world.py",
+             'WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)',
+             'WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE, streams=2)',
+             ("tests/test_data_world.py::test_world_4_is_world_2_with_imperfect_references",)),
+    Mutation("world4_own_streams", "world 4 draws from its own random streams (its comparisons "
+             "are no longer world 2's)", "warm_jax/data/world.py",
+             'return random.Random(f"{self.world.stream_version}/{self.seed}/{name}")',
+             'return random.Random(f"{self.world.generator_version}/{self.seed}/{name}")',
+             ("tests/test_data_world.py::test_world_4_is_world_2_with_imperfect_references",)),
+    Mutation("bon_claim_sides_swapped", "the BoN claim compares the single RM against WARM "
+             "(sides swapped)", "warm_jax/stages/bon.py",
+             '"holds": curves[a][-1]["control"] >= last["control"],',
+             '"holds": last["control"] >= curves[a][-1]["control"],',
+             ("tests/test_bon.py::test_bon_claims_read_the_curves_and_the_duel",)),
     Mutation("kl_penalty_removed", "RL trains without the KL penalty (alpha -> 0.0)",
              "warm_jax/rl_steps.py",
              'rewards = shaped_rewards(score, kl_t, tmask, rl.alpha)',
