@@ -440,9 +440,8 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
 
     Every set uses its own posts (no post text appears twice; the D_ood posts are drawn
     last, so they leave every other set's bytes as they were). The same arguments give the
-    same bytes. ``version`` picks the world (2, the default; 3 with distractors; 4, world 2
-    with imperfect references; see the module docstring); the card's generator_version names
-    it.
+    same bytes. ``version`` picks the world (2, the default, 3 or 4: the module docstring);
+    the card's generator_version names it.
     """
     factory = _PostFactory(seed, version)
     spec = factory.world
@@ -477,9 +476,8 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
         "seed": seed,
         "files": files,
         "temperature": temperature,
-        "policies": {"in_distribution": [p.name for p in spec.id_policies],
-                     "ood": [p.name for p in spec.ood_policies],
-                     "reference": spec.reference.name},
+        "policies": {"in_distribution": [p.name for p in spec.id_policies], "ood": [
+            p.name for p in spec.ood_policies], "reference": spec.reference.name},
         "policy_params": {p.name: spec.policy_params(p) for p in spec.policies.values()},
         "oracle": oracle.__doc__.split("\n\n")[1].strip(),
         "spurious_features": ["length", lexicon.STOCK_PHRASE],
