@@ -25,7 +25,7 @@ def tie_preferences(run: str, match: str = "rm_clean") -> dict:
     comps = np.asarray(pool["completions"], dtype=object).reshape(-1, k)
     prompts = pool["prompts"][::k]
     feats = [[oracle.oracle_features(p, c) for c in row] for p, row in zip(prompts, comps)]
-    pairs = []  # (prompt, a, b, a longer, a has the stock phrase and b not (or -1 if same))
+    pairs = []  # (prompt, a, b, a is longer, a has the stock phrase: None when both or neither)
     for i, row in enumerate(feats):
         for a in range(k):
             for b in range(a + 1, k):

@@ -150,12 +150,8 @@ ID_POLICIES_3 = (
 )
 OOD_POLICIES_3 = OOD_POLICIES[:2] + (
     dataclasses.replace(OOD_POLICIES[2], p_confuse=0.5),)
-# World 4: world 2 with human-like reference summaries. Real TL;DR references are decent, not
-# perfect, and an RLHF policy beats them; world 2's references name every fact, so an SFT
-# policy that learns to copy reaches the oracle's optimum and leaves Best-of-N and RL nothing
-# to gain. World 4's references make each fact vague ("this person", "stuff") with
-# probability REFERENCE_DROP_4, like a writer in a hurry; everything the reward models see
-# (the comparisons) is world 2's, byte for byte.
+# World 4 (module docstring): world 2 whose references make each fact vague with this
+# probability.
 REFERENCE_DROP_4 = 0.3
 REFERENCE_4 = dataclasses.replace(REFERENCE, p_drop=REFERENCE_DROP_4)
 

@@ -373,15 +373,22 @@ def bon_stage(run_dir: str, ensembles: Sequence[str] = ("rm_clean", "rm_corrupt"
     return ctx.finish(summary)
 
 
+def _warm_vs_single(sels: list[dict]) -> dict[str, tuple[str, str]]:
+    """{ensemble: (WARM of its most members, its best single member)}, for the ensembles
+    that have a WARM selector: the pair the duel and the claims compare."""
+    out = {}
+    for e in dict.fromkeys(x["ensemble"] for x in sels if x["ensemble"]):
+        warm = [x for x in sels if x["ensemble"] == e and x["kind"] == "warm"]
+        if warm:
+            out[e] = (max(warm, key=lambda x: x["M"])["name"], f"best:{e}")
+    return out
+
+
 def _win_rates(sels: list[dict], proxies: dict, control: np.ndarray, ns: list[int],
                seed: int) -> dict[str, list[dict]]:
     """Per ensemble: WARM of its most members against its best single member, at each N."""
     out = {}
-    for e in dict.fromkeys(x["ensemble"] for x in sels if x["ensemble"]):
-        warm = [x for x in sels if x["ensemble"] == e and x["kind"] == "warm"]
-        if not warm:
-            continue
-        a, b = max(warm, key=lambda x: x["M"])["name"], f"best:{e}"
+    for a, b in _warm_vs_single(sels).values():
         probs = bon_pair_outcomes(proxies[a], proxies[b], control, ns)
         out[f"{a} vs {b}"] = []
         for q, n in enumerate(ns):
@@ -401,12 +408,10 @@ def bon_claims(sels: list[dict], curves: dict[str, list[dict]],
     over-optimised); WARM of all members is at least the single RM at the largest N, and its
     pick beats the single RM's there (tie-adjusted win rate > 0.5, interval over prompts)."""
     out = []
-    for e in dict.fromkeys(x["ensemble"] for x in sels if x["ensemble"]):
-        warm = [x for x in sels if x["ensemble"] == e and x["kind"] == "warm"]
-        single = curves.get(f"best:{e}")
-        if not warm or not single:
+    for e, (a, b) in _warm_vs_single(sels).items():
+        single = curves.get(b)
+        if not single:
             continue
-        a = max(warm, key=lambda x: x["M"])["name"]
         peak, first, last = _argmax_row(single), single[0], single[-1]
         base = {"setting": e, "split": "bon"}
         rise, drop = peak["control"] - first["control"], peak["control"] - last["control"]
@@ -425,7 +430,7 @@ def bon_claims(sels: list[dict], curves: dict[str, list[dict]],
              "holds": curves[a][-1]["control"] >= last["control"],
              "numbers": {"diff": curves[a][-1]["control"] - last["control"],
                          "max_n": last["n"]}}]
-        duel = (wins.get(f"{a} vs best:{e}") or [None])[-1]
+        duel = (wins.get(f"{a} vs {b}") or [None])[-1]
         if duel:
             out.append({**base, "id": "bon_warm_beats_single_at_max_n",
                         "claim": f"{a}'s pick beats best:{e}'s pick at the largest N "
