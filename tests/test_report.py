@@ -475,3 +475,5 @@ def test_tie_preferences_reads_the_pool_and_the_kept_scores(tmp_path):
     # the stock phrase first: it wins both pairs where it is the shorter summary
     assert out["member_rm_clean_1"] == {"prefers_longer": 0.667, "prefers_stock": 1.0}
     assert "member_rm_corrupt_0" not in out
+    with pytest.raises(SystemExit, match="run the bon stage"):
+        tie_preferences.tie_preferences(str(tmp_path / "no_run"))

@@ -19,7 +19,10 @@ from warm_jax.data import oracle
 
 
 def tie_preferences(run: str, match: str = "rm_clean") -> dict:
-    with open(os.path.join(run, "bon", "pool_texts.json")) as f:
+    pool_path = os.path.join(run, "bon", "pool_texts.json")
+    if not os.path.exists(pool_path):
+        raise SystemExit(f"{pool_path}: not found; run the bon stage of {run} first")
+    with open(pool_path) as f:
         pool = json.load(f)
     k = pool["config"]["pool_size"]
     comps = np.asarray(pool["completions"], dtype=object).reshape(-1, k)
