@@ -365,6 +365,10 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
                       ("rl_warm", {"initial_control_reward": 1.0, "peak_control_reward": 1.5,
                                    "peak_step": 20, "peak_kl": 0.5,
                                    "final_control_reward": 1.25, "final_kl": 2.0}),
+                      ("rl_warm_corrupt", {"initial_control_reward": 1.0,
+                                           "peak_control_reward": 1.75, "peak_step": 40,
+                                           "peak_kl": 1.0, "final_control_reward": 0.5,
+                                           "final_kl": 3.0}),
                       ("bon", {"control_n1": 1.4, "selectors": {
                           "oracle": {"control_max_n": 2.0},
                           "best:rm_clean": {"control_best_n": 1.875, "best_n": 16,
@@ -387,13 +391,17 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
     assert "| SFT invents (D_ood posts, T = 1.0) | 25.0% | - |" in out
     assert "| rm_init warm start, ID | 0.812 | - |" in out
     assert "| rl_warm: start / peak (step, KL) / end (KL) | 1.000 / 1.500 (20, 0.50) / 1.250 (2.00) | - |" in out
+    # every rl_* run of the directory, the default flow's first
+    assert ("| rl_warm_corrupt: start / peak (step, KL) / end (KL) | 1.000 / 1.750 (40, 1.00) / "
+            "0.500 (3.00) | - |") in out
+    assert out.index("| rl_warm:") < out.index("| rl_warm_corrupt:")
     assert "| flow CPU min (wall min; max load) | 1.0 (2.0; 0.5) | - |" in out
     assert "| BoN: SFT control (N=1) / oracle at max N | 1.400 / 2.000 | - |" in out
     assert "| BoN rm_clean single: peak (N) / at max N | 1.875 (16) / 1.800 | - |" in out
     assert "| BoN rm_clean WARM M3: peak (N) / at max N | 1.900 (64) / 1.900 | - |" in out
     assert ("| BoN rm_clean: WARM's pick vs single's at N=64 [95% CI] | 0.625 [0.500, 0.750] "
             "| - |") in out
-    assert "rm_corrupt" not in out
+    assert "BoN rm_corrupt" not in out and "rm_corrupt: WARM" not in out
 
 
 def test_aggregate_rl_peaks_and_matched_kl_over_seeds(tmp_path):

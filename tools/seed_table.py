@@ -5,7 +5,7 @@ summaries and timings.json:
 
 Prints a markdown table: the SFT policy's invented-fact fraction on the D_ood posts, the
 warm start's ID accuracy, the clean members' ID range, WARM / ENS (M = all) ID and D_ood,
-the gates, and RL's control reward (start / peak / end with KL), and the flow's CPU and wall
+the gates, and each RL run's control reward (rl_*: start / peak / end with KL), and the flow's CPU and wall
 time with the highest 1-minute load seen at a stage's end. A missing file leaves "-".
 """
 import json
@@ -73,7 +73,9 @@ def column(run):
         if duel:
             out[f"BoN {e}: WARM's pick vs single's at N={duel['n']} [95% CI]"] = (
                 f"{duel['win_rate']:.3f} [{duel['ci_low']:.3f}, {duel['ci_high']:.3f}]")
-    for name in ("rl_single", "rl_warm"):
+    rl_runs = sorted(d for d in (os.listdir(run) if os.path.isdir(run) else [])
+                     if d.startswith("rl_"))
+    for name in sorted(rl_runs, key=lambda d: (d not in ("rl_single", "rl_warm"), d)):
         rl = _load(run, name, "summary.json")
         if rl:
             out[f"{name}: start / peak (step, KL) / end (KL)"] = (
