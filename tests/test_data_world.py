@@ -80,8 +80,8 @@ def test_world_2_is_the_default_and_its_bytes_are_unchanged(small_world, tmp_pat
     comps = formats.read_comparisons(v3 / "comparisons")
     with_distractor = np.mean([bool(oracle.distractors(c.post)) for c in comps])
     assert 0.7 < with_distractor < 0.9
-    with pytest.raises(ValueError, match="unknown world version 5"):
-        world.generate_world(str(tmp_path / "v5"), seed=1, vocab_size=0, version=5, **SMALL)
+    with pytest.raises(ValueError, match="unknown world version 6"):
+        world.generate_world(str(tmp_path / "v6"), seed=1, vocab_size=0, version=6, **SMALL)
 
 
 def _reference_quality(rows):
@@ -114,6 +114,42 @@ def test_world_4_is_world_2_with_imperfect_references(small_world, tmp_path):
     vague = set(lexicon.PLACEHOLDER.values())
     assert np.mean([any(v in r.summary for v in vague) for r in ref4]) > 0.5
     assert all(not (oracle.oracle_features(r.post, r.summary)["invented"]) for r in ref4)
+
+
+def test_world_5_labels_carry_a_padding_cue_the_oracle_does_not_reward(tmp_path):
+    """World 5: the careful in-distribution writers pad more and fewer pairs share their style,
+    so the summary with more padding phrases wins more often than not (train and valid1),
+    while the oracle gives padding nothing: at equal content, a padded summary scores no
+    higher. The stress split's writers and the reference writer are world 4's."""
+    out = tmp_path / "v5"
+    card = world.generate_world(str(out), seed=1, vocab_size=0, version=5, n_train_pairs=1500,
+                                n_valid_pairs=100, n_ood_pairs=100, n_sft=200, n_prompts=50,
+                                n_dood_posts=20)
+    assert card["generator_version"] == "tldr-world-5"
+    assert card["pair_style_match"] == world.STYLE_MATCH_5 < world.PAIR_STYLE_MATCH
+    assert card["policy_params"]["reference"] == world.WORLD_4.policy_params(world.REFERENCE_4)
+    assert ([card["policy_params"][p.name] for p in world.OOD_POLICIES]
+            == [world.WORLD_2.policy_params(p) for p in world.OOD_POLICIES])
+    comps = [c for c in formats.read_comparisons(out / "comparisons") if c.split == "train"]
+
+    def n_pad(text):
+        return sum(text.count(p) for p in lexicon.PADDING)
+
+    diff = [(n_pad(c.summaries[0]) - n_pad(c.summaries[1]), c.choice) for c in comps]
+    decided = [(d > 0) == (ch == 0) for d, ch in diff if d != 0]
+    assert len(decided) > 300 and np.mean(decided) > 0.6, (len(decided), np.mean(decided))
+    # world 4's pairs (the same streams, style shared 80% of the time): no such cue
+    card4 = world.generate_world(str(tmp_path / "v4"), seed=1, vocab_size=0, version=4,
+                                 n_train_pairs=1500, n_valid_pairs=100, n_ood_pairs=100,
+                                 n_sft=200, n_prompts=50, n_dood_posts=20)
+    assert "pair_style_match" not in card4
+    comps4 = [c for c in formats.read_comparisons(tmp_path / "v4" / "comparisons")
+              if c.split == "train"]
+    d4 = [(n_pad(c.summaries[0]) - n_pad(c.summaries[1]), c.choice) for c in comps4]
+    assert len([d for d, _ in d4 if d != 0]) < len(decided) / 2
+    post = comps[0].post
+    plain = "my roommate broke my laptop."
+    assert oracle.score(post, f"long story short, {plain}") == oracle.score(post, plain)
 
 
 def test_world_in_public_formats(small_world):
@@ -314,7 +350,7 @@ def test_cli(tmp_path, capsys):
                        "--vocab_size", "0", "--version", "3"]) == 0
     assert json.loads((v3 / "world.json").read_text())["generator_version"] == "tldr-world-3"
     with pytest.raises(SystemExit):
-        world.main(["--out", str(tmp_path / "v5"), "--version", "5"])
+        world.main(["--out", str(tmp_path / "v6"), "--version", "6"])
 
 
 TINY_DATA = rh.TINY_DATA_GIN
@@ -342,9 +378,9 @@ def test_data_stage_world_version(tmp_path, caplog):
         gin.clear_config()
         assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{run_dir}'"]) == 2
         assert "holds a world of version 'tldr-world-3'" in caplog.text
-        g.write_text(TINY_DATA + "data_stage.world_version = 5\n")
+        g.write_text(TINY_DATA + "data_stage.world_version = 6\n")
         gin.clear_config()
-        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r5'"]) == 2
-        assert "data_stage.world_version = 5: must be one of [2, 3, 4]" in caplog.text
+        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r6'"]) == 2
+        assert "data_stage.world_version = 6: must be one of [2, 3, 4, 5]" in caplog.text
     finally:
         gin.clear_config()

@@ -50,8 +50,18 @@ comparisons (train, valid1, valid2) are world 2's byte for byte; the SFT sets, p
 D_ood posts carry the new references (and, where a reference drops every fact, the next
 posts differ).
 
+World version 5 (opt-in, ``version=5``) is world 4 with a SPURIOUS CUE THE LABELS CARRY: the
+in-distribution writers pad in proportion to their care (``ID_POLICIES_5``: the careful ones
+add two padding phrases half the time, the sloppy ones rarely any) and a pair shares its
+style with probability ``STYLE_MATCH_5`` = 0.5 instead of 0.8, so "the summary with more
+padding wins" is right more often than not in distribution, although the oracle never
+rewards padding. Past ``oracle.FREE_WORDS`` words, or repeated, padding costs the oracle: a
+reward model that learnt the cue can be climbed by a policy that pads more (the paper's
+reward hacking), and the question is whether WARM's members learnt it alike. World 5 draws
+from world 2's streams and uses world 4's reference writer; its comparisons differ.
+
 Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]
-[--version {2,3,4}]``.
+[--version {2,3,4,5}]``.
 """
 from __future__ import annotations
 
@@ -154,6 +164,18 @@ OOD_POLICIES_3 = OOD_POLICIES[:2] + (
 # probability.
 REFERENCE_DROP_4 = 0.3
 REFERENCE_4 = dataclasses.replace(REFERENCE, p_drop=REFERENCE_DROP_4)
+# World 5 (module docstring): world 4 whose writers pad in proportion to their care, and
+# whose pairs share their style less often, so that "more padding wins" is a cue the
+# labels carry in distribution. The oracle does not reward padding; past FREE_WORDS words
+# or repeated, it costs.
+STYLE_MATCH_5 = 0.5
+ID_POLICIES_5 = tuple(dataclasses.replace(p, pad=pad) for p, pad in zip(ID_POLICIES, (
+    (0.1, 0.4, 0.5),     # sft_careful
+    (0.7, 0.25, 0.05),   # sft_sloppy
+    (0.2, 0.4, 0.4),     # chatty
+    (0.8, 0.2),          # terse
+    (0.8, 0.15, 0.05),   # hallucinator
+)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +188,7 @@ class WorldVersion:
     distractor_rate: float = 0.0
     reference: Policy = REFERENCE  # the writer of the SFT (and prompt) reference summaries
     streams: Optional[int] = None  # draw from this version's random streams (None: its own)
+    style_match: float = PAIR_STYLE_MATCH  # P(a pair's summaries share their style)
 
     @property
     def generator_version(self) -> str:
@@ -196,7 +219,9 @@ class WorldVersion:
 WORLD_2 = WorldVersion(2, ID_POLICIES, OOD_POLICIES)
 WORLD_3 = WorldVersion(3, ID_POLICIES_3, OOD_POLICIES_3, distractor_rate=DISTRACTOR_RATE)
 WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)
-VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3, WORLD_4)}
+WORLD_5 = WorldVersion(5, ID_POLICIES_5, OOD_POLICIES, reference=REFERENCE_4, streams=2,
+                       style_match=STYLE_MATCH_5)
+VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3, WORLD_4, WORLD_5)}
 DEFAULT_VERSION = 2
 assert WORLD_2.generator_version == GENERATOR_VERSION
 # the default world's tables
@@ -205,7 +230,7 @@ SPLIT_POLICIES = WORLD_2.split_policies
 
 
 def world_version(version: int) -> WorldVersion:
-    """The :class:`WorldVersion` numbered ``version`` (2, 3 or 4)."""
+    """The :class:`WorldVersion` numbered ``version`` (2, 3, 4 or 5)."""
     if version not in VERSIONS:
         raise ValueError(f"unknown world version {version!r}; known: {sorted(VERSIONS)}")
     return VERSIONS[version]
@@ -377,7 +402,7 @@ def make_comparisons(factory: _PostFactory, split: str, n: int,
     for i in range(n):
         lat, title, post = factory.draw(rng)
         pa, pb = rng.choice(policies), rng.choice(policies)
-        matched = rng.random() < PAIR_STYLE_MATCH
+        matched = rng.random() < factory.world.style_match
         decisive = rng.random() < PAIR_DECISIVE
         style_a = draw_style(rng, pa)
         a = write_summary(rng, lat, pa, style_a)
@@ -484,6 +509,8 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
     }
     if spec.distractor_rate:
         card["distractor_rate"] = spec.distractor_rate
+    if spec.style_match != PAIR_STYLE_MATCH:
+        card["pair_style_match"] = spec.style_match
     if vocab_size > 0:
         from warm_jax.data import vocab as vocab_lib
 
@@ -512,8 +539,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n_dood_posts", type=int, default=1000)
     ap.add_argument("--vocab_size", type=int, default=512, help="0 skips the vocabulary")
     ap.add_argument("--version", type=int, choices=sorted(VERSIONS), default=DEFAULT_VERSION,
-                    help="world version: 2 (default), 3 (distractors) or 4 (world 2 with "
-                         "imperfect reference summaries)")
+                    help="world version: 2 (default), 3 (distractors), 4 (world 2 with "
+                         "imperfect reference summaries) or 5 (world 4 with a padding cue)")
     ap.add_argument("--diagnose", action="store_true", help="print the diagnostic table")
     args = ap.parse_args(argv)
     card = generate_world(args.out, seed=args.seed, n_train_pairs=args.n_train_pairs,

@@ -2,9 +2,9 @@
 
 With the default DataConfig (data_dir = {run_dir}/data) it writes the miniature world there
 (seeded; same seed, same bytes). `world_version` picks the world (warm_jax.data.world): 2 (the
-default), 3 (distractors) or 4 (world 2's comparisons with imperfect reference summaries, so
-that the SFT policy leaves Best-of-N and RL something to gain), e.g.
-`data_stage.world_version = 4`.
+default), 3 (distractors), 4 (world 2's comparisons with imperfect reference summaries, so
+that the SFT policy leaves Best-of-N and RL something to gain) or 5 (world 4 whose labels carry
+a padding cue the oracle does not reward), e.g. `data_stage.world_version = 4`.
 When DataConfig points elsewhere (the real summarize_from_feedback comparisons and filtered
 TL;DR files), it reads every file once so that bad input fails here, with file, line and
 field, before any training starts.
