@@ -13,6 +13,24 @@ if _opt not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += f" {_opt}=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs (the same tiny model's train, sampling and RL steps),
+# in the test processes and in the flows they start as subprocesses: one persistent
+# compilation cache for the whole session (pytest-xdist workers and subprocesses inherit
+# these variables from the process that loads this file first) compiles each once. A fresh
+# directory per session, removed at exit: nothing carries over between runs. A cache
+# directory set by the caller is kept (and not removed).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="warm_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["WARM_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+    atexit.register(lambda: os.environ.get("WARM_JAX_TEST_CACHE_OWNER") == str(os.getpid())
+                    and shutil.rmtree(_cache, ignore_errors=True))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
 def pytest_configure(config):
