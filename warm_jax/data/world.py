@@ -443,6 +443,30 @@ def make_sft(factory: _PostFactory, name: str, n: int) -> list[SftExample]:
     return out
 
 
+def _card(spec: WorldVersion, seed: int, files: dict, temperature: float, n_dood: int) -> dict:
+    """world.json's fields (the vocabulary's are added by generate_world)."""
+    card = {
+        "generator_version": spec.generator_version,
+        "seed": seed,
+        "files": files,
+        "temperature": temperature,
+        "policies": {"in_distribution": [p.name for p in spec.id_policies], "ood": [
+            p.name for p in spec.ood_policies], "reference": spec.reference.name},
+        "policy_params": {p.name: spec.policy_params(p) for p in spec.policies.values()},
+        "oracle": oracle.__doc__.split("\n\n")[1].strip(),
+        "spurious_features": ["length", lexicon.STOCK_PHRASE],
+        "dood_posts": {"file": DOOD_POSTS if n_dood else None, "n": n_dood,
+                       "use": "fresh posts no other set uses; the ood stage samples the "
+                              "run's own policies on them and labels pairs by bt_label "
+                              "(the paper's D_ood)"},
+    }
+    if spec.distractor_rate:
+        card["distractor_rate"] = spec.distractor_rate
+    if spec.style_match != PAIR_STYLE_MATCH:
+        card["pair_style_match"] = spec.style_match
+    return card
+
+
 def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
                    n_valid_pairs: int = 2000, n_ood_pairs: int = 2000, n_sft: int = 10000,
                    n_prompts: int = 2000, vocab_size: int = 512,
@@ -492,25 +516,7 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
         formats.write_jsonl(os.path.join(out_dir, DOOD_POSTS), map(formats.sft_to_json, dood))
         files[DOOD_POSTS] = len(dood)
 
-    card = {
-        "generator_version": spec.generator_version,
-        "seed": seed,
-        "files": files,
-        "temperature": temperature,
-        "policies": {"in_distribution": [p.name for p in spec.id_policies], "ood": [
-            p.name for p in spec.ood_policies], "reference": spec.reference.name},
-        "policy_params": {p.name: spec.policy_params(p) for p in spec.policies.values()},
-        "oracle": oracle.__doc__.split("\n\n")[1].strip(),
-        "spurious_features": ["length", lexicon.STOCK_PHRASE],
-        "dood_posts": {"file": DOOD_POSTS if dood else None, "n": len(dood),
-                       "use": "fresh posts no other set uses; the ood stage samples the "
-                              "run's own policies on them and labels pairs by bt_label "
-                              "(the paper's D_ood)"},
-    }
-    if spec.distractor_rate:
-        card["distractor_rate"] = spec.distractor_rate
-    if spec.style_match != PAIR_STYLE_MATCH:
-        card["pair_style_match"] = spec.style_match
+    card = _card(spec, seed, files, temperature, n_dood=len(dood))
     if vocab_size > 0:
         from warm_jax.data import vocab as vocab_lib
 
