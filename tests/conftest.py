@@ -18,7 +18,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compilation cache for the whole session (pytest-xdist workers and subprocesses inherit
 # these variables from the process that loads this file first) compiles each once. A fresh
 # directory per session, removed at exit: nothing carries over between runs. A cache
-# directory set by the caller is kept (and not removed).
+# directory set by the caller is kept (and not removed); JAX_ENABLE_COMPILATION_CACHE=false
+# turns it off. Measured on a 2-core AVX2 machine, one file at a time:
+# tests/test_reliability_stages.py (kill -9 / resume in subprocesses) 491 -> 262 s wall,
+# tests/test_rl.py (one process) 264 -> 264 s.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
