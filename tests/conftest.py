@@ -27,11 +27,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import shutil
     import tempfile
 
+    # only this process (the first to load this file) registers the removal: the workers
+    # inherit the variable and skip this block
     _cache = tempfile.mkdtemp(prefix="warm_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ["WARM_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
-    atexit.register(lambda: os.environ.get("WARM_JAX_TEST_CACHE_OWNER") == str(os.getpid())
-                    and shutil.rmtree(_cache, ignore_errors=True))
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 

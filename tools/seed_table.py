@@ -73,8 +73,7 @@ def column(run):
         if duel:
             out[f"BoN {e}: WARM's pick vs single's at N={duel['n']} [95% CI]"] = (
                 f"{duel['win_rate']:.3f} [{duel['ci_low']:.3f}, {duel['ci_high']:.3f}]")
-    rl_runs = sorted(d for d in (os.listdir(run) if os.path.isdir(run) else [])
-                     if d.startswith("rl_"))
+    rl_runs = [d for d in (os.listdir(run) if os.path.isdir(run) else []) if d.startswith("rl_")]
     for name in sorted(rl_runs, key=lambda d: (d not in ("rl_single", "rl_warm"), d)):
         rl = _load(run, name, "summary.json")
         if rl:
