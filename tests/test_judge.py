@@ -50,6 +50,26 @@ def test_win_rate_counts_ties_rates_and_intervals():
         judge.outcomes([1, 2], [1])
 
 
+def test_pooled_win_rate_averages_each_prompts_duels():
+    """A against a B drawn from a pool: per prompt the fractions of A's duels won / tied /
+    lost; the rate is the mean of the per-opponent rates; sides and counts are kept."""
+    scored = {"a": {"scores": [1, 1, 1, 1]}, "b": {"scores": [0, 1, 2, 0]},
+              "c": {"scores": [2, 2, 0, 1]}}
+    r = judge.pooled_win_rate("a", ["b", "c"], scored, n_boot=500)
+    # a vs b: 1 / 0.5 / 0 / 1; a vs c: 0 / 0 / 1 / 0.5
+    assert r["p_win"] == [0.5, 0.0, 0.5, 0.5] and r["p_tie"] == [0.0, 0.5, 0.0, 0.5]
+    assert r["p_loss"] == [0.5, 0.5, 0.5, 0.0]
+    assert r["per_opponent"] == {"b": 0.625, "c": 0.375}
+    assert r["win_rate"] == pytest.approx(0.5) and r["n"] == 4
+    assert (r["wins"], r["ties"], r["losses"]) == (1.5, 1.0, 1.5)
+    assert (r["a"], r["b"], r["pool"]) == ("a", "mean(b, c)", ["b", "c"])
+    assert r["ci_low"] <= 0.5 <= r["ci_high"]
+    # against the weaker of the two only: every prompt's outcome, not an average
+    assert judge.pooled_win_rate("a", ["b"], scored)["win_rate"] == 0.625
+    with pytest.raises(ValueError, match="no opponents"):
+        judge.pooled_win_rate("a", [], scored)
+
+
 def test_with_ties_the_bootstrap_is_narrower_than_wilson():
     """198 ties in 256 prompts (a measured case): the bootstrap over prompts reflects that a
     tie carries no variance, Wilson treats every prompt as a coin flip."""
@@ -259,7 +279,7 @@ def test_judge_prefers_the_better_policy_and_keeps_sides(world_dir, tmp_path):
     gin.bind_parameter("DataConfig.num_eval_prompts", 32)
     try:
         s = judge.judge_stage(run_dir, pairs=(("word", "mute"), ("mute", "word")),
-                              num_prompts=32,
+                              num_prompts=32, pools=(("word", ("mute", "word")),),
                               sampling_config=sampling.SamplingConfig(max_new_tokens=16))
     finally:
         gin.clear_config()
@@ -273,6 +293,9 @@ def test_judge_prefers_the_better_policy_and_keeps_sides(world_dir, tmp_path):
     assert ab["ci_low"] == 1.0 and ba["ci_high"] == 0.0  # bootstrap at 32/32 and 0/32
     assert ab["wilson_low"] > 0.85 and ba["wilson_high"] < 0.15  # Wilson at 32/32 and 0/32
     assert (ab["decisive_rate"], ba["decisive_rate"], ab["identical_ties"]) == (1.0, 0.0, 0)
+    # the pool: 'word' beats 'mute' and ties itself (same samples) on every prompt
+    pool = s["win_rates"]["word vs mean(mute, word)"]
+    assert (pool["win_rate"], pool["wins"], pool["ties"], pool["losses"]) == (0.75, 16, 16, 0)
     assert s["mean_control"]["mute"] == -2.0
     assert s["mean_control"]["word"] == pytest.approx(
         np.mean([oracle.score(p, text) for p in prov.prompts("eval")["prompts"][:32]]))

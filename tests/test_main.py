@@ -218,6 +218,9 @@ BAD_VALUES = [
      "sft_stage.snapshot_steps = [100, 1300]: steps [1300] outside (0, total_steps=1200]"),
     (["--gin.judge_stage.pairs=[('rl_warm',)]"],
      "judge_stage.pairs[0] = ('rl_warm',): must be a pair (A, B) of policies"),
+    (["--gin.judge_stage.pools=[('rl_warm', [])]"],
+     "judge_stage.pools[0] = ('rl_warm', []): must be (A, [B1, ...]): a policy and a "
+     "non-empty list of policies"),
     (["--gin.eval_corrupt/rm_eval_stage.interp_members=(1, 1)"],
      "eval_corrupt/rm_eval_stage.interp_members = (1, 1): must name two different members"),
     (["--gin.LoopConfig.nan_policy='ignore'"],

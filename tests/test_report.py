@@ -152,6 +152,32 @@ def test_aggregate_judge_over_two_seeds(tmp_path):
         in text
 
 
+def test_aggregate_judge_reads_a_pools_per_prompt_fractions(tmp_path):
+    """A pooled row (judge_stage.pools) has fractional per-prompt outcomes: the aggregate's
+    interval over seeds and prompts comes from its p_win / p_tie / p_loss."""
+    from warm_jax import stats
+    from warm_jax.stages import judge
+
+    runs, rows = [], []
+    for name, b in (("s0", [0.0] * 30 + [1.0] * 10), ("s1", [0.0] * 20 + [1.0] * 20)):
+        d = str(tmp_path / name)
+        os.makedirs(os.path.join(d, "judge"))
+        scored = {"w": {"scores": [0.5] * 40}, "m0": {"scores": b},
+                  "m1": {"scores": [0.5] * 40}}
+        rows.append(judge.pooled_win_rate("w", ["m0", "m1"], scored))
+        with open(os.path.join(d, "judge", "results.jsonl"), "w") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+        runs.append(d)
+    assert [r["win_rate"] for r in rows] == [0.625, 0.5]
+    text = open(report.aggregate(runs, str(tmp_path / "agg.md"))).read()
+    (line,) = [l for l in text.splitlines() if l.startswith("| w vs mean(m0, m1) |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    ci = stats.seeds_interval([(r["p_win"], r["p_tie"], r["p_loss"]) for r in rows])
+    assert cells[1] == "0.562 ± 0.062"
+    assert cells[2] == f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" != "n/a"
+    assert cells[3] == "25/40/15"  # sums of the fractions: 15 + 10 wins, 20 + 20 ties
+
+
 def test_report_shows_the_judge_and_bon_tables(tmp_path):
     d = tmp_path / "run"
     judge_s = {"win_rates": {"rl_warm vs rl_single": {

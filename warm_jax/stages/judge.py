@@ -70,6 +70,28 @@ def win_rate(a_scores, b_scores, tie_tol: float = 0.0, n_boot: int = 2000, seed:
     return r
 
 
+def pooled_win_rate(a: str, bs: Sequence[str], scored: dict, tie_tol: float = 0.0,
+                    seed: int = 0, n_boot: int = 2000) -> dict:
+    """A against a B drawn at random from `bs`: per prompt, the fractions of the k duels
+    A wins / ties / loses (p_win, p_tie, p_loss), their rates over prompts with bootstrap
+    intervals over prompts (stats.compare), and each duel's own tie-adjusted rate
+    (per_opponent). scored: {name: {"scores": [...]}} as policy_control_scores returns."""
+    if not bs:
+        raise ValueError(f"judge_stage.pools: {a} has no opponents")
+    o = np.stack([outcomes(scored[a]["scores"], scored[b]["scores"], tie_tol) for b in bs])
+    p = [np.mean(o == v, axis=0) for v in (1.0, 0.5, 0.0)]
+    r = stats.compare(*p, n_boot=n_boot, seed=seed)
+    r.update(a=a, b="mean(" + ", ".join(bs) + ")", pool=list(bs),
+             per_opponent={b: float(np.mean(x)) for b, x in zip(bs, o)},
+             p_win=[float(x) for x in p[0]], p_tie=[float(x) for x in p[1]],
+             p_loss=[float(x) for x in p[2]], identical_ties=None,
+             mean_control_a=float(np.mean(scored[a]["scores"])))
+    log.info("judge: %s vs a member of %s: tie-adjusted %.3f [%.3f, %.3f] (per opponent %s)",
+             a, list(bs), r["win_rate"], r["ci_low"], r["ci_high"],
+             ", ".join(f"{k} {v:.3f}" for k, v in r["per_opponent"].items()))
+    return r
+
+
 # ---------------------------------------------------------------------------------------
 # Reward-hacking curves
 
@@ -268,6 +290,15 @@ def check_judge_stage(c) -> None:
     c.integer("matched_kl_points", 1)
     for i, name in enumerate(c.sequence("curves", optional=True) or ()):
         c.policy(f"curves[{i}]", name)
+    for i, p in enumerate(c.sequence("pools", optional=True) or ()):
+        if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)) or len(p) != 2 \
+                or isinstance(p[1], (str, bytes)) or not isinstance(p[1], (list, tuple)) \
+                or not p[1]:
+            c.fail(f"pools[{i}]", "must be (A, [B1, ...]): a policy and a non-empty list of "
+                   "policies", value=p)
+        c.policy(f"pools[{i}][0]", p[0])
+        for j, name in enumerate(p[1]):
+            c.policy(f"pools[{i}][1][{j}]", name)
     c.data()
     c.mesh_shape()
     c.write(artifacts.stage_path(c.run_dir, "judge"),
@@ -281,9 +312,12 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                 num_prompts: int = 256, control: str = "oracle",
                 sampling_config: Optional[sampling.SamplingConfig] = None, same_seed: bool = True,
                 tie_tol: float = 0.0, curves: Optional[Sequence[str]] = None,
-                matched_kl_points: int = 5) -> dict:
+                matched_kl_points: int = 5, pools: Sequence = ()) -> dict:
     """Win rates of A over B for each (A, B) in `pairs` (names: RL run names, 'sft', or
-    export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR');
+    export paths) on held-out prompts, judged by `control` ('oracle' or 'path:DIR'); for
+    each (A, [B1, ..., Bk]) in `pools`, A against a B drawn at random from the Bs
+    (pooled_win_rate: the k duels' outcomes averaged per prompt, then bootstrapped over
+    prompts);
     control-vs-KL curves of the RL runs among them (or `curves`), and each pair of RL runs
     at `matched_kl_points` common KL values. Writes {run_dir}/judge/: samples/<policy>.json,
     results.jsonl (with the per-prompt outcomes), curves.json, judge.png, summary.json.
@@ -301,7 +335,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     ctx.write_run_info({
         "pairs": [list(p) for p in pairs], "num_prompts": num_prompts, "control": control,
         "temperature": scfg.temperature, "max_new_tokens": scfg.max_new_tokens,
-        "same_seed": same_seed, "tie_tol": tie_tol,
+        "same_seed": same_seed, "tie_tol": tie_tol, "pools": [[a, list(bs)] for a, bs in pools],
         "matched_kl_points": matched_kl_points}, {"seed": seed})
     prov = ctx.provider()
     prompts = prov.prompts("eval")
@@ -309,7 +343,9 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
     prompts = {k: v[:n] for k, v in prompts.items()}
     _, scorer = reward_lib.load_reward(run_dir, control)
     mesh = ctx.mesh()
-    names = list(dict.fromkeys(x for p in pairs for x in p))
+    pools = [(str(a), [str(b) for b in bs]) for a, bs in pools]
+    names = list(dict.fromkeys([x for p in pairs for x in p] +
+                               [x for a, bs in pools for x in (a, *bs)]))
     scored = {}
     for i, name in enumerate(names):
         s = seed if same_seed else seed + 7919 * (i + 1)
@@ -328,6 +364,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                  "tie-adjusted %s [%s, %s], decisive %s [%s, %s]", a, b, r["wins"], r["ties"],
                  r["losses"], r["identical_ties"], f("win_rate"), f("ci_low"), f("ci_high"),
                  f("decisive_rate"), f("decisive_low"), f("decisive_high"))
+    results += [pooled_win_rate(a, bs, scored, tie_tol, seed) for a, bs in pools]
     kl_curves, matched = _curves(run_dir, names, pairs, curves, matched_kl_points)
     res_path = os.path.join(out_dir, "results.jsonl")
     metrics_lib.atomic_write_text(res_path, "".join(json.dumps(r) + "\n" for r in results))

@@ -530,7 +530,7 @@ def _judge_runs(run_dir: str, summary: dict) -> dict[str, dict]:
 def aggregate_judge(per_run: list[dict[str, dict]], seed: int = 0) -> list[list]:
     """Rows of the aggregate judge table: per pair the mean and std over seeds of the
     tie-adjusted rate, the bootstrap interval over seeds and prompts (runs with per-prompt
-    outcomes only), the pooled W/T/L and decisive rate, and in how many seeds the rate's
+    outcomes, or a pool's per-prompt fractions p_win / p_tie / p_loss, only), the pooled W/T/L and decisive rate, and in how many seeds the rate's
     own interval lies above 0.5."""
     import numpy as np
 
@@ -541,7 +541,9 @@ def aggregate_judge(per_run: list[dict[str, dict]], seed: int = 0) -> list[list]
     for pair in pairs:
         mine = [run[pair] for run in per_run if pair in run]
         rates = [float(r["win_rate"]) for r in mine]
-        with_o = [stats.split_outcomes(r["outcomes"]) for r in mine if r.get("outcomes")]
+        with_o = [(r["p_win"], r["p_tie"], r["p_loss"]) if r.get("p_win") else
+                  stats.split_outcomes(r["outcomes"])
+                  for r in mine if r.get("p_win") or r.get("outcomes")]
         ci = stats.seeds_interval(with_o, seed=seed) if len(with_o) == len(mine) else {}
         w, t, l = (sum(float(r.get(k) or 0) for r in mine) for k in ("wins", "ties", "losses"))
         above = sum(1 for r in mine if (r.get("ci_low") or 0) > 0.5)
