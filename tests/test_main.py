@@ -65,7 +65,22 @@ def test_unknown_stage_and_missing_gin_file_fail_clearly(tmp_path, caplog):
     gin.clear_config()
 
 
-def test_every_run_file_parses_and_lists_known_stages():
+def _main_stdout(capsys, argv) -> tuple[int, str]:
+    """(exit code, stdout) of an in-process main(argv) with a fresh gin config (a
+    subprocess per run file cost ~6 s of imports each)."""
+    gin.clear_config()
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        rc = main_lib.main(argv)
+    finally:
+        os.chdir(cwd)
+        gin.clear_config()
+    return rc, capsys.readouterr().out
+
+
+def test_every_run_file_parses_and_lists_known_stages(capsys):
     runs = os.path.join(ROOT, "gin", "runs")
     files = [f for f in os.listdir(runs) if f.endswith(".gin")]
     assert "warm_mini.gin" in files
@@ -74,11 +89,10 @@ def test_every_run_file_parses_and_lists_known_stages():
         # control RM (gin/runs/paper_tpu.gin); --list reads none of them
         extra = ([f"--gin.{m}='unused'" for m in ("DATA_DIR", "PRETRAINED", "CONTROL")]
                  if f.startswith("paper_tpu") else [])
-        out = subprocess.run([sys.executable, "-m", "warm_jax.main", f"--gin_file=gin/runs/{f}",
-                              "--gin.RUN_DIR='unused'", "--list", *extra], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        entries = out.stdout.split()
+        rc, out = _main_stdout(capsys, [f"--gin_file=gin/runs/{f}", "--gin.RUN_DIR='unused'",
+                                        "--list", *extra])
+        assert rc == 0, (f, out[-2000:])
+        entries = out.split()
         assert entries and all(e.partition("@")[0] in main_lib.STAGES for e in entries), entries
 
 
@@ -88,15 +102,14 @@ def test_every_run_file_parses_and_lists_known_stages():
 @pytest.mark.parametrize("run_file", sorted(
     [os.path.join("gin", "runs", f) for f in os.listdir(os.path.join(ROOT, "gin", "runs"))
      if f.endswith(".gin") and not f.startswith("paper_tpu")] + ["tests/gin/tiny_flow.gin"]))
-def test_every_run_file_passes_the_checks_on_8_devices(tmp_path, run_file):
-    """`python -m warm_jax.main ... --check` on each run file: exit code 0, every entry
-    planned, nothing created."""
+def test_every_run_file_passes_the_checks_on_8_devices(tmp_path, capsys, run_file):
+    """`python -m warm_jax.main ... --check` on each run file (in process, on the test's 8
+    devices): exit code 0, every entry planned, nothing created."""
     run_dir = tmp_path / "r"
-    out = subprocess.run([sys.executable, "-m", "warm_jax.main", f"--gin_file={run_file}",
-                          f"--gin.RUN_DIR='{run_dir}'", "--check"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
-    last = out.stdout.strip().splitlines()[-1]
+    rc, out = _main_stdout(capsys, [f"--gin_file={run_file}", f"--gin.RUN_DIR='{run_dir}'",
+                                    "--check"])
+    assert rc == 0, out[-2000:]
+    last = out.strip().splitlines()[-1]
     assert last.startswith("configuration OK: ") and last.endswith(" to run; nothing was run")
     assert not run_dir.exists()
 
