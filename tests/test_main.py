@@ -234,6 +234,12 @@ BAD_VALUES = [
     (["--gin.judge_stage.pools=[('rl_warm', [])]"],
      "judge_stage.pools[0] = ('rl_warm', []): must be (A, [B1, ...]): a policy and a "
      "non-empty list of policies"),
+    (["--gin.judge_stage.pools=[('rl_warm', ['rl_single', 'rl_sngle'])]"],
+     "judge_stage.pools[0][1][1] = 'rl_sngle': RUN_DIR/rl_sngle does not exist and no earlier "
+     "entry of run.stages writes it"),
+    (["--gin.judge_stage.pairs=[('rl_warm', 'rl_sngle')]"],
+     "judge_stage.pairs[0][1] = 'rl_sngle': RUN_DIR/rl_sngle does not exist and no earlier "
+     "entry of run.stages writes it"),
     (["--gin.eval_corrupt/rm_eval_stage.interp_members=(1, 1)"],
      "eval_corrupt/rm_eval_stage.interp_members = (1, 1): must name two different members"),
     (["--gin.LoopConfig.nan_policy='ignore'"],

@@ -69,6 +69,8 @@ class StageCheck:
         self.writes: list[str] = []
         self.done: Optional[str] = None  # the done-marker (summary.json), if the stage has one
         self.notes: list[str] = []
+        # what the entries before this one write (set by main.check_config; None: unknown)
+        self.earlier_writes: Optional[list[str]] = None
 
     # -- names and failures
     def label(self, field: str, configurable: Optional[str] = None) -> str:
@@ -199,7 +201,21 @@ class StageCheck:
         path, bad = sampling.policy_source(self.run_dir, name)
         if bad:
             self.fail(field, bad, value=name)
+        if not self._will_exist(path):
+            rel = os.path.relpath(path, self.run_dir)
+            shown = path if rel.startswith("..") else os.path.join("RUN_DIR", rel)
+            self.fail(field, f"{shown} does not exist and no earlier entry of run.stages "
+                      "writes it", value=name)
         self.read(path)
+
+    def _will_exist(self, path: str) -> bool:
+        """Whether `path` exists, or an earlier entry writes it or a directory above it
+        (always True when the earlier entries are unknown)."""
+        if self.earlier_writes is None or os.path.exists(path):
+            return True
+        p = os.path.normpath(path)
+        return any(p == w or p.startswith(w + os.sep)
+                   for w in map(os.path.normpath, self.earlier_writes))
 
     # -- the shared configurables, built in this entry's scope
     def bound(self, cls) -> dict:

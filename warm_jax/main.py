@@ -318,7 +318,7 @@ def check_config(only: Optional[Sequence[str]] = None,
     if problem:
         raise config_checks.ConfigError("run_seed.seed", seed, problem)
     scopes = _scopes_bound()
-    checks = []
+    checks, written = [], []
     for entry in entries:
         fn, scope = resolve_stage(entry)
         if scope and scope not in scopes:
@@ -330,12 +330,15 @@ def check_config(only: Optional[Sequence[str]] = None,
         with gin.config_scope(scope):
             c = config_checks.StageCheck(entry, name, stage_arguments(fn), run_dir,
                                          scope=scope, num_devices=num_devices)
+            # a policy it reads must exist or come from an earlier entry that will run
+            c.earlier_writes = list(written)
             checker = getattr(importlib.import_module(fn.__module__), f"check_{name}", None)
             if checker is not None:
                 checker(c)
             else:
                 c.notes.append("no up-front check for this stage")
         checks.append(c)
+        written.extend(c.writes)
     return run_dir, checks
 
 
