@@ -86,11 +86,11 @@ def guarded_multi_update(state: dict, loss, groups) -> tuple[dict, jax.Array]:
         finite = jnp.logical_and(finite, all_finite(new_params))
         finite = jnp.logical_and(finite, all_finite(new_opt))
         new_groups.append((pkey, okey, new_params, new_opt))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # one branch, not a select per leaf: XLA copies the chain of per-leaf checks into every
+    # leaf's select fusion (a tiny RL step: 91k lines of optimised HLO, 40 s to compile)
+    new = {k: v for pkey, okey, p, o in new_groups for k, v in ((pkey, p), (okey, o))}
     out = dict(state)
-    for pkey, okey, new_params, new_opt in new_groups:
-        out[pkey] = keep(new_params, state[pkey])
-        out[okey] = keep(new_opt, state[okey])
+    out.update(jax.lax.cond(finite, lambda: new, lambda: {k: state[k] for k in new}))
     out["step"] = state["step"] + 1
     out["nonfinite"] = state["nonfinite"] + jnp.logical_not(finite).astype(jnp.int32)
     return out, finite
