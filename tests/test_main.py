@@ -45,11 +45,15 @@ def test_data_stage_runs_writes_config_and_skips_when_done(tmp_path):
     assert "run.stages" in open(os.path.join(run_dir, "operative_config.gin")).read()
     info = json.load(open(os.path.join(run_dir, "main.run_info.json")))
     assert info["versions"]["jax"] and info["config"]["stages"] == ["data"]
-    # a second run skips: the summary file is untouched
+    # a second run skips: the summary file is untouched, and so is the stage's timing (a
+    # skip does not overwrite it with its own ~0 s)
     mtime = os.path.getmtime(os.path.join(run_dir, "data_stage", "summary.json"))
+    timing = json.load(open(os.path.join(run_dir, "timings.json")))["data"]
+    assert timing["wall_s"] > 0 and timing["cpu_s"] > 0
     gin.clear_config()
     assert main_lib.main(["--gin_file", g, f"--gin.RUN_DIR='{run_dir}'"]) == 0
     assert os.path.getmtime(os.path.join(run_dir, "data_stage", "summary.json")) == mtime
+    assert json.load(open(os.path.join(run_dir, "timings.json")))["data"] == timing
     gin.clear_config()
 
 

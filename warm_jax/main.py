@@ -150,6 +150,7 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
         log.info("=== stage %d/%d: %s ===", i + 1, len(entries), entry)
         t0, c0, k0 = time.time(), time.process_time(), metrics.compile_seconds()
         _NOW["entry"] = entry
+        stage_base.begin_entry()
         try:
             if scope:
                 with gin.config_scope(scope):
@@ -164,6 +165,9 @@ def run(run_dir: str = gin.REQUIRED, stages: Sequence[str] = gin.REQUIRED,
         dt, cpu = time.time() - t0, time.process_time() - c0
         comp = metrics.compile_seconds() - k0
         results[entry] = out
+        if stage_base.entry_skipped():  # done before: its timing from then stays
+            log.info("=== %s was done: skipped ===", entry)
+            continue
         log.info("=== %s done in %.1fs (CPU %.1fs; compiling %.1fs) ===", entry, dt, cpu, comp)
         stage_base.record_timing(run_dir, entry, dt, cpu, compile_seconds=comp)
     log.info("all %d stages done in %.1fs; run directory: %s", len(entries),

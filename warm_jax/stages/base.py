@@ -56,6 +56,8 @@ class StageContext:
         return os.path.exists(self.done_path)
 
     def summary(self) -> dict:
+        """The done stage's summary (the skip path: `if ctx.done: return ctx.summary()`)."""
+        _ENTRY["skipped"] = True
         return read_json(self.done_path)
 
     def path(self, *parts: str) -> str:
@@ -108,6 +110,18 @@ def binding(name: str) -> str:
     """`name` (e.g. 'DataConfig.max_train_pairs') as a binding in the entry's scope
     ('rm_clean/DataConfig.max_train_pairs'), for error messages that say what to change."""
     return f"{scope()}/{name}" if scope() else name
+
+
+# whether the entry main.run is running returned a done stage's summary (skipped)
+_ENTRY = {"skipped": False}
+
+
+def begin_entry() -> None:
+    _ENTRY["skipped"] = False
+
+
+def entry_skipped() -> bool:
+    return _ENTRY["skipped"]
 
 
 def record_timing(run_dir: str, entry: str, seconds: float,
