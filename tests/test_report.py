@@ -359,9 +359,11 @@ def check_report_matches_stage_outputs(run):
     assert json.load(open(run / "report" / "summary.json"))["claims"] == len(claims)
 
 
-def test_report_timings_wall_cpu_and_load(tmp_path):
+def test_report_timings_wall_cpu_and_load(tmp_path, monkeypatch):
     """timings.json as main writes it now: wall, CPU and compiling seconds and the load per
-    entry; the report sums them and flags a loaded machine."""
+    entry; the report sums them and flags a machine loaded beyond its CPUs (the flow's own
+    threads load a 2-core machine to ~2: not flagged)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     d = _run(tmp_path, "t", 0.55, 0.6)
     from warm_jax.stages import base
     os.remove(os.path.join(d, "timings.json"))
@@ -376,7 +378,11 @@ def test_report_timings_wall_cpu_and_load(tmp_path):
     report.report_stage(d)
     text = open(os.path.join(d, "report.md")).read()
     assert "| total | 3.2 | 3.5 | 0.8 |" in text  # 1.25 + 2.0 wall, 2.5 + 1.0 CPU, compiling
-    assert "load average reached 3.2" in text
+    assert "load average reached 3.2 at a stage's end, more than this machine's 2 CPUs" in text
+    timings["judge"]["load_1m"] = 2.1  # the flow alone on 2 cores
+    (tmp_path / "t" / "timings.json").write_text(json.dumps(timings))
+    report.report_stage(d)
+    assert "load average reached" not in open(os.path.join(d, "report.md")).read()
 
 
 def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):

@@ -91,10 +91,14 @@ def _section_overview(run_dir: str, s: dict) -> str:
                              + [["total", f"{sum(r[1] for r in rows):.1f}", fmt(total(2)),
                                  fmt(total(3)), ""]])]
         loads = [r[4] for r in rows if r[4] is not None]
-        if loads and max(loads) > 1.5:
-            lines.append(f"\nThe 1-minute load average reached {max(loads):.1f} at a stage's end:"
-                         " other jobs shared the CPUs, so wall times are upper bounds. CPU "
-                         "seconds count this process's threads only.")
+        # the flow's own threads load every core (a 2-core machine: ~2): only more than that
+        # says other jobs shared the CPUs
+        cpus = os.cpu_count() or 1
+        if loads and max(loads) > cpus + 0.5:
+            lines.append(f"\nThe 1-minute load average reached {max(loads):.1f} at a stage's end,"
+                         f" more than this machine's {cpus} CPUs: other jobs shared them, so "
+                         "wall times are upper bounds. CPU seconds count this process's "
+                         "threads only.")
     data = s.get("data_stage")
     if data:
         lines += ["", "Data: " + ", ".join(f"{k} {v}" for k, v in data.get("counts", {}).items())
