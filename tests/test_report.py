@@ -465,6 +465,16 @@ def test_aggregate_rl_peaks_and_matched_kl_over_seeds(tmp_path):
     m = rows["rl_warm vs rl_single"]
     assert m[1] == "0.023 ± 0.025" and m[2] == "+0.030 -0.010 +0.050" and m[3] == "2/3"
     assert "rl_x vs rl_y" not in text  # no overlap: no number to aggregate
+    # where metrics.jsonl records the start's standard error, a drop within it is no fall:
+    # run a's rl_warm (rise 0.05, drop 0.02) with SE 0.03, rl_single (drop 0.05) with 0.01
+    for sub, se in (("rl_warm", 0.03), ("rl_single", 0.001)):
+        (tmp_path / "a" / sub / "metrics.jsonl").write_text(
+            json.dumps({"step": 0, "eval/control_reward": 1.0,
+                        "eval/control_reward_se": se}) + "\n")
+    text = open(report.aggregate(runs, str(tmp_path / "agg2.md"))).read()
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip("|").split("|")]
+            for l in text.splitlines() if l.startswith("| rl_")}
+    assert rows["rl_warm"][5:7] == ["2/3", "0/3"] and rows["rl_single"][5:7] == ["3/3", "3/3"]
 
 
 def test_judge_claims_name_their_pair():

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 
@@ -557,26 +557,44 @@ def aggregate_judge(per_run: list[dict[str, dict]], seed: int = 0) -> list[list]
     return rows
 
 
-def aggregate_rl(summaries: list[dict[str, dict]]) -> tuple[list[list], list[list]]:
+def _start_se(run_dir: Optional[str], name: str) -> Optional[float]:
+    """The standard error of an RL run's first evaluation (the start's mean control), from
+    {run_dir}/{name}/metrics.jsonl; None without it."""
+    path = os.path.join(run_dir, name, "metrics.jsonl") if run_dir else None
+    if not path or not os.path.exists(path):
+        return None
+    for rec in metrics.read_jsonl(path):
+        if isinstance(rec.get("eval/control_reward_se"), (int, float)):
+            return float(rec["eval/control_reward_se"])
+    return None
+
+
+def aggregate_rl(summaries: list[dict[str, dict]],
+                 run_dirs: Optional[Sequence[str]] = None) -> tuple[list[list], list[list]]:
     """Rows of the aggregate RL tables. Per RL run name (a summary with `peak_control_reward`):
     over the seeds that ran it, the control reward's rise from the start to its peak (mean ±
     std), the KL at the peak, the drop from the peak to the end, and in how many seeds the
     control first rose above the start and then fell below its peak (the reward-hacking
-    shape). Per judged pair of RL runs: the mean difference of control reward at matched KL
+    shape), each by more than one standard error of the start's mean where the run's
+    metrics.jsonl (under run_dirs) records it, as the judge's claim does, else by any amount.
+    Per judged pair of RL runs: the mean difference of control reward at matched KL
     (A - B, stats.matched_kl) per seed, mean ± std, and in how many seeds it is > 0."""
     import numpy as np
 
-    runs: dict[str, list[dict]] = {}
-    for summ in summaries:
+    runs: dict[str, list[tuple[dict, Optional[float]]]] = {}
+    dirs = list(run_dirs) if run_dirs is not None else [None] * len(summaries)
+    for summ, run_dir in zip(summaries, dirs):
         for name, s in summ.items():
             if isinstance(s.get("peak_control_reward"), (int, float)) and \
                     isinstance(s.get("initial_control_reward"), (int, float)):
-                runs.setdefault(name, []).append(s)
+                runs.setdefault(name, []).append((s, _start_se(run_dir, name)))
     rl_rows = []
-    for name, ss in sorted(runs.items()):
+    for name, pairs in sorted(runs.items()):
+        ss = [s for s, _ in pairs]
         rise = [s["peak_control_reward"] - s["initial_control_reward"] for s in ss]
         drop = [float(s.get("drop_from_peak") or 0.0) for s in ss]
-        shape = sum(1 for r, d in zip(rise, drop) if r > 0 and d > 0)
+        shape = sum(1 for r, d, (_, se) in zip(rise, drop, pairs)
+                    if r > (se or 0.0) and d > (se or 0.0))
         rl_rows.append([name, _mean_std(rise),
                         _mean_std([float(s.get("peak_kl") or 0.0) for s in ss]),
                         _mean_std(drop), _mean_std([float(s.get("final_kl") or 0.0) for s in ss]),
@@ -625,14 +643,15 @@ def aggregate(run_dirs: list[str], out: str) -> str:
                   _table(["A vs B", "win rate of A", "95% CI (seeds and prompts)",
                           "W/T/L (pooled)", "decisive rate (pooled)",
                           "seeds with CI above 0.5"], aggregate_judge(judge_runs))]
-    rl_rows, kl_rows = aggregate_rl([_stage_summaries(d) for d in run_dirs])
+    rl_rows, kl_rows = aggregate_rl([_stage_summaries(d) for d in run_dirs], run_dirs)
     if rl_rows:
         parts += ["", "## RL (control reward on held-out prompts)", "",
                   "Per RL run over the seeds that ran it: the control reward's rise from the "
                   "start (the SFT policy) to its peak among the evaluations, the KL at the "
                   "peak, the drop from the peak to the end and the final KL (mean ± std); the "
                   "seeds where the control rose above the start, and where it rose and then "
-                  "fell (the reward-hacking shape).", "",
+                  "fell (the reward-hacking shape), each by more than one standard error of "
+                  "the start's mean where the run's metrics.jsonl records it.", "",
                   _table(["run", "rise to peak", "KL at peak", "drop after peak", "final KL",
                           "rose", "rose then fell"], rl_rows)]
     if kl_rows:
