@@ -208,8 +208,8 @@ MUTATIONS = [
              ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",)),
     Mutation("guard_ignores_nonfinite_update", "the guard checks loss/grads, not the update",
              "warm_jax/train_lib.py",
-             'finite = jnp.logical_and(finite, all_finite(new_params))\n'
-             '        finite = jnp.logical_and(finite, all_finite(new_opt))',
+             'finite = jnp.logical_and(finite, all_finite(new[pkey]))\n'
+             '        finite = jnp.logical_and(finite, all_finite(new[okey]))',
              'pass',
              ("tests/test_rm_ensemble.py::test_stacked_step_skips_a_members_nonfinite_update",
               "tests/test_rl.py::test_one_guard_refuses_a_non_finite_rl_update")),

@@ -534,8 +534,8 @@ def _judge_runs(run_dir: str, summary: dict) -> dict[str, dict]:
 def aggregate_judge(per_run: list[dict[str, dict]], seed: int = 0) -> list[list]:
     """Rows of the aggregate judge table: per pair the mean and std over seeds of the
     tie-adjusted rate, the bootstrap interval over seeds and prompts (runs with per-prompt
-    outcomes, or a pool's per-prompt fractions p_win / p_tie / p_loss, only), the pooled W/T/L and decisive rate, and in how many seeds the rate's
-    own interval lies above 0.5."""
+    outcomes, or a pool's per-prompt fractions p_win / p_tie / p_loss, only), the pooled
+    W/T/L and decisive rate, and in how many seeds the rate's own interval lies above 0.5."""
     import numpy as np
 
     from warm_jax import stats
