@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
+source launch/cpu_env.sh
 RUN_DIR=${RUN_DIR:-runs/warm_mini}
 GIN=${GIN:-gin/runs/warm_mini.gin}
 export TF_CPP_MIN_LOG_LEVEL=2

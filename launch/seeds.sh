@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
+source launch/cpu_env.sh
 SEEDS=${SEEDS:-0 1 2}
 GIN=${GIN:-gin/runs/paper_miniature.gin}
 RUNS=${RUNS:-runs/paper_miniature}

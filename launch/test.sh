@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
+source launch/cpu_env.sh
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export TF_CPP_MIN_LOG_LEVEL=2
 # Two workers (pytest-xdist), one test file each at a time (module fixtures stay in one

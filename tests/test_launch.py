@@ -362,3 +362,38 @@ def test_colab_notebook_is_valid_and_names_the_flow():
     bad = nbformat.from_dict({**nb, "cells": [{"cell_type": "code", "source": "x = 1"}]})
     with pytest.raises(nbformat.ValidationError):
         nbformat.validate(bad)
+
+
+def _cpu_env(env_value):
+    """GLIBC_TUNABLES after sourcing launch/cpu_env.sh (None: unset before)."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if env_value is not None:
+        env["GLIBC_TUNABLES"] = env_value
+    return subprocess.run(["bash", "-c", "source launch/cpu_env.sh; printf %s \"$GLIBC_TUNABLES\""],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_cpu_env_sets_the_allocator_tunables_unless_the_user_did():
+    for script in ("local.sh", "test.sh", "seeds.sh"):
+        assert "source launch/cpu_env.sh" in open(os.path.join(ROOT, "launch", script)).read()
+    tunables = _cpu_env(None)
+    assert "glibc.malloc.hugetlb=1" in tunables
+    assert _cpu_env("") == "" and _cpu_env("glibc.malloc.arena_max=1") == "glibc.malloc.arena_max=1"
+    # what the setting is for: a 64 MB block touched page by page faults in huge pages
+    # (16384 faults with 4 KB pages) where the kernel's THP mode allows it
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this kernel")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off on this kernel")
+    probe = ("import ctypes, resource\n"  # malloc itself (numpy asks for THP on its own)
+             "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+             "p = libc.malloc(64 << 20); f0 = resource.getrusage(0).ru_minflt\n"
+             "ctypes.memset(p, 1, 64 << 20); print(resource.getrusage(0).ru_minflt - f0)")
+    faults = {}
+    for name, value in (("default", ""), ("cpu_env", tunables)):
+        env = {**os.environ, "GLIBC_TUNABLES": value}
+        faults[name] = int(subprocess.run([sys.executable, "-c", probe], env=env, check=True,
+                                          capture_output=True, text=True).stdout)
+    assert faults["default"] >= 16000 and faults["cpu_env"] < 2000, faults

@@ -35,8 +35,9 @@ def test_parse_args_bindings_and_errors():
         main_lib.parse_args(["--gin_file=a.gin", "--bogus"])
 
 
-def test_data_stage_runs_writes_config_and_skips_when_done(tmp_path):
+def test_data_stage_runs_writes_config_and_skips_when_done(tmp_path, monkeypatch):
     gin.clear_config()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     run_dir = str(tmp_path / "run")
     g = _write(tmp_path / "t.gin", TINY_DATA)
     assert main_lib.main(["--gin_file", g, f"--gin.RUN_DIR='{run_dir}'"]) == 0
@@ -45,6 +46,7 @@ def test_data_stage_runs_writes_config_and_skips_when_done(tmp_path):
     assert "run.stages" in open(os.path.join(run_dir, "operative_config.gin")).read()
     info = json.load(open(os.path.join(run_dir, "main.run_info.json")))
     assert info["versions"]["jax"] and info["config"]["stages"] == ["data"]
+    assert info["env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # launch/cpu_env.sh's
     # a second run skips: the summary file is untouched, and so is the stage's timing (a
     # skip does not overwrite it with its own ~0 s)
     mtime = os.path.getmtime(os.path.join(run_dir, "data_stage", "summary.json"))

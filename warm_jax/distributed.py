@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Optional, Sequence, Union
 
@@ -185,6 +186,11 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     log.info("process %d of %d: %d local / %d global %s device(s) (%s)",
              info["process_index"], info["process_count"], info["local_devices"],
              info["global_devices"], jax.default_backend(), mode)
+    if jax.default_backend() == "cpu" and sys.platform == "linux" and \
+            "GLIBC_TUNABLES" not in os.environ:
+        log.info("GLIBC_TUNABLES is unset: on CPU the training steps run ~1.3x slower "
+                 "(glibc maps and zeroes XLA's temporaries anew each step); the launch "
+                 "scripts set it (launch/cpu_env.sh; docs/benchmarks.md)")
     _initialized = info
     return dict(info)
 

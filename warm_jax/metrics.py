@@ -149,6 +149,9 @@ def versions() -> dict[str, str]:
     return out
 
 
+RUN_ENV = ("GLIBC_TUNABLES", "XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_COMPILATION_CACHE")
+
+
 def write_run_info(directory: str, stage: str, *, config: Optional[Mapping[str, Any]] = None,
                    seeds: Optional[Mapping[str, Any]] = None) -> str:
     """Writes {stage}.run_info.json and operative_config.gin beside a stage's outputs."""
@@ -168,6 +171,8 @@ def write_run_info(directory: str, stage: str, *, config: Optional[Mapping[str, 
         "process_count": jax.process_count(),
         "config": dict(config or {}),
         "seeds": dict(seeds or {}),
+        # settings outside gin that change speed or devices (launch/cpu_env.sh)
+        "env": {k: os.environ[k] for k in RUN_ENV if k in os.environ},
     }
     path = os.path.join(directory, f"{stage}.run_info.json")
     atomic_write_json(path, info)
