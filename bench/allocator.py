@@ -4,8 +4,9 @@
 
 XLA:CPU allocates a program's temporaries afresh on every call. glibc maps blocks above
 its mmap threshold (at most 32 MB) anew each time, and the kernel then faults in and zeroes
-every 4 KB page on every step. launch/cpu_env.sh sets GLIBC_TUNABLES so that large blocks
-get transparent huge pages and smaller ones stay on the heap. This module runs
+every 4 KB page on every step. launch/cpu_env.sh sets GLIBC_TUNABLES so that malloc asks
+for transparent huge pages ('cpu_env'); 'cpu_env_heap_kept' also keeps blocks below 32 MB
+on the heap (thresholds, top pad, two arenas). This module runs
 bench.rm_throughput in a fresh process per setting (the tunables are read at process
 start), alternating the settings `rounds` times so that all see the same background load,
 and reports per setting and shape the median tokens/s, the child's CPU seconds (user and
@@ -48,9 +49,10 @@ def _cpu_env_tunables() -> str:
 
 def settings() -> dict[str, str]:
     """name -> GLIBC_TUNABLES ('' = glibc's defaults)."""
-    full = _cpu_env_tunables()
-    return {"glibc_default": "", "hugetlb_only": "glibc.malloc.hugetlb=1",
-            "cpu_env": full}
+    return {"glibc_default": "", "cpu_env": _cpu_env_tunables(),
+            "cpu_env_heap_kept": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:"
+                                 "glibc.malloc.trim_threshold=1073741824:"
+                                 "glibc.malloc.top_pad=67108864:glibc.malloc.arena_max=2"}
 
 
 def one_run(shape: str, tunables: str, steps: int) -> dict:
