@@ -360,6 +360,11 @@ def _section_judge(s: dict, run_dir: str) -> str:
         parts.append(_table(["A vs B", "tie-adjusted win rate of A", "95% CI", "wins", "ties",
                              "losses", "identical texts among ties", "decisive rate",
                              "95% CI (decisive)", "n"], rows))
+        if any(" vs mean(" in pair for pair in rates):
+            parts += ["", "A row `A vs mean(B1, ...)` compares A with a policy drawn at random "
+                      "from the Bs: its wins / ties / losses are expected counts (each "
+                      "prompt's fractions of A's duels, summed over prompts), hence not "
+                      "whole numbers."]
     matched = s.get("matched_kl") or {}
     if matched:
         parts += ["", "RL runs at matched KL (control reward interpolated from each run's "
