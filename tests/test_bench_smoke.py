@@ -133,3 +133,14 @@ def test_cpu_matmul_gradients_match_autodiff(monkeypatch):
     assert max(float(jnp.abs(g).max()) for g in flat_ref) > 0
     # remat keeps plain autodiff (its 'dots' policy cannot see inside a custom_vjp)
     assert not model_lib._use_cpu_matmul(model_lib.model_config("tiny", remat="dots"))
+
+
+def test_allocator_bench_settings_come_from_cpu_env_and_bad_shapes_fail(capsys):
+    from bench import allocator
+
+    named = allocator.settings()
+    assert named["glibc_default"] == "" and named["cpu_env"] == "glibc.malloc.hugetlb=1"
+    assert named["cpu_env_heap_kept"].startswith("glibc.malloc.hugetlb=1:")
+    with pytest.raises(SystemExit):
+        allocator.main(["--shapes", "flow,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
