@@ -82,9 +82,13 @@ def test_aggregate_keys_claims_by_setting_and_split_once_per_seed(tmp_path):
         return [c.strip() for c in line.strip("|").split("|")]
 
     # the same words on two settings are two claims, each counted once per seed (n = 2)
-    assert row("rm_clean", "ood", "warm_geq_ens_ood")[3:] == ["2/2 runs", "diff 0.030 ± 0.010"]
-    assert row("rm_corrupt", "ood", "warm_geq_ens_ood")[3:] == ["1/2 runs",
-                                                                "diff 0.010 ± 0.020"]
+    # with the diff per run and its t-interval over runs (2 runs: t(0.975, 1) = 12.706)
+    half = 12.706 * np.std([0.02, 0.04], ddof=1) / np.sqrt(2)
+    assert row("rm_clean", "ood", "warm_geq_ens_ood")[3:] == [
+        "2/2 runs", f"+0.020 / +0.040; [{0.03 - half:+.3f}, {0.03 + half:+.3f}]",
+        "diff 0.030 ± 0.010"]
+    assert row("rm_corrupt", "ood", "warm_geq_ens_ood")[3:] == [
+        "1/2 runs", "-0.010 / +0.030; [-0.244, +0.264]", "diff 0.010 ± 0.020"]
     assert row("rm_clean", "valid", "warm_matches_ens_in_distribution")[3] == "2/2 runs"
     assert row("rm_corrupt", "valid", "warm_matches_ens_in_distribution")[3] == "2/2 runs"
     assert not any("4 runs" in l or "/4" in l for l in lines)

@@ -136,6 +136,19 @@ def seeds_interval(per_seed: Sequence[tuple], n_boot: int = 2000, level: float =
             "ci_high": hi, "seeds": s}
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of per-seed values (seeds as the unit: n - 1 degrees
+    of freedom). With 3 seeds it is mean ± 4.30 x std / sqrt(3) (sample std): wide, as
+    three seeds are. Needs at least 2 values."""
+    from scipy import stats as st
+
+    x = np.asarray(values, np.float64)
+    if x.size < 2:
+        raise ValueError(f"t_interval: needs at least 2 values, got {x.size}")
+    half = st.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
 # ---------------------------------------------------------------------------------------
 # Control reward at matched KL
 

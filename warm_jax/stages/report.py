@@ -498,8 +498,23 @@ def _claim_rows(per_run: list[dict]) -> list[list]:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     nums.setdefault(k, []).append(float(v))
         rows.append([*key, f"{sum(bool(c.get('holds')) for c in found)}/{len(found)} runs",
+                     _diff_per_run(nums.get("diff")),
                      "; ".join(f"{k} {_mean_std(v)}" for k, v in nums.items())])
     return rows
+
+
+def _diff_per_run(diffs) -> str:
+    """A claim's 'diff' per run and the 95% Student-t interval of its mean over runs
+    (n/a when the claim has no diff or only one run judged it)."""
+    from warm_jax import stats
+
+    if not diffs:
+        return "n/a"
+    each = " / ".join(f"{d:+.3f}" for d in diffs)
+    if len(diffs) < 2:
+        return each
+    lo, hi = stats.t_interval(diffs)
+    return f"{each}; [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _values(per_run: list[dict], kind: str) -> dict[tuple, list]:
@@ -631,7 +646,8 @@ def aggregate(run_dirs: list[str], out: str) -> str:
     claims = _claim_rows(per_run)
     if claims:
         parts += ["", "## Claims", "", _table(
-            ["setting", "split", "claim", "holds in", "numbers (mean ± std)"], claims)]
+            ["setting", "split", "claim", "holds in",
+             "diff per run; 95% t-interval over runs", "numbers (mean ± std)"], claims)]
     gates_ = _values(per_run, "gates")
     if gates_:
         parts += ["", "## Gates (do the RMs do the task?)", "", _table(
