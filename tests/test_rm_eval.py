@@ -155,6 +155,20 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     warm = reward_lib.RewardModel.single(CFG, average.average_params([r.params for r in rms]))
     assert acc[("warm_M3", "valid")] == pytest.approx(
         reward_lib.pairwise_accuracy(warm, sets["valid"]))
+    # WARM vs ENS at M = 3, paired on the same pairs: the difference, the pairs where the
+    # two disagree (counted here from each model's own rewards) and an interval around it
+    ens3 = reward_lib.RewardModel.ensemble(CFG, [r.params for r in rms])
+    for sp in ("valid", "ood", "train_corrupt"):
+        (wc, wr), (ec, er) = (reward_lib.pair_rewards(m, sets[sp]) for m in (warm, ens3))
+        p = s["warm_vs_ens_paired"][sp]
+        assert p["disagree"] == int(np.sum((wc > wr) != (ec > er))) and p["n"] == len(wc)
+        assert p["diff"] == pytest.approx(acc[("warm_M3", sp)] - acc[("ens_M3", sp)])
+        assert p["diff_ci_low"] <= p["diff"] <= p["diff_ci_high"]
+        if p["disagree"]:
+            assert p["diff_ci_low"] < p["diff_ci_high"]
+    assert any(s["warm_vs_ens_paired"][sp]["disagree"] for sp in ("valid", "ood"))
+    ood_claim = next(c for c in s["claims"] if c["id"] == "warm_geq_ens_ood")
+    assert ood_claim["numbers"]["diff_ci_low"] == s["warm_vs_ens_paired"]["ood"]["diff_ci_low"]
 
     # the gates: swapped-post accuracy of each member, scored independently here
     from warm_jax import gates

@@ -52,7 +52,7 @@ import numpy as np
 from warm_jax import artifacts
 from warm_jax import cards as cards_lib
 from warm_jax import claims as claims_lib
-from warm_jax import average, config_checks, gates, metrics, partitioning, steps
+from warm_jax import average, config_checks, gates, metrics, partitioning, stats, steps
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import reward as reward_lib
 from warm_jax.stages.base import StageContext, binding
@@ -170,12 +170,28 @@ def _acc(rc, rr) -> float:
     return float(np.mean(np.asarray(rc) > np.asarray(rr)))
 
 
-def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: float
-            ) -> list[dict]:
+def paired_difference(correct_a, correct_b, n_boot: int = 2000) -> dict:
+    """A - B accuracy on the same pairs, with its 95% bootstrap interval over the pairs
+    (each resample draws pairs, both models together) and how many pairs they disagree on."""
+    a, b = np.asarray(correct_a, np.float64), np.asarray(correct_b, np.float64)
+    lo, hi = stats.bootstrap_interval(a - b, n_boot=n_boot)
+    return {"diff": float(np.mean(a - b)), "diff_ci_low": lo, "diff_ci_high": hi,
+            "disagree": int(np.sum(a != b)), "n": int(a.size)}
+
+
+def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: float,
+            paired: Optional[dict] = None) -> list[dict]:
     """The paper's claims as a list of {id, claim, holds, numbers, ...} (what the report
-    stage tabulates). The corruption claims appear only when train_corrupt was measured."""
+    stage tabulates). The corruption claims appear only when train_corrupt was measured.
+    paired: {split: paired_difference of WARM and ENS at M = m_all}; its interval over
+    pairs joins the WARM-vs-ENS claims' numbers (diff_ci_low, diff_ci_high)."""
     ms = sorted(int(k[len("warm_M"):]) for k in table if k.startswith("warm_M"))
     warm, ens = table[f"warm_M{m_all}"], table[f"ens_M{m_all}"]
+    paired = paired or {}
+
+    def ci(split):
+        p = paired.get(split) or {}
+        return {k: p[k] for k in ("diff_ci_low", "diff_ci_high") if k in p}
 
     def per_m(split):
         return {f"M{m}": table[f"warm_M{m}"][split] - table[f"ens_M{m}"][split] for m in ms}
@@ -186,7 +202,8 @@ def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: f
                    "claim": f"WARM ~ ENS in distribution (ID validation, M={m_all}, "
                             f"|diff| <= {tol})",
                    "holds": bool(abs(d) <= tol), "tolerance": tol,
-                   "numbers": {"warm": warm["valid"], "ens": ens["valid"], "diff": d},
+                   "numbers": {"warm": warm["valid"], "ens": ens["valid"], "diff": d,
+                               **ci("valid")},
                    "diff_per_M": per_m("valid")})
     for split, where in (("ood", "OOD, D_ood: the run's own policies' samples"),
                          ("stress", "stress split, valid2: policies that reverse the ID "
@@ -197,7 +214,8 @@ def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: f
         claims.append({"id": f"warm_geq_ens_{split}",
                        "claim": f"WARM >= ENS out of distribution ({where}, M={m_all})",
                        "holds": bool(d >= 0),
-                       "numbers": {"warm": warm[split], "ens": ens[split], "diff": d},
+                       "numbers": {"warm": warm[split], "ens": ens[split], "diff": d,
+                                   **ci(split)},
                        "diff_per_M": per_m(split)})
     if "train_corrupt" in splits:
         d = warm["train_corrupt"] - ens["train_corrupt"]
@@ -206,7 +224,7 @@ def _claims(table: dict, interp: dict, splits: Sequence[str], m_all: int, tol: f
                                 f"agreement with the flipped train labels, M={m_all})",
                        "holds": bool(d < 0),
                        "numbers": {"warm": warm["train_corrupt"], "ens": ens["train_corrupt"],
-                                   "diff": d},
+                                   "diff": d, **ci("train_corrupt")},
                        "diff_per_M": per_m("train_corrupt")})
     lam = np.asarray(interp["lambdas"])
     inner = (lam > 0) & (lam < 1)
@@ -365,8 +383,8 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     gate_rows, swap_acc, base = _gates(ctx, r, table, max_eval_pairs, baseline_train_pairs,
                                        ensemble, swap_models)
     m_all, names, order = len(r.paths), r.names, r.order
-    claims = claims_lib.keyed(_claims(table, interp, r.splits, m_all, claim_tolerance),
-                              ensemble, r.splits)
+    claims = claims_lib.keyed(_claims(table, interp, r.splits, m_all, claim_tolerance,
+                                      r.paired), ensemble, r.splits)
     ctx.write_run_info({
         "ensemble": ensemble, "corrupted": r.corrupted, "max_train_pairs": max_train_pairs,
         "max_eval_pairs": max_eval_pairs, "batch_size": batch_size, "num_lambdas": num_lambdas,
@@ -390,6 +408,7 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
         "split_titles": {s: SPLIT_TITLES.get(s, s) for s in r.splits},
         "ood_source": ood_path, "missing": {"ood": ood_missing} if ood_missing else {},
         "table": table, "interpolation": interp, "claims": claims,
+        "warm_vs_ens_paired": r.paired,
         "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
         "results": ctx.path("results.jsonl"), "plots": plots, "seconds": ctx.seconds}
     log.info("rm_eval[%s]: claims %s", ensemble, {c["id"]: c["holds"] for c in claims})
@@ -447,15 +466,21 @@ def _members(r) -> None:
 
 
 def _warm_and_ens(r, ensemble: str) -> dict:
-    """WARM and ENS with the top-M members, M = 2..all: {model: {split: accuracy}}."""
+    """WARM and ENS with the top-M members, M = 2..all: {model: {split: accuracy}}. For
+    M = all, r.paired[split] = paired_difference(WARM's, ENS's per-pair correctness)."""
     rc, rr, order, out = r.rc, r.rr, r.order, {}
+    r.paired = {}
     for m_count in range(2, len(r.paths) + 1):
         top = sorted(order[:m_count])
         merged = average.average_params([r.params[i] for i in top])
         warm_acc, ens_acc = {}, {}
         for s in r.splits:
-            warm_acc[s] = r.ev.accuracy(merged, r.sets[s])
-            ens_acc[s] = _acc(rc[s][top].mean(0), rr[s][top].mean(0))
+            w_c, w_r = r.ev.rewards(merged, r.sets[s])
+            e_c, e_r = rc[s][top].mean(0), rr[s][top].mean(0)
+            warm_acc[s], ens_acc[s] = _acc(w_c, w_r), _acc(e_c, e_r)
+            if m_count == len(r.paths):
+                r.paired[s] = paired_difference(np.asarray(w_c) > np.asarray(w_r),
+                                                np.asarray(e_c) > np.asarray(e_r))
             r.rows.append({"model": f"warm_M{m_count}", "kind": "warm", "M": m_count,
                            "members": top, "split": s, "accuracy": warm_acc[s],
                            "n": int(rc[s].shape[1])})
