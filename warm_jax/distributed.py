@@ -188,7 +188,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
              info["global_devices"], jax.default_backend(), mode)
     if jax.default_backend() == "cpu" and sys.platform == "linux" and \
             "GLIBC_TUNABLES" not in os.environ:
-        log.info("GLIBC_TUNABLES is unset: on CPU the training steps run ~1.3x slower "
+        log.info("GLIBC_TUNABLES is unset: on CPU the training steps run up to ~1.3x slower "
                  "(glibc maps and zeroes XLA's temporaries anew each step); the launch "
                  "scripts set it (launch/cpu_env.sh; docs/benchmarks.md)")
     _initialized = info
