@@ -296,11 +296,11 @@ def test_judge_prefers_the_better_policy_and_keeps_sides(world_dir, tmp_path):
     # the pool: 'word' beats 'mute' and ties itself (same samples) on every prompt
     pool = s["win_rates"]["word vs mean(mute, word)"]
     assert (pool["win_rate"], pool["wins"], pool["ties"], pool["losses"]) == (0.75, 16, 16, 0)
-    from warm_jax.stages import report
-    text = report._section_judge(s, run_dir)  # the pool's counts are said to be expected ones
-    assert "| word vs mean(mute, word) | 0.750 |" in text and "expected counts" in text
-    assert "expected counts" not in report._section_judge(
-        {**s, "win_rates": {"word vs mute": ab}}, run_dir)
     assert s["mean_control"]["mute"] == -2.0
     assert s["mean_control"]["word"] == pytest.approx(
         np.mean([oracle.score(p, text) for p in prov.prompts("eval")["prompts"][:32]]))
+    from warm_jax.stages import report
+    md = report._section_judge(s, run_dir)  # the pool's counts are said to be expected ones
+    assert "| word vs mean(mute, word) | 0.750 |" in md and "expected counts" in md
+    assert "expected counts" not in report._section_judge(
+        {**s, "win_rates": {"word vs mute": ab}}, run_dir)
