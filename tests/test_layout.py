@@ -8,6 +8,7 @@
 """
 import ast
 import os
+import sys
 
 import pytest
 
@@ -91,3 +92,37 @@ def test_the_import_check_sees_lazy_and_relative_imports(name):
     tree = ast.parse("def f():\n    from warm_jax.stages import rl\n"
                      "def g():\n    from . import bon\n")
     assert {"warm_jax.stages.rl", "warm_jax.stages.bon"} <= _imported(tree, "warm_jax.stages")
+
+
+def _mutation_check():
+    import importlib.util
+    path = os.path.join(os.path.dirname(ROOT), "tools", "mutation_check.py")
+    spec = importlib.util.spec_from_file_location("mutation_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("mutation_check", mod)  # its dataclass looks itself up there
+    spec.loader.exec_module(sys.modules["mutation_check"])
+    return sys.modules["mutation_check"]
+
+
+def test_every_mutation_still_targets_the_source_and_names_existing_tests():
+    """CI's mutation check errors on a mutation whose fragment moved; catch it here, fast."""
+    mc = _mutation_check()
+    assert mc.stale_fragments() == []
+    repo = os.path.dirname(ROOT)
+    for m in mc.MUTATIONS:
+        for node in m.tests:
+            file, _, name = node.partition("::")
+            assert f"def {name.split('[')[0]}(" in open(os.path.join(repo, file)).read(), \
+                (m.name, node)
+
+
+def test_the_fragment_check_sees_a_fragment_that_moved(tmp_path):
+    mc = _mutation_check()
+    m = mc.MUTATIONS[0]
+    target = tmp_path / m.path
+    target.parent.mkdir(parents=True)
+    source = open(os.path.join(os.path.dirname(ROOT), m.path)).read()
+    target.write_text(source)
+    assert mc.fragment_count(str(tmp_path), m)[1] == 1
+    target.write_text(source.replace(m.old, m.old[:-1] + " " + m.old[-1]))
+    assert mc.fragment_count(str(tmp_path), m)[1] == 0

@@ -12,6 +12,7 @@ exits 1 if any mutation survived or errored.
     python tools/mutation_check.py -k judge -k kl_penalty   # a subset (substring of names)
     python tools/mutation_check.py --slow       # also those whose test is the smoke flow
     python tools/mutation_check.py --baseline   # first: the named tests pass unmutated
+    python tools/mutation_check.py --check      # only: every fragment is still in the source
 
 Run it from the repository root with the project's environment (.venv/bin/python); it
 sets the 8 fake CPU devices itself. About 20 minutes on 2 CPU cores; see README.md.
@@ -117,8 +118,8 @@ MUTATIONS = [
              ("tests/test_rm_eval.py::test_rm_eval_stage_outputs_and_values",)),
     Mutation("rm_eval_ens_max", "rm_eval's ENS takes the max of member rewards, not the mean",
              "warm_jax/stages/rm_eval.py",
-             'ens_acc[s] = _acc(rc[s][top].mean(0), rr[s][top].mean(0))',
-             'ens_acc[s] = _acc(rc[s][top].max(0), rr[s][top].max(0))',
+             'e_c, e_r = rc[s][top].mean(0), rr[s][top].mean(0)',
+             'e_c, e_r = rc[s][top].max(0), rr[s][top].max(0)',
              ("tests/test_rm_eval.py::test_rm_eval_stage_outputs_and_values",)),
     Mutation("rm_eval_worst_members", "rm_eval's WARM/ENS of M take the worst M members",
              "warm_jax/stages/rm_eval.py",
@@ -287,11 +288,22 @@ def copy_repo(dst: str) -> None:
         shutil.copy2(src, os.path.join(dst, rel))
 
 
+def fragment_count(root: str, m: Mutation) -> tuple[str, int]:
+    """(the file's text, how often the mutation's fragment occurs in it)."""
+    with open(os.path.join(root, m.path)) as f:
+        text = f.read()
+    return text, text.count(m.old)
+
+
+def stale_fragments(root: str = REPO) -> list:
+    """Every mutation whose fragment does not occur exactly once (code moved on)."""
+    return [(m.name, m.path, n) for m in MUTATIONS for n in [fragment_count(root, m)[1]]
+            if n != 1]
+
+
 def apply(root: str, m: Mutation) -> None:
     path = os.path.join(root, m.path)
-    with open(path) as f:
-        text = f.read()
-    n = text.count(m.old)
+    text, n = fragment_count(root, m)
     if n != 1:
         raise LookupError(f"{m.path}: the fragment occurs {n} times (expected once): {m.old!r}")
     with open(path, "w") as f:
@@ -325,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("-k", action="append", default=[], help="run mutations whose name "
                     "contains this (repeatable)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--check", action="store_true", help="only check that every mutation's "
+                    "fragment occurs exactly once in the source (a second)")
     ap.add_argument("--slow", action="store_true", help="also the mutations whose test runs "
                     "the whole smoke flow (a few minutes each)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
@@ -334,6 +348,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     todo = [m for m in MUTATIONS if (args.slow or not m.slow)
             and (not args.k or any(k in m.name for k in args.k))]
+    if args.check:
+        stale = stale_fragments()
+        for name, path, n in stale:
+            print(f"{name}: its fragment occurs {n} times in {path} (expected once)")
+        print(f"{len(MUTATIONS) - len(stale)}/{len(MUTATIONS)} fragments found once")
+        return 1 if stale else 0
     if args.list:
         for m in todo:
             print(f"{m.name:32s} {m.path:28s} {' '.join(m.tests)}\n    {m.what}")
