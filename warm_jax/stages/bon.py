@@ -160,10 +160,11 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
     n_prompts = len(prompts["tokens"])
     ptoks, pmask = sampling.trim_left_padding(prompts["tokens"], prompts["mask"])
     key = jax.random.PRNGKey(seed)
-    parts = []
+    parts, t0, n_calls = [], time.perf_counter(), -(-n_prompts // prompts_per_call)
     for c, s in enumerate(range(0, n_prompts, prompts_per_call)):
         t, m = ptoks[s:s + prompts_per_call], pmask[s:s + prompts_per_call]
         out = sampler(params, t, m, jax.random.fold_in(key, c), num_samples=k)
+        _progress("sampled", c + 1, n_calls, min(s + prompts_per_call, n_prompts) * k, t0)
         rt, rm_ = np.repeat(t, k, axis=0), np.repeat(m, k, axis=0)
         seq = sampling.concat_right_padded(rt, rm_, out["tokens"], out["mask"])
         parts.append({"tokens": np.asarray(seq["tokens"]), "mask": np.asarray(seq["mask"]),
@@ -177,6 +178,17 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
     texts = prompts.get("prompts") or prompts.get("posts") or [""] * n_prompts
     pool["prompts"] = [texts[i // k] for i in range(n_prompts * k)]
     return pool
+
+
+def _progress(verb: str, done: int, total: int, samples: int, t0: float) -> None:
+    """A log line at about every tenth of a long loop (and at its end), with the rate and
+    the time left at that rate."""
+    if total < 4 or (done % max(1, total // 10) and done != total):
+        return
+    sec = time.perf_counter() - t0
+    log.info("bon: %s %d samples (%d/%d calls) in %.0f s, %.0f samples/s, ~%.0f s left",
+             verb, samples, done, total, sec, samples / max(sec, 1e-9),
+             sec * (total - done) / done)
 
 
 def best_of_n(sampler: sampling.Sampler, params, prompt_tokens, prompt_mask,
@@ -554,6 +566,8 @@ class _Scores:
         np.save(path + ".tmp.npy", s)
         os.replace(path + ".tmp.npy", path)
         self.seconds[spec] = round(time.perf_counter() - t0, 3)
+        log.info("bon: scored %d samples with %s in %.1f s (%d of the run's scorings done)",
+                 s.size, spec, self.seconds[spec], len(self.seconds))
         metrics_lib.atomic_write_json(self.seconds_path, self.seconds)
         return s
 
