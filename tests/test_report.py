@@ -531,3 +531,51 @@ def test_tie_preferences_reads_the_pool_and_the_kept_scores(tmp_path):
     assert "member_rm_corrupt_0" not in out
     with pytest.raises(SystemExit, match="run the bon stage"):
         tie_preferences.tie_preferences(str(tmp_path / "no_run"))
+
+
+def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
+    """tools/padding_probe.py (docs/science.md, section 15): each completion padded k times,
+    each reward's change in units of its std over the pool; WARM of the largest M only;
+    the corrupted ensemble's scores left out."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import padding_probe
+
+    bon_dir = tmp_path / "bon"
+    os.makedirs(bon_dir / "scores")
+    # 2 prompts x pool of 2; prompt tokens [5, 6] / [7]; completions of 2 and 1 tokens + EOS
+    tokens = np.asarray([[5, 6, 3, 3, 1], [5, 6, 3, 1, 0], [7, 3, 1, 0, 0], [7, 3, 3, 1, 0]])
+    mask = (tokens > 0).astype(np.int32)
+    cmask = mask.copy()
+    cmask[:2, :2] = 0
+    cmask[2:, :1] = 0
+    np.savez(bon_dir / "pool.npz", tokens=tokens, mask=mask, completion_mask=cmask)
+    (bon_dir / "pool_texts.json").write_text(json.dumps(
+        {"prompts": ["p0", "p0", "p1", "p1"], "completions": ["a b", "a", "c", "c d"],
+         "config": {"pool_size": 2}}))
+    np.save(bon_dir / "scores" / "member_rm_clean_0.npy", np.asarray([[0.0, 4.0]]))  # std 2
+    np.save(bon_dir / "scores" / "warm_rm_clean_2.npy", np.asarray([[0.0, 1.0]]))
+    np.save(bon_dir / "scores" / "warm_rm_clean_10.npy", np.asarray([[0.0, 1.0]]))  # std .5
+    np.save(bon_dir / "scores" / "member_rm_corrupt_0.npy", np.asarray([[0.0, 1.0]]))
+    assert padding_probe.kept_specs(str(tmp_path)) == ["member:rm_clean:0", "warm:rm_clean:10"]
+    encode = lambda s: [3] * len(s.split())
+    batch = padding_probe.padded_batch(str(tmp_path), encode, phrases=("x y.",), ks=(0, 2))
+    assert batch["shape"] == (1, 2, 2) and batch["completions"] == ["a b", "c", "a b x y. x y.",
+                                                                     "c x y. x y."]
+    assert list(batch["tokens"][2][:batch["mask"][2].sum()]) == [5, 6] + [3] * 6 + [1]
+    assert list(batch["tokens"][1][:batch["mask"][1].sum()]) == [7, 3, 1]
+    per = {"oracle": -0.5, "member:rm_clean:0": 1.0, "warm:rm_clean:10": 1.0}
+    seen = []
+
+    def load(run, spec):
+        seen.append(spec)
+        return None, lambda b: [per[spec] * c.count("x y.") for c in b["completions"]]
+
+    out = padding_probe.padding_probe(str(tmp_path), phrases=("x y.",), ks=(0, 1, 2),
+                                      load=load, encode=encode)
+    assert seen == ["oracle", "member:rm_clean:0", "warm:rm_clean:10"]
+    assert out["oracle"] == {"x y.": [-0.5, -1.0]}
+    assert out["member:rm_clean:0"] == {"x y.": [0.5, 1.0]}  # per phrase 1.0 / std 2
+    assert out["warm:rm_clean:10"] == {"x y.": [2.0, 4.0]}  # 1.0 / std 0.5
+    assert out["ens"] == out["member:rm_clean:0"]
+    with pytest.raises(SystemExit, match="run the bon stage"):
+        padding_probe.padding_probe(str(tmp_path / "no_run"))

@@ -1,0 +1,107 @@
+"""Diagnostic: how much do a run's reward models pay for padding the oracle charges for?
+
+Takes the SFT policy's own samples from the bon stage's pool (bon/pool.npz and
+bon/pool_texts.json: the first sample of each of the first P prompts), appends a padding
+phrase k times to each completion ("... long story short. long story short."), and scores
+every variant with the oracle and with each clean-ensemble reward whose pool scores the
+bon stage kept (bon/scores/member_<ens>_<i>.npy and warm_<ens>_<M>.npy: every member and
+WARM of the top M). It prints, per phrase and k, the mean change from the unpadded sample:
+for an RM in units of its own standard deviation over the pool (the SFT policy's samples,
+the scale RL standardises its rewards by), for the oracle in raw units; and ENS (the mean
+of the members' standardised rewards). In the miniature world the oracle charges for a
+summary past 16 words or with a repeated phrase; an RM that pays for padding there shares
+a cue RL can climb. Used in docs/science.md, section 15:
+
+  python tools/padding_probe.py runs/paper_miniature/seed_0 [--prompts 256] [--ensemble rm_clean]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+
+PHRASES = ("long story short.", "to be honest.", "and it is a whole thing.")
+KS = (0, 1, 2, 4)
+
+
+def kept_specs(run: str, ensemble: str = "rm_clean") -> list[str]:
+    """The reward specs whose pool scores the bon stage kept for `ensemble`: its members
+    (in index order), then WARM of the largest M."""
+    names = sorted(os.listdir(os.path.join(run, "bon", "scores")))
+    members = sorted((int(m.group(1)), f"member:{ensemble}:{m.group(1)}") for n in names
+                     for m in [re.fullmatch(rf"member_{ensemble}_(\d+)\.npy", n)] if m)
+    warms = sorted((int(m.group(1)), f"warm:{ensemble}:{m.group(1)}") for n in names
+                   for m in [re.fullmatch(rf"warm_{ensemble}_(\d+)\.npy", n)] if m)
+    return [s for _, s in members] + [s for _, s in warms[-1:]]
+
+
+def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 256) -> dict:
+    """Right-padded token rows (prompt tokens as sampled + encode(padded completion) + EOS)
+    for every (phrase, k, prompt), in that order, with their prompt and completion texts."""
+    with np.load(os.path.join(run, "bon", "pool.npz")) as z:
+        tokens, mask, cmask = z["tokens"], z["mask"], z["completion_mask"]
+    with open(os.path.join(run, "bon", "pool_texts.json")) as f:
+        texts = json.load(f)
+    k_pool = texts["config"]["pool_size"]
+    rows = np.arange(min(num_prompts, len(tokens) // k_pool)) * k_pool
+    seqs, prompts, comps = [], [], []
+    for phrase in phrases:
+        for k in ks:
+            for r in rows:
+                plen = int(mask[r].sum() - cmask[r].sum())
+                c = " ".join([texts["completions"][r].rstrip()] + [phrase] * k)
+                seqs.append([int(t) for t in tokens[r, :plen]] + list(encode(c)) + [1])
+                prompts.append(texts["prompts"][r])
+                comps.append(c)
+    width = -(-max(map(len, seqs)) // 16) * 16
+    tok = np.zeros((len(seqs), width), np.int32)
+    for j, s in enumerate(seqs):
+        tok[j, :len(s)] = s
+    return {"tokens": tok, "mask": (np.arange(width)[None] < np.asarray(
+        [len(s) for s in seqs])[:, None]).astype(np.int32), "prompts": prompts,
+        "completions": comps, "shape": (len(phrases), len(ks), len(rows))}
+
+
+def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
+                  phrases=PHRASES, ks=KS, load=None, encode=None) -> dict:
+    """{spec: {phrase: [mean change at each k > 0]}} (RMs standardised by their pool std,
+    the oracle raw, 'ens' = the mean of the members' standardised rewards)."""
+    if not os.path.exists(os.path.join(run, "bon", "pool.npz")):
+        raise SystemExit(f"{run}/bon/pool.npz: not found; run the bon stage of {run} first")
+    if load is None:
+        from warm_jax.reward import load_reward as load
+    if encode is None:
+        from warm_jax.data import vocab as vocab_lib
+        encode = vocab_lib.Vocab.load(os.path.join(run, "data", "spm.model")).encode
+    batch = padded_batch(run, encode, phrases, ks, num_prompts)
+    shape, out, std_members = batch.pop("shape"), {}, []
+    for spec in ["oracle"] + kept_specs(run, ensemble):
+        s = np.asarray(load(run, spec)[1](batch), np.float64).reshape(shape)
+        std = 1.0 if spec == "oracle" else float(np.load(os.path.join(
+            run, "bon", "scores", spec.replace(":", "_") + ".npy")).std())
+        s = s / std
+        if spec.startswith("member:"):
+            std_members.append(s)
+        out[spec] = s
+    if std_members:
+        out["ens"] = np.mean(std_members, axis=0)
+    return {spec: {ph: [round(float(v), 4) for v in (s[i, 1:] - s[i, :1]).mean(-1)]
+                   for i, ph in enumerate(phrases)} for spec, s in out.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--ensemble", default="rm_clean")
+    args = ap.parse_args(argv)
+    for run in args.runs:
+        print(json.dumps({"run": run, "ks": list(KS[1:]),
+                          "change": padding_probe(run, args.ensemble, args.prompts)}))
+
+
+if __name__ == "__main__":
+    main()
