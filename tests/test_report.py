@@ -553,17 +553,20 @@ def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
         {"prompts": ["p0", "p0", "p1", "p1"], "completions": ["a b", "a", "c", "c d"],
          "config": {"pool_size": 2}}))
     np.save(bon_dir / "scores" / "member_rm_clean_0.npy", np.asarray([[0.0, 4.0]]))  # std 2
+    np.save(bon_dir / "scores" / "member_rm_clean_1.npy", np.asarray([[0.0, 2.0]]))  # std 1
     np.save(bon_dir / "scores" / "warm_rm_clean_2.npy", np.asarray([[0.0, 1.0]]))
     np.save(bon_dir / "scores" / "warm_rm_clean_10.npy", np.asarray([[0.0, 1.0]]))  # std .5
     np.save(bon_dir / "scores" / "member_rm_corrupt_0.npy", np.asarray([[0.0, 1.0]]))
-    assert padding_probe.kept_specs(str(tmp_path)) == ["member:rm_clean:0", "warm:rm_clean:10"]
+    assert padding_probe.kept_specs(str(tmp_path)) == ["member:rm_clean:0", "member:rm_clean:1",
+                                                       "warm:rm_clean:10"]
     encode = lambda s: [3] * len(s.split())
     batch = padding_probe.padded_batch(str(tmp_path), encode, phrases=("x y.",), ks=(0, 2))
     assert batch["shape"] == (1, 2, 2) and batch["completions"] == ["a b", "c", "a b x y. x y.",
                                                                      "c x y. x y."]
     assert list(batch["tokens"][2][:batch["mask"][2].sum()]) == [5, 6] + [3] * 6 + [1]
     assert list(batch["tokens"][1][:batch["mask"][1].sum()]) == [7, 3, 1]
-    per = {"oracle": -0.5, "member:rm_clean:0": 1.0, "warm:rm_clean:10": 1.0}
+    per = {"oracle": -0.5, "member:rm_clean:0": 1.0, "member:rm_clean:1": 3.0,
+           "warm:rm_clean:10": 1.0}
     seen = []
 
     def load(run, spec):
@@ -572,10 +575,12 @@ def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
 
     out = padding_probe.padding_probe(str(tmp_path), phrases=("x y.",), ks=(0, 1, 2),
                                       load=load, encode=encode)
-    assert seen == ["oracle", "member:rm_clean:0", "warm:rm_clean:10"]
+    assert seen == ["oracle", "member:rm_clean:0", "member:rm_clean:1", "warm:rm_clean:10"]
     assert out["oracle"] == {"x y.": [-0.5, -1.0]}
     assert out["member:rm_clean:0"] == {"x y.": [0.5, 1.0]}  # per phrase 1.0 / std 2
     assert out["warm:rm_clean:10"] == {"x y.": [2.0, 4.0]}  # 1.0 / std 0.5
-    assert out["ens"] == out["member:rm_clean:0"]
+    assert out["member:rm_clean:1"] == {"x y.": [3.0, 6.0]}
+    # ENS: the members' mean (2.0 a phrase) over the std of their mean pool scores (1.5)
+    assert out["ens"] == {"x y.": [1.3333, 2.6667]}
     with pytest.raises(SystemExit, match="run the bon stage"):
         padding_probe.padding_probe(str(tmp_path / "no_run"))

@@ -7,8 +7,8 @@ every variant with the oracle and with each clean-ensemble reward whose pool sco
 bon stage kept (bon/scores/member_<ens>_<i>.npy and warm_<ens>_<M>.npy: every member and
 WARM of the top M). It prints, per phrase and k, the mean change from the unpadded sample:
 for an RM in units of its own standard deviation over the pool (the SFT policy's samples,
-the scale RL standardises its rewards by), for the oracle in raw units; and ENS (the mean
-of the members' standardised rewards). In the miniature world the oracle charges for a
+the scale RL standardises its rewards by), for the oracle in raw units; and ENS (the members'
+mean reward, standardised by its own standard deviation over the pool). In the miniature world the oracle charges for a
 summary past 16 words or with a repeated phrase; an RM that pays for padding there shares
 a cue RL can climb. Used in docs/science.md, section 15:
 
@@ -68,7 +68,7 @@ def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 25
 def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
                   phrases=PHRASES, ks=KS, load=None, encode=None) -> dict:
     """{spec: {phrase: [mean change at each k > 0]}} (RMs standardised by their pool std,
-    the oracle raw, 'ens' = the mean of the members' standardised rewards)."""
+    the oracle raw, 'ens' = the members' mean reward standardised by its own pool std)."""
     if not os.path.exists(os.path.join(run, "bon", "pool.npz")):
         raise SystemExit(f"{run}/bon/pool.npz: not found; run the bon stage of {run} first")
     if load is None:
@@ -77,17 +77,17 @@ def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
         from warm_jax.data import vocab as vocab_lib
         encode = vocab_lib.Vocab.load(os.path.join(run, "data", "spm.model")).encode
     batch = padded_batch(run, encode, phrases, ks, num_prompts)
-    shape, out, std_members = batch.pop("shape"), {}, []
+    shape, out, members = batch.pop("shape"), {}, []  # members: (raw scores, pool scores)
     for spec in ["oracle"] + kept_specs(run, ensemble):
         s = np.asarray(load(run, spec)[1](batch), np.float64).reshape(shape)
-        std = 1.0 if spec == "oracle" else float(np.load(os.path.join(
-            run, "bon", "scores", spec.replace(":", "_") + ".npy")).std())
-        s = s / std
+        pool = (np.ones(2) if spec == "oracle" else np.load(os.path.join(
+            run, "bon", "scores", spec.replace(":", "_") + ".npy")).astype(np.float64))
         if spec.startswith("member:"):
-            std_members.append(s)
-        out[spec] = s
-    if std_members:
-        out["ens"] = np.mean(std_members, axis=0)
+            members.append((s, pool))
+        out[spec] = s / (1.0 if spec == "oracle" else pool.std())
+    if members:  # ENS: the members' mean reward, standardised by its own std over the pool
+        out["ens"] = (np.mean([m[0] for m in members], axis=0)
+                      / np.mean([m[1] for m in members], axis=0).std())
     return {spec: {ph: [round(float(v), 4) for v in (s[i, 1:] - s[i, :1]).mean(-1)]
                    for i, ph in enumerate(phrases)} for spec, s in out.items()}
 
