@@ -418,6 +418,9 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
                               {"n": 64, "win_rate": 0.625, "ci_low": 0.5, "ci_high": 0.75}]}})):
         os.makedirs(a / sub)
         (a / sub / "summary.json").write_text(json.dumps(summ))
+    os.makedirs(a / "judge")
+    (a / "judge" / "summary.json").write_text(json.dumps({"win_rates": {"rl_warm vs sft": {
+        "win_rate": 0.625, "ci_low": 0.5, "ci_high": 0.75, "wins": 3, "ties": 4, "losses": 1}}}))
     (a / "timings.json").write_text(json.dumps({"data": {"wall_s": 120.0, "cpu_s": 60.0,
                                                           "load_1m": 0.5}}))
     os.makedirs(tmp_path / "seed_b")
@@ -426,6 +429,7 @@ def test_seed_table_reads_each_runs_summaries(tmp_path, capsys):
     assert "| | seed_a | seed_b |" in out
     assert "| SFT invents (D_ood posts, T = 1.0) | 25.0% | - |" in out
     assert "| rm_init warm start, ID | 0.812 | - |" in out
+    assert "| judge rl_warm vs sft: win rate [95% CI] (W / T / L) | 0.625 [0.500, 0.750] (3 / 4 / 1) | - |" in out
     assert "| rl_warm: start / peak (step, KL) / end (KL) | 1.000 / 1.500 (20, 0.50) / 1.250 (2.00) | - |" in out
     # every rl_* run of the directory, the default flow's first
     assert ("| rl_warm_corrupt: start / peak (step, KL) / end (KL) | 1.000 / 1.750 (40, 1.00) / "

@@ -5,8 +5,9 @@ summaries and timings.json:
 
 Prints a markdown table: the SFT policy's invented-fact fraction on the D_ood posts, the
 warm start's ID accuracy, the clean members' ID range, WARM / ENS (M = all) ID and D_ood,
-the gates, and each RL run's control reward (rl_*: start / peak / end with KL), and the flow's CPU and wall
-time with the highest 1-minute load seen at a stage's end. A missing file leaves "-".
+the gates, Best-of-N, each RL run's control reward (rl_*: start / peak / end with KL), the
+judge's win rates (tie-adjusted, 95% interval over prompts, wins / ties / losses), and the
+flow's CPU and wall time with the highest 1-minute load seen at a stage's end. A missing file leaves "-".
 """
 import json
 import os
@@ -81,6 +82,11 @@ def column(run):
                 f"{rl['initial_control_reward']:.3f} / {rl['peak_control_reward']:.3f} "
                 f"({rl['peak_step']}, {rl['peak_kl']:.2f}) / {rl['final_control_reward']:.3f} "
                 f"({rl['final_kl']:.2f})")
+    judge = _load(run, "judge", "summary.json") or {}
+    for pair, w in (judge.get("win_rates") or {}).items():
+        out[f"judge {pair}: win rate [95% CI] (W / T / L)"] = (
+            f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] "
+            f"({w['wins']:g} / {w['ties']:g} / {w['losses']:g})")
     t = _load(run, "timings.json") or {}
     rows = [v for v in t.values() if isinstance(v, dict)]
     if rows:
