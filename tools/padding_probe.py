@@ -7,10 +7,10 @@ every variant with the oracle and with each clean-ensemble reward whose pool sco
 bon stage kept (bon/scores/member_<ens>_<i>.npy and warm_<ens>_<M>.npy: every member and
 WARM of the top M). It prints, per phrase and k, the mean change from the unpadded sample:
 for an RM in units of its own standard deviation over the pool (the SFT policy's samples,
-the scale RL standardises its rewards by), for the oracle in raw units; and ENS (the members'
-mean reward, standardised by its own standard deviation over the pool). In the miniature world the oracle charges for a
-summary past 16 words or with a repeated phrase; an RM that pays for padding there shares
-a cue RL can climb. Used in docs/science.md, section 15:
+the scale RL standardises its rewards by), for the oracle in raw units; and ENS (the
+members' mean reward, standardised by its own standard deviation over the pool). In the
+miniature world the oracle charges for a summary past 16 words or with a repeated phrase;
+an RM that pays for padding there shares a cue RL can climb. Used in docs/science.md, section 15:
 
   python tools/padding_probe.py runs/paper_miniature/seed_0 [--prompts 256] [--ensemble rm_clean]
 """
@@ -47,13 +47,13 @@ def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 25
         texts = json.load(f)
     k_pool = texts["config"]["pool_size"]
     rows = np.arange(min(num_prompts, len(tokens) // k_pool)) * k_pool
+    heads = [[int(t) for t in tokens[r, :int(mask[r].sum() - cmask[r].sum())]] for r in rows]
     seqs, prompts, comps = [], [], []
     for phrase in phrases:
         for k in ks:
-            for r in rows:
-                plen = int(mask[r].sum() - cmask[r].sum())
+            for head, r in zip(heads, rows):
                 c = " ".join([texts["completions"][r].rstrip()] + [phrase] * k)
-                seqs.append([int(t) for t in tokens[r, :plen]] + list(encode(c)) + [1])
+                seqs.append(head + list(encode(c)) + [1])
                 prompts.append(texts["prompts"][r])
                 comps.append(c)
     width = -(-max(map(len, seqs)) // 16) * 16
@@ -71,6 +71,7 @@ def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
     the oracle raw, 'ens' = the members' mean reward standardised by its own pool std)."""
     if not os.path.exists(os.path.join(run, "bon", "pool.npz")):
         raise SystemExit(f"{run}/bon/pool.npz: not found; run the bon stage of {run} first")
+    from warm_jax.stages.bon import _safe  # the name bon keeps each spec's scores under
     if load is None:
         from warm_jax.reward import load_reward as load
     if encode is None:
@@ -81,7 +82,7 @@ def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
     for spec in ["oracle"] + kept_specs(run, ensemble):
         s = np.asarray(load(run, spec)[1](batch), np.float64).reshape(shape)
         pool = (np.ones(2) if spec == "oracle" else np.load(os.path.join(
-            run, "bon", "scores", spec.replace(":", "_") + ".npy")).astype(np.float64))
+            run, "bon", "scores", _safe(spec) + ".npy")).astype(np.float64))
         if spec.startswith("member:"):
             members.append((s, pool))
         out[spec] = s / (1.0 if spec == "oracle" else pool.std())

@@ -7,7 +7,8 @@ Prints a markdown table: the SFT policy's invented-fact fraction on the D_ood po
 warm start's ID accuracy, the clean members' ID range, WARM / ENS (M = all) ID and D_ood,
 the gates, Best-of-N, each RL run's control reward (rl_*: start / peak / end with KL), the
 judge's win rates (tie-adjusted, 95% interval over prompts, wins / ties / losses), and the
-flow's CPU and wall time with the highest 1-minute load seen at a stage's end. A missing file leaves "-".
+flow's CPU and wall time with the highest 1-minute load seen at a stage's end. A missing
+file leaves "-".
 """
 import json
 import os
