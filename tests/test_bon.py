@@ -309,8 +309,8 @@ def test_long_sampling_and_scoring_say_how_far_they_are(caplog):
     t0 = time.perf_counter() - 10.0
     with caplog.at_level(logging.INFO, logger="warm_jax"):
         for done in range(1, 21):
-            bon._progress("sampled", done, 20, done * 64, t0)
-        bon._progress("sampled", 3, 3, 192, t0)  # short loops stay quiet
+            bon._progress(done, 20, done * 64, t0)
+        bon._progress(3, 3, 192, t0)  # short loops stay quiet
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 10 and "(20/20 calls)" in lines[-1] and "~0 s left" in lines[-1]
     assert "sampled 128 samples (2/20 calls)" in lines[0] and "~90 s left" in lines[0]

@@ -164,7 +164,6 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
     for c, s in enumerate(range(0, n_prompts, prompts_per_call)):
         t, m = ptoks[s:s + prompts_per_call], pmask[s:s + prompts_per_call]
         out = sampler(params, t, m, jax.random.fold_in(key, c), num_samples=k)
-        _progress("sampled", c + 1, n_calls, min(s + prompts_per_call, n_prompts) * k, t0)
         rt, rm_ = np.repeat(t, k, axis=0), np.repeat(m, k, axis=0)
         seq = sampling.concat_right_padded(rt, rm_, out["tokens"], out["mask"])
         parts.append({"tokens": np.asarray(seq["tokens"]), "mask": np.asarray(seq["mask"]),
@@ -172,6 +171,7 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
                       "completion_mask": np.asarray(out["mask"]),
                       "logprobs": np.asarray(out["logprobs"]),
                       "lengths": np.asarray(out["lengths"])})
+        _progress(c + 1, n_calls, min(s + prompts_per_call, n_prompts) * k, t0)  # synced
     pool = {key_: np.concatenate([p[key_] for p in parts]) for key_ in parts[0]}
     pool["completions"] = sampling.decode_completions(vocab, pool["completion_tokens"],
                                                       pool["completion_mask"])
@@ -180,14 +180,14 @@ def sample_pool(sampler: sampling.Sampler, params, prompts: dict, k: int, seed: 
     return pool
 
 
-def _progress(verb: str, done: int, total: int, samples: int, t0: float) -> None:
-    """A log line at about every tenth of a long loop (and at its end), with the rate and
-    the time left at that rate."""
+def _progress(done: int, total: int, samples: int, t0: float) -> None:
+    """A log line at about every tenth of a long sampling loop (and at its end), with the
+    rate and the time left at that rate."""
     if total < 4 or (done % max(1, total // 10) and done != total):
         return
     sec = time.perf_counter() - t0
-    log.info("bon: %s %d samples (%d/%d calls) in %.0f s, %.0f samples/s, ~%.0f s left",
-             verb, samples, done, total, sec, samples / max(sec, 1e-9),
+    log.info("bon: sampled %d samples (%d/%d calls) in %.0f s, %.0f samples/s, ~%.0f s left",
+             samples, done, total, sec, samples / max(sec, 1e-9),
              sec * (total - done) / done)
 
 
