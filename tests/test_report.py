@@ -588,3 +588,41 @@ def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
     assert out["ens"] == {"x y.": [1.3333, 2.6667]}
     with pytest.raises(SystemExit, match="run the bon stage"):
         padding_probe.padding_probe(str(tmp_path / "no_run"))
+
+
+def test_member_errors_separates_shared_from_independent_errors(tmp_path):
+    """tools/member_errors.py (docs/science.md, section 15): two members with the same
+    error correlate 1 in their errors and pick the same samples; a member with its own
+    error correlates ~0 with them; WARM of the largest M only; a missing or misshapen
+    score file is named."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import member_errors
+
+    rng = np.random.default_rng(0)
+    scores = tmp_path / "bon" / "scores"
+    os.makedirs(scores)
+    with pytest.raises(SystemExit, match="run the bon stage"):
+        member_errors.member_errors(str(tmp_path))
+    oracle, shared = rng.normal(size=(64, 256)), rng.normal(size=(64, 256))
+    np.save(scores / "oracle.npy", oracle)
+    np.save(scores / "member_rm_clean_0.npy", oracle + shared)
+    np.save(scores / "member_rm_clean_1.npy", 3 * (oracle + shared) + 1)  # same ranking
+    np.save(scores / "member_rm_clean_2.npy", oracle + rng.normal(size=(64, 256)))
+    np.save(scores / "warm_rm_clean_2.npy", oracle)
+    np.save(scores / "warm_rm_clean_3.npy", oracle + shared / 2)
+    np.save(scores / "member_rm_corrupt_0.npy", oracle)  # one member: no pairs, left out
+    out = member_errors.member_errors(str(tmp_path))
+    assert list(out) == ["rm_clean"]
+    r = out["rm_clean"]
+    assert r["members"] == 3 and r["warm_m"] == 3
+    assert r["error_error"][2] == pytest.approx(1.0)  # members 0 and 1
+    assert abs(r["error_error"][1]) < 0.05  # member 2 with either
+    assert r["member_oracle"][0] == pytest.approx(np.sqrt(0.5), abs=0.02)
+    # WARM (oracle + shared / 2) tracks the oracle better than any member (1 / sqrt(1.25))
+    assert r["warm_oracle"] == pytest.approx(1 / np.sqrt(1.25), abs=0.02)
+    # pairs (0, 1) always agree, pairs with member 2 rarely: (1 + ~0 + ~0) / 3
+    assert 1 / 3 <= r["pick_agreement"] < 0.4
+    assert "| rm_clean | 0.70" in member_errors.table({"run": out})
+    np.save(scores / "member_rm_clean_2.npy", oracle[:, :8])
+    with pytest.raises(SystemExit, match=r"member_rm_clean_2\.npy: shape \(64, 8\)"):
+        member_errors.member_errors(str(tmp_path))
