@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -586,6 +587,12 @@ def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
     assert out["member:rm_clean:1"] == {"x y.": [3.0, 6.0]}
     # ENS: the members' mean (2.0 a phrase) over the std of their mean pool scores (1.5)
     assert out["ens"] == {"x y.": [1.3333, 2.6667]}
+    # a padded row longer than an RM's positions is refused, naming the RM
+    short = types.SimpleNamespace(config=types.SimpleNamespace(max_len=8))
+    with pytest.raises(SystemExit, match=r"9 tokens, past member:rm_clean:0's 8 positions"):
+        padding_probe.padding_probe(str(tmp_path), phrases=("x y.",), ks=(0, 2), encode=encode,
+                                    load=lambda run, spec: (None if spec == "oracle" else short,
+                                                            load(run, spec)[1]))
     with pytest.raises(SystemExit, match="run the bon stage"):
         padding_probe.padding_probe(str(tmp_path / "no_run"))
 

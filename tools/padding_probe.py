@@ -13,6 +13,7 @@ miniature world the oracle charges for a summary past 16 words or with a repeate
 an RM that pays for padding there shares a cue RL can climb. Used in docs/science.md, section 15:
 
   python tools/padding_probe.py runs/paper_miniature/seed_0 [--prompts 256] [--ensemble rm_clean]
+      [--ks 1,2,4]
 """
 from __future__ import annotations
 
@@ -79,8 +80,14 @@ def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
         encode = vocab_lib.Vocab.load(os.path.join(run, "data", "spm.model")).encode
     batch = padded_batch(run, encode, phrases, ks, num_prompts)
     shape, out, members = batch.pop("shape"), {}, []  # members: (raw scores, pool scores)
+    longest = int(batch["mask"].sum(1).max())
     for spec in ["oracle"] + kept_specs(run, ensemble):
-        s = np.asarray(load(run, spec)[1](batch), np.float64).reshape(shape)
+        rm, score = load(run, spec)
+        positions = getattr(getattr(rm, "config", None), "max_len", None)
+        if positions is not None and longest > positions:
+            raise SystemExit(f"{run}: padded {max(ks)} times a row is {longest} tokens, past "
+                             f"{spec}'s {positions} positions; use smaller --ks")
+        s = np.asarray(score(batch), np.float64).reshape(shape)
         pool = (np.ones(2) if spec == "oracle" else np.load(os.path.join(
             run, "bon", "scores", _safe(spec) + ".npy")).astype(np.float64))
         if spec.startswith("member:"):
@@ -98,10 +105,15 @@ def main(argv=None) -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--ensemble", default="rm_clean")
+    ap.add_argument("--ks", default=",".join(map(str, KS[1:])),
+                    help="how many times to append each phrase (comma-separated, each >= 1)")
     args = ap.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",")]
+    if not ks or min(ks) < 1:
+        ap.error(f"--ks {args.ks!r}: give counts >= 1, e.g. 1,2,4,8")
     for run in args.runs:
-        print(json.dumps({"run": run, "ks": list(KS[1:]),
-                          "change": padding_probe(run, args.ensemble, args.prompts)}))
+        print(json.dumps({"run": run, "ks": ks, "change": padding_probe(
+            run, args.ensemble, args.prompts, ks=[0] + ks)}))
 
 
 if __name__ == "__main__":
