@@ -587,6 +587,24 @@ def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
     assert out["member:rm_clean:1"] == {"x y.": [3.0, 6.0]}
     # ENS: the members' mean (2.0 a phrase) over the std of their mean pool scores (1.5)
     assert out["ens"] == {"x y.": [1.3333, 2.6667]}
+    # an extra spec: its pool (4 samples, scores 0 / 4: std 2) is scored here
+    pool_rows = []
+
+    def load_extra(run, spec):
+        if spec != "path:ws":
+            return load(run, spec)
+
+        def score(b):
+            if "completions" not in b:
+                pool_rows.append(len(b["tokens"]))
+                return [0.0, 4.0, 0.0, 4.0]
+            return [2.0 * c.count("x y.") for c in b["completions"]]
+        return None, score
+
+    out = padding_probe.padding_probe(str(tmp_path), phrases=("x y.",), ks=(0, 1), encode=encode,
+                                      load=load_extra, extra=["path:ws"])
+    assert pool_rows == [4] and out["path:ws"] == {"x y.": [1.0]}
+    assert out["ens"] == {"x y.": [1.3333]}  # the extra spec is not a member
     # a padded row longer than an RM's positions is refused, naming the RM
     short = types.SimpleNamespace(config=types.SimpleNamespace(max_len=8))
     with pytest.raises(SystemExit, match=r"9 tokens, past member:rm_clean:0's 8 positions"):

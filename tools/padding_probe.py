@@ -13,7 +13,7 @@ miniature world the oracle charges for a summary past 16 words or with a repeate
 an RM that pays for padding there shares a cue RL can climb. Used in docs/science.md, section 15:
 
   python tools/padding_probe.py runs/paper_miniature/seed_0 [--prompts 256] [--ensemble rm_clean]
-      [--ks 1,2,4]
+      [--ks 1,2,4] [--extra path:runs/paper_miniature/seed_0/rm_init/warm_start]
 """
 from __future__ import annotations
 
@@ -66,10 +66,18 @@ def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 25
         "completions": comps, "shape": (len(phrases), len(ks), len(rows))}
 
 
+def _pool_scores(run: str, score) -> np.ndarray:
+    """`score` on every sample of the bon stage's pool (for a reward bon kept no scores of)."""
+    with np.load(os.path.join(run, "bon", "pool.npz")) as z:
+        return np.asarray(score({"tokens": z["tokens"], "mask": z["mask"]}), np.float64)
+
+
 def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
-                  phrases=PHRASES, ks=KS, load=None, encode=None) -> dict:
+                  phrases=PHRASES, ks=KS, load=None, encode=None, extra=()) -> dict:
     """{spec: {phrase: [mean change at each k > 0]}} (RMs standardised by their pool std,
-    the oracle raw, 'ens' = the members' mean reward standardised by its own pool std)."""
+    the oracle raw, 'ens' = the members' mean reward standardised by its own pool std).
+    `extra`: more reward specs (e.g. 'path:RUN/rm_init/warm_start'), whose pool std is
+    computed by scoring the pool."""
     if not os.path.exists(os.path.join(run, "bon", "pool.npz")):
         raise SystemExit(f"{run}/bon/pool.npz: not found; run the bon stage of {run} first")
     from warm_jax.stages.bon import _safe  # the name bon keeps each spec's scores under
@@ -81,15 +89,16 @@ def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
     batch = padded_batch(run, encode, phrases, ks, num_prompts)
     shape, out, members = batch.pop("shape"), {}, []  # members: (raw scores, pool scores)
     longest = int(batch["mask"].sum(1).max())
-    for spec in ["oracle"] + kept_specs(run, ensemble):
+    for spec in ["oracle"] + kept_specs(run, ensemble) + list(extra):
         rm, score = load(run, spec)
         positions = getattr(getattr(rm, "config", None), "max_len", None)
         if positions is not None and longest > positions:
             raise SystemExit(f"{run}: padded {max(ks)} times a row is {longest} tokens, past "
                              f"{spec}'s {positions} positions; use smaller --ks")
         s = np.asarray(score(batch), np.float64).reshape(shape)
-        pool = (np.ones(2) if spec == "oracle" else np.load(os.path.join(
-            run, "bon", "scores", _safe(spec) + ".npy")).astype(np.float64))
+        pool = (np.ones(2) if spec == "oracle" else _pool_scores(run, score) if spec in extra
+                else np.load(os.path.join(run, "bon", "scores", _safe(spec) + ".npy")
+                             ).astype(np.float64))
         if spec.startswith("member:"):
             members.append((s, pool))
         out[spec] = s / (1.0 if spec == "oracle" else pool.std())
@@ -105,6 +114,9 @@ def main(argv=None) -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--ensemble", default="rm_clean")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another reward spec to probe, e.g. path:RUN/rm_init/warm_start "
+                         "(its std over the pool is computed by scoring the pool)")
     ap.add_argument("--ks", default=",".join(map(str, KS[1:])),
                     help="how many times to append each phrase (comma-separated, each >= 1)")
     args = ap.parse_args(argv)
@@ -113,7 +125,7 @@ def main(argv=None) -> None:
         ap.error(f"--ks {args.ks!r}: give counts >= 1, e.g. 1,2,4,8")
     for run in args.runs:
         print(json.dumps({"run": run, "ks": ks, "change": padding_probe(
-            run, args.ensemble, args.prompts, ks=[0] + ks)}))
+            run, args.ensemble, args.prompts, ks=[0] + ks, extra=args.extra)}))
 
 
 if __name__ == "__main__":
