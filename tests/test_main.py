@@ -202,6 +202,7 @@ BAD_VALUES = [
      "pretrain_stage.learning_rate = inf: must be finite"),
     (["--gin.rl_warm/RLConfig.alpha=-0.01"], "rl_warm/RLConfig.alpha = -0.01: must be >= 0"),
     (["--gin.RLConfig.momentum=1.0"], "rl_single/RLConfig.momentum = 1.0: must be < 1"),
+    (["--gin.rl_warm/RLConfig.kl_target=0.0"], "rl_warm/RLConfig.kl_target = 0.0: must be > 0"),
     (["--gin.rl_warm/RLConfig.reward_normalization='zscore'"],
      "rl_warm/RLConfig.reward_normalization = 'zscore': must be one of ['sft', 'none']"),
     (["--gin.RLConfig.normalization_samples=1"],

@@ -47,6 +47,16 @@ def test_returns_and_shaped_rewards():
     np.testing.assert_allclose(g, [[0, 7, 7.5, 8.5, 0], [0, 0, -3, 0, 0]])
 
 
+def test_the_adaptive_kl_coefficient_moves_towards_the_target_by_at_most_a_fifth():
+    """Ziegler et al.'s controller: alpha grows when the KL is above target, shrinks below,
+    by at most 20% x batch / horizon a step (a target <= 0 is refused: tests/test_main.py)."""
+    up = rl_steps.adapt_alpha(0.01, 10.0, 2.0, 32, 320)  # KL 5x the target: clipped at +0.2
+    down = rl_steps.adapt_alpha(0.01, 1.5, 2.0, 32, 320)  # 25% under the target: -0.2
+    near = rl_steps.adapt_alpha(0.01, 2.2, 2.0, 32, 320)  # 10% over: +0.1
+    np.testing.assert_allclose([up, down, near], [0.0102, 0.0098, 0.0101], rtol=1e-6)
+    assert float(rl_steps.adapt_alpha(0.01, 2.0, 2.0, 32, 320)) == pytest.approx(0.01)
+
+
 def test_learning_raises_a_synthetic_token_reward(tmp_path):
     """A reward counting one token id: 20 sharded RL steps make the policy emit it."""
     params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
@@ -161,7 +171,9 @@ def _records(run_dir, name):
 
 
 BASELINES = {"value": (("baseline", "value"),),  # the value model from the RM, head fitted
-             "group": (("baseline", "group"), ("samples_per_prompt", 2))}
+             # with the adaptive KL coefficient (its alpha is in the resumed state)
+             "group": (("baseline", "group"), ("samples_per_prompt", 2), ("kl_target", 0.05),
+                       ("kl_horizon", 40))}
 
 
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
@@ -224,6 +236,20 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
     if baseline == "value":  # the value head was fitted on the RM's features
         assert np.isfinite(full["init"]["value_r2_heldout"])
     assert full["baseline"] == baseline
+    train = {r["step"]: r for r in recs if "alpha" in r}
+    assert len(train) == 6 and train[min(train)]["alpha"] == pytest.approx(0.01)
+    if dict(kw).get("kl_target"):  # each step's alpha follows from the previous step's KL
+        for s in sorted(train)[1:]:
+            prev = train[s - 1]
+            want = prev["alpha"] * (1 + np.clip(prev["kl"] / 0.05 - 1, -0.2, 0.2) * 8 / 40)
+            assert train[s]["alpha"] == pytest.approx(want, rel=1e-5), s
+        last = train[max(train)]
+        assert full["kl_target"] == 0.05 and full["final_alpha"] == pytest.approx(
+            last["alpha"] * (1 + np.clip(last["kl"] / 0.05 - 1, -0.2, 0.2) * 8 / 40), rel=1e-5)
+        assert full["final_alpha"] != 0.01
+    else:
+        assert [r["alpha"] for r in train.values()] == [pytest.approx(0.01)] * 6
+        assert full["kl_target"] is None and full["final_alpha"] == 0.01
     assert _stage(a, data, sft, rm, kw) == full  # done: skipped
 
 

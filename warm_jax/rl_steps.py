@@ -52,7 +52,12 @@ class RLConfig:
     - optimizer 'adafactor' with `momentum` (an EMA of the Adafactor steps without bias
       correction: the first update is (1 - momentum) x the sign-sized Adafactor step, and
       noise that changes sign from step to step averages out), or 'adamw' (`momentum` is
-      Adam's b1; Adam's first step is lr x sign(g)).
+      Adam's b1; Adam's first step is lr x sign(g));
+    - kl_target (None: alpha is fixed): the adaptive KL coefficient of Ziegler et al.
+      (2019): alpha starts at `alpha` and after each step is multiplied by
+      1 + clip(KL / kl_target - 1, -0.2, 0.2) x batch_size / kl_horizon (KL: the step's mean
+      per-completion KL), so the policy is held near kl_target nats instead of running
+      away; alpha is in the checkpointed state and logged as `alpha`.
     """
 
     steps: int = 100
@@ -76,6 +81,8 @@ class RLConfig:
     value_model: str = "reward"  # reward | policy: the value model's initial weights
     value_init: str = "fit"  # fit | mean | none
     value_fit_l2: float = 1e-3
+    kl_target: Optional[float] = None  # nats per completion; None: alpha stays fixed
+    kl_horizon: int = 10_000  # completions (Ziegler et al.'s horizon)
 
     @classmethod
     def check(cls, c) -> None:
@@ -105,6 +112,8 @@ class RLConfig:
         c.choice("value_model", VALUE_MODELS)
         c.choice("value_init", VALUE_INITS)
         c.number("value_fit_l2", 0)
+        c.number("kl_target", 0, lo_open=True, optional=True)
+        c.integer("kl_horizon", 1)
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
@@ -224,6 +233,13 @@ def shaped_rewards(score, kl_t, tmask, alpha: float):
     return -alpha * kl_t * tmask + score[:, None] * last
 
 
+def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int):
+    """The adaptive KL coefficient's update (Ziegler et al., 2019): alpha x (1 + e x
+    batch_size / horizon), e = clip(kl / target - 1, -0.2, 0.2)."""
+    err = jnp.clip(kl / target - 1.0, -0.2, 0.2)
+    return alpha * (1.0 + err * (batch_size / horizon))
+
+
 def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_tokens,
             prompt_mask, key) -> dict:
     """Samples completions and scores them: sequences, proxy scores, ref log-probs."""
@@ -252,7 +268,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         # extra forward pass is needed for the KL estimate
         kl_t = jax.lax.stop_gradient(ro["sample_lp"] - ro["ref_lp"]) * tmask
         score = standardise(ro["score"], state["reward_norm"])
-        rewards = shaped_rewards(score, kl_t, tmask, rl.alpha)
+        alpha = state["alpha"] if rl.kl_target else rl.alpha
+        rewards = shaped_rewards(score, kl_t, tmask, alpha)
         returns = discounted_returns(rewards, tmask)
 
         def value_loss_fn(vparams):
@@ -282,10 +299,14 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
             state, loss, [("params", "opt_state", tx_pi, pi_grads)] + groups)
         n_tok = jnp.sum(tmask, axis=1)
         kl_seq = jnp.sum(kl_t * tmask, axis=1)
+        if rl.kl_target:  # a refused (non-finite) step leaves alpha as it was
+            new = {**new, "alpha": jnp.where(finite, adapt_alpha(
+                alpha, jnp.mean(kl_seq), rl.kl_target, rl.batch_size, rl.kl_horizon), alpha)}
         metrics = {
             "reward": jnp.mean(ro["score"]), "reward_std": jnp.std(ro["score"]),
             "reward_standardised": jnp.mean(score),
-            "kl": jnp.mean(kl_seq), "objective": jnp.mean(score - rl.alpha * kl_seq),
+            "kl": jnp.mean(kl_seq), "objective": jnp.mean(score - alpha * kl_seq),
+            "alpha": jnp.asarray(alpha, jnp.float32),
             "entropy": _masked_mean(ent, tmask), "value_loss": v_loss, "policy_loss": pi_loss,
             "value_mean": _masked_mean(values, tmask), "return_mean": _masked_mean(returns, tmask),
             "completion_length": jnp.mean(n_tok),
@@ -349,14 +370,20 @@ def identity_norm() -> dict:
     return {"mean": jnp.zeros((), jnp.float32), "std": jnp.ones((), jnp.float32)}
 
 
-def init_rl_state(params, value_params, rng, tx_pi, tx_v, reward_norm=None) -> dict:
+def init_rl_state(params, value_params, rng, tx_pi, tx_v, reward_norm=None,
+                  alpha: Optional[float] = None) -> dict:
     """The RL state; reward_norm {mean, std} (default: the identity) is checkpointed with it,
-    so a resumed run standardises exactly as the run it continues."""
+    so a resumed run standardises exactly as the run it continues, and so is the adaptive
+    KL coefficient (`alpha`, only with RLConfig.kl_target)."""
     norm = identity_norm() if reward_norm is None else {
         k: jnp.asarray(reward_norm[k], jnp.float32) for k in ("mean", "std")}
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx_pi.init(params),
-            "value_params": value_params, "value_opt_state": tx_v.init(value_params),
-            "rng": rng, "nonfinite": jnp.zeros((), jnp.int32), "reward_norm": norm}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx_pi.init(params), "value_params": value_params,
+             "value_opt_state": tx_v.init(value_params), "rng": rng,
+             "nonfinite": jnp.zeros((), jnp.int32), "reward_norm": norm}
+    if alpha is not None:
+        state["alpha"] = jnp.asarray(alpha, jnp.float32)
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,8 +492,9 @@ def build_program(cfg, rl: RLConfig, reward_apply: RewardApply, mesh, rm_layout)
     abstract, names = model_lib.abstract_params(cfg)
     p_sh = partitioning.tree_shardings(names, abstract, mesh)
     abs_p = train_lib.with_shardings(abstract, p_sh)
+    alpha0 = rl.alpha if rl.kl_target else None
     init = lambda params, value_params, rng, norm: init_rl_state(params, value_params, rng,
-                                                                  tx_pi, tx_v, norm)
+                                                                  tx_pi, tx_v, norm, alpha0)
     abstract_state = jax.eval_shape(init, abs_p, abs_p, jax.random.PRNGKey(0), identity_norm())
     st_sh = train_lib.state_shardings(abstract_state, p_sh, mesh,
                                       min_dim_size_to_factor=rl.min_dim_size_to_factor)
