@@ -46,9 +46,9 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.where(den == 0, 0.0, (a * b).sum(1) / np.where(den == 0, 1, den))))
 
 
-def _error(m: np.ndarray, o: np.ndarray) -> np.ndarray:
-    """The member's standardised scores less their within-prompt regression on the oracle's."""
-    zm, zo = _z(m), _z(o)
+def _error(zm: np.ndarray, zo: np.ndarray) -> np.ndarray:
+    """A member's standardised scores less their within-prompt regression on the oracle's
+    (both standardised)."""
     return zm - (zm * zo).mean(1, keepdims=True) * zo
 
 
@@ -76,6 +76,7 @@ def member_errors(run: str) -> dict[str, dict]:
     if not os.path.exists(os.path.join(d, "oracle.npy")):
         raise SystemExit(f"{d}/oracle.npy not found: run the bon stage of {run} first")
     oracle = np.load(os.path.join(d, "oracle.npy")).astype(np.float64)
+    zo = _z(oracle)
     out = {}
     for ens, e in ensembles(d).items():
         ms = [np.load(p).astype(np.float64) for p in e["members"]]
@@ -85,20 +86,21 @@ def member_errors(run: str) -> dict[str, dict]:
         if len(ms) < 2:
             continue
         pairs = list(itertools.combinations(range(len(ms)), 2))
-        to_o = [_corr(_z(m), _z(oracle)) for m in ms]
-        errs = [_error(m, oracle) for m in ms]
+        zs = [_z(m) for m in ms]  # each member standardised once
+        to_o = [_corr(z, zo) for z in zs]
+        errs = [_error(z, zo) for z in zs]
         err = [_corr(errs[i], errs[j]) for i, j in pairs]
         picks = [m.argmax(1) for m in ms]
         row = {"members": len(ms),
                "member_oracle": [float(np.mean(to_o)), min(to_o), max(to_o)],
-               "member_member": float(np.mean([_corr(_z(ms[i]), _z(ms[j])) for i, j in pairs])),
+               "member_member": float(np.mean([_corr(zs[i], zs[j]) for i, j in pairs])),
                "error_error": [float(np.mean(err)), min(err), max(err)],
-               "ens_oracle": _corr(np.mean([_z(m) for m in ms], 0), _z(oracle)),
+               "ens_oracle": _corr(np.mean(zs, 0), zo),
                "pick_agreement": float(np.mean([np.mean(picks[i] == picks[j])
                                                 for i, j in pairs]))}
         if e["warm"] is not None:
             row["warm_m"] = e["warm"][0]
-            row["warm_oracle"] = _corr(_z(np.load(e["warm"][1]).astype(np.float64)), _z(oracle))
+            row["warm_oracle"] = _corr(_z(np.load(e["warm"][1]).astype(np.float64)), zo)
         out[ens] = {k: (np.round(v, 4).tolist() if isinstance(v, (list, float)) else v)
                     for k, v in row.items()}
     return out
