@@ -55,6 +55,10 @@ def test_the_adaptive_kl_coefficient_moves_towards_the_target_by_at_most_a_fifth
     near = rl_steps.adapt_alpha(0.01, 2.2, 2.0, 32, 320)  # 10% over: +0.1
     np.testing.assert_allclose([up, down, near], [0.0102, 0.0098, 0.0101], rtol=1e-6)
     assert float(rl_steps.adapt_alpha(0.01, 2.0, 2.0, 32, 320)) == pytest.approx(0.01)
+    # with a floor at its start, alpha below target stays put and above target still grows
+    floored = [float(rl_steps.adapt_alpha(0.01, kl, 2.0, 32, 320, floor=0.01))
+               for kl in (1.5, 10.0)]
+    np.testing.assert_allclose(floored, [0.01, 0.0102], rtol=1e-6)
 
 
 def test_learning_raises_a_synthetic_token_reward(tmp_path):

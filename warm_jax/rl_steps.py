@@ -57,7 +57,9 @@ class RLConfig:
       (2019): alpha starts at `alpha` and after each step is multiplied by
       1 + clip(KL / kl_target - 1, -0.2, 0.2) x batch_size / kl_horizon (KL: the step's mean
       per-completion KL), so the policy is held near kl_target nats instead of running
-      away; alpha is in the checkpointed state and logged as `alpha`.
+      away; alpha is in the checkpointed state and logged as `alpha`. `kl_alpha_min`
+      (None: no floor) keeps alpha from falling below it (e.g. its start, so that a
+      policy below target cannot loosen its own leash before it runs away).
     """
 
     steps: int = 100
@@ -83,6 +85,7 @@ class RLConfig:
     value_fit_l2: float = 1e-3
     kl_target: Optional[float] = None  # nats per completion; None: alpha stays fixed
     kl_horizon: int = 10_000  # completions (Ziegler et al.'s horizon)
+    kl_alpha_min: Optional[float] = None  # the adaptive alpha's floor (None: none)
 
     @classmethod
     def check(cls, c) -> None:
@@ -114,6 +117,11 @@ class RLConfig:
         c.number("value_fit_l2", 0)
         c.number("kl_target", 0, lo_open=True, optional=True)
         c.integer("kl_horizon", 1)
+        if c.number("kl_alpha_min", 0, lo_open=True, optional=True) is not None:
+            if c["kl_target"] is None:
+                c.fail("kl_alpha_min", "needs kl_target (alpha is fixed without it)")
+            if c["kl_alpha_min"] > c["alpha"]:
+                c.fail("kl_alpha_min", f"must be <= alpha = {c['alpha']} (alpha starts there)")
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
@@ -233,11 +241,13 @@ def shaped_rewards(score, kl_t, tmask, alpha: float):
     return -alpha * kl_t * tmask + score[:, None] * last
 
 
-def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int):
+def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int,
+                floor: Optional[float] = None):
     """The adaptive KL coefficient's update (Ziegler et al., 2019): alpha x (1 + e x
-    batch_size / horizon), e = clip(kl / target - 1, -0.2, 0.2)."""
+    batch_size / horizon), e = clip(kl / target - 1, -0.2, 0.2), not below `floor`."""
     err = jnp.clip(kl / target - 1.0, -0.2, 0.2)
-    return alpha * (1.0 + err * (batch_size / horizon))
+    new = alpha * (1.0 + err * (batch_size / horizon))
+    return new if floor is None else jnp.maximum(new, floor)
 
 
 def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_tokens,
@@ -301,7 +311,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         kl_seq = jnp.sum(kl_t * tmask, axis=1)
         if rl.kl_target:  # a refused (non-finite) step leaves alpha as it was
             new = {**new, "alpha": jnp.where(finite, adapt_alpha(
-                alpha, jnp.mean(kl_seq), rl.kl_target, rl.batch_size, rl.kl_horizon), alpha)}
+                alpha, jnp.mean(kl_seq), rl.kl_target, rl.batch_size, rl.kl_horizon,
+                rl.kl_alpha_min), alpha)}
         metrics = {
             "reward": jnp.mean(ro["score"]), "reward_std": jnp.std(ro["score"]),
             "reward_standardised": jnp.mean(score),
