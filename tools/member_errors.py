@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 
 import numpy as np
 
@@ -54,20 +53,11 @@ def _error(zm: np.ndarray, zo: np.ndarray) -> np.ndarray:
 
 def ensembles(scores_dir: str) -> dict[str, dict]:
     """{ensemble: {"members": [paths by index], "warm": (M, path) of the largest M}}."""
-    out: dict[str, dict] = {}
-    for name in sorted(os.listdir(scores_dir)):
-        m = re.fullmatch(r"(member|warm)_(.+)_(\d+)\.npy", name)
-        if not m:
-            continue
-        e = out.setdefault(m.group(2), {"members": {}, "warm": None})
-        path, i = os.path.join(scores_dir, name), int(m.group(3))
-        if m.group(1) == "member":
-            e["members"][i] = path
-        elif e["warm"] is None or i > e["warm"][0]:
-            e["warm"] = (i, path)
-    for e in out.values():
-        e["members"] = [e["members"][i] for i in sorted(e["members"])]
-    return out
+    from warm_jax.stages.bon import kept_scores
+
+    return {e: {"members": [p for _, _, p in k["members"]],
+                "warm": (k["warms"][-1][0], k["warms"][-1][2]) if k["warms"] else None}
+            for e, k in kept_scores(scores_dir).items()}
 
 
 def member_errors(run: str) -> dict[str, dict]:

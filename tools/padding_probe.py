@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 
 import numpy as np
 
@@ -31,12 +30,11 @@ KS = (0, 1, 2, 4)
 def kept_specs(run: str, ensemble: str = "rm_clean") -> list[str]:
     """The reward specs whose pool scores the bon stage kept for `ensemble`: its members
     (in index order), then WARM of the largest M."""
-    names = sorted(os.listdir(os.path.join(run, "bon", "scores")))
-    members = sorted((int(m.group(1)), f"member:{ensemble}:{m.group(1)}") for n in names
-                     for m in [re.fullmatch(rf"member_{ensemble}_(\d+)\.npy", n)] if m)
-    warms = sorted((int(m.group(1)), f"warm:{ensemble}:{m.group(1)}") for n in names
-                   for m in [re.fullmatch(rf"warm_{ensemble}_(\d+)\.npy", n)] if m)
-    return [s for _, s in members] + [s for _, s in warms[-1:]]
+    from warm_jax.stages.bon import kept_scores
+
+    k = kept_scores(os.path.join(run, "bon", "scores")).get(ensemble,
+                                                            {"members": [], "warms": []})
+    return [s for _, s, _ in k["members"]] + [s for _, s, _ in k["warms"][-1:]]
 
 
 def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 256) -> dict:

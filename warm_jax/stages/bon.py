@@ -236,6 +236,23 @@ def _safe(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
 
+def kept_scores(scores_dir: str) -> dict[str, dict]:
+    """The member and WARM scores a bon stage kept in scores_dir, by ensemble:
+    {ensemble: {"members": [(index, spec, path)], "warms": [(M, spec, path)]}}, each by its
+    number (the files are named _safe(spec) + '.npy': member_<e>_<i>.npy, warm_<e>_<M>.npy)."""
+    out: dict[str, dict] = {}
+    for name in sorted(os.listdir(scores_dir)):
+        m = re.fullmatch(r"(member|warm)_(.+)_(\d+)\.npy", name)
+        if m:
+            kind, ens, i = m.group(1), m.group(2), int(m.group(3))
+            e = out.setdefault(ens, {"members": [], "warms": []})
+            e[kind + "s"].append((i, f"{kind}:{ens}:{i}", os.path.join(scores_dir, name)))
+    for e in out.values():
+        e["members"].sort()
+        e["warms"].sort()
+    return out
+
+
 def selectors(run_dir: str, ensembles: Sequence[str], rewards: Sequence[str],
               control: str, warm_sizes: Optional[Sequence[int]] = None) -> list[dict]:
     """The selectors, in plot order: the control itself (the ceiling), then per ensemble
