@@ -651,3 +651,40 @@ def test_member_errors_separates_shared_from_independent_errors(tmp_path):
     np.save(scores / "member_rm_clean_2.npy", oracle[:, :8])
     with pytest.raises(SystemExit, match=r"member_rm_clean_2\.npy: shape \(64, 8\)"):
         member_errors.member_errors(str(tmp_path))
+
+
+def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, capsys):
+    """tools/rl_table.py (docs/results.md): per RL stage the summary's control figures, the
+    largest evaluated KL and, for an adaptive alpha only, alpha's range; per judge pair the
+    win rate and the matched-KL difference; --policies keeps the named policies."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import rl_table
+
+    run = tmp_path / "seed_3"
+    for name, target in (("rl_a", 4.0), ("rl_b", None)):
+        os.makedirs(run / name)
+        (run / name / "summary.json").write_text(json.dumps({
+            "stage": "rl", "reward": "warm:w", "initial_control_reward": 1.0,
+            "peak_control_reward": 1.5, "peak_step": 20, "peak_kl": 2.0,
+            "final_control_reward": 1.2, "final_kl": 3.0, "kl_target": target,
+            "final_alpha": 0.02 if target else 0.01}))
+        recs = [{"step": 1, "alpha": 0.01}, {"step": 10, "alpha": 0.03, "eval/kl": 7.5},
+                {"step": 20, "alpha": 0.02, "eval/kl": 3.0}]
+        (run / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    os.makedirs(run / "judge")
+    w = {"win_rate": 0.6, "ci_low": 0.55, "ci_high": 0.65, "wins": 3, "ties": 1, "losses": 1}
+    (run / "judge" / "summary.json").write_text(json.dumps({
+        "win_rates": {"rl_a vs rl_b": w, "rl_a vs sft": w},
+        "matched_kl": {"rl_a vs rl_b": {"mean_difference": -0.25, "overlap": [0.0, 3.0]}}}))
+    rows = rl_table.rl_rows(str(run))
+    assert [r["policy"] for r in rows] == ["rl_a", "rl_b"]
+    assert rows[0]["max_kl"] == 7.5 and rows[0]["alpha"] == (0.01, 0.03, 0.02)
+    assert rows[1]["alpha"] is None and rows[0]["seed"] == "3"
+    rl_table.main([str(run), "--policies", "rl_a"])
+    out = capsys.readouterr().out
+    assert "| 3 | rl_a | warm:w | 1.000 | 1.500 (20, 2.00) | 1.200 (3.00) | 7.5 | " \
+           "0.0100 / 0.0300 / 0.0200 |" in out
+    assert "rl_b" not in out and "| 3 | rl_a vs sft | 0.600 [0.550, 0.650] | 3 / 1 / 1 | - |" in out
+    rl_table.main([str(run)])
+    assert "| rl_a vs rl_b | 0.600 [0.550, 0.650] | 3 / 1 / 1 | -0.250 (0.0-3.0) |" in \
+        capsys.readouterr().out

@@ -1,0 +1,103 @@
+"""Per-seed tables of a run set's RL policies and judge (docs/results.md), from the runs' own
+files (each RL stage's summary.json and metrics.jsonl, judge/summary.json):
+
+  python tools/rl_table.py runs/paper_miniature_klfloor/seed_{0,1,2} [--policies a,b]
+
+Prints two markdown tables:
+- RL: per policy and seed, the oracle control reward on the held-out prompts at the start,
+  at its peak (step, KL) and at the end (KL), the largest KL an evaluation saw, and for an
+  adaptive KL coefficient (RLConfig.kl_target) alpha's smallest, largest and final value;
+- judge: per pair and seed, the tie-adjusted win rate of the final policies [95% interval
+  over prompts], wins / ties / losses, and the mean control difference at matched KL
+  (stats.matched_kl over the KLs both curves reached, with that range).
+A policy or pair missing from a run is left out; --policies keeps the named ones only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _json(*parts):
+    path = os.path.join(*parts)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _seed(run: str) -> str:
+    return os.path.basename(os.path.normpath(run)).replace("seed_", "")
+
+
+def rl_rows(run: str, policies=None) -> list[dict]:
+    """One row per RL stage of `run` (sorted by name): its summary figures, the largest
+    evaluated KL and alpha's range (adaptive alpha only)."""
+    rows = []
+    for name in sorted(os.listdir(run)):
+        s = _json(run, name, "summary.json")
+        if not s or s.get("stage") != "rl" or (policies and name not in policies):
+            continue
+        evals, alphas = [], []
+        with open(os.path.join(run, name, "metrics.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                if "eval/kl" in r:
+                    evals.append(r["eval/kl"])
+                if "alpha" in r and s.get("kl_target"):
+                    alphas.append(r["alpha"])
+        rows.append({"seed": _seed(run), "policy": name, "reward": s["reward"],
+                     "start": s["initial_control_reward"], "peak": s["peak_control_reward"],
+                     "peak_step": s["peak_step"], "peak_kl": s["peak_kl"],
+                     "final": s["final_control_reward"], "final_kl": s["final_kl"],
+                     "max_kl": max(evals) if evals else None,
+                     "alpha": (min(alphas), max(alphas), s["final_alpha"]) if alphas else None})
+    return rows
+
+
+def judge_rows(run: str, policies=None) -> list[dict]:
+    s = _json(run, "judge", "summary.json") or {}
+    rows = []
+    for pair, w in s.get("win_rates", {}).items():
+        a, _, b = pair.partition(" vs ")
+        if policies and not (a in policies and b in policies):
+            continue
+        m = s.get("matched_kl", {}).get(pair) or {}
+        rows.append({"seed": _seed(run), "pair": pair, **w,
+                     "matched": m.get("mean_difference"), "overlap": m.get("overlap")})
+    return rows
+
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--policies", default="", help="comma-separated RL stage names to keep")
+    args = ap.parse_args(argv)
+    keep = set(filter(None, args.policies.split(","))) | {"sft"} if args.policies else None
+    print("| seed | policy | reward | start | peak (step, KL) | final (KL) | max KL | "
+          "alpha min / max / final |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        for r in rl_rows(run, keep):
+            al = "fixed" if r["alpha"] is None else " / ".join(f"{x:.4f}" for x in r["alpha"])
+            print(f"| {r['seed']} | {r['policy']} | {r['reward']} | {r['start']:.3f} | "
+                  f"{r['peak']:.3f} ({r['peak_step']}, {r['peak_kl']:.2f}) | "
+                  f"{r['final']:.3f} ({r['final_kl']:.2f}) | {_f(r['max_kl'], '{:.1f}')} | {al} |")
+    print("\n| seed | A vs B | win rate [95% CI] | W / T / L | matched-KL difference (KL range) |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        for r in judge_rows(run, keep):
+            rng = ("" if not r["overlap"] else
+                   f" ({r['overlap'][0]:.1f}-{r['overlap'][1]:.1f})")
+            print(f"| {r['seed']} | {r['pair']} | {r['win_rate']:.3f} [{r['ci_low']:.3f}, "
+                  f"{r['ci_high']:.3f}] | {r['wins']} / {r['ties']} / {r['losses']} | "
+                  f"{_f(r['matched'], '{:+.3f}')}{rng} |")
+
+
+if __name__ == "__main__":
+    main()
