@@ -345,6 +345,8 @@ def test_colab_notebook_is_valid_and_names_the_flow():
     import nbformat
 
     path = os.path.join(ROOT, "notebooks", "warm_jax_colab.ipynb")
+    with open(path) as f:  # nbformat.read fills in missing cell ids (4.5 requires them)
+        assert all("id" in c for c in json.load(f)["cells"]), "a cell without an id"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)  # raises nbformat.ValidationError on a malformed notebook
     assert nb.nbformat == 4 and nb.cells
