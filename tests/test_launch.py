@@ -361,7 +361,8 @@ def test_colab_notebook_is_valid_and_names_the_flow():
         assert needle in text, needle
     assert os.path.exists(os.path.join(ROOT, "gin", "mesh", "gpu_1.gin"))
     # a broken notebook is refused (the validation above can fail)
-    bad = nbformat.from_dict({**nb, "cells": [{"cell_type": "code", "source": "x = 1"}]})
+    bad = nbformat.from_dict({**nb, "cells": [{"cell_type": "code", "id": "bad",
+                                               "source": "x = 1"}]})  # no outputs, metadata
     with pytest.raises(nbformat.ValidationError):
         nbformat.validate(bad)
 
