@@ -412,3 +412,38 @@ def test_pair_rewards_fixed_batches_match_direct_call():
     np.testing.assert_allclose(rr, np.asarray(rm(arrays["rejected_tokens"], arrays["rejected_mask"])),
                                rtol=1e-5, atol=1e-5)  # batch blocking changes the last bits
     assert reward_lib.pairwise_accuracy(rm, arrays, 3) == pytest.approx(np.mean(rc > rr))
+
+
+def test_interp_pair_writes_the_weighted_midpoint_and_scores_every_lambda(tmp_path):
+    """tools/interp_pair.py (docs/science.md, section 15): two RMs of different inits are
+    refused unless forced; forced, the lambda = 0.5 export holds the mean of the two, and each
+    lambda is scored on the ID pairs, the post-swapped pairs and the stress split (lambda 0
+    and 1 are the inputs themselves)."""
+    from warm_jax.data import provider as provider_lib
+    from warm_jax.data import world
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import interp_pair
+
+    run = tmp_path / "run"
+    world.generate_world(str(run / "data"), seed=0, n_train_pairs=200, n_valid_pairs=40,
+                         n_ood_pairs=40, n_sft=100, n_prompts=20, vocab_size=512)
+    vocab = provider_lib.DataProvider(provider_lib.DataConfig(data_dir=str(run / "data"))).vocab
+    cfg = model_lib.model_config("tiny", vocab_size=vocab.vocab_size, max_len=128)
+    a_params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+    b_params, _ = model_lib.init_params(cfg, jax.random.PRNGKey(2))
+    a, b = [_member(tmp_path, n, p, _card(i, model_config=model_lib.config_to_dict(cfg),
+                                           init_fingerprint=ckpt_lib.fingerprint(p),
+                                           shared_fingerprint=ckpt_lib.fingerprint(p)))
+            for i, (n, p) in enumerate((("a", a_params), ("b", b_params)))]
+    with pytest.raises(average.AveragingError, match="force_init_mismatch"):
+        interp_pair.interpolate(str(run), a, b, str(tmp_path / "out"), [0.5], pairs=16)
+    rows = interp_pair.interpolate(str(run), a, b, str(tmp_path / "out"), [0.0, 0.5, 1.0],
+                                   pairs=16, force_init_mismatch=True)
+    assert [r["path"] for r in rows] == [a, str(tmp_path / "out" / "lambda_0.5"), b]
+    mid, _ = ckpt_lib.load_params(rows[1]["path"])
+    for x, y, m in zip(*(jax.tree.leaves(_host(t)) for t in (a_params, b_params, mid))):
+        np.testing.assert_allclose(m, (x + y) / 2, rtol=1e-5, atol=1e-6)
+    for r in rows:
+        assert all(0.0 <= r[k] <= 1.0 for k in ("valid", "valid_swapped", "stress"))
+        assert r["swap_drop"] == pytest.approx(r["valid"] - r["valid_swapped"], abs=1e-4)

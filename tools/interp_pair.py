@@ -27,6 +27,8 @@ def interpolate(run: str, a: str, b: str, out: str, lambdas, pairs: int = 2000,
     import numpy as np
 
     from warm_jax import artifacts, average, gates
+    from warm_jax import model as model_lib
+    from warm_jax import train_lib
     from warm_jax import checkpoint as ckpt_lib
     from warm_jax import partitioning
     from warm_jax.data import pipeline
@@ -48,7 +50,9 @@ def interpolate(run: str, a: str, b: str, out: str, lambdas, pairs: int = 2000,
             average.average_checkpoints([a, b], path, weights=[1 - lam, lam], method="weighted",
                                         force_init_mismatch=force_init_mismatch)
         cfg = artifacts.model_config_from(ckpt_lib.read_card(path), path)
-        params, _ = ckpt_lib.load_params(path)
+        abstract, names = model_lib.abstract_params(cfg)  # onto the mesh, as rm_eval loads
+        shardings = partitioning.tree_shardings(names, abstract, mesh)
+        params, _ = ckpt_lib.load_params(path, train_lib.with_shardings(abstract, shardings))
         ev = Evaluator(cfg, mesh)
         acc = {k: ev.accuracy(params, v) for k, v in sets.items()}
         rows.append({"lambda": lam, "path": path, **{k: round(v, 4) for k, v in acc.items()},
