@@ -43,17 +43,19 @@ def interpolate(run: str, a: str, b: str, out: str, lambdas, pairs: int = 2000,
                                                         prov.vocab, prov.config.max_len),
             "stress": provider_lib.subset(prov.preference("stress"),
                                           np.arange(min(pairs, prov.num_pairs("stress"))))}
-    rows = []
+    rows, evaluators = [], {}  # one Evaluator (and its compiled programs) per model config
     for lam in lambdas:
         path = a if lam == 0 else b if lam == 1 else os.path.join(out, f"lambda_{lam:g}")
         if lam not in (0, 1) and not os.path.exists(os.path.join(path, "card.json")):
             average.average_checkpoints([a, b], path, weights=[1 - lam, lam], method="weighted",
                                         force_init_mismatch=force_init_mismatch)
         cfg = artifacts.model_config_from(ckpt_lib.read_card(path), path)
-        abstract, names = model_lib.abstract_params(cfg)  # onto the mesh, as rm_eval loads
-        shardings = partitioning.tree_shardings(names, abstract, mesh)
-        params, _ = ckpt_lib.load_params(path, train_lib.with_shardings(abstract, shardings))
-        ev = Evaluator(cfg, mesh)
+        if cfg not in evaluators:
+            abstract, names = model_lib.abstract_params(cfg)  # onto the mesh, as rm_eval loads
+            evaluators[cfg] = (Evaluator(cfg, mesh), train_lib.with_shardings(
+                abstract, partitioning.tree_shardings(names, abstract, mesh)))
+        ev, target = evaluators[cfg]
+        params, _ = ckpt_lib.load_params(path, target)
         acc = {k: ev.accuracy(params, v) for k, v in sets.items()}
         rows.append({"lambda": lam, "path": path, **{k: round(v, 4) for k, v in acc.items()},
                      "swap_drop": round(acc["valid"] - acc["valid_swapped"], 4)})

@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 
+from warm_jax.metrics import read_jsonl
+
 
 def _json(*parts):
     path = os.path.join(*parts)
@@ -39,14 +41,9 @@ def rl_rows(run: str, policies=None) -> list[dict]:
         s = _json(run, name, "summary.json")
         if not s or s.get("stage") != "rl" or (policies and name not in policies):
             continue
-        evals, alphas = [], []
-        with open(os.path.join(run, name, "metrics.jsonl")) as f:
-            for line in f:
-                r = json.loads(line)
-                if "eval/kl" in r:
-                    evals.append(r["eval/kl"])
-                if "alpha" in r and s.get("kl_target"):
-                    alphas.append(r["alpha"])
+        records = read_jsonl(os.path.join(run, name, "metrics.jsonl"))
+        evals = [r["eval/kl"] for r in records if "eval/kl" in r]
+        alphas = [r["alpha"] for r in records if "alpha" in r] if s.get("kl_target") else []
         rows.append({"seed": _seed(run), "policy": name, "reward": s["reward"],
                      "start": s["initial_control_reward"], "peak": s["peak_control_reward"],
                      "peak_step": s["peak_step"], "peak_kl": s["peak_kl"],
