@@ -11,12 +11,15 @@ M Hugging Face reward models against mergekit's linear merge of the same files.
    resident size before reading and the parameters' bytes (on CPU the device buffers are
    host memory, so peak - before - params is what reading cost on top of them).
 3. export: the same child writes the params back as an HF directory (GB/s written).
-4. merge: M reward models (LlamaForSequenceClassification, ~250 MB fp32 each by default,
-   one base + perturbations, one README base_model), merged uniformly by
-   `python -m warm_jax.average` and by `mergekit-yaml` (merge_method linear, float32,
-   --lazy-unpickle) one after the other, each a whole process under /usr/bin/time: wall,
-   user+system CPU seconds and peak RSS; then the two outputs are compared tensor by
-   tensor (and mergekit's is checked for the reward head).
+4. merge: M reward models (LlamaForSequenceClassification, fp32, ~250 MB each by default,
+   `--member_shape rm250,rm1g` adds ~1 GB members; one base + perturbations, one README
+   base_model), read once untimed so that both tools read from the page cache, merged
+   uniformly by `python -m warm_jax.average` and by `mergekit-yaml` (merge_method linear,
+   float32, --lazy-unpickle), each a whole process under /usr/bin/time (wall, user+system
+   CPU seconds, peak RSS), alternated for --rounds rounds; then medians, the ratio, the
+   largest 1-minute load (flagged above 1.5), warm-jax's peak RSS above a process that
+   only imports it against one member + one float32 accumulator, and the two outputs
+   compared tensor by tensor (and mergekit's checked for the reward head).
 
 Every figure is one JSON line (bench/common.py) with the machine description and the
 1-minute load average at the start and end of the figure.
@@ -44,6 +47,8 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=32000),
     "rm250": dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16,
                   num_key_value_heads=4, head_dim=64, intermediate_size=4096, vocab_size=32000),
+    "rm1g": dict(hidden_size=2048, num_hidden_layers=3, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=32000),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=512),
 }
@@ -220,7 +225,26 @@ def bench_io(work: str, shape_name: str, dtype: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def bench_merge(work: str, members: int, shape_name: str, mergekit: str | None) -> None:
+def _merge_cmds(work: str, paths: list[str], mergekit: str | None) -> dict:
+    """{tool: (command, output directory)} for one merge of `paths` by each tool."""
+    ours = os.path.join(work, "merge_warm_jax")
+    cmds = {"warm_jax.average": ([sys.executable, "-m", "warm_jax.average", *paths, "--out", ours],
+                                 ours)}
+    if mergekit:
+        theirs = os.path.join(work, "merge_mergekit")
+        yml = os.path.join(work, "mergekit.yml")
+        with open(yml, "w") as f:
+            f.write("merge_method: linear\ndtype: float32\nmodels:\n" + "".join(
+                f"  - model: {p}\n    parameters:\n      weight: 1.0\n" for p in paths))
+        cmds["mergekit-yaml"] = ([mergekit, yml, theirs, "--no-copy-tokenizer", "--lazy-unpickle"],
+                                 theirs)
+    return cmds
+
+
+def bench_merge(work: str, members: int, shape_name: str, mergekit: str | None,
+                rounds: int = 1) -> None:
+    """Whole-process merges, the tools alternated within each round (the first tool of a
+    round alternates too); per run a record, then medians, the ratio and the load flag."""
     shape = SHAPES[shape_name]
     paths = []
     for m in range(members):
@@ -229,31 +253,54 @@ def bench_merge(work: str, members: int, shape_name: str, mergekit: str | None) 
             write_checkpoint(p, shape, "rm", "float32", seed=100 + m, base_seed=7,
                              base_model="bench/base")
         paths.append(p)
-    member_bytes = sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])
-                       if f.endswith(".safetensors"))
+    files = [os.path.join(p, f) for p in paths for f in os.listdir(p) if f.endswith(".safetensors")]
+    member_bytes = sum(os.path.getsize(f) for f in files) // members
+    for f in files:  # both tools read from the page cache
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
     cfg = dict(members=members, shape=shape_name, member_bytes=member_bytes)
-    ours = os.path.join(work, "merge_warm_jax")
-    shutil.rmtree(ours, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    r = timed([sys.executable, "-m", "warm_jax.average", *paths, "--out", ours], env=env)
-    r.pop("stdout")
-    common.emit(common.record(BENCH, "merge_wall_s", r["wall_s"], "s", tool="warm_jax.average",
-                              **{k: v for k, v in r.items() if k != "wall_s"}, **cfg))
+    base = timed([sys.executable, "-c", "import warm_jax.average, warm_jax.hf_merge"], env=env)
+    common.emit(common.record(BENCH, "merge_import_baseline", base["wall_s"], "s",
+                              cpu_s=base["cpu_s"], peak_rss_bytes=base["peak_rss_bytes"], **cfg))
+    cmds = _merge_cmds(work, paths, mergekit)
+    runs: dict[str, list] = {tool: [] for tool in cmds}
+    for r in range(rounds):
+        order = list(cmds) if r % 2 == 0 else list(cmds)[::-1]
+        for tool in order:
+            cmd, out = cmds[tool]
+            shutil.rmtree(out, ignore_errors=True)
+            res = timed(cmd, env=env if tool == "warm_jax.average" else None)
+            m = re.search(r"\(([0-9.]+)s\)", res.pop("stdout"))
+            if m:  # warm-jax prints its merge-and-write seconds
+                res["merge_s"] = float(m.group(1))  # printed to the millisecond
+                res["read_GBps"] = members * member_bytes / max(res["merge_s"], 1e-3) / 1e9
+            runs[tool].append(res)
+            common.emit(common.record(BENCH, "merge_wall_s", res["wall_s"], "s", tool=tool,
+                                      round=r, **{k: v for k, v in res.items() if k != "wall_s"},
+                                      **cfg))
+    med = {tool: {k: float(np.median([x[k] for x in rs])) for k in rs[0] if k != "stdout"}
+           for tool, rs in runs.items()}
+    load = max(max(x["load1_start"], x["load1_end"]) for rs in runs.values() for x in rs)
+    ours = med["warm_jax.average"]
+    summary = dict(rounds=rounds, medians=med, max_load1=load, loaded=load > 1.5,
+                   rss_over_import_bytes=ours["peak_rss_bytes"] - base["peak_rss_bytes"],
+                   budget_bytes=2 * member_bytes, **cfg)  # one member + a float32 accumulator
+    if "mergekit-yaml" in med:
+        theirs = med["mergekit-yaml"]
+        summary.update(cpu_ratio=theirs["cpu_s"] / ours["cpu_s"],
+                       rss_ratio=theirs["peak_rss_bytes"] / ours["peak_rss_bytes"])
+        ratio = theirs["wall_s"] / ours["wall_s"]
+    else:
+        ratio = float("nan")
+    common.emit(common.record(BENCH, "merge_speed_ratio", ratio, "x (mergekit wall / warm-jax wall)",
+                              **summary))
     if not mergekit:
         return
-    theirs = os.path.join(work, "merge_mergekit")
-    shutil.rmtree(theirs, ignore_errors=True)
-    yml = os.path.join(work, "mergekit.yml")
-    with open(yml, "w") as f:
-        f.write("merge_method: linear\ndtype: float32\nmodels:\n" + "".join(
-            f"  - model: {p}\n    parameters:\n      weight: 1.0\n" for p in paths))
-    r = timed([mergekit, yml, theirs, "--no-copy-tokenizer", "--lazy-unpickle"])
-    r.pop("stdout")
-    common.emit(common.record(BENCH, "merge_wall_s", r["wall_s"], "s", tool="mergekit-yaml",
-                              **{k: v for k, v in r.items() if k != "wall_s"}, **cfg))
     from warm_jax import safetensors_io as st
 
-    a, b = st.CheckpointFiles(ours), st.CheckpointFiles(theirs)
+    a, b = (st.CheckpointFiles(cmds[t][1]) for t in ("warm_jax.average", "mergekit-yaml"))
     missing = sorted(set(a.keys()) - set(b.keys()))
     diff = max(float(np.abs(np.asarray(a.get(k), np.float32) - np.asarray(b.get(k), np.float32)
                             ).max()) for k in a.keys() if k in b.keys())
@@ -267,7 +314,11 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--members", type=int, default=4)
-    ap.add_argument("--member_shape", default="rm250", choices=sorted(SHAPES))
+    ap.add_argument("--member_shape", default="rm250",
+                    help="comma-separated member shapes, one merge benchmark each "
+                         f"({', '.join(sorted(SHAPES))})")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternated merge rounds (warm-jax, mergekit / mergekit, warm-jax)")
     ap.add_argument("--mergekit", default=None, help="mergekit-yaml executable (its own venv)")
     ap.add_argument("--skip_io", action="store_true")
     ap.add_argument("--skip_merge", action="store_true")
@@ -280,7 +331,10 @@ def main(argv=None) -> None:
         if not args.skip_io:
             bench_io(work, args.shape, args.dtype)
         if not args.skip_merge:
-            bench_merge(work, args.members, args.member_shape, args.mergekit)
+            for shape_name in args.member_shape.split(","):
+                if shape_name not in SHAPES:
+                    ap.error(f"--member_shape {shape_name!r}: choose from {sorted(SHAPES)}")
+                bench_merge(work, args.members, shape_name, args.mergekit, args.rounds)
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -144,3 +144,31 @@ def test_allocator_bench_settings_come_from_cpu_env_and_bad_shapes_fail(capsys):
     with pytest.raises(SystemExit):
         allocator.main(["--shapes", "flow,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_hf_merge_bench_alternates_and_summarises(tmp_path, capsys):
+    """bench.hf_checkpoints' merge benchmark on tiny members with a stand-in for mergekit
+    (a script that copies the first member): per-run rows in alternated order, then medians,
+    the ratio, the load flag and the memory budget."""
+    from bench import hf_checkpoints
+
+    fake = tmp_path / "fake-mergekit"
+    fake.write_text("#!/bin/sh\nset -e\nsrc=$(sed -n 's/.*- model: //p' \"$1\" | head -1)\n"
+                    "cp -r \"$src\" \"$2\"\n")
+    fake.chmod(0o755)
+    capsys.readouterr()
+    hf_checkpoints.main(["--dir", str(tmp_path / "w"), "--skip_io", "--member_shape", "tiny",
+                         "--members", "2", "--rounds", "2", "--mergekit", str(fake)])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    runs = [(r["tool"], r["round"]) for r in rows if r["metric"] == "merge_wall_s"]
+    assert runs == [("warm_jax.average", 0), ("mergekit-yaml", 0), ("mergekit-yaml", 1),
+                    ("warm_jax.average", 1)]
+    (summary,) = [r for r in rows if r["metric"] == "merge_speed_ratio"]
+    assert set(summary["medians"]) == {"warm_jax.average", "mergekit-yaml"}
+    assert summary["value"] == pytest.approx(summary["medians"]["mergekit-yaml"]["wall_s"]
+                                             / summary["medians"]["warm_jax.average"]["wall_s"])
+    assert summary["loaded"] == (summary["max_load1"] > 1.5)
+    assert summary["budget_bytes"] == 2 * summary["member_bytes"]
+    assert summary["medians"]["warm_jax.average"]["read_GBps"] > 0
+    (diff,) = [r for r in rows if r["metric"] == "merge_max_abs_diff"]
+    assert diff["value"] > 0 and diff["missing_in_mergekit"] == []  # the mean is no member

@@ -227,6 +227,61 @@ def test_hf_merge_weighted_one_hot_is_the_member(tmp_path, one_device):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_hf_merge_on_the_host_is_the_device_merge_to_one_ulp(tmp_path, mesh):
+    """The default (host, streamed) merge against the on-device one: the same tensors to one
+    float32 ulp (XLA fuses the running mean's multiply-add), each card's fingerprint is
+    checkpoint.fingerprint of its own output, and only the streamed files lack it in their
+    metadata (it is known once the tensors are written)."""
+    for weights in (None, [0.2, 0.5, 0.3]):
+        host = hf_merge.average_hf(MEMBERS, str(tmp_path / f"h{weights}"), weights)
+        dev = hf_merge.average_hf(MEMBERS, str(tmp_path / f"d{weights}"), weights, mesh=mesh,
+                                  on_device=True)
+        a, b = _read_all(host["path"]), _read_all(dev["path"])
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype == np.float32, k
+            np.testing.assert_array_max_ulp(a[k], b[k], maxulp=1)
+        for r, t in ((host, a), (dev, b)):
+            assert r["card"]["fingerprint"] == ckpt_lib.fingerprint(t)
+            assert json.load(open(os.path.join(r["path"], convert.WARM_CARD_NAME))
+                             )["fingerprint"] == r["card"]["fingerprint"]
+        assert host["card"]["merged_on"] == "host" and dev["card"]["merged_on"] == "device"
+        meta = st.CheckpointFiles(host["path"]).metadata
+        assert meta["warm_jax_kind"] == "warm" and "warm_jax_fingerprint" not in meta
+        assert st.CheckpointFiles(dev["path"]).metadata["warm_jax_fingerprint"] == \
+            dev["card"]["fingerprint"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_host_mean_is_the_running_mean_and_its_checksum(dtype, tmp_path):
+    """hf_merge.host_mean on sizes around its block (one block, a partial block, two halves
+    on two threads), from memory and from a file: the running weighted mean in float32,
+    cast, with checkpoint._leaf_checksum's checksum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    coefs = [np.float32(1.0), np.float32(0.4), np.float32(0.25)]
+    with ThreadPoolExecutor(2) as pool:
+        for n in (5, hf_merge._BLOCK + 7, 4 * hf_merge._BLOCK + 11):
+            xs = [rng.standard_normal(n).astype(dtype) for _ in coefs]
+            path = str(tmp_path / f"x{n}.bin")
+            with open(path, "wb") as f:
+                f.write(b"hdr!")
+                f.write(xs[2].tobytes())
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                srcs = [hf_merge.ArrayTensor(xs[0]), hf_merge.ArrayTensor(xs[1]),
+                        hf_merge.FileTensor(fd, 4, dtype, path)]
+                got, checksum = hf_merge.host_mean(srcs, coefs, (n,), np.dtype(dtype), pool)
+            finally:
+                os.close(fd)
+            want = xs[0].astype(np.float32)
+            for x, c in zip(xs[1:], coefs[1:]):
+                want = want + c * (x.astype(np.float32) - want)
+            np.testing.assert_array_equal(got, want.astype(dtype))
+            assert checksum == ckpt_lib.tree_checksums({"x": got})["['x']"], n
+
+
 def _copy_member(tmp_path, name, src=MEMBERS[2]):
     d = tmp_path / name
     shutil.copytree(src, d)

@@ -560,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             card = r["card"]
             print(f"wrote {r['path']}: {card['method']} average of {card['num_members']} "
                   f"Hugging Face member(s), weights {[round(x, 4) for x in card['weights']]} "
-                  f"-> {r['config']['architectures'][0]} ({r['stats']['merge_seconds']:.2f}s)")
+                  f"-> {r['config']['architectures'][0]} ({r['stats']['merge_seconds']:.3f}s)")
             return 0
         eval_fn = None
         if args.method == "greedy":

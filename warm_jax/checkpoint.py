@@ -83,9 +83,13 @@ def tree_checksums(tree: Any) -> dict[str, int]:
 
 def fingerprint(tree: Any) -> str:
     """One hex digest summarising a tree (used as the 'init fingerprint' of RM members)."""
+    return fingerprint_of_checksums(tree_checksums(tree))
+
+
+def fingerprint_of_checksums(sums: dict[str, int]) -> str:
+    """fingerprint() from {keypath: checksum} (hf_merge's host merge sums as it writes)."""
     import hashlib
 
-    sums = tree_checksums(tree)
     h = hashlib.sha256(json.dumps(sorted(sums.items())).encode())
     return h.hexdigest()[:16]
 

@@ -645,10 +645,13 @@ def write_hf(out: str, params: Any, card: dict, *, kind: Optional[str] = None,
 
 
 def write_dir(out: str, tensors: list, hf_cfg: dict, card: dict, *, kind: str, dtype: str,
-              tokenizer: Optional[str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+              tokenizer: Optional[str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              before_card: Optional[Callable[[], None]] = None) -> dict:
     """Writes an HF directory atomically: tensors ((name, array or st.Lazy) pairs), config.json,
     the model card (README.md), warm_jax_card.json and the tokenizer; a failure leaves no
-    output, temporary or parent directory behind."""
+    output, temporary or parent directory behind. `before_card` runs once the tensors are
+    written (it may complete the card: a streamed merge knows its fingerprint only then,
+    so its safetensors metadata has no warm_jax_fingerprint)."""
     out = os.path.abspath(out)
     tok = tokenizer
     if not tok:
@@ -661,11 +664,14 @@ def write_dir(out: str, tensors: list, hf_cfg: dict, card: dict, *, kind: str, d
     made = ckpt_lib.missing_parents(out)  # removed again on failure
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
-    meta = {"format": "pt", "warm_jax_kind": str(card.get("kind")),
-            "warm_jax_fingerprint": str(card.get("fingerprint"))}
+    meta = {"format": "pt", "warm_jax_kind": str(card.get("kind"))}
+    if card.get("fingerprint") is not None:
+        meta["warm_jax_fingerprint"] = str(card["fingerprint"])
     try:
         os.makedirs(tmp)  # and its parents
         total, num_shards = write_shards(tmp, tensors, meta, max_shard_bytes)
+        if before_card is not None:
+            before_card()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, WARM_CARD_NAME), "w") as f:

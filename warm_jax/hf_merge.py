@@ -10,10 +10,16 @@ The same op as warm_jax.average, with the same guarantees:
    base shown (the same `base_model` in every README.md, or the same init/shared
    fingerprint in every warm_jax_card.json) unless force_init_mismatch; weights as
    average.normalize_weights wants them.
-2. Streaming merge: each member's tensors are read straight onto the mesh shardings, in
-   the files' own layout (averaging is elementwise: nothing is transposed), and folded into
-   the float32 running weighted mean of average._Accumulator, then freed; the result is
-   cast back to the members' dtype. A warm-jax reward bias in config.json
+2. Streaming merge, on the host by default: tensor by tensor, in blocks of 2^18 elements
+   that stay in cache, the members' memory-mapped bytes are folded into a float32 running
+   weighted mean (acc + coef * (x - acc), the op of average._Accumulator), cast back to
+   the members' dtype and written; the host holds one tensor of the output (plus a block
+   per thread), whatever M and the model's size, and the two halves of a large tensor run
+   on two threads. Files in, files out: a device would only add two transfers.
+   `on_device=True` keeps the former path (each member read onto the mesh shardings in the
+   files' own layout and folded in by average._Accumulator on device). The two agree to one
+   float32 ulp: XLA fuses a + c * (x - a) into one multiply-add, numpy rounds the product
+   first (tests/test_convert.py). A warm-jax reward bias in config.json
    (warm_jax_reward_bias) is averaged with the same weights.
 3. Atomic output (convert.write_dir): the members' config.json (less _name_or_path), the
    merged tensors, a model card naming members and weights, the tokenizer; the directory
@@ -26,6 +32,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import jax
@@ -151,8 +158,9 @@ def check_hf_members(paths: Sequence[str], *, force_init_mismatch: bool = False
 
 def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
                method: Optional[str] = None, mesh=None, *,
-               force_init_mismatch: bool = False) -> dict:
-    """Weight-averages HF reward-model directories into the HF directory `out`."""
+               force_init_mismatch: bool = False, on_device: bool = False) -> dict:
+    """Weight-averages HF reward-model directories into the HF directory `out` (streamed on
+    the host; `on_device=True`: on the mesh, as average.py merges warm-jax checkpoints)."""
     out = os.path.abspath(os.fspath(out))
     method = method or ("weighted" if weights is not None else "uniform")
     bad = avg_lib.method_problem(method, weights)
@@ -167,48 +175,185 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
         raise AveragingError(f"{out}: output path is one of the members")
     w = avg_lib.normalize_weights(weights, len(paths))
     members, stored, init_check = check_hf_members(paths, force_init_mismatch=force_init_mismatch)
-    mesh = mesh if mesh is not None else partitioning.make_mesh(partitioning.MeshConfig())
-    target = raw_target(members[0], mesh, stored)
-    t0 = time.perf_counter()
-    ops = avg_lib._Accumulator({k: a.dtype for k, a in target.items()})
-    acc, total, bias = None, 0.0, 0.0
-    for i, m in enumerate(members):
-        if w[i] == 0:
-            continue
-        tensors = load_raw(m, target)
-        total += float(w[i])
-        coef = w[i] / total
-        acc = ops.start(tensors) if acc is None else ops.update(acc, tensors, jnp.float32(coef))
-        bias += coef * (m.reward_bias - bias)
-        del tensors
-    merged = ops.finish(acc)
-    jax.block_until_ready(merged)
-    seconds = time.perf_counter() - t0
+    used = [(m, float(w[i])) for i, m in enumerate(members) if w[i] != 0]
+    coefs, total, bias = [], 0.0, 0.0
+    for m, wi in used:  # the running weighted mean's coefficients (average._mean_update)
+        total += wi
+        coefs.append(wi / total)
+        bias += coefs[-1] * (m.reward_bias - bias)
     m0 = members[0]
     card = {
         "kind": "warm", "method": method, "model_config": model_lib.config_to_dict(m0.cfg),
         "vocab_sha256": _sha(m0.tokenizer), "vocab_size": m0.cfg.vocab_size,
-        "num_members": int(np.sum(w > 0)), "weights": [float(x) for x in w],
+        "num_members": len(used), "weights": [float(x) for x in w],
         "members": [cards.MemberRef(path=m.directory, weight=float(w[i])).as_dict()
                     for i, m in enumerate(members)],
         "init_check": init_check, "accumulate_dtype": "float32", "stored_dtype": stored,
-        "step": None, "fingerprint": avg_lib.ckpt_lib.fingerprint(merged),
+        "step": None, "fingerprint": None, "merged_on": "device" if on_device else "host",
         "hf": dict(m0.card()["hf"], source=None),
     }
+    t0 = time.perf_counter()
+    if on_device:
+        tensors, finish = _device_merge(used, coefs, stored, mesh, card)
+    else:
+        tensors, finish = _host_merge(used, coefs, stored, card)
     hf_cfg = {k: v for k, v in m0.hf.items() if k not in ("_name_or_path", convert.REWARD_BIAS_KEY)}
     if bias:
         hf_cfg[convert.REWARD_BIAS_KEY] = float(bias)
+    result = convert.write_dir(out, tensors, hf_cfg, card, kind="rm", dtype=stored,
+                               tokenizer=m0.tokenizer,
+                               max_shard_bytes=max(f.size for f in m0.files.files.values()),
+                               before_card=finish)
+    seconds = time.perf_counter() - t0
+    result["card"] = card
+    result["stats"].update(merge_seconds=seconds, members_read=card["num_members"])
+    log.info("averaged %d Hugging Face member(s) (%s, on the %s) and wrote them in %.2fs",
+             card["num_members"], method, card["merged_on"], seconds)
+    return result
+
+
+def _device_merge(used, coefs, stored, mesh, card):
+    """The merged tensors on the mesh (average._Accumulator), fetched one at a time while
+    writing; the card's fingerprint is known before any file is written."""
+    mesh = mesh if mesh is not None else partitioning.make_mesh(partitioning.MeshConfig())
+    target = raw_target(used[0][0], mesh, stored)
+    ops = avg_lib._Accumulator({k: a.dtype for k, a in target.items()})
+    acc = None
+    for (m, _), coef in zip(used, coefs):
+        tensors = load_raw(m, target)
+        acc = ops.start(tensors) if acc is None else ops.update(acc, tensors, jnp.float32(coef))
+        del tensors
+    merged = ops.finish(acc)
+    jax.block_until_ready(merged)
+    card["fingerprint"] = avg_lib.ckpt_lib.fingerprint(merged)
     tensors = [(name, st.Lazy(merged[name].shape, merged[name].dtype,
                               lambda name=name: np.asarray(jax.device_get(merged[name]))))
                for name in target]
-    result = convert.write_dir(out, tensors, hf_cfg, card, kind="rm", dtype=stored,
-                               tokenizer=m0.tokenizer,
-                               max_shard_bytes=max(f.size for f in m0.files.files.values()))
-    result["card"] = card
-    result["stats"].update(merge_seconds=seconds, members_read=card["num_members"])
-    log.info("averaged %d Hugging Face member(s) (%s) in %.2fs", card["num_members"], method,
-             seconds)
-    return result
+    return tensors, None
+
+
+def _host_merge(used, coefs, stored, card):
+    """Lazy tensors that merge themselves on the host while being written, each one's
+    checksum kept; `finish` then sets the card's fingerprint (the same digest as
+    checkpoint.fingerprint of the merged tensors) before the card is written."""
+    m0 = used[0][0]
+    out_dtype = np.dtype(stored)
+    sums: dict[str, int] = {}
+    pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)))
+    fcoefs = [np.float32(c) for c in coefs]
+    fds: dict[str, int] = {}
+
+    def source(m, name):
+        f = m.files.file_of(name)
+        if f.path not in fds:
+            fds[f.path] = os.open(f.path, os.O_RDONLY)
+        return FileTensor(fds[f.path], f.data_offset(name), f.dtype(name), f.path)
+
+    def make(name):
+        def fn():
+            arr, sums[repr([name])] = host_mean([source(m, name) for m, _ in used], fcoefs,
+                                                m0.files.shape(name), out_dtype, pool)
+            return arr
+        return fn
+
+    def finish():
+        pool.shutdown()
+        for fd in fds.values():
+            os.close(fd)
+        card["fingerprint"] = avg_lib.ckpt_lib.fingerprint_of_checksums(sums)
+
+    tensors = [(name, st.Lazy(m0.files.shape(name), out_dtype, make(name)))
+               for name in m0.files.keys()]
+    return tensors, finish
+
+
+class FileTensor:
+    """A tensor's bytes in an open file, read block by block with pread (nothing mapped:
+    the pages read are the page cache's, not the process's)."""
+
+    def __init__(self, fd: int, offset: int, dtype, path: str = "?"):
+        self.fd, self.offset, self.dtype, self.path = fd, offset, np.dtype(dtype), path
+
+    def read(self, s: int, e: int, out: np.ndarray) -> None:
+        view = memoryview(out[:e - s].view(np.uint8))
+        pos, done = self.offset + s * self.dtype.itemsize, 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise AveragingError(f"{self.path}: ends inside a tensor (read {done} of "
+                                     f"{len(view)} bytes at offset {pos})")
+            done += n
+
+
+class ArrayTensor:
+    """An in-memory array behind FileTensor's read()."""
+
+    def __init__(self, x: np.ndarray):
+        self.x, self.dtype = np.asarray(x).reshape(-1), np.asarray(x).dtype
+
+    def read(self, s: int, e: int, out: np.ndarray) -> None:
+        out[:e - s] = self.x[s:e]
+
+
+_BLOCK = 1 << 18  # elements per step of the host merge: the running mean stays in cache
+_K = 2654435761  # checkpoint._leaf_checksum's position weight
+
+
+def host_mean(sources: Sequence, coefs: Sequence[np.float32], shape, out_dtype,
+              pool: Optional[ThreadPoolExecutor] = None) -> tuple[np.ndarray, int]:
+    """(the running weighted mean of `sources` (FileTensor / ArrayTensor) as `out_dtype`,
+    its checksum).
+
+    float32 throughout: acc = x_0, then acc += coef_i * (x_i - acc), block by block, cast;
+    the checksum is checkpoint._leaf_checksum's (uint32, position-weighted), summed per
+    block. With a pool, the two halves of a large tensor are merged in parallel (pread and
+    numpy release the GIL)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    out = np.empty(n, out_dtype)
+    halves = [(0, n)]
+    if pool is not None and n >= 4 * _BLOCK:
+        mid = (n // 2 // _BLOCK) * _BLOCK
+        halves = [(0, mid), (mid, n)]
+    if len(halves) == 1:
+        total = _mean_range(sources, coefs, out, 0, n)
+    else:
+        parts = [pool.submit(_mean_range, sources, coefs, out, a, b) for a, b in halves]
+        total = sum(p.result() for p in parts) % 2**32
+    return out.reshape(shape), total
+
+
+def _mean_range(sources, coefs, out, lo: int, hi: int) -> int:
+    size = min(_BLOCK, hi - lo)
+    acc, tmp = np.empty(size, np.float32), np.empty(size, np.float32)
+    raw = {d: np.empty(size, d) for d in {x.dtype for x in sources} if d != np.float32}
+    pos = np.arange(size, dtype=np.uint32) * np.uint32(_K)
+    w = np.empty_like(pos)
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[out.dtype.itemsize]
+    total = 0
+
+    def read(src, s, e, into):
+        if src.dtype == np.float32:
+            src.read(s, e, into)
+        else:
+            src.read(s, e, raw[src.dtype])
+            np.copyto(into[:e - s], raw[src.dtype][:e - s], casting="unsafe")
+
+    for s in range(lo, hi, _BLOCK):
+        e = min(hi, s + _BLOCK)
+        a, t = acc[:e - s], tmp[:e - s]
+        read(sources[0], s, e, a)
+        for src, c in zip(sources[1:], coefs[1:]):
+            read(src, s, e, t)
+            np.subtract(t, a, out=t)
+            np.multiply(t, c, out=t)
+            np.add(a, t, out=a)
+        o = out[s:e]
+        np.copyto(o, a, casting="unsafe")
+        np.add(pos[:e - s], np.uint32(s * _K % 2**32), out=w[:e - s])
+        np.bitwise_or(w[:e - s], np.uint32(1), out=w[:e - s])
+        u = o.view(bits) if bits is np.uint32 else o.view(bits).astype(np.uint32)
+        total += int(np.sum(u * w[:e - s], dtype=np.uint32))
+    return total % 2**32
 
 
 def raw_target(ck: convert.HFCheckpoint, mesh, dtype: str) -> dict:

@@ -77,6 +77,10 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(DTYPES[self.header[name]["dtype"]])
 
+    def data_offset(self, name: str) -> int:
+        """Where the tensor's bytes start in the file."""
+        return self._start + self.header[name]["data_offsets"][0]
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory map of its own bytes (nothing read yet; the
         mapping goes away with the last reference, so pages read do not pile up)."""
