@@ -252,6 +252,43 @@ def test_hf_merge_on_the_host_is_the_device_merge_to_one_ulp(tmp_path, mesh):
             dev["card"]["fingerprint"]
 
 
+def test_hf_merge_command_line_imports_no_jax_and_on_device_is_opt_in(tmp_path):
+    """`python -m warm_jax.average HF_DIRS --out X` merges without importing JAX (hf_merge,
+    hf_format, model_config, merge_common and fileops are JAX-free) and writes what the API
+    writes; --on_device merges on the mesh."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "cli")
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['average'] + {MEMBERS + ['--out', out]!r}\n"
+            "try:\n    runpy.run_module('warm_jax.average', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'jax' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.stdout.strip().splitlines()[-1] == "exit 0 False", p.stdout + p.stderr
+    api = hf_merge.average_hf(MEMBERS, str(tmp_path / "api"))
+    a, b = _read_all(out), _read_all(api["path"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    dev = str(tmp_path / "dev")
+    assert avg_lib.main(MEMBERS + ["--out", dev, "--on_device"]) == 0
+    assert json.load(open(os.path.join(dev, convert.WARM_CARD_NAME)))["merged_on"] == "device"
+
+
+@pytest.mark.parametrize("name", ["llama_rm", "qwen2_rm", "gemma_lm", "smollm_lm", "mistral_rm"])
+def test_hf_shapes_are_the_models_parameter_shapes(name):
+    """hf_format.hf_shapes (the JAX-free shape check of HFCheckpoint) against the model's own
+    parameter shapes, transposed where the HF layout is [out, in]."""
+    cfg = convert.HFCheckpoint(os.path.join(FX, name)).cfg
+    abstract, _ = model_lib.abstract_params(cfg)
+    ours = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    want = {k: (ours[k][::-1] if transposed else ours[k])
+            for k, (_, transposed) in convert.tensor_map(cfg).items()}
+    assert convert.hf_shapes(cfg) == want
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 def test_host_mean_is_the_running_mean_and_its_checksum(dtype, tmp_path):
     """hf_merge.host_mean on sizes around its block (one block, a partial block, two halves

@@ -28,11 +28,18 @@ rules. `warm_stage` is the flow's stage; `python -m warm_jax.average` is the CLI
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # Hugging Face members merge file to file, without importing JAX
+    from warm_jax import hf_merge as _hf_merge
+
+    _code = _hf_merge.cli(sys.argv[1:])
+    if _code is not None:
+        sys.exit(_code)
+
 import dataclasses
 import glob
 import logging
-import math
 import os
 import shutil
 import sys
@@ -48,15 +55,11 @@ from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import partitioning
 from warm_jax import reward as reward_lib
+from warm_jax.merge_common import (  # noqa: F401  (re-exported: average.AveragingError etc.)
+    MESH_AXES, METHODS, AveragingError, _dict_diff, checked_member_paths, mesh_sizes,
+    method_problem, normalize_weights, one_line, parse_args, parse_weights)
 
 log = logging.getLogger("warm_jax")
-
-METHODS = ("uniform", "weighted", "greedy")
-
-
-class AveragingError(ValueError):
-    """Members that cannot be averaged (the message names the offending path and field)."""
-
 
 @dataclasses.dataclass
 class Member:
@@ -70,50 +73,6 @@ class Member:
 
 # ---------------------------------------------------------------------------------------
 # Checks (cards and metadata only)
-
-
-def method_problem(method: str, weights) -> Optional[tuple[str, str]]:
-    """('method' or 'weights', why) when the method and the weights do not go together."""
-    if method not in METHODS:
-        return "method", f"method {method!r}; choose from {list(METHODS)}"
-    if method == "uniform" and weights is not None:
-        return "weights", "weights given with method 'uniform' (use method 'weighted')"
-    if method == "weighted" and weights is None:
-        return "weights", "method 'weighted' needs weights"
-    if method == "greedy" and weights is not None:
-        return "weights", "method 'greedy' chooses its own weights; do not pass weights"
-    return None
-
-
-def normalize_weights(weights: Optional[Sequence[float]], n: int,
-                      where: str = "weights") -> np.ndarray:
-    """Validated weights summing to 1 (float64); None gives uniform weights."""
-    if n < 1:
-        raise AveragingError("nothing to average: no member checkpoints given")
-    if weights is None:
-        return np.full(n, 1.0 / n)
-    try:
-        w = np.asarray([float(x) for x in weights], np.float64)
-    except (TypeError, ValueError) as e:
-        raise AveragingError(f"{where}: not a list of numbers ({e})") from e
-    if w.shape != (n,):
-        raise AveragingError(f"{where}: {w.size} weight(s) given for {n} member(s)")
-    bad = [i for i in range(n) if not math.isfinite(w[i])]
-    if bad:
-        raise AveragingError(f"{where}: weight {bad[0]} is not finite ({w[bad[0]]})")
-    neg = [i for i in range(n) if w[i] < 0]
-    if neg:
-        raise AveragingError(f"{where}: weight {neg[0]} is negative ({w[neg[0]]})")
-    if w.sum() <= 0:
-        raise AveragingError(f"{where}: all weights are zero")
-    return w / w.sum()
-
-
-def _dict_diff(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b))
-    diffs = [f"{k}: {a.get(k, '<missing>')!r} vs {b.get(k, '<missing>')!r}"
-             for k in keys if a.get(k, "<missing>") != b.get(k, "<missing>")]
-    return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
 
 
 def _stored_shapes(path: str) -> dict[str, list]:
@@ -188,22 +147,6 @@ def _init_check(members: Sequence[Member], force: bool) -> str:
             "(pass force_init_mismatch=True / --force_init_mismatch to average anyway)")
     log.warning("averaging members without a shared initialisation (forced): %s", why)
     return "forced"
-
-
-def checked_member_paths(paths: Sequence[str]) -> list[str]:
-    """Absolute member paths; raises AveragingError when none is given, one is listed
-    twice or one is not a directory."""
-    paths = [os.path.abspath(os.fspath(p)) for p in paths]
-    if not paths:
-        raise AveragingError("nothing to average: no member checkpoints given")
-    seen = set()
-    for p in paths:
-        if p in seen:
-            raise AveragingError(f"{p}: listed twice (give it a larger weight instead)")
-        seen.add(p)
-        if not os.path.isdir(p):
-            raise AveragingError(f"{p}: no such checkpoint directory")
-    return paths
 
 
 def check_members(paths: Sequence[str], *, force_init_mismatch: bool = False
@@ -508,60 +451,18 @@ def average_stacked(stacked_params: Any, weights: Optional[Sequence[float]] = No
 # CLI
 
 
-def _parse(argv):
-    ap = argparse.ArgumentParser(
-        prog="python -m warm_jax.average",
-        description="Weight-average reward-model checkpoints (WARM) into one checkpoint. "
-                    "Members may be warm-jax params checkpoints or Hugging Face "
-                    "*ForSequenceClassification directories (then the output is one too).")
-    ap.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                    help="member checkpoint dirs (warm-jax, or Hugging Face)")
-    ap.add_argument("--out", required=True, help="output directory (must not exist)")
-    ap.add_argument("--weights", default=None, help="comma-separated weights, one per CKPT")
-    ap.add_argument("--method", choices=METHODS, default=None,
-                    help="uniform (default), weighted (default with --weights), greedy")
-    ap.add_argument("--force_init_mismatch", action="store_true",
-                    help="average members that do not share an initialisation")
-    ap.add_argument("--data_dir", default=None,
-                    help="world/data directory for greedy soup's held-out (ID valid) accuracy")
-    ap.add_argument("--eval_pairs", type=int, default=None, help="cap the held-out set")
-    for axis in partitioning.MESH_AXES:
-        ap.add_argument(f"--mesh_{axis}", type=int, default=None,
-                        help=f"mesh '{axis}' axis size (default: MeshConfig's)")
-    return ap.parse_args(argv)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from warm_jax import hf_merge
+
+    code = hf_merge.cli(argv)  # Hugging Face members
+    if code is not None:
+        return code
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        weights = None
-        if args.weights is not None:
-            try:
-                weights = [float(x) for x in args.weights.split(",")]
-            except ValueError:
-                raise AveragingError(f"--weights {args.weights!r}: not a comma-separated list "
-                                     "of numbers")
-        sizes = {a: getattr(args, f"mesh_{a}") for a in partitioning.MESH_AXES
-                 if getattr(args, f"mesh_{a}") is not None}
-        if sizes and "data" not in sizes:
-            sizes["data"] = -1
-        mesh = partitioning.make_mesh(partitioning.MeshConfig(**sizes))
-        from warm_jax import hf_merge
-
-        hf = [hf_merge.is_hf_dir(p) for p in args.checkpoints]
-        if any(hf):
-            if not all(hf):
-                odd = args.checkpoints[hf.index(False) if hf[0] else hf.index(True)]
-                raise AveragingError(f"{odd}: mixes Hugging Face directories and warm-jax "
-                                     "checkpoints (import the Hugging Face ones first)")
-            r = hf_merge.average_hf(args.checkpoints, args.out, weights, args.method, mesh,
-                                    force_init_mismatch=args.force_init_mismatch)
-            card = r["card"]
-            print(f"wrote {r['path']}: {card['method']} average of {card['num_members']} "
-                  f"Hugging Face member(s), weights {[round(x, 4) for x in card['weights']]} "
-                  f"-> {r['config']['architectures'][0]} ({r['stats']['merge_seconds']:.3f}s)")
-            return 0
+        weights = parse_weights(args.weights)
+        mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes(args)))
         eval_fn = None
         if args.method == "greedy":
             if not args.data_dir:
@@ -578,8 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      force_init_mismatch=args.force_init_mismatch,
                                      eval_fn=eval_fn)
     except (AveragingError, ckpt_lib.CheckpointError, ValueError, OSError) as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
+        print(one_line(e), file=sys.stderr)
         return 2
     card = result["card"]
     print(f"wrote {result['path']}: {card['method']} average of {card['num_members']} "

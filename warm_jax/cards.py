@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from warm_jax import model as model_lib
+from warm_jax import model_config as model_lib
 
 ACCURACIES = "accuracies"
 LEGACY_SPELLINGS = {"accuracy": ACCURACIES, "lr": "learning_rate", "dropout": "dropout_rate",

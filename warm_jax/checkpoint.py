@@ -29,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from warm_jax.fileops import (  # noqa: F401  (re-exported: checkpoint.is_hf_dir etc.)
+    CARD_NAME, fingerprint_of_checksums, is_hf_dir, missing_parents, remove_empty_dirs)
+
 log = logging.getLogger(__name__)
 
 
@@ -84,14 +87,6 @@ def tree_checksums(tree: Any) -> dict[str, int]:
 def fingerprint(tree: Any) -> str:
     """One hex digest summarising a tree (used as the 'init fingerprint' of RM members)."""
     return fingerprint_of_checksums(tree_checksums(tree))
-
-
-def fingerprint_of_checksums(sums: dict[str, int]) -> str:
-    """fingerprint() from {keypath: checksum} (hf_merge's host merge sums as it writes)."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps(sorted(sums.items())).encode())
-    return h.hexdigest()[:16]
 
 
 def verify_checksums(tree: Any, expected: dict[str, int], where: str) -> None:
@@ -242,26 +237,6 @@ def restore_or_initialize(manager: CheckpointManager, abstract_state: Any,
 # Params-only exports (SFT snapshots, RM members, merged WARM models)
 
 PARAMS_SUBDIR = "params"
-CARD_NAME = "card.json"
-
-
-def missing_parents(path: str) -> list[str]:
-    """The parent folders of ``path`` that do not exist yet, innermost first: what a
-    writer creates and must remove again if it fails (see `remove_empty_dirs`)."""
-    made, p = [], os.path.dirname(os.fspath(path))
-    while p and not os.path.exists(p):
-        made.append(p)
-        p = os.path.dirname(p)
-    return made
-
-
-def remove_empty_dirs(dirs: list[str]) -> None:
-    """Removes the folders of `missing_parents` (innermost first) that are still empty."""
-    for d in dirs:
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
 
 
 def export_params(path: str, params: Any, card: Optional[dict] = None, *,
@@ -306,13 +281,6 @@ def export_params(path: str, params: Any, card: Optional[dict] = None, *,
             os.rename(tmp, path)
     _sync("export_params_done")
     return path
-
-
-def is_hf_dir(path: str) -> bool:
-    """A Hugging Face model directory (config.json, no card.json): read through
-    warm_jax.convert wherever a params checkpoint is (an init path, for instance)."""
-    return (os.path.isfile(os.path.join(path, "config.json"))
-            and not os.path.exists(os.path.join(path, CARD_NAME)))
 
 
 def read_card(path: str) -> dict:

@@ -31,29 +31,28 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import average as avg_lib
 from warm_jax import cards
-from warm_jax import convert
-from warm_jax import model as model_lib
-from warm_jax import partitioning
+from warm_jax import fileops
+from warm_jax import hf_format as convert
+from warm_jax import merge_common
 from warm_jax import safetensors_io as st
+from warm_jax.model_config import config_to_dict
 
 log = logging.getLogger("warm_jax")
 
-AveragingError = avg_lib.AveragingError
+AveragingError = merge_common.AveragingError
 _BOOKKEEPING = ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
                 convert.REWARD_BIAS_KEY)
 
 
-is_hf_dir = avg_lib.ckpt_lib.is_hf_dir
+is_hf_dir = fileops.is_hf_dir
 
 
 def _comparable(hf: dict) -> dict:
@@ -103,7 +102,7 @@ def _shared_base(members: list[convert.HFCheckpoint], force: bool) -> str:
 def check_hf_members(paths: Sequence[str], *, force_init_mismatch: bool = False
                      ) -> tuple[list[convert.HFCheckpoint], str, str]:
     """Every check that needs no tensor data: (members, their stored dtype, init check)."""
-    paths = avg_lib.checked_member_paths(paths)
+    paths = merge_common.checked_member_paths(paths)
     members = []
     for p in paths:
         try:
@@ -121,7 +120,7 @@ def check_hf_members(paths: Sequence[str], *, force_init_mismatch: bool = False
         got = _comparable(m.hf)
         if got != ref:
             raise AveragingError(f"{m.config_path}: differs from {m0.config_path} "
-                                 f"({avg_lib._dict_diff(got, ref)})")
+                                 f"({merge_common._dict_diff(got, ref)})")
     dtypes = set()
     for m in members:
         if set(m.files.keys()) != set(m0.files.keys()):
@@ -163,7 +162,7 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
     the host; `on_device=True`: on the mesh, as average.py merges warm-jax checkpoints)."""
     out = os.path.abspath(os.fspath(out))
     method = method or ("weighted" if weights is not None else "uniform")
-    bad = avg_lib.method_problem(method, weights)
+    bad = merge_common.method_problem(method, weights)
     if bad:
         raise AveragingError(bad[1])
     if method == "greedy":
@@ -173,7 +172,7 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
         raise AveragingError(f"{out}: output already exists (choose another path or remove it)")
     if any(os.path.abspath(os.fspath(p)) == out for p in paths):
         raise AveragingError(f"{out}: output path is one of the members")
-    w = avg_lib.normalize_weights(weights, len(paths))
+    w = merge_common.normalize_weights(weights, len(paths))
     members, stored, init_check = check_hf_members(paths, force_init_mismatch=force_init_mismatch)
     used = [(m, float(w[i])) for i, m in enumerate(members) if w[i] != 0]
     coefs, total, bias = [], 0.0, 0.0
@@ -183,7 +182,7 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
         bias += coefs[-1] * (m.reward_bias - bias)
     m0 = members[0]
     card = {
-        "kind": "warm", "method": method, "model_config": model_lib.config_to_dict(m0.cfg),
+        "kind": "warm", "method": method, "model_config": config_to_dict(m0.cfg),
         "vocab_sha256": _sha(m0.tokenizer), "vocab_size": m0.cfg.vocab_size,
         "num_members": len(used), "weights": [float(x) for x in w],
         "members": [cards.MemberRef(path=m.directory, weight=float(w[i])).as_dict()
@@ -215,6 +214,12 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
 def _device_merge(used, coefs, stored, mesh, card):
     """The merged tensors on the mesh (average._Accumulator), fetched one at a time while
     writing; the card's fingerprint is known before any file is written."""
+    import jax
+    import jax.numpy as jnp
+
+    from warm_jax import average as avg_lib
+    from warm_jax import partitioning
+
     mesh = mesh if mesh is not None else partitioning.make_mesh(partitioning.MeshConfig())
     target = raw_target(used[0][0], mesh, stored)
     ops = avg_lib._Accumulator({k: a.dtype for k, a in target.items()})
@@ -260,7 +265,7 @@ def _host_merge(used, coefs, stored, card):
         pool.shutdown()
         for fd in fds.values():
             os.close(fd)
-        card["fingerprint"] = avg_lib.ckpt_lib.fingerprint_of_checksums(sums)
+        card["fingerprint"] = fileops.fingerprint_of_checksums(sums)
 
     tensors = [(name, st.Lazy(m0.files.shape(name), out_dtype, make(name)))
                for name in m0.files.keys()]
@@ -360,12 +365,17 @@ def raw_target(ck: convert.HFCheckpoint, mesh, dtype: str) -> dict:
     """{HF tensor name: ShapeDtypeStruct} in the files' own layout, sharded on `mesh` as
     the model's parameters are (transposed where the layouts differ): a merge of HF files
     needs no transposes, since averaging is elementwise."""
+    import jax
+
+    from warm_jax import average as avg_lib
+    from warm_jax import convert as convert_lib
+
     abstract, _ = avg_lib.target_shardings(ck.cfg, mesh)
     flat = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     out = {}
     for key, (hf, transposed) in ck.names.items():
         a = flat[key]
-        sharding = convert._transposed_sharding(a.sharding, a.ndim) if transposed else a.sharding
+        sharding = convert_lib._transposed_sharding(a.sharding, a.ndim) if transposed else a.sharding
         out[hf] = jax.ShapeDtypeStruct(tuple(ck.files.shape(hf)), np.dtype(dtype),
                                        sharding=sharding)
     return out
@@ -373,6 +383,8 @@ def raw_target(ck: convert.HFCheckpoint, mesh, dtype: str) -> dict:
 
 def load_raw(ck: convert.HFCheckpoint, target: dict) -> dict:
     """The member's tensors on `target`'s shardings, read one tensor (and shard slice) at a time."""
+    import jax
+
     out = {}
     for name, a in target.items():
         view = ck.files.get(name)
@@ -381,3 +393,36 @@ def load_raw(ck: convert.HFCheckpoint, target: dict) -> dict:
         del view
     jax.block_until_ready(out)
     return out
+
+
+def cli(argv: Sequence[str]) -> Optional[int]:
+    """`python -m warm_jax.average` for Hugging Face members: merges them (host, or
+    --on_device) and returns the exit code; None when the members are warm-jax checkpoints
+    (average.main merges those). Imports JAX only with --on_device."""
+    args = merge_common.parse_args(argv)
+    hf = [is_hf_dir(p) for p in args.checkpoints]
+    if not any(hf):
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if not all(hf):
+            odd = args.checkpoints[hf.index(False) if hf[0] else hf.index(True)]
+            raise AveragingError(f"{odd}: mixes Hugging Face directories and warm-jax "
+                                 "checkpoints (import the Hugging Face ones first)")
+        weights = merge_common.parse_weights(args.weights)
+        mesh = None
+        if args.on_device:
+            from warm_jax import partitioning
+
+            mesh = partitioning.make_mesh(partitioning.MeshConfig(
+                **merge_common.mesh_sizes(args)))
+        r = average_hf(args.checkpoints, args.out, weights, args.method, mesh,
+                       force_init_mismatch=args.force_init_mismatch, on_device=args.on_device)
+    except (AveragingError, convert.ConversionError, ValueError, OSError) as e:
+        print(merge_common.one_line(e), file=sys.stderr)
+        return 2
+    card = r["card"]
+    print(f"wrote {r['path']}: {card['method']} average of {card['num_members']} "
+          f"Hugging Face member(s), weights {[round(x, 4) for x in card['weights']]} "
+          f"-> {r['config']['architectures'][0]} ({r['stats']['merge_seconds']:.3f}s)")
+    return 0

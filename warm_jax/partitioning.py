@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("ensemble", "data", "fsdp", "tensor")
+from warm_jax.axes import MESH_AXES  # noqa: E402,F401
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated).
 # Order matters only for names that appear twice; each logical name appears once here.
