@@ -261,7 +261,8 @@ def bench_merge(work: str, members: int, shape_name: str, mergekit: str | None,
                 pass
     cfg = dict(members=members, shape=shape_name, member_bytes=member_bytes)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    base = timed([sys.executable, "-c", "import warm_jax.average, warm_jax.hf_merge"], env=env)
+    # what the merge command imports before reading anything (no JAX: hf_merge.cli)
+    base = timed([sys.executable, "-c", "import warm_jax.hf_merge"], env=env)
     common.emit(common.record(BENCH, "merge_import_baseline", base["wall_s"], "s",
                               cpu_s=base["cpu_s"], peak_rss_bytes=base["peak_rss_bytes"], **cfg))
     cmds = _merge_cmds(work, paths, mergekit)
