@@ -15,18 +15,10 @@ A policy or pair missing from a run is left out; --policies keeps the named ones
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from seed_table import _load  # tools/ is the script's directory
 from warm_jax.metrics import read_jsonl
-
-
-def _json(*parts):
-    path = os.path.join(*parts)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _seed(run: str) -> str:
@@ -38,7 +30,7 @@ def rl_rows(run: str, policies=None) -> list[dict]:
     evaluated KL and alpha's range (adaptive alpha only)."""
     rows = []
     for name in sorted(os.listdir(run)):
-        s = _json(run, name, "summary.json")
+        s = _load(run, name, "summary.json")
         if not s or s.get("stage") != "rl" or (policies and name not in policies):
             continue
         records = read_jsonl(os.path.join(run, name, "metrics.jsonl"))
@@ -54,7 +46,7 @@ def rl_rows(run: str, policies=None) -> list[dict]:
 
 
 def judge_rows(run: str, policies=None) -> list[dict]:
-    s = _json(run, "judge", "summary.json") or {}
+    s = _load(run, "judge", "summary.json") or {}
     rows = []
     for pair, w in s.get("win_rates", {}).items():
         a, _, b = pair.partition(" vs ")
