@@ -172,3 +172,20 @@ def test_hf_merge_bench_alternates_and_summarises(tmp_path, capsys):
     assert summary["medians"]["warm_jax.average"]["read_GBps"] > 0
     (diff,) = [r for r in rows if r["metric"] == "merge_max_abs_diff"]
     assert diff["value"] > 0 and diff["missing_in_mergekit"] == []  # the mean is no member
+
+
+def test_cpu_dot_paths_records_the_dot_type_per_setting(capsys):
+    """bench.cpu_dot_paths: one fresh process per setting, a record per dtype naming the
+    element type of the compiled dot (f32 here: the jitted bf16 matmul), unknown settings
+    refused."""
+    from bench import cpu_dot_paths
+
+    capsys.readouterr()
+    cpu_dot_paths.main(["--n", "64", "--rounds", "1", "--settings", "default"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    got = {r["dtype"]: r for r in rows if r["metric"] == "matmul_gflops"}
+    assert set(got) == {"float32", "bfloat16"} and got["float32"]["dot_types"] == ["f32"]
+    assert all(r["value"] > 0 and r["setting"] == "default" for r in got.values())
+    with pytest.raises(SystemExit):
+        cpu_dot_paths.main(["--settings", "default,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
