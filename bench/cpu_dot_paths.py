@@ -29,6 +29,9 @@ SETTINGS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
     "onednn_custom_call": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+    # dots as oneDNN fusions (the jaxlib wheel carries oneDNN; YNN fusions would take them first)
+    "onednn_dot": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot "
+                  "--xla_cpu_experimental_ynn_fusion_type=",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "no_ynn_fusion": "--xla_cpu_experimental_ynn_fusion_type=",
     "fast_math": "--xla_cpu_enable_fast_math=true",
