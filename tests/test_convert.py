@@ -289,6 +289,25 @@ def test_hf_shapes_are_the_models_parameter_shapes(name):
     assert convert.hf_shapes(cfg) == want
 
 
+def test_hf_merge_failing_mid_write_leaves_nothing_and_closes_its_files(tmp_path, monkeypatch):
+    """A host merge that fails after some tensors are written: no output, no temporary or
+    parent directory, and every member file it opened is closed again."""
+    real, calls = hf_merge.host_mean, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf_merge, "host_mean", flaky)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="simulated"):
+        hf_merge.average_hf(MEMBERS, str(tmp_path / "new" / "out"))
+    assert not os.path.exists(tmp_path / "new")
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 def test_host_mean_is_the_running_mean_and_its_checksum(dtype, tmp_path):
     """hf_merge.host_mean on sizes around its block (one block, a partial block, two halves

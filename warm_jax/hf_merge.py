@@ -193,16 +193,19 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
     }
     t0 = time.perf_counter()
     if on_device:
-        tensors, finish = _device_merge(used, coefs, stored, mesh, card)
+        tensors, finish, close = _device_merge(used, coefs, stored, mesh, card)
     else:
-        tensors, finish = _host_merge(used, coefs, stored, card)
+        tensors, finish, close = _host_merge(used, coefs, stored, card)
     hf_cfg = {k: v for k, v in m0.hf.items() if k not in ("_name_or_path", convert.REWARD_BIAS_KEY)}
     if bias:
         hf_cfg[convert.REWARD_BIAS_KEY] = float(bias)
-    result = convert.write_dir(out, tensors, hf_cfg, card, kind="rm", dtype=stored,
-                               tokenizer=m0.tokenizer,
-                               max_shard_bytes=max(f.size for f in m0.files.files.values()),
-                               before_card=finish)
+    try:
+        result = convert.write_dir(out, tensors, hf_cfg, card, kind="rm", dtype=stored,
+                                   tokenizer=m0.tokenizer,
+                                   max_shard_bytes=max(f.size for f in m0.files.files.values()),
+                                   before_card=finish)
+    finally:
+        close()
     seconds = time.perf_counter() - t0
     result["card"] = card
     result["stats"].update(merge_seconds=seconds, members_read=card["num_members"])
@@ -234,7 +237,7 @@ def _device_merge(used, coefs, stored, mesh, card):
     tensors = [(name, st.Lazy(merged[name].shape, merged[name].dtype,
                               lambda name=name: np.asarray(jax.device_get(merged[name]))))
                for name in target]
-    return tensors, None
+    return tensors, None, lambda: None
 
 
 def _host_merge(used, coefs, stored, card):
@@ -262,14 +265,17 @@ def _host_merge(used, coefs, stored, card):
         return fn
 
     def finish():
+        card["fingerprint"] = fileops.fingerprint_of_checksums(sums)
+
+    def close():  # after the write, whether it succeeded or not
         pool.shutdown()
         for fd in fds.values():
             os.close(fd)
-        card["fingerprint"] = fileops.fingerprint_of_checksums(sums)
+        fds.clear()
 
     tensors = [(name, st.Lazy(m0.files.shape(name), out_dtype, make(name)))
                for name in m0.files.keys()]
-    return tensors, finish
+    return tensors, finish, close
 
 
 class FileTensor:
