@@ -30,7 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from warm_jax.fileops import (  # noqa: F401  (re-exported: checkpoint.is_hf_dir etc.)
-    CARD_NAME, fingerprint_of_checksums, is_hf_dir, missing_parents, remove_empty_dirs)
+    CARD_NAME, CHECKSUM_POSITION_WEIGHT, fingerprint_of_checksums, is_hf_dir, missing_parents,
+    remove_empty_dirs)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def _leaf_checksum(x) -> jax.Array:
         x = x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.int32)
     u = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
     # position-weighted so that swapped elements also change the sum
-    w = (jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
+    w = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(CHECKSUM_POSITION_WEIGHT)
+    w = w | jnp.uint32(1)
     return jnp.sum(u.reshape(-1) * w, dtype=jnp.uint32)
 
 

@@ -7,6 +7,8 @@ import json
 import os
 
 CARD_NAME = "card.json"
+# checkpoint._leaf_checksum weighs element i by (i * this) | 1 (mod 2^32); hf_merge sums the same
+CHECKSUM_POSITION_WEIGHT = 2654435761
 
 
 def is_hf_dir(path: str) -> bool:

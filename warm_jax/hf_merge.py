@@ -11,8 +11,8 @@ The same op as warm_jax.average, with the same guarantees:
    fingerprint in every warm_jax_card.json) unless force_init_mismatch; weights as
    average.normalize_weights wants them.
 2. Streaming merge, on the host by default: tensor by tensor, in blocks of 2^18 elements
-   that stay in cache, the members' memory-mapped bytes are folded into a float32 running
-   weighted mean (acc + coef * (x - acc), the op of average._Accumulator), cast back to
+   that stay in cache, the members' bytes (pread, nothing mapped) are folded into a float32
+   running weighted mean (acc + coef * (x - acc), the op of average._Accumulator), cast back to
    the members' dtype and written; the host holds one tensor of the output (plus a block
    per thread), whatever M and the model's size, and the two halves of a large tensor run
    on two threads. Files in, files out: a device would only add two transfers.
@@ -27,7 +27,6 @@ The same op as warm_jax.average, with the same guarantees:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -57,13 +56,6 @@ is_hf_dir = fileops.is_hf_dir
 
 def _comparable(hf: dict) -> dict:
     return {k: v for k, v in hf.items() if k not in _BOOKKEEPING}
-
-
-def _sha(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _shared_base(members: list[convert.HFCheckpoint], force: bool) -> str:
@@ -145,7 +137,7 @@ def check_hf_members(paths: Sequence[str], *, force_init_mismatch: bool = False
     if stored not in ("float32", "bfloat16", "float16"):
         raise AveragingError(f"{m0.directory}: tensors of dtype {stored}; expected float32, "
                              "bfloat16 or float16")
-    toks = [_sha(m.tokenizer) for m in members]
+    toks = [convert._file_sha(m.tokenizer) for m in members]
     for m, t in zip(members[1:], toks[1:]):
         if t != toks[0]:
             where = m.tokenizer or os.path.join(m.directory, convert.TOKENIZER_NAME)
@@ -183,7 +175,7 @@ def average_hf(paths: Sequence[str], out: str, weights: Optional[Sequence[float]
     m0 = members[0]
     card = {
         "kind": "warm", "method": method, "model_config": config_to_dict(m0.cfg),
-        "vocab_sha256": _sha(m0.tokenizer), "vocab_size": m0.cfg.vocab_size,
+        "vocab_sha256": convert._file_sha(m0.tokenizer), "vocab_size": m0.cfg.vocab_size,
         "num_members": len(used), "weights": [float(x) for x in w],
         "members": [cards.MemberRef(path=m.directory, weight=float(w[i])).as_dict()
                     for i, m in enumerate(members)],
@@ -307,7 +299,7 @@ class ArrayTensor:
 
 
 _BLOCK = 1 << 18  # elements per step of the host merge: the running mean stays in cache
-_K = 2654435761  # checkpoint._leaf_checksum's position weight
+_K = fileops.CHECKSUM_POSITION_WEIGHT
 
 
 def host_mean(sources: Sequence, coefs: Sequence[np.float32], shape, out_dtype,
