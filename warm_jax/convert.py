@@ -48,6 +48,7 @@ from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import partitioning
 from warm_jax import safetensors_io as st
+from warm_jax.merge_common import mesh_sizes
 from warm_jax.hf_format import (  # noqa: F401  (re-exported: convert.HFCheckpoint etc.)
     _DTYPES, DEFAULT_MAX_SHARD_BYTES, FAMILIES, REWARD_BIAS_KEY, TOKENIZER_NAME, WARM_CARD_NAME,
     ConversionError, HFCheckpoint, _hf_names_for, config_from_hf, family_of, hf_config_from,
@@ -271,11 +272,7 @@ def score(path: str, input_ids: np.ndarray, attention_mask: np.ndarray,
 
 
 def _mesh(args):
-    sizes = {a: getattr(args, f"mesh_{a}") for a in partitioning.MESH_AXES
-             if getattr(args, f"mesh_{a}", None) is not None}
-    if sizes and "data" not in sizes:
-        sizes["data"] = -1
-    return partitioning.make_mesh(partitioning.MeshConfig(**sizes))
+    return partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes(args)))
 
 
 def _parse(argv):

@@ -120,7 +120,7 @@ def parse_weights(text: Optional[str]) -> Optional[list[float]]:
 def mesh_sizes(args) -> dict:
     """The --mesh_AXIS sizes given (data -1 fills the rest when any other axis is set)."""
     sizes = {a: getattr(args, f"mesh_{a}") for a in MESH_AXES
-             if getattr(args, f"mesh_{a}") is not None}
+             if getattr(args, f"mesh_{a}", None) is not None}
     if sizes and "data" not in sizes:
         sizes["data"] = -1
     return sizes
