@@ -205,3 +205,38 @@ def test_bad_input_is_reported(pretrained, data_dir, tmp_path):
             pretrain.pretrain_stage(str(tmp_path / "z"), **LM)
     finally:
         _bind(data_dir)
+
+
+def test_sft_trains_on_while_the_validation_loss_falls(pretrained, tmp_path):
+    run, pre = pretrained
+    init = os.path.join(run, "pretrain", "final")
+    # a falling loss (any fall counts at plateau_fraction 0) trains on, 2 steps at a time, to 10
+    on = sft.sft_stage(str(tmp_path / "on"), init_params_path=init, max_steps=10,
+                       extend_steps=2, plateau_fraction=0.0, **LM)
+    ext = on["extension"]
+    for d in ext["decisions"]:  # each decision follows the rule from the losses it read
+        assert d["fell"] == pytest.approx((d["loss_before"] - d["loss"]) / d["loss_before"])
+        assert d["train_on"] == (d["fell"] > 0.0 and d["step"] < 10)
+    assert [d["step"] for d in ext["decisions"]] == list(range(6, on["step"] + 1, 2))
+    assert not ext["decisions"][-1]["train_on"] and ext["steps_trained"] == on["step"]
+    steps = [s["step"] for s in on["snapshots"]]
+    assert steps == [4, 5] + list(range(6, on["step"] + 1, 2))
+    assert on["final"].endswith(f"step_{on['step']}") and on["step"] > 6  # it did train on
+    # the extended run equals one run of that length (same batches, same constant lr)
+    plain = sft.sft_stage(str(tmp_path / "plain"), init_params_path=init,
+                          **{**LM, "total_steps": on["step"]})
+    for a, b in zip(_params(on["final"]), _params(plain["final"])):
+        np.testing.assert_array_equal(a, b)
+    # a loss that must fall by 99% stops at total_steps, with one decision on record
+    off = sft.sft_stage(str(tmp_path / "off"), init_params_path=init, max_steps=10,
+                        extend_steps=2, plateau_fraction=0.99, **LM)
+    assert off["step"] == 6 and off["final"].endswith("step_6")
+    assert [d["train_on"] for d in off["extension"]["decisions"]] == [False]
+    assert "<= 99%" in off["extension"]["stopped_because"]
+    for a, b in zip(_params(off["final"]), _params(on["snapshots"][2]["path"])):
+        np.testing.assert_array_equal(a, b)  # step 6 of both runs
+    with pytest.raises(ValueError, match=r"sft_stage.max_steps = 9: .*multiple of extend_steps"):
+        sft.sft_stage(str(tmp_path / "bad"), init_params_path=init, max_steps=9,
+                      extend_steps=2, **LM)
+    with pytest.raises(ValueError, match=r"sft_stage.max_steps = 5: must be None or an integer"):
+        sft.sft_stage(str(tmp_path / "bad2"), init_params_path=init, max_steps=5, **LM)
