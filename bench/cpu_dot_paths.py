@@ -32,6 +32,8 @@ SETTINGS = {
     # dots as oneDNN fusions (the jaxlib wheel carries oneDNN; YNN fusions would take them first)
     "onednn_dot": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot "
                   "--xla_cpu_experimental_ynn_fusion_type=",
+    # the legacy (non-thunk) runtime, where XLA's oneDNN matmul rewriter used to run
+    "onednn_legacy": "--xla_cpu_use_onednn=true --xla_cpu_use_thunk_runtime=false",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "no_ynn_fusion": "--xla_cpu_experimental_ynn_fusion_type=",
     "fast_math": "--xla_cpu_enable_fast_math=true",
