@@ -45,6 +45,26 @@ def test_report_stage_renders_measured_numbers(tmp_path):
     assert "No summary found for: data_stage, pretrain, sft, rm_init, ood, bon" in text
 
 
+def test_report_shows_the_sft_train_on_decisions(tmp_path):
+    d = _run(tmp_path, "s", 0.55, 0.6)
+    ext = {"steps_trained": 1400, "stopped_because": "the validation loss fell -0.33% <= 2% "
+           "over 200 steps", "extend_steps": 200, "max_steps": 2400, "plateau_fraction": 0.02,
+           "decisions": [{"step": 1200, "loss_before": 0.3624, "loss": 0.3524, "fell": 0.0276,
+                          "train_on": True},
+                         {"step": 1400, "loss_before": 0.3524, "loss": 0.3536, "fell": -0.0033,
+                          "train_on": False}]}
+    os.makedirs(os.path.join(d, "sft"))
+    with open(os.path.join(d, "sft", "summary.json"), "w") as f:
+        json.dump({"stage": "sft", "step": 1400, "extension": ext}, f)
+    report.report_stage(d)
+    text = open(os.path.join(d, "report.md")).read()
+    assert "stopped at step 1400: the validation loss fell -0.33% <= 2% over 200 steps" in text
+    assert "| 1200 | 0.362 | 0.352 | 0.028 | train on |" in text
+    assert "| 1400 | 0.352 | 0.354 | -0.003 | stop |" in text
+    # a fixed-length SFT (no extension) has no such table
+    assert report._sft_extension({"stage": "sft", "step": 1200, "extension": None}) == ""
+
+
 def test_aggregate_over_seeds(tmp_path):
     a, b = _run(tmp_path, "a", 0.55, 0.6), _run(tmp_path, "b", 0.45, 0.4)
     out = report.aggregate([a, b], str(tmp_path / "agg.md"))

@@ -118,6 +118,21 @@ def _section_generic(title: str, name: str, summary: dict, run_dir: str) -> str:
     return "\n".join(parts)
 
 
+def _sft_extension(summary: dict) -> str:
+    """The SFT stage's train-on decisions (sft_stage.max_steps) as a table, or ''."""
+    ext = summary.get("extension")
+    if not isinstance(ext, dict) or not ext.get("decisions"):
+        return ""
+    rows = [[d.get("step"), d.get("loss_before"), d.get("loss"), d.get("fell"),
+             "train on" if d.get("train_on") else "stop"] for d in ext["decisions"]]
+    return "\n\n" + (f"Trained on while the validation loss fell by more than "
+                      f"{_fmt(ext.get('plateau_fraction'))} over {ext.get('extend_steps')} steps "
+                      f"(up to {ext.get('max_steps')}); stopped at step "
+                      f"{ext.get('steps_trained')}: {ext.get('stopped_because')}.\n\n") + _table(
+        ["step", f"loss {ext.get('extend_steps')} steps before", "loss", "fell (fraction)",
+         "decision"], rows)
+
+
 def _section_claims(claims: list[dict]) -> str:
     rows = []
     for c in claims:
@@ -204,7 +219,8 @@ def report_stage(run_dir: str, title: str = "WARM on the miniature TL;DR world")
                                                                       "(linear probe)")]
     for name, title_ in order:
         if name in summaries:
-            sections.append(_section_generic(title_, name, summaries[name], run_dir))
+            sections.append(_section_generic(title_, name, summaries[name], run_dir)
+                            + _sft_extension(summaries[name] if name == "sft" else {}))
     if "ood" in summaries:
         sections.append(_section_ood(summaries["ood"]))
     for name in sorted(summaries):
@@ -599,8 +615,6 @@ def aggregate_rl(summaries: list[dict[str, dict]],
     metrics.jsonl (under run_dirs) records it, as the judge's claim does, else by any amount.
     Per judged pair of RL runs: the mean difference of control reward at matched KL
     (A - B, stats.matched_kl) per seed, mean ± std, and in how many seeds it is > 0."""
-    import numpy as np
-
     runs: dict[str, list[tuple[dict, Optional[float]]]] = {}
     dirs = list(run_dirs) if run_dirs is not None else [None] * len(summaries)
     for summ, run_dir in zip(summaries, dirs):
