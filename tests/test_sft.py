@@ -240,3 +240,29 @@ def test_sft_trains_on_while_the_validation_loss_falls(pretrained, tmp_path):
                       extend_steps=2, **LM)
     with pytest.raises(ValueError, match=r"sft_stage.max_steps = 5: must be None or an integer"):
         sft.sft_stage(str(tmp_path / "bad2"), init_params_path=init, max_steps=5, **LM)
+
+
+def test_sft_preempted_while_training_on_resumes_to_the_same_policy(pretrained, tmp_path,
+                                                                    monkeypatch):
+    run, _ = pretrained
+    init = os.path.join(run, "pretrain", "final")
+    kw = dict(init_params_path=init, max_steps=10, extend_steps=2, plateau_fraction=0.0, **LM)
+    whole = sft.sft_stage(str(tmp_path / "whole"), **kw)
+    assert whole["step"] >= 8  # it trains past step 7, where the other run is stopped
+    real = pipeline.batch_indices
+
+    def batch_indices(n, b, seed, step):
+        if step == 7:  # inside the first extension (steps 6 -> 8)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(n, b, seed, step)
+
+    monkeypatch.setattr(pipeline, "batch_indices", batch_indices)
+    with pytest.raises(train_lib.Preempted):
+        sft.sft_stage(str(tmp_path / "cut"), **kw)
+    monkeypatch.undo()
+    again = sft.sft_stage(str(tmp_path / "cut"), **kw)
+    assert again["step"] == whole["step"]
+    assert again["extension"]["decisions"] == whole["extension"]["decisions"]
+    assert [s["step"] for s in again["snapshots"]] == [s["step"] for s in whole["snapshots"]]
+    for a, b in zip(_params(again["final"]), _params(whole["final"])):
+        np.testing.assert_array_equal(a, b)
