@@ -71,9 +71,14 @@ def check_batch(batch_size: int, mesh, where: str, ensemble: bool = False) -> No
                          f"data x fsdp = {shards} devices")
 
 
+def snapshot_gap(total_steps: int) -> int:
+    """The spacing of the default snapshots (and of SFT's train-on steps): total/6, >= 1."""
+    return max(total_steps // 6, 1)
+
+
 def default_snapshot_steps(total_steps: int, count: int = 3) -> tuple[int, ...]:
     """The last `count` steps spaced total/6 apart (the paper keeps 8k, 10k, 12k of 12k)."""
-    gap = max(total_steps // 6, 1)
+    gap = snapshot_gap(total_steps)
     return tuple(sorted({max(total_steps - k * gap, 1) for k in range(count)}))
 
 

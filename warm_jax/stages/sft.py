@@ -141,7 +141,7 @@ def _extension_problem(total_steps, max_steps, extend_steps, plateau_fraction):
     if isinstance(plateau_fraction, bool) or not isinstance(plateau_fraction, (int, float)) \
             or not 0 <= plateau_fraction < 1:
         return "plateau_fraction", "must be a number in [0, 1)"
-    size = extend_steps or max(total_steps // 6, 1)
+    size = extend_steps or lm.snapshot_gap(total_steps)
     if (max_steps - total_steps) % size:
         return "max_steps", (f"max_steps - total_steps ({max_steps - total_steps}) must be a "
                              f"multiple of extend_steps ({size})")
@@ -152,10 +152,12 @@ def _extension(total_steps: int, max_steps, extend_steps, plateau_fraction):
     """(extend_steps, max_steps, plateau_fraction), or None when SFT stops at total_steps."""
     bad = _extension_problem(total_steps, max_steps, extend_steps, plateau_fraction)
     if bad:
-        raise ValueError(f"sft_stage.{bad[0]} = {locals()[bad[0]]!r}: {bad[1]}")
+        value = {"max_steps": max_steps, "extend_steps": extend_steps,
+                 "plateau_fraction": plateau_fraction}[bad[0]]
+        raise ValueError(f"sft_stage.{bad[0]} = {value!r}: {bad[1]}")
     if max_steps is None or max_steps == total_steps:
         return None
-    return (int(extend_steps or max(total_steps // 6, 1)), int(max_steps),
+    return (int(extend_steps or lm.snapshot_gap(total_steps)), int(max_steps),
             float(plateau_fraction))
 
 
