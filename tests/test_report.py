@@ -4,6 +4,7 @@ flow (gin/runs/smoke.gin) through `python -m warm_jax.main`, whose report.md mus
 numbers its stages wrote (slow)."""
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -708,3 +709,23 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     rl_table.main([str(run)])
     assert "| rl_a vs rl_b | 0.600 [0.550, 0.650] | 3 / 1 / 1 | -0.250 (0.0-3.0) |" in \
         capsys.readouterr().out
+    # --at_step: the RL-vs-RL pairs' control at one evaluation step, per seed and over seeds
+    runs = [run]
+    for seed, (ca, cb) in ((4, (1.1, 1.4)), (5, (1.3, 1.2))):
+        runs.append(tmp_path / f"seed_{seed}")
+        shutil.copytree(run, runs[-1])
+        for name, c in (("rl_a", ca), ("rl_b", cb)):
+            (runs[-1] / name / "metrics.jsonl").write_text(json.dumps(
+                {"step": 10, "eval/control_reward": c, "eval/control_reward_se": 0.05}) + "\n")
+    for name, c in (("rl_a", 1.5), ("rl_b", 1.25)):
+        with open(run / name / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 10, "eval/control_reward": c,
+                                "eval/control_reward_se": 0.02}) + "\n")
+    rl_table.main([str(r) for r in runs] + ["--at_step", "10"])
+    out = capsys.readouterr().out
+    assert "| 3 | rl_a vs rl_b | 1.500 ± 0.020 | 1.250 ± 0.020 | +0.250 |" in out
+    assert "| 4 | rl_a vs rl_b | 1.100 ± 0.050 | 1.400 ± 0.050 | -0.300 |" in out
+    assert "| rl_a vs rl_b | +0.017 ± 0.284 | [-0.690, +0.723] | 2/3 |" in out
+    assert "rl_a vs sft" not in out.split("A at step")[1]  # SFT has no curve
+    with pytest.raises(SystemExit, match="seed_4/rl_a/metrics.jsonl: no evaluation at step 20"):
+        rl_table.main([str(runs[1]), "--at_step", "20"])

@@ -159,9 +159,10 @@ def _stage(run_dir, data, sft, rm, rl_kw=(), **kw):
     try:
         return rl.rl_stage(
             run_dir, reward=f"path:{rm}", name="rl_test", policy=sft,
-            rl=rl_steps.RLConfig(alpha=0.01, steps=6, batch_size=8, learning_rate=3e-3,
-                                 warmup_steps=2, max_new_tokens=10, normalization_samples=16,
-                                 **dict(rl_kw)),
+            rl=rl_steps.RLConfig(**{**dict(alpha=0.01, steps=6, batch_size=8,
+                                           learning_rate=3e-3, warmup_steps=2,
+                                           max_new_tokens=10, normalization_samples=16),
+                                    **dict(rl_kw)}),
             evaluation=rl_steps.RLEvalConfig(eval_every=3, num_eval_prompts=8,
                                              checkpoint_every=2), **kw)
     finally:
@@ -255,6 +256,21 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
         assert [r["alpha"] for r in train.values()] == [pytest.approx(0.01)] * 6
         assert full["kl_target"] is None and full["final_alpha"] == 0.01
     assert _stage(a, data, sft, rm, kw) == full  # done: skipped
+
+
+def test_a_shorter_run_is_the_first_steps_of_a_longer_one(tiny_run, tmp_path):
+    """The policy lr is constant after warm-up and the prompts and keys are step-indexed,
+    so step N of a longer run is an N-step run (tools/rl_table.py --at_step relies on it)."""
+    data, sft, rm = tiny_run
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _stage(a, data, sft, rm)
+    short = _stage(b, data, sft, rm, (("steps", 3),))
+    long_records = [r for r in _records(a, "metrics.jsonl") if r["step"] <= 3]
+    assert _records(b, "metrics.jsonl") == long_records
+    assert any("eval/control_reward" in r for r in long_records if r["step"] == 3)
+    assert short["final_control_reward"] == [
+        r for r in long_records if r["step"] == 3 and "eval/control_reward" in r][0][
+        "eval/control_reward"]
 
 
 def test_shaped_rewards_without_penalty_is_the_score_at_the_last_token():

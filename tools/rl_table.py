@@ -9,7 +9,12 @@ Prints two markdown tables:
   adaptive KL coefficient (RLConfig.kl_target) alpha's smallest, largest and final value;
 - judge: per pair and seed, the tie-adjusted win rate of the final policies [95% interval
   over prompts], wins / ties / losses, and the mean control difference at matched KL
-  (stats.matched_kl over the KLs both curves reached, with that range).
+  (stats.matched_kl over the KLs both curves reached, with that range);
+- with --at_step N: per RL-vs-RL judge pair and seed, each policy's control reward at
+  evaluation step N (+- its standard error over prompts) and A - B, then the mean of A - B
+  over seeds +- std, its t-interval and the seeds where A > B. With the policy lr constant
+  after warm-up (RLConfig.warmup_steps < N), the policy at step N of a longer run is the
+  final policy of an N-step run: this reads a shorter run off a longer one's curve.
 A policy or pair missing from a run is left out; --policies keeps the named ones only.
 """
 from __future__ import annotations
@@ -17,7 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
+
 from seed_table import _load  # tools/ is the script's directory
+from warm_jax import stats
 from warm_jax.metrics import read_jsonl
 
 
@@ -58,6 +66,46 @@ def judge_rows(run: str, policies=None) -> list[dict]:
     return rows
 
 
+def control_at_step(run: str, name: str, step: int):
+    """(control reward, its standard error) of RL stage `name` at evaluation `step`; a
+    named error when the run has no evaluation at that step."""
+    path = os.path.join(run, name, "metrics.jsonl")
+    for r in read_jsonl(path):
+        if r.get("step") == step and "eval/control_reward" in r:
+            return r["eval/control_reward"], r["eval/control_reward_se"]
+    raise SystemExit(f"{path}: no evaluation at step {step}")
+
+
+def step_rows(runs, step: int, policies=None) -> list[dict]:
+    """Per seed and RL-vs-RL judge pair: both policies' control at `step` and A - B."""
+    rows = []
+    for run in runs:
+        for j in judge_rows(run, policies):
+            a, _, b = j["pair"].partition(" vs ")
+            if _load(run, b, "summary.json") is None or b == "sft":
+                continue
+            (ca, sa), (cb, sb) = control_at_step(run, a, step), control_at_step(run, b, step)
+            rows.append({"seed": j["seed"], "pair": j["pair"], "a": ca, "a_se": sa,
+                         "b": cb, "b_se": sb, "diff": ca - cb})
+    return rows
+
+
+def _print_steps(rows: list[dict], step: int) -> None:
+    print(f"\n| seed | A vs B | A at step {step} | B at step {step} | A - B |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['pair']} | {r['a']:.3f} ± {r['a_se']:.3f} | "
+              f"{r['b']:.3f} ± {r['b_se']:.3f} | {r['diff']:+.3f} |")
+    print(f"\n| A vs B | A - B at step {step}, mean ± std | t-interval | seeds with A > B |")
+    print("|---|---|---|---|")
+    for pair in sorted({r["pair"] for r in rows}):
+        d = [r["diff"] for r in rows if r["pair"] == pair]
+        sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
+        lo, hi = stats.t_interval(d) if len(d) > 1 else (float("nan"),) * 2
+        print(f"| {pair} | {np.mean(d):+.3f} ± {sd:.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+              f"{sum(x > 0 for x in d)}/{len(d)} |")
+
+
 def _f(x, fmt="{:.3f}"):
     return "-" if x is None else fmt.format(x)
 
@@ -66,6 +114,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--policies", default="", help="comma-separated RL stage names to keep")
+    ap.add_argument("--at_step", type=int, default=None,
+                    help="also compare the judged RL pairs' control rewards at this step")
     args = ap.parse_args(argv)
     keep = set(filter(None, args.policies.split(","))) | {"sft"} if args.policies else None
     print("| seed | policy | reward | start | peak (step, KL) | final (KL) | max KL | "
@@ -86,6 +136,8 @@ def main(argv=None) -> None:
             print(f"| {r['seed']} | {r['pair']} | {r['win_rate']:.3f} [{r['ci_low']:.3f}, "
                   f"{r['ci_high']:.3f}] | {r['wins']} / {r['ties']} / {r['losses']} | "
                   f"{_f(r['matched'], '{:+.3f}')}{rng} |")
+    if args.at_step is not None:
+        _print_steps(step_rows(args.runs, args.at_step, keep), args.at_step)
 
 
 if __name__ == "__main__":
