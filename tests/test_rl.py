@@ -59,6 +59,14 @@ def test_the_adaptive_kl_coefficient_moves_towards_the_target_by_at_most_a_fifth
     floored = [float(rl_steps.adapt_alpha(0.01, kl, 2.0, 32, 320, floor=0.01))
                for kl in (1.5, 10.0)]
     np.testing.assert_allclose(floored, [0.01, 0.0102], rtol=1e-6)
+    # with a cap, alpha above target grows to the cap and no further; below target it shrinks
+    alpha, path = 0.01, []
+    for _ in range(30):
+        alpha = rl_steps.adapt_alpha(alpha, 10.0, 2.0, 32, 32, floor=0.01, cap=0.5)
+        path.append(float(alpha))
+    assert path[0] == pytest.approx(0.012) and max(path) == path[-1] == pytest.approx(0.5)
+    assert path.index(max(path)) == 21  # 0.01 x 1.2^22 = 0.55: capped at the 22nd step
+    assert float(rl_steps.adapt_alpha(0.5, 1.5, 2.0, 32, 32, cap=0.5)) == pytest.approx(0.4)
 
 
 def test_learning_raises_a_synthetic_token_reward(tmp_path):
@@ -177,8 +185,8 @@ def _records(run_dir, name):
 
 BASELINES = {"value": (("baseline", "value"),),  # the value model from the RM, head fitted
              # with the adaptive KL coefficient (its alpha is in the resumed state)
-             "group": (("baseline", "group"), ("samples_per_prompt", 2), ("kl_target", 0.05),
-                       ("kl_horizon", 40))}
+             "group": (("baseline", "group"), ("samples_per_prompt", 2), ("kl_target", 1e-4),
+                       ("kl_horizon", 40), ("kl_alpha_max", 0.0103))}  # a KL above target
 
 
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
@@ -244,14 +252,19 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
     train = {r["step"]: r for r in recs if "alpha" in r}
     assert len(train) == 6 and train[min(train)]["alpha"] == pytest.approx(0.01)
     if dict(kw).get("kl_target"):  # each step's alpha follows from the previous step's KL
+        def uncapped(r):  # the controller's update
+            return r["alpha"] * (1 + np.clip(r["kl"] / 1e-4 - 1, -0.2, 0.2) * 8 / 40)
+
+        def after(r):  # capped at kl_alpha_max
+            return min(uncapped(r), 0.0103)
+
         for s in sorted(train)[1:]:
-            prev = train[s - 1]
-            want = prev["alpha"] * (1 + np.clip(prev["kl"] / 0.05 - 1, -0.2, 0.2) * 8 / 40)
-            assert train[s]["alpha"] == pytest.approx(want, rel=1e-5), s
-        last = train[max(train)]
-        assert full["kl_target"] == 0.05 and full["final_alpha"] == pytest.approx(
-            last["alpha"] * (1 + np.clip(last["kl"] / 0.05 - 1, -0.2, 0.2) * 8 / 40), rel=1e-5)
-        assert full["final_alpha"] != 0.01
+            assert train[s]["alpha"] == pytest.approx(after(train[s - 1]), rel=1e-5), s
+        assert full["kl_target"] == 1e-4 and full["final_alpha"] == pytest.approx(
+            after(train[max(train)]), rel=1e-5)
+        # the KL is above target on the middle steps, so alpha grows into its cap
+        assert any(uncapped(r) > 0.0104 for r in train.values())
+        assert max(r["alpha"] for r in train.values()) == pytest.approx(0.0103)
     else:
         assert [r["alpha"] for r in train.values()] == [pytest.approx(0.01)] * 6
         assert full["kl_target"] is None and full["final_alpha"] == 0.01

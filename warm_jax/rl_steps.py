@@ -59,7 +59,9 @@ class RLConfig:
       per-completion KL), so the policy is held near kl_target nats instead of running
       away; alpha is in the checkpointed state and logged as `alpha`. `kl_alpha_min`
       (None: no floor) keeps alpha from falling below it (e.g. its start, so that a
-      policy below target cannot loosen its own leash before it runs away).
+      policy below target cannot loosen its own leash before it runs away); `kl_alpha_max`
+      (None: no cap) keeps it from rising above it (without a cap, a KL that stays above
+      target multiplies alpha by up to 1.2 every step, without end).
     """
 
     steps: int = 100
@@ -86,6 +88,7 @@ class RLConfig:
     kl_target: Optional[float] = None  # nats per completion; None: alpha stays fixed
     kl_horizon: int = 10_000  # completions (Ziegler et al.'s horizon)
     kl_alpha_min: Optional[float] = None  # the adaptive alpha's floor (None: none)
+    kl_alpha_max: Optional[float] = None  # the adaptive alpha's cap (None: none)
 
     @classmethod
     def check(cls, c) -> None:
@@ -122,6 +125,11 @@ class RLConfig:
                 c.fail("kl_alpha_min", "needs kl_target (alpha is fixed without it)")
             if c["kl_alpha_min"] > c["alpha"]:
                 c.fail("kl_alpha_min", f"must be <= alpha = {c['alpha']} (alpha starts there)")
+        if c.number("kl_alpha_max", 0, lo_open=True, optional=True) is not None:
+            if c["kl_target"] is None:
+                c.fail("kl_alpha_max", "needs kl_target (alpha is fixed without it)")
+            if c["kl_alpha_max"] < c["alpha"]:
+                c.fail("kl_alpha_max", f"must be >= alpha = {c['alpha']} (alpha starts there)")
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
@@ -242,12 +250,14 @@ def shaped_rewards(score, kl_t, tmask, alpha: float):
 
 
 def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int,
-                floor: Optional[float] = None):
+                floor: Optional[float] = None, cap: Optional[float] = None):
     """The adaptive KL coefficient's update (Ziegler et al., 2019): alpha x (1 + e x
-    batch_size / horizon), e = clip(kl / target - 1, -0.2, 0.2), not below `floor`."""
+    batch_size / horizon), e = clip(kl / target - 1, -0.2, 0.2), not below `floor` and not
+    above `cap`."""
     err = jnp.clip(kl / target - 1.0, -0.2, 0.2)
     new = alpha * (1.0 + err * (batch_size / horizon))
-    return new if floor is None else jnp.maximum(new, floor)
+    new = new if floor is None else jnp.maximum(new, floor)
+    return new if cap is None else jnp.minimum(new, cap)
 
 
 def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_tokens,
@@ -312,7 +322,7 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         if rl.kl_target:  # a refused (non-finite) step leaves alpha as it was
             new = {**new, "alpha": jnp.where(finite, adapt_alpha(
                 alpha, jnp.mean(kl_seq), rl.kl_target, rl.batch_size, rl.kl_horizon,
-                rl.kl_alpha_min), alpha)}
+                rl.kl_alpha_min, rl.kl_alpha_max), alpha)}
         metrics = {
             "reward": jnp.mean(ro["score"]), "reward_std": jnp.std(ro["score"]),
             "reward_standardised": jnp.mean(score),
