@@ -727,5 +727,7 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     assert "| 4 | rl_a vs rl_b | 1.100 ± 0.050 | 1.400 ± 0.050 | -0.300 |" in out
     assert "| rl_a vs rl_b | +0.017 ± 0.284 | [-0.690, +0.723] | 2/3 |" in out
     assert "rl_a vs sft" not in out.split("A at step")[1]  # SFT has no curve
+    rl_table.main([str(runs[1]), "--at_step", "10"])
+    assert "| rl_a vs rl_b | -0.300 ± - | - | 0/1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="seed_4/rl_a/metrics.jsonl: no evaluation at step 20"):
         rl_table.main([str(runs[1]), "--at_step", "20"])

@@ -100,10 +100,11 @@ def _print_steps(rows: list[dict], step: int) -> None:
     print("|---|---|---|---|")
     for pair in sorted({r["pair"] for r in rows}):
         d = [r["diff"] for r in rows if r["pair"] == pair]
-        sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
-        lo, hi = stats.t_interval(d) if len(d) > 1 else (float("nan"),) * 2
-        print(f"| {pair} | {np.mean(d):+.3f} ± {sd:.3f} | [{lo:+.3f}, {hi:+.3f}] | "
-              f"{sum(x > 0 for x in d)}/{len(d)} |")
+        sd, ci = "-", "-"  # one seed: no spread
+        if len(d) > 1:
+            lo, hi = stats.t_interval(d)
+            sd, ci = f"{np.std(d, ddof=1):.3f}", f"[{lo:+.3f}, {hi:+.3f}]"
+        print(f"| {pair} | {np.mean(d):+.3f} ± {sd} | {ci} | {sum(x > 0 for x in d)}/{len(d)} |")
 
 
 def _f(x, fmt="{:.3f}"):
