@@ -120,16 +120,14 @@ class RLConfig:
         c.number("value_fit_l2", 0)
         c.number("kl_target", 0, lo_open=True, optional=True)
         c.integer("kl_horizon", 1)
-        if c.number("kl_alpha_min", 0, lo_open=True, optional=True) is not None:
+        for bound, sign in (("kl_alpha_min", -1), ("kl_alpha_max", 1)):  # floor and cap
+            if c.number(bound, 0, lo_open=True, optional=True) is None:
+                continue
             if c["kl_target"] is None:
-                c.fail("kl_alpha_min", "needs kl_target (alpha is fixed without it)")
-            if c["kl_alpha_min"] > c["alpha"]:
-                c.fail("kl_alpha_min", f"must be <= alpha = {c['alpha']} (alpha starts there)")
-        if c.number("kl_alpha_max", 0, lo_open=True, optional=True) is not None:
-            if c["kl_target"] is None:
-                c.fail("kl_alpha_max", "needs kl_target (alpha is fixed without it)")
-            if c["kl_alpha_max"] < c["alpha"]:
-                c.fail("kl_alpha_max", f"must be >= alpha = {c['alpha']} (alpha starts there)")
+                c.fail(bound, "needs kl_target (alpha is fixed without it)")
+            if sign * (c[bound] - c["alpha"]) < 0:
+                c.fail(bound, f"must be {'<=' if sign < 0 else '>='} alpha = {c['alpha']} "
+                       "(alpha starts there)")
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
