@@ -211,6 +211,8 @@ BAD_VALUES = [
      "rl_warm/RLConfig.kl_alpha_max = 1.0: needs kl_target (alpha is fixed without it)"),
     (["--gin.rl_warm/RLConfig.kl_target=4.0", "--gin.rl_warm/RLConfig.kl_alpha_max=0.001"],
      "rl_warm/RLConfig.kl_alpha_max = 0.001: must be >= alpha = 0.003 (alpha starts there)"),
+    (["--gin.rl_warm/RLConfig.max_step_kl=0.0"],
+     "rl_warm/RLConfig.max_step_kl = 0.0: must be > 0"),
     (["--gin.rl_warm/RLConfig.reward_normalization='zscore'"],
      "rl_warm/RLConfig.reward_normalization = 'zscore': must be one of ['sft', 'none']"),
     (["--gin.RLConfig.normalization_samples=1"],

@@ -493,3 +493,75 @@ def test_a_group_baseline_step_trains_the_policy_and_leaves_the_value_model():
                for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(params)))
     np.testing.assert_allclose(float(m["reward_standardised"]),
                                (float(m["reward"]) - 5.0) / 3.0, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trust_region_scales_a_step_down_to_about_its_kl_limit():
+    """RLConfig.max_step_kl: a step whose KL(old || new policy) on its own batch exceeds the
+    limit is scaled by sqrt(limit / KL), and the scaled step's KL, measured afresh on the
+    same samples, is about the limit; within the limit the step is the unlimited one,
+    bit for bit."""
+    params, _ = model_lib.init_params(TINY, jax.random.PRNGKey(0))
+    prompts = _prompts(2, 0)
+    batch = {k: np.repeat(v, 4, axis=0) for k, v in prompts.items()}
+    rm = {"offset": jnp.float32(5.0), "scale": jnp.float32(3.0)}
+
+    def one_step(max_step_kl):
+        cfg = rl_steps.RLConfig(steps=2, batch_size=8, alpha=0.01, learning_rate=3e-2,
+                                warmup_steps=0, max_new_tokens=6, temperature=1.0,
+                                min_dim_size_to_factor=32, samples_per_prompt=4,
+                                baseline="group", momentum=None, max_step_kl=max_step_kl)
+        opt_pi, opt_v = cfg.optimizers()
+        tx_pi, tx_v = optim.make_optimizer(opt_pi), optim.make_optimizer(opt_v)
+        state = rl_steps.init_rl_state(params, params, jax.random.PRNGKey(2), tx_pi, tx_v,
+                                       {"mean": 5.0, "std": 3.0})
+        step = jax.jit(rl_steps.make_train_step(TINY, cfg, _count_reward, tx_pi, tx_v))
+        new, m = step(state, params, rm, batch)
+        return cfg, state, new, m
+
+    _, _, free, m_free = one_step(None)
+    assert "step_kl" not in m_free
+    _, _, wide, m_wide = one_step(1e9)  # the limit is never reached
+    for a, b in zip(jax.tree.leaves(free["params"]), jax.tree.leaves(wide["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kl_free = float(m_wide["step_kl"])
+    assert float(m_wide["step_scale"]) == 1.0 and kl_free > 1e-3
+    limit = kl_free / 100
+    cfg, state, tight, m = one_step(limit)
+    assert float(m["step_kl"]) == pytest.approx(kl_free, rel=1e-5)
+    scale = float(m["step_scale"])
+    # one rescaling (0.1: a quadratic KL) is not enough at this step size: it searches on
+    assert scale < 0.1
+    for p0, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(free["params"]),
+                        jax.tree.leaves(tight["params"])):
+        np.testing.assert_allclose(np.asarray(b) - np.asarray(p0),
+                                   scale * (np.asarray(a) - np.asarray(p0)), rtol=1e-3,
+                                   atol=1e-7)
+    # the samples the step trained on, and the KL of each applied step on them
+    key = jax.random.fold_in(state["rng"], state["step"])
+    ro = jax.jit(lambda p: rl_steps.rollout(TINY, cfg.sampling_config(), _count_reward, p, p,
+                                            rm, batch["tokens"], batch["mask"], key))(params)
+    tokens, mask, tmask = ro["seq"]["tokens"], ro["seq"]["mask"], ro["tmask"]
+
+    def kl_of(new_params):
+        old = rl_steps.next_token_logp(TINY, params, tokens, mask, 1.0)
+        return float(rl_steps.step_kl(old, rl_steps.next_token_logp(
+            TINY, new_params, tokens, mask, 1.0), tmask))
+
+    assert kl_of(free["params"]) == pytest.approx(kl_free, rel=1e-3)
+    applied = kl_of(tight["params"])
+    assert applied == pytest.approx(float(m["step_kl_applied"]), rel=1e-3)
+    assert 0.25 * limit < applied <= rl_steps.TRUST_SLACK * limit
+
+
+def test_step_kl_is_the_exact_kl_of_the_next_token_distributions():
+    rng = np.random.default_rng(0)
+    a = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32), -1)
+    b = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32), -1)
+    tmask = jnp.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    pa, la, lb = np.exp(np.asarray(a)), np.asarray(a), np.asarray(b)
+    per_tok = (pa * (la - lb)).sum(-1)
+    want = ((per_tok[0, 0] + per_tok[0, 1]) + (per_tok[1, 1] + per_tok[1, 2])) / 2
+    assert float(rl_steps.step_kl(a, b, tmask)) == pytest.approx(want, rel=1e-5)
+    assert float(rl_steps.step_kl(a, a, tmask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(rl_steps.trust_region_scale(jnp.float32(4.0), 1.0)) == pytest.approx(0.5)
+    assert float(rl_steps.trust_region_scale(jnp.float32(0.5), 1.0)) == 1.0

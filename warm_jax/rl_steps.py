@@ -62,6 +62,18 @@ class RLConfig:
       policy below target cannot loosen its own leash before it runs away); `kl_alpha_max`
       (None: no cap) keeps it from rising above it (without a cap, a KL that stays above
       target multiplies alpha by up to 1.2 every step, without end).
+    - max_step_kl (None: no limit): a trust region on each policy update. After the
+      optimizer proposes an update, the step measures KL(pi_old || pi_new) on its own batch
+      (exact over the vocabulary at each completion token, summed over a completion,
+      averaged over the batch; logged as `step_kl`) and, while it exceeds 1.25 x
+      max_step_kl, scales the update by sqrt(max_step_kl / KL) and measures again (KL
+      grows as the square of a small step but more slowly for a large one, so one
+      rescaling can leave it several times over the limit), at most `TRUST_ITERS` times;
+      the factor applied is logged as `step_scale` and the applied step's measured KL as
+      `step_kl_applied`. A step within the limit costs one more forward pass of the
+      policy, a scaled one a forward pass per rescaling. It bounds how far one step can
+      move the policy, so a run cannot jump from KL 4 to KL 11 in ten steps before the
+      KL controller reacts (docs/science.md, section 17).
     """
 
     steps: int = 100
@@ -89,6 +101,7 @@ class RLConfig:
     kl_horizon: int = 10_000  # completions (Ziegler et al.'s horizon)
     kl_alpha_min: Optional[float] = None  # the adaptive alpha's floor (None: none)
     kl_alpha_max: Optional[float] = None  # the adaptive alpha's cap (None: none)
+    max_step_kl: Optional[float] = None  # trust region: nats per completion a step may move
 
     @classmethod
     def check(cls, c) -> None:
@@ -128,6 +141,7 @@ class RLConfig:
             if sign * (c[bound] - c["alpha"]) < 0:
                 c.fail(bound, f"must be {'<=' if sign < 0 else '>='} alpha = {c['alpha']} "
                        "(alpha starts there)")
+        c.number("max_step_kl", 0, lo_open=True, optional=True)
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
@@ -216,19 +230,64 @@ def reward_param_shardings(rm, mesh):
     return partitioning.tree_shardings(names, abstract, mesh)
 
 
-def token_logprobs(cfg, params, tokens, mask, temperature: float, with_entropy: bool = False):
-    """log pi(token_{j+1} | tokens_<=j) for j = 0..T-2 on RIGHT-padded sequences [B, T],
-    under the temperature-scaled policy; optionally the entropy at each position."""
+def next_token_logp(cfg, params, tokens, mask, temperature: float):
+    """log pi(. | tokens_<=j) over the vocabulary for j = 0..T-2 [B, T-1, V], under the
+    temperature-scaled policy."""
     logits = model_lib.Transformer(cfg).apply({"params": params}, tokens, mask, head="lm",
                                               causal_only=True)[:, :-1]
     if temperature > 0:
         logits = logits / temperature
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def token_logprobs(cfg, params, tokens, mask, temperature: float, with_entropy: bool = False,
+                   with_logp: bool = False):
+    """log pi(token_{j+1} | tokens_<=j) for j = 0..T-2 on RIGHT-padded sequences [B, T],
+    under the temperature-scaled policy; optionally the entropy at each position and the
+    whole next-token distribution (next_token_logp)."""
+    logp = next_token_logp(cfg, params, tokens, mask, temperature)
     tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    if not with_entropy:
-        return tok_lp
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return tok_lp, ent
+    out = (tok_lp,)
+    if with_entropy:
+        out += (-jnp.sum(jnp.exp(logp) * logp, axis=-1),)
+    if with_logp:
+        out += (logp,)
+    return out if len(out) > 1 else tok_lp
+
+
+def step_kl(logp_old, logp_new, tmask):
+    """KL(pi_old || pi_new) per completion, averaged over the batch: the exact KL of the
+    next-token distributions at each completion token [B, T-1, V], summed over tokens."""
+    kl_tok = jnp.sum(jnp.exp(logp_old) * (logp_old - logp_new), axis=-1)
+    return jnp.mean(jnp.sum(kl_tok * tmask, axis=1))
+
+
+TRUST_ITERS = 6  # rescalings of one update at most (RLConfig.max_step_kl)
+TRUST_SLACK = 1.25  # a step within this x max_step_kl is kept
+
+
+def trust_region_scale(kl, max_kl: float):
+    """The factor that brings a step of KL `kl` to about `max_kl` (KL ~ scale^2 for a small
+    step); 1 when the step is within it."""
+    return jnp.minimum(1.0, jnp.sqrt(max_kl / jnp.maximum(kl, 1e-30)))
+
+
+def limit_step(kl_at, max_kl: float):
+    """The trust region's search: kl_at(scale) -> the KL of the update scaled by `scale`.
+    Starting from the whole update, while its KL exceeds TRUST_SLACK x max_kl (and at most
+    TRUST_ITERS times), rescale by trust_region_scale of the last measurement. Returns
+    (scale, KL of the whole update, KL of the scaled update)."""
+    kl_full = kl_at(jnp.float32(1.0))
+
+    def cond(c):
+        return (c[1] > TRUST_SLACK * max_kl) & (c[2] < TRUST_ITERS)
+
+    def body(c):
+        scale = c[0] * trust_region_scale(c[1], max_kl)
+        return scale, kl_at(scale), c[2] + 1
+
+    scale, kl, _ = jax.lax.while_loop(cond, body, (jnp.float32(1.0), kl_full, jnp.int32(0)))
+    return scale, kl_full, kl
 
 
 def discounted_returns(rewards, mask):
@@ -271,6 +330,23 @@ def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_token
             "tmask": seq["completion_mask"][:, 1:].astype(jnp.float32)}
 
 
+def trust_region(cfg, max_kl: float, logp_old, tokens, mask, tmask, temperature):
+    """The policy update's limit (RLConfig.max_step_kl) for train_lib.guarded_multi_update:
+    fn(params, updates) -> (updates scaled by limit_step's search, its metrics)."""
+    def limit(params, updates):
+        def scaled(scale):
+            return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+
+        def kl_at(scale):
+            return step_kl(logp_old, next_token_logp(
+                cfg, optax.apply_updates(params, scaled(scale)), tokens, mask, temperature),
+                tmask)
+
+        scale, kl_full, kl = limit_step(kl_at, max_kl)
+        return scaled(scale), {"step_kl": kl_full, "step_scale": scale, "step_kl_applied": kl}
+    return limit
+
+
 def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
     """step(state, ref_params, rm_params, batch{tokens, mask}) -> (state, metrics)."""
     scfg = rl.sampling_config()
@@ -306,15 +382,20 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
             base = group_baseline(rewards, rl.samples_per_prompt)
         adv = advantages(returns, base, tmask, rl.whiten_advantages)
 
-        def policy_loss_fn(params):
-            lp, ent = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True)
-            return -_masked_mean(adv * lp, tmask), ent
+        trust = rl.max_step_kl is not None
 
-        (pi_loss, ent), pi_grads = jax.value_and_grad(policy_loss_fn, has_aux=True)(
-            state["params"])
+        def policy_loss_fn(params):
+            lp, ent, *logp = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True,
+                                            with_logp=trust)
+            return -_masked_mean(adv * lp, tmask), (ent, logp)
+
+        (pi_loss, (ent, logp_old)), pi_grads = jax.value_and_grad(
+            policy_loss_fn, has_aux=True)(state["params"])
         loss = pi_loss + v_loss
-        new, finite = train_lib.guarded_multi_update(
-            state, loss, [("params", "opt_state", tx_pi, pi_grads)] + groups)
+        limits = {"params": trust_region(cfg, rl.max_step_kl, jax.lax.stop_gradient(
+            logp_old[0]), tokens, mask, tmask, temp)} if trust else None
+        new, finite, *aux = train_lib.guarded_multi_update(
+            state, loss, [("params", "opt_state", tx_pi, pi_grads)] + groups, limits)
         n_tok = jnp.sum(tmask, axis=1)
         kl_seq = jnp.sum(kl_t * tmask, axis=1)
         if rl.kl_target:  # a refused (non-finite) step leaves alpha as it was
@@ -338,6 +419,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
                                                          state["step"]),
             "finite": finite.astype(jnp.float32),
         }
+        if trust:
+            metrics.update(aux[0]["params"])
         return new, metrics
 
     return step

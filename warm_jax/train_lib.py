@@ -69,18 +69,24 @@ def guarded_update(state: dict, grads, loss, tx: optax.GradientTransformation,
     return guarded_multi_update(state, loss, [(params_key, opt_key, tx, grads)])
 
 
-def guarded_multi_update(state: dict, loss, groups) -> tuple[dict, jax.Array]:
+def guarded_multi_update(state: dict, loss, groups, limits: Optional[dict] = None):
     """THE non-finite guard of every trainer (LM, RM ensemble, RL policy + value).
 
     groups: [(params_key, opt_key, tx, grads), ...], updated together. The step is applied
     only if the loss, every gradient, every new parameter and every new optimizer state are
     finite; otherwise every group keeps its old params and optimizer state. Either way
     `step` advances and a non-finite step is counted in `nonfinite`.
+
+    limits: {params_key: fn(params, updates) -> (updates, aux)}: a group's optimizer
+    updates pass through its fn before they are applied (the RL step's trust region);
+    with limits the call returns (state, finite, {params_key: aux}).
     """
     finite = jnp.isfinite(loss)
-    new = {}
+    new, aux = {}, {}
     for pkey, okey, tx, grads in groups:
         updates, new[okey] = tx.update(grads, state[okey], state[pkey])
+        if limits and pkey in limits:
+            updates, aux[pkey] = limits[pkey](state[pkey], updates)
         new[pkey] = optax.apply_updates(state[pkey], updates)
         finite = jnp.logical_and(finite, all_finite(grads))
         finite = jnp.logical_and(finite, all_finite(new[pkey]))
@@ -91,7 +97,7 @@ def guarded_multi_update(state: dict, loss, groups) -> tuple[dict, jax.Array]:
     out.update(jax.lax.cond(finite, lambda: new, lambda: {k: state[k] for k in new}))
     out["step"] = state["step"] + 1
     out["nonfinite"] = state["nonfinite"] + jnp.logical_not(finite).astype(jnp.int32)
-    return out, finite
+    return (out, finite, aux) if limits is not None else (out, finite)
 
 
 def _removed_axis(leaf_path: str, pshape: tuple, lshape: tuple, min_dim_size_to_factor: int):
