@@ -27,7 +27,9 @@ def _run(tmp_path, name, warm_ood, win):
                                                           "ci_high": 0.9, "wins": 1, "ties": 0,
                                                           "losses": 1, "n": 2}}},
         "rm_clean": {"members": [{"index": 0, "learning_rate": 1e-3, "dropout_rate": 0.1,
-                                  "data_seed": 0, "accuracies": {"valid": 0.71}}]},
+                                  "data_seed": 0, "accuracies": {"valid": 0.71}},
+                                 {"index": 1, "learning_rate": 3e-5, "dropout_rate": 0.1,
+                                  "data_seed": 1, "accuracies": {"valid": 0.72}}]},
     }.items():
         os.makedirs(d / sub)
         (d / sub / "summary.json").write_text(json.dumps(summ))
@@ -43,6 +45,7 @@ def test_report_stage_renders_measured_numbers(tmp_path):
     assert "reproduced" in text and "0.550" in text and "0.600" in text and "0.710" in text
     assert "WARM >= ENS \\| OOD" in text  # a pipe inside a cell is escaped
     assert "| total | 3.0 |" in text
+    assert "| 0 | 0.001 | 0.100 | 0 |" in text and "| 1 | 3e-05 | 0.100 | 1 |" in text  # lr
     assert "No summary found for: data_stage, pretrain, sft, rm_init, ood, bon" in text
 
 

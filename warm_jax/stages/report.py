@@ -269,7 +269,9 @@ def _section_members(name: str, s: dict, run_dir: str) -> str:
                 keys.append(k)
     rows = []
     for i, m in enumerate(members):
-        rows.append([m.get("index", m.get("member", i)), m.get("learning_rate"),
+        lr = m.get("learning_rate")  # 3 significant digits: 3e-05 is not 0.000
+        rows.append([m.get("index", m.get("member", i)),
+                     f"{lr:.3g}" if isinstance(lr, (int, float)) else lr,
                      m.get("dropout_rate"), m.get("data_seed"),
                      m.get("init_snapshot_step")] + [acc(m).get(k) for k in keys])
     corrupted = " (training labels 25% flipped: train_corrupt = agreement with the flipped " \
