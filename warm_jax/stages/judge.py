@@ -170,7 +170,7 @@ def _plot(path: str, curves: dict[str, list[dict]], results: list[dict],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     for name, rows in curves.items():
         if not rows:
             continue
@@ -200,8 +200,11 @@ def _plot(path: str, curves: dict[str, list[dict]], results: list[dict],
         axes[2].bar(x + off, np.nan_to_num(v), width=0.4, yerr=np.nan_to_num(err), capsize=3,
                     label=label)
     axes[2].axhline(0.5, color="grey", ls=":")
-    axes[2].set_xticks(x, [f"{r['a']}\nvs {r['b']}\nW/T/L {r['wins']}/{r['ties']}/"
-                           f"{r['losses']}" for r in results], fontsize=7)
+    # one line per pair, steeply rotated: long policy names do not overlap
+    axes[2].set_xticks(x, [f"{r['a']} vs {r['b']} ({r['wins']}/{r['ties']}/{r['losses']})"
+                           for r in results], fontsize=7, rotation=60, ha="right",
+                       rotation_mode="anchor")
+    axes[2].set_xlabel("A vs B (W/T/L)", fontsize=8)
     axes[2].set_ylim(0, 1)
     axes[2].set_title("control win rate of A (95% bootstrap over prompts)")
     axes[2].legend(fontsize=7)
