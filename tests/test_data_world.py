@@ -116,6 +116,28 @@ def test_world_4_is_world_2_with_imperfect_references(small_world, tmp_path):
     assert all(not (oracle.oracle_features(r.post, r.summary)["invented"]) for r in ref4)
 
 
+def test_world_6_is_world_3_with_imperfect_references(tmp_path):
+    """World 6: world 3's comparisons (distractors) byte for byte, with world 4's reference
+    writer: references make facts vague, never invent one, and never name the distractor."""
+    kw = dict(n_train_pairs=300, n_valid_pairs=100, n_ood_pairs=100, n_sft=200, n_prompts=50,
+              n_dood_posts=20)
+    c3 = world.generate_world(str(tmp_path / "v3"), seed=1, vocab_size=0, version=3, **kw)
+    c6 = world.generate_world(str(tmp_path / "v6"), seed=1, vocab_size=0, version=6, **kw)
+    assert c6["generator_version"] == "tldr-world-6"
+    assert c6["policy_params"]["reference"]["p_drop"] == world.REFERENCE_DROP_4 > 0
+    assert c3["policy_params"]["reference"]["p_drop"] == 0
+    for rel in ("comparisons/train.jsonl", "comparisons/valid1.jsonl",
+                "comparisons/valid2.jsonl"):
+        assert ((tmp_path / "v3" / rel).read_bytes() == (tmp_path / "v6" / rel).read_bytes()), rel
+    ref6 = formats.read_sft(tmp_path / "v6" / "sft" / "train.jsonl")
+    mean6, whole6 = _reference_quality(ref6)
+    assert 1.2 < mean6 < 1.7 and 0.15 < whole6 < 0.4, (mean6, whole6)
+    assert all(not oracle.oracle_features(r.post, r.summary)["invented"] for r in ref6)
+    # the distractor phrases are in the posts, as in world 3
+    marks = ("not my", "had nothing to do with it", "was fine")
+    assert np.mean([any(m in r.post for m in marks) for r in ref6]) > 0.6
+
+
 def test_world_5_labels_carry_a_padding_cue_the_oracle_does_not_reward(tmp_path):
     """World 5: the careful in-distribution writers pad more and fewer pairs share their style,
     so the summary with more padding phrases wins more often than not (train and valid1),
@@ -378,9 +400,9 @@ def test_data_stage_world_version(tmp_path, caplog):
         gin.clear_config()
         assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{run_dir}'"]) == 2
         assert "holds a world of version 'tldr-world-3'" in caplog.text
-        g.write_text(TINY_DATA + "data_stage.world_version = 6\n")
+        g.write_text(TINY_DATA + "data_stage.world_version = 7\n")
         gin.clear_config()
-        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r6'"]) == 2
-        assert "data_stage.world_version = 6: must be one of [2, 3, 4, 5]" in caplog.text
+        assert main_lib.main(["--gin_file", str(g), f"--gin.RUN_DIR='{tmp_path}/r7'"]) == 2
+        assert "data_stage.world_version = 7: must be one of [2, 3, 4, 5, 6]" in caplog.text
     finally:
         gin.clear_config()

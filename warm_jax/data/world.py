@@ -60,8 +60,14 @@ reward model that learnt the cue can be climbed by a policy that pads more (the 
 reward hacking), and the question is whether WARM's members learnt it alike. World 5 draws
 from world 2's streams and uses world 4's reference writer; its comparisons differ.
 
+World version 6 (opt-in, ``version=6``) is world 3 with world 4's reference writer: its
+comparisons (train, valid1, valid2) are world 3's byte for byte (distractors: matching a
+summary's words against the post is not enough), and its SFT sets, prompts and D_ood posts
+carry human-like references that make facts vague. It is to world 3 what world 4 is to
+world 2.
+
 Command: ``python -m warm_jax.data.world --out DIR [--seed N] [--n_train_pairs N]
-[--version {2,3,4,5}]``.
+[--version {2,3,4,5,6}]``.
 """
 from __future__ import annotations
 
@@ -221,7 +227,9 @@ WORLD_3 = WorldVersion(3, ID_POLICIES_3, OOD_POLICIES_3, distractor_rate=DISTRAC
 WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)
 WORLD_5 = WorldVersion(5, ID_POLICIES_5, OOD_POLICIES, reference=REFERENCE_4, streams=2,
                        style_match=STYLE_MATCH_5)
-VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3, WORLD_4, WORLD_5)}
+WORLD_6 = WorldVersion(6, ID_POLICIES_3, OOD_POLICIES_3, distractor_rate=DISTRACTOR_RATE,
+                       reference=REFERENCE_4, streams=3)
+VERSIONS = {w.number: w for w in (WORLD_2, WORLD_3, WORLD_4, WORLD_5, WORLD_6)}
 DEFAULT_VERSION = 2
 assert WORLD_2.generator_version == GENERATOR_VERSION
 # the default world's tables
@@ -230,7 +238,7 @@ SPLIT_POLICIES = WORLD_2.split_policies
 
 
 def world_version(version: int) -> WorldVersion:
-    """The :class:`WorldVersion` numbered ``version`` (2, 3, 4 or 5)."""
+    """The :class:`WorldVersion` numbered ``version`` (2 to 6)."""
     if version not in VERSIONS:
         raise ValueError(f"unknown world version {version!r}; known: {sorted(VERSIONS)}")
     return VERSIONS[version]
@@ -485,7 +493,7 @@ def generate_world(out_dir: str, seed: int = 0, n_train_pairs: int = 20000,
 
     Every set uses its own posts (no post text appears twice; the D_ood posts are drawn
     last, so they leave every other set's bytes as they were). The same arguments give the
-    same bytes. ``version`` picks the world (2, the default, 3 or 4: the module docstring);
+    same bytes. ``version`` picks the world (2, the default, to 6: the module docstring);
     the card's generator_version names it.
     """
     factory = _PostFactory(seed, version)
@@ -546,7 +554,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--vocab_size", type=int, default=512, help="0 skips the vocabulary")
     ap.add_argument("--version", type=int, choices=sorted(VERSIONS), default=DEFAULT_VERSION,
                     help="world version: 2 (default), 3 (distractors), 4 (world 2 with "
-                         "imperfect reference summaries) or 5 (world 4 with a padding cue)")
+                         "imperfect reference summaries), 5 (world 4 with a padding cue) or "
+                         "6 (world 3 with world 4's references)")
     ap.add_argument("--diagnose", action="store_true", help="print the diagnostic table")
     args = ap.parse_args(argv)
     card = generate_world(args.out, seed=args.seed, n_train_pairs=args.n_train_pairs,
