@@ -80,8 +80,8 @@ def test_world_2_is_the_default_and_its_bytes_are_unchanged(small_world, tmp_pat
     comps = formats.read_comparisons(v3 / "comparisons")
     with_distractor = np.mean([bool(oracle.distractors(c.post)) for c in comps])
     assert 0.7 < with_distractor < 0.9
-    with pytest.raises(ValueError, match="unknown world version 6"):
-        world.generate_world(str(tmp_path / "v6"), seed=1, vocab_size=0, version=6, **SMALL)
+    with pytest.raises(ValueError, match="unknown world version 7"):
+        world.generate_world(str(tmp_path / "v7"), seed=1, vocab_size=0, version=7, **SMALL)
 
 
 def _reference_quality(rows):
@@ -372,7 +372,7 @@ def test_cli(tmp_path, capsys):
                        "--vocab_size", "0", "--version", "3"]) == 0
     assert json.loads((v3 / "world.json").read_text())["generator_version"] == "tldr-world-3"
     with pytest.raises(SystemExit):
-        world.main(["--out", str(tmp_path / "v6"), "--version", "6"])
+        world.main(["--out", str(tmp_path / "v7"), "--version", "7"])
 
 
 TINY_DATA = rh.TINY_DATA_GIN
