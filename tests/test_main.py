@@ -211,6 +211,12 @@ BAD_VALUES = [
      "rl_warm/RLConfig.kl_alpha_max = 1.0: needs kl_target (alpha is fixed without it)"),
     (["--gin.rl_warm/RLConfig.kl_target=4.0", "--gin.rl_warm/RLConfig.kl_alpha_max=0.001"],
      "rl_warm/RLConfig.kl_alpha_max = 0.001: must be >= alpha = 0.003 (alpha starts there)"),
+    (["--gin.probe_stage.warm_start_max_steps=2000"],
+     "probe_stage.warm_start_max_steps = 2000: must be 0 (no train-on rule) or above "
+     "warm_start_steps = 2400"),
+    (["--gin.probe_stage.warm_start_max_steps=4800", "--gin.probe_stage.reserved_pairs=0"],
+     "probe_stage.warm_start_max_steps = 4800: the train-on rule is monitored on the rows "
+     "just before the reserved ones: set probe_stage.reserved_pairs > 0"),
     (["--gin.rl_warm/RLConfig.max_step_kl=0.0"],
      "rl_warm/RLConfig.max_step_kl = 0.0: must be > 0"),
     (["--gin.rl_warm/RLConfig.reward_normalization='zscore'"],

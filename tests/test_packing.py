@@ -197,6 +197,45 @@ def test_warm_start_packs_each_batch_like_the_unpacked_run():
     np.testing.assert_allclose(out[0][2], out[1][2], atol=1e-4)
 
 
+def test_warm_start_train_on_rule(monkeypatch):
+    """rm_init's train-on rule: the first steps_ steps are the run without the rule (its
+    monitor accuracy there is the plain run's); cycles of extend_steps follow, the data
+    order continuing by global step, while one raises the monitor accuracy by min_gain, up
+    to max_steps. (Cycles of one length share one compiled step: all are 3 steps here.)"""
+    from warm_jax.stages import rm_init
+
+    pairs, monitor = _pairs(n=40), _pairs(seed=3, n=16)
+    evals = {"all": {k: pairs[k] for k in KEYS}}
+    kw = dict(steps_=3, learning_rate=1e-2, batch_size=2, seed=1, pack=False)
+    plain = rm_init.warm_start(CFG, _params(), pairs, evals, **kw)
+    assert plain[3] is None
+    plain_acc = reward.pairwise_accuracy(reward.RewardModel.single(CFG, plain[0]), monitor)
+    seen, draw = [], rm_init.pipeline.batch_indices
+
+    def spy(n, size, seed, step):
+        seen.append(step)
+        return draw(n, size, seed, step)
+
+    monkeypatch.setattr(rm_init.pipeline, "batch_indices", spy)
+    # always on (a gain of -1 always counts): three cycles of 3 steps, to max_steps
+    on = rm_init.warm_start(CFG, _params(), pairs, evals, monitor=monitor, max_steps=9,
+                            extend_steps=3, min_gain=-1.0, **kw)
+    assert [h[0] for h in on[3]["monitor_accuracy"]] == [3, 6, 9]
+    assert on[3]["steps"] == 9 and seen == list(range(9))
+    assert on[3]["monitor_accuracy"][0][1] == plain_acc
+    assert on[3]["stopped"] == "reached warm_start_max_steps = 9"
+    assert len(on[2]) > len(plain[2])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         plain[0], on[0]))
+    assert max(moved) > 0
+    # a gain no cycle can reach: one cycle, then it stops and says why
+    once = rm_init.warm_start(CFG, _params(), pairs, evals, monitor=monitor, max_steps=9,
+                              extend_steps=3, min_gain=1.5, **kw)
+    assert once[3]["steps"] == 6 and len(once[3]["monitor_accuracy"]) == 2
+    assert once[3]["stopped"].startswith("monitor accuracy rose ")
+    assert once[3]["stopped"].endswith("over the last 3 steps (< 1.5)")
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_the_pairwise_loss_leaves_the_reward_bias_alone_unless_centering_is_on(packed,
                                                                               monkeypatch):

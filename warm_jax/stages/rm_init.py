@@ -118,12 +118,20 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
                 num_steps: int = 300, learning_rate: float = 1e-2, batch_size: int = 256,
                 center_coef: float = 0.0, eval_pairs: int = 512, reserved_pairs: int = 0,
                 warm_start_steps: int = 0, warm_start_learning_rate: float = 1e-3,
-                warm_start_batch_size: int = 32) -> dict:
+                warm_start_batch_size: int = 32, warm_start_max_steps: int = 0,
+                warm_start_extend_steps: int = 1200, warm_start_min_gain: float = 0.01,
+                warm_start_monitor_pairs: int = 1000) -> dict:
     """Linear probe of the scalar reward head on the frozen final SFT backbone.
 
     Fits on `probe_pairs` clean training pairs (a random subset chosen by the run's SEED), reports
     accuracy on them and on `eval_pairs` ID-validation and OOD pairs, and exports the head
     to {run_dir}/rm_init/head (card kind 'rm_head').
+
+    warm_start_max_steps > warm_start_steps turns on the warm start's train-on rule
+    (:func:`warm_start`): it is monitored on the `warm_start_monitor_pairs` clean training
+    rows just before the reserved rows (the ensembles' selection rows when
+    RMTrainConfig.select_pairs is the same number), which neither the warm start nor any
+    ensemble trains on and which are not reported as ID.
     """
     ctx = StageContext(run_dir, "rm_init", artifacts.stage_path(run_dir, "rm_init"))
     if ctx.done:
@@ -166,8 +174,19 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
               "warm_start_steps": warm_start_steps,
               "warm_start_learning_rate": warm_start_learning_rate,
               "warm_start_batch_size": warm_start_batch_size}
+    monitor = None
+    if warm_start_steps and warm_start_max_steps > warm_start_steps:
+        if warm_start_monitor_pairs > rows[0]:
+            raise ValueError(f"probe_stage.warm_start_monitor_pairs = {warm_start_monitor_pairs}:"
+                             f" only {rows[0]} training rows lie before the reserved rows "
+                             f"[{rows[0]}, {rows[1]})")
+        config.update(warm_start_max_steps=warm_start_max_steps,
+                      warm_start_extend_steps=warm_start_extend_steps,
+                      warm_start_min_gain=warm_start_min_gain,
+                      warm_start_monitor_rows=[rows[0] - warm_start_monitor_pairs, rows[0]])
+        monitor = ensemble.trim_pairs(prov.train_rows(*config["warm_start_monitor_rows"]))[0]
     full, head, warm = _warm_start(model_cfg, params, head, train, dict(zip(sets, trimmed)),
-                                   config, seed)
+                                   config, seed, monitor)
     ctx.write_run_info(config, {"seed": seed})
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
@@ -183,6 +202,7 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracies": acc,
                "train_rows": rows, "warm_start": warm_path,
                "warm_start_accuracies": warm and warm["accuracies"],
+               "warm_start_rule": warm and warm["rule"],
                "fingerprint": ckpt_lib.read_card(path)["fingerprint"],
                "probe_loss": trace[-1] if trace else None,
                "seconds": ctx.seconds}
@@ -193,26 +213,32 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
 
 
 def _warm_start(model_cfg, params, head, train: dict, eval_sets: dict, config: dict,
-                seed: int):
+                seed: int, monitor: Optional[dict] = None):
     """(whole params, head, warm-start record or None): the probed model fine-tuned whole
     for config['warm_start_steps'] steps, when > 0."""
     steps_ = config["warm_start_steps"]
     if not steps_:
         return None, head, None
     full = ensemble.with_head(jax.tree.map(np.asarray, params), head)
-    full, acc, trace = warm_start(model_cfg, full, ensemble.trim_pairs(train)[0], eval_sets,
-                                  steps_=steps_,
-                                  learning_rate=config["warm_start_learning_rate"],
-                                  batch_size=config["warm_start_batch_size"], seed=seed)
+    full, acc, trace, rule = warm_start(
+        model_cfg, full, ensemble.trim_pairs(train)[0], eval_sets, steps_=steps_,
+        learning_rate=config["warm_start_learning_rate"],
+        batch_size=config["warm_start_batch_size"], seed=seed, monitor=monitor,
+        max_steps=config.get("warm_start_max_steps", 0),
+        extend_steps=config.get("warm_start_extend_steps", 1200),
+        min_gain=config.get("warm_start_min_gain", 0.01))
     log.info("rm_init: warm start (%d steps) accuracy train %.3f valid %.3f ood %.3f",
-             steps_, acc["train"], acc["valid"], acc["ood"])
-    return full, ensemble.head_of(full), {"accuracies": acc, "loss_trace": trace}
+             rule["steps"] if rule else steps_, acc["train"], acc["valid"], acc["ood"])
+    return full, ensemble.head_of(full), {"accuracies": acc, "loss_trace": trace,
+                                          "rule": rule}
 
 
 def _export_warm(stage_dir: str, model_cfg, vocab, full, warm: dict, sft_card: dict,
                  config: dict, seed: int) -> str:
     card = cards.lm_card(
-        "rm_warm_start", model_cfg, vocab, config["warm_start_steps"], stage="rm_init",
+        "rm_warm_start", model_cfg, vocab,
+        warm["rule"]["steps"] if warm.get("rule") else config["warm_start_steps"],
+        stage="rm_init", **({"warm_start_rule": warm["rule"]} if warm.get("rule") else {}),
         sft_path=config["sft_path"], sft_fingerprint=sft_card.get("fingerprint"),
         root_fingerprint=sft_card.get("init_fingerprint") or sft_card.get("fingerprint"),
         accuracies=warm["accuracies"], hyperparameters=config, seed=seed,
@@ -233,24 +259,14 @@ def _init_rows(prov, reserved_pairs: int) -> tuple[dict, list[int]]:
     return prov.train_rows(n - reserved_pairs, n), [n - reserved_pairs, n]
 
 
-def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
-               learning_rate: float, batch_size: int, seed: int, pack: bool = True):
-    """The shared warm start: `steps_` Bradley-Terry steps on the whole model (AdamW, 20
-    warm-up steps, cosine decay, clip 1.0; no dropout), each pair packed into one sequence
-    when `pack` (steps.pack_pairs; each batch to the length its pairs need, rounded up to
-    16 tokens). Returns (params, accuracies on eval_sets, loss trace).
-    Deterministic; short enough to redo if interrupted."""
+@functools.lru_cache(maxsize=8)
+def _warm_start_step(model_cfg, learning_rate: float, length: int):
+    """(optimizer, jitted step) of one warm-start cycle of `length` steps (cached: the
+    train-on rule's cycles of one length share one compiled step)."""
     cfg = optim.OptimizerConfig(name="adamw", learning_rate=learning_rate,
-                                warmup_steps=min(20, steps_), decay="cosine",
-                                total_steps=steps_, grad_clip_norm=1.0)
+                                warmup_steps=min(20, length), decay="cosine",
+                                total_steps=length, grad_clip_norm=1.0)
     tx = optim.make_optimizer(cfg)
-    params = jax.tree.map(jnp.asarray, params)
-    opt = tx.init(params)
-    keys = ensemble.PAIR_KEYS
-    # each batch packs to what its own pairs need, rounded up to 16 tokens (a few compiled
-    # shapes), never past what the whole set needs
-    totals = steps.packed_totals(train) if pack else None
-    cap = steps.packed_length(train) if pack else None
 
     def loss_fn(p, batch, pack_length):
         rc, rr = steps.rm_eval_step(model_cfg, p, batch, pack_length=pack_length)
@@ -262,16 +278,71 @@ def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
         upd, o = tx.update(steps.pairwise_grads(g), o, p)
         return optax.apply_updates(p, upd), o, loss
 
+    return tx, step
+
+
+def warm_start(model_cfg, params, train: dict, eval_sets: dict, *, steps_: int,
+               learning_rate: float, batch_size: int, seed: int, pack: bool = True,
+               monitor: Optional[dict] = None, max_steps: int = 0, extend_steps: int = 1200,
+               min_gain: float = 0.01):
+    """The shared warm start: `steps_` Bradley-Terry steps on the whole model (AdamW, 20
+    warm-up steps, cosine decay, clip 1.0; no dropout), each pair packed into one sequence
+    when `pack` (steps.pack_pairs; each batch to the length its pairs need, rounded up to
+    16 tokens). Returns (params, accuracies on eval_sets, loss trace, rule record or None).
+
+    Train-on rule (`max_steps` > `steps_`, `monitor` pairs given): after the first
+    `steps_` steps the accuracy on `monitor` is measured, and the warm start trains on in
+    cycles of `extend_steps` steps (each a fresh AdamW with its own warm-up and cosine
+    decay; the data order continues by global step) while a cycle raises that accuracy by
+    at least `min_gain`, up to `max_steps` in all. The first `steps_` steps are the same
+    with or without the rule. Deterministic; short enough to redo if interrupted."""
+    params = jax.tree.map(jnp.asarray, params)
+    keys = ensemble.PAIR_KEYS
+    # each batch packs to what its own pairs need, rounded up to 16 tokens (a few compiled
+    # shapes), never past what the whole set needs
+    totals = steps.packed_totals(train) if pack else None
+    cap = steps.packed_length(train) if pack else None
+
     n, trace = len(train["chosen_tokens"]), []
-    for s in range(steps_):
-        idx = pipeline.batch_indices(n, min(batch_size, n), seed + 1, s)
-        pack_length = min(cap, -(-int(totals[idx].max()) // 16) * 16) if pack else None
-        params, opt, loss = step(params, opt, {k: train[k][idx] for k in keys}, pack_length)
-        if s % 50 == 0 or s == steps_ - 1:
-            trace.append(float(loss))
+
+    def cycle(params, start: int, length: int):
+        tx, step = _warm_start_step(model_cfg, learning_rate, length)
+        opt = tx.init(params)
+        for s in range(start, start + length):
+            idx = pipeline.batch_indices(n, min(batch_size, n), seed + 1, s)
+            pack_length = min(cap, -(-int(totals[idx].max()) // 16) * 16) if pack else None
+            params, opt, loss = step(params, opt, {k: train[k][idx] for k in keys},
+                                     pack_length)
+            if (s - start) % 50 == 0 or s == start + length - 1:
+                trace.append(float(loss))
+        return params
+
+    params = cycle(params, 0, steps_)
+    done, rule = steps_, None
+    if monitor is not None and max_steps > steps_:
+        acc = reward.pairwise_accuracy(reward.RewardModel.single(model_cfg, params), monitor)
+        history = [[done, acc]]
+        stop = f"reached warm_start_max_steps = {max_steps}"
+        while done < max_steps:
+            length = min(extend_steps, max_steps - done)
+            log.info("rm_init: warm start at step %d, monitor accuracy %.4f: training on "
+                     "to %d", done, acc, done + length)
+            params = cycle(params, done, length)
+            done += length
+            new = reward.pairwise_accuracy(reward.RewardModel.single(model_cfg, params),
+                                           monitor)
+            history.append([done, new])
+            if new - acc < min_gain:
+                stop = (f"monitor accuracy rose {new - acc:+.4f} over the last "
+                        f"{length} steps (< {min_gain})")
+                acc = new
+                break
+            acc = new
+        log.info("rm_init: warm start stopped at step %d: %s", done, stop)
+        rule = {"steps": done, "monitor_accuracy": history, "stopped": stop}
     scorer = reward.RewardModel.single(model_cfg, params)
     acc = {name: reward.pairwise_accuracy(scorer, pairs) for name, pairs in eval_sets.items()}
-    return jax.tree.map(np.asarray, params), acc, trace
+    return jax.tree.map(np.asarray, params), acc, trace, rule
 
 
 def check_probe_stage(c) -> None:
@@ -280,6 +351,17 @@ def check_probe_stage(c) -> None:
     c.integer("warm_start_steps", 0)
     c.rate("warm_start_learning_rate")
     c.integer("warm_start_batch_size", 1)
+    c.integer("warm_start_max_steps", 0)
+    c.integer("warm_start_extend_steps", 1)
+    c.number("warm_start_min_gain", 0)
+    c.integer("warm_start_monitor_pairs", 1)
+    if (c["warm_start_steps"] and c["warm_start_max_steps"]
+            and c["warm_start_max_steps"] <= c["warm_start_steps"]):
+        c.fail("warm_start_max_steps", f"must be 0 (no train-on rule) or above "
+               f"warm_start_steps = {c['warm_start_steps']}")
+    if c["warm_start_steps"] and c["warm_start_max_steps"] and not c["reserved_pairs"]:
+        c.fail("warm_start_max_steps", "the train-on rule is monitored on the rows just "
+               "before the reserved ones: set probe_stage.reserved_pairs > 0")
     c.integer("probe_pairs", 1)
     c.integer("num_steps", 1)
     c.rate("learning_rate")
