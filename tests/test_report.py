@@ -734,3 +734,33 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     assert "| rl_a vs rl_b | -0.300 ± - | - | 0/1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="seed_4/rl_a/metrics.jsonl: no evaluation at step 20"):
         rl_table.main([str(runs[1]), "--at_step", "20"])
+
+
+def test_gate_table_reads_the_warm_start_rule_and_the_gates(tmp_path, capsys):
+    """tools/gate_table.py (docs/results.md's gate tables): one row per seed from rm_init,
+    rm_eval and report.md; "pending" for a seed without rm_eval."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import gate_table
+
+    run = tmp_path / "seed_4"
+
+    def gates(passed_ceiling):
+        return {"gates": [
+            {"passed": True, "numbers": {"drop": 0.4336}},
+            {"passed": True, "numbers": {"worst_margin": 0.32875}},
+            {"passed": passed_ceiling, "numbers": {"best_valid": 0.911, "post_aware_bow": 0.79525,
+                                                   "oracle_ceiling": 0.95, "gap": 0.039}}]}
+
+    for sub, summ in (("rm_init", {"warm_start_accuracies": {"valid": 0.918},
+                                   "warm_start_rule": {"steps": 4800, "monitor_accuracy": [
+                                       [2400, 0.891], [3600, 0.919], [4800, 0.923]]}}),
+                      ("rm_eval_rm_clean", gates(True)), ("rm_eval_rm_corrupt", gates(False))):
+        (run / sub).mkdir(parents=True)
+        (run / sub / "summary.json").write_text(json.dumps(summ))
+    (run / "report.md").write_text(
+        "| bon | on the sft policy's own samples, best:rm_clean ranks them | 0.907 | >= 0.4 | PASS |\n")
+    assert gate_table.main([str(tmp_path), "4", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["| 4 | 4800 (0.891, 0.919, 0.923) | 0.918 | 0.9110 | 0.795 | 0.950 | 0.0390 | "
+                   "0.434 | 0.329 | 0.907 PASS | pass/pass/pass | pass/pass/FAIL |",
+                   "| 5 | pending |"]
