@@ -125,13 +125,8 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
 
     Fits on `probe_pairs` clean training pairs (a random subset chosen by the run's SEED), reports
     accuracy on them and on `eval_pairs` ID-validation and OOD pairs, and exports the head
-    to {run_dir}/rm_init/head (card kind 'rm_head').
-
-    warm_start_max_steps > warm_start_steps turns on the warm start's train-on rule
-    (:func:`warm_start`): it is monitored on the `warm_start_monitor_pairs` clean training
-    rows just before the reserved rows (the ensembles' selection rows when
-    RMTrainConfig.select_pairs is the same number), which neither the warm start nor any
-    ensemble trains on and which are not reported as ID.
+    to {run_dir}/rm_init/head (card kind 'rm_head'); then the warm start, when asked
+    (:func:`_warm_start`; its train-on rule: :func:`_rule_monitor`).
     """
     ctx = StageContext(run_dir, "rm_init", artifacts.stage_path(run_dir, "rm_init"))
     if ctx.done:
@@ -155,11 +150,9 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     n = len(train["chosen_tokens"])
     idx = pipeline.batch_indices(n, min(probe_pairs, n), seed, 0)
     sets = {"train": provider_lib.subset(train, idx),
-            "valid": provider_lib.subset(prov.preference("valid"),
-                                         np.arange(min(eval_pairs,
-                                                       prov.num_pairs("valid")))),
-            "ood": provider_lib.subset(prov.preference("ood"),
-                                       np.arange(min(eval_pairs, prov.num_pairs("ood"))))}
+            **{k: provider_lib.subset(prov.preference(k),
+                                      np.arange(min(eval_pairs, prov.num_pairs(k))))
+               for k in ("valid", "ood")}}
     trimmed = ensemble.trim_pairs(*sets.values())
     feats = {k: pair_features(model_cfg, params, s, mesh) for k, s in zip(sets, trimmed)}
     head0 = jax.tree.map(np.asarray, ensemble.head_of(params))
@@ -174,17 +167,8 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
               "warm_start_steps": warm_start_steps,
               "warm_start_learning_rate": warm_start_learning_rate,
               "warm_start_batch_size": warm_start_batch_size}
-    monitor = None
-    if warm_start_steps and warm_start_max_steps > warm_start_steps:
-        if warm_start_monitor_pairs > rows[0]:
-            raise ValueError(f"probe_stage.warm_start_monitor_pairs = {warm_start_monitor_pairs}:"
-                             f" only {rows[0]} training rows lie before the reserved rows "
-                             f"[{rows[0]}, {rows[1]})")
-        config.update(warm_start_max_steps=warm_start_max_steps,
-                      warm_start_extend_steps=warm_start_extend_steps,
-                      warm_start_min_gain=warm_start_min_gain,
-                      warm_start_monitor_rows=[rows[0] - warm_start_monitor_pairs, rows[0]])
-        monitor = ensemble.trim_pairs(prov.train_rows(*config["warm_start_monitor_rows"]))[0]
+    monitor = _rule_monitor(prov, rows, config, warm_start_max_steps, warm_start_extend_steps,
+                            warm_start_min_gain, warm_start_monitor_pairs)
     full, head, warm = _warm_start(model_cfg, params, head, train, dict(zip(sets, trimmed)),
                                    config, seed, monitor)
     ctx.write_run_info(config, {"seed": seed})
@@ -210,6 +194,25 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     log.info("rm_init: probe accuracy train %.3f valid %.3f ood %.3f -> %s",
              acc["train"], acc["valid"], acc["ood"], path)
     return summary
+
+
+def _rule_monitor(prov, rows: list, config: dict, max_steps: int, extend_steps: int,
+                  min_gain: float, monitor_pairs: int) -> Optional[dict]:
+    """The warm start's train-on rule, when on (max_steps > warm_start_steps > 0): records
+    its settings in `config` and returns the pairs it is monitored on, the `monitor_pairs`
+    clean training rows just before the reserved rows [rows[0], rows[1]) (the ensembles'
+    selection rows when RMTrainConfig.select_pairs is the same number), which neither the
+    warm start nor any ensemble trains on and which are not reported as ID. None when off."""
+    if not (config["warm_start_steps"] and max_steps > config["warm_start_steps"]):
+        return None
+    if monitor_pairs > rows[0]:
+        raise ValueError(f"probe_stage.warm_start_monitor_pairs = {monitor_pairs}: only "
+                         f"{rows[0]} training rows lie before the reserved rows "
+                         f"[{rows[0]}, {rows[1]})")
+    config.update(warm_start_max_steps=max_steps, warm_start_extend_steps=extend_steps,
+                  warm_start_min_gain=min_gain,
+                  warm_start_monitor_rows=[rows[0] - monitor_pairs, rows[0]])
+    return ensemble.trim_pairs(prov.train_rows(*config["warm_start_monitor_rows"]))[0]
 
 
 def _warm_start(model_cfg, params, head, train: dict, eval_sets: dict, config: dict,
