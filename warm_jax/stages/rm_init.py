@@ -227,21 +227,21 @@ def _warm_start(model_cfg, params, head, train: dict, eval_sets: dict, config: d
         model_cfg, full, ensemble.trim_pairs(train)[0], eval_sets, steps_=steps_,
         learning_rate=config["warm_start_learning_rate"],
         batch_size=config["warm_start_batch_size"], seed=seed, monitor=monitor,
-        max_steps=config.get("warm_start_max_steps", 0),
-        extend_steps=config.get("warm_start_extend_steps", 1200),
-        min_gain=config.get("warm_start_min_gain", 0.01))
+        # the rule's settings, recorded in config by _rule_monitor when it is on
+        **({k: config[f"warm_start_{k}"] for k in ("max_steps", "extend_steps", "min_gain")}
+           if monitor is not None else {}))
+    done = rule["steps"] if rule else steps_
     log.info("rm_init: warm start (%d steps) accuracy train %.3f valid %.3f ood %.3f",
-             rule["steps"] if rule else steps_, acc["train"], acc["valid"], acc["ood"])
+             done, acc["train"], acc["valid"], acc["ood"])
     return full, ensemble.head_of(full), {"accuracies": acc, "loss_trace": trace,
-                                          "rule": rule}
+                                          "rule": rule, "steps": done}
 
 
 def _export_warm(stage_dir: str, model_cfg, vocab, full, warm: dict, sft_card: dict,
                  config: dict, seed: int) -> str:
     card = cards.lm_card(
-        "rm_warm_start", model_cfg, vocab,
-        warm["rule"]["steps"] if warm.get("rule") else config["warm_start_steps"],
-        stage="rm_init", **({"warm_start_rule": warm["rule"]} if warm.get("rule") else {}),
+        "rm_warm_start", model_cfg, vocab, warm["steps"],
+        stage="rm_init", **({"warm_start_rule": warm["rule"]} if warm["rule"] else {}),
         sft_path=config["sft_path"], sft_fingerprint=sft_card.get("fingerprint"),
         root_fingerprint=sft_card.get("init_fingerprint") or sft_card.get("fingerprint"),
         accuracies=warm["accuracies"], hyperparameters=config, seed=seed,
