@@ -45,6 +45,33 @@ def make_batch(pairs: int, seq: int, vocab_size: int, seed: int = 0) -> dict:
             "rejected_mask": ones}
 
 
+def build_step(preset: str, pairs: int, seq: int, optimizer: str, seed: int,
+               model_overrides: Optional[dict] = None, cpu_matmul: bool = True):
+    """The compiled RM training step (state donated), its state, batch and model config."""
+    import jax
+
+    from warm_jax import model as model_lib
+    from warm_jax import optim, steps as steps_lib, train_lib
+
+    overrides = dict(model_overrides or {})
+    overrides.setdefault("max_len", max(seq, model_lib.PRESETS[preset].get("max_len", seq)))
+    cfg = model_lib.model_config(preset, **overrides)
+    tx = optim.make_optimizer(optim.OptimizerConfig(
+        name=optimizer, learning_rate=1e-4, grad_clip_norm=1.0, weight_decay=0.0))
+    params = jax.jit(lambda k: model_lib.init_params(cfg, k)[0])(jax.random.key(seed))
+    state = train_lib.init_state(params, tx, seed)
+    batch = make_batch(pairs, seq, cfg.vocab_size, seed + 1)
+    step_fn = jax.jit(functools.partial(steps_lib.rm_train_step, cfg, tx), donate_argnums=0)
+    use_cpu_matmul = model_lib._use_cpu_matmul
+    if not cpu_matmul:
+        model_lib._use_cpu_matmul = lambda _cfg: False
+    try:
+        compiled = step_fn.lower(state, batch).compile()
+    finally:
+        model_lib._use_cpu_matmul = use_cpu_matmul
+    return compiled, state, batch, cfg
+
+
 def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: int = 8,
             warmup: int = 2, optimizer: str = "adamw", seed: int = 0,
             model_overrides: Optional[dict] = None, cpu_matmul: bool = True) -> list[dict]:
@@ -60,27 +87,12 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
     import jax
 
     from warm_jax import model as model_lib
-    from warm_jax import optim, steps as steps_lib, train_lib
-
-    overrides = dict(model_overrides or {})
-    overrides.setdefault("max_len", max(seq, model_lib.PRESETS[preset].get("max_len", seq)))
-    cfg = model_lib.model_config(preset, **overrides)
-    tx = optim.make_optimizer(optim.OptimizerConfig(
-        name=optimizer, learning_rate=1e-4, grad_clip_norm=1.0, weight_decay=0.0))
-    params = jax.jit(lambda k: model_lib.init_params(cfg, k)[0])(jax.random.key(seed))
-    state = train_lib.init_state(params, tx, seed)
-    batch = make_batch(pairs, seq, cfg.vocab_size, seed + 1)
-    step_fn = jax.jit(functools.partial(steps_lib.rm_train_step, cfg, tx), donate_argnums=0)
 
     t0 = time.perf_counter()
-    use_cpu_matmul = model_lib._use_cpu_matmul
-    if not cpu_matmul:
-        model_lib._use_cpu_matmul = lambda _cfg: False
-    try:
-        compiled = step_fn.lower(state, batch).compile()
-    finally:
-        model_lib._use_cpu_matmul = use_cpu_matmul
+    compiled, state, batch, cfg = build_step(preset, pairs, seq, optimizer, seed,
+                                             model_overrides, cpu_matmul)
     compile_s = time.perf_counter() - t0
+    use_cpu_matmul = model_lib._use_cpu_matmul
 
     holder = {"state": state}
 

@@ -376,6 +376,35 @@ def _cpu_env(env_value):
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
 
 
+def _cpu_dots(choice, xla_flags=None):
+    """(exit status, XLA_FLAGS) after sourcing launch/cpu_env.sh with WARM_JAX_CPU_DOTS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "WARM_JAX_CPU_DOTS")}
+    for key, value in (("WARM_JAX_CPU_DOTS", choice), ("XLA_FLAGS", xla_flags)):
+        if value is not None:
+            env[key] = value
+    proc = subprocess.run(["bash", "-c", "source launch/cpu_env.sh || exit $?; printf %s \"$XLA_FLAGS\""],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cpu_env_chooses_xla_dots_unless_asked_for_ynnpack():
+    flag = "--xla_cpu_experimental_ynn_fusion_type="
+    assert _cpu_dots(None)[:2] == (0, flag)
+    assert _cpu_dots("xla", "--foo=1")[:2] == (0, "--foo=1 " + flag)
+    assert _cpu_dots("ynnpack", "--foo=1")[:2] == (0, "--foo=1")
+    # the user's own choice of YNN fusions is kept
+    kept = "--xla_cpu_experimental_ynn_fusion_type=dot"
+    assert _cpu_dots(None, kept)[:2] == (0, kept)
+    rc, _, err = _cpu_dots("fast")
+    assert rc == 2 and "WARM_JAX_CPU_DOTS must be 'xla' or 'ynnpack', got 'fast'" in err
+    # XLA accepts the flag (an unknown flag would abort the process)
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; "
+                          "print(float(jax.jit(lambda a: a @ a)(jnp.eye(4)).sum()))"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "4.0"
+
+
 def test_cpu_env_sets_the_allocator_tunables_unless_the_user_did():
     for script in ("local.sh", "test.sh", "seeds.sh"):
         assert "source launch/cpu_env.sh" in open(os.path.join(ROOT, "launch", script)).read()

@@ -1,0 +1,144 @@
+"""Where the RM training step's time goes: a jax.profiler trace, op times by kind.
+
+    python -m bench.step_profile [--preset llama_peer] [--pairs 8] [--seq 256] [--steps 3]
+                                 [--model KEY=VALUE ...] [--top 15]
+
+Compiles steps.rm_train_step as bench.rm_throughput does (AdamW, fp32, the training state
+donated), runs `steps` steps under `jax.profiler.trace` (a Perfetto trace), and sums the
+duration of every XLA op event by the op's name. Each op is classed from the compiled
+HLO: "dot" (a fusion or custom call whose body holds a dot, YNNPACK's and oneDNN's
+included), "transpose/copy", "reduce", "gather/scatter", else "elementwise". Prints one
+JSON line per class (seconds per step, share of op time) and the `top` ops, plus the
+achieved matmul FLOP rate of the dot class (the step's matmul FLOPs over its dot time),
+the figure the performance issue's "step at >= 75% of its own matmul rate" is about.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+from bench import common
+
+BENCH = "step_profile"
+
+
+def classify_ops(hlo_text: str) -> dict[str, str]:
+    """Op name -> kind, for the instructions of the compiled module's entry and its
+    called computations (fusion bodies are read to see what a fusion computes)."""
+    bodies: dict[str, str] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if m:
+            current = m.group(1)
+            bodies[current] = ""
+        elif current is not None:
+            bodies[current] += line + "\n"
+    kinds: dict[str, str] = {}
+    for body in bodies.values():
+        for line in body.splitlines():
+            m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+            if not m:
+                continue
+            name, op = m.groups()
+            called = re.findall(r"calls=%?([\w.\-]+)", line)
+            text = line + "".join(bodies.get(c, "") for c in called)
+            kinds[name] = _kind(op, text)
+    return kinds
+
+
+def _kind(op: str, text: str) -> str:
+    if " dot(" in text or "convolution(" in text or "__onednn" in text or op == "dot":
+        return "dot"
+    if op in ("transpose", "copy") or (op == "fusion" and re.search(r" (transpose|copy)\(", text)
+                                       and not re.search(r" (add|multiply|exponential)\(", text)):
+        return "transpose/copy"
+    if op in ("gather", "scatter") or " gather(" in text or " scatter(" in text:
+        return "gather/scatter"
+    if op == "reduce" or " reduce(" in text:
+        return "reduce"
+    return "elementwise"
+
+
+def read_trace(trace_dir: str) -> list[dict]:
+    """The complete ('X') events of the Perfetto trace under trace_dir."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[0], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def op_times(events: list[dict], kinds: dict[str, str]) -> dict[str, float]:
+    """Seconds summed per op name, for events whose name is an op of the module."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        name = e.get("name", "")
+        if name in kinds:
+            out[name] += e["dur"] * 1e-6
+    return dict(out)
+
+
+def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top: int) -> list:
+    import jax
+
+    from bench import rm_throughput
+
+    compiled, state, batch, cfg = rm_throughput.build_step(preset, pairs, seq, "adamw", 0,
+                                                           overrides)
+    for _ in range(2):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    kinds = classify_ops(compiled.as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+        times = op_times(read_trace(tmp), kinds)
+    total = sum(times.values())
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, sec in times.items():
+        by_kind[kinds[name]] += sec
+    flops = common.rm_flops_per_token(cfg, seq) * 2 * pairs * seq
+    config = dict(preset=preset, pairs=pairs, seq=seq, steps=steps, overrides=overrides,
+                  xla_flags=os.environ.get("XLA_FLAGS", ""), machine=common.machine_info())
+    recs = [common.record(BENCH, "op_s_per_step", total / steps, "s", **config)]
+    for kind, sec in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        recs.append(common.record(BENCH, f"share_{kind}", sec / total, "fraction",
+                                  s_per_step=sec / steps, **config))
+    if by_kind.get("dot"):
+        recs.append(common.record(BENCH, "dot_flop_rate", flops * steps / by_kind["dot"],
+                                  "FLOP/s", **config))
+    for name, sec in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        recs.append(common.record(BENCH, "op", sec / steps, "s", op=name, kind=kinds[name],
+                                  share=sec / total))
+    return recs
+
+
+def main(argv=None):
+    from bench.rm_throughput import parse_overrides
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llama_peer")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    for rec in profile(args.preset, args.pairs, args.seq, args.steps,
+                       parse_overrides(args.model), args.top):
+        common.emit(rec)
+
+
+if __name__ == "__main__":
+    main()
