@@ -189,3 +189,37 @@ def test_cpu_dot_paths_records_the_dot_type_per_setting(capsys):
     with pytest.raises(SystemExit):
         cpu_dot_paths.main(["--settings", "default,nope"])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_step_profile_classes_ops_and_sums_the_trace(capsys):
+    """bench.step_profile: ops of the compiled step classed from its HLO (a fusion whose body
+    holds a dot is a dot), op times read from a real profiler trace, shares summing to 1."""
+    from bench import step_profile
+
+    hlo = ("%fused_a (p: f32[4,4]) -> f32[4,4] {\n"
+           "  %p = f32[4,4]{1,0} parameter(0)\n"
+           "  ROOT %d = f32[4,4]{1,0} dot(%p, %p), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
+           "}\n"
+           "%fused_b (q: f32[4,4]) -> f32[4,4] {\n"
+           "  %q = f32[4,4]{1,0} parameter(0)\n"
+           "  ROOT %e = f32[4,4]{1,0} exponential(%q)\n"
+           "}\n"
+           "ENTRY %main (x: f32[4,4]) -> f32[4,4] {\n"
+           "  %x = f32[4,4]{1,0} parameter(0)\n"
+           "  %f1 = f32[4,4]{1,0} fusion(%x), kind=kOutput, calls=%fused_a\n"
+           "  %t = f32[4,4]{0,1} transpose(%f1), dimensions={1,0}\n"
+           "  ROOT %f2 = f32[4,4]{1,0} fusion(%t), kind=kLoop, calls=%fused_b\n"
+           "}\n")
+    kinds = step_profile.classify_ops(hlo)
+    assert kinds["f1"] == "dot" and kinds["t"] == "transpose/copy" and kinds["f2"] == "elementwise"
+    events = [{"name": "f1", "dur": 3000.0}, {"name": "f1", "dur": 1000.0},
+              {"name": "f2", "dur": 500.0}, {"name": "not_an_op", "dur": 9e9}]
+    assert step_profile.op_times(events, kinds) == {"f1": 4e-3, "f2": 5e-4}
+    capsys.readouterr()
+    step_profile.main(["--preset", "tiny", "--pairs", "2", "--seq", "16", "--steps", "1",
+                       "--top", "3"])
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    shares = [r["value"] for r in recs if r["metric"].startswith("share_")]
+    assert recs[0]["metric"] == "op_s_per_step" and recs[0]["value"] > 0
+    assert abs(sum(shares) - 1.0) < 1e-9 and any(r["metric"] == "share_dot" for r in recs)
+    assert len([r for r in recs if r["metric"] == "op"]) == 3
