@@ -213,6 +213,9 @@ def test_the_rl_sweep_is_the_paper_miniature_run_file():
     assert bindings["rl_warm_corrupt/RLConfig.alpha"] == 0.01
     assert ("rl_warm_a0p01", "rl_single_a0p01") in pairs and ("rl_warm_corrupt", "sft") in pairs
     gin.clear_config()
+    # as warm_jax.main does: a runs/ directory in the working directory (after the main
+    # command ran) is a namespace package that gin's package reader would trip on
+    main._guard_gin_package_reader()
     try:
         gin.add_config_file_search_path(os.path.join(ROOT, "gin"))
         gin.parse_config_files_and_bindings(
