@@ -47,7 +47,8 @@ def make_batch(pairs: int, seq: int, vocab_size: int, seed: int = 0) -> dict:
 
 def build_step(preset: str, pairs: int, seq: int, optimizer: str, seed: int,
                model_overrides: Optional[dict] = None, cpu_matmul: bool = True):
-    """The compiled RM training step (state donated), its state, batch and model config."""
+    """(compiled RM training step (state donated), its state, batch, model config, seconds
+    spent lowering and compiling it)."""
     import jax
 
     from warm_jax import model as model_lib
@@ -65,11 +66,12 @@ def build_step(preset: str, pairs: int, seq: int, optimizer: str, seed: int,
     use_cpu_matmul = model_lib._use_cpu_matmul
     if not cpu_matmul:
         model_lib._use_cpu_matmul = lambda _cfg: False
+    t0 = time.perf_counter()
     try:
         compiled = step_fn.lower(state, batch).compile()
     finally:
         model_lib._use_cpu_matmul = use_cpu_matmul
-    return compiled, state, batch, cfg
+    return compiled, state, batch, cfg, time.perf_counter() - t0
 
 
 def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: int = 8,
@@ -88,10 +90,8 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
 
     from warm_jax import model as model_lib
 
-    t0 = time.perf_counter()
-    compiled, state, batch, cfg = build_step(preset, pairs, seq, optimizer, seed,
-                                             model_overrides, cpu_matmul)
-    compile_s = time.perf_counter() - t0
+    compiled, state, batch, cfg, compile_s = build_step(preset, pairs, seq, optimizer, seed,
+                                                        model_overrides, cpu_matmul)
     use_cpu_matmul = model_lib._use_cpu_matmul
 
     holder = {"state": state}

@@ -58,7 +58,7 @@ def state_difference(preset: str, pairs: int, seq: int, steps: int = 3) -> float
     try:
         for name in ("current", "swap"):
             model_lib.rotary = variants[name]
-            compiled, state, batch, _ = rm_throughput.build_step(preset, pairs, seq, "adamw", 0)
+            compiled, state, batch, _, _ = rm_throughput.build_step(preset, pairs, seq, "adamw", 0)
             for _ in range(steps):
                 state, _m = compiled(state, batch)
             leaves[name] = jax.tree.leaves(jax.device_get(state))

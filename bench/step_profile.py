@@ -92,8 +92,8 @@ def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top:
 
     from bench import rm_throughput
 
-    compiled, state, batch, cfg = rm_throughput.build_step(preset, pairs, seq, "adamw", 0,
-                                                           overrides)
+    compiled, state, batch, cfg, _ = rm_throughput.build_step(preset, pairs, seq, "adamw", 0,
+                                                              overrides)
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
