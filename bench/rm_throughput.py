@@ -46,9 +46,11 @@ def make_batch(pairs: int, seq: int, vocab_size: int, seed: int = 0) -> dict:
 
 
 def build_step(preset: str, pairs: int, seq: int, optimizer: str, seed: int,
-               model_overrides: Optional[dict] = None, cpu_matmul: bool = True):
+               model_overrides: Optional[dict] = None, cpu_matmul: bool = True,
+               compiler_options: Optional[dict] = None):
     """(compiled RM training step (state donated), its state, batch, model config, seconds
-    spent lowering and compiling it)."""
+    spent lowering and compiling it). compiler_options: XLA debug options for this one
+    compile (e.g. {"xla_cpu_prefer_vector_width": 512})."""
     import jax
 
     from warm_jax import model as model_lib
@@ -68,7 +70,7 @@ def build_step(preset: str, pairs: int, seq: int, optimizer: str, seed: int,
         model_lib._use_cpu_matmul = lambda _cfg: False
     t0 = time.perf_counter()
     try:
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = step_fn.lower(state, batch).compile(compiler_options)
     finally:
         model_lib._use_cpu_matmul = use_cpu_matmul
     return compiled, state, batch, cfg, time.perf_counter() - t0

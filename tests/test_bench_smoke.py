@@ -240,3 +240,23 @@ def test_rotary_ab_swap_is_the_same_function_and_the_model_is_restored():
     assert recs[0]["value"] < 1e-4  # the two rotaries train to the same state up to rounding
     medians = {r["variant"]: r for r in recs if r["metric"] == "median_tokens_per_s"}
     assert set(medians) == {"current", "swap", "none"} and medians["current"]["ratio_to_current"] == 1.0
+
+
+def test_step_ab_interleaves_variants_and_restores_the_model():
+    """bench.step_ab: one record per variant with paired ratios against `current`, the
+    matmul reference rate, compiler options passed through, and the model put back."""
+    from bench import step_ab
+
+    before = (model_lib.rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS)
+    recs = step_ab.run(["no_rotary", "unblocked", "vec512"], "tiny", pairs=2, seq=16,
+                       rounds=2, per_turn=1, matmul=64)
+    assert (model_lib.rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS) == before
+    assert recs[0]["metric"] == "matmul_flops" and recs[0]["value"] > 0
+    by = {r["variant"]: r for r in recs[1:]}
+    assert list(by) == ["current", "no_rotary", "unblocked", "vec512"]  # current first
+    assert by["current"]["paired_ratio_median"] == 1.0
+    assert by["vec512"]["options"] == {"xla_cpu_prefer_vector_width": 512}
+    for r in by.values():
+        assert r["value"] > 0 and len(r["step_s"]) == 2 and r["fraction_of_matmul_rate"] > 0
+    with pytest.raises(ValueError, match="unknown variant"):
+        step_ab.run(["flash"], "tiny", pairs=2, seq=16, rounds=1, per_turn=1)

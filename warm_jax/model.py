@@ -155,6 +155,23 @@ def rotary(x, positions, theta: float, scaling: Optional[tuple] = None):
     return out.astype(x.dtype)
 
 
+def causal_blocks(t: int, s: int) -> int:
+    """How many query blocks causal self-attention over t queries (s = t keys) is split into
+    by grouped_attention: CAUSAL_MAX_BLOCKS (4: measured fastest at 256 tokens,
+    docs/benchmarks.md) from CAUSAL_BLOCK_MIN_LENGTH tokens on, fewer where t is not a
+    multiple; 1 (no split) below, where a split measured no faster, and for cached keys."""
+    if t != s or t < CAUSAL_BLOCK_MIN_LENGTH:
+        return 1
+    nb = CAUSAL_MAX_BLOCKS
+    while nb > 1 and t % nb:
+        nb -= 1
+    return nb
+
+
+CAUSAL_MAX_BLOCKS = 4
+CAUSAL_BLOCK_MIN_LENGTH = 256
+
+
 def grouped_attention(q, k, v, mask=None, is_causal: bool = False):
     """Softmax attention as two plain batched matmuls, the query heads of each key/value
     head stacked along the rows: q [B, T, H, D], k / v [B, S, K, D] (H a multiple of K),
@@ -163,7 +180,32 @@ def grouped_attention(q, k, v, mask=None, is_causal: bool = False):
 
     XLA:CPU runs jax.nn.dot_product_attention's five-axis einsums (and their gradients) as
     strided loops over small per-head matrices; this path is ~7-11% faster for the RM
-    training step on 2 CPU cores (bench/attention_ab.py, docs/benchmarks.md)."""
+    training step on 2 CPU cores (bench/attention_ab.py, docs/benchmarks.md).
+
+    Causal attention over T >= 256 queries runs as causal_blocks(T, T) query blocks, block i
+    against keys [0, end of block i) only, so the key blocks that causality masks whole are
+    never computed (4 blocks: 10/16 of the logits). A query row whose every key is masked
+    (a padding row) averages the keys of its block instead of all keys: such rows are
+    padding and no real token reads them."""
+    t, s = q.shape[1], k.shape[1]
+    nb = causal_blocks(t, s) if is_causal else 1
+    if nb == 1:
+        return _attention_block(q, k, v, mask, 0 if is_causal else None)
+    c = t // nb
+    outs = []
+    for i in range(nb):
+        rows, end = slice(i * c, (i + 1) * c), (i + 1) * c
+        m = None
+        if mask is not None:
+            m = jnp.asarray(mask)
+            m = m[..., rows if m.shape[-2] > 1 else slice(None), :end]
+        outs.append(_attention_block(q[:, rows], k[:, :end], v[:, :end], m, i * c))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attention_block(q, k, v, mask, causal_offset):
+    """grouped_attention of queries [offset, offset + T) against keys [0, S): causal (query
+    offset + i sees keys <= offset + i) where causal_offset is not None."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -174,8 +216,8 @@ def grouped_attention(q, k, v, mask=None, is_causal: bool = False):
                                  preferred_element_type=jnp.float32)
     logits = logits.reshape(b, kvh, g, t, s) * jnp.float32(d ** -0.5)
     keep = None
-    if is_causal:
-        keep = jnp.tril(jnp.ones((t, s), jnp.bool_))
+    if causal_offset is not None:
+        keep = jnp.tril(jnp.ones((t, s), jnp.bool_), k=causal_offset)
     if mask is not None:
         m = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, kvh, g, t, s)
         keep = m if keep is None else keep & m
@@ -222,9 +264,8 @@ class Attention(nn.Module):
         elif mask.ndim == 4:  # [B, 1, T, T] (packed pairs: Transformer's segments)
             out = _attention(cfg, q, k, v, mask=mask, is_causal=True)
         else:
-            causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-            attn_mask = causal[None, None] & mask.astype(jnp.bool_)[:, None, None, :]
-            out = _attention(cfg, q, k, v, mask=attn_mask)
+            out = _attention(cfg, q, k, v, mask=mask.astype(jnp.bool_)[:, None, None, :],
+                             is_causal=True)
         out = out.reshape(b, t, h * dh)
         out = partitioning.constrain(out, ("batch", "length", "act_heads"))
         return _dense(cfg, cfg.d_model, ("heads", "embed"), "out",
