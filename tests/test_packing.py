@@ -149,34 +149,37 @@ def test_causal_blocks_split_long_self_attention_only():
     assert model_lib.causal_blocks(256, 512) == 1  # cached keys (decoding): no split
 
 
-@pytest.mark.parametrize("t,h,kvh", [(256, 4, 4), (258, 4, 2), (264, 2, 1)])
-def test_blocked_causal_attention_is_full_causal_attention(t, h, kvh):
+def test_blocked_causal_attention_is_full_causal_attention():
     """grouped_attention splits causal self-attention over >= 256 tokens into query blocks
     that skip the key blocks causality masks whole: the same values and gradients as the
     unsplit computation (jax's reference) on every row with a real key, for a padding mask
-    [B, 1, 1, S] and for packed segments [B, 1, T, T]."""
-    assert model_lib.causal_blocks(t, t) > 1
-    kq, kk, kv, km = jax.random.split(jax.random.PRNGKey(t + h), 4)
-    q = jax.random.normal(kq, (2, t, h, 16))
-    k = jax.random.normal(kk, (2, t, kvh, 16))
-    v = jax.random.normal(kv, (2, t, kvh, 16))
+    [B, 1, 1, S] and for packed segments [B, 1, T, T], with grouped heads."""
+    t, h, kvh = 256, 4, 2
+    assert model_lib.causal_blocks(t, t) == 4
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
+    q = jax.random.normal(kq, (2, t, h, 8))
+    k = jax.random.normal(kk, (2, t, kvh, 8))
+    v = jax.random.normal(kv, (2, t, kvh, 8))
     real = jnp.arange(t)[None, :] >= jnp.array([[0], [t // 3]])  # row 1 left-padded
     seg = jnp.where(jnp.arange(t)[None, :] < t // 2, 1, 2) * real
     packed = ((seg[:, None, :] > 0) & ((seg[:, None, :] == 1)
                                        | (seg[:, None, :] == seg[:, :, None])))[:, None]
     causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    rows = real[:, :, None, None]  # padding rows attend to no key: not compared
+
+    def value_and_grads(fn, mask):
+        f = lambda q, k, v: jnp.where(rows, fn(q, k, v, mask), 0)
+        return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+    blocked = jax.jit(lambda m: value_and_grads(
+        lambda q, k, v, m: model_lib.grouped_attention(q, k, v, mask=m, is_causal=True), m))
+    ref = jax.jit(lambda m: value_and_grads(
+        lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m & causal,
+                                                        implementation="xla"), m))
     for mask in (real[:, None, None, :], packed):
-        got = model_lib.grouped_attention(q, k, v, mask=mask, is_causal=True)
-        want = jax.nn.dot_product_attention(q, k, v, mask=mask & causal, implementation="xla")
-        rows = real[:, :, None, None]  # padding rows attend to no key: not compared
-        np.testing.assert_allclose(jnp.where(rows, got, 0), jnp.where(rows, want, 0), atol=2e-6)
-        loss = lambda fn: jax.grad(lambda q, k, v: jnp.sum(jnp.where(rows, fn(q, k, v), 0) ** 2),
-                                   argnums=(0, 1, 2))(q, k, v)
-        grads = loss(lambda q, k, v: model_lib.grouped_attention(q, k, v, mask=mask,
-                                                                 is_causal=True))
-        ref = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask & causal,
-                                                                implementation="xla"))
-        for g, w in zip(grads, ref):
+        (got, got_g), (want, want_g) = blocked(mask), ref(mask)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+        for g, w in zip(got_g, want_g):
             np.testing.assert_allclose(g, w, atol=5e-5)
 
 
