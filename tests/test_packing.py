@@ -136,7 +136,8 @@ def test_grouped_attention_matches_jax(h, kvh):
         model_lib.grouped_attention(q, k, v, mask=mask),
         jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), atol=2e-6)
     # gradients too (the training step differentiates through it)
-    f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    f = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2),
+                                    argnums=(0, 1, 2)))(q, k, v)
     got = f(lambda q, k, v: model_lib.grouped_attention(q, k, v, is_causal=True))
     want = f(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
     for g, w in zip(got, want):
