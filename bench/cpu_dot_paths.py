@@ -38,6 +38,12 @@ SETTINGS = {
     "no_ynn_fusion": "--xla_cpu_experimental_ynn_fusion_type=",
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "thunks_off": "--xla_cpu_use_thunk_runtime=false",
+    "no_excess_precision": "--xla_allow_excess_precision=false",
+    "xnn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
+    "xnn_dot_exact": ("--xla_cpu_experimental_ynn_fusion_type= "
+                      "--xla_cpu_experimental_xnn_fusion_type=dot --xla_allow_excess_precision=false"),
+    "xnn_greedy": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot "
+                   "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
 }
 _MARKERS = ("onednn", "xnn", "ynn", "eigen", "__xla_cpu_runtime")
 
