@@ -155,6 +155,46 @@ def machine_info(with_jax: bool = True) -> dict:
     return info
 
 
+def proc_stat_cpu() -> Optional[tuple]:
+    """(busy CPU seconds of the whole machine since boot, the hypervisor's steal seconds),
+    from /proc/stat's first line; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    vals = [int(v) for v in fields[1:9]] + [0] * max(0, 9 - len(fields))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = vals[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+class OtherLoad:
+    """What the rest of the machine ran while this process measured.
+
+    other_cores: (machine busy CPU seconds - this process's CPU seconds) / wall seconds, in
+    cores: the 1-minute load average counts the benchmark's own threads (a quiet 2-core
+    machine reads 1.3-1.9 during a 2-thread benchmark), this does not. steal_cores: CPU
+    the hypervisor gave to other guests while this one wanted it, in cores. Both None
+    without /proc/stat. Resolution: the kernel's clock tick (10 ms)."""
+
+    def __init__(self):
+        self.m0, self.c0, self.t0 = proc_stat_cpu(), time.process_time(), time.perf_counter()
+
+    def stop(self) -> dict:
+        m1, c1, t1 = proc_stat_cpu(), time.process_time(), time.perf_counter()
+        wall = t1 - self.t0
+        if self.m0 is None or m1 is None or wall <= 0:
+            return {"other_cores": None, "steal_cores": None}
+        other = max(0.0, (m1[0] - self.m0[0]) - (c1 - self.c0)) / wall
+        return {"other_cores": round(other, 3), "steal_cores": round((m1[1] - self.m0[1]) / wall, 3)}
+
+
+OTHER_CORES_FLAG = 0.5  # another job used a quarter of a 2-core machine: flag the figure
+
+
 def record(bench: str, metric: str, value: float, unit: str, **config) -> dict:
     """One figure as a flat dict: bench, metric, value, unit, then the configuration."""
     return {"bench": bench, "metric": metric, "value": value, "unit": unit, **config}

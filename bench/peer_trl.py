@@ -134,6 +134,7 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
 
     import torch
     torch.set_num_threads(threads)
+    other = common.OtherLoad()
     if impl == "trl":
         with tempfile.TemporaryDirectory() as tmp:
             res = run_trl(pairs, seq, steps, warmup, seed, out_dir or tmp, bf16)
@@ -141,6 +142,7 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
         res = run_torch(pairs, seq, steps, warmup, seed, bf16)
     else:
         raise ValueError(f"impl {impl!r}; choose trl or torch")
+    others = other.stop()
     import transformers
     step = common.median(res["step_times"])
     tokens = 2 * pairs * seq
@@ -148,7 +150,7 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
     config = dict(impl=res["impl"], pairs=pairs, seq=seq, steps=len(res["step_times"]),
                   warmup=warmup, threads=threads, dtype=dtype, optimizer="adamw",
                   torch=torch.__version__, transformers=transformers.__version__,
-                  machine=common.machine_info(with_jax=False))
+                  machine=common.machine_info(with_jax=False), **others)
     if impl == "trl":
         import trl
         config["trl"] = trl.__version__

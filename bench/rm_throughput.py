@@ -103,7 +103,9 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
         return holder["state"], metrics
 
     cpu: list[float] = []
+    other = common.OtherLoad()
     times = common.time_calls(one_step, warmup=warmup, repeats=steps, cpu_times=cpu)
+    others = other.stop()
     _, metrics = one_step()
     loss = float(metrics["loss"])
     step = common.median(times)
@@ -116,7 +118,7 @@ def measure(preset: str = "llama_peer", pairs: int = 8, seq: int = 256, steps: i
                   warmup=warmup, optimizer=optimizer, dtype=cfg.dtype,
                   params=cfg.num_params(), attention_impl=cfg.attention_impl,
                   remat=cfg.remat, cpu_matmul=cpu_matmul and use_cpu_matmul(cfg), loss=loss,
-                  machine=common.machine_info())
+                  machine=common.machine_info(), **others)
     return [
         common.record(BENCH, "tokens_per_s", tokens / step, "tokens/s", **config),
         common.record(BENCH, "step_time_s", step, "s", spread=common.spread(times), **config),
@@ -161,23 +163,28 @@ def side_by_side(preset: str, pairs: int, seq: int, steps: int, warmup: int, rou
     of median process CPU seconds per step (peer / warm-jax), less sensitive to other jobs
     on a shared machine.
     """
-    ours, peer, ours_cpu, peer_cpu = [], [], [], []
+    ours, peer, ours_cpu, peer_cpu, others = [], [], [], [], []
     for r in range(rounds):
         recs = measure(preset, pairs, seq, steps, warmup, "adamw", cpu_matmul=cpu_matmul,
                        model_overrides={"dtype": dtype} if dtype != "float32" else None)
         ours.append(_value(recs, "tokens_per_s"))
         ours_cpu.append(_value(recs, "cpu_s_per_step"))
+        others.append(("warm_jax", r, recs[0].get("other_cores"), recs[0].get("steal_cores")))
         for rec in recs:
             common.emit({**rec, "round": r})
         recs = run_peer(pairs, seq, steps, warmup, peer_impl, dtype=dtype)
         peer.append(_value(recs, "tokens_per_s"))
         peer_cpu.append(_value(recs, "cpu_s_per_step"))
+        others.append(("peer", r, recs[0].get("other_cores"), recs[0].get("steal_cores")))
         for rec in recs:
             common.emit({**rec, "round": r})
     cfg = dict(preset=preset, pairs=pairs, seq=seq, steps=steps, rounds=rounds,
                optimizer="adamw", dtype=dtype, peer_impl=peer_impl,
                warm_jax_tokens_per_s=ours, peer_tokens_per_s=peer,
                warm_jax_cpu_s_per_step=ours_cpu, peer_cpu_s_per_step=peer_cpu,
+               other_cores=[o[2] for o in others], steal_cores=[o[3] for o in others],
+               flagged=[f"{side} round {r}: other jobs {o} cores" for side, r, o, _ in others
+                        if o is not None and o > common.OTHER_CORES_FLAG],
                machine=common.machine_info())
     return [
         common.record(BENCH, "speedup_vs_peer", common.median(ours) / common.median(peer), "x",

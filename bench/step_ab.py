@@ -11,7 +11,8 @@ against `current`: the ratio of medians and the median of the per-round paired r
 with its inter-quartile range (a variant within the IQR of 1.0 is not told apart).
 Each round also times a lone fp32 matmul (--matmul N: N^3, jitted, the same XLA flags):
 the step's achieved FLOP/s (common.rm_flops_per_token, the full-attention MFU
-convention) as a fraction of that matmul's rate, measured under the same load.
+convention) as a fraction of that matmul's rate, measured under the same load; and the
+CPU the rest of the machine used meanwhile (common.OtherLoad: other_cores, steal_cores).
 
 Variants (VARIANTS): a model patch (a function of warm_jax.model swapped in while the
 step is traced), XLA compiler options for that one compile, or both. Upper-bound variants
@@ -116,6 +117,7 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
     cpu = {n: [] for n in names}
     turn_wall = {n: [] for n in names}
     load_before = common.machine_info(with_jax=False).get("load_avg_1m")
+    other = common.OtherLoad()
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
@@ -132,6 +134,7 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
         for _ in range(per_turn):
             jax.block_until_ready(mm(a))
         mm_s.append((time.perf_counter() - t0) / per_turn)
+    others = other.stop()
     tokens = 2 * pairs * seq
     machine = common.machine_info()
     mm_rate = 2 * matmul ** 3 / common.median(mm_s)
@@ -151,7 +154,7 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
             compile_s=built[n]["compile_s"],
             step_s=[round(x, 4) for x in wall[n]], rounds=rounds, per_turn=per_turn,
             preset=preset, pairs=pairs, seq=seq, options=VARIANTS[n][1],
-            load_1min_before=load_before, machine=machine))
+            load_1min_before=load_before, machine=machine, **others))
     return recs
 
 

@@ -260,3 +260,20 @@ def test_step_ab_interleaves_variants_and_restores_the_model():
         assert r["value"] > 0 and len(r["step_s"]) == 2 and r["fraction_of_matmul_rate"] > 0
     with pytest.raises(ValueError, match="unknown variant"):
         step_ab.run(["flash"], "tiny", pairs=2, seq=16, rounds=1, per_turn=1)
+
+
+def test_other_load_counts_other_processes_not_this_one(monkeypatch):
+    """common.OtherLoad: a second process spinning for a second shows up as other cores
+    (whatever else runs only adds to it); without /proc/stat both figures are None."""
+    import subprocess
+    import sys
+
+    other = common.OtherLoad()
+    subprocess.run([sys.executable, "-c",
+                    "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"],
+                   check=True)
+    got = other.stop()
+    assert got["other_cores"] is not None and got["other_cores"] >= 0.5, got
+    assert got["steal_cores"] >= 0.0
+    monkeypatch.setattr(common, "proc_stat_cpu", lambda: None)
+    assert common.OtherLoad().stop() == {"other_cores": None, "steal_cores": None}
