@@ -277,3 +277,20 @@ def test_other_load_counts_other_processes_not_this_one(monkeypatch):
     assert got["steal_cores"] >= 0.0
     monkeypatch.setattr(common, "proc_stat_cpu", lambda: None)
     assert common.OtherLoad().stop() == {"other_cores": None, "steal_cores": None}
+
+
+def test_attention_kernel_probe_builds_and_matches_grouped_attention():
+    """bench.attention_kernel_probe: the hand-written forward (built with g++) computes
+    model.grouped_attention's causal attention, and the model's block setting is put back."""
+    from bench import attention_kernel_probe as probe
+
+    why = probe.available()
+    if why:
+        pytest.skip(why)
+    before = model_lib.CAUSAL_MAX_BLOCKS
+    recs = probe.run(batch=2, seq=256, heads=2, rounds=1)
+    assert model_lib.CAUSAL_MAX_BLOCKS == before
+    assert recs[0]["value"] < 1e-5
+    assert {r["impl"] for r in recs[1:]} == {"kernel", "xla_as_model", "xla_one_block"}
+    with pytest.raises(ValueError, match="multiples of 64"):
+        probe.run(batch=1, seq=100, heads=1, rounds=1)
