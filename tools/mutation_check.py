@@ -43,6 +43,12 @@ class Mutation:
 
 
 MUTATIONS = [
+    Mutation("attention_blocks_see_the_future", "blocked causal attention (>= 256 tokens) "
+             "masks each query block as if it started at position 0, so its rows read later "
+             "keys", "warm_jax/model.py",
+             "outs.append(_attention_block(q[:, rows], k[:, :end], v[:, :end], m, i * c))",
+             "outs.append(_attention_block(q[:, rows], k[:, :end], v[:, :end], m, 0))",
+             ("tests/test_packing.py::test_blocked_causal_attention_is_full_causal_attention",)),
     Mutation("world4_references_perfect", "world 4's references name every fact (world 2's)",
              "warm_jax/data/world.py",
              'WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)',
