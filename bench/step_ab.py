@@ -115,7 +115,6 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
     mm_s = []
     wall = {n: [] for n in names}
     cpu = {n: [] for n in names}
-    turn_wall = {n: [] for n in names}
     load_before = common.machine_info(with_jax=False).get("load_avg_1m")
     other = common.OtherLoad()
     for r in range(rounds):
@@ -129,7 +128,6 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             wall[n].append(dt / per_turn)
             cpu[n].append(dc / per_turn)
-            turn_wall[n].append(dt)
         t0 = time.perf_counter()
         for _ in range(per_turn):
             jax.block_until_ready(mm(a))
