@@ -294,3 +294,20 @@ def test_attention_kernel_probe_builds_and_matches_grouped_attention():
     assert {r["impl"] for r in recs[1:]} == {"kernel", "xla_as_model", "xla_one_block"}
     with pytest.raises(ValueError, match="multiples of 64"):
         probe.run(batch=1, seq=100, heads=1, rounds=1)
+
+
+def test_step_parts_times_every_part_and_sums_the_dense_matmuls():
+    """bench.step_parts at toy sizes: one record per part, GFLOP/s for the matmuls, and the
+    dense matmuls' seconds per step as the count-weighted sum of their medians."""
+    from bench import step_parts
+
+    recs = step_parts.run(rounds=1, tokens=64, seqs=2, heads=2)
+    parts = {r["part"]: r for r in recs if r["metric"] == "part_ms"}
+    assert len(parts) == len(step_parts.parts(64, 2, 2))
+    assert parts["attn p.v"]["gflops"] > 0 and parts["exp"]["gflops"] is None
+    total = next(r["value"] for r in recs if r["metric"] == "dense_matmuls_s_per_step")
+    want = sum(r["value"] / 1e3 * r["count_per_step"] for r in parts.values()
+               if r["count_per_step"])
+    assert total == pytest.approx(want)
+    with pytest.raises(ValueError, match="multiple"):
+        step_parts.run(rounds=1, tokens=65, seqs=2, heads=2)
