@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 
@@ -47,6 +48,13 @@ def _causal_only(cfg, q, k, v, mask=None, is_causal=False):
     return model_lib.grouped_attention(q, k, v, is_causal=True)
 
 
+def _with_impl(original, impl, cfg, q, k, v, mask=None, is_causal=False):
+    import dataclasses
+
+    return original(dataclasses.replace(cfg, attention_impl=impl), q, k, v, mask=mask,
+                    is_causal=is_causal)
+
+
 # name -> (model attribute patches {name: value-factory}, compiler options)
 VARIANTS = {
     "current": ({}, {}),
@@ -54,6 +62,8 @@ VARIANTS = {
     "no_attention": ({"_attention": lambda m: _values_only}, {}),
     "causal_only": ({"_attention": lambda m: _causal_only}, {}),
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
+    "grouped": ({"_attention": lambda m: functools.partial(_with_impl, m._attention,
+                                                           "grouped")}, {}),
     "blocks2": ({"CAUSAL_MAX_BLOCKS": lambda m: 2}, {}),
     "vec512": ({}, {"xla_cpu_prefer_vector_width": 512}),
     "fast_math": ({}, {"xla_cpu_enable_fast_math": True}),

@@ -49,6 +49,16 @@ MUTATIONS = [
              "outs.append(_attention_block(q[:, rows], k[:, :end], v[:, :end], m, i * c))",
              "outs.append(_attention_block(q[:, rows], k[:, :end], v[:, :end], m, 0))",
              ("tests/test_packing.py::test_blocked_causal_attention_is_full_causal_attention",)),
+    Mutation("kernel_sees_the_next_key", "the fused CPU attention kernel lets each query "
+             "read the key after it", "warm_jax/csrc/causal_attention.cc",
+             "_mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(int32_t(p)))",
+             "_mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(int32_t(p + 1)))",
+             ("tests/test_cpu_attention.py::test_kernel_is_grouped_attention_with_gradients",)),
+    Mutation("kernel_gradient_forgets_the_scale", "the kernel's backward drops the 1/sqrt(d) "
+             "of the logits from dS (dQ and dK 8x too large)", "warm_jax/csrc/causal_attention.cc",
+             "_mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));",
+             "_mm512_storeu_ps(dsi + j, x);",
+             ("tests/test_cpu_attention.py::test_kernel_is_grouped_attention_with_gradients",)),
     Mutation("world4_references_perfect", "world 4's references name every fact (world 2's)",
              "warm_jax/data/world.py",
              'WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)',

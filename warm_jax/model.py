@@ -229,14 +229,52 @@ def _attention_block(q, k, v, mask, causal_offset):
 
 
 def _attention(cfg: TransformerConfig, q, k, v, mask=None, is_causal: bool = False):
-    """The configured attention: cudnn / xla as named; None = grouped_attention on CPU
-    (the platform the program is traced for), XLA's jax.nn.dot_product_attention elsewhere."""
+    """The configured attention (TransformerConfig.attention_impl):
+    - None: the platform's best. On CPU (the platform the program is traced for):
+      warm_jax.cpu_attention's fused kernel for causal self-attention of at least
+      KERNEL_MIN_LENGTH tokens where it applies and can be built here, else
+      grouped_attention. Elsewhere XLA's jax.nn.dot_product_attention.
+    - "cpu_kernel": the fused kernel wherever it applies (any length), grouped_attention
+      for the rest; an error when it cannot be built here.
+    - "grouped": grouped_attention; "xla" / "cudnn": jax.nn.dot_product_attention.
+    The kernel applies to causal self-attention with at most a key padding mask on one
+    CPU device: packed pairs, decoding and multi-device meshes take grouped_attention."""
     impl = cfg.attention_impl
-    if impl is None and partitioning.current_platform() == "cpu":
+    on_cpu = partitioning.current_platform() == "cpu"
+    if impl in (None, "cpu_kernel") and on_cpu and is_causal and _kernel_applies(q, k, mask):
+        if impl == "cpu_kernel" or (q.shape[1] >= KERNEL_MIN_LENGTH and _kernel_ready()):
+            from warm_jax import cpu_attention  # pylint: disable=import-outside-toplevel
+
+            return cpu_attention.causal_attention(q, k, v, mask)
+    if impl in ("grouped", "cpu_kernel") or (impl is None and on_cpu):
         return grouped_attention(q, k, v, mask=mask, is_causal=is_causal)
     if impl == "cudnn" and mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+# attention_impl=None on CPU takes the fused kernel from this many tokens on (the length
+# from which grouped_attention blocks causal attention too); shorter sequences, among them
+# the miniature flow's, keep grouped_attention and its numbers.
+KERNEL_MIN_LENGTH = 256
+
+
+def _kernel_ready() -> bool:
+    """Whether the fused kernel is built and registered (building it on first call); when it
+    cannot be, says why once and returns False (grouped_attention is used instead)."""
+    from warm_jax import cpu_attention  # pylint: disable=import-outside-toplevel
+
+    return cpu_attention.ready()
+
+
+def _kernel_applies(q, k, mask) -> bool:
+    """The call is one the fused CPU kernel computes, traced for one device."""
+    from warm_jax import cpu_attention  # pylint: disable=import-outside-toplevel
+
+    if not cpu_attention.supports(q, k, mask):
+        return False
+    mesh = partitioning._concrete_mesh()  # pylint: disable=protected-access
+    return mesh is None or mesh.empty or mesh.size == 1
 
 
 class Attention(nn.Module):

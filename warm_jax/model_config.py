@@ -11,6 +11,7 @@ import gin
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ACTIVATION_NAMES = ("silu", "gelu_tanh", "gelu")  # model.ACTIVATIONS holds the functions
+ATTENTION_IMPLS = (None, "grouped", "cpu_kernel", "xla", "cudnn")  # model._attention
 
 
 @gin.configurable
@@ -29,7 +30,9 @@ class TransformerConfig:
     param_dtype: str = "float32"
     tie_embeddings: bool = True
     remat: str = "none"  # none | full | dots (save matmul outputs)
-    # None: the platform's best (CPU: grouped_attention; else XLA's) | "xla" | "cudnn" (GPU)
+    # None: the platform's best (CPU: the fused kernel from 256 tokens where it builds, else
+    # grouped_attention; elsewhere XLA's) | "grouped" | "cpu_kernel" (warm_jax.cpu_attention;
+    # needs g++ and AVX-512F) | "xla" | "cudnn" (GPU). See model._attention.
     attention_impl: Optional[str] = None
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
@@ -60,9 +63,9 @@ class TransformerConfig:
                 raise ValueError(f"rope_scaling={rs!r}; use None, ('linear', factor) or "
                                  "('llama3', factor, low_freq_factor, high_freq_factor, "
                                  "original_max_position_embeddings)")
-        if self.attention_impl not in (None, "xla", "cudnn"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose None (the "
-                             "platform's best), 'xla' or 'cudnn'")
+                             "platform's best), 'grouped', 'cpu_kernel', 'xla' or 'cudnn'")
         if self.mlp_activation not in ACTIVATION_NAMES:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}; choose from "
                              f"{sorted(ACTIVATION_NAMES)}")

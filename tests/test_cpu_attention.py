@@ -1,0 +1,140 @@
+"""The fused CPU attention kernel (warm_jax.cpu_attention) and the model's choice of it:
+the kernel's values and gradients are grouped_attention's, and the model takes it exactly
+where model._attention says it does."""
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from warm_jax import cpu_attention, model as model_lib, partitioning
+
+WHY = cpu_attention.unavailable_reason()
+needs_kernel = pytest.mark.skipif(bool(WHY), reason=f"the kernel cannot run here: {WHY}")
+
+
+def _inputs(b, t, h, kvh, d, seed=0):
+    kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return (jax.random.normal(kq, (b, t, h, d)), jax.random.normal(kk, (b, t, kvh, d)),
+            jax.random.normal(kv, (b, t, kvh, d)), jax.random.normal(kw, (b, t, h, d)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,h,kvh,d", [(256, 4, 2, 64), (100, 2, 1, 128)])
+def test_kernel_is_grouped_attention_with_gradients(t, h, kvh, d):
+    """Right- and left-padded rows, grouped heads, a length that is not a multiple of 64 and
+    a head dim of 128: the kernel's output and the gradients of a loss on it (q, k, v) match
+    grouped_attention's on every row that sees a real key (padding rows are not read)."""
+    q, k, v, w = _inputs(2, t, h, kvh, d)
+    real = (jnp.arange(t)[None, :] < jnp.array([[t - 37], [t]])) & (
+        jnp.arange(t)[None, :] >= jnp.array([[0], [t // 3]]))
+    mask = real[:, None, None, :]
+    rows = real[:, :, None, None]
+
+    def value_and_grads(fn):
+        f = lambda q, k, v: jnp.where(rows, fn(q, k, v, mask), 0)
+        return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+
+    got, got_g = jax.jit(lambda: value_and_grads(cpu_attention.causal_attention))()
+    want, want_g = jax.jit(lambda: value_and_grads(
+        lambda q, k, v, m: model_lib.grouped_attention(q, k, v, mask=m, is_causal=True)))()
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    for g, ref in zip(got_g, want_g):
+        np.testing.assert_allclose(g, ref, atol=2e-5)
+    assert float(jnp.max(jnp.abs(got_g[1]))) > 0.1  # the key gradient is not trivially 0
+
+
+@needs_kernel
+def test_kernel_under_vmap_and_without_mask():
+    """An ensemble axis (vmap: the kernel takes any leading axes) and mask=None."""
+    q, k, v, _ = _inputs(6, 64, 2, 2, 64)
+    q, k, v = (x.reshape(3, 2, *x.shape[1:]) for x in (q, k, v))
+    got = jax.vmap(cpu_attention.causal_attention)(q, k, v)
+    want = jax.vmap(lambda q, k, v: model_lib.grouped_attention(q, k, v, is_causal=True))(
+        q, k, v)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def _uses_kernel(cfg, t, segments=False, mesh=None):
+    tokens = jnp.ones((2, t), jnp.int32)
+    params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0))[0])
+    kw = {}
+    if segments:
+        kw = dict(segments=jnp.ones((2, t), jnp.int32),
+                  positions=jnp.broadcast_to(jnp.arange(t), (2, t)))
+
+    def f(p):
+        return model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)
+
+    if mesh is None:
+        return "warm_jax_causal_attention" in jax.jit(f).lower(params).as_text()
+    with jax.set_mesh(mesh):
+        return "warm_jax_causal_attention" in jax.jit(f).lower(params).as_text()
+
+
+CFG = model_lib.model_config("tiny", vocab_size=64, d_model=64, mlp_dim=64, num_heads=2,
+                             num_kv_heads=1, head_dim=64, max_len=512, num_layers=1)
+
+
+@needs_kernel
+def test_model_takes_the_kernel_where_documented():
+    """attention_impl None: the kernel from KERNEL_MIN_LENGTH tokens on (the miniature flow's
+    shorter sequences keep grouped_attention, bit for bit); 'cpu_kernel' at any length;
+    'grouped' never; packed pairs and multi-device meshes never."""
+    kernel = dataclasses.replace(CFG, attention_impl="cpu_kernel")
+    grouped = dataclasses.replace(CFG, attention_impl="grouped")
+    n = model_lib.KERNEL_MIN_LENGTH
+    assert _uses_kernel(CFG, n) and not _uses_kernel(CFG, n - 64)
+    assert _uses_kernel(kernel, 64) and not _uses_kernel(grouped, n)
+    assert not _uses_kernel(kernel, n, segments=True)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
+    assert not _uses_kernel(kernel, n, mesh=mesh)
+    one = partitioning.make_mesh(partitioning.MeshConfig(data=-1), devices=jax.devices()[:1])
+    assert _uses_kernel(kernel, n, mesh=one)
+
+
+@needs_kernel
+def test_model_logits_match_grouped_attention():
+    """The whole model (LM head, a padded row) with the kernel and with grouped_attention."""
+    params = model_lib.init_params(CFG, jax.random.PRNGKey(0))[0]
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 256), 1, 64)
+    tokens = tokens.at[1, 200:].set(0)
+    out = {}
+    for impl in ("cpu_kernel", "grouped"):
+        cfg = dataclasses.replace(CFG, attention_impl=impl)
+        out[impl] = jax.jit(lambda p: model_lib.Transformer(cfg).apply({"params": p}, tokens))(
+            params)
+    np.testing.assert_allclose(out["cpu_kernel"][0], out["grouped"][0], atol=1e-4)
+    np.testing.assert_allclose(out["cpu_kernel"][1, :200], out["grouped"][1, :200], atol=1e-4)
+
+
+def test_without_the_kernel_default_falls_back_and_explicit_fails(monkeypatch, caplog):
+    """Where the kernel cannot be built: the default says why once and uses grouped_attention;
+    attention_impl='cpu_kernel' is an error naming the reason."""
+    monkeypatch.setattr(cpu_attention, "_STATE", {})
+    monkeypatch.setattr(cpu_attention, "unavailable_reason", lambda: "no C++ compiler (g++)")
+    with caplog.at_level(logging.WARNING):
+        assert not _uses_kernel(CFG, model_lib.KERNEL_MIN_LENGTH)
+        assert not _uses_kernel(CFG, model_lib.KERNEL_MIN_LENGTH)
+    assert [r.getMessage() for r in caplog.records].count(
+        "the fused CPU attention kernel is not used: attention_impl='cpu_kernel' cannot run "
+        "here: no C++ compiler (g++)") == 1
+    with pytest.raises(RuntimeError, match="cannot run here: no C.. compiler"):
+        _uses_kernel(dataclasses.replace(CFG, attention_impl="cpu_kernel"), 64)
+
+
+def test_failed_build_names_the_source_and_leaves_no_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("WARM_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match="causal_attention.cc failed"):
+        cpu_attention.build_library()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_impls_are_checked():
+    for impl in ("grouped", "cpu_kernel", "xla", "cudnn", None):
+        model_lib.model_config("tiny", attention_impl=impl)
+    with pytest.raises(ValueError, match="'grouped', 'cpu_kernel'"):
+        model_lib.model_config("tiny", attention_impl="flash")

@@ -1,0 +1,180 @@
+"""Fused causal self-attention for XLA:CPU: a C++ kernel, forward and backward, called
+through XLA's FFI (model option attention_impl='cpu_kernel').
+
+XLA:CPU runs attention's small batched matmuls at about half the rate of the step's dense
+matmuls and spends as long again on the masked softmax (docs/benchmarks.md); the kernel
+(warm_jax/csrc/causal_attention.cc) does logits, masking, softmax and the weighted sum in
+one pass per 64-row query block, skips the key blocks causality masks whole, and forms the
+gradients from the saved log-sum-exp (no [T, T] tensor leaves the cache).
+
+The kernel is compiled from source on first use (g++, -O3 -march=native: it needs
+AVX-512F) into a cache directory ($WARM_JAX_KERNEL_CACHE, default
+~/.cache/warm_jax/kernels), one file per source, jax version, compiler and CPU; the build
+is atomic, so concurrent processes are safe. `unavailable_reason()` says why it cannot run
+here ('' when it can).
+
+What it computes: causal self-attention with a key padding mask, float32 (other dtypes are
+cast), head dim a multiple of 64, any length (padded to a multiple of 64), grouped-query
+heads, any leading batch axes (vmap). A query row that sees no key (padding) gets 0 where
+grouped_attention averages its keys; no real token reads such rows.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc",
+                      "causal_attention.cc")
+TARGETS = {"fwd": ("warm_jax_causal_attention_fwd", "WarmJaxCausalAttentionFwd"),
+           "bwd": ("warm_jax_causal_attention_bwd", "WarmJaxCausalAttentionBwd")}
+BLOCK = 64  # the kernel's query block; T and D are multiples of it
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return line
+    return ""
+
+
+def unavailable_reason() -> str:
+    """'' when the kernel can be built and run on this machine, else why not."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"it needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    if " avx512f" not in _cpu_model():
+        return "the CPU has no AVX-512F"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
+    return ""
+
+
+def _cache_dir() -> str:
+    return os.environ.get("WARM_JAX_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "warm_jax", "kernels")
+
+
+def build_library() -> str:
+    """The compiled kernel's path, building it first when the cache has none for this
+    source, jax version, compiler and CPU."""
+    cxx = os.environ.get("CXX", "g++")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), version.encode(),
+                                     _cpu_model().encode()])).hexdigest()[:16]
+    out_dir = _cache_dir()
+    lib = os.path.join(out_dir, f"causal_attention-{key}.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+           f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp, "-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"building {SOURCE} failed ({' '.join(cmd)}):\n"
+                           f"{proc.stderr[-3000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def ensure_registered() -> None:
+    """Builds (if needed), loads and registers the kernel's FFI targets, once per process."""
+    with _LOCK:
+        if _STATE.get("registered"):
+            return
+        why = unavailable_reason()
+        if why:
+            raise RuntimeError(f"attention_impl='cpu_kernel' cannot run here: {why}")
+        lib = ctypes.cdll.LoadLibrary(build_library())
+        for target, symbol in TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        _STATE["registered"] = True
+
+
+def ready() -> bool:
+    """ensure_registered() for the default path: False (and a warning, once per process)
+    where the kernel cannot be built or loaded here, so that grouped_attention runs instead."""
+    if "ready" not in _STATE:
+        try:
+            ensure_registered()
+            _STATE["ready"] = True
+        except (RuntimeError, OSError) as e:
+            logging.warning("the fused CPU attention kernel is not used: %s", e)
+            _STATE["ready"] = False
+    return _STATE["ready"]
+
+
+def supports(q, k, mask) -> bool:
+    """Whether the kernel computes this call: causal self-attention (q and k of one length),
+    head dim a multiple of 64, no mask or a key padding mask ([B, 1, 1, S])."""
+    if q.shape[1] != k.shape[1] or q.shape[-1] % BLOCK or q.ndim != 4:
+        return False
+    if mask is None:
+        return True
+    m = jnp.shape(mask)
+    return len(m) == 4 and m[1] == 1 and m[2] == 1 and m[3] == k.shape[1]
+
+
+def causal_attention(q, k, v, mask=None):
+    """Causal self-attention q [B, T, H, D], k / v [B, T, K, D], mask None or boolean
+    [B or 1, 1, 1, T] (key padding) -> [B, T, H, D] in q's dtype (see the module doc)."""
+    ensure_registered()
+    b, t, _, _ = q.shape
+    valid = (jnp.ones((b, t), jnp.int32) if mask is None else
+             jnp.broadcast_to(jnp.asarray(mask)[:, 0, 0, :], (b, t)).astype(jnp.int32))
+    pad = -t % BLOCK
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    if pad:
+        f32 = [jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in f32]
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    out = _attend(*f32, valid)
+    return out[:, :t].astype(q.dtype)
+
+
+def _call(name, outs, *args):
+    return jax.ffi.ffi_call(TARGETS[name][0], outs, vmap_method="broadcast_all")(*args)
+
+
+@jax.custom_vjp
+def _attend(q, k, v, valid):
+    return _attend_fwd(q, k, v, valid)[0]
+
+
+def _attend_fwd(q, k, v, valid):
+    lse_shape = q.shape[:-3] + (q.shape[-2], q.shape[-3])
+    o, lse = _call("fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                           jax.ShapeDtypeStruct(lse_shape, jnp.float32)), q, k, v, valid)
+    return o, (q, k, v, valid, o, lse)
+
+
+def _attend_bwd(res, g):
+    q, k, v, valid, o, lse = res
+    dq, dk, dv = _call("bwd", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                                    for x in (q, k, v)), q, k, v, valid, o, lse, g)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+

@@ -1,0 +1,310 @@
+// Fused causal self-attention for XLA:CPU, forward and backward, as XLA FFI custom calls.
+// Built and called by warm_jax/cpu_attention.py (model option attention_impl='cpu_kernel').
+//
+// Shapes (float32, row-major): q [N, T, H, D]; k, v [N, T, K, D] (H a multiple of K:
+// grouped-query attention); valid int32 [N, T] (0 marks a padding key); N may be a product
+// of leading axes (vmap). T and D are multiples of 64 (the caller pads T).
+// Query i sees key j iff j <= i and valid[j]. A row that sees no key gets output 0 and
+// lse = +inf (it is padding; nothing reads it).
+//
+// Work: one (sequence, key/value head) group per task, tasks spread over the CPU's
+// threads. Per query head of the group, 64 query rows at a time: logits S = Q K^T only up
+// to the block's causal end, an exact softmax per row (vectorised exp), then P V. The
+// backward recomputes P from the saved log-sum-exp and forms dV += P^T dO, dS, dQ = dS K and
+// dK += dS^T Q. Every product runs through one register-blocked AVX-512 microkernel
+// (6 rows x 64 columns, 24 accumulators): C (+)= A B, A read with any strides (so A^T costs
+// nothing), B rows contiguous (K^T and V^T are copied once per group).
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t QB = 64;  // query rows per block (and the multiple T must be)
+constexpr int64_t NC = 64;  // output columns per microkernel tile (4 x 16 lanes)
+constexpr int64_t MR = 6;   // output rows per microkernel tile
+
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// C[M x 64] (+)= sum_k a(i, k) * b[k, 0:64], a(i, k) = a[i * asi + k * ask].
+template <int M>
+inline void micro(int64_t kc, const float* a, int64_t asi, int64_t ask, const float* b,
+                  int64_t ldb, float* c, int64_t ldc, bool acc) {
+  __m512 r[M][4];
+  for (int i = 0; i < M; ++i)
+    for (int u = 0; u < 4; ++u)
+      r[i][u] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * u) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * ldb;
+    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16),
+                 b2 = _mm512_loadu_ps(bk + 32), b3 = _mm512_loadu_ps(bk + 48);
+    const float* ak = a + k * ask;
+    for (int i = 0; i < M; ++i) {
+      const __m512 ai = _mm512_set1_ps(ak[i * asi]);
+      r[i][0] = _mm512_fmadd_ps(ai, b0, r[i][0]);
+      r[i][1] = _mm512_fmadd_ps(ai, b1, r[i][1]);
+      r[i][2] = _mm512_fmadd_ps(ai, b2, r[i][2]);
+      r[i][3] = _mm512_fmadd_ps(ai, b3, r[i][3]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int u = 0; u < 4; ++u) _mm512_storeu_ps(c + i * ldc + 16 * u, r[i][u]);
+}
+
+// C[m x n] (+)= A[m x kc] B[kc x n]; n a multiple of 64.
+void gemm(int64_t m, int64_t n, int64_t kc, const float* a, int64_t asi, int64_t ask,
+          const float* b, int64_t ldb, float* c, int64_t ldc, bool acc) {
+  for (int64_t j = 0; j < n; j += NC)
+    for (int64_t i = 0; i < m; i += MR) {
+      const float* ai = a + i * asi;
+      const float* bj = b + j;
+      float* cij = c + i * ldc + j;
+      switch (std::min(MR, m - i)) {
+        case 6: micro<6>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
+        case 5: micro<5>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
+        case 4: micro<4>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
+        case 3: micro<3>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
+        case 2: micro<2>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
+        default: micro<1>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
+      }
+    }
+}
+
+struct Dims {
+  int64_t n, t, h, kvh, d;
+  float scale;
+};
+
+// Lanes j0..j0+15 that query position p may see.
+inline __mmask16 allowed(const int32_t* valid, int64_t j0, int64_t p) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i jv = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j0)));
+  const __mmask16 causal = _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(int32_t(p)));
+  const __m512i vv = _mm512_loadu_si512(valid + j0);
+  return causal & _mm512_cmpneq_epi32_mask(vv, _mm512_setzero_si512());
+}
+
+// Row of logits s[0:kend] (unscaled) -> probabilities in place; returns the log-sum-exp of
+// the scaled logits (+inf when the row sees no key).
+float softmax_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < kend; j += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc);
+    mv = _mm512_mask_max_ps(mv, allowed(valid, j, p), mv, x);
+  }
+  const float mx = _mm512_reduce_max_ps(mv);
+  if (mx == -INFINITY) {
+    std::memset(s, 0, sizeof(float) * kend);
+    return INFINITY;
+  }
+  const __m512 mb = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kend; j += 16) {
+    const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mb);
+    const __m512 e = _mm512_maskz_mov_ps(allowed(valid, j, p), exp512(x));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(s + j, e);
+  }
+  const float l = _mm512_reduce_add_ps(sum);
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  for (int64_t j = 0; j < kend; j += 16)
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+  return mx + std::log(l);
+}
+
+// Row of logits s[0:kend] -> exp(scale * s - lse) where allowed, else 0.
+void probs_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float scale, float lse) {
+  const __m512 sc = _mm512_set1_ps(scale), lb = _mm512_set1_ps(lse);
+  for (int64_t j = 0; j < kend; j += 16) {
+    const __mmask16 m = std::isinf(lse) ? 0 : allowed(valid, j, p);
+    const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, lb);
+    _mm512_storeu_ps(s + j, _mm512_maskz_mov_ps(m, exp512(x)));
+  }
+}
+
+// dst [D x T] = src rows [T x D] (row stride ld), transposed.
+void transpose_in(const float* src, int64_t ld, int64_t t, int64_t d, float* dst) {
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t c = 0; c < d; ++c) dst[c * t + i] = src[i * ld + c];
+}
+
+template <typename F>
+void parallel_groups(int64_t groups, F&& fn) {
+  cpu_set_t set;
+  int ncpu = 1;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) ncpu = std::max(1, CPU_COUNT(&set));
+  const int nt = int(std::min<int64_t>(ncpu, groups));
+  std::vector<std::thread> threads;
+  for (int t = 1; t < nt; ++t)
+    threads.emplace_back([&, t] { for (int64_t g = t; g < groups; g += nt) fn(g); });
+  for (int64_t g = 0; g < groups; g += nt) fn(g);
+  for (auto& th : threads) th.join();
+}
+
+void forward(const Dims& dm, const float* q, const float* k, const float* v,
+             const int32_t* valid, float* o, float* lse) {
+  const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
+  parallel_groups(dm.n * K, [&](int64_t task) {
+    const int64_t b = task / K, kh = task % K;
+    std::vector<float> kt(D * T), s(QB * T);
+    const float* kb = k + (b * T * K + kh) * D;
+    const float* vb = v + (b * T * K + kh) * D;
+    const int32_t* vl = valid + b * T;
+    transpose_in(kb, K * D, T, D, kt.data());
+    for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+      for (int64_t r0 = 0; r0 < T; r0 += QB) {
+        const int64_t kend = r0 + QB;
+        const float* qb = q + ((b * T + r0) * H + h) * D;
+        gemm(QB, kend, D, qb, H * D, 1, kt.data(), T, s.data(), T, false);
+        for (int64_t i = 0; i < QB; ++i)
+          lse[(b * H + h) * T + r0 + i] =
+              softmax_row(s.data() + i * T, vl, kend, r0 + i, dm.scale);
+        gemm(QB, D, kend, s.data(), T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D, H * D,
+             false);
+      }
+    }
+  });
+}
+
+void backward(const Dims& dm, const float* q, const float* k, const float* v,
+              const int32_t* valid, const float* o, const float* lse, const float* dout,
+              float* dq, float* dk, float* dv) {
+  const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
+  parallel_groups(dm.n * K, [&](int64_t task) {
+    const int64_t b = task / K, kh = task % K;
+    std::vector<float> kt(D * T), vt(D * T), p(QB * T), ds(QB * T), gk(T * D, 0.f),
+        gv(T * D, 0.f), delta(QB);
+    const float* kb = k + (b * T * K + kh) * D;
+    const float* vb = v + (b * T * K + kh) * D;
+    const int32_t* vl = valid + b * T;
+    transpose_in(kb, K * D, T, D, kt.data());
+    transpose_in(vb, K * D, T, D, vt.data());
+    for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+      for (int64_t r0 = 0; r0 < T; r0 += QB) {
+        const int64_t kend = r0 + QB, row0 = (b * T + r0) * H + h;
+        const float* qb = q + row0 * D;
+        const float* gob = dout + row0 * D;
+        const float* ob = o + row0 * D;
+        gemm(QB, kend, D, qb, H * D, 1, kt.data(), T, p.data(), T, false);
+        for (int64_t i = 0; i < QB; ++i) {
+          probs_row(p.data() + i * T, vl, kend, r0 + i, dm.scale, lse[(b * H + h) * T + r0 + i]);
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t c = 0; c < D; c += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(gob + i * H * D + c),
+                                  _mm512_loadu_ps(ob + i * H * D + c), acc);
+          delta[i] = _mm512_reduce_add_ps(acc);
+        }
+        gemm(QB, kend, D, gob, H * D, 1, vt.data(), T, ds.data(), T, false);  // dP
+        const __m512 sc = _mm512_set1_ps(dm.scale);
+        for (int64_t i = 0; i < QB; ++i) {
+          const __m512 di = _mm512_set1_ps(delta[i]);
+          float* dsi = ds.data() + i * T;
+          const float* pi = p.data() + i * T;
+          for (int64_t j = 0; j < kend; j += 16) {
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(pi + j),
+                                           _mm512_sub_ps(_mm512_loadu_ps(dsi + j), di));
+            _mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));
+          }
+        }
+        gemm(QB, D, kend, ds.data(), T, 1, kb, K * D, dq + row0 * D, H * D, false);
+        gemm(kend, D, QB, ds.data(), 1, T, qb, H * D, gk.data(), D, true);
+        gemm(kend, D, QB, p.data(), 1, T, gob, H * D, gv.data(), D, true);
+      }
+    }
+    for (int64_t j = 0; j < T; ++j) {
+      std::memcpy(dk + ((b * T + j) * K + kh) * D, gk.data() + j * D, sizeof(float) * D);
+      std::memcpy(dv + ((b * T + j) * K + kh) * D, gv.data() + j * D, sizeof(float) * D);
+    }
+  });
+}
+
+ffi::Error check(const Dims& dm) {
+  if (dm.t % QB || dm.d % NC || dm.kvh <= 0 || dm.h % dm.kvh)
+    return ffi::Error::InvalidArgument(
+        "causal_attention: T and D must be multiples of 64 and H a multiple of K");
+  return ffi::Error::Success();
+}
+
+Dims dims_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  const size_t r = qd.size();
+  int64_t n = 1;
+  for (size_t i = 0; i + 3 < r; ++i) n *= qd[i];
+  const int64_t d = qd[r - 1];
+  return Dims{n, qd[r - 3], qd[r - 2], kd[r - 2], d, 1.0f / std::sqrt(float(d))};
+}
+
+ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  const Dims dm = dims_of(q, k);
+  ffi::Error err = check(dm);
+  if (err.failure()) return err;
+  forward(dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+          o->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> valid, ffi::Buffer<ffi::F32> o,
+                   ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                   ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                   ffi::ResultBuffer<ffi::F32> dv) {
+  const Dims dm = dims_of(q, k);
+  ffi::Error err = check(dm);
+  if (err.failure()) return err;
+  backward(dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+           o.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),
+           dk->typed_data(), dv->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxCausalAttentionFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxCausalAttentionBwd, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
