@@ -248,12 +248,12 @@ def test_step_ab_interleaves_variants_and_restores_the_model():
     from bench import step_ab
 
     before = (model_lib.rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS)
-    recs = step_ab.run(["no_rotary", "unblocked", "vec512"], "tiny", pairs=2, seq=16,
+    recs = step_ab.run(["no_rotary", "unblocked", "grouped", "vec512"], "tiny", pairs=2, seq=16,
                        rounds=2, per_turn=1, matmul=64)
     assert (model_lib.rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS) == before
     assert recs[0]["metric"] == "matmul_flops" and recs[0]["value"] > 0
     by = {r["variant"]: r for r in recs[1:]}
-    assert list(by) == ["current", "no_rotary", "unblocked", "vec512"]  # current first
+    assert list(by) == ["current", "no_rotary", "unblocked", "grouped", "vec512"]  # current 1st
     assert by["current"]["paired_ratio_median"] == 1.0
     assert by["vec512"]["options"] == {"xla_cpu_prefer_vector_width": 512}
     for r in by.values():
@@ -279,21 +279,22 @@ def test_other_load_counts_other_processes_not_this_one(monkeypatch):
     assert common.OtherLoad().stop() == {"other_cores": None, "steal_cores": None}
 
 
-def test_attention_kernel_probe_builds_and_matches_grouped_attention():
-    """bench.attention_kernel_probe: the hand-written forward (built with g++) computes
-    model.grouped_attention's causal attention, and the model's block setting is put back."""
-    from bench import attention_kernel_probe as probe
+def test_attention_kernel_bench_matches_and_times_both_passes():
+    """bench.attention_kernel: the kernel's output and gradients match grouped_attention's,
+    and both passes of both implementations are timed with a paired ratio."""
+    from bench import attention_kernel
+    from warm_jax import cpu_attention
 
-    why = probe.available()
+    why = cpu_attention.unavailable_reason()
     if why:
         pytest.skip(why)
-    before = model_lib.CAUSAL_MAX_BLOCKS
-    recs = probe.run(batch=2, seq=256, heads=2, rounds=1)
-    assert model_lib.CAUSAL_MAX_BLOCKS == before
-    assert recs[0]["value"] < 1e-5
-    assert {r["impl"] for r in recs[1:]} == {"kernel", "xla_as_model", "xla_one_block"}
-    with pytest.raises(ValueError, match="multiples of 64"):
-        probe.run(batch=1, seq=100, heads=1, rounds=1)
+    recs = attention_kernel.run(batch=2, seq=128, heads=2, kv_heads=1, rounds=2)
+    assert recs[0]["value"] < 1e-4 and len(recs[0]["grads"]) == 3
+    timed = {(r["pass_name"], r["impl"]): r for r in recs[1:]}
+    assert set(timed) == {(p, i) for p in ("forward", "forward_backward")
+                          for i in ("kernel", "grouped")}
+    assert timed[("forward", "grouped")]["speedup_vs_grouped"] == 1.0
+    assert all(r["value"] > 0 for r in timed.values())
 
 
 def test_step_parts_times_every_part_and_sums_the_dense_matmuls():

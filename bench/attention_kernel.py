@@ -1,0 +1,99 @@
+"""The fused CPU attention kernel (warm_jax.cpu_attention) against XLA's grouped_attention.
+
+    python -m bench.attention_kernel [--batch 16] [--seq 256] [--heads 4] [--kv_heads 4]
+                                     [--rounds 20]
+
+Times, interleaved in one process (the order rotating each round), the causal attention of
+the RM step's shape (16 sequences x 256 tokens, 4 heads of 64, fp32, a key padding mask
+of ones as the model passes it): the forward alone and the forward with the gradients of a
+loss on its output (q, k, v), each as the kernel and as model.grouped_attention (as the model
+runs it without the kernel: query blocks from 256 tokens). Prints the largest differences
+from grouped_attention (output, gradients), the median milliseconds, the paired per-round
+ratios with their inter-quartile range, and the CPU other jobs used meanwhile (JSON lines).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench import common
+from bench.step_ab import _quartiles
+
+BENCH = "attention_kernel"
+
+
+def _programs(q, k, v, w, mask):
+    import jax
+    import jax.numpy as jnp
+
+    from warm_jax import cpu_attention, model as model_lib
+
+    impls = {"kernel": cpu_attention.causal_attention,
+             "grouped": lambda q, k, v, m: model_lib.grouped_attention(q, k, v, mask=m,
+                                                                     is_causal=True)}
+    fns = {}
+    for name, fn in impls.items():
+        fns[f"forward/{name}"] = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, mask))
+        fns[f"forward_backward/{name}"] = jax.jit(jax.value_and_grad(
+            lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) * w), argnums=(0, 1, 2)))
+    return {name: f.lower(q, k, v).compile() for name, f in fns.items()}
+
+
+def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from warm_jax import cpu_attention
+
+    why = cpu_attention.unavailable_reason()
+    if why:
+        raise RuntimeError(f"bench.attention_kernel cannot run here: {why}")
+    kq, kk, kv, kw = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (batch, seq, heads, 64), jnp.float32)
+    k, v = (jax.random.normal(key, (batch, seq, kv_heads, 64), jnp.float32) for key in (kk, kv))
+    w = jax.random.normal(kw, q.shape, jnp.float32)
+    mask = jnp.ones((batch, 1, 1, seq), jnp.bool_)
+    fns = _programs(q, k, v, w, mask)
+    fwd = {n: fns[f"forward/{n}"](q, k, v) for n in ("kernel", "grouped")}
+    fb = {n: fns[f"forward_backward/{n}"](q, k, v)[1] for n in ("kernel", "grouped")}
+    diffs = [float(jnp.max(jnp.abs(fwd["kernel"] - fwd["grouped"])))] + [
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(fb["kernel"], fb["grouped"])]
+    names = list(fns)
+    times = {n: [] for n in names}
+    other = common.OtherLoad()
+    load_before = common.machine_info(with_jax=False).get("load_avg_1m")
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name](q, k, v))
+            times[name].append(time.perf_counter() - t0)
+    others = other.stop()
+    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=64)
+    recs = [common.record(BENCH, "max_abs_diff_vs_grouped_attention", max(diffs), "abs",
+                          output=diffs[0], grads=diffs[1:], **shape)]
+    for name in names:
+        pass_, impl = name.split("/")
+        base = times[f"{pass_}/grouped"]
+        paired = [b / t for b, t in zip(base, times[name])]
+        recs.append(common.record(
+            BENCH, "ms", 1e3 * common.median(times[name]), "ms", impl=impl, pass_name=pass_,
+            speedup_vs_grouped=common.median(paired), speedup_iqr=list(_quartiles(paired)),
+            rounds=rounds, load_1min_before=load_before, machine=common.machine_info(),
+            **shape, **others))
+    return recs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=20)
+    args = p.parse_args(argv)
+    for rec in run(args.batch, args.seq, args.heads, args.kv_heads, args.rounds):
+        common.emit(rec)
+
+
+if __name__ == "__main__":
+    main()
