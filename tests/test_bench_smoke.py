@@ -225,23 +225,6 @@ def test_step_profile_classes_ops_and_sums_the_trace(capsys):
     assert len([r for r in recs if r["metric"] == "op"]) == 3
 
 
-def test_rotary_ab_swap_is_the_same_function_and_the_model_is_restored():
-    """bench.rotary_ab: the concatenation-free rotary agrees with model.rotary to rounding,
-    medians and ratios come out per variant, and model.rotary is put back."""
-    from bench import rotary_ab
-
-    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
-    pos = jnp.tile(jnp.arange(5)[None], (2, 1))
-    np.testing.assert_allclose(rotary_ab.rotary_swap(x, pos, 10000.0),
-                               model_lib.rotary(x, pos, 10000.0), atol=1e-6)
-    before = model_lib.rotary
-    recs = rotary_ab.run("tiny", pairs=2, seq=16, rounds=1, steps=1)
-    assert model_lib.rotary is before
-    assert recs[0]["value"] < 1e-4  # the two rotaries train to the same state up to rounding
-    medians = {r["variant"]: r for r in recs if r["metric"] == "median_tokens_per_s"}
-    assert set(medians) == {"current", "swap", "none"} and medians["current"]["ratio_to_current"] == 1.0
-
-
 def test_step_ab_interleaves_variants_and_restores_the_model():
     """bench.step_ab: one record per variant with paired ratios against `current`, the
     matmul reference rate, compiler options passed through, and the model put back."""
