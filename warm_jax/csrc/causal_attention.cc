@@ -18,6 +18,8 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -147,98 +149,133 @@ void probs_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float sc
   }
 }
 
-// dst [D x T] = src rows [T x D] (row stride ld), transposed.
+// dst [D x T] = src rows [T x D] (row stride ld), transposed in 16 x 16 tiles.
 void transpose_in(const float* src, int64_t ld, int64_t t, int64_t d, float* dst) {
-  for (int64_t i = 0; i < t; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[c * t + i] = src[i * ld + c];
+  for (int64_t i0 = 0; i0 < t; i0 += 16)
+    for (int64_t c0 = 0; c0 < d; c0 += 16)
+      for (int64_t c = c0; c < c0 + 16; ++c)
+        for (int64_t i = i0; i < i0 + 16; ++i) dst[c * t + i] = src[i * ld + c];
 }
+
+// Per-thread buffers, reused across the thread's tasks (sized on first use, not cleared).
+struct Scratch {
+  std::vector<float> buf[6];
+  float* get(int i, int64_t n) {
+    if (int64_t(buf[i].size()) < n) buf[i].resize(n);
+    return buf[i].data();
+  }
+};
+
+// fn(task, scratch) for every task in [0, groups): the calling thread and up to (CPUs this
+// process may use - 1) tasks on XLA's intra-op thread pool claim tasks from one counter.
+// The caller waits only for tasks claimed by threads that are running them, so a pool with
+// no free thread cannot deadlock it (a helper that starts late finds no task and leaves);
+// the counters live in shared state that outlives the call for such late helpers.
+struct Progress {
+  std::atomic<int64_t> next{0}, done{0};
+};
 
 template <typename F>
-void parallel_groups(int64_t groups, F&& fn) {
+void parallel_groups(ffi::ThreadPool& pool, int64_t groups, F&& fn) {
   cpu_set_t set;
-  int ncpu = 1;
+  int64_t ncpu = 1;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) ncpu = std::max(1, CPU_COUNT(&set));
-  const int nt = int(std::min<int64_t>(ncpu, groups));
-  std::vector<std::thread> threads;
-  for (int t = 1; t < nt; ++t)
-    threads.emplace_back([&, t] { for (int64_t g = t; g < groups; g += nt) fn(g); });
-  for (int64_t g = 0; g < groups; g += nt) fn(g);
-  for (auto& th : threads) th.join();
+  const int64_t helpers = std::min<int64_t>({ncpu, groups, pool.num_threads() + 1}) - 1;
+  auto progress = std::make_shared<Progress>();
+  auto work = [groups, &fn](Progress& pr) {
+    Scratch scratch;
+    for (int64_t g; (g = pr.next.fetch_add(1)) < groups;) {
+      fn(g, scratch);
+      pr.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t)
+    pool.Schedule([progress, groups, work] {
+      if (progress->next.load() < groups) work(*progress);
+    });
+  work(*progress);
+  while (progress->done.load(std::memory_order_acquire) < groups) std::this_thread::yield();
 }
 
-void forward(const Dims& dm, const float* q, const float* k, const float* v,
+void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float* k, const float* v,
              const int32_t* valid, float* o, float* lse) {
   const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
-  parallel_groups(dm.n * K, [&](int64_t task) {
+  parallel_groups(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
     const int64_t b = task / K, kh = task % K;
-    std::vector<float> kt(D * T), s(QB * T);
+    float* kt = scr.get(0, D * T);
+    float* s = scr.get(1, QB * T);
     const float* kb = k + (b * T * K + kh) * D;
     const float* vb = v + (b * T * K + kh) * D;
     const int32_t* vl = valid + b * T;
-    transpose_in(kb, K * D, T, D, kt.data());
+    transpose_in(kb, K * D, T, D, kt);
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
       for (int64_t r0 = 0; r0 < T; r0 += QB) {
         const int64_t kend = r0 + QB;
         const float* qb = q + ((b * T + r0) * H + h) * D;
-        gemm(QB, kend, D, qb, H * D, 1, kt.data(), T, s.data(), T, false);
+        gemm(QB, kend, D, qb, H * D, 1, kt, T, s, T, false);
         for (int64_t i = 0; i < QB; ++i)
-          lse[(b * H + h) * T + r0 + i] =
-              softmax_row(s.data() + i * T, vl, kend, r0 + i, dm.scale);
-        gemm(QB, D, kend, s.data(), T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D, H * D,
+          lse[(b * H + h) * T + r0 + i] = softmax_row(s + i * T, vl, kend, r0 + i, dm.scale);
+        gemm(QB, D, kend, s, T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D, H * D,
              false);
       }
     }
   });
 }
 
-void backward(const Dims& dm, const float* q, const float* k, const float* v,
+void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float* k, const float* v,
               const int32_t* valid, const float* o, const float* lse, const float* dout,
               float* dq, float* dk, float* dv) {
   const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
-  parallel_groups(dm.n * K, [&](int64_t task) {
+  parallel_groups(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
     const int64_t b = task / K, kh = task % K;
-    std::vector<float> kt(D * T), vt(D * T), p(QB * T), ds(QB * T), gk(T * D, 0.f),
-        gv(T * D, 0.f), delta(QB);
+    float* kt = scr.get(0, D * T);
+    float* vt = scr.get(1, D * T);
+    float* p = scr.get(2, QB * T);
+    float* ds = scr.get(3, QB * T);
+    float* gk = scr.get(4, 2 * T * D);
+    float* gv = gk + T * D;
+    float delta[QB];
+    std::memset(gk, 0, sizeof(float) * 2 * T * D);
     const float* kb = k + (b * T * K + kh) * D;
     const float* vb = v + (b * T * K + kh) * D;
     const int32_t* vl = valid + b * T;
-    transpose_in(kb, K * D, T, D, kt.data());
-    transpose_in(vb, K * D, T, D, vt.data());
+    transpose_in(kb, K * D, T, D, kt);
+    transpose_in(vb, K * D, T, D, vt);
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
       for (int64_t r0 = 0; r0 < T; r0 += QB) {
         const int64_t kend = r0 + QB, row0 = (b * T + r0) * H + h;
         const float* qb = q + row0 * D;
         const float* gob = dout + row0 * D;
         const float* ob = o + row0 * D;
-        gemm(QB, kend, D, qb, H * D, 1, kt.data(), T, p.data(), T, false);
+        gemm(QB, kend, D, qb, H * D, 1, kt, T, p, T, false);
         for (int64_t i = 0; i < QB; ++i) {
-          probs_row(p.data() + i * T, vl, kend, r0 + i, dm.scale, lse[(b * H + h) * T + r0 + i]);
+          probs_row(p + i * T, vl, kend, r0 + i, dm.scale, lse[(b * H + h) * T + r0 + i]);
           __m512 acc = _mm512_setzero_ps();
           for (int64_t c = 0; c < D; c += 16)
             acc = _mm512_fmadd_ps(_mm512_loadu_ps(gob + i * H * D + c),
                                   _mm512_loadu_ps(ob + i * H * D + c), acc);
           delta[i] = _mm512_reduce_add_ps(acc);
         }
-        gemm(QB, kend, D, gob, H * D, 1, vt.data(), T, ds.data(), T, false);  // dP
+        gemm(QB, kend, D, gob, H * D, 1, vt, T, ds, T, false);  // dP
         const __m512 sc = _mm512_set1_ps(dm.scale);
         for (int64_t i = 0; i < QB; ++i) {
           const __m512 di = _mm512_set1_ps(delta[i]);
-          float* dsi = ds.data() + i * T;
-          const float* pi = p.data() + i * T;
+          float* dsi = ds + i * T;
+          const float* pi = p + i * T;
           for (int64_t j = 0; j < kend; j += 16) {
             const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(pi + j),
                                            _mm512_sub_ps(_mm512_loadu_ps(dsi + j), di));
             _mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));
           }
         }
-        gemm(QB, D, kend, ds.data(), T, 1, kb, K * D, dq + row0 * D, H * D, false);
-        gemm(kend, D, QB, ds.data(), 1, T, qb, H * D, gk.data(), D, true);
-        gemm(kend, D, QB, p.data(), 1, T, gob, H * D, gv.data(), D, true);
+        gemm(QB, D, kend, ds, T, 1, kb, K * D, dq + row0 * D, H * D, false);
+        gemm(kend, D, QB, ds, 1, T, qb, H * D, gk, D, true);
+        gemm(kend, D, QB, p, 1, T, gob, H * D, gv, D, true);
       }
     }
     for (int64_t j = 0; j < T; ++j) {
-      std::memcpy(dk + ((b * T + j) * K + kh) * D, gk.data() + j * D, sizeof(float) * D);
-      std::memcpy(dv + ((b * T + j) * K + kh) * D, gv.data() + j * D, sizeof(float) * D);
+      std::memcpy(dk + ((b * T + j) * K + kh) * D, gk + j * D, sizeof(float) * D);
+      std::memcpy(dv + ((b * T + j) * K + kh) * D, gv + j * D, sizeof(float) * D);
     }
   });
 }
@@ -260,18 +297,18 @@ Dims dims_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
   return Dims{n, qd[r - 3], qd[r - 2], kd[r - 2], d, 1.0f / std::sqrt(float(d))};
 }
 
-ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse) {
   const Dims dm = dims_of(q, k);
   ffi::Error err = check(dm);
   if (err.failure()) return err;
-  forward(dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+  forward(pool, dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
           o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::S32> valid, ffi::Buffer<ffi::F32> o,
                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
@@ -279,7 +316,7 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   const Dims dm = dims_of(q, k);
   ffi::Error err = check(dm);
   if (err.failure()) return err;
-  backward(dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+  backward(pool, dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
            o.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),
            dk->typed_data(), dv->typed_data());
   return ffi::Error::Success();
@@ -289,6 +326,7 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxCausalAttentionFwd, FwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -298,6 +336,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxCausalAttentionFwd, FwdImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxCausalAttentionBwd, BwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
