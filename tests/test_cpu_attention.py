@@ -138,3 +138,13 @@ def test_attention_impls_are_checked():
         model_lib.model_config("tiny", attention_impl=impl)
     with pytest.raises(ValueError, match="'grouped', 'cpu_kernel'"):
         model_lib.model_config("tiny", attention_impl="flash")
+
+
+def test_supports_only_what_the_kernel_computes():
+    q, k = jnp.zeros((2, 128, 4, 64)), jnp.zeros((2, 128, 2, 64))
+    assert cpu_attention.supports(q, k, None)
+    assert cpu_attention.supports(q, k, jnp.ones((2, 1, 1, 128), bool))  # key padding
+    assert not cpu_attention.supports(q, k, jnp.ones((2, 1, 128, 128), bool))  # packed pairs
+    assert not cpu_attention.supports(q[:, :64], k, None)  # queries against a longer cache
+    assert not cpu_attention.supports(jnp.zeros((2, 128, 4, 96)), jnp.zeros((2, 128, 2, 96)),
+                                      None)  # head dim not a multiple of 64
