@@ -47,6 +47,60 @@ def test_kernel_is_grouped_attention_with_gradients(t, h, kvh, d):
 
 
 @needs_kernel
+def test_kernel_takes_packed_segments():
+    """Packed pairs (segment ids: 1 the shared prefix, 2 and 3 the two continuations, 0
+    padding): the kernel given the ids matches grouped_attention given the [B, 1, T, T] mask
+    model.Transformer derives from them, values and gradients, on every real row."""
+    t = 192
+    q, k, v, w = _inputs(2, t, 4, 2, 64, seed=3)
+    pos = jnp.arange(t)[None, :]
+    seg = jnp.where(pos < jnp.array([[40], [70]]), 1,
+                    jnp.where(pos < jnp.array([[110], [130]]), 2,
+                              jnp.where(pos < jnp.array([[150], [192]]), 3, 0)))
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    packed = ((sk > 0) & ((sk == 1) | (sk == sq)))[:, None]
+    rows = (seg > 0)[:, :, None, None]
+
+    def value_and_grads(fn):
+        f = lambda q, k, v: jnp.where(rows, fn(q, k, v), 0)
+        return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+
+    got, got_g = jax.jit(lambda: value_and_grads(
+        lambda q, k, v: cpu_attention.causal_attention(q, k, v, segments=seg)))()
+    want, want_g = jax.jit(lambda: value_and_grads(
+        lambda q, k, v: model_lib.grouped_attention(q, k, v, mask=packed, is_causal=True)))()
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    for g, ref in zip(got_g, want_g):
+        np.testing.assert_allclose(g, ref, atol=2e-5)
+
+
+@needs_kernel
+def test_packed_pair_rewards_with_the_kernel_are_the_unpacked_ones():
+    """steps.rm_pair_scores over packed pairs through the kernel = the rewards of the
+    chosen and rejected sequences scored one by one with grouped_attention."""
+    from warm_jax import steps
+
+    cfg = dataclasses.replace(CFG, vocab_size=64, max_len=128)
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(0))[0]
+    params["reward_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), (64, 1))
+    rng = np.random.default_rng(0)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        lengths = rng.integers(20, 60, 4)
+        tok = np.zeros((4, 64), np.int32)
+        for i, n in enumerate(lengths):
+            tok[i, :n] = rng.integers(3, 64, n)
+        batch[f"{side}_tokens"], batch[f"{side}_mask"] = tok, (tok > 0).astype(np.int32)
+    batch["rejected_tokens"][:, :10] = batch["chosen_tokens"][:, :10]  # a shared prefix
+    kernel = dataclasses.replace(cfg, attention_impl="cpu_kernel")
+    grouped = dataclasses.replace(cfg, attention_impl="grouped")
+    packed = jax.jit(lambda p: steps.rm_pair_scores(kernel, p, batch, pack_length=128))(params)
+    plain = jax.jit(lambda p: steps.rm_pair_scores(grouped, p, batch))(params)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(plain), atol=2e-5)
+    assert _uses_kernel(kernel, 128, segments=True)
+
+
+@needs_kernel
 def test_kernel_under_vmap_and_without_mask():
     """An ensemble axis (vmap: the kernel takes any leading axes) and mask=None."""
     q, k, v, _ = _inputs(6, 64, 2, 2, 64)
@@ -82,13 +136,13 @@ CFG = model_lib.model_config("tiny", vocab_size=64, d_model=64, mlp_dim=64, num_
 def test_model_takes_the_kernel_where_documented():
     """attention_impl None: the kernel from KERNEL_MIN_LENGTH tokens on (the miniature flow's
     shorter sequences keep grouped_attention, bit for bit); 'cpu_kernel' at any length;
-    'grouped' never; packed pairs and multi-device meshes never."""
+    'grouped' never; packed pairs through their segment ids; multi-device meshes never."""
     kernel = dataclasses.replace(CFG, attention_impl="cpu_kernel")
     grouped = dataclasses.replace(CFG, attention_impl="grouped")
     n = model_lib.KERNEL_MIN_LENGTH
     assert _uses_kernel(CFG, n) and not _uses_kernel(CFG, n - 64)
     assert _uses_kernel(kernel, 64) and not _uses_kernel(grouped, n)
-    assert not _uses_kernel(kernel, n, segments=True)
+    assert _uses_kernel(kernel, n, segments=True) and not _uses_kernel(grouped, n, segments=True)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
     assert not _uses_kernel(kernel, n, mesh=mesh)
     one = partitioning.make_mesh(partitioning.MeshConfig(data=-1), devices=jax.devices()[:1])
@@ -144,7 +198,9 @@ def test_supports_only_what_the_kernel_computes():
     q, k = jnp.zeros((2, 128, 4, 64)), jnp.zeros((2, 128, 2, 64))
     assert cpu_attention.supports(q, k, None)
     assert cpu_attention.supports(q, k, jnp.ones((2, 1, 1, 128), bool))  # key padding
-    assert not cpu_attention.supports(q, k, jnp.ones((2, 1, 128, 128), bool))  # packed pairs
+    assert not cpu_attention.supports(q, k, jnp.ones((2, 1, 128, 128), bool))  # a full mask
+    assert cpu_attention.supports(q, k, jnp.ones((2, 1, 128, 128), bool),
+                                  segments=jnp.ones((2, 128), jnp.int32))  # packed pairs
     assert not cpu_attention.supports(q[:, :64], k, None)  # queries against a longer cache
     assert not cpu_attention.supports(jnp.zeros((2, 128, 4, 96)), jnp.zeros((2, 128, 2, 96)),
                                       None)  # head dim not a multiple of 64

@@ -54,6 +54,12 @@ MUTATIONS = [
              "_mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(int32_t(p)))",
              "_mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(int32_t(p + 1)))",
              ("tests/test_cpu_attention.py::test_kernel_is_grouped_attention_with_gradients",)),
+    Mutation("kernel_pairs_see_each_other", "in the kernel, the rejected continuation of a "
+             "packed pair reads the chosen one (and vice versa)",
+             "warm_jax/csrc/causal_attention.cc",
+             "_mm512_cmpeq_epi32_mask(sj, _mm512_set1_epi32(seg[p]))",
+             "_mm512_cmpgt_epi32_mask(sj, _mm512_set1_epi32(1))",
+             ("tests/test_cpu_attention.py::test_kernel_takes_packed_segments",)),
     Mutation("kernel_gradient_forgets_the_scale", "the kernel's backward drops the 1/sqrt(d) "
              "of the logits from dS (dQ and dK 8x too large)", "warm_jax/csrc/causal_attention.cc",
              "_mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));",

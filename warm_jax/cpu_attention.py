@@ -13,8 +13,8 @@ AVX-512F) into a cache directory ($WARM_JAX_KERNEL_CACHE, default
 is atomic, so concurrent processes are safe. `unavailable_reason()` says why it cannot run
 here ('' when it can).
 
-What it computes: causal self-attention with a key padding mask, float32 (other dtypes are
-cast), head dim a multiple of 64, any length (padded to a multiple of 64), grouped-query
+What it computes: causal self-attention with a key padding mask or packed-pair segments,
+float32 (other dtypes are cast), head dim a multiple of 64, any length (padded to a multiple of 64), grouped-query
 heads, any leading batch axes (vmap). A query row that sees no key (padding) gets 0 where
 grouped_attention averages its keys; no real token reads such rows.
 """
@@ -126,30 +126,37 @@ def ready() -> bool:
     return _STATE["ready"]
 
 
-def supports(q, k, mask) -> bool:
+def supports(q, k, mask, segments=None) -> bool:
     """Whether the kernel computes this call: causal self-attention (q and k of one length),
-    head dim a multiple of 64, no mask or a key padding mask ([B, 1, 1, S])."""
-    if q.shape[1] != k.shape[1] or q.shape[-1] % BLOCK or q.ndim != 4:
+    head dim a multiple of 64, and no mask, a key padding mask ([B, 1, 1, S]) or packed
+    segments (the [B, 1, T, T] mask model.Transformer derives from them is then not read)."""
+    if q.ndim != 4 or q.shape[1] != k.shape[1] or q.shape[-1] % BLOCK:
         return False
-    if mask is None:
+    if segments is not None or mask is None:
         return True
     m = jnp.shape(mask)
     return len(m) == 4 and m[1] == 1 and m[2] == 1 and m[3] == k.shape[1]
 
 
-def causal_attention(q, k, v, mask=None):
-    """Causal self-attention q [B, T, H, D], k / v [B, T, K, D], mask None or boolean
-    [B or 1, 1, 1, T] (key padding) -> [B, T, H, D] in q's dtype (see the module doc)."""
+def causal_attention(q, k, v, mask=None, segments=None):
+    """Causal self-attention q [B, T, H, D], k / v [B, T, K, D] -> [B, T, H, D] in q's
+    dtype (see the module doc). mask: None or boolean [B or 1, 1, 1, T] (key padding);
+    segments: int [B, T] packed-pair segment ids (model.Transformer's `segments`: a token
+    sees earlier tokens of its own segment and of segment 1; 0 is padding), instead of mask."""
     ensure_registered()
     b, t, _, _ = q.shape
-    valid = (jnp.ones((b, t), jnp.int32) if mask is None else
-             jnp.broadcast_to(jnp.asarray(mask)[:, 0, 0, :], (b, t)).astype(jnp.int32))
+    if segments is not None:
+        seg = jnp.asarray(segments).astype(jnp.int32)
+    elif mask is None:
+        seg = jnp.ones((b, t), jnp.int32)
+    else:
+        seg = jnp.broadcast_to(jnp.asarray(mask)[:, 0, 0, :], (b, t)).astype(jnp.int32)
     pad = -t % BLOCK
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     if pad:
         f32 = [jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in f32]
-        valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    out = _attend(*f32, valid)
+        seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    out = _attend(*f32, seg)
     return out[:, :t].astype(q.dtype)
 
 
@@ -158,21 +165,21 @@ def _call(name, outs, *args):
 
 
 @jax.custom_vjp
-def _attend(q, k, v, valid):
-    return _attend_fwd(q, k, v, valid)[0]
+def _attend(q, k, v, seg):
+    return _attend_fwd(q, k, v, seg)[0]
 
 
-def _attend_fwd(q, k, v, valid):
+def _attend_fwd(q, k, v, seg):
     lse_shape = q.shape[:-3] + (q.shape[-2], q.shape[-3])
     o, lse = _call("fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                           jax.ShapeDtypeStruct(lse_shape, jnp.float32)), q, k, v, valid)
-    return o, (q, k, v, valid, o, lse)
+                           jax.ShapeDtypeStruct(lse_shape, jnp.float32)), q, k, v, seg)
+    return o, (q, k, v, seg, o, lse)
 
 
 def _attend_bwd(res, g):
-    q, k, v, valid, o, lse = res
+    q, k, v, seg, o, lse = res
     dq, dk, dv = _call("bwd", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
-                                    for x in (q, k, v)), q, k, v, valid, o, lse, g)
+                                    for x in (q, k, v)), q, k, v, seg, o, lse, g)
     return dq, dk, dv, None
 
 

@@ -228,23 +228,28 @@ def _attention_block(q, k, v, mask, causal_offset):
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _attention(cfg: TransformerConfig, q, k, v, mask=None, is_causal: bool = False):
+def _attention(cfg: TransformerConfig, q, k, v, mask=None, is_causal: bool = False,
+               segments=None):
     """The configured attention (TransformerConfig.attention_impl):
     - None: the platform's best. On CPU (the platform the program is traced for):
       warm_jax.cpu_attention's fused kernel for causal self-attention of at least
       KERNEL_MIN_LENGTH tokens where it applies and can be built here, else
       grouped_attention. Elsewhere XLA's jax.nn.dot_product_attention.
+    segments (packed pairs, optional): the ids `mask` was derived from, for the kernel.
     - "cpu_kernel": the fused kernel wherever it applies (any length), grouped_attention
       for the rest; an error when it cannot be built here.
     - "grouped": grouped_attention; "xla" / "cudnn": jax.nn.dot_product_attention.
-    The kernel applies to causal self-attention with at most a key padding mask on one
-    CPU device: packed pairs, decoding and multi-device meshes take grouped_attention."""
+    The kernel applies to causal self-attention with at most a key padding mask or packed
+    segments, on one CPU device: decoding and multi-device meshes take grouped_attention."""
     impl = cfg.attention_impl
     on_cpu = partitioning.current_platform() == "cpu"
-    if impl in (None, "cpu_kernel") and on_cpu and is_causal and _kernel_applies(q, k, mask):
+    if (impl in (None, "cpu_kernel") and on_cpu and is_causal
+            and _kernel_applies(q, k, mask, segments)):
         if impl == "cpu_kernel" or (q.shape[1] >= KERNEL_MIN_LENGTH and _kernel_ready()):
             from warm_jax import cpu_attention  # pylint: disable=import-outside-toplevel
 
+            if segments is not None:
+                return cpu_attention.causal_attention(q, k, v, segments=segments)
             return cpu_attention.causal_attention(q, k, v, mask)
     if impl in ("grouped", "cpu_kernel") or (impl is None and on_cpu):
         return grouped_attention(q, k, v, mask=mask, is_causal=is_causal)
@@ -267,11 +272,11 @@ def _kernel_ready() -> bool:
     return cpu_attention.ready()
 
 
-def _kernel_applies(q, k, mask) -> bool:
+def _kernel_applies(q, k, mask, segments=None) -> bool:
     """The call is one the fused CPU kernel computes, traced for one device."""
     from warm_jax import cpu_attention  # pylint: disable=import-outside-toplevel
 
-    if not cpu_attention.supports(q, k, mask):
+    if not cpu_attention.supports(q, k, mask, segments):
         return False
     mesh = partitioning._concrete_mesh()  # pylint: disable=protected-access
     return mesh is None or mesh.empty or mesh.size == 1
@@ -283,7 +288,8 @@ class Attention(nn.Module):
     causal_only: bool = False  # right-padded input: causal masking alone is exact
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, segments=None):
+        """segments: the packed-pair ids a [B, 1, T, T] mask was derived from (or None)."""
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -300,7 +306,7 @@ class Attention(nn.Module):
         elif self.causal_only:
             out = _attention(cfg, q, k, v, is_causal=True)
         elif mask.ndim == 4:  # [B, 1, T, T] (packed pairs: Transformer's segments)
-            out = _attention(cfg, q, k, v, mask=mask, is_causal=True)
+            out = _attention(cfg, q, k, v, mask=mask, is_causal=True, segments=segments)
         else:
             out = _attention(cfg, q, k, v, mask=mask.astype(jnp.bool_)[:, None, None, :],
                              is_causal=True)
@@ -352,10 +358,10 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask, dropout_rate):
+    def __call__(self, x, positions, mask, dropout_rate, segments=None):
         cfg = self.config
         y = Attention(cfg, self.decode, self.causal_only, name="attn")(
-            RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask)
+            RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, segments)
         x = x + dropout(self, y, dropout_rate, self.deterministic)
         y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x))
         x = x + dropout(self, y, dropout_rate, self.deterministic)
@@ -419,7 +425,7 @@ class Transformer(nn.Module):
             causal_only = False
         for i in range(cfg.num_layers):
             x = block_cls(cfg, decode, causal_only, deterministic, name=f"layer_{i}")(
-                x, positions, block_mask, body_rate)
+                x, positions, block_mask, body_rate, segments)
         x = RMSNorm(cfg, name="final_norm")(x)
 
         outputs = {}

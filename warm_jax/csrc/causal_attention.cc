@@ -2,10 +2,12 @@
 // Built and called by warm_jax/cpu_attention.py (model option attention_impl='cpu_kernel').
 //
 // Shapes (float32, row-major): q [N, T, H, D]; k, v [N, T, K, D] (H a multiple of K:
-// grouped-query attention); valid int32 [N, T] (0 marks a padding key); N may be a product
-// of leading axes (vmap). T and D are multiples of 64 (the caller pads T).
-// Query i sees key j iff j <= i and valid[j]. A row that sees no key gets output 0 and
-// lse = +inf (it is padding; nothing reads it).
+// grouped-query attention); seg int32 [N, T], segment ids (0: padding; packed pairs: 1 the
+// shared prefix, 2, 3 the continuations; a key padding mask: 1 real, 0 padding); N may be a
+// product of leading axes (vmap). T and D are multiples of 64 (the caller pads T).
+// Query i sees key j iff j <= i, seg[j] > 0 and seg[j] is 1 or seg[i] (model.Transformer's
+// rule for packed pairs). A row that sees no key gets output 0 and lse = +inf (it is
+// padding; nothing reads it).
 //
 // Work: one (sequence, key/value head) group per task, tasks spread over the CPU's
 // threads. Per query head of the group, 64 query rows at a time: logits S = Q K^T only up
@@ -101,23 +103,28 @@ struct Dims {
   float scale;
 };
 
-// Lanes j0..j0+15 that query position p may see.
-inline __mmask16 allowed(const int32_t* valid, int64_t j0, int64_t p) {
+// Lanes j0..j0+15 that query position p may see: causal, a real key (segment > 0), and of
+// the query's segment or of segment 1 (the shared prefix of packed pairs). A key padding
+// mask is segments 1 (real) and 0 (padding).
+inline __mmask16 allowed(const int32_t* seg, int64_t j0, int64_t p) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i jv = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j0)));
   const __mmask16 causal = _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(int32_t(p)));
-  const __m512i vv = _mm512_loadu_si512(valid + j0);
-  return causal & _mm512_cmpneq_epi32_mask(vv, _mm512_setzero_si512());
+  const __m512i sj = _mm512_loadu_si512(seg + j0);
+  const __mmask16 real = _mm512_cmpgt_epi32_mask(sj, _mm512_setzero_si512());
+  const __mmask16 shared = _mm512_cmpeq_epi32_mask(sj, _mm512_set1_epi32(1)) |
+                           _mm512_cmpeq_epi32_mask(sj, _mm512_set1_epi32(seg[p]));
+  return causal & real & shared;
 }
 
 // Row of logits s[0:kend] (unscaled) -> probabilities in place; returns the log-sum-exp of
 // the scaled logits (+inf when the row sees no key).
-float softmax_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float scale) {
+float softmax_row(float* s, const int32_t* seg, int64_t kend, int64_t p, float scale) {
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 mv = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < kend; j += 16) {
     const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc);
-    mv = _mm512_mask_max_ps(mv, allowed(valid, j, p), mv, x);
+    mv = _mm512_mask_max_ps(mv, allowed(seg, j, p), mv, x);
   }
   const float mx = _mm512_reduce_max_ps(mv);
   if (mx == -INFINITY) {
@@ -128,7 +135,7 @@ float softmax_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < kend; j += 16) {
     const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mb);
-    const __m512 e = _mm512_maskz_mov_ps(allowed(valid, j, p), exp512(x));
+    const __m512 e = _mm512_maskz_mov_ps(allowed(seg, j, p), exp512(x));
     sum = _mm512_add_ps(sum, e);
     _mm512_storeu_ps(s + j, e);
   }
@@ -140,10 +147,10 @@ float softmax_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float
 }
 
 // Row of logits s[0:kend] -> exp(scale * s - lse) where allowed, else 0.
-void probs_row(float* s, const int32_t* valid, int64_t kend, int64_t p, float scale, float lse) {
+void probs_row(float* s, const int32_t* seg, int64_t kend, int64_t p, float scale, float lse) {
   const __m512 sc = _mm512_set1_ps(scale), lb = _mm512_set1_ps(lse);
   for (int64_t j = 0; j < kend; j += 16) {
-    const __mmask16 m = std::isinf(lse) ? 0 : allowed(valid, j, p);
+    const __mmask16 m = std::isinf(lse) ? 0 : allowed(seg, j, p);
     const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, lb);
     _mm512_storeu_ps(s + j, _mm512_maskz_mov_ps(m, exp512(x)));
   }
@@ -198,7 +205,7 @@ void parallel_groups(ffi::ThreadPool& pool, int64_t groups, F&& fn) {
 }
 
 void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float* k, const float* v,
-             const int32_t* valid, float* o, float* lse) {
+             const int32_t* seg, float* o, float* lse) {
   const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
   parallel_groups(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
     const int64_t b = task / K, kh = task % K;
@@ -206,7 +213,7 @@ void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float*
     float* s = scr.get(1, QB * T);
     const float* kb = k + (b * T * K + kh) * D;
     const float* vb = v + (b * T * K + kh) * D;
-    const int32_t* vl = valid + b * T;
+    const int32_t* vl = seg + b * T;
     transpose_in(kb, K * D, T, D, kt);
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
       for (int64_t r0 = 0; r0 < T; r0 += QB) {
@@ -223,7 +230,7 @@ void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float*
 }
 
 void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float* k, const float* v,
-              const int32_t* valid, const float* o, const float* lse, const float* dout,
+              const int32_t* seg, const float* o, const float* lse, const float* dout,
               float* dq, float* dk, float* dv) {
   const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
   parallel_groups(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
@@ -238,7 +245,7 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
     std::memset(gk, 0, sizeof(float) * 2 * T * D);
     const float* kb = k + (b * T * K + kh) * D;
     const float* vb = v + (b * T * K + kh) * D;
-    const int32_t* vl = valid + b * T;
+    const int32_t* vl = seg + b * T;
     transpose_in(kb, K * D, T, D, kt);
     transpose_in(vb, K * D, T, D, vt);
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
@@ -298,25 +305,25 @@ Dims dims_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
 }
 
 ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse) {
   const Dims dm = dims_of(q, k);
   ffi::Error err = check(dm);
   if (err.failure()) return err;
-  forward(pool, dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+  forward(pool, dm, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
           o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> valid, ffi::Buffer<ffi::F32> o,
+                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> o,
                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                    ffi::ResultBuffer<ffi::F32> dv) {
   const Dims dm = dims_of(q, k);
   ffi::Error err = check(dm);
   if (err.failure()) return err;
-  backward(pool, dm, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+  backward(pool, dm, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
            o.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),
            dk->typed_data(), dv->typed_data());
   return ffi::Error::Success();
