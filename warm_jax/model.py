@@ -235,12 +235,12 @@ def _attention(cfg: TransformerConfig, q, k, v, mask=None, is_causal: bool = Fal
       warm_jax.cpu_attention's fused kernel for causal self-attention of at least
       KERNEL_MIN_LENGTH tokens where it applies and can be built here, else
       grouped_attention. Elsewhere XLA's jax.nn.dot_product_attention.
-    segments (packed pairs, optional): the ids `mask` was derived from, for the kernel.
     - "cpu_kernel": the fused kernel wherever it applies (any length), grouped_attention
       for the rest; an error when it cannot be built here.
     - "grouped": grouped_attention; "xla" / "cudnn": jax.nn.dot_product_attention.
     The kernel applies to causal self-attention with at most a key padding mask or packed
-    segments, on one CPU device: decoding and multi-device meshes take grouped_attention."""
+    segments, on one CPU device: decoding and multi-device meshes take grouped_attention.
+    segments (packed pairs, optional): the ids `mask` was derived from, for the kernel."""
     impl = cfg.attention_impl
     on_cpu = partitioning.current_platform() == "cpu"
     if (impl in (None, "cpu_kernel") and on_cpu and is_causal
