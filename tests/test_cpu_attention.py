@@ -204,3 +204,17 @@ def test_supports_only_what_the_kernel_computes():
     assert not cpu_attention.supports(q[:, :64], k, None)  # queries against a longer cache
     assert not cpu_attention.supports(jnp.zeros((2, 128, 4, 96)), jnp.zeros((2, 128, 2, 96)),
                                       None)  # head dim not a multiple of 64
+
+
+@needs_kernel
+def test_unwritable_cache_falls_back_to_a_temporary_directory(monkeypatch, tmp_path):
+    """A cache directory that cannot be created (here: under a file) is not an error: the
+    kernel lands in the temporary-directory fallback, whose copy is reused."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("WARM_JAX_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(cpu_attention.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lib = cpu_attention.build_library()
+    assert lib.startswith(str(tmp_path / "tmp")) and lib.endswith(".so")
+    assert cpu_attention.build_library() == lib

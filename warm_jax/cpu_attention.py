@@ -9,8 +9,8 @@ gradients from the saved log-sum-exp (no [T, T] tensor leaves the cache).
 
 The kernel is compiled from source on first use (g++, -O3 -march=native: it needs
 AVX-512F) into a cache directory ($WARM_JAX_KERNEL_CACHE, default
-~/.cache/warm_jax/kernels), one file per source, jax version, compiler and CPU; the build
-is atomic, so concurrent processes are safe. `unavailable_reason()` says why it cannot run
+~/.cache/warm_jax/kernels; a temporary directory if that cannot be written), one file per
+source, jax version, compiler and CPU; the build is atomic, so concurrent processes are safe. `unavailable_reason()` says why it cannot run
 here ('' when it can).
 
 What it computes: causal self-attention with a key padding mask or packed-pair segments,
@@ -73,29 +73,36 @@ def _cache_dir() -> str:
 
 def build_library() -> str:
     """The compiled kernel's path, building it first when the cache has none for this
-    source, jax version, compiler and CPU."""
+    source, jax version, compiler and CPU. A cache directory that cannot be written (a
+    read-only home) falls back to one under the system's temporary directory."""
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), version.encode(),
                                      _cpu_model().encode()])).hexdigest()[:16]
-    out_dir = _cache_dir()
-    lib = os.path.join(out_dir, f"causal_attention-{key}.so")
-    if os.path.exists(lib):
+    name = f"causal_attention-{key}.so"
+    fallback = os.path.join(tempfile.gettempdir(), f"warm_jax_kernels_{os.getuid()}")
+    for out_dir in (_cache_dir(), fallback):
+        lib = os.path.join(out_dir, name)
+        if os.path.exists(lib):
+            return lib
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        except OSError:
+            continue
+        os.close(fd)
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+               f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp, "-lpthread"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            os.unlink(tmp)
+            raise RuntimeError(f"building {SOURCE} failed ({' '.join(cmd)}):\n"
+                               f"{proc.stderr[-3000:]}")
+        os.replace(tmp, lib)
         return lib
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-           f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp, "-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        os.unlink(tmp)
-        raise RuntimeError(f"building {SOURCE} failed ({' '.join(cmd)}):\n"
-                           f"{proc.stderr[-3000:]}")
-    os.replace(tmp, lib)
-    return lib
+    raise RuntimeError(f"no writable directory for the kernel: {_cache_dir()}, {fallback}")
 
 
 def ensure_registered() -> None:
