@@ -36,23 +36,23 @@ def _identity_rotary(x, positions, theta, scaling=None):
     return x
 
 
-def _values_only(cfg, q, k, v, mask=None, is_causal=False):
+def _values_only(cfg, q, k, v, mask=None, is_causal=False, segments=None):
     import jax.numpy as jnp
 
     return jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
 
 
-def _causal_only(cfg, q, k, v, mask=None, is_causal=False):
+def _causal_only(cfg, q, k, v, mask=None, is_causal=False, segments=None):
     from warm_jax import model as model_lib
 
     return model_lib.grouped_attention(q, k, v, is_causal=True)
 
 
-def _with_impl(original, impl, cfg, q, k, v, mask=None, is_causal=False):
+def _with_impl(original, impl, cfg, q, k, v, mask=None, is_causal=False, segments=None):
     import dataclasses
 
     return original(dataclasses.replace(cfg, attention_impl=impl), q, k, v, mask=mask,
-                    is_causal=is_causal)
+                    is_causal=is_causal, segments=segments)
 
 
 # name -> (model attribute patches {name: value-factory}, compiler options)

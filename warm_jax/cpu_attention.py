@@ -10,13 +10,14 @@ gradients from the saved log-sum-exp (no [T, T] tensor leaves the cache).
 The kernel is compiled from source on first use (g++, -O3 -march=native: it needs
 AVX-512F) into a cache directory ($WARM_JAX_KERNEL_CACHE, default
 ~/.cache/warm_jax/kernels; a temporary directory if that cannot be written), one file per
-source, jax version, compiler and CPU; the build is atomic, so concurrent processes are safe. `unavailable_reason()` says why it cannot run
-here ('' when it can).
+source, jax version, compiler and CPU; the build is atomic, so concurrent processes are
+safe. `unavailable_reason()` says why it cannot run here ('' when it can).
 
 What it computes: causal self-attention with a key padding mask or packed-pair segments,
-float32 (other dtypes are cast), head dim a multiple of 64, any length (padded to a multiple of 64), grouped-query
-heads, any leading batch axes (vmap). A query row that sees no key (padding) gets 0 where
-grouped_attention averages its keys; no real token reads such rows.
+float32 (other dtypes are cast), head dim a multiple of 64, any length (padded to a
+multiple of 64), grouped-query heads, any leading batch axes (vmap). A query row that sees
+no key (padding) gets 0 where grouped_attention averages its keys; no real token reads
+such rows.
 """
 from __future__ import annotations
 
