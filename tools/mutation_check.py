@@ -65,6 +65,16 @@ MUTATIONS = [
              "_mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));",
              "_mm512_storeu_ps(dsi + j, x);",
              ("tests/test_cpu_attention.py::test_kernel_is_grouped_attention_with_gradients",)),
+    Mutation("bf16_matmul_reads_the_first_rows", "the bf16 matmul kernel reads every task's "
+             "rows of A from the first task's (row offset dropped)", "warm_jax/csrc/bf16_matmul.cc",
+             "arows = reinterpret_cast<const uint32_t*>(ae) + i0 * k2, asi = k2, ask = 1;",
+             "arows = reinterpret_cast<const uint32_t*>(ae), asi = k2, ask = 1;",
+             ("tests/test_cpu_matmul.py::test_matmul_is_the_f32_product_rounded",)),
+    Mutation("bf16_matmul_transposed_b_first_panel", "packing a transposed B, every 64-column "
+             "panel reads the first panel's rows", "warm_jax/csrc/bf16_matmul.cc",
+             "const uint32_t* row = w + (j0 + j) * k2;",
+             "const uint32_t* row = w + j * k2;",
+             ("tests/test_cpu_matmul.py::test_dense_gradients_are_the_dots",)),
     Mutation("world4_references_perfect", "world 4's references name every fact (world 2's)",
              "warm_jax/data/world.py",
              'WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)',

@@ -56,12 +56,14 @@ def _cpu_model() -> str:
     return ""
 
 
-def unavailable_reason() -> str:
-    """'' when the kernel can be built and run on this machine, else why not."""
+def unavailable_reason(cpu_flags=("avx512f",)) -> str:
+    """'' when a kernel needing these CPU flags can be built and run here, else why not."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"it needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
-    if " avx512f" not in _cpu_model():
-        return "the CPU has no AVX-512F"
+    flags = _cpu_model().split()
+    for flag in cpu_flags:
+        if flag not in flags:
+            return f"the CPU has no {flag}"
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         return f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
     return ""
@@ -72,17 +74,17 @@ def _cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "warm_jax", "kernels")
 
 
-def build_library() -> str:
+def build_library(source_path: str = SOURCE) -> str:
     """The compiled kernel's path, building it first when the cache has none for this
     source, jax version, compiler and CPU. A cache directory that cannot be written (a
     read-only home) falls back to one under the system's temporary directory."""
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    with open(SOURCE, "rb") as f:
+    with open(source_path, "rb") as f:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), version.encode(),
                                      _cpu_model().encode()])).hexdigest()[:16]
-    name = f"causal_attention-{key}.so"
+    name = f"{os.path.splitext(os.path.basename(source_path))[0]}-{key}.so"
     fallback = os.path.join(tempfile.gettempdir(), f"warm_jax_kernels_{os.getuid()}")
     for out_dir in (_cache_dir(), fallback):
         lib = os.path.join(out_dir, name)
@@ -95,11 +97,11 @@ def build_library() -> str:
             continue
         os.close(fd)
         cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-               f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp, "-lpthread"]
+               f"-I{jax.ffi.include_dir()}", source_path, "-o", tmp, "-lpthread"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             os.unlink(tmp)
-            raise RuntimeError(f"building {SOURCE} failed ({' '.join(cmd)}):\n"
+            raise RuntimeError(f"building {source_path} failed ({' '.join(cmd)}):\n"
                                f"{proc.stderr[-3000:]}")
         os.replace(tmp, lib)
         return lib

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from warm_jax import partitioning
+from warm_jax import cpu_matmul, partitioning
 from warm_jax.model_config import (  # noqa: F401  (re-exported: model.TransformerConfig etc.)
     ACTIVATION_NAMES, FAMILY_OPTION_DEFAULTS, PRESETS, TransformerConfig, config_from_dict,
     config_to_dict, model_config)
@@ -99,13 +99,19 @@ def _matmul_nn_bwd(res, g):
 _matmul_nn.defvjp(_matmul_nn_fwd, _matmul_nn_bwd)
 
 
-def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's dot_general, routed through _matmul_nn for the plain [..., K] x [K, M] case."""
+def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                     *, bf16_kernel: bool = False):
+    """nn.Dense's dot_general, routed through _matmul_nn (or, for bfloat16 operands with
+    bf16_kernel, the bf16 matmul kernel) for the plain [..., K] x [K, M] case."""
     if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2
             or precision is not None or preferred_element_type is not None):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
-    y = _matmul_nn(lhs.reshape(-1, lhs.shape[-1]), rhs)
+    x = lhs.reshape(-1, lhs.shape[-1])
+    if bf16_kernel and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16:
+        y = cpu_matmul.dense(x, rhs)
+    else:
+        y = _matmul_nn(x, rhs)
     return y.reshape(lhs.shape[:-1] + (rhs.shape[-1],))
 
 
@@ -118,12 +124,36 @@ def _use_cpu_matmul(cfg: TransformerConfig) -> bool:
     return cfg.remat == "none" and partitioning.current_platform() == "cpu"
 
 
+def _use_bf16_kernel(cfg: TransformerConfig) -> bool:
+    """TransformerConfig.matmul_impl: None takes the bf16 matmul kernel for a bfloat16
+    model on CPU where it builds (else XLA's dot, which computes bf16 as f32 on CPU);
+    'cpu_bf16' requires it (an error naming the reason where it cannot run); 'xla' never."""
+    if cfg.matmul_impl == "xla" or cfg.dtype != "bfloat16":
+        return False
+    mesh = partitioning._concrete_mesh()  # pylint: disable=protected-access
+    one_device = mesh is None or mesh.empty or mesh.size == 1
+    on_cpu = partitioning.current_platform() == "cpu"
+    if cfg.matmul_impl == "cpu_bf16":
+        if not (on_cpu and one_device):
+            raise ValueError("matmul_impl='cpu_bf16' is a one-device CPU kernel; this program "
+                             f"is traced for {partitioning.current_platform()}"
+                             + ("" if one_device else f" on a mesh of {mesh.size} devices"))
+        cpu_matmul.ensure_registered()
+        return True
+    return on_cpu and one_device and cpu_matmul.ready()
+
+
 def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0,
            use_bias: bool = False):
+    dot_general = None
+    if _use_bf16_kernel(cfg):
+        dot_general = functools.partial(_cpu_dot_general, bf16_kernel=True)
+    elif _use_cpu_matmul(cfg):
+        dot_general = _cpu_dot_general
     return nn.Dense(features, use_bias=use_bias, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,
                     kernel_init=nn.with_logical_partitioning(_dense_init(scale), names),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
-                    name=name, dot_general=_cpu_dot_general if _use_cpu_matmul(cfg) else None)
+                    name=name, dot_general=dot_general)
 
 
 def rope_frequencies(d: int, theta: float, scaling: Optional[tuple] = None):

@@ -12,6 +12,7 @@ import gin
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ACTIVATION_NAMES = ("silu", "gelu_tanh", "gelu")  # model.ACTIVATIONS holds the functions
 ATTENTION_IMPLS = (None, "grouped", "cpu_kernel", "xla", "cudnn")  # model._attention
+MATMUL_IMPLS = (None, "xla", "cpu_bf16")  # model._dense
 
 
 @gin.configurable
@@ -34,6 +35,10 @@ class TransformerConfig:
     # grouped_attention; elsewhere XLA's) | "grouped" | "cpu_kernel" (warm_jax.cpu_attention;
     # needs g++ and AVX-512F) | "xla" | "cudnn" (GPU). See model._attention.
     attention_impl: Optional[str] = None
+    # None: the platform's best (CPU with dtype bfloat16: the bf16 matmul kernel where it
+    # builds, else XLA's dot) | "xla" | "cpu_bf16" (warm_jax.cpu_matmul; needs dtype
+    # bfloat16, g++ and avx512_bf16). See model._dense.
+    matmul_impl: Optional[str] = None
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     # Options of pretrained families (see the module docstring); defaults = the original model.
@@ -66,6 +71,12 @@ class TransformerConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose None (the "
                              "platform's best), 'grouped', 'cpu_kernel', 'xla' or 'cudnn'")
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"matmul_impl={self.matmul_impl!r}; choose None (the "
+                             "platform's best), 'xla' or 'cpu_bf16'")
+        if self.matmul_impl == "cpu_bf16" and self.dtype != "bfloat16":
+            raise ValueError(f"matmul_impl='cpu_bf16' multiplies bfloat16 operands; "
+                             f"dtype={self.dtype!r} (set dtype='bfloat16')")
         if self.mlp_activation not in ACTIVATION_NAMES:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}; choose from "
                              f"{sorted(ACTIVATION_NAMES)}")

@@ -1,0 +1,241 @@
+// A bfloat16 matmul for XLA:CPU as an XLA FFI custom call, on the CPU's bf16 dot-product
+// instruction (AVX-512 BF16: vdpbf16ps, two bf16 products summed into each f32 lane).
+// Built and called by warm_jax/cpu_matmul.py (model option matmul_impl='cpu_bf16').
+//
+// C [.., M, N] = op(A) op(B), A and B bfloat16, accumulated in float32 over the whole
+// contraction, C rounded to bfloat16 (round to nearest even) once at the end: the value
+// XLA:CPU computes for a bf16 dot (an f32 dot between converts) up to the order of the
+// f32 sums. op(A) is A [.., M, K] or, with trans_a, A stored [.., K, M]; op(B) is B [.., K, N]
+// or, with trans_b, B stored [.., N, K]. Leading axes (vmap) are matched one to one. K is
+// even (the caller pads it). As the instruction does, bf16 subnormals read as zero.
+//
+// Work: op(B) is packed once into 64-column panels of k-pairs ([K/2][64] 32-bit pairs per
+// panel, the instruction's operand layout); then tasks of up to 96 rows x 256 columns run
+// one register-blocked microkernel (6 rows x 64 columns, 24 f32 accumulators held over the
+// whole contraction). op(A) is read in place when A is [M, K] (each 32-bit word is a k-pair
+// of one row) and packed per task when transposed. Tasks run on XLA's intra-op thread pool.
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t NR = 64;   // columns per panel and per microkernel tile
+constexpr int64_t MR = 6;    // rows per microkernel tile
+constexpr int64_t MC = 96;   // rows per task (a multiple of MR and of 32)
+constexpr int64_t NG = 4;    // panels per task
+
+// C[M x 64 (ncols valid)] = sum_kp a(i, kp) . b[kp, 0:64] (k-pairs), a(i, kp) the 32-bit
+// pair at a[i * asi + kp * ask]; b a packed panel [k2][64] of pairs.
+template <int M>
+inline void micro(int64_t k2, const uint32_t* a, int64_t asi, int64_t ask, const uint32_t* b,
+                  uint16_t* c, int64_t ldc, int64_t ncols) {
+  __m512 r[M][4];
+  for (int i = 0; i < M; ++i)
+    for (int u = 0; u < 4; ++u) r[i][u] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < k2; ++kp) {
+    const uint32_t* bk = b + kp * NR;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + 16),
+                   b2 = (__m512bh)_mm512_loadu_si512(bk + 32),
+                   b3 = (__m512bh)_mm512_loadu_si512(bk + 48);
+    const uint32_t* ak = a + kp * ask;
+    for (int i = 0; i < M; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(int(ak[i * asi]));
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], ai, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], ai, b1);
+      r[i][2] = _mm512_dpbf16_ps(r[i][2], ai, b2);
+      r[i][3] = _mm512_dpbf16_ps(r[i][3], ai, b3);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int u = 0; u < 4; ++u) {
+      const int64_t left = ncols - 16 * u;
+      if (left <= 0) break;
+      const __mmask16 m = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(r[i][u]);
+      _mm256_mask_storeu_epi16(c + i * ldc + 16 * u, m, v);
+    }
+}
+
+struct Progress {
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+// fn(task, scratch) for every task in [0, tasks) on the calling thread and XLA's intra-op
+// pool; the caller waits only for claimed tasks (as in causal_attention.cc).
+template <typename F>
+void parallel_tasks(ffi::ThreadPool& pool, int64_t tasks, F&& fn) {
+  cpu_set_t set;
+  int64_t ncpu = 1;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) ncpu = std::max(1, CPU_COUNT(&set));
+  const int64_t helpers = std::min<int64_t>({ncpu, tasks, pool.num_threads() + 1}) - 1;
+  auto progress = std::make_shared<Progress>();
+  auto work = [tasks, &fn](Progress& pr) {
+    std::vector<uint32_t> scratch;
+    for (int64_t t; (t = pr.next.fetch_add(1)) < tasks;) {
+      fn(t, scratch);
+      pr.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t)
+    pool.Schedule([progress, tasks, work] {
+      if (progress->next.load() < tasks) work(*progress);
+    });
+  work(*progress);
+  while (progress->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
+
+// Interleaves bf16 rows r0, r1 (32 columns each) into 32 pairs: out0 columns 0-15,
+// out1 columns 16-31.
+inline void interleave32(__m512i r0, __m512i r1, __m512i& out0, __m512i& out1) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  out0 = _mm512_permutex2var_epi16(r0, lo, r1);
+  out1 = _mm512_permutex2var_epi16(r0, hi, r1);
+}
+
+// Pairs (x[k0][j], x[k0 + 1][j]) for j in [j0, j0 + n) of a row-major bf16 matrix with row
+// stride ld (k0 + 1 < kmax, else the second is 0), written to out[0:n].
+void pair_rows(const uint16_t* x, int64_t ld, int64_t k0, int64_t kmax, int64_t j0, int64_t n,
+               uint32_t* out) {
+  const uint16_t* r0 = x + k0 * ld + j0;
+  const uint16_t* r1 = k0 + 1 < kmax ? r0 + ld : nullptr;
+  int64_t j = 0;
+  if (r1)
+    for (; j + 32 <= n; j += 32) {
+      __m512i o0, o1;
+      interleave32(_mm512_loadu_si512(r0 + j), _mm512_loadu_si512(r1 + j), o0, o1);
+      _mm512_storeu_si512(out + j, o0);
+      _mm512_storeu_si512(out + j + 16, o1);
+    }
+  for (; j < n; ++j) out[j] = uint32_t(r0[j]) | (r1 ? uint32_t(r1[j]) << 16 : 0u);
+}
+
+struct Problem {
+  int64_t batch, m, n, k;
+  bool trans_a, trans_b;
+};
+
+// Packs op(B) of one batch element into panels [N/64][K/2][64] (columns past N are 0).
+void pack_b_panel(const Problem& p, const uint16_t* b, int64_t panel, uint32_t* out) {
+  const int64_t k2 = p.k / 2, j0 = panel * NR, nc = std::min(NR, p.n - j0);
+  if (!p.trans_b) {  // B [K, N]: interleave rows 2kp, 2kp + 1
+    for (int64_t kp = 0; kp < k2; ++kp) {
+      uint32_t* o = out + kp * NR;
+      pair_rows(b, p.n, 2 * kp, p.k, j0, nc, o);
+      std::fill(o + nc, o + NR, 0u);
+    }
+    return;
+  }
+  // B stored [N, K]: the pair for (kp, j) is the 32-bit word kp of row j.
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(b);
+  for (int64_t j = 0; j < NR; ++j) {
+    if (j >= nc) {
+      for (int64_t kp = 0; kp < k2; ++kp) out[kp * NR + j] = 0;
+      continue;
+    }
+    const uint32_t* row = w + (j0 + j) * k2;
+    for (int64_t kp = 0; kp < k2; ++kp) out[kp * NR + j] = row[kp];
+  }
+}
+
+// Packs op(A) rows [i0, i0 + mc) of a transposed A (stored [K, M]) as [K/2][MC] pairs.
+void pack_a_transposed(const Problem& p, const uint16_t* a, int64_t i0, int64_t mc, uint32_t* out) {
+  for (int64_t kp = 0; kp < p.k / 2; ++kp) pair_rows(a, p.m, 2 * kp, p.k, i0, mc, out + kp * MC);
+}
+
+void matmul(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, const uint16_t* b,
+            uint16_t* c, std::vector<uint32_t>& packed) {
+  const int64_t k2 = p.k / 2, panels = (p.n + NR - 1) / NR, mblocks = (p.m + MC - 1) / MC;
+  const int64_t ngroups = (panels + NG - 1) / NG, panel_size = k2 * NR;
+  packed.resize(size_t(p.batch * panels * panel_size));
+  uint32_t* pk = packed.data();
+  parallel_tasks(pool, p.batch * panels, [&](int64_t t, std::vector<uint32_t>&) {
+    const int64_t e = t / panels;
+    pack_b_panel(p, b + e * p.k * p.n, t % panels, pk + t * panel_size);
+  });
+  const int64_t per_batch = mblocks * ngroups;
+  parallel_tasks(pool, p.batch * per_batch, [&](int64_t t, std::vector<uint32_t>& scratch) {
+    const int64_t e = t / per_batch, mb = (t % per_batch) / ngroups, g = t % ngroups;
+    const int64_t i0 = mb * MC, mc = std::min(MC, p.m - i0);
+    const uint16_t* ae = a + e * p.m * p.k;
+    const uint32_t* arows;
+    int64_t asi, ask;
+    if (p.trans_a) {
+      scratch.resize(size_t(k2 * MC));
+      pack_a_transposed(p, ae, i0, mc, scratch.data());
+      arows = scratch.data(), asi = 1, ask = MC;
+    } else {
+      arows = reinterpret_cast<const uint32_t*>(ae) + i0 * k2, asi = k2, ask = 1;
+    }
+    uint16_t* ce = c + e * p.m * p.n;
+    for (int64_t panel = g * NG; panel < std::min(panels, (g + 1) * NG); ++panel) {
+      const uint32_t* bp = pk + (e * panels + panel) * panel_size;
+      const int64_t j0 = panel * NR, nc = std::min(NR, p.n - j0);
+      for (int64_t i = 0; i < mc; i += MR) {
+        const uint32_t* ai = arows + i * asi;
+        uint16_t* cij = ce + (i0 + i) * p.n + j0;
+        switch (std::min(MR, mc - i)) {
+          case 6: micro<6>(k2, ai, asi, ask, bp, cij, p.n, nc); break;
+          case 5: micro<5>(k2, ai, asi, ask, bp, cij, p.n, nc); break;
+          case 4: micro<4>(k2, ai, asi, ask, bp, cij, p.n, nc); break;
+          case 3: micro<3>(k2, ai, asi, ask, bp, cij, p.n, nc); break;
+          case 2: micro<2>(k2, ai, asi, ask, bp, cij, p.n, nc); break;
+          default: micro<1>(k2, ai, asi, ask, bp, cij, p.n, nc); break;
+        }
+      }
+    }
+  });
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                      ffi::ResultBuffer<ffi::BF16> c, bool trans_a, bool trans_b) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  const size_t r = ad.size();
+  if (r < 2 || bd.size() != r || cd.size() != r)
+    return ffi::Error::InvalidArgument("bf16_matmul: A, B and C must have one rank >= 2");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < r; ++i) {
+    if (ad[i] != bd[i] || ad[i] != cd[i])
+      return ffi::Error::InvalidArgument("bf16_matmul: leading axes differ");
+    batch *= ad[i];
+  }
+  const int64_t m = trans_a ? ad[r - 1] : ad[r - 2], k = trans_a ? ad[r - 2] : ad[r - 1];
+  const int64_t kb = trans_b ? bd[r - 1] : bd[r - 2], n = trans_b ? bd[r - 2] : bd[r - 1];
+  if (k != kb || k % 2 || cd[r - 2] != m || cd[r - 1] != n)
+    return ffi::Error::InvalidArgument("bf16_matmul: shapes do not match (or K is odd)");
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  const Problem p{batch, m, n, k, trans_a, trans_b};
+  auto* cp = reinterpret_cast<uint16_t*>(c->untyped_data());
+  if (k == 0) {
+    std::memset(cp, 0, sizeof(uint16_t) * batch * m * n);
+    return ffi::Error::Success();
+  }
+  thread_local std::vector<uint32_t> packed;
+  matmul(pool, p, reinterpret_cast<const uint16_t*>(a.untyped_data()),
+         reinterpret_cast<const uint16_t*>(b.untyped_data()), cp, packed);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxBf16Matmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
