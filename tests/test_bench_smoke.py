@@ -295,3 +295,24 @@ def test_step_parts_times_every_part_and_sums_the_dense_matmuls():
     assert total == pytest.approx(want)
     with pytest.raises(ValueError, match="multiple"):
         step_parts.run(rounds=1, tokens=65, seqs=2, heads=2)
+
+
+def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
+    """bench.bf16_matmul at toy sizes: every case of the step in all three implementations,
+    the kernel's products the rounded f32 ones, and the step's dense matmuls summed."""
+    from bench import bf16_matmul
+    from warm_jax import cpu_matmul
+
+    why = cpu_matmul.unavailable_reason()
+    if why:
+        pytest.skip(why)
+    recs = bf16_matmul.run(tokens=96, rounds=2, square=64)
+    timed = {(r["case"], r["impl"]): r for r in recs if r["metric"] == "ms"}
+    assert set(timed) == {(c, i) for c in bf16_matmul.cases(96, 64) for i in bf16_matmul.IMPLS}
+    assert all(r["max_rel_diff_vs_rounded"] < 2 ** -7 for (c, i), r in timed.items()
+               if i == "kernel")
+    step = {r["impl"]: r for r in recs if r["metric"] == "step_dense_matmuls_s"}
+    want = sum(spec[5] * timed[(c, "kernel")]["value"] / 1e3
+               for c, spec in bf16_matmul.cases(96, 64).items())
+    assert step["kernel"]["value"] == pytest.approx(want)
+    assert step["xla_bf16"]["speedup_vs_xla_bf16"] == 1.0
