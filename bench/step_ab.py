@@ -2,8 +2,9 @@
 
     python -m bench.step_ab [--variants current,no_rotary,vec512] [--rounds 20]
                             [--per_turn 2] [--preset llama_peer] [--pairs 8] [--seq 256]
+                            [--dtype float32]
 
-Compiles the RM training step (bench.rm_throughput.build_step, AdamW, fp32) once per
+Compiles the RM training step (bench.rm_throughput.build_step, AdamW, fp32 or --dtype) once per
 variant, then alternates them `per_turn` steps at a time for `rounds` rounds (the order
 rotates each round), so that every variant sees the same background load and the same
 drift of this machine's speed. Per variant: median tokens/s and CPU seconds per step;
@@ -62,6 +63,8 @@ VARIANTS = {
     "no_attention": ({"_attention": lambda m: _values_only}, {}),
     "causal_only": ({"_attention": lambda m: _causal_only}, {}),
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
+    # a bf16 model (--dtype bfloat16) with XLA's dots instead of the bf16 matmul kernel
+    "xla_matmul": ({"_use_bf16_kernel": lambda m: lambda cfg: False}, {}),
     "grouped": ({"_attention": lambda m: functools.partial(_with_impl, m._attention,
                                                            "grouped")}, {}),
     "blocks2": ({"CAUSAL_MAX_BLOCKS": lambda m: 2}, {}),
@@ -87,11 +90,12 @@ def patched(patches: dict):
             setattr(model_lib, name, value)
 
 
-def build(name: str, preset: str, pairs: int, seq: int):
+def build(name: str, preset: str, pairs: int, seq: int, dtype: str = "float32"):
     patches, options = VARIANTS[name]
     with patched(patches):
         compiled, state, batch, cfg, compile_s = rm_throughput.build_step(
-            preset, pairs, seq, "adamw", 0, compiler_options=options or None)
+            preset, pairs, seq, "adamw", 0, compiler_options=options or None,
+            model_overrides={"dtype": dtype} if dtype != "float32" else None)
     return {"compiled": compiled, "state": state, "batch": batch, "compile_s": compile_s,
             "cfg": cfg}
 
@@ -105,7 +109,7 @@ def _quartiles(xs):
 
 
 def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
-        per_turn: int, matmul: int = 2048) -> list[dict]:
+        per_turn: int, matmul: int = 2048, dtype: str = "float32") -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -114,7 +118,7 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     if names[0] != "current":
         names = ["current"] + [n for n in names if n != "current"]
-    built = {n: build(n, preset, pairs, seq) for n in names}
+    built = {n: build(n, preset, pairs, seq, dtype) for n in names}
     for b in built.values():  # warm-up: two steps each
         for _ in range(2):
             b["state"], m = b["compiled"](b["state"], b["batch"])
@@ -161,7 +165,7 @@ def run(names: list[str], preset: str, pairs: int, seq: int, rounds: int,
             fraction_of_matmul_rate=flops_tok * tokens / common.median(wall[n]) / mm_rate,
             compile_s=built[n]["compile_s"],
             step_s=[round(x, 4) for x in wall[n]], rounds=rounds, per_turn=per_turn,
-            preset=preset, pairs=pairs, seq=seq, options=VARIANTS[n][1],
+            preset=preset, pairs=pairs, seq=seq, dtype=dtype, options=VARIANTS[n][1],
             load_1min_before=load_before, machine=machine, **others))
     return recs
 
@@ -175,9 +179,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--per_turn", type=int, default=2)
     p.add_argument("--matmul", type=int, default=2048)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the model's dtype (the lone matmul stays fp32)")
     args = p.parse_args(argv)
     for rec in run(args.variants.split(","), args.preset, args.pairs, args.seq, args.rounds,
-                   args.per_turn, args.matmul):
+                   args.per_turn, args.matmul, args.dtype):
         common.emit(rec)
 
 
