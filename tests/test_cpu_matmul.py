@@ -57,17 +57,21 @@ def test_matmul_under_vmap_and_leading_axes():
 
 
 @needs_kernel
-def test_dense_gradients_are_the_dots():
-    """dx = g w^T and dw = x^T g through the kernel (transposes read in place) against
-    jax.grad of XLA's bf16 dot."""
-    x, w = _bf16(4, (150, 96)), _bf16(5, (96, 130))
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_gradients_are_the_dots(tied):
+    """dense (x w: dx = g w^T, dw = x^T g) and dense_nt (x w^T, a tied LM head: dx = g w,
+    dw = g^T x) through the kernel, transposes read in place, against jax.grad of XLA's
+    bf16 dot."""
+    x, w = _bf16(4, (150, 96)), _bf16(5, (130, 96) if tied else (96, 130))
     proj = jax.random.normal(jax.random.PRNGKey(6), (150, 130))
 
     def loss(fn):
         return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * proj)
 
-    got = jax.jit(jax.grad(loss(cpu_matmul.dense), argnums=(0, 1)))(x, w)
-    want = jax.jit(jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1)))(x, w)
+    kernel, xla = ((cpu_matmul.dense_nt, lambda x, w: x @ w.T) if tied
+                   else (cpu_matmul.dense, lambda x, w: x @ w))
+    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(xla), argnums=(0, 1)))(x, w)
     for g, ref in zip(got, want):
         assert g.dtype == jnp.bfloat16
         g, ref = np.asarray(g, np.float32), np.asarray(ref, np.float32)
@@ -92,10 +96,15 @@ def _uses_kernel(cfg, mesh=None):
 
 @needs_kernel
 def test_model_takes_the_kernel_where_documented():
-    """matmul_impl None: a bfloat16 model on one CPU device takes the kernel, a float32 one
-    never; 'xla' never; 'cpu_bf16' on a multi-device mesh is an error, the default there
-    keeps XLA's dot."""
-    assert _uses_kernel(CFG)
+    """matmul_impl None: a bfloat16 model on one CPU device takes the kernel (its dense
+    layers and its tied LM head), a float32 one never; 'xla' never; 'cpu_bf16' on a
+    multi-device mesh is an error, the default there keeps XLA's dot."""
+    assert _uses_kernel(CFG) and CFG.tie_embeddings
+    tokens = jnp.ones((2, 16), jnp.int32)
+    params = jax.eval_shape(lambda: model_lib.init_params(CFG, jax.random.PRNGKey(0))[0])
+    text = jax.jit(lambda p: model_lib.Transformer(CFG).apply({"params": p}, tokens)).lower(
+        params).as_text()
+    assert text.count(cpu_matmul.TARGET) == 7 * CFG.num_layers + 1  # + the tied LM head
     assert not _uses_kernel(dataclasses.replace(CFG, dtype="float32"))
     assert not _uses_kernel(dataclasses.replace(CFG, matmul_impl="xla"))
     assert _uses_kernel(dataclasses.replace(CFG, matmul_impl="cpu_bf16"))
@@ -126,6 +135,7 @@ def test_bf16_model_training_step_matches_xla():
         scale = float(jnp.max(jnp.abs(gx)))  # 0 only for the reward head (not in this loss)
         np.testing.assert_allclose(gk, gx, atol=0.05 * scale)
     assert float(jnp.max(jnp.abs(g_k["layer_0"]["mlp"]["wi_gate"]["kernel"]))) > 0
+    assert float(jnp.max(jnp.abs(g_k["embedding"]))) > 0  # the tied LM head, through dense_nt
 
 
 def test_without_the_kernel_default_falls_back_and_explicit_fails(monkeypatch, caplog):

@@ -1,5 +1,6 @@
 """A bfloat16 matmul for XLA:CPU: a C++ kernel on the CPU's bf16 dot-product instruction
-(AVX-512 BF16), called through XLA's FFI (model option matmul_impl; see model._dense).
+(AVX-512 BF16), called through XLA's FFI (model option matmul_impl; model._dense: a bf16
+model's dense layers and its tied LM head).
 
 XLA:CPU computes a bf16 dot as an f32 dot between two converts (docs/benchmarks.md, "bf16
 on CPU"), so a bf16 model runs no faster than an f32 one on CPU. The kernel
@@ -104,3 +105,22 @@ def _dense_bwd(res, g):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def dense_nt(x, w):
+    """x [N, K] @ w^T, w [M, K] (a tied LM head: w the embedding) in bfloat16 through the
+    kernel, forward and backward (dx = g w, dw = g^T x)."""
+    return matmul(x, w, trans_b=True)
+
+
+def _dense_nt_fwd(x, w):
+    return matmul(x, w, trans_b=True), (x, w)
+
+
+def _dense_nt_bwd(res, g):
+    x, w = res
+    return matmul(g, w).astype(x.dtype), matmul(g, x, trans_a=True).astype(w.dtype)
+
+
+dense_nt.defvjp(_dense_nt_fwd, _dense_nt_bwd)

@@ -463,7 +463,11 @@ class Transformer(nn.Module):
             xl = x
             if logit_positions is not None:
                 xl = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
-            if cfg.tie_embeddings:
+            if cfg.tie_embeddings and _use_bf16_kernel(cfg):
+                logits = cpu_matmul.dense_nt(xl.reshape(-1, xl.shape[-1]),
+                                             embedding.astype(cfg.jdtype))
+                logits = logits.reshape(xl.shape[:-1] + (cfg.vocab_size,))
+            elif cfg.tie_embeddings:
                 logits = jnp.einsum("btd,vd->btv", xl, embedding.astype(cfg.jdtype))
             else:
                 logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(xl)
