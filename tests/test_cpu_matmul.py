@@ -33,10 +33,11 @@ def _check_product(got, want):
 @needs_kernel
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("m,k,n", [(200, 130, 300), (13, 7, 65), (96, 256, 64)])
+@pytest.mark.parametrize("m,k,n", [(200, 130, 300), (13, 7, 65), (96, 256, 64), (50, 601, 130)])
 def test_matmul_is_the_f32_product_rounded(m, k, n, trans_a, trans_b):
     """Every layout, rows not a multiple of the microkernel's 6, columns past a 64-column
-    panel, an odd contraction (padded by a zero pair end) and a contraction of 256."""
+    panel, an odd contraction (padded by a zero pair end), a contraction of one block (256)
+    and of three (601: partial sums carried between blocks)."""
     a = _bf16(0, (k, m) if trans_a else (m, k))
     b = _bf16(1, (n, k) if trans_b else (k, n))
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)

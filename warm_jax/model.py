@@ -312,6 +312,15 @@ def _kernel_applies(q, k, mask, segments=None) -> bool:
     return mesh is None or mesh.empty or mesh.size == 1
 
 
+def _tied_logits(cfg: TransformerConfig, x, embedding):
+    """x [B, T, D] against the embedding [V, D]: the LM head of tied embeddings (through the
+    bf16 matmul kernel where _use_bf16_kernel says so)."""
+    if _use_bf16_kernel(cfg):
+        logits = cpu_matmul.dense_nt(x.reshape(-1, x.shape[-1]), embedding)
+        return logits.reshape(x.shape[:-1] + (embedding.shape[0],))
+    return jnp.einsum("btd,vd->btv", x, embedding)
+
+
 class Attention(nn.Module):
     config: TransformerConfig
     decode: bool = False
@@ -463,12 +472,8 @@ class Transformer(nn.Module):
             xl = x
             if logit_positions is not None:
                 xl = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
-            if cfg.tie_embeddings and _use_bf16_kernel(cfg):
-                logits = cpu_matmul.dense_nt(xl.reshape(-1, xl.shape[-1]),
-                                             embedding.astype(cfg.jdtype))
-                logits = logits.reshape(xl.shape[:-1] + (cfg.vocab_size,))
-            elif cfg.tie_embeddings:
-                logits = jnp.einsum("btd,vd->btv", xl, embedding.astype(cfg.jdtype))
+            if cfg.tie_embeddings:
+                logits = _tied_logits(cfg, xl, embedding.astype(cfg.jdtype))
             else:
                 logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(xl)
             outputs["lm"] = partitioning.constrain(logits.astype(jnp.float32),
