@@ -10,7 +10,8 @@
 // even (the caller pads it). As the instruction does, bf16 subnormals read as zero.
 //
 // Work: op(B) is packed once into 64-column panels of k-pairs ([K/2][64] 32-bit pairs per
-// panel, the instruction's operand layout); then tasks of up to 96 rows x 256 columns run
+// panel, the instruction's operand layout); then tasks of up to 96 rows x 256 columns (fewer
+// rows where there would be under 8 tasks to share among the threads) run
 // one register-blocked microkernel (6 rows x 64 columns, 24 f32 accumulators held over the
 // whole contraction). op(A) is read in place when A is [M, K] (each 32-bit word is a k-pair
 // of one row) and packed per task when transposed. Tasks run on XLA's intra-op thread pool.
@@ -33,7 +34,8 @@ namespace {
 
 constexpr int64_t NR = 64;   // columns per panel and per microkernel tile
 constexpr int64_t MR = 6;    // rows per microkernel tile
-constexpr int64_t MC = 96;   // rows per task (a multiple of MR and of 32)
+constexpr int64_t MC = 96;   // rows per task at most (a multiple of MR)
+constexpr int64_t MIN_TASKS = 8;  // fewer rows per task (down to 12) until there are this many
 constexpr int64_t NG = 4;    // panels per task
 
 // C[M x 64 (ncols valid)] = sum_kp a(i, kp) . b[kp, 0:64] (k-pairs), a(i, kp) the 32-bit
@@ -112,15 +114,16 @@ void pair_rows(const uint16_t* x, int64_t ld, int64_t k0, int64_t kmax, int64_t 
                uint32_t* out) {
   const uint16_t* r0 = x + k0 * ld + j0;
   const uint16_t* r1 = k0 + 1 < kmax ? r0 + ld : nullptr;
-  int64_t j = 0;
-  if (r1)
-    for (; j + 32 <= n; j += 32) {
-      __m512i o0, o1;
-      interleave32(_mm512_loadu_si512(r0 + j), _mm512_loadu_si512(r1 + j), o0, o1);
-      _mm512_storeu_si512(out + j, o0);
-      _mm512_storeu_si512(out + j + 16, o1);
-    }
-  for (; j < n; ++j) out[j] = uint32_t(r0[j]) | (r1 ? uint32_t(r1[j]) << 16 : 0u);
+  for (int64_t j = 0; j < n; j += 32) {
+    const int64_t left = std::min<int64_t>(32, n - j);
+    const __mmask32 m = left == 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1);
+    __m512i o0, o1;
+    interleave32(_mm512_maskz_loadu_epi16(m, r0 + j),
+                 r1 ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512(), o0, o1);
+    const __mmask16 m0 = __mmask16(m), m1 = __mmask16(m >> 16);
+    _mm512_mask_storeu_epi32(out + j, m0, o0);
+    if (m1) _mm512_mask_storeu_epi32(out + j + 16, m1, o1);
+  }
 }
 
 struct Problem {
@@ -151,15 +154,18 @@ void pack_b_panel(const Problem& p, const uint16_t* b, int64_t panel, uint32_t* 
   }
 }
 
-// Packs op(A) rows [i0, i0 + mc) of a transposed A (stored [K, M]) as [K/2][MC] pairs.
+// Packs op(A) rows [i0, i0 + mc) of a transposed A (stored [K, M]) as [K/2][mc] pairs.
 void pack_a_transposed(const Problem& p, const uint16_t* a, int64_t i0, int64_t mc, uint32_t* out) {
-  for (int64_t kp = 0; kp < p.k / 2; ++kp) pair_rows(a, p.m, 2 * kp, p.k, i0, mc, out + kp * MC);
+  for (int64_t kp = 0; kp < p.k / 2; ++kp) pair_rows(a, p.m, 2 * kp, p.k, i0, mc, out + kp * mc);
 }
 
 void matmul(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, const uint16_t* b,
             uint16_t* c, std::vector<uint32_t>& packed) {
-  const int64_t k2 = p.k / 2, panels = (p.n + NR - 1) / NR, mblocks = (p.m + MC - 1) / MC;
+  const int64_t k2 = p.k / 2, panels = (p.n + NR - 1) / NR;
   const int64_t ngroups = (panels + NG - 1) / NG, panel_size = k2 * NR;
+  int64_t rows = MC;  // rows per task: fewer where the tasks would be too few to share out
+  while (rows > 12 && p.batch * ngroups * ((p.m + rows - 1) / rows) < MIN_TASKS) rows /= 2;
+  const int64_t mblocks = (p.m + rows - 1) / rows;
   packed.resize(size_t(p.batch * panels * panel_size));
   uint32_t* pk = packed.data();
   parallel_tasks(pool, p.batch * panels, [&](int64_t t, std::vector<uint32_t>&) {
@@ -169,14 +175,14 @@ void matmul(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, const ui
   const int64_t per_batch = mblocks * ngroups;
   parallel_tasks(pool, p.batch * per_batch, [&](int64_t t, std::vector<uint32_t>& scratch) {
     const int64_t e = t / per_batch, mb = (t % per_batch) / ngroups, g = t % ngroups;
-    const int64_t i0 = mb * MC, mc = std::min(MC, p.m - i0);
+    const int64_t i0 = mb * rows, mc = std::min(rows, p.m - i0);
     const uint16_t* ae = a + e * p.m * p.k;
     const uint32_t* arows;
     int64_t asi, ask;
     if (p.trans_a) {
-      scratch.resize(size_t(k2 * MC));
+      scratch.resize(size_t(k2 * mc));
       pack_a_transposed(p, ae, i0, mc, scratch.data());
-      arows = scratch.data(), asi = 1, ask = MC;
+      arows = scratch.data(), asi = 1, ask = mc;
     } else {
       arows = reinterpret_cast<const uint32_t*>(ae) + i0 * k2, asi = k2, ask = 1;
     }
