@@ -97,8 +97,8 @@ def _uses_kernel(cfg, mesh=None):
 
 @needs_kernel
 def test_model_takes_the_kernel_where_documented():
-    """matmul_impl None: a bfloat16 model on one CPU device takes the kernel (its dense
-    layers and its tied LM head), a float32 one never; 'xla' never; 'cpu_bf16' on a
+    """matmul_impl None: a bfloat16 model on one CPU device without remat takes the kernel
+    (its dense layers and its tied LM head), a float32 one never; 'xla' never; 'cpu_bf16' on a
     multi-device mesh is an error, the default there keeps XLA's dot."""
     assert _uses_kernel(CFG) and CFG.tie_embeddings
     tokens = jnp.ones((2, 16), jnp.int32)
@@ -109,6 +109,8 @@ def test_model_takes_the_kernel_where_documented():
     assert not _uses_kernel(dataclasses.replace(CFG, dtype="float32"))
     assert not _uses_kernel(dataclasses.replace(CFG, matmul_impl="xla"))
     assert _uses_kernel(dataclasses.replace(CFG, matmul_impl="cpu_bf16"))
+    assert not _uses_kernel(dataclasses.replace(CFG, remat="dots"))  # the policy sees dots
+    assert _uses_kernel(dataclasses.replace(CFG, remat="dots", matmul_impl="cpu_bf16"))
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
     assert not _uses_kernel(CFG, mesh=mesh)
     with pytest.raises(ValueError, match="one-device CPU kernel.*mesh of 8 devices"):

@@ -126,8 +126,10 @@ def _use_cpu_matmul(cfg: TransformerConfig) -> bool:
 
 def _use_bf16_kernel(cfg: TransformerConfig) -> bool:
     """TransformerConfig.matmul_impl: None takes the bf16 matmul kernel for a bfloat16
-    model on CPU where it builds (else XLA's dot, which computes bf16 as f32 on CPU);
-    'cpu_bf16' requires it (an error naming the reason where it cannot run); 'xla' never."""
+    model on one CPU device without remat where it builds (else XLA's dot, which computes
+    bf16 as f32 on CPU; remat's 'dots' policy cannot see inside the kernel's custom_vjp, as
+    with _matmul_nn); 'cpu_bf16' requires it (an error naming the reason where it cannot
+    run); 'xla' never."""
     if cfg.matmul_impl == "xla" or cfg.dtype != "bfloat16":
         return False
     mesh = partitioning._concrete_mesh()  # pylint: disable=protected-access
@@ -140,7 +142,7 @@ def _use_bf16_kernel(cfg: TransformerConfig) -> bool:
                              + ("" if one_device else f" on a mesh of {mesh.size} devices"))
         cpu_matmul.ensure_registered()
         return True
-    return on_cpu and one_device and cpu_matmul.ready()
+    return on_cpu and one_device and cfg.remat == "none" and cpu_matmul.ready()
 
 
 def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0,

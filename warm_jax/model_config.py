@@ -35,8 +35,8 @@ class TransformerConfig:
     # grouped_attention; elsewhere XLA's) | "grouped" | "cpu_kernel" (warm_jax.cpu_attention;
     # needs g++ and AVX-512F) | "xla" | "cudnn" (GPU). See model._attention.
     attention_impl: Optional[str] = None
-    # None: the platform's best (CPU with dtype bfloat16: the bf16 matmul kernel where it
-    # builds, else XLA's dot) | "xla" | "cpu_bf16" (warm_jax.cpu_matmul; needs dtype
+    # None: the platform's best (CPU with dtype bfloat16, one device, remat none: the bf16
+    # matmul kernel where it builds, else XLA's dot) | "xla" | "cpu_bf16" (warm_jax.cpu_matmul; needs dtype
     # bfloat16, g++ and avx512_bf16). See model._dense.
     matmul_impl: Optional[str] = None
     rope_theta: float = 10_000.0
