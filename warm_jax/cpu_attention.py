@@ -108,32 +108,47 @@ def build_library(source_path: str = SOURCE) -> str:
     raise RuntimeError(f"no writable directory for the kernel: {_cache_dir()}, {fallback}")
 
 
-def ensure_registered() -> None:
-    """Builds (if needed), loads and registers the kernel's FFI targets, once per process."""
-    with _LOCK:
-        if _STATE.get("registered"):
+def load_and_register(state: dict, lock, why_fn, option: str, source: str, targets) -> None:
+    """Once per process (state["registered"]): builds the kernel from `source` (if the cache
+    has none), loads it and registers its FFI targets ((target, symbol) pairs) for CPU. An
+    error naming `option` and why_fn()'s reason where it cannot run here. Shared by the
+    CPU kernels (this module and cpu_matmul)."""
+    with lock:
+        if state.get("registered"):
             return
-        why = unavailable_reason()
+        why = why_fn()
         if why:
-            raise RuntimeError(f"attention_impl='cpu_kernel' cannot run here: {why}")
-        lib = ctypes.cdll.LoadLibrary(build_library())
-        for target, symbol in TARGETS.values():
+            raise RuntimeError(f"{option} cannot run here: {why}")
+        lib = ctypes.cdll.LoadLibrary(build_library(source))
+        for target, symbol in targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
-        _STATE["registered"] = True
+        state["registered"] = True
+
+
+def ready_once(state: dict, ensure, what: str) -> bool:
+    """ensure() for a default path: False (and a warning naming `what`, once per process)
+    where the kernel cannot be built or loaded here, so that the caller's fallback runs."""
+    if "ready" not in state:
+        try:
+            ensure()
+            state["ready"] = True
+        except (RuntimeError, OSError) as e:
+            logging.warning("%s is not used: %s", what, e)
+            state["ready"] = False
+    return state["ready"]
+
+
+def ensure_registered() -> None:
+    """Builds (if needed), loads and registers the kernel's FFI targets, once per process."""
+    load_and_register(_STATE, _LOCK, unavailable_reason, "attention_impl='cpu_kernel'",
+                      SOURCE, TARGETS.values())
 
 
 def ready() -> bool:
     """ensure_registered() for the default path: False (and a warning, once per process)
     where the kernel cannot be built or loaded here, so that grouped_attention runs instead."""
-    if "ready" not in _STATE:
-        try:
-            ensure_registered()
-            _STATE["ready"] = True
-        except (RuntimeError, OSError) as e:
-            logging.warning("the fused CPU attention kernel is not used: %s", e)
-            _STATE["ready"] = False
-    return _STATE["ready"]
+    return ready_once(_STATE, ensure_registered, "the fused CPU attention kernel")
 
 
 def supports(q, k, mask, segments=None) -> bool:

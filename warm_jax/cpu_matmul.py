@@ -15,8 +15,6 @@ Built on first use like the attention kernel (cpu_attention.build_library: g++ -
 """
 from __future__ import annotations
 
-import ctypes
-import logging
 import os
 import threading
 
@@ -40,29 +38,14 @@ def unavailable_reason() -> str:
 
 def ensure_registered() -> None:
     """Builds (if needed), loads and registers the kernel's FFI target, once per process."""
-    with _LOCK:
-        if _STATE.get("registered"):
-            return
-        why = unavailable_reason()
-        if why:
-            raise RuntimeError(f"matmul_impl='cpu_bf16' cannot run here: {why}")
-        lib = ctypes.cdll.LoadLibrary(cpu_attention.build_library(SOURCE))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
-                                    platform="cpu")
-        _STATE["registered"] = True
+    cpu_attention.load_and_register(_STATE, _LOCK, unavailable_reason,
+                                    "matmul_impl='cpu_bf16'", SOURCE, [(TARGET, SYMBOL)])
 
 
 def ready() -> bool:
     """ensure_registered() for the default path: False (and a warning, once per process)
     where the kernel cannot be built or loaded here, so that XLA's dot runs instead."""
-    if "ready" not in _STATE:
-        try:
-            ensure_registered()
-            _STATE["ready"] = True
-        except (RuntimeError, OSError) as e:
-            logging.warning("the CPU bf16 matmul kernel is not used: %s", e)
-            _STATE["ready"] = False
-    return _STATE["ready"]
+    return cpu_attention.ready_once(_STATE, ensure_registered, "the CPU bf16 matmul kernel")
 
 
 def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
