@@ -32,7 +32,7 @@ setup(
     version="0.1.0",
     description="Weight averaged reward models (WARM) and KL-regularised RL in JAX/Flax",
     packages=find_packages(include=["warm_jax", "warm_jax.*"]),
-    package_data={"warm_jax": ["csrc/*.cc"]},  # the CPU kernels (attention, bf16 matmul), built on use
+    package_data={"warm_jax": ["csrc/*.cc", "csrc/*.h"]},  # the CPU kernels, built on use
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={

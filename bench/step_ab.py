@@ -15,8 +15,8 @@ the step's achieved FLOP/s (common.rm_flops_per_token, the full-attention MFU
 convention) as a fraction of that matmul's rate, measured under the same load; and the
 CPU the rest of the machine used meanwhile (common.OtherLoad: other_cores, steal_cores).
 
-Variants (VARIANTS): a model patch (a function of warm_jax.model swapped in while the
-step is traced), XLA compiler options for that one compile, or both. Upper-bound variants
+Variants (VARIANTS): a model patch (a function of warm_jax.model, or an attribute of a
+module it imports, swapped in while the step is traced), XLA compiler options for that one compile, or both. Upper-bound variants
 (no_*) remove work and are not models: they bound what any rewrite of that part can gain.
 Exploratory: nothing here changes the model or the project's defaults.
 """
@@ -65,6 +65,10 @@ VARIANTS = {
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
     # a bf16 model (--dtype bfloat16) with XLA's dots instead of the bf16 matmul kernel
     "xla_matmul": ({"_use_bf16_kernel": lambda m: lambda cfg: False}, {}),
+    # an f32 model's weight gradients through XLA's dots (the transposes materialised)
+    # instead of the f32 matmul kernel; its input gradients through the kernel too
+    "xla_f32_grads": ({"_f32_kernel": lambda m: lambda cfg: None}, {}),
+    "f32_dx_kernel": ({"cpu_matmul.F32_DX_KERNEL": lambda m: True}, {}),
     "grouped": ({"_attention": lambda m: functools.partial(_with_impl, m._attention,
                                                            "grouped")}, {}),
     "blocks2": ({"CAUSAL_MAX_BLOCKS": lambda m: 2}, {}),
@@ -80,14 +84,18 @@ VARIANTS = {
 def patched(patches: dict):
     from warm_jax import model as model_lib
 
-    saved = {name: getattr(model_lib, name) for name in patches}
+    def owner(name):  # "attr" of warm_jax.model, or "module.attr" of a module it imports
+        return (getattr(model_lib, name.split(".")[0]), name.split(".")[1]) if "." in name \
+            else (model_lib, name)
+
+    saved = {name: getattr(*owner(name)) for name in patches}
     try:
         for name, factory in patches.items():
-            setattr(model_lib, name, factory(model_lib))
+            setattr(*owner(name), factory(model_lib))
         yield
     finally:
         for name, value in saved.items():
-            setattr(model_lib, name, value)
+            setattr(*owner(name), value)
 
 
 def build(name: str, preset: str, pairs: int, seq: int, dtype: str = "float32"):

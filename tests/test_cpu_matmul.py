@@ -158,7 +158,7 @@ def test_matmul_impls_are_checked():
     for impl in ("xla", None):
         model_lib.model_config("tiny", matmul_impl=impl)
     model_lib.model_config("tiny", matmul_impl="cpu_bf16", dtype="bfloat16")
-    with pytest.raises(ValueError, match="'xla' or 'cpu_bf16'"):
+    with pytest.raises(ValueError, match="'xla', 'cpu_bf16' or 'cpu_f32'"):
         model_lib.model_config("tiny", matmul_impl="onednn")
     with pytest.raises(ValueError, match="needs|multiplies bfloat16.*dtype='float32'"):
         model_lib.model_config("tiny", matmul_impl="cpu_bf16")

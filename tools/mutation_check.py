@@ -75,6 +75,18 @@ MUTATIONS = [
              "const uint32_t* row = w + (j0 + j) * k2;",
              "const uint32_t* row = w + j * k2;",
              ("tests/test_cpu_matmul.py::test_dense_gradients_are_the_dots",)),
+    Mutation("f32_matmul_restarts_each_k_block", "the f32 matmul kernel starts every "
+             "contraction block from zero (the earlier blocks' sums dropped)",
+             "warm_jax/csrc/f32_matmul.cc",
+             "const bool add = k0 > 0;",
+             "const bool add = false;",
+             ("tests/test_cpu_matmul_f32.py::test_f32_matmul_is_the_product",)),
+    Mutation("f32_matmul_transposed_a_first_rows", "packing a transposed A, every task reads "
+             "the first task's rows", "warm_jax/csrc/f32_matmul.cc",
+             "ae + (k0 + k) * p.m + i0, sizeof(float) * mc);",
+             "ae + (k0 + k) * p.m, sizeof(float) * mc);",
+             ("tests/test_cpu_matmul_f32.py::test_f32_matmul_is_the_product",
+              "tests/test_cpu_matmul_f32.py::test_f32_model_training_step_matches_xla")),
     Mutation("world4_references_perfect", "world 4's references name every fact (world 2's)",
              "warm_jax/data/world.py",
              'WORLD_4 = WorldVersion(4, ID_POLICIES, OOD_POLICIES, reference=REFERENCE_4, streams=2)',

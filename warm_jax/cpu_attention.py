@@ -74,17 +74,28 @@ def _cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "warm_jax", "kernels")
 
 
-def build_library(source_path: str = SOURCE) -> str:
-    """The compiled kernel's path, building it first when the cache has none for this
-    source, jax version, compiler and CPU. A cache directory that cannot be written (a
-    read-only home) falls back to one under the system's temporary directory."""
+def library_name(source_path: str) -> str:
+    """The compiled kernel's file name: the source's name and a key over the source, the
+    headers beside it (it may include them), the jax version, the compiler and the CPU."""
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    with open(source_path, "rb") as f:
-        source = f.read()
+    source = b""
+    src_dir = os.path.dirname(os.path.abspath(source_path))
+    headers = sorted(n for n in os.listdir(src_dir) if n.endswith(".h"))
+    for path in [source_path] + [os.path.join(src_dir, n) for n in headers]:
+        with open(path, "rb") as f:
+            source += f.read() + b"\0"
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), version.encode(),
                                      _cpu_model().encode()])).hexdigest()[:16]
-    name = f"{os.path.splitext(os.path.basename(source_path))[0]}-{key}.so"
+    return f"{os.path.splitext(os.path.basename(source_path))[0]}-{key}.so"
+
+
+def build_library(source_path: str = SOURCE) -> str:
+    """The compiled kernel's path, building it first when the cache has none of this name
+    (library_name). A cache directory that cannot be written (a read-only home) falls back
+    to one under the system's temporary directory."""
+    cxx = os.environ.get("CXX", "g++")
+    name = library_name(source_path)
     fallback = os.path.join(tempfile.gettempdir(), f"warm_jax_kernels_{os.getuid()}")
     for out_dir in (_cache_dir(), fallback):
         lib = os.path.join(out_dir, name)

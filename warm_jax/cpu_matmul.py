@@ -1,17 +1,24 @@
-"""A bfloat16 matmul for XLA:CPU: a C++ kernel on the CPU's bf16 dot-product instruction
-(AVX-512 BF16), called through XLA's FFI (model option matmul_impl; model._dense: a bf16
-model's dense layers and its tied LM head).
+"""Matmul kernels for XLA:CPU in C++, called through XLA's FFI (model option matmul_impl;
+model._dense): a bfloat16 one for a bf16 model's dense layers and tied LM head, and a
+float32 one for an f32 model's weight gradients.
 
-XLA:CPU computes a bf16 dot as an f32 dot between two converts (docs/benchmarks.md, "bf16
-on CPU"), so a bf16 model runs no faster than an f32 one on CPU. The kernel
+bf16: XLA:CPU computes a bf16 dot as an f32 dot between two converts (docs/benchmarks.md,
+"bf16 on CPU"), so a bf16 model runs no faster than an f32 one on CPU. The kernel
 (warm_jax/csrc/bf16_matmul.cc) multiplies bf16 operands directly, two products per f32 lane
-per instruction, accumulating in f32 over the whole contraction and rounding the result to
-bf16 once: the value XLA computes up to the order of its f32 sums. Transposed operands are
-taken as they are stored (the backward's x^T g and g w^T need no copy).
+per instruction (AVX-512 BF16), accumulating in f32 over the whole contraction and rounding
+the result to bf16 once: the value XLA computes up to the order of its f32 sums.
 
-Built on first use like the attention kernel (cpu_attention.build_library: g++ -O3
--march=native into the kernel cache). `unavailable_reason()` says why it cannot run here
-('' when it can): it needs x86-64 Linux, g++ and a CPU with avx512_bf16.
+f32: XLA:CPU's dot reaches the CPU's f32 rate on the forward's [tokens, K] x [K, N] but not
+on the weight gradient x^T g, a contraction over the tokens that it takes only after a
+transpose is materialised (model._matmul_nn). The kernel (warm_jax/csrc/f32_matmul.cc)
+reads x^T as stored and blocks the long contraction for the cache; each output element is
+one f32 sum in order over the contraction, whatever the thread count.
+
+Transposed operands are taken as they are stored (the backward's x^T g and g w^T need no
+copy). Built on first use like the attention kernel (cpu_attention.build_library: g++ -O3
+-march=native into the kernel cache). `unavailable_reason()` / `f32_unavailable_reason()`
+say why a kernel cannot run here ('' when it can): x86-64 Linux, g++ and a CPU with
+avx512_bf16 (bf16) or avx512f (f32).
 """
 from __future__ import annotations
 
@@ -27,8 +34,17 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "bf16_
 TARGET, SYMBOL = "warm_jax_bf16_matmul", "WarmJaxBf16Matmul"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 
+F32_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "f32_matmul.cc")
+F32_TARGET, F32_SYMBOL = "warm_jax_f32_matmul", "WarmJaxF32Matmul"
+F32_CPU_FLAGS = ("avx512f",)
+# model._dense: by default an f32 model's layers take the f32 kernel for their weight
+# gradient when both feature counts are at least this (smaller layers: XLA's dot; the
+# miniature flow's 64-wide model stays on it; docs/benchmarks.md)
+F32_MIN_FEATURES = 256
+
 _LOCK = threading.Lock()
 _STATE: dict = {}
+_F32_STATE: dict = {}
 
 
 def unavailable_reason() -> str:
@@ -48,12 +64,26 @@ def ready() -> bool:
     return cpu_attention.ready_once(_STATE, ensure_registered, "the CPU bf16 matmul kernel")
 
 
-def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
-    """op(a) @ op(b) in bfloat16 (a, b cast to bf16; leading axes matched one to one):
-    op(a) is a [.., M, K] or, with trans_a, a stored [.., K, M]; op(b) is b [.., K, N] or,
-    with trans_b, b stored [.., N, K]. Returns [.., M, N] bfloat16."""
-    ensure_registered()
-    a, b = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+def f32_unavailable_reason() -> str:
+    """'' when the f32 kernel can be built and run on this machine, else why not."""
+    return cpu_attention.unavailable_reason(F32_CPU_FLAGS)
+
+
+def ensure_f32_registered() -> None:
+    """Builds (if needed), loads and registers the f32 kernel's FFI target, once per process."""
+    cpu_attention.load_and_register(_F32_STATE, _LOCK, f32_unavailable_reason,
+                                    "matmul_impl='cpu_f32'", F32_SOURCE,
+                                    [(F32_TARGET, F32_SYMBOL)])
+
+
+def f32_ready() -> bool:
+    """ensure_f32_registered() for the default path: False (and a warning, once per process)
+    where the kernel cannot be built or loaded here, so that XLA's dot runs instead."""
+    return cpu_attention.ready_once(_F32_STATE, ensure_f32_registered,
+                                    "the CPU f32 matmul kernel")
+
+
+def _mnk(a, b, trans_a, trans_b):
     if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match")
     m, k = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
@@ -61,6 +91,27 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
     if k != kb:
         raise ValueError(f"matmul: contraction {k} != {kb} ({a.shape}, {b.shape}, "
                          f"trans_a={trans_a}, trans_b={trans_b})")
+    return m, k, n
+
+
+def matmul_f32(a, b, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) in float32 through the f32 kernel (operands cast to f32; shapes as
+    matmul's). Returns [.., M, N] float32."""
+    ensure_f32_registered()
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    m, _, n = _mnk(a, b, trans_a, trans_b)
+    out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
+    return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="broadcast_all")(
+        a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
+def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) in bfloat16 (a, b cast to bf16; leading axes matched one to one):
+    op(a) is a [.., M, K] or, with trans_a, a stored [.., K, M]; op(b) is b [.., K, N] or,
+    with trans_b, b stored [.., N, K]. Returns [.., M, N] bfloat16."""
+    ensure_registered()
+    a, b = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    m, k, n = _mnk(a, b, trans_a, trans_b)
     if k % 2:  # the kernel reads k-pairs: one zero pair-end on each side
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + ([(0, 1), (0, 0)] if trans_a else [(0, 0), (0, 1)]))
         b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + ([(0, 0), (0, 1)] if trans_b else [(0, 1), (0, 0)]))
@@ -107,3 +158,32 @@ def _dense_nt_bwd(res, g):
 
 
 dense_nt.defvjp(_dense_nt_fwd, _dense_nt_bwd)
+
+
+# dense_f32's input gradient g w^T: XLA's dot (False) or the f32 kernel (True)
+F32_DX_KERNEL = False
+
+
+@jax.custom_vjp
+def dense_f32(x, w):
+    """x [N, K] @ w [K, M] in float32: XLA's dot forward; backward the weight gradient
+    x^T g through the f32 kernel (x read as stored) and the input gradient g w^T through
+    XLA's dot (or the kernel: F32_DX_KERNEL)."""
+    return x @ w
+
+
+def _dense_f32_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _dense_f32_bwd(res, g):
+    x, w = res
+    if F32_DX_KERNEL:
+        dx = matmul_f32(g, w, trans_b=True)
+    else:
+        dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())))
+    dw = matmul_f32(x, g, trans_a=True)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense_f32.defvjp(_dense_f32_fwd, _dense_f32_bwd)

@@ -100,16 +100,21 @@ _matmul_nn.defvjp(_matmul_nn_fwd, _matmul_nn_bwd)
 
 
 def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                     *, bf16_kernel: bool = False):
-    """nn.Dense's dot_general, routed through _matmul_nn (or, for bfloat16 operands with
-    bf16_kernel, the bf16 matmul kernel) for the plain [..., K] x [K, M] case."""
+                     *, bf16_kernel: bool = False, f32_kernel: Optional[str] = None):
+    """nn.Dense's dot_general, routed through _matmul_nn (or a CPU matmul kernel: for
+    bfloat16 operands with bf16_kernel; for float32 operands with f32_kernel, 'any' size or
+    'large' layers only: cpu_matmul.F32_MIN_FEATURES) for the plain [..., K] x [K, M] case."""
     if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2
             or precision is not None or preferred_element_type is not None):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     x = lhs.reshape(-1, lhs.shape[-1])
+    f32 = lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
     if bf16_kernel and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16:
         y = cpu_matmul.dense(x, rhs)
+    elif f32 and (f32_kernel == "any" or (
+            f32_kernel == "large" and min(rhs.shape) >= cpu_matmul.F32_MIN_FEATURES)):
+        y = cpu_matmul.dense_f32(x, rhs)
     else:
         y = _matmul_nn(x, rhs)
     return y.reshape(lhs.shape[:-1] + (rhs.shape[-1],))
@@ -124,25 +129,47 @@ def _use_cpu_matmul(cfg: TransformerConfig) -> bool:
     return cfg.remat == "none" and partitioning.current_platform() == "cpu"
 
 
-def _use_bf16_kernel(cfg: TransformerConfig) -> bool:
-    """TransformerConfig.matmul_impl: None takes the bf16 matmul kernel for a bfloat16
-    model on one CPU device without remat where it builds (else XLA's dot, which computes
-    bf16 as f32 on CPU; remat's 'dots' policy cannot see inside the kernel's custom_vjp, as
-    with _matmul_nn); 'cpu_bf16' requires it (an error naming the reason where it cannot
-    run); 'xla' never."""
-    if cfg.matmul_impl == "xla" or cfg.dtype != "bfloat16":
-        return False
+def _kernel_here(cfg: TransformerConfig, forced: bool, option: str, ensure, ready) -> bool:
+    """Whether a one-device CPU matmul kernel runs in the program being traced: where
+    `forced` (matmul_impl names it), on one CPU device or an error naming why not (ensure()
+    raises where it cannot be built); else (the default) on one CPU device without remat
+    (remat's 'dots' policy cannot see inside a custom_vjp) where ready() says it builds."""
     mesh = partitioning._concrete_mesh()  # pylint: disable=protected-access
     one_device = mesh is None or mesh.empty or mesh.size == 1
     on_cpu = partitioning.current_platform() == "cpu"
-    if cfg.matmul_impl == "cpu_bf16":
+    if forced:
         if not (on_cpu and one_device):
-            raise ValueError("matmul_impl='cpu_bf16' is a one-device CPU kernel; this program "
+            raise ValueError(f"matmul_impl={option!r} is a one-device CPU kernel; this program "
                              f"is traced for {partitioning.current_platform()}"
                              + ("" if one_device else f" on a mesh of {mesh.size} devices"))
-        cpu_matmul.ensure_registered()
+        ensure()
         return True
-    return on_cpu and one_device and cfg.remat == "none" and cpu_matmul.ready()
+    return on_cpu and one_device and cfg.remat == "none" and ready()
+
+
+def _use_bf16_kernel(cfg: TransformerConfig) -> bool:
+    """TransformerConfig.matmul_impl: None takes the bf16 matmul kernel for a bfloat16
+    model on one CPU device without remat where it builds (else XLA's dot, which computes
+    bf16 as f32 on CPU); 'cpu_bf16' requires it (an error naming the reason where it cannot
+    run); 'xla' never."""
+    if cfg.matmul_impl not in (None, "cpu_bf16") or cfg.dtype != "bfloat16":
+        return False
+    return _kernel_here(cfg, cfg.matmul_impl == "cpu_bf16", "cpu_bf16",
+                        cpu_matmul.ensure_registered, cpu_matmul.ready)
+
+
+def _f32_kernel(cfg: TransformerConfig) -> Optional[str]:
+    """TransformerConfig.matmul_impl for a float32 model: None takes the f32 matmul kernel
+    for the weight gradients of layers of >= cpu_matmul.F32_MIN_FEATURES in and out features
+    ('large'), on one CPU device without remat where it builds; 'cpu_f32' requires it for
+    every layer ('any'; an error naming the reason where it cannot run); 'xla' never."""
+    if cfg.matmul_impl not in (None, "cpu_f32") or cfg.dtype != "float32":
+        return None
+    forced = cfg.matmul_impl == "cpu_f32"
+    if not _kernel_here(cfg, forced, "cpu_f32", cpu_matmul.ensure_f32_registered,
+                        cpu_matmul.f32_ready):
+        return None
+    return "any" if forced else "large"
 
 
 def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float = 1.0,
@@ -150,6 +177,8 @@ def _dense(cfg: TransformerConfig, features: int, names, name: str, scale: float
     dot_general = None
     if _use_bf16_kernel(cfg):
         dot_general = functools.partial(_cpu_dot_general, bf16_kernel=True)
+    elif (f32_kernel := _f32_kernel(cfg)) is not None:
+        dot_general = functools.partial(_cpu_dot_general, f32_kernel=f32_kernel)
     elif _use_cpu_matmul(cfg):
         dot_general = _cpu_dot_general
     return nn.Dense(features, use_bias=use_bias, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,

@@ -12,7 +12,7 @@ import gin
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ACTIVATION_NAMES = ("silu", "gelu_tanh", "gelu")  # model.ACTIVATIONS holds the functions
 ATTENTION_IMPLS = (None, "grouped", "cpu_kernel", "xla", "cudnn")  # model._attention
-MATMUL_IMPLS = (None, "xla", "cpu_bf16")  # model._dense
+MATMUL_IMPLS = (None, "xla", "cpu_bf16", "cpu_f32")  # model._dense
 
 
 @gin.configurable
@@ -73,10 +73,11 @@ class TransformerConfig:
                              "platform's best), 'grouped', 'cpu_kernel', 'xla' or 'cudnn'")
         if self.matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"matmul_impl={self.matmul_impl!r}; choose None (the "
-                             "platform's best), 'xla' or 'cpu_bf16'")
-        if self.matmul_impl == "cpu_bf16" and self.dtype != "bfloat16":
-            raise ValueError(f"matmul_impl='cpu_bf16' multiplies bfloat16 operands; "
-                             f"dtype={self.dtype!r} (set dtype='bfloat16')")
+                             "platform's best), 'xla', 'cpu_bf16' or 'cpu_f32'")
+        for impl, dtype in (("cpu_bf16", "bfloat16"), ("cpu_f32", "float32")):
+            if self.matmul_impl == impl and self.dtype != dtype:
+                raise ValueError(f"matmul_impl={impl!r} multiplies {dtype} operands; "
+                                 f"dtype={self.dtype!r} (set dtype={dtype!r})")
         if self.mlp_activation not in ACTIVATION_NAMES:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}; choose from "
                              f"{sorted(ACTIVATION_NAMES)}")

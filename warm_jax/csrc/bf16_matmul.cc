@@ -16,22 +16,20 @@
 // whole contraction). op(A) is read in place when A is [M, K] (each 32-bit word is a k-pair
 // of one row) and packed per task when transposed. Tasks run on XLA's intra-op thread pool.
 #include <immintrin.h>
-#include <sched.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using Scratch = std::vector<uint32_t>;  // per-thread packing buffer of a task
 constexpr int64_t NR = 64;   // columns per panel and per microkernel tile
 constexpr int64_t MR = 6;    // rows per microkernel tile
 constexpr int64_t MC = 96;   // rows per task at most (a multiple of MR)
@@ -68,34 +66,6 @@ inline void micro(int64_t k2, const uint32_t* a, int64_t asi, int64_t ask, const
       const __m256i v = (__m256i)_mm512_cvtneps_pbh(r[i][u]);
       _mm256_mask_storeu_epi16(c + i * ldc + 16 * u, m, v);
     }
-}
-
-struct Progress {
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-// fn(task, scratch) for every task in [0, tasks) on the calling thread and XLA's intra-op
-// pool; the caller waits only for claimed tasks (as in causal_attention.cc).
-template <typename F>
-void parallel_tasks(ffi::ThreadPool& pool, int64_t tasks, F&& fn) {
-  cpu_set_t set;
-  int64_t ncpu = 1;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) ncpu = std::max(1, CPU_COUNT(&set));
-  const int64_t helpers = std::min<int64_t>({ncpu, tasks, pool.num_threads() + 1}) - 1;
-  auto progress = std::make_shared<Progress>();
-  auto work = [tasks, &fn](Progress& pr) {
-    std::vector<uint32_t> scratch;
-    for (int64_t t; (t = pr.next.fetch_add(1)) < tasks;) {
-      fn(t, scratch);
-      pr.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t)
-    pool.Schedule([progress, tasks, work] {
-      if (progress->next.load() < tasks) work(*progress);
-    });
-  work(*progress);
-  while (progress->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
 }
 
 // Interleaves bf16 rows r0, r1 (32 columns each) into 32 pairs: out0 columns 0-15,
@@ -168,12 +138,12 @@ void matmul(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, const ui
   const int64_t mblocks = (p.m + rows - 1) / rows;
   packed.resize(size_t(p.batch * panels * panel_size));
   uint32_t* pk = packed.data();
-  parallel_tasks(pool, p.batch * panels, [&](int64_t t, std::vector<uint32_t>&) {
+  warm_jax::parallel_tasks<Scratch>(pool, p.batch * panels, [&](int64_t t, Scratch&) {
     const int64_t e = t / panels;
     pack_b_panel(p, b + e * p.k * p.n, t % panels, pk + t * panel_size);
   });
   const int64_t per_batch = mblocks * ngroups;
-  parallel_tasks(pool, p.batch * per_batch, [&](int64_t t, std::vector<uint32_t>& scratch) {
+  warm_jax::parallel_tasks<Scratch>(pool, p.batch * per_batch, [&](int64_t t, Scratch& scratch) {
     const int64_t e = t / per_batch, mb = (t % per_batch) / ngroups, g = t % ngroups;
     const int64_t i0 = mb * rows, mc = std::min(rows, p.m - i0);
     const uint16_t* ae = a + e * p.m * p.k;

@@ -17,17 +17,14 @@
 // (6 rows x 64 columns, 24 accumulators): C (+)= A B, A read with any strides (so A^T costs
 // nothing), B rows contiguous (K^T and V^T are copied once per group).
 #include <immintrin.h>
-#include <sched.h>
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -173,41 +170,10 @@ struct Scratch {
   }
 };
 
-// fn(task, scratch) for every task in [0, groups): the calling thread and up to (CPUs this
-// process may use - 1) tasks on XLA's intra-op thread pool claim tasks from one counter.
-// The caller waits only for tasks claimed by threads that are running them, so a pool with
-// no free thread cannot deadlock it (a helper that starts late finds no task and leaves);
-// the counters live in shared state that outlives the call for such late helpers.
-struct Progress {
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-template <typename F>
-void parallel_groups(ffi::ThreadPool& pool, int64_t groups, F&& fn) {
-  cpu_set_t set;
-  int64_t ncpu = 1;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) ncpu = std::max(1, CPU_COUNT(&set));
-  const int64_t helpers = std::min<int64_t>({ncpu, groups, pool.num_threads() + 1}) - 1;
-  auto progress = std::make_shared<Progress>();
-  auto work = [groups, &fn](Progress& pr) {
-    Scratch scratch;
-    for (int64_t g; (g = pr.next.fetch_add(1)) < groups;) {
-      fn(g, scratch);
-      pr.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t)
-    pool.Schedule([progress, groups, work] {
-      if (progress->next.load() < groups) work(*progress);
-    });
-  work(*progress);
-  while (progress->done.load(std::memory_order_acquire) < groups) std::this_thread::yield();
-}
-
 void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float* k, const float* v,
              const int32_t* seg, float* o, float* lse) {
   const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
-  parallel_groups(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
+  warm_jax::parallel_tasks<Scratch>(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
     const int64_t b = task / K, kh = task % K;
     float* kt = scr.get(0, D * T);
     float* s = scr.get(1, QB * T);
@@ -233,7 +199,7 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
               const int32_t* seg, const float* o, const float* lse, const float* dout,
               float* dq, float* dk, float* dv) {
   const int64_t T = dm.t, H = dm.h, K = dm.kvh, D = dm.d, G = H / K;
-  parallel_groups(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
+  warm_jax::parallel_tasks<Scratch>(pool, dm.n * K, [&](int64_t task, Scratch& scr) {
     const int64_t b = task / K, kh = task % K;
     float* kt = scr.get(0, D * T);
     float* vt = scr.get(1, D * T);
