@@ -1,17 +1,19 @@
-"""The bf16 matmul kernel for CPU (warm_jax.cpu_matmul) against XLA:CPU's bf16 and f32 dots.
+"""The CPU matmul kernels (warm_jax.cpu_matmul: bf16 and f32) against XLA:CPU's bf16 and f32 dots.
 
     python -m bench.bf16_matmul [--tokens 4096] [--rounds 20] [--square 2048]
 
 Times, interleaved in one process (the order rotating each round), the dense matmuls of
 the RM step's shape (`--tokens` rows; the llama_peer model's projections 256x256, 256x1024
 and 1024x256), each in its three passes as the bf16 model runs them (forward x w, input
-gradient g w^T, weight gradient x^T g) and a `--square`^3 matmul, as: the kernel, XLA's
-bf16 dot (bf16 in and out, as `--model dtype=bfloat16 --model matmul_impl=xla` runs it) and
-XLA's f32 dot of the same operands. Per matmul and implementation: median ms and GFLOP/s,
-and the paired per-round ratio to XLA's bf16 dot with its inter-quartile range; then the
+gradient g w^T, weight gradient x^T g) and a `--square`^3 matmul, as: the bf16 kernel, XLA's
+bf16 dot (bf16 in and out, as `--model dtype=bfloat16 --model matmul_impl=xla` runs it),
+XLA's f32 dot of the same operands and the f32 kernel (`kernel_f32`; an f32 model takes it
+for weight gradients only). Per matmul and implementation: median ms and GFLOP/s, and the
+paired per-round ratios to XLA's bf16 and f32 dots with their inter-quartile ranges; then the
 dense matmuls of one step (the llama_peer model's 4 layers: 4 + 2 + 1 projections x 3
 passes) as the count-weighted sum of the medians. Also the largest relative difference of
-each kernel product from the f32 product rounded to bf16 (JSON lines).
+each bf16 kernel product from the f32 product rounded to bf16, and of each f32 kernel
+product from XLA's f32 product (JSON lines).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from bench import common
 from bench.step_ab import _quartiles
 
 BENCH = "bf16_matmul"
-IMPLS = ("kernel", "xla_bf16", "xla_f32")
+IMPLS = ("kernel", "xla_bf16", "xla_f32", "kernel_f32")
 # (in, out) features of the llama_peer model's projections and how many a layer has
 PROJECTIONS = {(256, 256): 4, (256, 1024): 2, (1024, 256): 1}
 LAYERS = 4
@@ -51,7 +53,8 @@ def _programs(m, k, n, ta, tb):
     f32 = jnp.float32
     fns = {"kernel": lambda a, b: cpu_matmul.matmul(a, b, ta, tb),
            "xla_bf16": lambda a, b: jax.lax.dot_general(a, b, dims),
-           "xla_f32": lambda a, b: jax.lax.dot_general(a.astype(f32), b.astype(f32), dims)}
+           "xla_f32": lambda a, b: jax.lax.dot_general(a.astype(f32), b.astype(f32), dims),
+           "kernel_f32": lambda a, b: cpu_matmul.matmul_f32(a.astype(f32), b.astype(f32), ta, tb)}
     key_a, key_b = jax.random.split(jax.random.key(m * 7 + k * 3 + n))
     a = jax.random.normal(key_a, (k, m) if ta else (m, k)).astype(jnp.bfloat16)
     b = jax.random.normal(key_b, (n, k) if tb else (k, n)).astype(jnp.bfloat16)
@@ -69,17 +72,25 @@ def _rel_diff(got, a, b, ta, tb) -> float:
                          / jnp.maximum(jnp.abs(rounded), 1e-3)))
 
 
+def _f32_diff(got, want) -> float:
+    import jax.numpy as jnp
+
+    return float(jnp.max(jnp.abs(got - want) / jnp.maximum(jnp.abs(want), 1e-3)))
+
+
 def run(tokens: int, rounds: int, square: int) -> list[dict]:
     import jax
 
     from warm_jax import cpu_matmul
 
-    why = cpu_matmul.unavailable_reason()
+    why = cpu_matmul.unavailable_reason() or cpu_matmul.f32_unavailable_reason()
     if why:
         raise RuntimeError(f"bench.bf16_matmul cannot run here: {why}")
     programs = {name: _programs(*spec[:5]) for name, spec in cases(tokens, square).items()}
     diffs = {name: _rel_diff(fns["kernel"](a, b), a, b, *cases(tokens, square)[name][3:5])
              for name, (fns, a, b) in programs.items()}
+    diffs_f32 = {name: _f32_diff(fns["kernel_f32"](a, b), fns["xla_f32"](a, b))
+                 for name, (fns, a, b) in programs.items()}
     runs = [(c, i) for c in programs for i in IMPLS]
     times = {r: [] for r in runs}
     other = common.OtherLoad()
@@ -98,17 +109,22 @@ def run(tokens: int, rounds: int, square: int) -> list[dict]:
         for impl in IMPLS:
             med = common.median(times[(case, impl)])
             paired = [x / t for x, t in zip(times[(case, "xla_bf16")], times[(case, impl)])]
+            paired32 = [x / t for x, t in zip(times[(case, "xla_f32")], times[(case, impl)])]
             step[impl] += count * med
             recs.append(common.record(
                 BENCH, "ms", 1e3 * med, "ms", case=case, impl=impl, m=m, k=k, n=n,
                 trans_a=ta, trans_b=tb, gflops=2 * m * k * n / med / 1e9,
                 speedup_vs_xla_bf16=common.median(paired), speedup_iqr=list(_quartiles(paired)),
+                speedup_vs_xla_f32=common.median(paired32),
+                speedup_vs_xla_f32_iqr=list(_quartiles(paired32)),
                 max_rel_diff_vs_rounded=diffs[case] if impl == "kernel" else None,
+                max_rel_diff_vs_xla_f32=diffs_f32[case] if impl == "kernel_f32" else None,
                 rounds=rounds, load_1min_before=load_before, machine=machine, **others))
     for impl in IMPLS:
         recs.append(common.record(BENCH, "step_dense_matmuls_s", step[impl], "s", impl=impl,
                                   tokens=tokens, layers=LAYERS,
-                                  speedup_vs_xla_bf16=step["xla_bf16"] / step[impl]))
+                                  speedup_vs_xla_bf16=step["xla_bf16"] / step[impl],
+                                  speedup_vs_xla_f32=step["xla_f32"] / step[impl]))
     return recs
 
 

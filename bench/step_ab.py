@@ -43,6 +43,19 @@ def _values_only(cfg, q, k, v, mask=None, is_causal=False, segments=None):
     return jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
 
 
+def _identity_norm(model_lib):
+    import flax.linen as nn
+
+    class Identity(nn.Module):
+        config: object = None
+
+        @nn.compact
+        def __call__(self, x):
+            return x
+
+    return Identity
+
+
 def _causal_only(cfg, q, k, v, mask=None, is_causal=False, segments=None):
     from warm_jax import model as model_lib
 
@@ -61,6 +74,8 @@ VARIANTS = {
     "current": ({}, {}),
     "no_rotary": ({"rotary": lambda m: _identity_rotary}, {}),
     "no_attention": ({"_attention": lambda m: _values_only}, {}),
+    "no_norm": ({"RMSNorm": _identity_norm}, {}),  # every RMSNorm = its input
+    "no_act": ({"ACTIVATIONS": lambda m: {k: (lambda x: x) for k in m.ACTIVATIONS}}, {}),
     "causal_only": ({"_attention": lambda m: _causal_only}, {}),
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
     # a bf16 model (--dtype bfloat16) with XLA's dots instead of the bf16 matmul kernel

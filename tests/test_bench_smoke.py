@@ -299,8 +299,9 @@ def test_step_parts_times_every_part_and_sums_the_dense_matmuls():
 
 
 def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
-    """bench.bf16_matmul at toy sizes: every case of the step in all three implementations,
-    the kernel's products the rounded f32 ones, and the step's dense matmuls summed."""
+    """bench.bf16_matmul at toy sizes: every case of the step in all four implementations,
+    the bf16 kernel's products the rounded f32 ones, the f32 kernel's XLA's f32 ones, and
+    the step's dense matmuls summed."""
     from bench import bf16_matmul
     from warm_jax import cpu_matmul
 
@@ -312,8 +313,11 @@ def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
     assert set(timed) == {(c, i) for c in bf16_matmul.cases(96, 64) for i in bf16_matmul.IMPLS}
     assert all(r["max_rel_diff_vs_rounded"] < 2 ** -7 for (c, i), r in timed.items()
                if i == "kernel")
+    assert all(r["max_rel_diff_vs_xla_f32"] < 1e-4 for (c, i), r in timed.items()
+               if i == "kernel_f32")
     step = {r["impl"]: r for r in recs if r["metric"] == "step_dense_matmuls_s"}
     want = sum(spec[5] * timed[(c, "kernel")]["value"] / 1e3
                for c, spec in bf16_matmul.cases(96, 64).items())
     assert step["kernel"]["value"] == pytest.approx(want)
     assert step["xla_bf16"]["speedup_vs_xla_bf16"] == 1.0
+    assert step["xla_f32"]["speedup_vs_xla_f32"] == 1.0
