@@ -313,7 +313,7 @@ def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
     assert set(timed) == {(c, i) for c in bf16_matmul.cases(96, 64) for i in bf16_matmul.IMPLS}
     assert all(r["max_rel_diff_vs_rounded"] < 2 ** -7 for (c, i), r in timed.items()
                if i == "kernel")
-    assert all(r["max_rel_diff_vs_xla_f32"] < 1e-4 for (c, i), r in timed.items()
+    assert all(r["max_rel_diff_vs_xla_f32"] < 1e-5 for (c, i), r in timed.items()
                if i == "kernel_f32")
     step = {r["impl"]: r for r in recs if r["metric"] == "step_dense_matmuls_s"}
     want = sum(spec[5] * timed[(c, "kernel")]["value"] / 1e3
