@@ -75,6 +75,18 @@ def test_dense_f32_gradients_are_the_dots(monkeypatch, dx_kernel):
         assert float(jnp.abs(ref).max()) > 10.0
 
 
+@needs_kernel
+def test_dense_f32_gradients_under_vmap_are_each_members():
+    """Stacked members (the ensemble's vmap on one device): each member's gradients are the
+    ones of its own call, bit for bit."""
+    x, w = _f32(7, (3, 700, 64)), _f32(8, (3, 64, 80))
+    grad = jax.grad(lambda x, w: jnp.sum(jnp.tanh(cpu_matmul.dense_f32(x, w))), argnums=(0, 1))
+    gx, gw = jax.jit(jax.vmap(grad))(x, w)
+    for i in range(3):
+        one = jax.jit(grad)(x[i], w[i])
+        assert np.array_equal(gx[i], one[0]) and np.array_equal(gw[i], one[1])
+
+
 # both feature counts of every dense layer >= cpu_matmul.F32_MIN_FEATURES (the default takes
 # the kernel there), four q/k/v/o + three MLP projections a layer and an untied LM head
 CFG = model_lib.model_config("tiny", vocab_size=256, d_model=256, mlp_dim=512, num_heads=4,
