@@ -1,11 +1,12 @@
 """The fused CPU attention kernel (warm_jax.cpu_attention) against XLA's grouped_attention.
 
     python -m bench.attention_kernel [--batch 16] [--seq 256] [--heads 4] [--kv_heads 4]
-                                     [--rounds 20]
+                                     [--rounds 20] [--dtype float32]
 
 Times, interleaved in one process (the order rotating each round), the causal attention of
-the RM step's shape (16 sequences x 256 tokens, 4 heads of 64, fp32, a key padding mask
-of ones as the model passes it): the forward alone and the forward with the gradients of a
+the RM step's shape (16 sequences x 256 tokens, 4 heads of 64, fp32 or `--dtype`, a key
+padding mask of ones as the model passes it; in bfloat16 the kernel computes in f32
+between converts, as a bf16 model runs it): the forward alone and the forward with the gradients of a
 loss on its output (q, k, v), each as the kernel and as model.grouped_attention (as the model
 runs it without the kernel: query blocks from 256 tokens). Prints the largest differences
 from grouped_attention (output, gradients), the median milliseconds, the paired per-round
@@ -39,7 +40,8 @@ def _programs(q, k, v, w, mask):
     return {name: f.lower(q, k, v).compile() for name, f in fns.items()}
 
 
-def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int) -> list[dict]:
+def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
+        dtype: str = "float32") -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -52,12 +54,14 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int) -> list[di
     q = jax.random.normal(kq, (batch, seq, heads, 64), jnp.float32)
     k, v = (jax.random.normal(key, (batch, seq, kv_heads, 64), jnp.float32) for key in (kk, kv))
     w = jax.random.normal(kw, q.shape, jnp.float32)
+    q, k, v, w = (x.astype(dtype) for x in (q, k, v, w))
     mask = jnp.ones((batch, 1, 1, seq), jnp.bool_)
     fns = _programs(q, k, v, w, mask)
     fwd = {n: fns[f"forward/{n}"](q, k, v) for n in ("kernel", "grouped")}
     fb = {n: fns[f"forward_backward/{n}"](q, k, v)[1] for n in ("kernel", "grouped")}
-    diffs = [float(jnp.max(jnp.abs(fwd["kernel"] - fwd["grouped"])))] + [
-        float(jnp.max(jnp.abs(a - b))) for a, b in zip(fb["kernel"], fb["grouped"])]
+    f32 = lambda x: x.astype(jnp.float32)
+    diffs = [float(jnp.max(jnp.abs(f32(fwd["kernel"]) - f32(fwd["grouped"]))))] + [
+        float(jnp.max(jnp.abs(f32(a) - f32(b)))) for a, b in zip(fb["kernel"], fb["grouped"])]
     names = list(fns)
     times = {n: [] for n in names}
     other = common.OtherLoad()
@@ -68,7 +72,7 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int) -> list[di
             jax.block_until_ready(fns[name](q, k, v))
             times[name].append(time.perf_counter() - t0)
     others = other.stop()
-    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=64)
+    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=64, dtype=dtype)
     recs = [common.record(BENCH, "max_abs_diff_vs_grouped_attention", max(diffs), "abs",
                           output=diffs[0], grads=diffs[1:], **shape)]
     for name in names:
@@ -90,8 +94,9 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv_heads", type=int, default=4)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
-    for rec in run(args.batch, args.seq, args.heads, args.kv_heads, args.rounds):
+    for rec in run(args.batch, args.seq, args.heads, args.kv_heads, args.rounds, args.dtype):
         common.emit(rec)
 
 

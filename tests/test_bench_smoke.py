@@ -279,6 +279,9 @@ def test_attention_kernel_bench_matches_and_times_both_passes():
                           for i in ("kernel", "grouped")}
     assert timed[("forward", "grouped")]["speedup_vs_grouped"] == 1.0
     assert all(r["value"] > 0 for r in timed.values())
+    bf16 = attention_kernel.run(batch=2, seq=128, heads=2, kv_heads=1, rounds=1,
+                                dtype="bfloat16")  # bf16 in and out, as a bf16 model runs it
+    assert bf16[1]["dtype"] == "bfloat16" and 0 < bf16[0]["value"] < 0.1
 
 
 def test_step_parts_times_every_part_and_sums_the_dense_matmuls():
