@@ -6,7 +6,8 @@
 Times, interleaved in one process (the order rotating each round), the causal attention of
 the RM step's shape (16 sequences x 256 tokens, 4 heads of 64, fp32 or `--dtype`, a key
 padding mask of ones as the model passes it; in bfloat16 the kernel computes in f32
-between converts, as a bf16 model runs it): the forward alone and the forward with the gradients of a
+between converts, as a bf16 model runs it, and is also timed on f32 operands, interleaved,
+`kernel_f32`, for the paired ratio `time_vs_f32_kernel`: what the converts cost): the forward alone and the forward with the gradients of a
 loss on its output (q, k, v), each as the kernel and as model.grouped_attention (as the model
 runs it without the kernel: query blocks from 256 tokens). Prints the largest differences
 from grouped_attention (output, gradients), the median milliseconds, the paired per-round
@@ -57,6 +58,11 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
     q, k, v, w = (x.astype(dtype) for x in (q, k, v, w))
     mask = jnp.ones((batch, 1, 1, seq), jnp.bool_)
     fns = _programs(q, k, v, w, mask)
+    f32_args = ()
+    if dtype != "float32":  # the same kernel on f32 operands, interleaved: what converts cost
+        f32_args = tuple(x.astype(jnp.float32) for x in (q, k, v))
+        f32_fns = _programs(*f32_args, w.astype(jnp.float32), mask)
+        fns.update({f"{n}_f32": f32_fns[n] for n in ("forward/kernel", "forward_backward/kernel")})
     fwd = {n: fns[f"forward/{n}"](q, k, v) for n in ("kernel", "grouped")}
     fb = {n: fns[f"forward_backward/{n}"](q, k, v)[1] for n in ("kernel", "grouped")}
     f32 = lambda x: x.astype(jnp.float32)
@@ -68,8 +74,9 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
     load_before = common.machine_info(with_jax=False).get("load_avg_1m")
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            args = f32_args if name.endswith("_f32") else (q, k, v)
             t0 = time.perf_counter()
-            jax.block_until_ready(fns[name](q, k, v))
+            jax.block_until_ready(fns[name](*args))
             times[name].append(time.perf_counter() - t0)
     others = other.stop()
     shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=64, dtype=dtype)
@@ -79,9 +86,15 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
         pass_, impl = name.split("/")
         base = times[f"{pass_}/grouped"]
         paired = [b / t for b, t in zip(base, times[name])]
+        extra = {}
+        if impl == "kernel" and f32_args:  # this dtype's kernel time over the f32 kernel's
+            ratio = [t / t32 for t, t32 in zip(times[name], times[f"{name}_f32"])]
+            extra = dict(time_vs_f32_kernel=common.median(ratio),
+                         time_vs_f32_kernel_iqr=list(_quartiles(ratio)))
         recs.append(common.record(
             BENCH, "ms", 1e3 * common.median(times[name]), "ms", impl=impl, pass_name=pass_,
             speedup_vs_grouped=common.median(paired), speedup_iqr=list(_quartiles(paired)),
+            **extra,
             rounds=rounds, load_1min_before=load_before, machine=common.machine_info(),
             **shape, **others))
     return recs

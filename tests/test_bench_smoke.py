@@ -282,6 +282,9 @@ def test_attention_kernel_bench_matches_and_times_both_passes():
     bf16 = attention_kernel.run(batch=2, seq=128, heads=2, kv_heads=1, rounds=1,
                                 dtype="bfloat16")  # bf16 in and out, as a bf16 model runs it
     assert bf16[1]["dtype"] == "bfloat16" and 0 < bf16[0]["value"] < 0.1
+    by = {(r["pass_name"], r["impl"]): r for r in bf16[1:]}
+    assert {("forward", "kernel_f32"), ("forward_backward", "kernel_f32")} <= set(by)
+    assert by[("forward_backward", "kernel")]["time_vs_f32_kernel"] > 0
 
 
 def test_step_parts_times_every_part_and_sums_the_dense_matmuls():
