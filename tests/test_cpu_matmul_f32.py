@@ -151,7 +151,10 @@ def test_f32_model_training_step_matches_xla():
 def test_without_the_f32_kernel_default_falls_back_and_explicit_fails(monkeypatch, caplog):
     monkeypatch.setattr(cpu_matmul, "_F32_STATE", {})
     monkeypatch.setattr(cpu_matmul, "f32_unavailable_reason", lambda: "the CPU has no avx512f")
+    narrow = dataclasses.replace(CFG, d_model=64, mlp_dim=128, head_dim=16, vocab_size=64)
     with caplog.at_level(logging.WARNING):
+        assert _kernel_calls(narrow) == 0  # no layer wide enough: nothing built, nothing said
+        assert not caplog.records
         assert _kernel_calls(CFG) == 0
         assert _kernel_calls(CFG) == 0
     assert [r.getMessage() for r in caplog.records].count(

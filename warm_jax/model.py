@@ -113,7 +113,8 @@ def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     if bf16_kernel and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16:
         y = cpu_matmul.dense(x, rhs)
     elif f32 and (f32_kernel == "any" or (
-            f32_kernel == "large" and min(rhs.shape) >= cpu_matmul.F32_MIN_FEATURES)):
+            f32_kernel == "large" and min(rhs.shape) >= cpu_matmul.F32_MIN_FEATURES
+            and cpu_matmul.f32_ready())):  # built (or its absence logged) only when needed
         y = cpu_matmul.dense_f32(x, rhs)
     else:
         y = _matmul_nn(x, rhs)
@@ -161,13 +162,14 @@ def _use_bf16_kernel(cfg: TransformerConfig) -> bool:
 def _f32_kernel(cfg: TransformerConfig) -> Optional[str]:
     """TransformerConfig.matmul_impl for a float32 model: None takes the f32 matmul kernel
     for the weight gradients of layers of >= cpu_matmul.F32_MIN_FEATURES in and out features
-    ('large'), on one CPU device without remat where it builds; 'cpu_f32' requires it for
-    every layer ('any'; an error naming the reason where it cannot run); 'xla' never."""
+    ('large'), on one CPU device without remat where it builds (_cpu_dot_general asks, so a
+    model with no such layer never builds it); 'cpu_f32' requires it for every layer
+    ('any'; an error naming the reason where it cannot run); 'xla' never."""
     if cfg.matmul_impl not in (None, "cpu_f32") or cfg.dtype != "float32":
         return None
     forced = cfg.matmul_impl == "cpu_f32"
     if not _kernel_here(cfg, forced, "cpu_f32", cpu_matmul.ensure_f32_registered,
-                        cpu_matmul.f32_ready):
+                        lambda: True):
         return None
     return "any" if forced else "large"
 
