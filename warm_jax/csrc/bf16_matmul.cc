@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "matmul_problem.h"
 #include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -30,6 +31,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Scratch = std::vector<uint32_t>;  // per-thread packing buffer of a task
+using warm_jax::Problem;
 constexpr int64_t NR = 64;   // columns per panel and per microkernel tile
 constexpr int64_t MR = 6;    // rows per microkernel tile
 constexpr int64_t MC = 96;   // rows per task at most (a multiple of MR)
@@ -95,11 +97,6 @@ void pair_rows(const uint16_t* x, int64_t ld, int64_t k0, int64_t kmax, int64_t 
     if (m1) _mm512_mask_storeu_epi32(out + j + 16, m1, o1);
   }
 }
-
-struct Problem {
-  int64_t batch, m, n, k;
-  bool trans_a, trans_b;
-};
 
 // Packs op(B) of one batch element into panels [N/64][K/2][64] (columns past N are 0).
 void pack_b_panel(const Problem& p, const uint16_t* b, int64_t panel, uint32_t* out) {
@@ -178,22 +175,13 @@ void matmul(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, const ui
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
                       ffi::ResultBuffer<ffi::BF16> c, bool trans_a, bool trans_b) {
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  const size_t r = ad.size();
-  if (r < 2 || bd.size() != r || cd.size() != r)
-    return ffi::Error::InvalidArgument("bf16_matmul: A, B and C must have one rank >= 2");
-  int64_t batch = 1;
-  for (size_t i = 0; i + 2 < r; ++i) {
-    if (ad[i] != bd[i] || ad[i] != cd[i])
-      return ffi::Error::InvalidArgument("bf16_matmul: leading axes differ");
-    batch *= ad[i];
-  }
-  const int64_t m = trans_a ? ad[r - 1] : ad[r - 2], k = trans_a ? ad[r - 2] : ad[r - 1];
-  const int64_t kb = trans_b ? bd[r - 1] : bd[r - 2], n = trans_b ? bd[r - 2] : bd[r - 1];
-  if (k != kb || k % 2 || cd[r - 2] != m || cd[r - 1] != n)
-    return ffi::Error::InvalidArgument("bf16_matmul: shapes do not match (or K is odd)");
+  Problem p;
+  if (auto err = warm_jax::read_problem("bf16_matmul", a.dimensions(), b.dimensions(),
+                                        c->dimensions(), trans_a, trans_b, 2, &p);
+      err.failure())
+    return err;
+  const int64_t batch = p.batch, m = p.m, n = p.n, k = p.k;
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
-  const Problem p{batch, m, n, k, trans_a, trans_b};
   auto* cp = reinterpret_cast<uint16_t*>(c->untyped_data());
   if (k == 0) {
     std::memset(cp, 0, sizeof(uint16_t) * batch * m * n);

@@ -13,9 +13,9 @@
 // threads. Per query head of the group, 64 query rows at a time: logits S = Q K^T only up
 // to the block's causal end, an exact softmax per row (vectorised exp), then P V. The
 // backward recomputes P from the saved log-sum-exp and forms dV += P^T dO, dS, dQ = dS K and
-// dK += dS^T Q. Every product runs through one register-blocked AVX-512 microkernel
-// (6 rows x 64 columns, 24 accumulators): C (+)= A B, A read with any strides (so A^T costs
-// nothing), B rows contiguous (K^T and V^T are copied once per group).
+// dK += dS^T Q. Every product runs through the shared register-blocked AVX-512 gemm
+// (f32_gemm.h: 6 rows x 64 columns, 24 accumulators): C (+)= A B, A read with any strides
+// (so A^T costs nothing), B rows contiguous (K^T and V^T are copied once per group).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "f32_gemm.h"
 #include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -32,8 +33,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t QB = 64;  // query rows per block (and the multiple T must be)
-constexpr int64_t NC = 64;  // output columns per microkernel tile (4 x 16 lanes)
-constexpr int64_t MR = 6;   // output rows per microkernel tile
+constexpr int64_t NC = 64;  // head dim multiple (the gemm's column tile: 4 x 16 lanes)
 
 inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
@@ -49,50 +49,6 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201E-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
-}
-
-// C[M x 64] (+)= sum_k a(i, k) * b[k, 0:64], a(i, k) = a[i * asi + k * ask].
-template <int M>
-inline void micro(int64_t kc, const float* a, int64_t asi, int64_t ask, const float* b,
-                  int64_t ldb, float* c, int64_t ldc, bool acc) {
-  __m512 r[M][4];
-  for (int i = 0; i < M; ++i)
-    for (int u = 0; u < 4; ++u)
-      r[i][u] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * u) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* bk = b + k * ldb;
-    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16),
-                 b2 = _mm512_loadu_ps(bk + 32), b3 = _mm512_loadu_ps(bk + 48);
-    const float* ak = a + k * ask;
-    for (int i = 0; i < M; ++i) {
-      const __m512 ai = _mm512_set1_ps(ak[i * asi]);
-      r[i][0] = _mm512_fmadd_ps(ai, b0, r[i][0]);
-      r[i][1] = _mm512_fmadd_ps(ai, b1, r[i][1]);
-      r[i][2] = _mm512_fmadd_ps(ai, b2, r[i][2]);
-      r[i][3] = _mm512_fmadd_ps(ai, b3, r[i][3]);
-    }
-  }
-  for (int i = 0; i < M; ++i)
-    for (int u = 0; u < 4; ++u) _mm512_storeu_ps(c + i * ldc + 16 * u, r[i][u]);
-}
-
-// C[m x n] (+)= A[m x kc] B[kc x n]; n a multiple of 64.
-void gemm(int64_t m, int64_t n, int64_t kc, const float* a, int64_t asi, int64_t ask,
-          const float* b, int64_t ldb, float* c, int64_t ldc, bool acc) {
-  for (int64_t j = 0; j < n; j += NC)
-    for (int64_t i = 0; i < m; i += MR) {
-      const float* ai = a + i * asi;
-      const float* bj = b + j;
-      float* cij = c + i * ldc + j;
-      switch (std::min(MR, m - i)) {
-        case 6: micro<6>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
-        case 5: micro<5>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
-        case 4: micro<4>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
-        case 3: micro<3>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
-        case 2: micro<2>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
-        default: micro<1>(kc, ai, asi, ask, bj, ldb, cij, ldc, acc); break;
-      }
-    }
 }
 
 struct Dims {
@@ -185,10 +141,10 @@ void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float*
       for (int64_t r0 = 0; r0 < T; r0 += QB) {
         const int64_t kend = r0 + QB;
         const float* qb = q + ((b * T + r0) * H + h) * D;
-        gemm(QB, kend, D, qb, H * D, 1, kt, T, s, T, false);
+        warm_jax::gemm_f32(QB, kend, D, qb, H * D, 1, kt, T, s, T, false);
         for (int64_t i = 0; i < QB; ++i)
           lse[(b * H + h) * T + r0 + i] = softmax_row(s + i * T, vl, kend, r0 + i, dm.scale);
-        gemm(QB, D, kend, s, T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D, H * D,
+        warm_jax::gemm_f32(QB, D, kend, s, T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D, H * D,
              false);
       }
     }
@@ -220,7 +176,7 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
         const float* qb = q + row0 * D;
         const float* gob = dout + row0 * D;
         const float* ob = o + row0 * D;
-        gemm(QB, kend, D, qb, H * D, 1, kt, T, p, T, false);
+        warm_jax::gemm_f32(QB, kend, D, qb, H * D, 1, kt, T, p, T, false);
         for (int64_t i = 0; i < QB; ++i) {
           probs_row(p + i * T, vl, kend, r0 + i, dm.scale, lse[(b * H + h) * T + r0 + i]);
           __m512 acc = _mm512_setzero_ps();
@@ -229,7 +185,7 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
                                   _mm512_loadu_ps(ob + i * H * D + c), acc);
           delta[i] = _mm512_reduce_add_ps(acc);
         }
-        gemm(QB, kend, D, gob, H * D, 1, vt, T, ds, T, false);  // dP
+        warm_jax::gemm_f32(QB, kend, D, gob, H * D, 1, vt, T, ds, T, false);  // dP
         const __m512 sc = _mm512_set1_ps(dm.scale);
         for (int64_t i = 0; i < QB; ++i) {
           const __m512 di = _mm512_set1_ps(delta[i]);
@@ -241,9 +197,9 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
             _mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));
           }
         }
-        gemm(QB, D, kend, ds, T, 1, kb, K * D, dq + row0 * D, H * D, false);
-        gemm(kend, D, QB, ds, 1, T, qb, H * D, gk, D, true);
-        gemm(kend, D, QB, p, 1, T, gob, H * D, gv, D, true);
+        warm_jax::gemm_f32(QB, D, kend, ds, T, 1, kb, K * D, dq + row0 * D, H * D, false);
+        warm_jax::gemm_f32(kend, D, QB, ds, 1, T, qb, H * D, gk, D, true);
+        warm_jax::gemm_f32(kend, D, QB, p, 1, T, gob, H * D, gv, D, true);
       }
     }
     for (int64_t j = 0; j < T; ++j) {

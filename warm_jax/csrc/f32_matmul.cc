@@ -9,10 +9,10 @@
 //
 // Work: op(B) is packed once into 64-column panels ([K][64] per panel); tasks of up to 96
 // rows x 256 columns (fewer rows where there would be under 8 tasks) walk the contraction in
-// blocks of KC (the block of a panel stays in L2) and run one register-blocked microkernel
-// (6 rows x 64 columns, 24 f32 accumulators) per block, adding into C after the first.
-// op(A) is read in place in both layouts (a broadcast per row and k). Tasks run on XLA's
-// intra-op thread pool.
+// blocks of KC (the block of a panel stays in L2) and run the shared register-blocked gemm
+// (f32_gemm.h: 6 x 64 tiles, 24 f32 accumulators) per block, adding into C after the first.
+// op(A) is read in place when A is [M, K] and packed per task and block ([kc][rows]) when
+// transposed. Tasks run on XLA's intra-op thread pool.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "f32_gemm.h"
+#include "matmul_problem.h"
 #include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -28,49 +30,12 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Scratch = std::vector<float>;  // per-thread packing buffer of a task
+using warm_jax::Problem;
 constexpr int64_t NR = 64;   // columns per panel and per microkernel tile
-constexpr int64_t MR = 6;    // rows per microkernel tile
-constexpr int64_t MC = 96;   // rows per task at most (a multiple of MR)
+constexpr int64_t MC = 96;   // rows per task at most (a multiple of the gemm's 6-row tile)
 constexpr int64_t KC = 512;  // contraction block (a panel's block: 128 KB, in L2)
 constexpr int64_t MIN_TASKS = 8;  // fewer rows per task (down to 12) until there are this many
 constexpr int64_t NG = 4;    // panels per task
-
-// C[M x 64 (ncols valid)] (+)= sum_k a(i, k) b[k, 0:64]; a(i, k) = a[i * asi + k * ask];
-// b a packed panel block [kc][64].
-template <int M>
-inline void micro(int64_t kc, const float* a, int64_t asi, int64_t ask, const float* b,
-                  float* c, int64_t ldc, int64_t ncols, bool add) {
-  __m512 r[M][4];
-  __mmask16 mask[4];
-  for (int u = 0; u < 4; ++u) {
-    const int64_t left = ncols - 16 * u;
-    mask[u] = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-  }
-  for (int i = 0; i < M; ++i)
-    for (int u = 0; u < 4; ++u)
-      r[i][u] = add ? _mm512_maskz_loadu_ps(mask[u], c + i * ldc + 16 * u) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* bk = b + k * NR;
-    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16),
-                 b2 = _mm512_loadu_ps(bk + 32), b3 = _mm512_loadu_ps(bk + 48);
-    const float* ak = a + k * ask;
-    for (int i = 0; i < M; ++i) {
-      const __m512 ai = _mm512_set1_ps(ak[i * asi]);
-      r[i][0] = _mm512_fmadd_ps(ai, b0, r[i][0]);
-      r[i][1] = _mm512_fmadd_ps(ai, b1, r[i][1]);
-      r[i][2] = _mm512_fmadd_ps(ai, b2, r[i][2]);
-      r[i][3] = _mm512_fmadd_ps(ai, b3, r[i][3]);
-    }
-  }
-  for (int i = 0; i < M; ++i)
-    for (int u = 0; u < 4; ++u)
-      if (mask[u]) _mm512_mask_storeu_ps(c + i * ldc + 16 * u, mask[u], r[i][u]);
-}
-
-struct Problem {
-  int64_t batch, m, n, k;
-  bool trans_a, trans_b;
-};
 
 // Packs op(B) of one batch element, panel `panel`, as [K][64] (columns past N are 0).
 void pack_b_panel(const Problem& p, const float* b, int64_t panel, float* out) {
@@ -129,18 +94,7 @@ void matmul(ffi::ThreadPool& pool, const Problem& p, const float* a, const float
       for (int64_t panel = g * NG; panel < std::min(panels, (g + 1) * NG); ++panel) {
         const float* bp = pk + (e * panels + panel) * panel_size + k0 * NR;
         const int64_t j0 = panel * NR, nc = std::min(NR, p.n - j0);
-        for (int64_t i = 0; i < mc; i += MR) {
-          const float* ai = ablk + i * asi;
-          float* cij = ce + (i0 + i) * p.n + j0;
-          switch (std::min(MR, mc - i)) {
-            case 6: micro<6>(kc, ai, asi, ask, bp, cij, p.n, nc, add); break;
-            case 5: micro<5>(kc, ai, asi, ask, bp, cij, p.n, nc, add); break;
-            case 4: micro<4>(kc, ai, asi, ask, bp, cij, p.n, nc, add); break;
-            case 3: micro<3>(kc, ai, asi, ask, bp, cij, p.n, nc, add); break;
-            case 2: micro<2>(kc, ai, asi, ask, bp, cij, p.n, nc, add); break;
-            default: micro<1>(kc, ai, asi, ask, bp, cij, p.n, nc, add); break;
-          }
-        }
+        warm_jax::gemm_f32(mc, nc, kc, ablk, asi, ask, bp, NR, ce + i0 * p.n + j0, p.n, add);
       }
     }
   });
@@ -148,20 +102,12 @@ void matmul(ffi::ThreadPool& pool, const Problem& p, const float* a, const float
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                       ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  const size_t r = ad.size();
-  if (r < 2 || bd.size() != r || cd.size() != r)
-    return ffi::Error::InvalidArgument("f32_matmul: A, B and C must have one rank >= 2");
-  int64_t batch = 1;
-  for (size_t i = 0; i + 2 < r; ++i) {
-    if (ad[i] != bd[i] || ad[i] != cd[i])
-      return ffi::Error::InvalidArgument("f32_matmul: leading axes differ");
-    batch *= ad[i];
-  }
-  const int64_t m = trans_a ? ad[r - 1] : ad[r - 2], k = trans_a ? ad[r - 2] : ad[r - 1];
-  const int64_t kb = trans_b ? bd[r - 1] : bd[r - 2], n = trans_b ? bd[r - 2] : bd[r - 1];
-  if (k != kb || cd[r - 2] != m || cd[r - 1] != n)
-    return ffi::Error::InvalidArgument("f32_matmul: shapes do not match");
+  Problem p;
+  if (auto err = warm_jax::read_problem("f32_matmul", a.dimensions(), b.dimensions(),
+                                        c->dimensions(), trans_a, trans_b, 1, &p);
+      err.failure())
+    return err;
+  const int64_t batch = p.batch, m = p.m, n = p.n, k = p.k;
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
   auto* cp = c->typed_data();
   if (k == 0) {
@@ -169,8 +115,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
     return ffi::Error::Success();
   }
   thread_local std::vector<float> packed;
-  matmul(pool, Problem{batch, m, n, k, trans_a, trans_b}, a.typed_data(), b.typed_data(), cp,
-         packed);
+  matmul(pool, p, a.typed_data(), b.typed_data(), cp, packed);
   return ffi::Error::Success();
 }
 
