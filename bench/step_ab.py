@@ -33,8 +33,17 @@ from bench import common, rm_throughput
 BENCH = "step_ab"
 
 
-def _identity_rotary(x, positions, theta, scaling=None):
+def _identity_rotary(x, sin, cos):
     return x
+
+
+def _rope_per_token(model_lib):
+    tables = model_lib.rope_tables
+
+    def rope_tables(positions, d, theta, scaling=None, num_positions=None):
+        return tables(positions, d, theta, scaling)  # sin/cos at every token, no table
+
+    return rope_tables
 
 
 def _values_only(cfg, q, k, v, mask=None, is_causal=False, segments=None):
@@ -72,7 +81,8 @@ def _with_impl(original, impl, cfg, q, k, v, mask=None, is_causal=False, segment
 # name -> (model attribute patches {name: value-factory}, compiler options)
 VARIANTS = {
     "current": ({}, {}),
-    "no_rotary": ({"rotary": lambda m: _identity_rotary}, {}),
+    "no_rotary": ({"apply_rotary": lambda m: _identity_rotary}, {}),
+    "rope_per_token": ({"rope_tables": _rope_per_token}, {}),  # before the sin/cos table
     "no_attention": ({"_attention": lambda m: _values_only}, {}),
     "no_norm": ({"RMSNorm": _identity_norm}, {}),  # every RMSNorm = its input
     "no_act": ({"ACTIVATIONS": lambda m: {k: (lambda x: x) for k in m.ACTIVATIONS}}, {}),

@@ -231,10 +231,10 @@ def test_step_ab_interleaves_variants_and_restores_the_model():
     matmul reference rate, compiler options passed through, and the model put back."""
     from bench import step_ab
 
-    before = (model_lib.rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS)
+    before = (model_lib.apply_rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS)
     recs = step_ab.run(["no_rotary", "unblocked", "grouped", "vec512"], "tiny", pairs=2, seq=16,
                        rounds=2, per_turn=1, matmul=64)
-    assert (model_lib.rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS) == before
+    assert (model_lib.apply_rotary, model_lib._attention, model_lib.CAUSAL_MAX_BLOCKS) == before
     assert recs[0]["metric"] == "matmul_flops" and recs[0]["value"] > 0
     by = {r["variant"]: r for r in recs[1:]}
     assert list(by) == ["current", "no_rotary", "unblocked", "grouped", "vec512"]  # current 1st

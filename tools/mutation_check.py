@@ -75,6 +75,11 @@ MUTATIONS = [
              "const uint32_t* row = w + (j0 + j) * k2;",
              "const uint32_t* row = w + j * k2;",
              ("tests/test_cpu_matmul.py::test_dense_gradients_are_the_dots",)),
+    Mutation("rope_table_off_by_one", "the rotary sin/cos table is read one position late",
+             "warm_jax/model.py",
+             "jnp.take(table, positions, axis=0,",
+             "jnp.take(table, positions + 1, axis=0,",
+             ("tests/test_rope.py::test_table_equals_per_token_bit_for_bit",)),
     Mutation("f32_matmul_restarts_each_k_block", "the f32 matmul kernel starts every "
              "contraction block from zero (the earlier blocks' sums dropped)",
              "warm_jax/csrc/f32_matmul.cc",

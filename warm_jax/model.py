@@ -207,15 +207,41 @@ def rope_frequencies(d: int, theta: float, scaling: Optional[tuple] = None):
     return jnp.where(medium, smoothed, scaled)
 
 
-def rotary(x, positions, theta: float, scaling: Optional[tuple] = None):
-    """Rotary position embedding; x [B, T, N, D], positions [B, T]."""
-    d = x.shape[-1]
+def rope_tables(positions, d: int, theta: float, scaling: Optional[tuple] = None,
+                num_positions: Optional[int] = None):
+    """(sin, cos) [B, T, D/2] float32 of the rotary angles positions x frequencies.
+
+    num_positions (a static bound: every position is below it): sin and cos are computed
+    once per position, in a [num_positions, D/2] table, and looked up by position. The
+    values are the same bits as computing them at every token (same f32 angle, same sin),
+    but XLA:CPU fuses an elementwise sin/cos into each of its consumers, recomputing it for
+    every head of q and k in the forward and backward passes: a table cut the rotary's cost
+    about 6x on CPU (docs/benchmarks.md). A position outside the table reads NaN (loud,
+    never a silently wrong angle). Without a bound: computed at every token."""
     freqs = rope_frequencies(d, theta, scaling)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if num_positions is None:
+        angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
+        return jnp.sin(angles), jnp.cos(angles)
+    angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * freqs
+
+    def look_up(table):
+        return jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
+
+    return look_up(jnp.sin(angles)), look_up(jnp.cos(angles))
+
+
+def apply_rotary(x, sin, cos):
+    """Rotary position embedding (rotate-half convention); x [B, T, N, D], sin and cos
+    [B, T, D/2] (rope_tables)."""
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def rotary(x, positions, theta: float, scaling: Optional[tuple] = None):
+    """Rotary position embedding; x [B, T, N, D], positions [B, T]."""
+    return apply_rotary(x, *rope_tables(positions, x.shape[-1], theta, scaling))
 
 
 def causal_blocks(t: int, s: int) -> int:
@@ -360,8 +386,9 @@ class Attention(nn.Module):
     causal_only: bool = False  # right-padded input: causal masking alone is exact
 
     @nn.compact
-    def __call__(self, x, positions, mask, segments=None):
-        """segments: the packed-pair ids a [B, 1, T, T] mask was derived from (or None)."""
+    def __call__(self, x, rope, mask, segments=None):
+        """rope: (sin, cos) [B, T, D/2] (rope_tables); segments: the packed-pair ids a
+        [B, 1, T, T] mask was derived from (or None)."""
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -369,8 +396,8 @@ class Attention(nn.Module):
         q = _dense(cfg, h * dh, ("embed", "heads"), "query", use_bias=bias)(x).reshape(b, t, h, dh)
         k = _dense(cfg, kvh * dh, ("embed", "kv"), "key", use_bias=bias)(x).reshape(b, t, kvh, dh)
         v = _dense(cfg, kvh * dh, ("embed", "kv"), "value", use_bias=bias)(x).reshape(b, t, kvh, dh)
-        q = rotary(q, positions, cfg.rope_theta, cfg.rope_scaling)
-        k = rotary(k, positions, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rotary(q, *rope)
+        k = apply_rotary(k, *rope)
 
         if self.decode:
             k, v, attn_mask = self._update_cache(k, v, mask)
@@ -430,14 +457,26 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask, dropout_rate, segments=None):
+    def __call__(self, x, rope, mask, dropout_rate, segments=None):
         cfg = self.config
         y = Attention(cfg, self.decode, self.causal_only, name="attn")(
-            RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, segments)
+            RMSNorm(cfg, name="pre_attn_norm")(x), rope, mask, segments)
         x = x + dropout(self, y, dropout_rate, self.deterministic)
         y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x))
         x = x + dropout(self, y, dropout_rate, self.deterministic)
         return partitioning.constrain(x, ("batch", "length", "act_embed"))
+
+
+def _rope(cfg: TransformerConfig, mask, positions, decode: bool, segments):
+    """The rotary (sin, cos) of every layer, from positions (derived from the mask where
+    None). Outside decoding positions are below the length (derived ones, packed pairs'):
+    one table (rope_tables); decoding's run past it (cache slots)."""
+    if positions is None:
+        if decode or segments is not None:
+            raise ValueError("decode=True and segments need explicit positions")
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                       num_positions=None if decode else mask.shape[1])
 
 
 def last_token_index(mask):
@@ -459,18 +498,17 @@ class Transformer(nn.Module):
                  logit_positions=None):
         """segments [B, T] (optional): packed sequences (steps.pack_pairs): a token attends
         to earlier tokens of its own segment and of segment 1 (the shared prefix); 0 is
-        padding. Needs explicit positions. logit_positions [B, K] (optional, head 'lm'):
-        the LM head only at these positions of each row -> logits [B, K, V] (a loss that
-        reads a few positions, e.g. SFT's summary tokens, need not pay for the others)."""
+        padding. Needs explicit positions; outside decoding, explicit positions must be
+        below T (rope_tables' table: one outside reads NaN). logit_positions [B, K]
+        (optional, head 'lm'): the LM head only at these positions of each row -> logits
+        [B, K, V] (a loss that reads a few positions, e.g. SFT's summary tokens, need not
+        pay for the others)."""
         cfg = self.config
         if dropout_sites not in ("all", "head"):
             raise ValueError(f"dropout_sites={dropout_sites!r}; choose all or head")
         if mask is None:
             mask = (tokens != 0).astype(jnp.int32)
-        if positions is None:
-            if decode or segments is not None:
-                raise ValueError("decode=True and segments need explicit positions")
-            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        rope = _rope(cfg, mask, positions, decode, segments)
         rate = cfg.dropout_rate if dropout_rate is None else dropout_rate
         embedding = self.param(
             "embedding",
@@ -497,7 +535,7 @@ class Transformer(nn.Module):
             causal_only = False
         for i in range(cfg.num_layers):
             x = block_cls(cfg, decode, causal_only, deterministic, name=f"layer_{i}")(
-                x, positions, block_mask, body_rate, segments)
+                x, rope, block_mask, body_rate, segments)
         x = RMSNorm(cfg, name="final_norm")(x)
 
         outputs = {}
