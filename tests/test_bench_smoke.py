@@ -263,6 +263,18 @@ def test_other_load_counts_other_processes_not_this_one(monkeypatch):
     assert common.OtherLoad().stop() == {"other_cores": None, "steal_cores": None}
 
 
+def test_rotary_bench_is_bit_identical_and_times_both():
+    """bench.rotary: the table and per-token sin/cos give the same bits, both are timed,
+    and the paired ratio is reported."""
+    from bench import rotary
+
+    recs = rotary.run(batch=2, seq=32, heads=2, head_dim=16, rounds=2)
+    by = {(r["metric"], r.get("sin_cos")): r for r in recs}
+    assert by[("bit_identical", None)]["value"] is True
+    assert by[("ms", "table")]["value"] > 0 and by[("ms", "per_token")]["value"] > 0
+    assert len(by[("speedup_table_vs_per_token", None)]["iqr"]) == 2
+
+
 def test_attention_kernel_bench_matches_and_times_both_passes():
     """bench.attention_kernel: the kernel's output and gradients match grouped_attention's,
     and both passes of both implementations are timed with a paired ratio."""
