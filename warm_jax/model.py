@@ -216,7 +216,7 @@ def rope_tables(positions, d: int, theta: float, scaling: Optional[tuple] = None
     values are the same bits as computing them at every token (same f32 angle, same sin),
     but XLA:CPU fuses an elementwise sin/cos into each of its consumers, recomputing it for
     every head of q and k in the forward and backward passes: a table cut the rotary's cost
-    about 6x on CPU (docs/benchmarks.md). A position outside the table reads NaN (loud,
+    about 4x on CPU (bench.rotary; docs/benchmarks.md). A position outside the table reads NaN (loud,
     never a silently wrong angle). Without a bound: computed at every token."""
     freqs = rope_frequencies(d, theta, scaling)
     if num_positions is None:
