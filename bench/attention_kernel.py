@@ -16,7 +16,7 @@ ratios with their inter-quartile range, and the CPU other jobs used meanwhile (J
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 from bench import common
 from bench.step_ab import _quartiles
@@ -69,15 +69,11 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
     diffs = [float(jnp.max(jnp.abs(f32(fwd["kernel"]) - f32(fwd["grouped"]))))] + [
         float(jnp.max(jnp.abs(f32(a) - f32(b)))) for a, b in zip(fb["kernel"], fb["grouped"])]
     names = list(fns)
-    times = {n: [] for n in names}
     other = common.OtherLoad()
     load_before = common.machine_info(with_jax=False).get("load_avg_1m")
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            args = f32_args if name.endswith("_f32") else (q, k, v)
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[name](*args))
-            times[name].append(time.perf_counter() - t0)
+    times = common.interleaved_times(
+        {n: functools.partial(fns[n], *(f32_args if n.endswith("_f32") else (q, k, v)))
+         for n in names}, rounds)
     others = other.stop()
     shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=64, dtype=dtype)
     recs = [common.record(BENCH, "max_abs_diff_vs_grouped_attention", max(diffs), "abs",

@@ -112,6 +112,20 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
     return times
 
 
+def interleaved_times(calls: dict, rounds: int, sync: Callable[[Any], Any] = block) -> dict:
+    """{name: [wall seconds of each round]}: every call in `calls` ({name: fn()}) once a
+    round, for `rounds` rounds, the order rotating each round, so that all see the same
+    background load and drift of the machine's speed (paired ratios per round)."""
+    names = list(calls)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sync(calls[name]())
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def median(xs: Iterable[float]) -> float:
     return float(statistics.median(list(xs)))
 

@@ -15,7 +15,7 @@ inter-quartile range and the CPU other jobs used meanwhile (JSON lines).
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 from bench import common
 from bench.step_ab import _quartiles
@@ -52,14 +52,10 @@ def run(batch: int, seq: int, heads: int, head_dim: int, rounds: int) -> list[di
     outs = {name: jax.tree.leaves(fn(q, k, w, mask)) for name, fn in fns.items()}
     same = all(bool(jnp.array_equal(a, b)) for a, b in zip(outs["table"], outs["per_token"]))
     names = list(fns)
-    times = {n: [] for n in names}
     other = common.OtherLoad()
     load_before = common.machine_info(with_jax=False).get("load_avg_1m")
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[name](q, k, w, mask))
-            times[name].append(time.perf_counter() - t0)
+    times = common.interleaved_times(
+        {n: functools.partial(fns[n], q, k, w, mask) for n in names}, rounds)
     others = other.stop()
     paired = [b / t for b, t in zip(times["per_token"], times["table"])]
     config = dict(batch=batch, seq=seq, heads=heads, head_dim=head_dim, rounds=rounds,
