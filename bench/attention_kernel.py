@@ -1,10 +1,11 @@
 """The fused CPU attention kernel (warm_jax.cpu_attention) against XLA's grouped_attention.
 
     python -m bench.attention_kernel [--batch 16] [--seq 256] [--heads 4] [--kv_heads 4]
-                                     [--rounds 20] [--dtype float32]
+                                     [--head_dim 64] [--rounds 20] [--dtype float32]
 
 Times, interleaved in one process (the order rotating each round), the causal attention of
-the RM step's shape (16 sequences x 256 tokens, 4 heads of 64, fp32 or `--dtype`, a key
+the RM step's shape (16 sequences x 256 tokens, 4 heads of 64, fp32 or `--dtype`; the
+miniature flow's: `--batch 32 --seq 192 --kv_heads 1 --head_dim 16`, packed pairs; a key
 padding mask of ones as the model passes it; in bfloat16 the kernel computes in f32
 between converts, as a bf16 model runs it, and is also timed on f32 operands, interleaved,
 `kernel_f32`, for the paired ratio `time_vs_f32_kernel`: what the converts cost): the forward alone and the forward with the gradients of a
@@ -42,7 +43,7 @@ def _programs(q, k, v, w, mask):
 
 
 def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
-        dtype: str = "float32") -> list[dict]:
+        dtype: str = "float32", head_dim: int = 64) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -52,8 +53,9 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
     if why:
         raise RuntimeError(f"bench.attention_kernel cannot run here: {why}")
     kq, kk, kv, kw = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(kq, (batch, seq, heads, 64), jnp.float32)
-    k, v = (jax.random.normal(key, (batch, seq, kv_heads, 64), jnp.float32) for key in (kk, kv))
+    q = jax.random.normal(kq, (batch, seq, heads, head_dim), jnp.float32)
+    k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), jnp.float32)
+            for key in (kk, kv))
     w = jax.random.normal(kw, q.shape, jnp.float32)
     q, k, v, w = (x.astype(dtype) for x in (q, k, v, w))
     mask = jnp.ones((batch, 1, 1, seq), jnp.bool_)
@@ -75,7 +77,8 @@ def run(batch: int, seq: int, heads: int, kv_heads: int, rounds: int,
         {n: functools.partial(fns[n], *(f32_args if n.endswith("_f32") else (q, k, v)))
          for n in names}, rounds)
     others = other.stop()
-    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=64, dtype=dtype)
+    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                 dtype=dtype)
     recs = [common.record(BENCH, "max_abs_diff_vs_grouped_attention", max(diffs), "abs",
                           output=diffs[0], grads=diffs[1:], **shape)]
     for name in names:
@@ -102,10 +105,12 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv_heads", type=int, default=4)
+    p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
-    for rec in run(args.batch, args.seq, args.heads, args.kv_heads, args.rounds, args.dtype):
+    for rec in run(args.batch, args.seq, args.heads, args.kv_heads, args.rounds, args.dtype,
+                   args.head_dim):
         common.emit(rec)
 
 

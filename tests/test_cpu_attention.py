@@ -22,11 +22,14 @@ def _inputs(b, t, h, kvh, d, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("t,h,kvh,d", [(256, 4, 2, 64), (100, 2, 1, 128)])
+@pytest.mark.parametrize("t,h,kvh,d", [(256, 4, 2, 64), (100, 2, 1, 128), (96, 4, 1, 16),
+                                       (80, 2, 1, 48), (144, 4, 2, 32)])
 def test_kernel_is_grouped_attention_with_gradients(t, h, kvh, d):
-    """Right- and left-padded rows, grouped heads, a length that is not a multiple of 64 and
-    a head dim of 128: the kernel's output and the gradients of a loss on it (q, k, v) match
-    grouped_attention's on every row that sees a real key (padding rows are not read)."""
+    """Right- and left-padded rows, grouped heads, lengths that are not multiples of 64 (100:
+    not of 16 either; 96, 80, 144: a shorter last query block), head dims of 128 and below
+    64 (16, 32, 48: the gemm's narrow column tiles): the kernel's output and the gradients
+    of a loss on it (q, k, v) match grouped_attention's on every row that sees a real key
+    (padding rows are not read)."""
     q, k, v, w = _inputs(2, t, h, kvh, d)
     real = (jnp.arange(t)[None, :] < jnp.array([[t - 37], [t]])) & (
         jnp.arange(t)[None, :] >= jnp.array([[0], [t // 3]]))
@@ -47,12 +50,14 @@ def test_kernel_is_grouped_attention_with_gradients(t, h, kvh, d):
 
 
 @needs_kernel
-def test_kernel_takes_packed_segments():
+@pytest.mark.parametrize("h,kvh,d", [(4, 2, 64), (4, 1, 16)])
+def test_kernel_takes_packed_segments(h, kvh, d):
     """Packed pairs (segment ids: 1 the shared prefix, 2 and 3 the two continuations, 0
     padding): the kernel given the ids matches grouped_attention given the [B, 1, T, T] mask
-    model.Transformer derives from them, values and gradients, on every real row."""
+    model.Transformer derives from them, values and gradients, on every real row (head dims
+    64 and 16: the miniature flow's)."""
     t = 192
-    q, k, v, w = _inputs(2, t, 4, 2, 64, seed=3)
+    q, k, v, w = _inputs(2, t, h, kvh, d, seed=3)
     pos = jnp.arange(t)[None, :]
     seg = jnp.where(pos < jnp.array([[40], [70]]), 1,
                     jnp.where(pos < jnp.array([[110], [130]]), 2,
@@ -134,13 +139,17 @@ CFG = model_lib.model_config("tiny", vocab_size=64, d_model=64, mlp_dim=64, num_
 
 @needs_kernel
 def test_model_takes_the_kernel_where_documented():
-    """attention_impl None: the kernel from KERNEL_MIN_LENGTH tokens on (the miniature flow's
-    shorter sequences keep grouped_attention, bit for bit); 'cpu_kernel' at any length;
-    'grouped' never; packed pairs through their segment ids; multi-device meshes never."""
+    """attention_impl None: the kernel from KERNEL_MIN_LENGTH tokens on (shorter sequences
+    keep grouped_attention), at head dims 64 and 16 (the miniature flow's), not at 8;
+    'cpu_kernel' at any length; 'grouped' never; packed pairs through their segment ids;
+    multi-device meshes never."""
     kernel = dataclasses.replace(CFG, attention_impl="cpu_kernel")
     grouped = dataclasses.replace(CFG, attention_impl="grouped")
     n = model_lib.KERNEL_MIN_LENGTH
-    assert _uses_kernel(CFG, n) and not _uses_kernel(CFG, n - 64)
+    assert _uses_kernel(CFG, n) and not _uses_kernel(CFG, n - 16)
+    mini = model_lib.model_config("mini", vocab_size=64)
+    assert mini.head_dim == 16 and _uses_kernel(mini, 96)
+    assert not _uses_kernel(dataclasses.replace(mini, head_dim=8), 96)
     assert _uses_kernel(kernel, 64) and not _uses_kernel(grouped, n)
     assert _uses_kernel(kernel, n, segments=True) and not _uses_kernel(grouped, n, segments=True)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
@@ -202,8 +211,10 @@ def test_supports_only_what_the_kernel_computes():
     assert cpu_attention.supports(q, k, jnp.ones((2, 1, 128, 128), bool),
                                   segments=jnp.ones((2, 128), jnp.int32))  # packed pairs
     assert not cpu_attention.supports(q[:, :64], k, None)  # queries against a longer cache
-    assert not cpu_attention.supports(jnp.zeros((2, 128, 4, 96)), jnp.zeros((2, 128, 2, 96)),
-                                      None)  # head dim not a multiple of 64
+    assert cpu_attention.supports(jnp.zeros((2, 128, 4, 96)), jnp.zeros((2, 128, 2, 96)),
+                                  None)  # head dim a multiple of 16
+    assert not cpu_attention.supports(jnp.zeros((2, 128, 4, 24)), jnp.zeros((2, 128, 2, 24)),
+                                      None)  # head dim not a multiple of 16
 
 
 @needs_kernel

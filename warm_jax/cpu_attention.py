@@ -14,8 +14,8 @@ source, jax version, compiler and CPU; the build is atomic, so concurrent proces
 safe. `unavailable_reason()` says why it cannot run here ('' when it can).
 
 What it computes: causal self-attention with a key padding mask or packed-pair segments,
-float32 (other dtypes are cast), head dim a multiple of 64, any length (padded to a
-multiple of 64), grouped-query heads, any leading batch axes (vmap). A query row that sees
+float32 (other dtypes are cast), head dim a multiple of 16, any length (padded to a
+multiple of 16), grouped-query heads, any leading batch axes (vmap). A query row that sees
 no key (padding) gets 0 where grouped_attention averages its keys; no real token reads
 such rows.
 """
@@ -38,7 +38,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc",
                       "causal_attention.cc")
 TARGETS = {"fwd": ("warm_jax_causal_attention_fwd", "WarmJaxCausalAttentionFwd"),
            "bwd": ("warm_jax_causal_attention_bwd", "WarmJaxCausalAttentionBwd")}
-BLOCK = 64  # the kernel's query block; T and D are multiples of it
+BLOCK = 16  # T is padded to a multiple of this (the kernel's 16-lane key loads)
+HEAD_DIM_MULTIPLE = 16  # one AVX-512 vector of float32
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -164,9 +165,9 @@ def ready() -> bool:
 
 def supports(q, k, mask, segments=None) -> bool:
     """Whether the kernel computes this call: causal self-attention (q and k of one length),
-    head dim a multiple of 64, and no mask, a key padding mask ([B, 1, 1, S]) or packed
+    head dim a multiple of 16, and no mask, a key padding mask ([B, 1, 1, S]) or packed
     segments (the [B, 1, T, T] mask model.Transformer derives from them is then not read)."""
-    if q.ndim != 4 or q.shape[1] != k.shape[1] or q.shape[-1] % BLOCK:
+    if q.ndim != 4 or q.shape[1] != k.shape[1] or q.shape[-1] % HEAD_DIM_MULTIPLE:
         return False
     if segments is not None or mask is None:
         return True

@@ -347,10 +347,10 @@ def _attention(cfg: TransformerConfig, q, k, v, mask=None, is_causal: bool = Fal
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
 
-# attention_impl=None on CPU takes the fused kernel from this many tokens on (the length
-# from which grouped_attention blocks causal attention too); shorter sequences, among them
-# the miniature flow's, keep grouped_attention and its numbers.
-KERNEL_MIN_LENGTH = 256
+# attention_impl=None on CPU takes the fused kernel from this many tokens on: from 48-64
+# tokens it is faster than grouped_attention at the miniature flow's head dim (16) as at 64;
+# at 32 they tie (docs/benchmarks.md, "The fused attention kernel at head dim 16").
+KERNEL_MIN_LENGTH = 64
 
 
 def _kernel_ready() -> bool:

@@ -4,7 +4,7 @@
 // Shapes (float32, row-major): q [N, T, H, D]; k, v [N, T, K, D] (H a multiple of K:
 // grouped-query attention); seg int32 [N, T], segment ids (0: padding; packed pairs: 1 the
 // shared prefix, 2, 3 the continuations; a key padding mask: 1 real, 0 padding); N may be a
-// product of leading axes (vmap). T and D are multiples of 64 (the caller pads T).
+// product of leading axes (vmap). T and D are multiples of 16 (the caller pads T).
 // Query i sees key j iff j <= i, seg[j] > 0 and seg[j] is 1 or seg[i] (model.Transformer's
 // rule for packed pairs). A row that sees no key gets output 0 and lse = +inf (it is
 // padding; nothing reads it).
@@ -14,8 +14,9 @@
 // to the block's causal end, an exact softmax per row (vectorised exp), then P V. The
 // backward recomputes P from the saved log-sum-exp and forms dV += P^T dO, dS, dQ = dS K and
 // dK += dS^T Q. Every product runs through the shared register-blocked AVX-512 gemm
-// (f32_gemm.h: 6 rows x 64 columns, 24 accumulators): C (+)= A B, A read with any strides
-// (so A^T costs nothing), B rows contiguous (K^T and V^T are copied once per group).
+// (f32_gemm.h: 6 rows x 64 columns, 24 accumulators; a head dim below 64 takes narrower
+// tiles): C (+)= A B, A read with any strides (so A^T costs nothing), B rows contiguous
+// (K^T and V^T are copied once per group).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -32,8 +33,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t QB = 64;  // query rows per block (and the multiple T must be)
-constexpr int64_t NC = 64;  // head dim multiple (the gemm's column tile: 4 x 16 lanes)
+constexpr int64_t QB = 64;  // query rows per block (the last block of a sequence may be shorter)
+constexpr int64_t TM = 16;  // the multiple T must be (the softmax's 16-lane key loads)
+constexpr int64_t NC = 16;  // head dim multiple (one AVX-512 vector of f32)
 
 inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
@@ -139,13 +141,13 @@ void forward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float*
     transpose_in(kb, K * D, T, D, kt);
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
       for (int64_t r0 = 0; r0 < T; r0 += QB) {
-        const int64_t kend = r0 + QB;
+        const int64_t rows = std::min(QB, T - r0), kend = r0 + rows;
         const float* qb = q + ((b * T + r0) * H + h) * D;
-        warm_jax::gemm_f32(QB, kend, D, qb, H * D, 1, kt, T, s, T, false);
-        for (int64_t i = 0; i < QB; ++i)
+        warm_jax::gemm_f32(rows, kend, D, qb, H * D, 1, kt, T, s, T, false);
+        for (int64_t i = 0; i < rows; ++i)
           lse[(b * H + h) * T + r0 + i] = softmax_row(s + i * T, vl, kend, r0 + i, dm.scale);
-        warm_jax::gemm_f32(QB, D, kend, s, T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D, H * D,
-             false);
+        warm_jax::gemm_f32(rows, D, kend, s, T, 1, vb, K * D, o + ((b * T + r0) * H + h) * D,
+                           H * D, false);
       }
     }
   });
@@ -172,12 +174,13 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
     transpose_in(vb, K * D, T, D, vt);
     for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
       for (int64_t r0 = 0; r0 < T; r0 += QB) {
-        const int64_t kend = r0 + QB, row0 = (b * T + r0) * H + h;
+        const int64_t rows = std::min(QB, T - r0), kend = r0 + rows;
+        const int64_t row0 = (b * T + r0) * H + h;
         const float* qb = q + row0 * D;
         const float* gob = dout + row0 * D;
         const float* ob = o + row0 * D;
-        warm_jax::gemm_f32(QB, kend, D, qb, H * D, 1, kt, T, p, T, false);
-        for (int64_t i = 0; i < QB; ++i) {
+        warm_jax::gemm_f32(rows, kend, D, qb, H * D, 1, kt, T, p, T, false);
+        for (int64_t i = 0; i < rows; ++i) {
           probs_row(p + i * T, vl, kend, r0 + i, dm.scale, lse[(b * H + h) * T + r0 + i]);
           __m512 acc = _mm512_setzero_ps();
           for (int64_t c = 0; c < D; c += 16)
@@ -185,9 +188,9 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
                                   _mm512_loadu_ps(ob + i * H * D + c), acc);
           delta[i] = _mm512_reduce_add_ps(acc);
         }
-        warm_jax::gemm_f32(QB, kend, D, gob, H * D, 1, vt, T, ds, T, false);  // dP
+        warm_jax::gemm_f32(rows, kend, D, gob, H * D, 1, vt, T, ds, T, false);  // dP
         const __m512 sc = _mm512_set1_ps(dm.scale);
-        for (int64_t i = 0; i < QB; ++i) {
+        for (int64_t i = 0; i < rows; ++i) {
           const __m512 di = _mm512_set1_ps(delta[i]);
           float* dsi = ds + i * T;
           const float* pi = p + i * T;
@@ -197,9 +200,9 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
             _mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));
           }
         }
-        warm_jax::gemm_f32(QB, D, kend, ds, T, 1, kb, K * D, dq + row0 * D, H * D, false);
-        warm_jax::gemm_f32(kend, D, QB, ds, 1, T, qb, H * D, gk, D, true);
-        warm_jax::gemm_f32(kend, D, QB, p, 1, T, gob, H * D, gv, D, true);
+        warm_jax::gemm_f32(rows, D, kend, ds, T, 1, kb, K * D, dq + row0 * D, H * D, false);
+        warm_jax::gemm_f32(kend, D, rows, ds, 1, T, qb, H * D, gk, D, true);
+        warm_jax::gemm_f32(kend, D, rows, p, 1, T, gob, H * D, gv, D, true);
       }
     }
     for (int64_t j = 0; j < T; ++j) {
@@ -210,9 +213,9 @@ void backward(ffi::ThreadPool& pool, const Dims& dm, const float* q, const float
 }
 
 ffi::Error check(const Dims& dm) {
-  if (dm.t % QB || dm.d % NC || dm.kvh <= 0 || dm.h % dm.kvh)
+  if (dm.t % TM || dm.d % NC || dm.kvh <= 0 || dm.h % dm.kvh)
     return ffi::Error::InvalidArgument(
-        "causal_attention: T and D must be multiples of 64 and H a multiple of K");
+        "causal_attention: T and D must be multiples of 16 and H a multiple of K");
   return ffi::Error::Success();
 }
 
