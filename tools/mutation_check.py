@@ -65,6 +65,11 @@ MUTATIONS = [
              "_mm512_storeu_ps(dsi + j, _mm512_mul_ps(x, sc));",
              "_mm512_storeu_ps(dsi + j, x);",
              ("tests/test_cpu_attention.py::test_kernel_is_grouped_attention_with_gradients",)),
+    Mutation("narrow_gemm_tile_drops_a_vector", "the shared f32 gemm's column tiles narrower "
+             "than 64 (head dims 16-48 in the attention kernel) hold one 16-lane vector too "
+             "few", "warm_jax/csrc/f32_gemm.h", "switch ((nc + 15) / 16) {",
+             "switch (nc / 32 + 1) {",
+             ("tests/test_cpu_attention.py::test_kernel_is_grouped_attention_with_gradients",)),
     Mutation("bf16_matmul_reads_the_first_rows", "the bf16 matmul kernel reads every task's "
              "rows of A from the first task's (row offset dropped)", "warm_jax/csrc/bf16_matmul.cc",
              "arows = reinterpret_cast<const uint32_t*>(ae) + i0 * k2, asi = k2, ask = 1;",
