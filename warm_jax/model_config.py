@@ -31,7 +31,7 @@ class TransformerConfig:
     param_dtype: str = "float32"
     tie_embeddings: bool = True
     remat: str = "none"  # none | full | dots (save matmul outputs)
-    # None: the platform's best (CPU: the fused kernel from 256 tokens where it builds, else
+    # None: the platform's best (CPU: the fused kernel from 64 tokens where it builds, else
     # grouped_attention; elsewhere XLA's) | "grouped" | "cpu_kernel" (warm_jax.cpu_attention;
     # needs g++ and AVX-512F) | "xla" | "cudnn" (GPU). See model._attention.
     attention_impl: Optional[str] = None
