@@ -106,6 +106,17 @@ def test_packed_pair_rewards_with_the_kernel_are_the_unpacked_ones():
 
 
 @needs_kernel
+def test_lengths_pad_to_a_multiple_of_16_not_64():
+    """96 tokens reach the kernel as 96 (its last query block is 32 rows), 100 as 112: the
+    kernel is not handed 128 positions of which a quarter are padding."""
+    for t, padded in ((96, 96), (100, 112)):
+        q, k, v, _ = _inputs(2, t, 4, 1, 16)
+        hlo = jax.jit(cpu_attention.causal_attention).lower(q, k, v).as_text()
+        call = [line for line in hlo.splitlines() if "warm_jax_causal_attention_fwd" in line]
+        assert call and f"2x{padded}x4x16" in call[0] and "2x128x" not in call[0]
+
+
+@needs_kernel
 def test_kernel_under_vmap_and_without_mask():
     """An ensemble axis (vmap: the kernel takes any leading axes) and mask=None."""
     q, k, v, _ = _inputs(6, 64, 2, 2, 64)

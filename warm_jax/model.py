@@ -349,7 +349,8 @@ def _attention(cfg: TransformerConfig, q, k, v, mask=None, is_causal: bool = Fal
 
 # attention_impl=None on CPU takes the fused kernel from this many tokens on: from 48-64
 # tokens it is faster than grouped_attention at the miniature flow's head dim (16) as at 64;
-# at 32 they tie (docs/benchmarks.md, "The fused attention kernel at head dim 16").
+# at 32 they tie (bench.attention_kernel; docs/benchmarks.md, "The fused attention kernel
+# at head dim 16").
 KERNEL_MIN_LENGTH = 64
 
 

@@ -17,8 +17,8 @@ namespace warm_jax {
 template <int M, int NV, bool FULL>
 inline void micro_f32(int64_t kc, const float* a, int64_t asi, int64_t ask, const float* b,
                       int64_t ldb, float* c, int64_t ldc, int64_t ncols, bool acc) {
-  // NV 16-lane column vectors (16 * NV >= ncols > 16 * (NV - 1)), all full when FULL;
-  // only those columns of B and C are read
+  // NV 16-lane column vectors (16 * NV >= ncols > 16 * (NV - 1)), all full when FULL (B
+  // read unmasked, as the 64-wide tiles always were); only those columns of B and C are read
   __m512 r[M][NV];
   __mmask16 mask[NV];
   for (int u = 0; u < NV; ++u) {
