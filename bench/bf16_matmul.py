@@ -5,7 +5,8 @@
 Times, interleaved in one process (the order rotating each round), the dense matmuls of
 the RM step's shape (`--tokens` rows; the llama_peer model's projections 256x256, 256x1024
 and 1024x256), each in its three passes as the bf16 model runs them (forward x w, input
-gradient g w^T, weight gradient x^T g) and a `--square`^3 matmul, as: the bf16 kernel, XLA's
+gradient g w^T, weight gradient x^T g) and a `--square`^3 matmul, as: the bf16 kernel (on
+the AMX tile units where they run; then also `kernel_avx512`, its AVX-512 BF16 path), XLA's
 bf16 dot (bf16 in and out, as `--model dtype=bfloat16 --model matmul_impl=xla` runs it),
 XLA's f32 dot of the same operands and the f32 kernel (`kernel_f32`; an f32 model takes it
 for weight gradients only). Per matmul and implementation: median ms and GFLOP/s, and the
@@ -25,6 +26,7 @@ from bench.step_ab import _quartiles
 
 BENCH = "bf16_matmul"
 IMPLS = ("kernel", "xla_bf16", "xla_f32", "kernel_f32")
+AMX_IMPL = "kernel_avx512"  # the bf16 kernel without AMX, timed where the kernel uses AMX
 # (in, out) features of the llama_peer model's projections and how many a layer has
 PROJECTIONS = {(256, 256): 4, (256, 1024): 2, (1024, 256): 1}
 LAYERS = 4
@@ -43,7 +45,7 @@ def cases(tokens: int, square: int) -> dict:
     return out
 
 
-def _programs(m, k, n, ta, tb):
+def _programs(m, k, n, ta, tb, impls):
     import jax
     import jax.numpy as jnp
 
@@ -54,7 +56,9 @@ def _programs(m, k, n, ta, tb):
     fns = {"kernel": lambda a, b: cpu_matmul.matmul(a, b, ta, tb),
            "xla_bf16": lambda a, b: jax.lax.dot_general(a, b, dims),
            "xla_f32": lambda a, b: jax.lax.dot_general(a.astype(f32), b.astype(f32), dims),
-           "kernel_f32": lambda a, b: cpu_matmul.matmul_f32(a.astype(f32), b.astype(f32), ta, tb)}
+           "kernel_f32": lambda a, b: cpu_matmul.matmul_f32(a.astype(f32), b.astype(f32), ta, tb),
+           AMX_IMPL: lambda a, b: cpu_matmul.matmul(a, b, ta, tb, amx=False)}
+    fns = {name: fns[name] for name in impls}
     key_a, key_b = jax.random.split(jax.random.key(m * 7 + k * 3 + n))
     a = jax.random.normal(key_a, (k, m) if ta else (m, k)).astype(jnp.bfloat16)
     b = jax.random.normal(key_b, (n, k) if tb else (k, n)).astype(jnp.bfloat16)
@@ -86,12 +90,14 @@ def run(tokens: int, rounds: int, square: int) -> list[dict]:
     why = cpu_matmul.unavailable_reason() or cpu_matmul.f32_unavailable_reason()
     if why:
         raise RuntimeError(f"bench.bf16_matmul cannot run here: {why}")
-    programs = {name: _programs(*spec[:5]) for name, spec in cases(tokens, square).items()}
-    diffs = {name: _rel_diff(fns["kernel"](a, b), a, b, *cases(tokens, square)[name][3:5])
-             for name, (fns, a, b) in programs.items()}
+    impls = IMPLS + ((AMX_IMPL,) if cpu_matmul.amx_available() else ())
+    programs = {name: _programs(*spec[:5], impls)
+                for name, spec in cases(tokens, square).items()}
+    diffs = {(name, i): _rel_diff(fns[i](a, b), a, b, *cases(tokens, square)[name][3:5])
+             for name, (fns, a, b) in programs.items() for i in ("kernel", AMX_IMPL) if i in fns}
     diffs_f32 = {name: _f32_diff(fns["kernel_f32"](a, b), fns["xla_f32"](a, b))
                  for name, (fns, a, b) in programs.items()}
-    runs = [(c, i) for c in programs for i in IMPLS]
+    runs = [(c, i) for c in programs for i in impls]
     times = {r: [] for r in runs}
     other = common.OtherLoad()
     load_before = common.machine_info(with_jax=False).get("load_avg_1m")
@@ -103,10 +109,10 @@ def run(tokens: int, rounds: int, square: int) -> list[dict]:
             times[(case, impl)].append(time.perf_counter() - t0)
     others = other.stop()
     machine = common.machine_info()
-    recs, step = [], {i: 0.0 for i in IMPLS}
+    recs, step = [], {i: 0.0 for i in impls}
     for case, spec in cases(tokens, square).items():
         m, k, n, ta, tb, count = spec
-        for impl in IMPLS:
+        for impl in impls:
             med = common.median(times[(case, impl)])
             paired = [x / t for x, t in zip(times[(case, "xla_bf16")], times[(case, impl)])]
             paired32 = [x / t for x, t in zip(times[(case, "xla_f32")], times[(case, impl)])]
@@ -117,10 +123,11 @@ def run(tokens: int, rounds: int, square: int) -> list[dict]:
                 speedup_vs_xla_bf16=common.median(paired), speedup_iqr=list(_quartiles(paired)),
                 speedup_vs_xla_f32=common.median(paired32),
                 speedup_vs_xla_f32_iqr=list(_quartiles(paired32)),
-                max_rel_diff_vs_rounded=diffs[case] if impl == "kernel" else None,
+                max_rel_diff_vs_rounded=diffs.get((case, impl)), amx=impl == "kernel" and
+                AMX_IMPL in impls,
                 max_rel_diff_vs_xla_f32=diffs_f32[case] if impl == "kernel_f32" else None,
                 rounds=rounds, load_1min_before=load_before, machine=machine, **others))
-    for impl in IMPLS:
+    for impl in impls:
         recs.append(common.record(BENCH, "step_dense_matmuls_s", step[impl], "s", impl=impl,
                                   tokens=tokens, layers=LAYERS,
                                   speedup_vs_xla_bf16=step["xla_bf16"] / step[impl],

@@ -30,29 +30,42 @@ def _check_product(got, want):
     assert np.mean(got != rounded) < 0.01
 
 
+def _amx_available():
+    return not WHY and cpu_matmul.amx_available()
+
+
+# both paths of the kernel: AVX-512 BF16 (amx False) and the AMX tile units where they run
+PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _amx_available(), reason="no AMX here (amx_tile, amx_bf16 and the OS's permission)"))]
+
+
 @needs_kernel
+@pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("m,k,n", [(200, 130, 300), (13, 7, 65), (96, 256, 64), (50, 601, 130)])
-def test_matmul_is_the_f32_product_rounded(m, k, n, trans_a, trans_b):
-    """Every layout, rows not a multiple of the microkernel's 6, columns past a 64-column
-    panel, an odd contraction (padded by a zero pair end), a contraction of one block (256)
-    and of three (601: partial sums carried between blocks)."""
+@pytest.mark.parametrize("m,k,n", [(200, 130, 300), (13, 7, 65), (96, 256, 64), (50, 601, 130),
+                                   (70, 512, 40)])
+def test_matmul_is_the_f32_product_rounded(m, k, n, trans_a, trans_b, amx):
+    """Every layout, rows not a multiple of the microkernel's 6 (AMX: of its 32), columns
+    past a 64-column panel (AMX: under one 32-column half), an odd contraction (padded by a
+    zero pair end), contractions that are (256, 512: A read in place by the AMX path, its last
+    rows copied) and are not (130, 601: A packed, zero pairs after K) multiples of 32."""
     a = _bf16(0, (k, m) if trans_a else (m, k))
     b = _bf16(1, (n, k) if trans_b else (k, n))
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
     want = (a32.T if trans_a else a32) @ (b32.T if trans_b else b32)
-    got = jax.jit(cpu_matmul.matmul, static_argnums=(2, 3))(a, b, trans_a, trans_b)
+    got = jax.jit(cpu_matmul.matmul, static_argnums=(2, 3, 4))(a, b, trans_a, trans_b, amx)
     assert got.dtype == jnp.bfloat16
     _check_product(got, want)
 
 
 @needs_kernel
-def test_matmul_under_vmap_and_leading_axes():
+@pytest.mark.parametrize("amx", PATHS)
+def test_matmul_under_vmap_and_leading_axes(amx):
     a, b = _bf16(2, (3, 40, 34)), _bf16(3, (3, 34, 70))
     want = jnp.einsum("bmk,bkn->bmn", a.astype(jnp.float32), b.astype(jnp.float32))
-    _check_product(jax.vmap(cpu_matmul.matmul)(a, b), want)
-    _check_product(cpu_matmul.matmul(a, b), want)
+    _check_product(jax.vmap(lambda x, y: cpu_matmul.matmul(x, y, amx=amx))(a, b), want)
+    _check_product(cpu_matmul.matmul(a, b, amx=amx), want)
     with pytest.raises(ValueError, match="contraction 34 != 70"):
         cpu_matmul.matmul(a, b, trans_b=True)
 
@@ -139,6 +152,21 @@ def test_bf16_model_training_step_matches_xla():
         np.testing.assert_allclose(gk, gx, atol=0.05 * scale)
     assert float(jnp.max(jnp.abs(g_k["layer_0"]["mlp"]["wi_gate"]["kernel"]))) > 0
     assert float(jnp.max(jnp.abs(g_k["embedding"]))) > 0  # the tied LM head, through dense_nt
+
+
+@needs_kernel
+def test_amx_by_default_where_it_runs_and_an_error_where_asked_and_absent(monkeypatch):
+    """matmul (so every dense layer of a bf16 model) asks for the AMX path exactly where
+    amx_available(); amx=True where it is not is a clear error, not the other path."""
+    a, b = _bf16(0, (32, 64)), _bf16(1, (64, 32))
+    text = jax.jit(cpu_matmul.matmul).lower(a, b).as_text()
+    assert f"amx = {str(_amx_available()).lower()}" in text
+    assert "amx = false" in jax.jit(lambda x, y: cpu_matmul.matmul(x, y, amx=False)).lower(
+        a, b).as_text()
+    monkeypatch.setattr(cpu_matmul, "amx_available", lambda: False)
+    assert "amx = false" in jax.jit(lambda x, y: cpu_matmul.matmul(x, y)).lower(a, b).as_text()
+    with pytest.raises(RuntimeError, match="cannot use AMX here"):
+        cpu_matmul.matmul(a, b, amx=True)
 
 
 def test_without_the_kernel_default_falls_back_and_explicit_fails(monkeypatch, caplog):

@@ -75,6 +75,11 @@ MUTATIONS = [
              "arows = reinterpret_cast<const uint32_t*>(ae) + i0 * k2, asi = k2, ask = 1;",
              "arows = reinterpret_cast<const uint32_t*>(ae), asi = k2, ask = 1;",
              ("tests/test_cpu_matmul.py::test_matmul_is_the_f32_product_rounded",)),
+    Mutation("amx_transposed_a_tail_rows_dropped", "the AMX path's 16 x 16 transpose of a "
+             "packed transposed A writes only its first half of 32 rows", "warm_jax/csrc/bf16_matmul.cc",
+             "for (int64_t h = 0; h < 2; ++h) {",
+             "for (int64_t h = 0; h < 1; ++h) {",
+             ("tests/test_cpu_matmul.py::test_matmul_is_the_f32_product_rounded",)),
     Mutation("bf16_matmul_transposed_b_first_panel", "packing a transposed B, every 64-column "
              "panel reads the first panel's rows", "warm_jax/csrc/bf16_matmul.cc",
              "const uint32_t* row = w + (j0 + j) * k2;",

@@ -135,6 +135,7 @@ def load_and_register(state: dict, lock, why_fn, option: str, source: str, targe
         for target, symbol in targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
+        state["lib"] = lib
         state["registered"] = True
 
 

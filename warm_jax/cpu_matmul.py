@@ -6,7 +6,9 @@ bf16: XLA:CPU computes a bf16 dot as an f32 dot between two converts (docs/bench
 "bf16 on CPU"), so a bf16 model runs no faster than an f32 one on CPU. The kernel
 (warm_jax/csrc/bf16_matmul.cc) multiplies bf16 operands directly, two products per f32 lane
 per instruction (AVX-512 BF16), accumulating in f32 over the whole contraction and rounding
-the result to bf16 once: the value XLA computes up to the order of its f32 sums.
+the result to bf16 once: the value XLA computes up to the order of its f32 sums. On a CPU
+with AMX tile units (amx_bf16) the same product runs on them (`amx_available()`; matmul's
+`amx` argument chooses, by default the tiles where they run).
 
 f32: XLA:CPU's dot reaches the CPU's f32 rate on the forward's [tokens, K] x [K, N] but not
 on the weight gradient x^T g, a contraction over the tokens that it takes only after a
@@ -58,6 +60,15 @@ def ensure_registered() -> None:
                                     "matmul_impl='cpu_bf16'", SOURCE, [(TARGET, SYMBOL)])
 
 
+def amx_available() -> bool:
+    """Whether the bf16 kernel can run on the CPU's AMX tile units in this process: built on
+    a CPU with amx_tile and amx_bf16 and granted the tile state by the OS (asked once)."""
+    ensure_registered()
+    if "amx" not in _STATE:
+        _STATE["amx"] = bool(_STATE["lib"].warm_jax_bf16_amx())
+    return _STATE["amx"]
+
+
 def ready() -> bool:
     """ensure_registered() for the default path: False (and a warning, once per process)
     where the kernel cannot be built or loaded here, so that XLA's dot runs instead."""
@@ -105,11 +116,17 @@ def matmul_f32(a, b, trans_a: bool = False, trans_b: bool = False):
         a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
 
 
-def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
+def matmul(a, b, trans_a: bool = False, trans_b: bool = False, amx: bool | None = None):
     """op(a) @ op(b) in bfloat16 (a, b cast to bf16; leading axes matched one to one):
     op(a) is a [.., M, K] or, with trans_a, a stored [.., K, M]; op(b) is b [.., K, N] or,
-    with trans_b, b stored [.., N, K]. Returns [.., M, N] bfloat16."""
+    with trans_b, b stored [.., N, K]. Returns [.., M, N] bfloat16. amx: run on the AMX
+    tile units (None: where amx_available(); True where they cannot run: a RuntimeError)."""
     ensure_registered()
+    if amx is None:
+        amx = amx_available()
+    elif amx and not amx_available():
+        raise RuntimeError("matmul(amx=True): the bf16 kernel cannot use AMX here (it needs "
+                           "a CPU with amx_tile and amx_bf16 and the OS's tile permission)")
     a, b = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
     m, k, n = _mnk(a, b, trans_a, trans_b)
     if k % 2:  # the kernel reads k-pairs: one zero pair-end on each side
@@ -117,7 +134,7 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
         b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + ([(0, 0), (0, 1)] if trans_b else [(0, 1), (0, 0)]))
     out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.bfloat16)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(
-        a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
+        a, b, trans_a=bool(trans_a), trans_b=bool(trans_b), amx=bool(amx))
 
 
 @jax.custom_vjp
