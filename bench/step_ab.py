@@ -90,6 +90,8 @@ VARIANTS = {
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
     # a bf16 model (--dtype bfloat16) with XLA's dots instead of the bf16 matmul kernel
     "xla_matmul": ({"_use_bf16_kernel": lambda m: lambda cfg: False}, {}),
+    # a bf16 model's matmul kernel on its AVX-512 BF16 path where it would use AMX
+    "no_amx": ({"cpu_matmul.amx_available": lambda m: lambda: False}, {}),
     # an f32 model's weight gradients through XLA's dots (the transposes materialised)
     # instead of the f32 matmul kernel; its input gradients through the kernel too
     "xla_f32_grads": ({"_f32_kernel": lambda m: lambda cfg: None}, {}),
