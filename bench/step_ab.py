@@ -111,9 +111,12 @@ VARIANTS = {
 def patched(patches: dict):
     from warm_jax import model as model_lib
 
-    def owner(name):  # "attr" of warm_jax.model, or "module.attr" of a module it imports
-        return (getattr(model_lib, name.split(".")[0]), name.split(".")[1]) if "." in name \
-            else (model_lib, name)
+    def owner(name):  # "attr" of warm_jax.model, or "module[.module].attr" reached from it
+        *path, attr = name.split(".")
+        obj = model_lib
+        for part in path:
+            obj = getattr(obj, part)
+        return obj, attr
 
     saved = {name: getattr(*owner(name)) for name in patches}
     try:

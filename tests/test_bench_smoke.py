@@ -317,9 +317,10 @@ def test_step_parts_times_every_part_and_sums_the_dense_matmuls():
 
 
 def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
-    """bench.bf16_matmul at toy sizes: every case of the step in all four implementations,
-    the bf16 kernel's products the rounded f32 ones, the f32 kernel's XLA's f32 ones, and
-    the step's dense matmuls summed."""
+    """bench.bf16_matmul at toy sizes: every case of the step in all four implementations
+    (five where the kernel runs on AMX: its AVX-512 path beside it), the bf16 kernel's
+    products the rounded f32 ones, the f32 kernel's XLA's f32 ones, and the step's dense
+    matmuls summed."""
     from bench import bf16_matmul
     from warm_jax import cpu_matmul
 
@@ -328,9 +329,12 @@ def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
         pytest.skip(why)
     recs = bf16_matmul.run(tokens=96, rounds=2, square=64)
     timed = {(r["case"], r["impl"]): r for r in recs if r["metric"] == "ms"}
-    assert set(timed) == {(c, i) for c in bf16_matmul.cases(96, 64) for i in bf16_matmul.IMPLS}
+    impls = bf16_matmul.IMPLS + ((bf16_matmul.AMX_IMPL,) if cpu_matmul.amx_available() else ())
+    assert set(timed) == {(c, i) for c in bf16_matmul.cases(96, 64) for i in impls}
     assert all(r["max_rel_diff_vs_rounded"] < 2 ** -7 for (c, i), r in timed.items()
-               if i == "kernel")
+               if i in ("kernel", bf16_matmul.AMX_IMPL))
+    assert all(r["amx"] == (bf16_matmul.AMX_IMPL in impls and i == "kernel")
+               for (c, i), r in timed.items())
     assert all(r["max_rel_diff_vs_xla_f32"] < 1e-5 for (c, i), r in timed.items()
                if i == "kernel_f32")
     step = {r["impl"]: r for r in recs if r["metric"] == "step_dense_matmuls_s"}

@@ -25,17 +25,13 @@
 // 32 rows x 32 columns accumulate in four f32 tiles (TDPBF16PS) over the whole contraction
 // and are rounded to bf16 once.
 #include <immintrin.h>
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define WARM_JAX_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "matmul_problem.h"
 #include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
@@ -140,39 +136,9 @@ void pack_a_transposed(const Problem& p, const uint16_t* a, int64_t i0, int64_t 
   for (int64_t kp = 0; kp < p.k / 2; ++kp) pair_rows(a, p.m, 2 * kp, p.k, i0, mc, out + kp * mc);
 }
 
-// Whether the AMX path can run in this process: built for a CPU with AMX and granted the
-// tile state by the OS (asked once).
-bool amx_ready() {
-#ifdef WARM_JAX_AMX
-  static const bool ok = [] {
-    constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023, kXtiledata = 18;
-    if (syscall(SYS_arch_prctl, kReqPerm, kXtiledata) != 0) return false;
-    unsigned long mask = 0;
-    return syscall(SYS_arch_prctl, kGetPerm, &mask) == 0 && (mask >> kXtiledata & 1);
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
 #ifdef WARM_JAX_AMX
 constexpr int64_t AM = 32;    // rows of an AMX block (two 16-row A tiles)
 constexpr int64_t AMC = 128;  // rows per AMX task at most (a multiple of AM)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Eight tiles of 16 rows x 64 bytes: 0-3 the f32 block, 4-5 A, 6-7 B.
-void amx_configure() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  _tile_loadconfig(&cfg);
-}
 
 // out [32 x 32] f32 (row stride 32) = a [32 rows, 16 * kts pairs] (row stride lda words)
 // times b (kts * 16 pair rows of a panel, 32 columns, row stride NR words).
@@ -211,30 +177,6 @@ inline void store_block(const float* out, uint16_t* c, int64_t ldc, int64_t rows
     }
 }
 
-// Transposes 16 x 16 32-bit words held in r[0..15] (row q in r[q]) in place.
-inline void transpose16(__m512i r[16]) {
-  __m512i u[16];
-  for (int g = 0; g < 4; ++g) {
-    const __m512i* x = r + 4 * g;
-    const __m512i t0 = _mm512_unpacklo_epi32(x[0], x[1]), t1 = _mm512_unpackhi_epi32(x[0], x[1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(x[2], x[3]), t3 = _mm512_unpackhi_epi32(x[2], x[3]);
-    u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
-  }
-  for (int j = 0; j < 4; ++j) {  // u[4g + j], lane L: rows 4g..4g+3 of column j + 4L
-    const __m512i va = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
-    const __m512i vb = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
-    const __m512i wa = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
-    const __m512i wb = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
-    r[j] = _mm512_shuffle_i32x4(va, vb, 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(va, vb, 0xdd);
-    r[j + 4] = _mm512_shuffle_i32x4(wa, wb, 0x88);
-    r[j + 12] = _mm512_shuffle_i32x4(wa, wb, 0xdd);
-  }
-}
-
 // Packs op(A) rows [i0, i0 + 32) of one batch element as [32][k2p] k-pairs, zeros past M
 // and past K; tmp: scratch for a transposed A ([k2p][32] pairs first, then transposed).
 void pack_a_amx(const Problem& p, const uint16_t* a, int64_t i0, int64_t k2p, uint32_t* out,
@@ -256,7 +198,7 @@ void pack_a_amx(const Problem& p, const uint16_t* a, int64_t i0, int64_t k2p, ui
   for (int64_t kb = 0; kb < k2p / 16; ++kb)
     for (int64_t h = 0; h < 2; ++h) {
       for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_si512(tmp.data() + (kb * 16 + q) * AM + 16 * h);
-      transpose16(r);
+      warm_jax::transpose16(r);
       for (int q = 0; q < 16; ++q) _mm512_storeu_si512(out + (16 * h + q) * k2p + kb * 16, r[q]);
     }
 }
@@ -293,7 +235,7 @@ void matmul_amx(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, cons
     const int64_t e = t / per_batch, mb = (t % per_batch) / ngroups, g = t % ngroups;
     const int64_t i0 = mb * rows, mc = std::min(rows, p.m - i0);
     alignas(64) float out[AM * AM];
-    amx_configure();
+    warm_jax::amx_configure();
     for (int64_t panel = g * NG; panel < std::min(panels, (g + 1) * NG); ++panel) {
       const uint32_t* bp = pk + (e * panels + panel) * panel_size;
       const int64_t j0 = panel * NR, nc = std::min(NR, p.n - j0);
@@ -382,7 +324,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
   const auto* bp = reinterpret_cast<const uint16_t*>(b.untyped_data());
   if (amx) {
 #ifdef WARM_JAX_AMX
-    if (amx_ready()) {
+    if (warm_jax::amx_ready()) {
       thread_local std::vector<uint32_t> apacked;
       matmul_amx(pool, p, ap, bp, cp, packed, apacked);
       return ffi::Error::Success();
@@ -397,7 +339,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
 }  // namespace
 
 // 1 when the AMX path can run in this process (see amx_ready), else 0.
-extern "C" int warm_jax_bf16_amx() { return amx_ready() ? 1 : 0; }
+extern "C" int warm_jax_bf16_amx() { return warm_jax::amx_ready() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxBf16Matmul, MatmulImpl,
                               ffi::Ffi::Bind()
