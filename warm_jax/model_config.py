@@ -37,7 +37,8 @@ class TransformerConfig:
     attention_impl: Optional[str] = None
     # None: the platform's best (CPU with dtype bfloat16, one device, remat none: the bf16
     # matmul kernel where it builds, else XLA's dot) | "xla" | "cpu_bf16" (warm_jax.cpu_matmul; needs dtype
-    # bfloat16, g++ and avx512_bf16). See model._dense.
+    # bfloat16, g++ and avx512_bf16; on the AMX tile units where the CPU has them). See
+    # model._dense.
     matmul_impl: Optional[str] = None
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
