@@ -44,12 +44,13 @@ PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("m,k,n", [(200, 130, 300), (13, 7, 65), (96, 256, 64), (50, 601, 130),
-                                   (70, 512, 40)])
+                                   (70, 512, 40), (40, 4160, 72)])
 def test_matmul_is_the_f32_product_rounded(m, k, n, trans_a, trans_b, amx):
     """Every layout, rows not a multiple of the microkernel's 6 (AMX: of its 32), columns
     past a 64-column panel (AMX: under one 32-column half), an odd contraction (padded by a
     zero pair end), contractions that are (256, 512: A read in place by the AMX path, its last
-    rows copied) and are not (130, 601: A packed, zero pairs after K) multiples of 32."""
+    rows copied) and are not (130, 601: A packed, zero pairs after K) multiples of 32, and a
+    long one (4160, as a weight gradient's contraction over the tokens)."""
     a = _bf16(0, (k, m) if trans_a else (m, k))
     b = _bf16(1, (n, k) if trans_b else (k, n))
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
