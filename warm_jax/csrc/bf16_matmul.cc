@@ -25,13 +25,17 @@
 // 32 rows x 32 columns accumulate in four f32 tiles (TDPBF16PS) over the whole contraction
 // and are rounded to bf16 once.
 #include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)  // -march=native on a CPU with AMX
+#define WARM_JAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "amx_tiles.h"
 #include "matmul_problem.h"
 #include "parallel_tasks.h"
 #include "xla/ffi/api/ffi.h"
@@ -136,6 +140,70 @@ void pack_a_transposed(const Problem& p, const uint16_t* a, int64_t i0, int64_t 
   for (int64_t kp = 0; kp < p.k / 2; ++kp) pair_rows(a, p.m, 2 * kp, p.k, i0, mc, out + kp * mc);
 }
 
+// Whether the AMX path can run in this process: built for a CPU with AMX and granted the
+// tile state by the OS (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
+inline bool amx_ready() {
+#ifdef WARM_JAX_AMX
+  static const bool ok = [] {
+    constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023, kXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReqPerm, kXtiledata) != 0) return false;
+    unsigned long mask = 0;
+    return syscall(SYS_arch_prctl, kGetPerm, &mask) == 0 && (mask >> kXtiledata & 1);
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef WARM_JAX_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr TileConfig tile_config() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  return cfg;
+}
+
+// All eight tiles at 16 rows x 64 bytes (16 f32 or 32 bf16 a row). Per task: the pool's
+// threads run other work between tasks, so a task configures and releases the tiles. The
+// configuration is a constant in memory: g++ 12 does not see LDTILECFG read its operand and
+// drops the stores that fill a stack copy (the tiles then fault on first use).
+inline void amx_configure() {
+  static constexpr TileConfig kConfig = tile_config();
+  _tile_loadconfig(&kConfig);
+}
+#endif
+
+// Transposes 16 x 16 32-bit words held in r[0..15] (row q in r[q]) in place.
+inline void transpose16(__m512i r[16]) {
+  __m512i u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512i* x = r + 4 * g;
+    const __m512i t0 = _mm512_unpacklo_epi32(x[0], x[1]), t1 = _mm512_unpackhi_epi32(x[0], x[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(x[2], x[3]), t3 = _mm512_unpackhi_epi32(x[2], x[3]);
+    u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  for (int j = 0; j < 4; ++j) {  // u[4g + j], lane L: rows 4g..4g+3 of column j + 4L
+    const __m512i va = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+    const __m512i vb = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i wa = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+    const __m512i wb = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(va, vb, 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(va, vb, 0xdd);
+    r[j + 4] = _mm512_shuffle_i32x4(wa, wb, 0x88);
+    r[j + 12] = _mm512_shuffle_i32x4(wa, wb, 0xdd);
+  }
+}
+
 #ifdef WARM_JAX_AMX
 constexpr int64_t AM = 32;    // rows of an AMX block (two 16-row A tiles)
 constexpr int64_t AMC = 128;  // rows per AMX task at most (a multiple of AM)
@@ -198,7 +266,7 @@ void pack_a_amx(const Problem& p, const uint16_t* a, int64_t i0, int64_t k2p, ui
   for (int64_t kb = 0; kb < k2p / 16; ++kb)
     for (int64_t h = 0; h < 2; ++h) {
       for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_si512(tmp.data() + (kb * 16 + q) * AM + 16 * h);
-      warm_jax::transpose16(r);
+      transpose16(r);
       for (int q = 0; q < 16; ++q) _mm512_storeu_si512(out + (16 * h + q) * k2p + kb * 16, r[q]);
     }
 }
@@ -213,8 +281,8 @@ void matmul_amx(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, cons
     pack_b_panel(p, b + (t / panels) * p.k * p.n, t % panels, pk + t * panel_size);
     std::fill(pk + t * panel_size + k2 * NR, pk + (t + 1) * panel_size, 0u);
   });
-  // op(A): in place ([M, K], K a multiple of 32; a last block of under 32 rows is copied per
-  // task) or packed once for all tasks into [M rounded up to 32][k2p] per batch element
+  // op(A): in place ([M, K], K a multiple of 32; a last block of under 32 rows is copied once
+  // per task) or packed once for all tasks into [M rounded up to 32][k2p] per batch element
   const bool in_place = !p.trans_a && k2 % 16 == 0;
   const int64_t ablocks = (p.m + AM - 1) / AM, lda = in_place ? k2 : k2p;
   const int64_t a_batch = in_place ? p.m * k2 : ablocks * AM * k2p;
@@ -235,19 +303,22 @@ void matmul_amx(ffi::ThreadPool& pool, const Problem& p, const uint16_t* a, cons
     const int64_t e = t / per_batch, mb = (t % per_batch) / ngroups, g = t % ngroups;
     const int64_t i0 = mb * rows, mc = std::min(rows, p.m - i0);
     alignas(64) float out[AM * AM];
-    warm_jax::amx_configure();
+    // A read in place: a last block of under 32 rows is copied once, zero rows below
+    const int64_t full = mc / AM * AM;
+    if (in_place && full < mc) {
+      tail.assign(size_t(AM * lda), 0u);
+      std::memcpy(tail.data(), abase + e * a_batch + (i0 + full) * lda,
+                  sizeof(uint32_t) * (mc - full) * lda);
+    }
+    amx_configure();
     for (int64_t panel = g * NG; panel < std::min(panels, (g + 1) * NG); ++panel) {
       const uint32_t* bp = pk + (e * panels + panel) * panel_size;
       const int64_t j0 = panel * NR, nc = std::min(NR, p.n - j0);
       for (int64_t h = 0; h * 32 < nc; ++h)
         for (int64_t i = 0; i < mc; i += AM) {
           const int64_t nrows = std::min(AM, mc - i);
-          const uint32_t* ai = abase + e * a_batch + (i0 + i) * lda;
-          if (in_place && nrows < AM) {  // the last rows: copied, zero rows below
-            tail.assign(size_t(AM * lda), 0u);
-            std::memcpy(tail.data(), ai, sizeof(uint32_t) * nrows * lda);
-            ai = tail.data();
-          }
+          const uint32_t* ai = in_place && i == full ? tail.data()
+                                                     : abase + e * a_batch + (i0 + i) * lda;
           amx_block(k2p / 16, ai, lda, bp + 32 * h, out);
           store_block(out, c + e * p.m * p.n + (i0 + i) * p.n + j0 + 32 * h, p.n, nrows,
                       std::min<int64_t>(32, nc - 32 * h));
@@ -324,7 +395,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
   const auto* bp = reinterpret_cast<const uint16_t*>(b.untyped_data());
   if (amx) {
 #ifdef WARM_JAX_AMX
-    if (warm_jax::amx_ready()) {
+    if (amx_ready()) {
       thread_local std::vector<uint32_t> apacked;
       matmul_amx(pool, p, ap, bp, cp, packed, apacked);
       return ffi::Error::Success();
@@ -339,7 +410,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
 }  // namespace
 
 // 1 when the AMX path can run in this process (see amx_ready), else 0.
-extern "C" int warm_jax_bf16_amx() { return warm_jax::amx_ready() ? 1 : 0; }
+extern "C" int warm_jax_bf16_amx() { return amx_ready() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarmJaxBf16Matmul, MatmulImpl,
                               ffi::Ffi::Bind()
