@@ -7,9 +7,11 @@ Compiles steps.rm_train_step as bench.rm_throughput does (AdamW, fp32, the train
 donated), runs `steps` steps under `jax.profiler.trace` (a Perfetto trace), and sums the
 duration of every XLA op event by the op's name. Each op is classed from the compiled
 HLO: "dot" (a fusion or custom call whose body holds a dot, YNNPACK's and oneDNN's
-included), "transpose/copy", "reduce", "gather/scatter", else "elementwise". Prints one
+included, and warm-jax's matmul kernels), "attention kernel" (warm-jax's fused attention
+custom calls), "transpose/copy", "reduce", "gather/scatter", else "elementwise". Prints one
 JSON line per class (seconds per step, share of op time) and the `top` ops, plus the
-achieved matmul FLOP rate of the dot class (the step's matmul FLOPs over its dot time),
+achieved matmul FLOP rate of the dot class (the step's matmul FLOPs over its dot time;
+where the attention kernel runs, its FLOPs are in the numerator but its time is not),
 the figure the performance issue's "step at >= 75% of its own matmul rate" is about.
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ def classify_ops(hlo_text: str) -> dict[str, str]:
     kinds: dict[str, str] = {}
     for body in bodies.values():
         for line in body.splitlines():
-            m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+            # the result type is one shape or a tuple of shapes: "(f32[2]{0}, f32[3]{0})"
+            m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^()]*\)|\S+) ([\w\-]+)\(", line)
             if not m:
                 continue
             name, op = m.groups()
@@ -54,6 +57,11 @@ def classify_ops(hlo_text: str) -> dict[str, str]:
 
 
 def _kind(op: str, text: str) -> str:
+    target = re.search(r'custom_call_target="([^"]+)"', text)
+    if op == "custom-call" and target and "attention" in target.group(1):
+        return "attention kernel"
+    if op == "custom-call" and target and "matmul" in target.group(1):
+        return "dot"
     if " dot(" in text or "convolution(" in text or "__onednn" in text or op == "dot":
         return "dot"
     if op in ("transpose", "copy") or (op == "fusion" and re.search(r" (transpose|copy)\(", text)

@@ -194,7 +194,7 @@ def test_cpu_dot_paths_records_the_dot_type_per_setting(capsys):
 
 def test_step_profile_classes_ops_and_sums_the_trace(capsys):
     """bench.step_profile: ops of the compiled step classed from its HLO (a fusion whose body
-    holds a dot is a dot), op times read from a real profiler trace, shares summing to 1."""
+    holds a dot is a dot; warm-jax's kernels by their targets; tuple-shaped ops), op times read from a real profiler trace, shares summing to 1."""
     from bench import step_profile
 
     hlo = ("%fused_a (p: f32[4,4]) -> f32[4,4] {\n"
@@ -209,10 +209,15 @@ def test_step_profile_classes_ops_and_sums_the_trace(capsys):
            "  %x = f32[4,4]{1,0} parameter(0)\n"
            "  %f1 = f32[4,4]{1,0} fusion(%x), kind=kOutput, calls=%fused_a\n"
            "  %t = f32[4,4]{0,1} transpose(%f1), dimensions={1,0}\n"
-           "  ROOT %f2 = f32[4,4]{1,0} fusion(%t), kind=kLoop, calls=%fused_b\n"
+           "  %f2 = f32[4,4]{1,0} fusion(%t), kind=kLoop, calls=%fused_b\n"
+           "  %ffi_call.1 = bf16[4,4]{1,0} custom-call(%f2, %f2), "
+           "custom_call_target=\"warm_jax_bf16_matmul\", backend_config={amx = true}\n"
+           "  ROOT %ffi_call.2 = (f32[4,4]{1,0}, f32[4]{0}) custom-call(%ffi_call.1), "
+           "custom_call_target=\"warm_jax_causal_attention_fwd\"\n"
            "}\n")
     kinds = step_profile.classify_ops(hlo)
     assert kinds["f1"] == "dot" and kinds["t"] == "transpose/copy" and kinds["f2"] == "elementwise"
+    assert kinds["ffi_call.1"] == "dot" and kinds["ffi_call.2"] == "attention kernel"
     events = [{"name": "f1", "dur": 3000.0}, {"name": "f1", "dur": 1000.0},
               {"name": "f2", "dur": 500.0}, {"name": "not_an_op", "dur": 9e9}]
     assert step_profile.op_times(events, kinds) == {"f1": 4e-3, "f2": 5e-4}
