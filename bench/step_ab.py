@@ -85,7 +85,11 @@ VARIANTS = {
     "rope_per_token": ({"rope_tables": _rope_per_token}, {}),  # before the sin/cos table
     "no_attention": ({"_attention": lambda m: _values_only}, {}),
     "no_norm": ({"RMSNorm": _identity_norm}, {}),  # every RMSNorm = its input
-    "no_act": ({"ACTIVATIONS": lambda m: {k: (lambda x: x) for k in m.ACTIVATIONS}}, {}),
+    "no_act": ({"ACTIVATIONS": lambda m: {k: (lambda x: x) for k in m.ACTIVATIONS},
+                "swiglu_f32": lambda m: lambda gate, up: gate * up}, {}),
+    # a bf16 model's SwiGLU through autodiff of silu(gate) * up (before swiglu_f32)
+    "autodiff_swiglu": ({"swiglu_f32": lambda m: lambda gate, up: m.jax.nn.silu(gate) * up},
+                        {}),
     "causal_only": ({"_attention": lambda m: _causal_only}, {}),
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
     # a bf16 model (--dtype bfloat16) with XLA's dots instead of the bf16 matmul kernel

@@ -85,6 +85,11 @@ MUTATIONS = [
              "const uint32_t* row = w + (j0 + j) * k2;",
              "const uint32_t* row = w + j * k2;",
              ("tests/test_cpu_matmul.py::test_dense_gradients_are_the_dots",)),
+    Mutation("swiglu_gate_gradient_without_sigmoid_slope", "the low-precision SwiGLU's "
+             "backward drops the sigmoid's own slope from the gate's gradient", "warm_jax/model.py",
+             "dgate = ct_act * s + (g * ct_act) * (s * (1.0 - s))",
+             "dgate = ct_act * s",
+             ("tests/test_swiglu.py::test_values_and_gradients_are_the_float32_ones_rounded_once",)),
     Mutation("rope_table_off_by_one", "the rotary sin/cos table is read one position late",
              "warm_jax/model.py",
              "jnp.take(table, positions, axis=0,",

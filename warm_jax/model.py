@@ -438,6 +438,42 @@ class Attention(nn.Module):
         return ck.value, cv.value, attn
 
 
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))  # jax.nn.sigmoid's own formula (lax.logistic)
+
+
+@jax.custom_vjp
+def swiglu_f32(gate, up):
+    """silu(gate) * up for low-precision operands, computed in float32 and rounded once.
+
+    Autodiff of jax.nn.silu(gate) * up in bfloat16 rounds every intermediate to bfloat16
+    and, on XLA:CPU, runs as several elementwise passes over [tokens, mlp_dim] forward
+    and backward (each widening and narrowing bf16). Here the forward is one pass; the
+    backward recomputes the sigmoid from the saved gate and writes both gradients in one
+    pass, with the float32 formulas of autodiff's own (dgate = ct*up*s + gate*ct*up*s(1-s),
+    dup = ct*gate*s). A float32 model keeps autodiff (the same values bit for bit, and no
+    faster on CPU: not used there)."""
+    return _swiglu_fwd(gate, up)[0]
+
+
+def _swiglu_fwd(gate, up):
+    g32 = gate.astype(jnp.float32)
+    out = (g32 * _sigmoid(g32)) * up.astype(jnp.float32)
+    return out.astype(gate.dtype), (gate, up)
+
+
+def _swiglu_bwd(res, ct):
+    gate, up = res
+    g, u, c = (a.astype(jnp.float32) for a in (gate, up, ct))
+    s = _sigmoid(g)
+    ct_act = c * u
+    dgate = ct_act * s + (g * ct_act) * (s * (1.0 - s))
+    return dgate.astype(gate.dtype), ((g * s) * c).astype(up.dtype)
+
+
+swiglu_f32.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
     config: TransformerConfig
 
@@ -446,8 +482,12 @@ class MLP(nn.Module):
         cfg = self.config
         gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
         up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x)
-        act = ACTIVATIONS[cfg.mlp_activation]
-        hidden = partitioning.constrain(act(gate) * up, ("batch", "length", "act_mlp"))
+        if (cfg.mlp_activation == "silu" and gate.dtype != jnp.float32
+                and partitioning.current_platform() == "cpu"):
+            hidden = swiglu_f32(gate, up)  # measured on CPU only (docs/benchmarks.md)
+        else:
+            hidden = ACTIVATIONS[cfg.mlp_activation](gate) * up
+        hidden = partitioning.constrain(hidden, ("batch", "length", "act_mlp"))
         return _dense(cfg, cfg.d_model, ("mlp", "embed"), "wo", scale=1.0 / (2 * cfg.num_layers))(hidden)
 
 
