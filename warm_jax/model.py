@@ -444,15 +444,15 @@ def _sigmoid(x):
 
 @jax.custom_vjp
 def swiglu_f32(gate, up):
-    """silu(gate) * up for low-precision operands, computed in float32 and rounded once.
+    """silu(gate) * up in float32 (operands of any float dtype), rounded once to theirs.
 
-    Autodiff of jax.nn.silu(gate) * up in bfloat16 rounds every intermediate to bfloat16
-    and, on XLA:CPU, runs as several elementwise passes over [tokens, mlp_dim] forward
-    and backward (each widening and narrowing bf16). Here the forward is one pass; the
-    backward recomputes the sigmoid from the saved gate and writes both gradients in one
-    pass, with the float32 formulas of autodiff's own (dgate = ct*up*s + gate*ct*up*s(1-s),
-    dup = ct*gate*s). A float32 model keeps autodiff (the same values bit for bit, and no
-    faster on CPU: not used there)."""
+    Autodiff of jax.nn.silu(gate) * up runs on XLA:CPU as three elementwise passes over
+    [tokens, mlp_dim] forward (sigmoid, silu, product: the first two kept for the
+    backward) and more backward; in bfloat16 it rounds every intermediate. Here the
+    forward is one pass and the backward recomputes the sigmoid from the saved gate, with
+    autodiff's own float32 formulas (dgate = ct*up*s + gate*ct*up*s(1-s), dup =
+    gate*s*ct): for float32 operands the values are autodiff's bit for bit
+    (tests/test_swiglu.py), for bfloat16 they are its float32 values rounded once."""
     return _swiglu_fwd(gate, up)[0]
 
 
@@ -463,7 +463,10 @@ def _swiglu_fwd(gate, up):
 
 
 def _swiglu_bwd(res, ct):
-    gate, up = res
+    # the barrier keeps XLA from sharing the forward's sigmoid and silu with this pass
+    # (common-subexpression elimination would keep both from the forward to here as two
+    # float32 [tokens, mlp_dim] arrays: three passes forward again)
+    gate, up = jax.lax.optimization_barrier(res)
     g, u, c = (a.astype(jnp.float32) for a in (gate, up, ct))
     s = _sigmoid(g)
     ct_act = c * u
@@ -474,6 +477,13 @@ def _swiglu_bwd(res, ct):
 swiglu_f32.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def _fused_swiglu(cfg: TransformerConfig, dtype) -> bool:
+    """swiglu_f32 for a SwiGLU on CPU (measured there only: docs/benchmarks.md, "One pass
+    for the SwiGLU"); elsewhere autodiff (XLA:GPU/TPU fuse it themselves)."""
+    del dtype  # every float dtype: float32's values are autodiff's bit for bit
+    return cfg.mlp_activation == "silu" and partitioning.current_platform() == "cpu"
+
+
 class MLP(nn.Module):
     config: TransformerConfig
 
@@ -482,9 +492,8 @@ class MLP(nn.Module):
         cfg = self.config
         gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
         up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x)
-        if (cfg.mlp_activation == "silu" and gate.dtype != jnp.float32
-                and partitioning.current_platform() == "cpu"):
-            hidden = swiglu_f32(gate, up)  # measured on CPU only (docs/benchmarks.md)
+        if _fused_swiglu(cfg, gate.dtype):
+            hidden = swiglu_f32(gate, up)
         else:
             hidden = ACTIVATIONS[cfg.mlp_activation](gate) * up
         hidden = partitioning.constrain(hidden, ("batch", "length", "act_mlp"))
