@@ -88,7 +88,7 @@ VARIANTS = {
     "no_act": ({"ACTIVATIONS": lambda m: {k: (lambda x: x) for k in m.ACTIVATIONS},
                 "swiglu_f32": lambda m: lambda gate, up: gate * up}, {}),
     # the SwiGLU through autodiff of silu(gate) * up (before model.swiglu_f32)
-    "autodiff_swiglu": ({"_fused_swiglu": lambda m: lambda cfg, dtype: False}, {}),
+    "autodiff_swiglu": ({"_fused_swiglu": lambda m: lambda cfg: False}, {}),
     "causal_only": ({"_attention": lambda m: _causal_only}, {}),
     "unblocked": ({"CAUSAL_MAX_BLOCKS": lambda m: 1}, {}),
     # a bf16 model (--dtype bfloat16) with XLA's dots instead of the bf16 matmul kernel

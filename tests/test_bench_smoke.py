@@ -121,7 +121,7 @@ def test_cpu_matmul_gradients_match_autodiff(monkeypatch):
     vm_cpu = _stacked_grads(cfg, params, tokens, mask)
     monkeypatch.setattr(model_lib, "_use_cpu_matmul", lambda c: False)
     monkeypatch.setattr(model_lib, "_f32_kernel", lambda c: None)  # (takes no tiny layer)
-    monkeypatch.setattr(model_lib, "_fused_swiglu", lambda c, d: False)  # (its own barrier)
+    monkeypatch.setattr(model_lib, "_fused_swiglu", lambda c: False)  # (its own barrier)
     loss_ref, g_ref, custom_ref = _rm_loss_and_grads(cfg, params, tokens, mask)
     assert custom_cpu and not custom_ref  # the two paths really differ
     vm_ref = _stacked_grads(cfg, params, tokens, mask)

@@ -55,7 +55,7 @@ def test_a_float32_training_step_is_unchanged_bit_for_bit(monkeypatch):
     """The RM training step (AdamW) with and without it: the same state after two steps."""
     states = []
     for fused in (False, True):
-        monkeypatch.setattr(model_lib, "_fused_swiglu", lambda cfg, dtype, f=fused: f)
+        monkeypatch.setattr(model_lib, "_fused_swiglu", lambda cfg, f=fused: f)
         step, state, batch, _, _ = rm_throughput.build_step("tiny", 2, 32, "adamw", 0, {})
         for _ in range(2):
             state, _ = step(state, batch)

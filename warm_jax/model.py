@@ -477,10 +477,10 @@ def _swiglu_bwd(res, ct):
 swiglu_f32.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def _fused_swiglu(cfg: TransformerConfig, dtype) -> bool:
-    """swiglu_f32 for a SwiGLU on CPU (measured there only: docs/benchmarks.md, "One pass
-    for the SwiGLU"); elsewhere autodiff (XLA:GPU/TPU fuse it themselves)."""
-    del dtype  # every float dtype: float32's values are autodiff's bit for bit
+def _fused_swiglu(cfg: TransformerConfig) -> bool:
+    """swiglu_f32 for a SwiGLU on CPU, every float dtype (measured there only:
+    docs/benchmarks.md, "One pass for the SwiGLU"); elsewhere autodiff (XLA:GPU/TPU fuse it
+    themselves)."""
     return cfg.mlp_activation == "silu" and partitioning.current_platform() == "cpu"
 
 
@@ -492,7 +492,7 @@ class MLP(nn.Module):
         cfg = self.config
         gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
         up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x)
-        if _fused_swiglu(cfg, gate.dtype):
+        if _fused_swiglu(cfg):
             hidden = swiglu_f32(gate, up)
         else:
             hidden = ACTIVATIONS[cfg.mlp_activation](gate) * up
