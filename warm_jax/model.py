@@ -438,10 +438,6 @@ class Attention(nn.Module):
         return ck.value, cv.value, attn
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))  # jax.nn.sigmoid's own formula (lax.logistic)
-
-
 @jax.custom_vjp
 def swiglu_f32(gate, up):
     """silu(gate) * up in float32 (operands of any float dtype), rounded once to theirs.
@@ -458,7 +454,7 @@ def swiglu_f32(gate, up):
 
 def _swiglu_fwd(gate, up):
     g32 = gate.astype(jnp.float32)
-    out = (g32 * _sigmoid(g32)) * up.astype(jnp.float32)
+    out = (g32 * jax.nn.sigmoid(g32)) * up.astype(jnp.float32)
     return out.astype(gate.dtype), (gate, up)
 
 
@@ -468,7 +464,7 @@ def _swiglu_bwd(res, ct):
     # float32 [tokens, mlp_dim] arrays: three passes forward again)
     gate, up = jax.lax.optimization_barrier(res)
     g, u, c = (a.astype(jnp.float32) for a in (gate, up, ct))
-    s = _sigmoid(g)
+    s = jax.nn.sigmoid(g)
     ct_act = c * u
     dgate = ct_act * s + (g * ct_act) * (s * (1.0 - s))
     return dgate.astype(gate.dtype), ((g * s) * c).astype(up.dtype)
