@@ -1,6 +1,7 @@
 """The stacked RM ensemble on 8 fake devices: pretrain -> SFT -> probe -> ensemble on a tiny
 world, sharding of the stacked state on the 'ensemble' axis, a member inside the ensemble
 == the same member trained alone, member diversity, exact resume after preemption."""
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import ensemble, partitioning, train_lib
 from warm_jax.stages import pretrain, rm_ensemble, rm_init, sft
-from warm_jax.data import world
+from warm_jax.data import pipeline, world
 
 M = 4
 STEPS = 4
@@ -183,10 +184,10 @@ def test_stacked_state_sharded_on_ensemble_axis(flow):
 def _fire_sigterm_at(monkeypatch, at_step):
     real = ensemble.member_batch
 
-    def batch(arrays, specs, batch_size, step):
+    def batch(arrays, specs, batch_size, step, **kw):
         if step == at_step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(arrays, specs, batch_size, step)
+        return real(arrays, specs, batch_size, step, **kw)
 
     monkeypatch.setattr(ensemble, "member_batch", batch)
 
@@ -387,3 +388,69 @@ def test_selection_rows_sit_past_the_ensemble_and_before_the_reserved_rows(tmp_p
         with pytest.raises(ValueError, match=r"rm_clean/RMTrainConfig.select_pairs = 17000 "
                            r"selection rows do not fit"):
             rm_ensemble._selection_rows(ctx, 10, 17000)
+
+
+def _specs(indices):
+    return [ensemble.MemberSpec(index=i, learning_rate=1e-3, dropout_rate=0.1, data_seed=7 + i,
+                                init_path="sft", init_step=None) for i in indices]
+
+
+def test_own_rows_give_each_member_a_disjoint_block_it_keeps_when_trained_alone():
+    n, specs = 103, _specs(range(4))
+    assert ensemble.member_blocks(n, specs, 4, "shared") is None
+    blocks = ensemble.member_blocks(n, specs, 4, "own")
+    assert blocks == [(0, 25), (25, 50), (50, 75), (75, 100)]  # rows 100-102 unused
+    arrays = {k: np.arange(n)[:, None] * np.ones((1, 3), np.int32)
+              for k in ensemble.PAIR_KEYS}
+    seen = [set() for _ in specs]
+    for step in range(8):  # 8 x 8 = 64 draws per member: more than one epoch of 25
+        batch = ensemble.member_batch(arrays, specs, 8, step, blocks=blocks)
+        for i, (lo, hi) in enumerate(blocks):
+            rows = batch["chosen_tokens"][i, :, 0]
+            assert ((rows >= lo) & (rows < hi)).all()
+            seen[i] |= set(rows.tolist())
+        # member 2 alone draws exactly its rows inside the ensemble
+        alone_blocks = ensemble.member_blocks(n, specs[2:3], 4, "own")
+        assert alone_blocks == [(50, 75)]
+        alone = ensemble.member_batch(arrays, specs[2:3], 8, step, blocks=alone_blocks)
+        np.testing.assert_array_equal(alone["chosen_tokens"][0], batch["chosen_tokens"][2])
+        # shared: every member draws from all n rows, as before blocks existed
+        shared = ensemble.member_batch(arrays, specs, 8, step)
+        np.testing.assert_array_equal(
+            shared["chosen_tokens"][1, :, 0],
+            pipeline.batch_indices(n, 8, specs[1].data_seed, step))
+    assert [len(s) for s in seen] == [25] * 4  # each member saw its whole block
+    with pytest.raises(ValueError, match="cannot give each of 4 members a row of its own"):
+        ensemble.member_blocks(3, specs, 4, "own")
+
+
+def test_own_rows_accuracies_count_each_members_own_training_rows(monkeypatch):
+    ok = np.array([[1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 1, 1]], bool)
+    monkeypatch.setattr(ensemble, "evaluate", lambda *a: ok)
+    pairs = {"index": np.array([0, 1, 2, 3, 4, 5]),
+             "flipped": np.array([0, 1, 0, 1, 0, 0], bool)}
+    shared = ensemble.accuracy_report(None, None, {"train": pairs}, 8)
+    np.testing.assert_allclose(shared["train"], [0.5, 4 / 6])
+    np.testing.assert_allclose(shared["train_corrupt"], [0.5, 0.5])  # rows 1, 3
+    own = ensemble.accuracy_report(None, None, {"train": pairs, "valid": pairs}, 8,
+                                   blocks=[(0, 3), (3, 6)])
+    np.testing.assert_allclose(own["train"], [2 / 3, 1.0])  # rows 0-2 / rows 3-5
+    np.testing.assert_allclose(own["train_clean"], [0.5, 1.0])  # rows 0, 2 / rows 4, 5
+    np.testing.assert_allclose(own["train_corrupt"], [1.0, 1.0])  # row 1 / row 3
+    np.testing.assert_allclose(own["valid"], [0.5, 4 / 6])  # other sets: every row
+
+
+def test_own_rows_stage_trains_each_member_on_its_block(flow, monkeypatch):
+    real, seen = ensemble.member_batch, []
+
+    def batch(arrays, specs, batch_size, step, **kw):
+        seen.append(kw.get("blocks"))
+        return real(arrays, specs, batch_size, step, **kw)
+
+    monkeypatch.setattr(ensemble, "member_batch", batch)
+    own = dict(ENS, train=dataclasses.replace(ENS["train"], total_steps=2, member_rows="own"))
+    out = rm_ensemble.ensemble_stage(flow["run"], name="rm_own", **own)
+    assert out["member_rows"] == "own"
+    assert out["member_blocks"] == [[0, 125], [125, 250], [250, 375], [375, 500]]
+    assert seen and all(b == [(0, 125), (125, 250), (250, 375), (375, 500)] for b in seen)
+    assert flow["ens"]["member_rows"] == "shared" and flow["ens"]["member_blocks"] is None

@@ -152,10 +152,10 @@ def test_a_user_preference_task_trains_the_ensemble_and_is_evaluated(data_dir, t
     real = ensemble.member_batch
 
     def recording(who, stop_at=None):
-        def member_batch(arrays, specs, batch_size, step):
+        def member_batch(arrays, specs, batch_size, step, **kw):
             if step == stop_at:  # preempted while building batch 1
                 os.kill(os.getpid(), signal.SIGTERM)
-            out = real(arrays, specs, batch_size, step)
+            out = real(arrays, specs, batch_size, step, **kw)
             seen[who].append((step, out["chosen_tokens"].tobytes()))
             return out
         return member_batch

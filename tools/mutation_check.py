@@ -90,6 +90,18 @@ MUTATIONS = [
              "dgate = ct_act * s + (g * ct_act) * (s * (1.0 - s))",
              "dgate = ct_act * s",
              ("tests/test_swiglu.py::test_values_and_gradients_are_the_float32_ones_rounded_once",)),
+    Mutation("own_rows_block_offset_dropped", "with RMTrainConfig.member_rows = 'own' "
+             "every member draws from the first block (the blocks' offsets dropped)",
+             "warm_jax/ensemble.py",
+             "spans = blocks or [(0, n)] * len(specs)",
+             "spans = [(0, hi - lo) for lo, hi in blocks] if blocks else [(0, n)] * len(specs)",
+             ("tests/test_rm_ensemble.py::test_own_rows_give_each_member_a_disjoint_block_it_"
+              "keeps_when_trained_alone",)),
+    Mutation("own_rows_not_passed_to_the_batches", "the ensemble stage records "
+             "member_rows = 'own' but draws every member's batches from all rows",
+             "warm_jax/stages/rm_ensemble.py",
+             'step, blocks=data["blocks"])),', "step)),",
+             ("tests/test_rm_ensemble.py::test_own_rows_stage_trains_each_member_on_its_block",)),
     Mutation("rope_table_off_by_one", "the rotary sin/cos table is read one position late",
              "warm_jax/model.py",
              "jnp.take(table, positions, axis=0,",

@@ -310,6 +310,10 @@ class RMTrainConfig:
     # accuracies.select; members are ranked on them (the best single RM, top-M WARM / ENS,
     # the greedy soup), not on the ID split that is reported. 0 = none (ranked on 'valid').
     select_pairs: int = 1000
+    # which training rows each member sees: 'shared' (every member on the ensemble's rows
+    # [0, n), the paper's protocol) or 'own' (member i on block i of M equal, contiguous,
+    # disjoint blocks of [0, n): n // M rows each, none seen by two members; member_blocks)
+    member_rows: str = "shared"
 
     @classmethod
     def check(cls, c) -> None:
@@ -322,6 +326,7 @@ class RMTrainConfig:
         c.number("center_coef", 0)
         c.choice("member_loop", ("auto", "vmap", "map"))
         c.choice("dropout_sites", ("all", "head"))
+        c.choice("member_rows", ("shared", "own"))
         c.batch_divides_mesh()
 
 
@@ -470,10 +475,31 @@ def put_member_batch(program: EnsembleProgram, arrays: dict) -> dict:
     return out
 
 
-def member_batch(arrays: dict, specs: Sequence[MemberSpec], batch_size: int, step: int) -> dict:
-    """[M, B, T] arrays: member i's batch `step` in its own data order."""
+def member_blocks(n: int, specs: Sequence[MemberSpec], num_members: int,
+                  member_rows: str = "shared") -> Optional[list[tuple[int, int]]]:
+    """[start, end) of the training rows each member of `specs` sees, or None when every
+    member sees all n rows ('shared'). 'own': member i (MemberSpec.index, so a member
+    trained alone sees the rows it sees in the ensemble) gets block i of num_members equal,
+    contiguous, disjoint blocks of [0, n); the n % num_members last rows go unused."""
+    if member_rows == "shared":
+        return None
+    if member_rows != "own":
+        raise ValueError(f"RMTrainConfig.member_rows: {member_rows!r} is not 'shared' or 'own'")
+    size = n // num_members
+    if size < 1:
+        raise ValueError(f"RMTrainConfig.member_rows = 'own': {n} training rows cannot give "
+                         f"each of {num_members} members a row of its own")
+    return [(s.index * size, (s.index + 1) * size) for s in specs]
+
+
+def member_batch(arrays: dict, specs: Sequence[MemberSpec], batch_size: int, step: int,
+                 blocks: Optional[Sequence[tuple[int, int]]] = None) -> dict:
+    """[M, B, T] arrays: member i's batch `step` in its own data order, drawn from all rows
+    or (blocks, from member_blocks) from its own rows [start, end)."""
     n = len(arrays["chosen_tokens"])
-    idx = np.stack([pipeline.batch_indices(n, batch_size, s.data_seed, step) for s in specs])
+    spans = blocks or [(0, n)] * len(specs)
+    idx = np.stack([lo + pipeline.batch_indices(hi - lo, batch_size, s.data_seed, step)
+                    for s, (lo, hi) in zip(specs, spans)])
     return {k: arrays[k][idx] for k in PAIR_KEYS}
 
 
@@ -494,19 +520,31 @@ def evaluate(program: EnsembleProgram, params, pairs: dict, batch_size: int) -> 
     return np.concatenate(out, axis=1)
 
 
-def accuracy_report(program: EnsembleProgram, params, eval_sets: dict,
-                    batch_size: int) -> dict[str, np.ndarray]:
+def accuracy_report(program: EnsembleProgram, params, eval_sets: dict, batch_size: int,
+                    blocks: Optional[Sequence[tuple[int, int]]] = None) -> dict[str, np.ndarray]:
     """{set: [M] accuracies}; a train set with flipped rows also gives train_clean and
-    train_corrupt (agreement with the flipped training label)."""
+    train_corrupt (agreement with the flipped training label). With `blocks` (member_blocks)
+    each member's train accuracies count only its own rows (the set's "index")."""
     out = {}
     for name, pairs in eval_sets.items():
         ok = evaluate(program, params, pairs, batch_size)
-        out[name] = ok.mean(axis=1)
+        own = np.ones(ok.shape, bool)
+        if name == "train" and blocks:
+            rows = np.asarray(pairs["index"])
+            own = np.stack([(rows >= lo) & (rows < hi) for lo, hi in blocks])
+        out[name] = _masked_mean(ok, own)
         if name == "train" and pairs["flipped"].any():
             fl = np.asarray(pairs["flipped"], bool)
-            out["train_clean"] = ok[:, ~fl].mean(axis=1)
-            out["train_corrupt"] = ok[:, fl].mean(axis=1)
+            out["train_clean"] = _masked_mean(ok, own & ~fl)
+            out["train_corrupt"] = _masked_mean(ok, own & fl)
     return out
+
+
+def _masked_mean(ok: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[M] means of ok [M, N] over each member's mask row (nan where a mask is empty)."""
+    count = mask.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (ok & mask).sum(axis=1) / np.maximum(count, 1), np.nan)
 
 
 def member_keys(values: dict, specs: Sequence[MemberSpec], suffix: str = "") -> dict:

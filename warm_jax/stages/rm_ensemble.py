@@ -100,6 +100,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
     setup = _setup(ctx, name, sweep, member_index, head_path)
     data = _data(ctx, corrupted, tc)
     m, (n, seq_len) = len(setup["specs"]), (data["n"], data["seq_len"])
+    data["blocks"] = ensemble.member_blocks(n, setup["specs"], sweep.num_members,
+                                            tc.member_rows)
     opt_cfg = ensemble.ensemble_optimizer_config(tc.warmup_steps, tc.total_steps)
     program = ensemble.build_ensemble_program(setup["model_cfg"], opt_cfg, ctx.mesh(), m,
                                               (tc.batch_size, seq_len), tc.center_coef,
@@ -112,6 +114,7 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
                  dcfg.corruption_fraction if corrupted else 0.0,
              "corruption_seed": dcfg.corruption_seed if corrupted else None,
              "train_rows": [0, n], "select_rows": data["select_rows"],
+             "member_rows": tc.member_rows, "member_blocks": _blocks_json(data["blocks"]),
              "optimizer": {k: v for k, v in dataclasses.asdict(opt_cfg).items()
                            if k != "learning_rate"},  # per member
              "train_pairs": n, "seq_len": seq_len, "pack_length": data["pack_length"],
@@ -131,10 +134,15 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
         "scope": scope(), "train_rows": [0, n], "max_train_pairs": dcfg.max_train_pairs,
         "corruption_fraction": hyper["corruption_fraction"],
         "corruption_seed": hyper["corruption_seed"], "select_rows": data["select_rows"],
+        "member_rows": tc.member_rows, "member_blocks": hyper["member_blocks"],
         "train_seconds": round(run["train_seconds"], 2),
         "eval_seconds": round(run["eval_seconds"], 2), "seconds": ctx.seconds,
         "mesh": dict(ctx.mesh().shape),
         "nonfinite_steps": [int(x) for x in np.asarray(run["state"]["member_nonfinite"])]})
+
+
+def _blocks_json(blocks) -> Optional[list]:
+    return None if blocks is None else [[int(lo), int(hi)] for lo, hi in blocks]
 
 
 def _setup(ctx, name: str, sweep: ensemble.MemberSweep, member_index, head_path: str) -> dict:
@@ -276,7 +284,7 @@ def _train(ctx, name: str, program, setup: dict, data: dict,
         te = time.time()
         last_eval.clear()
         last_eval.update(ensemble.accuracy_report(program, state["params"], data["eval_sets"],
-                                                  tc.eval_batch_size))
+                                                  tc.eval_batch_size, data["blocks"]))
         last_eval["step"] = step
         clock["eval"] += time.time() - te
         return ensemble.member_keys(
@@ -287,7 +295,10 @@ def _train(ctx, name: str, program, setup: dict, data: dict,
         return writers[-1]
 
     def on_start(state, start, writer):
-        log.info("[%s] %d member(s), %d pairs, seq len %d%s", name, m, data["n"], data["seq_len"],
+        log.info("[%s] %d member(s), %d pairs%s, seq len %d%s", name, m, data["n"],
+                 "" if not data["blocks"] else
+                 f" ({data['blocks'][0][1] - data['blocks'][0][0]} of its own per member)",
+                 data["seq_len"],
                  f" (pairs packed into {data['pack_length']} tokens, evaluation pairs into "
                  f"{data['eval_pack_length']})" if data["pack_length"] else "")
         clock["start"] = time.time()
@@ -303,7 +314,7 @@ def _train(ctx, name: str, program, setup: dict, data: dict,
                                  tc.eval_every),
         abstract_state=program.abstract_state, fresh_state=fresh_state, step_fn=program.step,
         batch_fn=lambda step: ensemble.put_member_batch(program, ensemble.member_batch(
-            data["train"], specs, tc.batch_size, step)),
+            data["train"], specs, tc.batch_size, step, blocks=data["blocks"])),
         make_writer=make_writer, on_start=on_start, on_boundary=on_end,
         meta_fn=lambda _: {"stage": "rm_ensemble", "members": [s.as_dict() for s in specs]},
         eval_fn=eval_fn, summarize=lambda mets: ensemble.member_keys(mets, specs),
