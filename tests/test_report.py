@@ -764,3 +764,50 @@ def test_gate_table_reads_the_warm_start_rule_and_the_gates(tmp_path, capsys):
     assert out == ["| 4 | 4800 (0.891, 0.919, 0.923) | 0.918 | 0.9110 | 0.795 | 0.950 | 0.0390 | "
                    "0.434 | 0.329 | 0.907 PASS | pass/pass/pass | pass/pass/FAIL |",
                    "| 5 | pending |"]
+
+
+def test_arm_table_counts_the_declared_predictions_per_seed(tmp_path, capsys):
+    """tools/arm_table.py (docs/results.md, "Members on rows of their own"): per seed and
+    arm the members' error correlation, WARM's gain, ID / D_ood / stress and the corrupted
+    ensemble's flipped-label agreement; each prediction counted over seeds; a missing
+    rm_eval summary is named."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import arm_table
+
+    rng = np.random.default_rng(1)
+    oracle = rng.normal(size=(32, 64))
+
+    def arm(run, shared_error, warm_valid, warm_flipped):
+        scores = run / "bon" / "scores"
+        os.makedirs(scores)
+        np.save(scores / "oracle.npy", oracle)
+        common = rng.normal(size=oracle.shape)
+        for ens in ("rm_clean", "rm_corrupt"):
+            for i in range(2):
+                own = rng.normal(size=oracle.shape)
+                np.save(scores / f"member_{ens}_{i}.npy",
+                        oracle + shared_error * common + (1 - shared_error) * own)
+            np.save(scores / f"warm_{ens}_2.npy", oracle + shared_error * common)
+        for ens, split, warm in (("rm_clean", "valid", warm_valid),
+                                 ("rm_corrupt", "train_corrupt", warm_flipped)):
+            row = {"valid": 0.9, "ood": 0.8, "stress": 0.7, "train_corrupt": 0.3}
+            t = {"member_0": dict(row), "member_1": dict(row, valid=0.8, train_corrupt=0.5),
+                 "warm_M2": dict(row, **{split: warm}), "ens_M2": dict(row)}
+            os.makedirs(run / f"rm_eval_{ens}")
+            (run / f"rm_eval_{ens}" / "summary.json").write_text(json.dumps({"table": t}))
+
+    for seed, (own_valid, own_flipped) in ((1, (0.9, 0.1)), (2, (0.8, 0.3))):
+        arm(tmp_path / "shared" / f"seed_{seed}", 0.9, 0.86, 0.2)
+        arm(tmp_path / "own" / f"seed_{seed}", 0.1, own_valid, own_flipped)
+    arm_table.main([str(tmp_path), "1", "2"])
+    out = capsys.readouterr().out
+    assert "| 1 | own | " in out and "| 2 | shared | " in out
+    assert "| 0.900 / 0.850 / 0.900 |" in out  # seed 1 own: WARM / mean member / ENS on ID
+    assert "| 0.100 / 0.300 / 0.400 |" in out  # seed 1 own: flipped labels agreed
+    assert "1 clean error~error lower: 2/2 seeds" in out
+    assert "2 WARM's gain over its members larger: 2/2 seeds" in out
+    assert "3 own WARM >= its mean member on ID: 1/2 seeds" in out  # 0.8 < 0.85 on seed 2
+    assert "4 own WARM agrees with fewer flipped labels: 1/2 seeds" in out  # 0.3 > 0.2
+    os.remove(tmp_path / "own" / "seed_2" / "rm_eval_rm_corrupt" / "summary.json")
+    with pytest.raises(SystemExit, match=r"seed_2/rm_eval_rm_corrupt/summary\.json not found"):
+        arm_table.main([str(tmp_path), "1", "2"])
