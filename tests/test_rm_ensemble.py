@@ -441,6 +441,7 @@ def test_own_rows_accuracies_count_each_members_own_training_rows(monkeypatch):
 
 
 def test_own_rows_stage_trains_each_member_on_its_block(flow, monkeypatch):
+    _bind(os.path.join(flow["run"], "data"))  # tests before this one clear gin's bindings
     real, seen = ensemble.member_batch, []
 
     def batch(arrays, specs, batch_size, step, **kw):
