@@ -74,6 +74,15 @@ class RLConfig:
       policy, a scaled one a forward pass per rescaling. It bounds how far one step can
       move the policy, so a run cannot jump from KL 4 to KL 11 in ten steps before the
       KL controller reacts (docs/science.md, section 17).
+    - kl_penalty 'reward' (the paper's): the per-token penalty -alpha x (log pi - log ref)
+      of the sampled token is part of each completion's return, so it acts only through
+      the policy gradient's samples (with a group baseline, only where a prompt's
+      completions differ in KL); 'loss': the returns hold the score alone and the policy
+      loss adds alpha x the exact KL(pi || ref) of the next-token distributions at each
+      completion token (summed over the vocabulary, averaged over tokens like the policy
+      term), a direct pull towards the reference whatever the samples (one more forward
+      pass of the reference policy per step; logged as `kl_exact`, per completion). The
+      KL controller reads the sampled KL in either mode.
     """
 
     steps: int = 100
@@ -102,6 +111,7 @@ class RLConfig:
     kl_alpha_min: Optional[float] = None  # the adaptive alpha's floor (None: none)
     kl_alpha_max: Optional[float] = None  # the adaptive alpha's cap (None: none)
     max_step_kl: Optional[float] = None  # trust region: nats per completion a step may move
+    kl_penalty: str = "reward"  # reward | loss (the exact KL in the policy loss)
 
     @classmethod
     def check(cls, c) -> None:
@@ -142,6 +152,7 @@ class RLConfig:
                 c.fail(bound, f"must be {'<=' if sign < 0 else '>='} alpha = {c['alpha']} "
                        "(alpha starts there)")
         c.number("max_step_kl", 0, lo_open=True, optional=True)
+        c.choice("kl_penalty", KL_PENALTIES)
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
@@ -175,6 +186,7 @@ class RLConfig:
 
 
 OPTIMIZERS = ("adafactor", "adamw")
+KL_PENALTIES = ("reward", "loss")
 REWARD_NORMALIZATIONS = ("sft", "none")
 VALUE_INITS = ("fit", "mean", "none")
 VALUE_MODELS = ("reward", "policy")
@@ -318,16 +330,23 @@ def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int,
 
 
 def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_tokens,
-            prompt_mask, key) -> dict:
-    """Samples completions and scores them: sequences, proxy scores, ref log-probs."""
+            prompt_mask, key, ref_logp: bool = False) -> dict:
+    """Samples completions and scores them: sequences, proxy scores, ref log-probs (and,
+    with ref_logp, the reference's whole next-token distributions as 'ref_logp')."""
     out = sampling.sample(cfg, params, prompt_tokens, prompt_mask, key, scfg)
     seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"], out["mask"])
     score = reward_apply(rm_params, seq["tokens"], seq["mask"]).astype(jnp.float32)
-    ref_lp = token_logprobs(cfg, ref_params, seq["tokens"], seq["mask"], scfg.temperature)
+    ref = token_logprobs(cfg, ref_params, seq["tokens"], seq["mask"], scfg.temperature,
+                         with_logp=ref_logp)
     sample_lp = sampling.completion_values_right_padded(prompt_mask, out["mask"],
                                                         out["logprobs"])[:, 1:]
-    return {"seq": seq, "sample": out, "score": score, "ref_lp": ref_lp, "sample_lp": sample_lp,
-            "tmask": seq["completion_mask"][:, 1:].astype(jnp.float32)}
+    res = {"seq": seq, "sample": out, "score": score, "sample_lp": sample_lp,
+           "tmask": seq["completion_mask"][:, 1:].astype(jnp.float32)}
+    if ref_logp:
+        res["ref_lp"], res["ref_logp"] = ref
+    else:
+        res["ref_lp"] = ref
+    return res
 
 
 def trust_region(cfg, max_kl: float, logp_old, tokens, mask, tmask, temperature):
@@ -354,8 +373,9 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
 
     def step(state, ref_params, rm_params, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
+        in_loss = rl.kl_penalty == "loss"
         ro = rollout(cfg, scfg, reward_apply, jax.lax.stop_gradient(state["params"]),
-                     ref_params, rm_params, batch["tokens"], batch["mask"], key)
+                     ref_params, rm_params, batch["tokens"], batch["mask"], key, in_loss)
         seq, tmask = ro["seq"], ro["tmask"]
         tokens, mask = seq["tokens"], seq["mask"]
         # the sampler's log-probs are the policy's (same temperature, no filtering): no
@@ -363,7 +383,7 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         kl_t = jax.lax.stop_gradient(ro["sample_lp"] - ro["ref_lp"]) * tmask
         score = standardise(ro["score"], state["reward_norm"])
         alpha = state["alpha"] if rl.kl_target else rl.alpha
-        rewards = shaped_rewards(score, kl_t, tmask, alpha)
+        rewards = shaped_rewards(score, kl_t, tmask, 0.0 if in_loss else alpha)
         returns = discounted_returns(rewards, tmask)
 
         def value_loss_fn(vparams):
@@ -386,10 +406,15 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
 
         def policy_loss_fn(params):
             lp, ent, *logp = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True,
-                                            with_logp=trust)
-            return -_masked_mean(adv * lp, tmask), (ent, logp)
+                                            with_logp=trust or in_loss)
+            loss, kl_exact = -_masked_mean(adv * lp, tmask), jnp.zeros((tokens.shape[0],))
+            if in_loss:  # the exact KL(pi || ref) at each completion token
+                kl_tok = jnp.sum(jnp.exp(logp[0]) * (logp[0] - ro["ref_logp"]), axis=-1)
+                loss = loss + alpha * _masked_mean(kl_tok, tmask)
+                kl_exact = jnp.sum(kl_tok * tmask, axis=1)
+            return loss, (ent, logp, kl_exact)
 
-        (pi_loss, (ent, logp_old)), pi_grads = jax.value_and_grad(
+        (pi_loss, (ent, logp_old, kl_exact)), pi_grads = jax.value_and_grad(
             policy_loss_fn, has_aux=True)(state["params"])
         loss = pi_loss + v_loss
         limits = {"params": trust_region(cfg, rl.max_step_kl, jax.lax.stop_gradient(
@@ -421,6 +446,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         }
         if trust:
             metrics.update(aux[0]["params"])
+        if in_loss:
+            metrics["kl_exact"] = jnp.mean(jax.lax.stop_gradient(kl_exact))
         return new, metrics
 
     return step
