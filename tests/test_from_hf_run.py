@@ -33,12 +33,12 @@ def test_sft_starts_from_the_hugging_face_checkpoint_and_tokenizer(tmp_path):
     summary = json.load(open(os.path.join(run_dir, "sft", "summary.json")))
     assert summary["init_params_path"].endswith("llama_lm")
     assert "initialised from" in summary["source"] and np.isfinite(summary["sft_valid_loss"])
-    card = ckpt_lib.read_card(summary["final"])
+    card = ckpt_lib.read_card(os.path.join(run_dir, summary["final"]))
     hf = ckpt_lib.read_card(os.path.join(FX, "llama_lm"))  # the HF directory's own card
     assert card["model_config"] == hf["model_config"]
     assert card["vocab_sha256"] == vocab_lib.file_sha256(tok) == hf["vocab_sha256"]
     # two steps moved the pretrained weights, from the pretrained weights
-    params, _ = ckpt_lib.load_params(summary["final"])
+    params, _ = ckpt_lib.load_params(os.path.join(run_dir, summary["final"]))
     start, _ = ckpt_lib.load_params(os.path.join(FX, "llama_lm"))
     q1 = np.asarray(params["layer_0"]["attn"]["query"]["kernel"])
     q0 = np.asarray(start["layer_0"]["attn"]["query"]["kernel"])

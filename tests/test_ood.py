@@ -192,7 +192,8 @@ def _stage(run, **kw):
 def test_stage_writes_the_public_format_and_its_numbers(run_dir, tmp_path, monkeypatch):
     s = _stage(run_dir)
     path = os.path.join(run_dir, "ood", "comparisons.jsonl")
-    assert s["comparisons"] == path and s["n_pairs"] == 40 and s["split"] == "dood"
+    assert os.path.join(run_dir, s["comparisons"]) == path  # stored relative to the run
+    assert s["n_pairs"] == 40 and s["split"] == "dood"
     rows = formats.read_comparisons(path)
     lines = open(path).read().splitlines()
     assert [json.loads(l) for l in lines] == [formats.comparison_to_json(c) for c in rows]
@@ -263,7 +264,8 @@ def test_stage_refuses_real_data_without_a_labeler(run_dir, tmp_path):
                                                  dict(args, comparisons=given), run))
     s = ood.ood_stage(run, comparisons=given)
     assert s["source"] == "given" and s["n_pairs"] == SMALL["n_ood_pairs"]
-    assert formats.read_comparisons(s["comparisons"]) == formats.read_comparisons(given)
+    assert formats.read_comparisons(os.path.join(run, s["comparisons"])) == \
+        formats.read_comparisons(given)
 
 
 # ------------------------------------------------------------------------------- rm_eval
@@ -275,7 +277,7 @@ def test_rm_eval_reports_ood_and_stress(run_dir, tmp_path):
                               num_lambdas=3)
     n_ood = len(formats.read_comparisons(os.path.join(run_dir, "ood", "comparisons.jsonl")))
     assert s["splits"] == {"train_clean": 16, "valid": 40, "ood": n_ood, "stress": 48}
-    assert s["ood_source"] == os.path.join(run_dir, "ood", "comparisons.jsonl")
+    assert s["ood_source"] == os.path.join("ood", "comparisons.jsonl")  # relative to the run
     assert s["missing"] == {} and "D_ood" in s["split_titles"]["ood"]
     assert "valid2" in s["split_titles"]["stress"]
     claims = {c["id"] for c in s["claims"]}

@@ -262,15 +262,29 @@ def _lines_starting(text, prefix):
 
 @pytest.mark.slow
 def test_report_of_the_smoke_flow_reads_what_the_stages_wrote(tmp_path):
-    run = tmp_path / "run"
+    """The smoke flow in two parts: data .. rm_init from one working directory (RUN_DIR
+    relative to it); then the run directory is moved and the rest runs from another working
+    directory, reading the earlier stages' summaries and exports where they now are."""
+    start, later, run = tmp_path / "start", tmp_path / "later", tmp_path / "run"
+    os.makedirs(start)
+    os.makedirs(later)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    # run from tmp_path: the code under test is REPO's (PYTHONPATH), whatever is installed
-    proc = subprocess.run([sys.executable, "-m", "warm_jax.main",
-                           f"--gin_file={os.path.join(REPO, 'gin', 'runs', 'smoke.gin')}",
-                           f"--gin.RUN_DIR='{run}'"], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=1800)
+
+    def main(cwd, run_dir, *args):
+        # the code under test is REPO's (PYTHONPATH), whatever is installed
+        return subprocess.run([sys.executable, "-m", "warm_jax.main",
+                               f"--gin_file={os.path.join(REPO, 'gin', 'runs', 'smoke.gin')}",
+                               f"--gin.RUN_DIR='{run_dir}'", *args], cwd=str(cwd), env=env,
+                              capture_output=True, text=True, timeout=1800)
+
+    proc = main(start, "run", "--stages=data,pretrain,sft,rm_init")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    os.rename(start / "run", run)
+    proc = main(later, os.path.join("..", "run"))  # the finished stages are skipped
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sft_s = json.loads((run / "sft" / "summary.json").read_text())
+    assert sft_s["final"] == os.path.join("sft", "snapshots", "step_6")
     check_report_matches_stage_outputs(run)
     # main times every entry: wall, CPU and the part spent compiling (training stages compile)
     timings = json.loads((run / "timings.json").read_text())

@@ -200,8 +200,8 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
     assert not os.path.exists(os.path.join(b, "rl_test", "summary.json"))
     resumed = _stage(b, data, sft, rm, kw)
     # the same policy, bit for bit, and the same logged metrics and samples
-    pa, ca = ckpt_lib.load_params(full["policy"])
-    pb, cb = ckpt_lib.load_params(resumed["policy"])
+    pa, ca = ckpt_lib.load_params(os.path.join(a, full["policy"]))  # relative to the run
+    pb, cb = ckpt_lib.load_params(os.path.join(b, resumed["policy"]))
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert _records(a, "metrics.jsonl") == _records(b, "metrics.jsonl")

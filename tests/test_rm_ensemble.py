@@ -58,8 +58,9 @@ def flow(tmp_path_factory):
     gin.clear_config()
 
 
-def _load(path):
-    params, card = ckpt_lib.load_params(path)
+def _load(run, path):
+    """A params export named by a summary or card of `run` (stored relative to it)."""
+    params, card = ckpt_lib.load_params(os.path.join(run, path))
     return jax.tree.map(np.asarray, params), card
 
 
@@ -67,7 +68,7 @@ def test_flow_exports_and_cards(flow):
     run = flow["run"]
     assert [s["step"] for s in flow["sft"]["snapshots"]] == [2, 4, 6]
     probe = flow["probe"]
-    head, hcard = _load(probe["head"])
+    head, hcard = _load(run, probe["head"])
     assert set(head) == {"reward_head"} and hcard["kind"] == "rm_head"
     assert np.abs(head["reward_head"]["kernel"]).sum() > 0  # the probe moved the head
     assert {"train", "valid", "ood"} <= set(hcard["accuracies"])
@@ -81,10 +82,11 @@ def test_flow_exports_and_cards(flow):
     assert ens["max_train_pairs"] == 500 and ens["scope"] == ""
     assert [m["index"] for m in ens["members"]] == list(range(M))
     for i, m in enumerate(ens["members"]):
-        assert m["path"] == os.path.join(run, "rm_a", "members", f"member_{i}")
-        params, card = _load(m["path"])
+        assert m["path"] == os.path.join("rm_a", "members", f"member_{i}")
+        params, card = _load(run, m["path"])
         assert card["kind"] == "rm_member" and card["member"] == i and card["step"] == STEPS
-        assert card["model_config"] == ckpt_lib.read_card(m["init_snapshot"])["model_config"]
+        assert card["model_config"] == ckpt_lib.read_card(
+            os.path.join(run, m["init_snapshot"]))["model_config"]
         assert model_lib.config_from_dict(card["model_config"]).vocab_size == 512
         assert card["vocab_sha256"] == hcard["vocab_sha256"]
         assert card["learning_rate"] == ENS["members"].learning_rates[i]
@@ -116,8 +118,8 @@ def test_baklava_init_and_fingerprints(flow):
     fps = [m["init_fingerprint"] for m in members]
     assert fps[0] == fps[3] and len({fps[0], fps[1], fps[2]}) == 3
     # the init fingerprint is the fingerprint of SFT backbone + probed head
-    head, _ = _load(flow["probe"]["head"])
-    snap, _ = _load(flow["sft"]["final"])
+    head, _ = _load(flow["run"], flow["probe"]["head"])
+    snap, _ = _load(flow["run"], flow["sft"]["final"])
     snap["reward_head"] = head["reward_head"]
     assert ckpt_lib.fingerprint(snap) == fps[0]
     # one lineage for all: probed head + the pre-training root of every snapshot
@@ -125,20 +127,20 @@ def test_baklava_init_and_fingerprints(flow):
 
 
 def test_members_differ(flow):
-    trees = [_load(m["path"])[0] for m in flow["ens"]["members"]]
+    trees = [_load(flow["run"], m["path"])[0] for m in flow["ens"]["members"]]
     for i in range(M):
         for j in range(i + 1, M):
             diff = max(float(np.max(np.abs(a - b)))
                        for a, b in zip(jax.tree.leaves(trees[i]), jax.tree.leaves(trees[j])))
             assert diff > 1e-4, (i, j, diff)
     # members 0 and 3 share their init but differ in lr/dropout/data order -> still differ
-    cards = [_load(m["path"])[1] for m in flow["ens"]["members"]]
+    cards = [_load(flow["run"], m["path"])[1] for m in flow["ens"]["members"]]
     assert cards[0]["init_fingerprint"] == cards[3]["init_fingerprint"]
     assert cards[0]["fingerprint"] != cards[3]["fingerprint"]
 
 
 def _program(flow, num_members):
-    card = ckpt_lib.read_card(flow["ens"]["members"][0]["path"])
+    card = ckpt_lib.read_card(os.path.join(flow["run"], flow["ens"]["members"][0]["path"]))
     cfg = model_lib.config_from_dict(card["model_config"])
     hp = card["hyperparameters"]
     opt = ensemble.ensemble_optimizer_config(hp["warmup_steps"], hp["total_steps"])
@@ -196,11 +198,11 @@ def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monke
     run, k = flow["run"], 1
     solo = rm_ensemble.ensemble_stage(run, name="rm_solo", member_index=k, **ENS)
     assert [m["index"] for m in solo["members"]] == [k]
-    assert solo["members"][0]["path"] == os.path.join(run, "rm_solo", "members", f"member_{k}")
+    assert solo["members"][0]["path"] == os.path.join("rm_solo", "members", f"member_{k}")
     assert os.path.exists(os.path.join(run, "rm_solo", "member_jobs", f"member_{k}",
                                        "summary.json"))
-    alone, card_alone = _load(solo["members"][0]["path"])
-    inside, card_inside = _load(flow["ens"]["members"][k]["path"])
+    alone, card_alone = _load(run, solo["members"][0]["path"])
+    inside, card_inside = _load(run, flow["ens"]["members"][k]["path"])
     for key in ("learning_rate", "dropout_rate", "data_seed", "init_fingerprint",
                 "shared_fingerprint", "init_snapshot", "kind", "model_config"):
         assert card_alone[key] == card_inside[key], key
@@ -218,7 +220,7 @@ def test_member_alone_matches_member_in_ensemble_and_resumes_exactly(flow, monke
     resumed = rm_ensemble.ensemble_stage(run, name="rm_resume", member_index=k,
                                          **ENS)
     assert "resumed" in resumed["source"]
-    again, _ = _load(resumed["members"][0]["path"])
+    again, _ = _load(run, resumed["members"][0]["path"])
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(alone)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     steps_logged = [json.loads(l)["step"] for l in open(os.path.join(jobdir, "metrics.jsonl"))

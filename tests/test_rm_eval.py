@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from warm_jax import average
+from warm_jax import artifacts, average
 from warm_jax.stages import rm_eval
 from warm_jax.stages import warm as warm_stages
 from warm_jax import checkpoint as ckpt_lib
@@ -79,8 +79,8 @@ def data_config(run_dir):
     gin.clear_config()
 
 
-def _rows(summary):
-    with open(summary["results"]) as f:
+def _rows(summary, run_dir):
+    with open(os.path.join(run_dir, summary["results"])) as f:  # relative to the run
         return [json.loads(line) for line in f]
 
 
@@ -97,8 +97,8 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
     assert s["baselines"]["source"].startswith("rm_eval (the data stage recorded none")
     assert s["splits"] == {"train_clean": 48, "train_corrupt": 48, "valid": 80, "ood": N_OOD,
                            "stress": 80}
-    assert s["ood_source"] == os.path.join(run_dir, "ood", "comparisons.jsonl") and not s["missing"]
-    rows = _rows(s)
+    assert s["ood_source"] == os.path.join("ood", "comparisons.jsonl") and not s["missing"]
+    rows = _rows(s, run_dir)
     splits = ["train_clean", "train_corrupt", "valid", "ood", "stress"]
     # members / WARM / ENS x splits, interpolation, swapped posts (members + WARM), baselines
     assert len(rows) == 3 * 5 + 2 * 2 * 5 + 5 * 3 * 4 + 4 + 3
@@ -114,7 +114,7 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
 
     # members' accuracies agree with the reward interface (masked attention path)
     prov = provider_lib.DataProvider(provider_lib.DataConfig())
-    sets = rm_eval.eval_sets(prov, True, 48, ood_path=s["ood_source"])
+    sets = rm_eval.eval_sets(prov, True, 48, ood_path=os.path.join(run_dir, s["ood_source"]))
     members = reward_lib.ensemble_members(run_dir, ENS)
     rms = [reward_lib.RewardModel.load(p) for p in members]
     for i, rm in enumerate(rms):
@@ -240,11 +240,12 @@ def test_rm_eval_stage_outputs_and_values(run_dir):
 def test_warm_stage_merges_top_m_and_resumes(run_dir):
     s = warm_stages.warm_stage(run_dir, ensemble=ENS, num_members=2)
     out = os.path.join(run_dir, "warm_x_m2")
-    assert s["path"] == out and os.path.exists(os.path.join(run_dir, "warm_x_m2_stage",
+    assert os.path.join(run_dir, s["path"]) == out and os.path.exists(os.path.join(run_dir, "warm_x_m2_stage",
                                                             "summary.json"))
     card = ckpt_lib.read_card(out)
     members = reward_lib.ensemble_members(run_dir, ENS)
-    assert [m["path"] for m in card["members"]] == [members[0], members[1]]  # the top 2
+    # the top 2, recorded relative to the run directory
+    assert [os.path.join(run_dir, m["path"]) for m in card["members"]] == members[:2]
     assert card["kind"] == "warm" and card["ensemble"] == ENS and card["num_members"] == 2
     merged, _ = ckpt_lib.load_params(out)
     prov = provider_lib.DataProvider(provider_lib.DataConfig())
@@ -378,9 +379,9 @@ def test_interp_splits_are_resolved_once_each_and_checked_before_scoring():
         rm_eval._interp_splits(r, ["valid", "ood"])
 
 
-def test_ood_source_follows_a_moved_run_dir(tmp_path):
-    """The ood stage's summary records its file as it was given when the stage ran; a run
-    dir moved (or evaluated from another working directory) still finds its own file."""
+def test_ood_source_follows_a_moved_run_dir(tmp_path, monkeypatch):
+    """An older ood stage's summary records its file as it was given when the stage ran; a
+    run dir moved (or evaluated from another working directory) still finds its own file."""
     run = tmp_path / "moved_run"
     (run / "ood").mkdir(parents=True)
     (run / "ood" / "comparisons.jsonl").write_text("{}\n")
@@ -389,4 +390,11 @@ def test_ood_source_follows_a_moved_run_dir(tmp_path):
     path, why = rm_eval.ood_source(str(run))
     assert path == str(run / "ood" / "comparisons.jsonl") and why is None
     os.remove(run / "ood" / "comparisons.jsonl")  # no file of its own: the recorded one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "old_name" / "ood").mkdir(parents=True)
+    (tmp_path / "runs" / "old_name" / "ood" / "comparisons.jsonl").write_text("{}\n")
     assert rm_eval.ood_source(str(run))[0] == "runs/old_name/ood/comparisons.jsonl"
+    os.remove(tmp_path / "runs" / "old_name" / "ood" / "comparisons.jsonl")  # nowhere: said
+    with pytest.raises(artifacts.StoredPathError, match=r"moved_run/ood/summary.json: field "
+                       r"'comparisons' = 'runs/old_name/ood/comparisons.jsonl': no such path"):
+        rm_eval.ood_source(str(run))

@@ -77,7 +77,8 @@ def test_pretrain_from_a_seqio_task_resumes_at_the_same_example(data_dir, tmp_pa
         assert [s[0] for s in seen["b"]][-2:] == [2, 3]
         assert [s for s in seen["b"] if s[0] >= 2] == [s for s in seen["a"] if s[0] >= 2]
         assert seen["a"][0][1] == 108  # the task's train split (tldr_sft: 90% of 120 posts)
-        for a, b in zip(_params(summary_a["final"]), _params(summary_b["final"])):
+        for a, b in zip(_params(os.path.join(run_a, summary_a["final"])),
+                        _params(os.path.join(run_b, summary_b["final"]))):
             assert np.array_equal(a, b)
         steps = [json.loads(line)["step"]
                  for line in open(os.path.join(run_b, "pretrain", "metrics.jsonl"))]
@@ -176,7 +177,8 @@ def test_a_user_preference_task_trains_the_ensemble_and_is_evaluated(data_dir, t
         assert "resumed" in resumed["source"] and "step 2" in resumed["source"]
         assert [s for s in seen["b"] if s[0] >= 2] == [s for s in seen["a"] if s[0] >= 2]
         for a, b in zip(ens["members"], resumed["members"]):
-            for x, y in zip(_params(a["path"]), _params(b["path"])):
+            for x, y in zip(_params(os.path.join(run, a["path"])),
+                            _params(os.path.join(run, b["path"]))):
                 assert np.array_equal(x, y)
         monkeypatch.setattr(ensemble, "member_batch", real)
         ev = rm_eval.rm_eval_stage(run, ensemble="rm_user", corrupted=False,

@@ -2,6 +2,7 @@
 devices: exports and cards, Baklava snapshots, exact resume after preemption, bad input."""
 import json
 import os
+import shutil
 import signal
 
 import gin
@@ -9,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from warm_jax import artifacts, ensemble, lm, sampling, train_lib
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
-from warm_jax import lm, train_lib
-from warm_jax.stages import pretrain, sft
+from warm_jax.stages import pretrain, rm_init, sft
 from warm_jax.data import pipeline, world
 from warm_jax.data import provider as provider_lib
 
@@ -47,8 +48,10 @@ def pretrained(data_dir, tmp_path_factory):
     return run, pretrain.pretrain_stage(run, **LM)
 
 
-def _params(path):
-    return [np.asarray(x) for x in jax.tree.leaves(ckpt_lib.load_params(path)[0])]
+def _params(path, run=""):
+    """The arrays of a params export; `path` as a summary stores it, relative to `run`."""
+    return [np.asarray(x) for x in jax.tree.leaves(
+        ckpt_lib.load_params(os.path.join(run, path))[0])]
 
 
 def test_default_snapshot_steps():
@@ -110,8 +113,8 @@ def test_lm_head_at_the_target_positions_only():
 
 def test_pretrain_export_card(pretrained, data_dir):
     run, summary = pretrained
-    assert summary["final"] == os.path.join(run, "pretrain", "final")
-    card = ckpt_lib.read_card(summary["final"])
+    assert summary["final"] == os.path.join("pretrain", "final")  # relative to the run
+    card = ckpt_lib.read_card(os.path.join(run, summary["final"]))
     assert card["kind"] == "lm" and card["step"] == LM["total_steps"]
     assert card["model_config"]["vocab_size"] == 512 and card["model_config"]["d_model"] == 32
     from warm_jax.data.vocab import Vocab
@@ -122,7 +125,7 @@ def test_pretrain_export_card(pretrained, data_dir):
     for name in ("summary.json", "metrics.jsonl", "pretrain.run_info.json"):
         assert os.path.exists(os.path.join(run, "pretrain", name)), name
     # sharded over fsdp x tensor on the way (the export is whole)
-    emb = ckpt_lib.load_params(summary["final"])[0]["embedding"]
+    emb = ckpt_lib.load_params(os.path.join(run, summary["final"]))[0]["embedding"]
     assert emb.shape == (512, 32)
 
 
@@ -144,7 +147,7 @@ def test_pretrain_resumes_exactly_after_preemption(pretrained, tmp_path, monkeyp
     assert not os.path.exists(os.path.join(run_b, "pretrain", "final"))
     summary_b = pretrain.pretrain_stage(run_b, **LM)
     assert "resumed" in summary_b["source"] and "step 3" in summary_b["source"]
-    for a, b in zip(_params(summary_a["final"]), _params(summary_b["final"])):
+    for a, b in zip(_params(summary_a["final"], run_a), _params(summary_b["final"], run_b)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     steps = [json.loads(l)["step"] for l in open(os.path.join(run_b, "pretrain", "metrics.jsonl"))]
     assert steps == [2, 4, 6]
@@ -154,18 +157,18 @@ def test_sft_keeps_snapshots_with_cards(pretrained):
     run, pre = pretrained
     summary = sft.sft_stage(run, **LM)
     assert [s["step"] for s in summary["snapshots"]] == [4, 5, 6]  # default: last 3, T/6 apart
-    assert summary["final"] == os.path.join(run, "sft", "snapshots", "step_6")
-    pre_card = ckpt_lib.read_card(pre["final"])
+    assert summary["final"] == os.path.join("sft", "snapshots", "step_6")
+    pre_card = ckpt_lib.read_card(os.path.join(run, pre["final"]))
     for s in summary["snapshots"]:
-        card = ckpt_lib.read_card(s["path"])
-        assert s["path"] == os.path.join(run, "sft", "snapshots", f"step_{s['step']}")
+        card = ckpt_lib.read_card(os.path.join(run, s["path"]))
+        assert s["path"] == os.path.join("sft", "snapshots", f"step_{s['step']}")
         assert card["kind"] == "lm" and card["step"] == s["step"]
         assert card["model_config"] == pre_card["model_config"]
         assert card["vocab_sha256"] == pre_card["vocab_sha256"]
         assert card["init_fingerprint"] == pre_card["fingerprint"]  # the Baklava lineage root
         assert card["sft_valid_loss"] == s["sft_valid_loss"] and np.isfinite(s["sft_valid_loss"])
     # snapshots differ from each other and from the pre-trained init
-    flat = [_params(s["path"]) for s in summary["snapshots"]] + [_params(pre["final"])]
+    flat = [_params(s["path"], run) for s in summary["snapshots"]] + [_params(pre["final"], run)]
     for i in range(len(flat)):
         for j in range(i + 1, len(flat)):
             assert any(not np.array_equal(a, b) for a, b in zip(flat[i], flat[j])), (i, j)
@@ -177,7 +180,7 @@ def test_sft_keeps_snapshots_with_cards(pretrained):
     cfg = model_lib.config_from_dict(pre_card["model_config"])
 
     def valid_loss(path):
-        params, _ = ckpt_lib.load_params(path)
+        params, _ = ckpt_lib.load_params(os.path.join(run, path))
         logits = model_lib.Transformer(cfg).apply({"params": params}, valid["tokens"],
                                                   valid["mask"], head="lm")
         logp = jax.nn.log_softmax(np.asarray(logits, np.float64)[:, :-1], axis=-1)
@@ -225,7 +228,8 @@ def test_sft_trains_on_while_the_validation_loss_falls(pretrained, tmp_path):
     # the extended run equals one run of that length (same batches, same constant lr)
     plain = sft.sft_stage(str(tmp_path / "plain"), init_params_path=init,
                           **{**LM, "total_steps": on["step"]})
-    for a, b in zip(_params(on["final"]), _params(plain["final"])):
+    for a, b in zip(_params(on["final"], tmp_path / "on"),
+                    _params(plain["final"], tmp_path / "plain")):
         np.testing.assert_array_equal(a, b)
     # a loss that must fall by 99% stops at total_steps, with one decision on record
     off = sft.sft_stage(str(tmp_path / "off"), init_params_path=init, max_steps=10,
@@ -233,7 +237,8 @@ def test_sft_trains_on_while_the_validation_loss_falls(pretrained, tmp_path):
     assert off["step"] == 6 and off["final"].endswith("step_6")
     assert [d["train_on"] for d in off["extension"]["decisions"]] == [False]
     assert "<= 99%" in off["extension"]["stopped_because"]
-    for a, b in zip(_params(off["final"]), _params(on["snapshots"][2]["path"])):
+    for a, b in zip(_params(off["final"], tmp_path / "off"),
+                    _params(on["snapshots"][2]["path"], tmp_path / "on")):
         np.testing.assert_array_equal(a, b)  # step 6 of both runs
     with pytest.raises(ValueError, match=r"sft_stage.max_steps = 9: .*multiple of extend_steps"):
         sft.sft_stage(str(tmp_path / "bad"), init_params_path=init, max_steps=9,
@@ -264,5 +269,84 @@ def test_sft_preempted_while_training_on_resumes_to_the_same_policy(pretrained, 
     assert again["step"] == whole["step"]
     assert again["extension"]["decisions"] == whole["extension"]["decisions"]
     assert [s["step"] for s in again["snapshots"]] == [s["step"] for s in whole["snapshots"]]
-    for a, b in zip(_params(again["final"]), _params(whole["final"])):
+    for a, b in zip(_params(again["final"], tmp_path / "cut"),
+                    _params(whole["final"], tmp_path / "whole")):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ moving a run directory
+
+
+def test_stored_paths_are_relative_to_the_run_and_resolve_against_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = os.path.join("runs", "x")
+    snap = os.path.join(run, "sft", "snapshots", "step_2")
+    os.makedirs(snap)
+    os.makedirs("export")
+    # written: inside the run directory relative to it (however the path was given)
+    for given in (snap, os.path.abspath(snap)):
+        assert artifacts.run_relative(run, given) == os.path.join("sft", "snapshots", "step_2")
+        assert artifacts.run_relative(os.path.abspath(run), given) == \
+            os.path.join("sft", "snapshots", "step_2")
+    # outside it (a user's export, a sibling that shares a name prefix), as given
+    for given in ("export", os.path.abspath("export"), "runs/xy/final", run, None):
+        assert artifacts.run_relative(run, given) == given
+    # read: against the run directory first, then as given (an older run's cwd-relative or
+    # absolute path), wherever the working directory now is
+    rel = os.path.join("sft", "snapshots", "step_2")
+    assert artifacts.resolve_stored(run, rel, "s.json", "final") == os.path.join(run, rel)
+    assert artifacts.resolve_stored(run, snap, "s.json", "final") == snap  # older run
+    assert artifacts.resolve_stored(run, os.path.abspath(snap), "s.json", "final") == \
+        os.path.abspath(snap)
+    os.rename(run, "moved")
+    os.makedirs("elsewhere")
+    monkeypatch.chdir("elsewhere")
+    moved = os.path.join("..", "moved")
+    assert artifacts.resolve_stored(moved, rel, "s.json", "final") == os.path.join(moved, rel)
+    # not found: the file, the field, the stored and the resolved path
+    with pytest.raises(artifacts.StoredPathError) as e:
+        artifacts.resolve_stored(moved, snap, "moved/sft/summary.json", "snapshots[0].path")
+    msg = str(e.value)
+    assert "moved/sft/summary.json: field 'snapshots[0].path' = 'runs/x/sft/snapshots/" \
+        "step_2'" in msg
+    assert os.path.join(str(tmp_path), "moved", "runs", "x", "sft", "snapshots", "step_2") in msg
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ckpt_lib.CheckpointError)
+    gone = os.path.join(str(tmp_path), "runs", "x", "sft")
+    with pytest.raises(artifacts.StoredPathError, match=f"field 'final' = '{gone}': no such "
+                       f"path \\(resolved: {gone}, absolute"):
+        artifacts.resolve_stored(moved, gone, "s.json", "final")
+
+
+PROBE = dict(probe_pairs=64, num_steps=5, batch_size=32, eval_pairs=16)
+
+
+def test_a_moved_run_directory_runs_its_remaining_stages(pretrained, tmp_path, monkeypatch):
+    """A run taken to SFT from one working directory (RUN_DIR relative to it), moved, and
+    continued from another: rm_init finds the final SFT snapshot, the policies and the
+    member inits resolve in the moved directory, and the probe equals the unmoved run's."""
+    run, _ = pretrained
+    start, there = tmp_path / "start", tmp_path / "later"
+    os.makedirs(start / "run")
+    os.makedirs(there)
+    shutil.copytree(os.path.join(run, "pretrain"), start / "run" / "pretrain")
+    monkeypatch.chdir(start)
+    summary = sft.sft_stage("run", **LM)
+    assert summary["final"] == os.path.join("sft", "snapshots", "step_6")
+    os.rename(start / "run", tmp_path / "moved")
+    shutil.rmtree(start)
+    monkeypatch.chdir(there)
+    moved = os.path.join("..", "moved")
+    assert sft.sft_stage(moved, **LM) == summary  # done: skipped
+    probe = rm_init.probe_stage(moved, **PROBE)
+    assert probe["sft_path"] == summary["final"] and probe["head"] == "rm_init/head"
+    assert sampling.policy_path(moved, "sft:first") == os.path.join(moved, "sft", "snapshots",
+                                                                    "step_4")
+    assert sampling.policy_path(moved, "pretrain") == os.path.join(moved, "pretrain", "final")
+    specs = ensemble.MemberSweep(num_members=3).table(artifacts.sft_snapshots(moved))
+    assert [s.init_path for s in specs] == [
+        os.path.join(moved, "sft", "snapshots", f"step_{k}") for k in (6, 5, 4)]
+    # the same numbers as the run that never moved (the fixture's, SFT there by the test above)
+    sft.sft_stage(run, **LM)
+    unmoved = rm_init.probe_stage(run, **PROBE)
+    assert probe["accuracies"] == unmoved["accuracies"]
+    assert probe["fingerprint"] == unmoved["fingerprint"]

@@ -391,6 +391,18 @@ MUTATIONS = [
              'SUMMARY_FIELDS = ("ci_low", "ci_high", "decisive_rate", "decisive_low",',
              ("tests/test_report.py::test_report_of_the_smoke_flow_reads_what_the_stages_wrote",),
              slow=True),
+    Mutation("stored_paths_resolved_against_cwd", "a path a summary or card stores is looked "
+             "for relative to the working directory only, not in the run directory (a moved "
+             "run directory, or one run from elsewhere, loses its SFT snapshots)",
+             "warm_jax/artifacts.py",
+             "return [os.path.join(run_dir, stored), stored]", "return [stored]",
+             ("tests/test_sft.py::test_stored_paths_are_relative_to_the_run_and_resolve_against_it",
+              "tests/test_sft.py::test_a_moved_run_directory_runs_its_remaining_stages")),
+    Mutation("stored_paths_as_given", "summaries and cards store the paths of the run's own "
+             "artifacts as given (relative to the working directory), not relative to the run "
+             "directory", "warm_jax/artifacts.py",
+             "return os.path.relpath(full, root)", "return path",
+             ("tests/test_sft.py::test_a_moved_run_directory_runs_its_remaining_stages",)),
 ]
 
 

@@ -14,7 +14,6 @@ branches), embed, residual, or head (the reward head's input only). AdamW, warm-
 cosine decay to 0.1x (constant with --const), optional global-norm clipping (--clip).
 """
 import argparse
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from warm_jax import artifacts
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import gates
 from warm_jax import model as model_lib
@@ -64,9 +64,8 @@ def main():
     model_lib.dropout = placed_dropout
     sites = "head" if a.drop_where == "head" else "all"
     prov = provider_lib.DataProvider(provider_lib.DataConfig(data_dir=os.path.join(a.run, "data")))
-    init = a.init or os.path.relpath(
-        json.load(open(os.path.join(a.run, "sft", "summary.json")))["final"], a.run)
-    params, card = ckpt_lib.load_params(os.path.abspath(os.path.join(a.run, init)))
+    init = os.path.join(a.run, a.init) if a.init else artifacts.sft_final(a.run)
+    params, card = ckpt_lib.load_params(os.path.abspath(init))
     if "reward_head" not in params:  # an LM export: add the probed head (a warm start has its own)
         head, _ = ckpt_lib.load_params(os.path.abspath(os.path.join(a.run, "rm_init", "head")))
         params = {**params, "reward_head": head["reward_head"]}

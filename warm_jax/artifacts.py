@@ -26,6 +26,61 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
+# ---------------------------------------------------------------------------------------
+# Paths stored in summaries and cards
+#
+# A summary or card stores a path to an artifact inside its run directory relative to that
+# directory ("sft/snapshots/step_6"), so that the run directory can be moved or copied and
+# used from any working directory; a path outside it (a user's export, a Hugging Face
+# checkpoint) is stored as given. Readers resolve a stored path against the run directory
+# it belongs to; a path written before (relative to the working directory the run started
+# from, or absolute) is used as given while it exists there.
+
+
+class StoredPathError(ckpt_lib.CheckpointError, FileNotFoundError):
+    """A path a summary or card stores names nothing, resolved or as given."""
+
+
+def run_relative(run_dir: str, path):
+    """`path` (as the working directory sees it: never a path already stored relative to
+    the run) as a summary or card stores it: relative to `run_dir` when it lies inside it,
+    else as given (None and non-strings unchanged)."""
+    if not isinstance(path, str) or not path:
+        return path
+    root, full = os.path.abspath(run_dir), os.path.abspath(path)
+    if full != root and os.path.commonpath([root, full]) == root:
+        return os.path.relpath(full, root)
+    return path
+
+
+def stored_candidates(run_dir: str, stored: str) -> list[str]:
+    """Where a stored path may be, in the order it is looked for: {run_dir}/<stored> (a
+    relative path), then the path as given (an absolute path, or an older run's path
+    relative to the working directory)."""
+    if os.path.isabs(stored):
+        return [stored]
+    return [os.path.join(run_dir, stored), stored]
+
+
+def resolve_stored(run_dir: str, stored: str, where: str, field: str) -> str:
+    """The path to open for `stored`, the value of `field` in the summary or card file
+    `where` of run `run_dir` (see `stored_candidates`). Raises StoredPathError naming the
+    file, the field, the stored and the resolved path when none exists."""
+    if not isinstance(stored, str) or not stored:
+        raise StoredPathError(f"{where}: field '{field}' holds no path ({stored!r})")
+    cands = stored_candidates(run_dir, stored)
+    for cand in cands:
+        if os.path.exists(cand):
+            return cand
+    if len(cands) == 1:
+        raise StoredPathError(f"{where}: field '{field}' = {stored!r}: no such path (resolved: "
+                              f"{stored}, absolute; was the run directory moved?)")
+    raise StoredPathError(
+        f"{where}: field '{field}' = {stored!r}: no such path (resolved against the run "
+        f"directory: {os.path.abspath(cands[0])}; as given, relative to the working "
+        f"directory: {os.path.abspath(stored)})")
+
+
 def check_model_vocab(model_cfg: model_lib.TransformerConfig, vocab, where: str) -> None:
     if model_cfg.vocab_size < vocab.vocab_size:
         raise ValueError(
@@ -47,15 +102,30 @@ def model_config_from(card: dict, path: str) -> model_lib.TransformerConfig:
     return model_lib.config_from_dict(card["model_config"])
 
 
-def sft_snapshots(run_dir: str) -> list[dict]:
-    """The SFT snapshots ({step, path, ...}) listed by a finished SFT stage."""
+def _sft_summary(run_dir: str, hint: str = "") -> tuple[str, dict]:
     path = os.path.join(run_dir, SFT_DIR, "summary.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: the SFT stage has not finished (no summary.json)")
-    snaps = read_json(path).get("snapshots")
+        raise FileNotFoundError(f"{path}: the SFT stage has not finished (no summary.json"
+                                + (f"; {hint})" if hint else ")"))
+    return path, read_json(path)
+
+
+def sft_final(run_dir: str, hint: str = "") -> str:
+    """The final SFT snapshot a finished SFT stage names ('final'), resolved against the run
+    directory (`resolve_stored`); `hint` says what else to do when SFT has not finished."""
+    path, summary = _sft_summary(run_dir, hint)
+    return resolve_stored(run_dir, summary.get("final"), path, "final")
+
+
+def sft_snapshots(run_dir: str) -> list[dict]:
+    """The SFT snapshots ({step, path, ...}) listed by a finished SFT stage, each path
+    resolved against the run directory (`resolve_stored`)."""
+    path, summary = _sft_summary(run_dir)
+    snaps = summary.get("snapshots")
     if not snaps:
         raise ValueError(f"{path}: field 'snapshots' is empty or missing")
-    return snaps
+    return [dict(s, path=resolve_stored(run_dir, s.get("path"), path, f"snapshots[{i}].path"))
+            for i, s in enumerate(snaps)]
 
 
 def check_card_vocab(card: dict, vocab, what: str) -> None:

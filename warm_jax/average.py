@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import cards
+from warm_jax import artifacts, cards
 from warm_jax import checkpoint as ckpt_lib
 from warm_jax import model as model_lib
 from warm_jax import partitioning
@@ -366,17 +366,29 @@ def _greedy(members, abstract, ops, eval_fn):
 # Writing
 
 
+def _paths_relative_to(card: dict, run_dir: str) -> None:
+    """The card's member paths (and the greedy soup's) relative to run_dir, in place."""
+    rel = lambda p: artifacts.run_relative(run_dir, p)
+    card["members"] = [dict(m, path=rel(m["path"])) for m in card["members"]]
+    greedy = card.get("greedy")
+    if greedy:
+        greedy["order"] = [rel(p) for p in greedy["order"]]
+        greedy["steps"] = [dict(st, path=rel(st["path"])) for st in greedy["steps"]]
+
+
 def average_checkpoints(paths: Sequence[str], out: str, weights: Optional[Sequence[float]] = None,
                         method: Optional[str] = None, mesh=None, *,
                         force_init_mismatch: bool = False,
                         eval_fn: Optional[Callable[[Any], float]] = None,
                         report_fns: Optional[dict[str, Callable[[Any], float]]] = None,
-                        extra_card: Optional[dict] = None) -> dict:
+                        extra_card: Optional[dict] = None,
+                        relative_to: Optional[str] = None) -> dict:
     """Merges member checkpoints into one params-only checkpoint at `out`.
 
     See merge_checkpoints for the arguments. Every check runs before anything is written;
-    on any failure no output (nor temporary or parent directory) is left behind.
-    Returns {'path', 'card', 'stats'}.
+    on any failure no output (nor temporary or parent directory) is left behind. With
+    `relative_to` (a run directory) the card records the member paths inside it relative
+    to it (artifacts.run_relative). Returns {'path', 'card', 'stats'}.
     """
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out):
@@ -387,6 +399,8 @@ def average_checkpoints(paths: Sequence[str], out: str, weights: Optional[Sequen
         paths, weights, method, mesh, force_init_mismatch=force_init_mismatch,
         eval_fn=eval_fn, report_fns=report_fns)
     card.update(extra_card or {})
+    if relative_to is not None:
+        _paths_relative_to(card, relative_to)
     made = ckpt_lib.missing_parents(out)  # removed again on failure
     before = set(glob.glob(glob.escape(out) + ".*"))
     t0 = time.perf_counter()

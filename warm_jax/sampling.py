@@ -353,19 +353,27 @@ class Sampler:
 # Loading policies
 
 
-def _export_path_from_summary(summary: dict, stage_dir: str) -> Optional[str]:
-    """The policy export a stage summary points at (first key that names a card dir)."""
+def _export_path_from_summary(summary: dict, stage_dir: str, run_dir: str
+                              ) -> tuple[Optional[str], list[str]]:
+    """(the policy export a stage summary points at: the first key that names a card dir,
+    or None; what it looked for). A stored path is resolved against the run directory
+    first (artifacts.stored_candidates), then against the stage directory."""
     import os
 
+    from warm_jax import artifacts
+
+    tried = []
     for key in ("policy", "final_export", "final", "export", "final_snapshot", "path"):
         value = summary.get(key)
         if isinstance(value, dict):
             value = value.get("path")
-        if isinstance(value, str):
-            for cand in (value, os.path.join(stage_dir, value)):
+        if isinstance(value, str) and value:
+            cands = artifacts.stored_candidates(run_dir, value) + [os.path.join(stage_dir, value)]
+            for cand in cands:
                 if os.path.exists(os.path.join(cand, "card.json")):
-                    return cand
-    return None
+                    return cand, tried
+            tried.append(f"field '{key}' = {value!r} (resolved: {os.path.abspath(cands[0])})")
+    return None, tried
 
 
 SFT_SNAPSHOT_USAGE = "'sft:first', 'sft:final' or 'sft:<step>' (a snapshot the SFT stage kept)"
@@ -411,9 +419,10 @@ def policy_path(run_dir: str, name: str) -> str:
         return sft_snapshot_path(run_dir, name[len("sft:"):])
     stage_dir = os.path.join(run_dir, name)
     summary_path = os.path.join(stage_dir, "summary.json")
+    named = []
     if os.path.exists(summary_path):
         with open(summary_path) as f:
-            found = _export_path_from_summary(json.load(f), stage_dir)
+            found, named = _export_path_from_summary(json.load(f), stage_dir, run_dir)
         if found:
             return found
     for cand in (os.path.join(stage_dir, "policy"), os.path.join(stage_dir, "final")):
@@ -424,8 +433,9 @@ def policy_path(run_dir: str, name: str) -> str:
     if snaps:
         return max(snaps, key=lambda s: int(s.rsplit("_", 1)[1]))
     raise FileNotFoundError(
-        f"policy {name!r}: no params export found (looked for {summary_path} naming one, "
-        f"{stage_dir}/policy and {stage_dir}/snapshots/step_N with a card.json)")
+        f"policy {name!r}: no params export found (looked for {summary_path} naming one"
+        + (f" ({'; '.join(named)}: no card.json there)" if named else "")
+        + f", {stage_dir}/policy and {stage_dir}/snapshots/step_N with a card.json)")
 
 
 def policy_source(run_dir: str, name) -> tuple[Optional[str], Optional[str]]:

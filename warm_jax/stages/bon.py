@@ -514,7 +514,9 @@ def _summary(ctx, sels, curves, wins, proxies, control_scores, pool, scores,
         "rank_correlation": rank_corr, "gates": gate_rows,
         "claims": bon_claims(sels, curves, wins),
         "cost": scores.cost(n_samples), "seconds": ctx.seconds,
-        "results": res_path, "win_rates_path": win_path, "plot": os.path.join(out_dir, "bon.png"),
+        **{k: artifacts.run_relative(ctx.run_dir, p) for k, p in (
+            ("results", res_path), ("win_rates_path", win_path),
+            ("plot", os.path.join(out_dir, "bon.png")))},
     }
 
 

@@ -250,7 +250,8 @@ def policy_control_scores(run_dir: str, name: str, prompts: dict, vocab, scfg, s
     texts = sampling.decode_completions(vocab, ct, cm)
     scores = scorer({"prompts": list(prompts["prompts"]), "completions": texts,
                      "tokens": np.asarray(seq["tokens"]), "mask": np.asarray(seq["mask"])})
-    out = {"policy": name, "path": card["path"], "completions": texts,
+    out = {"policy": name, "path": artifacts.run_relative(run_dir, card["path"]),
+           "completions": texts,
            "scores": [float(x) for x in np.asarray(scores)],
            "mean_length": float(cm.sum(1).mean())}
     if cache:
@@ -384,6 +385,7 @@ def judge_stage(run_dir: str, pairs: Sequence[Sequence[str]] = (("rl_warm", "rl_
                "mean_control": {k: float(np.mean(v["scores"])) for k, v in scored.items()},
                "policies": {k: v["path"] for k, v in scored.items()},
                "curves": {k: v[-1] if v else None for k, v in kl_curves.items()},
-               "results": res_path, "plot": os.path.join(out_dir, "judge.png"),
+               "results": artifacts.run_relative(run_dir, res_path),
+               "plot": artifacts.run_relative(run_dir, os.path.join(out_dir, "judge.png")),
                "seconds": ctx.seconds}
     return ctx.finish(summary)

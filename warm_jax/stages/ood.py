@@ -144,7 +144,8 @@ def _policy_samples(ctx, spec: str, prompts: dict, scfg, k: int, posts_per_call:
     log.info("ood: sampling %d x %d summaries from %s (%s) at temperature %.2f",
              want["n_posts"], k, spec, card["path"], scfg.temperature)
     texts = sample_texts(samplers[pcfg], params, prompts, k, key, vocab, posts_per_call)
-    out = dict(want, path=card["path"], step=card.get("step"), stage=card.get("stage"),
+    out = dict(want, path=artifacts.run_relative(ctx.run_dir, card["path"]),
+               step=card.get("step"), stage=card.get("stage"),
                fingerprint=card.get("fingerprint"), texts=texts)
     metrics_lib.atomic_write_json(path, out)
     return out
@@ -289,7 +290,8 @@ def _given(ctx, path: str) -> dict:
     for c in comps:
         for p in c.policies:
             per[p] = per.get(p, 0) + 1
-    return {"stage": "ood", "source": "given", "given": path, "comparisons": out,
+    return {"stage": "ood", "source": "given", "given": path,
+            "comparisons": artifacts.run_relative(ctx.run_dir, out),
             "n_pairs": len(comps), "in_pairs_per_policy": per, "pair_types": _pair_types(comps),
             "oracle_ceiling": None, "invented_fraction": None,
             "note": "labels given by the user; the oracle numbers need the miniature world",
@@ -375,7 +377,8 @@ def ood_stage(run_dir: str, policies: Sequence[str] = DEFAULT_POLICIES,
     numbers, rows = describe(posts, samples, comps, stats, list(policies), label_t)
     metrics_lib.atomic_write_text(ctx.path("samples.jsonl"),
                                   "".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"stage": "ood", "source": "sampled", "comparisons": out,
+    summary = {"stage": "ood", "source": "sampled",
+               "comparisons": artifacts.run_relative(run_dir, out),
                "split": formats.DOOD_SPLIT, "policies": list(policies),
                "policy_paths": {d["policy"]: d["path"] for d in drawn},
                "policy_steps": {d["policy"]: d["step"] for d in drawn},

@@ -70,7 +70,8 @@ def pretrain_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
                             on_boundary=finish, meta={"stage": "pretrain"},
                             init_params_path=init_params_path)
     card = ckpt_lib.read_card(out["final"])
-    summary = {"stage": "pretrain", "final": out["final"], "step": total_steps,
+    summary = {"stage": "pretrain", "final": artifacts.run_relative(run_dir, out["final"]),
+               "step": total_steps,
                "valid_text_loss": out["valid_text_loss"], "fingerprint": card["fingerprint"],
                "source": source, "seconds": ctx.seconds}
     log.info("pretrain: done, valid text loss %.4f -> %s", out["valid_text_loss"], out["final"])

@@ -360,7 +360,8 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
                          f"has only {len(eval_prompts['tokens'])} held-out prompts")
     eval_prompts = {kk: v[:ev.num_eval_prompts] for kk, v in eval_prompts.items()}
     config = {"rl_config": dataclasses.asdict(rl), "reward": reward, "policy": policy,
-              "policy_path": pcard["path"], "reward_paths": list(rm.names),
+              "policy_path": artifacts.run_relative(run_dir, pcard["path"]),
+              "reward_paths": [artifacts.run_relative(run_dir, p) for p in rm.names],
               "reward_kind": rm.kind, "num_eval_prompts": ev.num_eval_prompts,
               "eval_every": ev.eval_every, "control": control,
               "model_config": model_lib.config_to_dict(pcfg),
@@ -410,10 +411,12 @@ def _policy_and_reward(run_dir: str, policy: str, reward: str, vocab):
 def _finish(ctx, name: str, res: dict, rl, pcfg, pcard, rm, reward: str, t0: float) -> dict:
     """The policy export (card) and the stage summary, read from the run's metrics."""
     prov, out_dir, seed = ctx.provider(), ctx.stage_dir, ctx.seed
+    rel = lambda p: artifacts.run_relative(ctx.run_dir, p)
     card = {"kind": "lm", "stage": "rl", "model_config": model_lib.config_to_dict(pcfg),
             "vocab_sha256": prov.vocab.sha256, "vocab_size": prov.vocab.vocab_size,
-            "step": int(res["step"]), "reward": reward, "reward_paths": list(rm.names),
-            "alpha": rl.alpha, "init_policy": pcard["path"], "seeds": {"seed": seed},
+            "step": int(res["step"]), "reward": reward,
+            "reward_paths": [rel(p) for p in rm.names], "alpha": rl.alpha,
+            "init_policy": rel(pcard["path"]), "seeds": {"seed": seed},
             "hyperparameters": dataclasses.asdict(rl)}
     policy_dir = os.path.join(out_dir, "policy")
     if not os.path.exists(os.path.join(policy_dir, ckpt_lib.CARD_NAME)):
@@ -426,7 +429,7 @@ def _finish(ctx, name: str, res: dict, rl, pcfg, pcard, rm, reward: str, t0: flo
     tail = train_recs[-max(1, min(10, len(train_recs))):]
     summary = {
         "stage": "rl", "name": name, "reward": reward, "alpha": rl.alpha, "steps": rl.steps,
-        "policy": policy_dir, "init_policy": pcard["path"],
+        "policy": rel(policy_dir), "init_policy": rel(pcard["path"]),
         "final_proxy_reward": final_eval.get("eval/proxy_reward"),
         "final_control_reward": final_eval.get("eval/control_reward"),
         "final_kl": final_eval.get("eval/kl"),
@@ -444,8 +447,8 @@ def _finish(ctx, name: str, res: dict, rl, pcfg, pcard, rm, reward: str, t0: flo
                  if k.startswith("init/")},
         **_peak(records),
         "seconds": round(time.time() - t0, 1),
-        "metrics": os.path.join(out_dir, "metrics.jsonl"),
-        "samples": os.path.join(out_dir, "samples.jsonl"),
+        "metrics": rel(os.path.join(out_dir, "metrics.jsonl")),
+        "samples": rel(os.path.join(out_dir, "samples.jsonl")),
     }
     return summary
 

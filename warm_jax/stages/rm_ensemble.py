@@ -120,7 +120,8 @@ def ensemble_stage(run_dir: str, name: str = "rm_clean", corrupted: bool = False
              "train_pairs": n, "seq_len": seq_len, "pack_length": data["pack_length"],
              "eval_pack_length": data["eval_pack_length"],
              "num_members": sweep.num_members,
-             "member_index": member_index, "seed": ctx.seed, "head_path": head_path,
+             "member_index": member_index, "seed": ctx.seed,
+             "head_path": artifacts.run_relative(run_dir, head_path),
              "member_loop": program.member_loop, "dropout_sites": tc.dropout_sites}
     ctx.write_run_info({**hyper, "members": [s.as_dict() for s in setup["specs"]],
                         "model_config": model_lib.config_to_dict(setup["model_cfg"])},
@@ -152,8 +153,9 @@ def _setup(ctx, name: str, sweep: ensemble.MemberSweep, member_index, head_path:
     snapshots = artifacts.sft_snapshots(ctx.run_dir) if sweep.needs_sft_snapshots() else []
     warm = None
     if sweep.init_snapshots == "rm_init":
-        warm = artifacts.read_json(artifacts.stage_path(ctx.run_dir, "rm_init",
-                                                        "summary.json")).get("warm_start")
+        done = artifacts.stage_path(ctx.run_dir, "rm_init", "summary.json")
+        warm = artifacts.read_json(done).get("warm_start")
+        warm = warm and artifacts.resolve_stored(ctx.run_dir, warm, done, "warm_start")
     specs = sweep.table(snapshots, seed=ctx.seed, member_index=member_index, warm_start=warm)
     init_cards = {s.init_path: ckpt_lib.read_card(s.init_path) for s in specs}
     cfg_dicts = {p: c.get("model_config") for p, c in init_cards.items()}
@@ -332,7 +334,7 @@ def _export_members(ctx, name: str, setup: dict, run: dict, hyper: dict, step: i
     """Every member as its own params export with its card; the summary's member rows."""
     head_fp = ckpt_lib.fingerprint(setup["head"])
     host_params = ckpt_lib.host_tree(run["state"]["params"])  # one transfer, then slices
-    rows = []
+    rows, rel = [], lambda p: artifacts.run_relative(ctx.run_dir, p)
     for j, s in enumerate(setup["specs"]):
         init_card = setup["init_cards"][s.init_path]
         root = init_card.get("init_fingerprint") or init_card.get("fingerprint")
@@ -340,16 +342,16 @@ def _export_members(ctx, name: str, setup: dict, run: dict, hyper: dict, step: i
         card = cards.lm_card(
             "rm_member", setup["model_cfg"], ctx.provider().vocab, step, member=s.index,
             name=name, learning_rate=s.learning_rate, dropout_rate=s.dropout_rate,
-            data_seed=s.data_seed, init_snapshot=s.init_path, init_snapshot_step=s.init_step,
-            head_path=head_path, rng_seed=[ctx.seed, s.index], accuracies=acc,
+            data_seed=s.data_seed, init_snapshot=rel(s.init_path), init_snapshot_step=s.init_step,
+            head_path=rel(head_path), rng_seed=[ctx.seed, s.index], accuracies=acc,
             init_fingerprint=run["init_fps"][j],
             shared_fingerprint=ensemble.lineage_fingerprint(head_fp, root),
             hyperparameters=hyper)
         path = artifacts.export_once(artifacts.member_path(ctx.run_dir, name, s.index),
                                      jax.tree.map(lambda x: x[j], host_params), card)
-        rows.append({"index": s.index, "path": path, "accuracies": acc,
+        rows.append({"index": s.index, "path": rel(path), "accuracies": acc,
                      "learning_rate": s.learning_rate, "dropout_rate": s.dropout_rate,
-                     "data_seed": s.data_seed, "init_snapshot": s.init_path,
+                     "data_seed": s.data_seed, "init_snapshot": rel(s.init_path),
                      "init_snapshot_step": s.init_step, "init_fingerprint": run["init_fps"][j],
                      "shared_fingerprint": card["shared_fingerprint"]})
         log.info("[%s] member %d: %s -> %s", name, s.index,

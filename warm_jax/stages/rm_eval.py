@@ -157,10 +157,12 @@ def ood_source(run_dir: str, explicit: Optional[str] = None) -> tuple[Optional[s
         return explicit, None
     path, done = artifacts.dood_comparisons(run_dir)
     if os.path.exists(done):
-        # the run's own file first: the summary records the path as given when the stage
-        # ran (relative to that working directory), which breaks once the run dir moves
+        # the run's own file first, else the file the summary names (resolved against
+        # the run directory; a user's file outside it, as given)
         recorded = artifacts.read_json(done).get("comparisons")
-        return (path if os.path.exists(path) or not recorded else recorded), None
+        if os.path.exists(path) or not recorded:
+            return path, None
+        return artifacts.resolve_stored(run_dir, recorded, done, "comparisons"), None
     return None, (f"no D_ood set: the ood stage has not finished ({done} is missing) and "
                   "rm_eval_stage.ood_comparisons is not set; the 'ood' split is left out "
                   "(valid2 is the 'stress' split, not OOD)")
@@ -399,18 +401,20 @@ def rm_eval_stage(run_dir: str, ensemble: str = "rm_corrupt", corrupted: Optiona
     _write_headline(ctx.stage_dir, table, r)
     summary = {
         "stage": "rm_eval", "ensemble": ensemble, "corrupted": bool(r.corrupted),
-        "num_members": m_all, "members": [{"name": n, "path": p, "ranking_accuracy":
-                                           r.ranking_acc[i]} for i, (n, p) in
-                                          enumerate(zip(names, r.paths))],
+        "num_members": m_all,
+        "members": [{"name": n, "path": artifacts.run_relative(ctx.run_dir, p),
+                     "ranking_accuracy": r.ranking_acc[i]}
+                    for i, (n, p) in enumerate(zip(names, r.paths))],
         "ranking": [names[i] for i in order], "ranked_by": r.ranked_by,
         "init_check": r.init_check, "best_member": names[order[0]], "train_rows": r.train_rows,
         "splits": {s: int(len(r.sets[s]["index"])) for s in r.splits},
         "split_titles": {s: SPLIT_TITLES.get(s, s) for s in r.splits},
-        "ood_source": ood_path, "missing": {"ood": ood_missing} if ood_missing else {},
-        "table": table, "interpolation": interp, "claims": claims,
-        "warm_vs_ens_paired": r.paired,
-        "gates": gate_rows, "swapped_posts": swap_acc, "baselines": base,
-        "results": ctx.path("results.jsonl"), "plots": plots, "seconds": ctx.seconds}
+        "ood_source": artifacts.run_relative(ctx.run_dir, ood_path),
+        "missing": {"ood": ood_missing} if ood_missing else {},
+        "table": table, "interpolation": interp, "claims": claims, "baselines": base,
+        "warm_vs_ens_paired": r.paired, "gates": gate_rows, "swapped_posts": swap_acc,
+        "results": artifacts.run_relative(ctx.run_dir, ctx.path("results.jsonl")),
+        "plots": [artifacts.run_relative(ctx.run_dir, p) for p in plots], "seconds": ctx.seconds}
     log.info("rm_eval[%s]: claims %s", ensemble, {c["id"]: c["holds"] for c in claims})
     return ctx.finish(summary)
 

@@ -133,11 +133,7 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
         return ctx.summary()
     seed, stage_dir = ctx.seed, ctx.stage_dir
     if sft_path is None:
-        sft_summary = artifacts.stage_path(run_dir, "sft", "summary.json")
-        if not os.path.exists(sft_summary):
-            raise FileNotFoundError(f"{sft_summary}: the SFT stage has not finished (or set "
-                                    "probe_stage.sft_path)")
-        sft_path = artifacts.read_json(sft_summary)["final"]
+        sft_path = artifacts.sft_final(run_dir, "or set probe_stage.sft_path")
     card = ckpt_lib.read_card(sft_path)
     model_cfg = artifacts.model_config_from(card, sft_path)
     prov = ctx.provider()
@@ -160,7 +156,8 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
                             learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                             center_coef=center_coef)
     acc = {k: _probe_accuracy(head, *f) for k, f in feats.items()}
-    config = {"sft_path": sft_path, "probe_pairs": len(idx), "num_steps": num_steps,
+    config = {"sft_path": artifacts.run_relative(run_dir, sft_path), "probe_pairs": len(idx),
+              "num_steps": num_steps,
               "learning_rate": learning_rate, "batch_size": batch_size,
               "center_coef": center_coef, "eval_pairs": eval_pairs, "optimizer": "adam",
               "reserved_pairs": reserved_pairs, "train_rows": rows,
@@ -176,15 +173,16 @@ def probe_stage(run_dir: str, sft_path: Optional[str] = None, probe_pairs: int =
     writer.write(num_steps, {"loss_trace": trace, **{f"{k}_accuracy": v for k, v in acc.items()}})
     writer.close()
     out_card = cards.lm_card(
-        "rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init", sft_path=sft_path,
+        "rm_head", model_cfg, prov.vocab, num_steps, stage="rm_init", sft_path=config["sft_path"],
         sft_fingerprint=card.get("fingerprint"),
         root_fingerprint=card.get("init_fingerprint") or card.get("fingerprint"),
         accuracies=acc, hyperparameters=config, seed=seed)
     path = artifacts.export_once(os.path.join(stage_dir, "head"), head, out_card)
     warm_path = warm and _export_warm(stage_dir, model_cfg, prov.vocab, full, warm, card,
                                       config, seed)
-    summary = {"stage": "rm_init", "head": path, "sft_path": sft_path, "accuracies": acc,
-               "train_rows": rows, "warm_start": warm_path,
+    summary = {"stage": "rm_init", "head": artifacts.run_relative(run_dir, path),
+               "sft_path": config["sft_path"], "accuracies": acc, "train_rows": rows,
+               "warm_start": artifacts.run_relative(run_dir, warm_path),
                "warm_start_accuracies": warm and warm["accuracies"],
                "warm_start_rule": warm and warm["rule"],
                "fingerprint": ckpt_lib.read_card(path)["fingerprint"],

@@ -64,8 +64,9 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     program = lm.build_lm_program(model_cfg, opt_cfg, mesh, seed, tuple(sorted(train)))
     config = {"total_steps": total_steps, "batch_size": batch_size,
               "learning_rate": learning_rate, "warmup_steps": warmup_steps,
-              "init_params_path": init_params_path, "snapshot_steps": list(snaps),
-              "max_steps": max_steps, "extend_steps": extend and extend[0],
+              "init_params_path": artifacts.run_relative(run_dir, init_params_path),
+              "snapshot_steps": list(snaps), "max_steps": max_steps,
+              "extend_steps": extend and extend[0],
               "plateau_fraction": plateau_fraction,
               "optimizer": dataclasses.asdict(opt_cfg),
               "model_config": model_lib.config_to_dict(model_cfg),
@@ -77,7 +78,7 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
     def keep(state, step):
         loss = lm.lm_eval(program, state["params"], valid, 4 * batch_size)
         card = cards.lm_card("lm", model_cfg, prov.vocab, step, stage="sft", seed=seed,
-                             hyperparameters=config, init_params_path=init_params_path,
+                             hyperparameters=config, init_params_path=config["init_params_path"],
                              init_fingerprint=init_card.get("fingerprint"), sft_valid_loss=loss)
         path = artifacts.export_once(os.path.join(stage_dir, "snapshots", f"step_{step}"),
                                      state["params"], card)
@@ -94,10 +95,10 @@ def sft_stage(run_dir: str, total_steps: int = 300, batch_size: int = 32,
                            init_params_path=init_params_path)[1]
 
     source, snapshots, step, extension = _train(train_to, snapshots, snaps, total_steps,
-                                                extend, stage_dir)
+                                                extend, run_dir)
     writer_extra.close()
     summary = {"stage": "sft", "snapshots": snapshots, "final": snapshots[-1]["path"],
-               "step": step, "extension": extension, "init_params_path": init_params_path,
+               "step": step, "extension": extension, "init_params_path": config["init_params_path"],
                "init_fingerprint": init_card.get("fingerprint"), "source": source,
                "sft_valid_loss": snapshots[-1]["sft_valid_loss"],
                "seconds": ctx.seconds}
@@ -112,21 +113,25 @@ def _check_vocab(model_cfg, init_card: dict, init_params_path: str, vocab) -> No
                          f"{vocab.sha256[:12]} of the data)")
 
 
-def _train(train_to, snapshots: list, snaps: tuple, total_steps: int, extend, stage_dir: str):
+def _train(train_to, snapshots: list, snaps: tuple, total_steps: int, extend, run_dir: str):
     """Trains to total_steps, then on while the loss falls (when `extend`); returns (source,
-    snapshots, the last step, the record of the train-on decisions or None)."""
+    snapshots (paths relative to run_dir), the last step, the record of the train-on
+    decisions or None)."""
+    stage_dir = artifacts.stage_path(run_dir, "sft")
+
     def train_on_to(steps: int) -> float:  # the validation loss at `steps`, from its card
         train_to(steps, (steps,))
         return ckpt_lib.read_card(os.path.join(stage_dir, "snapshots", f"step_{steps}"))[
             "sft_valid_loss"]
 
     source = train_to(total_steps, snaps)
-    snapshots = _with_earlier_snapshots(snapshots, snaps, stage_dir)
+    snapshots = _with_earlier_snapshots(snapshots, snaps, run_dir)
     if not extend:
-        return source, snapshots, total_steps, None
+        return source, _recorded(run_dir, snapshots), total_steps, None
     losses = {s["step"]: s["sft_valid_loss"] for s in snapshots}
     step, extension = _train_on(losses, total_steps, extend, train_on_to)
-    return source, _with_earlier_snapshots(snapshots, sorted(losses), stage_dir), step, extension
+    snapshots = _with_earlier_snapshots(snapshots, sorted(losses), run_dir)
+    return source, _recorded(run_dir, snapshots), step, extension
 
 
 def _extension_problem(total_steps, max_steps, extend_steps, plateau_fraction):
@@ -203,16 +208,21 @@ def _snapshots_to_keep(snapshot_steps, total_steps: int, extend=None) -> tuple:
     return tuple(sorted(snaps | {total_steps}))
 
 
-def _with_earlier_snapshots(snapshots: list, snaps: tuple, stage_dir: str) -> list:
+def _with_earlier_snapshots(snapshots: list, snaps: tuple, run_dir: str) -> list:
     """snapshots plus those an earlier run exported before it stopped (a resumed run trains
     past them, so their exports must exist), in step order."""
     missing = sorted(set(snaps) - {s["step"] for s in snapshots})
     for s in missing:
-        path = os.path.join(stage_dir, "snapshots", f"step_{s}")
+        path = artifacts.sft_snapshot_path(run_dir, s)
         card = ckpt_lib.read_card(path)
         snapshots = snapshots + [{"step": s, "path": path, "fingerprint": card["fingerprint"],
                                   "sft_valid_loss": card.get("sft_valid_loss")}]
     return sorted(snapshots, key=lambda d: d["step"])
+
+
+def _recorded(run_dir: str, snapshots: list) -> list:
+    """The snapshots as the summary records them: paths relative to the run directory."""
+    return [dict(d, path=artifacts.run_relative(run_dir, d["path"])) for d in snapshots]
 
 
 def check_sft_stage(c) -> None:

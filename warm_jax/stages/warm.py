@@ -72,7 +72,8 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
     selected = [paths[i] for i in sorted(order)]
     mesh = ctx.mesh()
     extra = {"ensemble": ensemble, "selection": f"top-M by accuracies.{split}",
-             "ranking": [{"path": paths[i], split: accs[i]} for i in order]}
+             "ranking": [{"path": artifacts.run_relative(run_dir, paths[i]), split: accs[i]}
+                         for i in order]}
     greedy_fn = _greedy_eval(run_dir, ensemble, prov, acc_fn, extra) \
         if method == "greedy" else None
     ctx.write_run_info({
@@ -81,11 +82,7 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
         "force_init_mismatch": force_init_mismatch})
     if os.path.exists(out):
         card = ckpt_lib.read_card(out)
-        if card.get("kind") != "warm" or [m["path"] for m in card.get("members", [])] \
-                != [os.path.abspath(p) for p in selected] or card.get("method") != method:
-            raise average.AveragingError(
-                f"{out}: exists but is not this stage's merge of {selected} ({method}); "
-                "remove it or set warm_stage.out_name")
+        _check_kept_merge(run_dir, out, card, selected, method)
         log.info("warm: %s already written; finishing the stage", out)
         stats = {}
     else:
@@ -93,19 +90,41 @@ def warm_stage(run_dir: str, ensemble: str = "rm_clean", out_name: Optional[str]
             selected, out, weights=weights, method=method, mesh=mesh,
             force_init_mismatch=force_init_mismatch,
             eval_fn=greedy_fn,
-            report_fns={"valid": acc_fn("valid"), "ood": acc_fn("ood")}, extra_card=extra)
+            report_fns={"valid": acc_fn("valid"), "ood": acc_fn("ood")}, extra_card=extra,
+            relative_to=run_dir)
         card, stats = result["card"], result["stats"]
     writer = metrics.MetricWriter(stage_dir, tensorboard=False)
     writer.write(0, {**{f"accuracy_{k}": v for k, v in (card.get("accuracies") or {}).items()},
                      **{k: v for k, v in stats.items() if isinstance(v, (int, float))}})
     writer.close()
-    summary = {"path": out, "ensemble": ensemble, "method": card["method"],
-               "num_members": card["num_members"], "weights": card["weights"],
+    summary = {"path": artifacts.run_relative(run_dir, out), "ensemble": ensemble,
+               "method": card["method"], "num_members": card["num_members"],
+               "weights": card["weights"],
                "members": [{k: m.get(k) for k in ("path", "member", "step", "accuracies",
                                                   "weight")} for m in card["members"]],
                "accuracies": card.get("accuracies"), "init_check": card.get("init_check"),
                "stats": stats}
     return ctx.finish(summary)
+
+
+def _check_kept_merge(run_dir: str, out: str, card: dict, selected: Sequence[str],
+                      method: str) -> None:
+    """Refuses a merge already at `out` that is not this stage's merge of `selected` (its
+    card's member paths resolved against the run directory, artifacts.resolve_stored)."""
+    where = os.path.join(out, ckpt_lib.CARD_NAME)
+    kept = None
+    if card.get("kind") == "warm" and card.get("method") == method:
+        try:
+            kept = [os.path.abspath(artifacts.resolve_stored(run_dir, m.get("path"), where,
+                                                             f"members[{i}].path"))
+                    for i, m in enumerate(card.get("members", []))]
+        except artifacts.StoredPathError as e:
+            raise average.AveragingError(f"{out}: exists, but {e}; remove it or set "
+                                         "warm_stage.out_name") from e
+    if kept != [os.path.abspath(p) for p in selected]:
+        raise average.AveragingError(
+            f"{out}: exists but is not this stage's merge of {selected} ({method}); "
+            "remove it or set warm_stage.out_name")
 
 
 def _ranking(paths: Sequence[str], cards: Sequence[dict], ensemble: str, valid_fn):
