@@ -161,7 +161,7 @@ MUTATIONS = [
              ("tests/test_rl.py::test_the_trust_region_scales_a_step_down_to_about_its_kl_limit",)),
     Mutation("kl_loss_term_dropped", "kl_penalty 'loss' leaves the exact KL out of the policy loss",
              "warm_jax/rl_steps.py",
-             'loss = loss + alpha * _masked_mean(kl_tok, tmask)',
+             'loss = loss + kl_alpha * _masked_mean(kl_tok, tmask)',
              'loss = loss',
              ("tests/test_rl.py::test_the_kl_penalty_in_the_loss_pulls_towards_the_reference_whatever_the_samples",)),
     Mutation("kl_loss_mode_keeps_the_reward_penalty", "kl_penalty 'loss' also keeps the penalty in the returns",

@@ -366,6 +366,22 @@ def trust_region(cfg, max_kl: float, logp_old, tokens, mask, tmask, temperature)
     return limit
 
 
+def _policy_loss(cfg, temp, tokens, mask, tmask, adv, with_logp: bool, kl_alpha, ref_logp):
+    """params -> (policy-gradient loss, (entropy, [next-token log-probs if with_logp],
+    exact KL(pi || ref) per completion)); with kl_alpha (RLConfig.kl_penalty 'loss') the
+    loss adds kl_alpha x the exact KL at each completion token, averaged over tokens."""
+    def loss_fn(params):
+        lp, ent, *logp = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True,
+                                        with_logp=with_logp or kl_alpha is not None)
+        loss, kl_exact = -_masked_mean(adv * lp, tmask), jnp.zeros((tokens.shape[0],))
+        if kl_alpha is not None:  # the exact KL(pi || ref) at each completion token
+            kl_tok = jnp.sum(jnp.exp(logp[0]) * (logp[0] - ref_logp), axis=-1)
+            loss = loss + kl_alpha * _masked_mean(kl_tok, tmask)
+            kl_exact = jnp.sum(kl_tok * tmask, axis=1)
+        return loss, (ent, logp if with_logp else [], kl_exact)
+    return loss_fn
+
+
 def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
     """step(state, ref_params, rm_params, batch{tokens, mask}) -> (state, metrics)."""
     scfg = rl.sampling_config()
@@ -404,16 +420,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
 
         trust = rl.max_step_kl is not None
 
-        def policy_loss_fn(params):
-            lp, ent, *logp = token_logprobs(cfg, params, tokens, mask, temp, with_entropy=True,
-                                            with_logp=trust or in_loss)
-            loss, kl_exact = -_masked_mean(adv * lp, tmask), jnp.zeros((tokens.shape[0],))
-            if in_loss:  # the exact KL(pi || ref) at each completion token
-                kl_tok = jnp.sum(jnp.exp(logp[0]) * (logp[0] - ro["ref_logp"]), axis=-1)
-                loss = loss + alpha * _masked_mean(kl_tok, tmask)
-                kl_exact = jnp.sum(kl_tok * tmask, axis=1)
-            return loss, (ent, logp, kl_exact)
-
+        policy_loss_fn = _policy_loss(cfg, temp, tokens, mask, tmask, adv, trust,
+                                      alpha if in_loss else None, ro.get("ref_logp"))
         (pi_loss, (ent, logp_old, kl_exact)), pi_grads = jax.value_and_grad(
             policy_loss_fn, has_aux=True)(state["params"])
         loss = pi_loss + v_loss
