@@ -80,8 +80,9 @@ class RLConfig:
       completions differ in KL); 'loss': the returns hold the score alone and the policy
       loss adds alpha x the exact KL(pi || ref) of the next-token distributions at each
       completion token (summed over the vocabulary, averaged over tokens like the policy
-      term), a direct pull towards the reference whatever the samples (one more forward
-      pass of the reference policy per step; logged as `kl_exact`, per completion). The
+      term), a direct pull towards the reference whatever the samples (the reference's
+      forward pass is the one the sampled KL already needs; the policy's loss then takes
+      its whole next-token distribution; logged as `kl_exact`, per completion). The
       KL controller reads the sampled KL in either mode.
     """
 
@@ -270,8 +271,12 @@ def token_logprobs(cfg, params, tokens, mask, temperature: float, with_entropy: 
 def step_kl(logp_old, logp_new, tmask):
     """KL(pi_old || pi_new) per completion, averaged over the batch: the exact KL of the
     next-token distributions at each completion token [B, T-1, V], summed over tokens."""
-    kl_tok = jnp.sum(jnp.exp(logp_old) * (logp_old - logp_new), axis=-1)
-    return jnp.mean(jnp.sum(kl_tok * tmask, axis=1))
+    return jnp.mean(jnp.sum(token_kl(logp_old, logp_new) * tmask, axis=1))
+
+
+def token_kl(logp_p, logp_q):
+    """KL(p || q) of next-token distributions [..., V] given as log-probs: [...]."""
+    return jnp.sum(jnp.exp(logp_p) * (logp_p - logp_q), axis=-1)
 
 
 TRUST_ITERS = 6  # rescalings of one update at most (RLConfig.max_step_kl)
@@ -375,7 +380,7 @@ def _policy_loss(cfg, temp, tokens, mask, tmask, adv, with_logp: bool, kl_alpha,
                                         with_logp=with_logp or kl_alpha is not None)
         loss, kl_exact = -_masked_mean(adv * lp, tmask), jnp.zeros((tokens.shape[0],))
         if kl_alpha is not None:  # the exact KL(pi || ref) at each completion token
-            kl_tok = jnp.sum(jnp.exp(logp[0]) * (logp[0] - ref_logp), axis=-1)
+            kl_tok = token_kl(logp[0], ref_logp)
             loss = loss + kl_alpha * _masked_mean(kl_tok, tmask)
             kl_exact = jnp.sum(kl_tok * tmask, axis=1)
         return loss, (ent, logp if with_logp else [], kl_exact)
