@@ -53,17 +53,20 @@ def build_tokenizer():
                                    unk_token="<unk>")
 
 
-def random_pairs(n: int, seq: int, seed: int) -> dict:
-    """n preference pairs of exactly `seq` non-pad token ids each."""
+def random_pairs(n: int, seq: int, seed: int, shared_prefix: int = 0) -> dict:
+    """n preference pairs of exactly `seq` non-pad token ids each; the two sequences of a
+    pair share their first `shared_prefix` tokens (both are still scored in full)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ids = lambda: rng.integers(3, SHAPE["vocab_size"], size=(n, seq)).tolist()
-    return {"chosen_ids": ids(), "rejected_ids": ids()}
+    chosen = rng.integers(3, SHAPE["vocab_size"], size=(n, seq))
+    rejected = rng.integers(3, SHAPE["vocab_size"], size=(n, seq))
+    rejected[:, :shared_prefix] = chosen[:, :shared_prefix]
+    return {"chosen_ids": chosen.tolist(), "rejected_ids": rejected.tolist()}
 
 
 def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: str,
-            bf16: bool = False) -> dict:
+            bf16: bool = False, shared_prefix: int = 0) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
@@ -80,7 +83,7 @@ def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: s
             cpu.append(time.process_time() - self.c0)
 
     total = warmup + steps
-    data = datasets.Dataset.from_dict(random_pairs(pairs * total, seq, seed))
+    data = datasets.Dataset.from_dict(random_pairs(pairs * total, seq, seed, shared_prefix))
     args = RewardConfig(
         output_dir=out_dir, per_device_train_batch_size=pairs, max_steps=total,
         learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
@@ -94,7 +97,7 @@ def run_trl(pairs: int, seq: int, steps: int, warmup: int, seed: int, out_dir: s
 
 
 def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int,
-              bf16: bool = False) -> dict:
+              bf16: bool = False, shared_prefix: int = 0) -> dict:
     """Plain loop: same model, Bradley-Terry loss, AdamW and gradient clipping (bf16:
     the forward under torch.autocast to bfloat16, as the Trainer's bf16=True does)."""
     import torch
@@ -102,7 +105,7 @@ def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int,
 
     model = build_model(seq, seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    data = random_pairs(pairs * (warmup + steps), seq, seed)
+    data = random_pairs(pairs * (warmup + steps), seq, seed, shared_prefix)
     times, cpu = [], []
     for s in range(warmup + steps):
         c0, t0 = time.process_time(), time.perf_counter()
@@ -124,7 +127,7 @@ def run_torch(pairs: int, seq: int, steps: int, warmup: int, seed: int,
 
 def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
             threads: int = 2, impl: str = "trl", seed: int = 0, out_dir: str = "",
-            dtype: str = "float32") -> list[dict]:
+            dtype: str = "float32", shared_prefix: int = 0) -> list[dict]:
     """Runs the peer and returns its JSON records (tokens/s, step time, FLOP/s). dtype
     'bfloat16': bf16 mixed precision (fp32 weights, bf16 compute: the Trainer's bf16=True)."""
     if dtype not in ("float32", "bfloat16"):
@@ -137,9 +140,9 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
     other = common.OtherLoad()
     if impl == "trl":
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_trl(pairs, seq, steps, warmup, seed, out_dir or tmp, bf16)
+            res = run_trl(pairs, seq, steps, warmup, seed, out_dir or tmp, bf16, shared_prefix)
     elif impl == "torch":
-        res = run_torch(pairs, seq, steps, warmup, seed, bf16)
+        res = run_torch(pairs, seq, steps, warmup, seed, bf16, shared_prefix)
     else:
         raise ValueError(f"impl {impl!r}; choose trl or torch")
     others = other.stop()
@@ -149,6 +152,7 @@ def measure(pairs: int = 8, seq: int = 256, steps: int = 8, warmup: int = 2,
     flops_tok = common.transformer_train_flops_per_token(seq_len=seq, lm_head=False, **SHAPE)
     config = dict(impl=res["impl"], pairs=pairs, seq=seq, steps=len(res["step_times"]),
                   warmup=warmup, threads=threads, dtype=dtype, optimizer="adamw",
+                  shared_prefix=shared_prefix,
                   torch=torch.__version__, transformers=transformers.__version__,
                   machine=common.machine_info(with_jax=False), **others)
     if impl == "trl":
@@ -175,9 +179,11 @@ def main(argv=None):
     p.add_argument("--impl", choices=("trl", "torch"), default="trl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--shared_prefix", type=int, default=0, metavar="P",
+                   help="the two sequences of a pair share their first P tokens")
     a = p.parse_args(argv)
     for rec in measure(a.pairs, a.seq, a.steps, a.warmup, a.threads, a.impl, a.seed,
-                       dtype=a.dtype):
+                       dtype=a.dtype, shared_prefix=a.shared_prefix):
         common.emit(rec)
 
 

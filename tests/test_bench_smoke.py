@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bench import common, rm_throughput
@@ -42,6 +43,33 @@ def test_rm_throughput_records(optimizer, cpu_matmul, capsys):
     line = capsys.readouterr().out.strip()
     assert json.loads(line)["metric"] == recs[0]["metric"]
     assert common.parse_json_lines("noise\n" + line + "\n{not json\n")[0]["value"] == recs[0]["value"]
+
+
+def test_rm_throughput_shared_prefix_packs_the_pairs_and_scores_them_as_unpacked():
+    """--shared_prefix: the pairs share their first tokens, warm-jax's step packs them (the
+    prefix once) and its loss is the unpacked step's on the same batch."""
+    import functools
+
+    from warm_jax import steps as steps_lib
+
+    step, state, batch, cfg, _ = rm_throughput.build_step("tiny", 2, 16, "adamw", 0, {},
+                                                          shared_prefix=10)
+    ct, rt = np.asarray(batch["chosen_tokens"]), np.asarray(batch["rejected_tokens"])
+    assert (ct[:, :10] == rt[:, :10]).all() and (ct[:, 10:] != rt[:, 10:]).any()
+    assert rm_throughput.pack_length(batch, 10) == 24  # 10 + 6 + 6, rounded up to 8
+    assert rm_throughput.pack_length(batch, 0) is None
+    tx = optax.adamw(1e-4)  # the loss is taken before the update: any optimizer will do
+    unpacked = jax.jit(functools.partial(steps_lib.rm_train_step, cfg, tx))
+    _, ref = unpacked({**state, "opt_state": tx.init(state["params"])}, batch)
+    _, got = step(state, batch)  # donates `state`: last
+    assert float(got["loss"]) == pytest.approx(float(ref["loss"]), abs=1e-5)
+    recs = rm_throughput.measure("tiny", pairs=2, seq=16, steps=1, warmup=1, shared_prefix=10)
+    by_metric = {r["metric"]: r for r in recs}
+    assert by_metric["tokens_per_s"]["pack_length"] == 24
+    assert by_metric["achieved_flops"]["tokens_computed"] == 2 * 24
+    # tokens/s counts the pairs' tokens as the peer does (2 x pairs x seq)
+    step_s = by_metric["step_time_s"]["value"]
+    assert by_metric["tokens_per_s"]["value"] == pytest.approx(2 * 2 * 16 / step_s)
 
 
 def test_rm_flops_per_token_llama_peer():
