@@ -1,7 +1,7 @@
 """Where the RM training step's time goes: a jax.profiler trace, op times by kind.
 
     python -m bench.step_profile [--preset llama_peer] [--pairs 8] [--seq 256] [--steps 3]
-                                 [--model KEY=VALUE ...] [--top 15]
+                                 [--model KEY=VALUE ...] [--top 15] [--shared_prefix P]
 
 Compiles steps.rm_train_step as bench.rm_throughput does (AdamW, fp32, the training state
 donated), runs `steps` steps under `jax.profiler.trace` (a Perfetto trace), and sums the
@@ -13,6 +13,8 @@ JSON line per class (seconds per step, share of op time) and the `top` ops, plus
 achieved matmul FLOP rate of the dot class (the step's matmul FLOPs over its dot time;
 where the attention kernel runs, its FLOPs are in the numerator but its time is not),
 the figure the performance issue's "step at >= 75% of its own matmul rate" is about.
+--shared_prefix P profiles the packed step of pairs sharing P tokens (rm_throughput's
+option; FLOPs then counted on the packed tokens).
 """
 from __future__ import annotations
 
@@ -95,13 +97,15 @@ def op_times(events: list[dict], kinds: dict[str, str]) -> dict[str, float]:
     return dict(out)
 
 
-def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top: int) -> list:
+def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top: int,
+            shared_prefix: int = 0) -> list:
     import jax
 
     from bench import rm_throughput
 
-    compiled, state, batch, cfg, _ = rm_throughput.build_step(preset, pairs, seq, "adamw", 0,
-                                                              overrides)
+    compiled, state, batch, cfg, _ = rm_throughput.build_step(
+        preset, pairs, seq, "adamw", 0, overrides, shared_prefix=shared_prefix)
+    packed = rm_throughput.pack_length(batch, shared_prefix)
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -116,8 +120,10 @@ def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top:
     by_kind: dict[str, float] = collections.defaultdict(float)
     for name, sec in times.items():
         by_kind[kinds[name]] += sec
-    flops = common.rm_flops_per_token(cfg, seq) * 2 * pairs * seq
+    flops = (common.rm_flops_per_token(cfg, packed) * pairs * packed if packed else
+             common.rm_flops_per_token(cfg, seq) * 2 * pairs * seq)
     config = dict(preset=preset, pairs=pairs, seq=seq, steps=steps, overrides=overrides,
+                  shared_prefix=shared_prefix, pack_length=packed,
                   xla_flags=os.environ.get("XLA_FLAGS", ""), machine=common.machine_info())
     recs = [common.record(BENCH, "op_s_per_step", total / steps, "s", **config)]
     for kind, sec in sorted(by_kind.items(), key=lambda kv: -kv[1]):
@@ -142,9 +148,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--shared_prefix", type=int, default=0, metavar="P")
     args = p.parse_args(argv)
     for rec in profile(args.preset, args.pairs, args.seq, args.steps,
-                       parse_overrides(args.model), args.top):
+                       parse_overrides(args.model), args.top, args.shared_prefix):
         common.emit(rec)
 
 

@@ -643,6 +643,14 @@ def test_padding_probe_pads_the_pool_and_standardises_each_reward(tmp_path):
                                       load=load_extra, extra=["path:ws"])
     assert pool_rows == [4] and out["path:ws"] == {"x y.": [1.0]}
     assert out["ens"] == {"x y.": [1.3333]}  # the extra spec is not a member
+    # the phrase "self": the completion itself appended k times (its own words repeated)
+    batch = padding_probe.padded_batch(str(tmp_path), encode, phrases=("self",), ks=(0, 2))
+    assert batch["completions"] == ["a b", "c", "a b a b a b", "c c c"]
+    # kept=False: the oracle and the extra specs only
+    seen.clear()
+    out = padding_probe.padding_probe(str(tmp_path), phrases=("x y.",), ks=(0, 1), encode=encode,
+                                      load=load_extra, extra=["path:ws"], kept=False)
+    assert seen == ["oracle"] and sorted(out) == ["oracle", "path:ws"]
     # a padded row longer than an RM's positions is refused, naming the RM
     short = types.SimpleNamespace(config=types.SimpleNamespace(max_len=8))
     with pytest.raises(SystemExit, match=r"9 tokens, past member:rm_clean:0's 8 positions"):
@@ -748,6 +756,18 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     assert "| rl_a vs rl_b | -0.300 ± - | - | 0/1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="seed_4/rl_a/metrics.jsonl: no evaluation at step 20"):
         rl_table.main([str(runs[1]), "--at_step", "20"])
+    # --last K: each policy's control averaged over its last K evaluations (+- its SE)
+    for name, c in (("rl_a", 1.0), ("rl_b", 1.25)):
+        with open(run / name / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 20, "eval/control_reward": c,
+                                "eval/control_reward_se": 0.02}) + "\n")
+    rl_table.main([str(run), "--last", "2"])
+    out = capsys.readouterr().out.split("over the last 2 evaluations")[1]
+    assert "| 3 | rl_a vs rl_b | 1.250 ± 0.250 | 1.250 ± 0.000 | +0.000 |" in out
+    rl_table.main([str(run), "--last", "1"])  # the last one alone: step 20
+    assert "| 3 | rl_a vs rl_b | 1.000 ± 0.000 | 1.250 ± 0.000 | -0.250 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="seed_4/rl_a/metrics.jsonl: 1 evaluations, fewer than"):
+        rl_table.main([str(runs[1]), "--last", "3"])
 
 
 def test_gate_table_reads_the_warm_start_rule_and_the_gates(tmp_path, capsys):
@@ -825,3 +845,58 @@ def test_arm_table_counts_the_declared_predictions_per_seed(tmp_path, capsys):
     os.remove(tmp_path / "own" / "seed_2" / "rm_eval_rm_corrupt" / "summary.json")
     with pytest.raises(SystemExit, match=r"seed_2/rm_eval_rm_corrupt/summary\.json not found"):
         arm_table.main([str(tmp_path), "1", "2"])
+
+
+def test_repetition_vs_rl_pairs_each_rl_run_with_the_run_holding_its_rms(tmp_path, capsys):
+    """tools/repetition_vs_rl.py (docs/science.md, section 21): an RL run goes with the probe
+    run whose RM stage summaries it holds; each judged WARM-vs-single pair gets both rewards'
+    payment (probed once per probe run and spec), WARM's win rate and the control difference
+    over the last evaluations; Spearman's rho with a permutation p-value."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import repetition_vs_rl as rv
+
+    def run_dir(name, rm_text):
+        d = tmp_path / name
+        for stage in ("rm_clean", "rm_corrupt"):
+            os.makedirs(d / stage)
+            (d / stage / "summary.json").write_text(rm_text + stage)
+        return d
+
+    probes = [run_dir("a/seed_1", "A"), run_dir("b/seed_1", "B")]
+    rls = []
+    for name, rm_text, win, (cw, cs) in (("rl1/seed_1", "A", 0.7, (1.5, 1.0)),
+                                         ("rl2/seed_1", "B", 0.4, (1.0, 1.25)),
+                                         ("rl3/seed_1", "A", 0.3, (1.0, 2.0))):
+        d = run_dir(name, rm_text)
+        for stage, spec, c in (("rl_warm_x", "warm:warm_clean", cw),
+                               ("rl_single_x", "best:rm_clean", cs)):
+            os.makedirs(d / stage)
+            (d / stage / "summary.json").write_text(json.dumps({"stage": "rl", "reward": spec}))
+            (d / stage / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "eval/control_reward": v}) + "\n"
+                for s, v in ((0, 9.0), (10, c), (20, c))))
+        os.makedirs(d / "judge")
+        (d / "judge" / "summary.json").write_text(json.dumps({"win_rates": {
+            "rl_warm_x vs rl_single_x": {"win_rate": win}, "rl_warm_x vs sft": {"win_rate": 1}}}))
+        rls.append(str(d))
+    pays = {("A", "best:rm_clean"): 0.5, ("A", "warm:warm_clean"): 0.125,
+            ("B", "best:rm_clean"): 0.0, ("B", "warm:warm_clean"): 0.25}
+    calls = []
+
+    def probe(run, specs):
+        calls.append((os.path.basename(os.path.dirname(run)), tuple(specs)))
+        tag = "A" if "a" == os.path.basename(os.path.dirname(run)) else "B"
+        return {"oracle": -1.0, **{s: pays[(tag, s)] for s in specs}}
+
+    rows = rv.rows([str(p) for p in probes], rls, last=2, probe=probe)
+    assert calls == [("a", ("best:rm_clean", "warm:warm_clean")),
+                     ("b", ("best:rm_clean", "warm:warm_clean"))]  # rl3 reuses a's
+    assert [(r["pay_diff"], r["win_rate"], r["last_diff"]) for r in rows] == [
+        (0.375, 0.7, 0.5), (-0.25, 0.4, -0.25), (0.375, 0.3, -1.0)]
+    assert rows[0]["oracle"] == -1.0 and rows[0]["pair"] == "rl_warm_x vs rl_single_x"
+    with pytest.raises(SystemExit, match="no --probe run holds its RM stages"):
+        rv.rows([str(probes[1])], rls[:1], probe=probe)
+    rho, p = rv.spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert rho == pytest.approx(1.0) and 0.005 < p < 0.03  # exact: 2/120
+    rho, _ = rv.spearman([1, 1, 2], [3, 2, 1])  # ties share their mean rank
+    assert rho == pytest.approx(-np.sqrt(3) / 2)

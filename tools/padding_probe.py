@@ -10,10 +10,13 @@ for an RM in units of its own standard deviation over the pool (the SFT policy's
 the scale RL standardises its rewards by), for the oracle in raw units; and ENS (the
 members' mean reward, standardised by its own standard deviation over the pool). In the
 miniature world the oracle charges for a summary past 16 words or with a repeated phrase;
-an RM that pays for padding there shares a cue RL can climb. Used in docs/science.md, section 15:
+an RM that pays for padding there shares a cue RL can climb. The phrase "self" is the
+completion itself (k = 2: the summary three times), the repetition world 6's runaway
+policies settle on. Used in docs/science.md, sections 15 and 21:
 
   python tools/padding_probe.py runs/paper_miniature/seed_0 [--prompts 256] [--ensemble rm_clean]
       [--ks 1,2,4] [--extra path:runs/paper_miniature/seed_0/rm_init/warm_start]
+      [--phrases self] [--no_kept]
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import os
 import numpy as np
 
 PHRASES = ("long story short.", "to be honest.", "and it is a whole thing.")
+SELF = "self"  # the phrase that stands for the completion itself
 KS = (0, 1, 2, 4)
 
 
@@ -51,7 +55,8 @@ def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 25
     for phrase in phrases:
         for k in ks:
             for head, r in zip(heads, rows):
-                c = " ".join([texts["completions"][r].rstrip()] + [phrase] * k)
+                base = texts["completions"][r].rstrip()
+                c = " ".join([base] + [base if phrase == SELF else phrase] * k)
                 seqs.append(head + list(encode(c)) + [1])
                 prompts.append(texts["prompts"][r])
                 comps.append(c)
@@ -71,11 +76,12 @@ def _pool_scores(run: str, score) -> np.ndarray:
 
 
 def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
-                  phrases=PHRASES, ks=KS, load=None, encode=None, extra=()) -> dict:
+                  phrases=PHRASES, ks=KS, load=None, encode=None, extra=(),
+                  kept: bool = True) -> dict:
     """{spec: {phrase: [mean change at each k > 0]}} (RMs standardised by their pool std,
     the oracle raw, 'ens' = the members' mean reward standardised by its own pool std).
     `extra`: more reward specs (e.g. 'path:RUN/rm_init/warm_start'), whose pool std is
-    computed by scoring the pool."""
+    computed by scoring the pool. kept=False: the oracle and `extra` only."""
     if not os.path.exists(os.path.join(run, "bon", "pool.npz")):
         raise SystemExit(f"{run}/bon/pool.npz: not found; run the bon stage of {run} first")
     from warm_jax.stages.bon import _safe  # the name bon keeps each spec's scores under
@@ -87,7 +93,7 @@ def padding_probe(run: str, ensemble: str = "rm_clean", num_prompts: int = 256,
     batch = padded_batch(run, encode, phrases, ks, num_prompts)
     shape, out, members = batch.pop("shape"), {}, []  # members: (raw scores, pool scores)
     longest = int(batch["mask"].sum(1).max())
-    for spec in ["oracle"] + kept_specs(run, ensemble) + list(extra):
+    for spec in ["oracle"] + (kept_specs(run, ensemble) if kept else []) + list(extra):
         rm, score = load(run, spec)
         positions = getattr(getattr(rm, "config", None), "max_len", None)
         if positions is not None and longest > positions:
@@ -115,6 +121,11 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="another reward spec to probe, e.g. path:RUN/rm_init/warm_start "
                          "(its std over the pool is computed by scoring the pool)")
+    ap.add_argument("--phrases", default=",".join(PHRASES),
+                    help=f"comma-separated phrases to append; {SELF!r}: the completion itself")
+    ap.add_argument("--no_kept", action="store_true",
+                    help="probe the oracle and --extra specs only (not the bon stage's kept "
+                         "members and WARM)")
     ap.add_argument("--ks", default=",".join(map(str, KS[1:])),
                     help="how many times to append each phrase (comma-separated, each >= 1)")
     args = ap.parse_args(argv)
@@ -122,8 +133,10 @@ def main(argv=None) -> None:
     if not ks or min(ks) < 1:
         ap.error(f"--ks {args.ks!r}: give counts >= 1, e.g. 1,2,4,8")
     for run in args.runs:
+        phrases = tuple(p.strip() for p in args.phrases.split(",") if p.strip())
         print(json.dumps({"run": run, "ks": ks, "change": padding_probe(
-            run, args.ensemble, args.prompts, ks=[0] + ks, extra=args.extra)}))
+            run, args.ensemble, args.prompts, phrases=phrases, ks=[0] + ks, extra=args.extra,
+            kept=not args.no_kept)}))
 
 
 if __name__ == "__main__":

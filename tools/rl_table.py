@@ -14,7 +14,10 @@ Prints two markdown tables:
   evaluation step N (+- its standard error over prompts) and A - B, then the mean of A - B
   over seeds +- std, its t-interval and the seeds where A > B. With the policy lr constant
   after warm-up (RLConfig.warmup_steps < N), the policy at step N of a longer run is the
-  final policy of an N-step run: this reads a shorter run off a longer one's curve.
+  final policy of an N-step run: this reads a shorter run off a longer one's curve;
+- with --last K: the same comparison with each policy's control reward averaged over its
+  last K evaluations (+- the standard error of that mean over the K evaluations): a
+  reading that does not hang on where the last step falls in an excursion.
 A policy or pair missing from a run is left out; --policies keeps the named ones only.
 """
 from __future__ import annotations
@@ -76,27 +79,43 @@ def control_at_step(run: str, name: str, step: int):
     raise SystemExit(f"{path}: no evaluation at step {step}")
 
 
-def step_rows(runs, step: int, policies=None) -> list[dict]:
-    """Per seed and RL-vs-RL judge pair: both policies' control at `step` and A - B."""
+def control_over_last(run: str, name: str, k: int):
+    """(mean control reward over RL stage `name`'s last k evaluations, the standard error
+    of that mean over the k); a named error when the run has fewer than k evaluations."""
+    path = os.path.join(run, name, "metrics.jsonl")
+    evals = {r["step"]: r["eval/control_reward"] for r in read_jsonl(path)
+             if "eval/control_reward" in r}
+    if len(evals) < k:
+        raise SystemExit(f"{path}: {len(evals)} evaluations, fewer than --last {k}")
+    last = [evals[s] for s in sorted(evals)[-k:]]
+    se = float(np.std(last, ddof=1) / np.sqrt(k)) if k > 1 else 0.0
+    return float(np.mean(last)), se
+
+
+def step_rows(runs, step: int = None, policies=None, last: int = None) -> list[dict]:
+    """Per seed and RL-vs-RL judge pair: both policies' control at `step` (or averaged
+    over their `last` evaluations) and A - B."""
+    read = ((lambda run, name: control_over_last(run, name, last)) if last else
+            (lambda run, name: control_at_step(run, name, step)))
     rows = []
     for run in runs:
         for j in judge_rows(run, policies):
             a, _, b = j["pair"].partition(" vs ")
             if _load(run, b, "summary.json") is None or b == "sft":
                 continue
-            (ca, sa), (cb, sb) = control_at_step(run, a, step), control_at_step(run, b, step)
+            (ca, sa), (cb, sb) = read(run, a), read(run, b)
             rows.append({"seed": j["seed"], "pair": j["pair"], "a": ca, "a_se": sa,
                          "b": cb, "b_se": sb, "diff": ca - cb})
     return rows
 
 
-def _print_steps(rows: list[dict], step: int) -> None:
-    print(f"\n| seed | A vs B | A at step {step} | B at step {step} | A - B |")
+def _print_steps(rows: list[dict], where: str) -> None:
+    print(f"\n| seed | A vs B | A {where} | B {where} | A - B |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seed']} | {r['pair']} | {r['a']:.3f} ± {r['a_se']:.3f} | "
               f"{r['b']:.3f} ± {r['b_se']:.3f} | {r['diff']:+.3f} |")
-    print(f"\n| A vs B | A - B at step {step}, mean ± std | t-interval | seeds with A > B |")
+    print(f"\n| A vs B | A - B {where}, mean ± std | t-interval | seeds with A > B |")
     print("|---|---|---|---|")
     for pair in sorted({r["pair"] for r in rows}):
         d = [r["diff"] for r in rows if r["pair"] == pair]
@@ -117,6 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default="", help="comma-separated RL stage names to keep")
     ap.add_argument("--at_step", type=int, default=None,
                     help="also compare the judged RL pairs' control rewards at this step")
+    ap.add_argument("--last", type=int, default=None, metavar="K",
+                    help="also compare them averaged over each policy's last K evaluations")
     args = ap.parse_args(argv)
     keep = set(filter(None, args.policies.split(","))) | {"sft"} if args.policies else None
     print("| seed | policy | reward | start | peak (step, KL) | final (KL) | max KL | "
@@ -138,7 +159,12 @@ def main(argv=None) -> None:
                   f"{r['ci_high']:.3f}] | {r['wins']} / {r['ties']} / {r['losses']} | "
                   f"{_f(r['matched'], '{:+.3f}')}{rng} |")
     if args.at_step is not None:
-        _print_steps(step_rows(args.runs, args.at_step, keep), args.at_step)
+        _print_steps(step_rows(args.runs, args.at_step, keep), f"at step {args.at_step}")
+    if args.last is not None:
+        if args.last < 1:
+            ap.error(f"--last must be >= 1, got {args.last}")
+        _print_steps(step_rows(args.runs, policies=keep, last=args.last),
+                     f"over the last {args.last} evaluations")
 
 
 if __name__ == "__main__":
