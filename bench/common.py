@@ -155,6 +155,7 @@ def machine_info(with_jax: bool = True) -> dict:
         "cpu_model": _cpu_model(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     try:
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)

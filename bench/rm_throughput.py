@@ -35,6 +35,7 @@ from bench import common
 BENCH = "rm_throughput"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_PYTHON = os.path.join(REPO, ".venv-peer", "bin", "python")
+PEER_ENV_DROPPED = ("XLA_FLAGS", "PYTHONPATH", "GLIBC_TUNABLES")
 log = logging.getLogger("warm_jax")
 
 
@@ -167,7 +168,11 @@ def run_peer(pairs: int, seq: int, steps: int, warmup: int = 2, impl: str = "trl
     cmd = [python, "-m", "bench.peer_trl", "--pairs", str(pairs), "--seq", str(seq),
            "--steps", str(steps), "--warmup", str(warmup), "--impl", impl, "--dtype", dtype,
            "--shared_prefix", str(shared_prefix)]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    # warm-jax's own settings stay out of the peer's process: XLA's flags, and the glibc
+    # tunables of launch/cpu_env.sh (transparent huge pages for XLA's temporaries), which
+    # cost torch ~18% on the Intel host (docs/benchmarks.md, 2026-12-05) and which a TRL
+    # user would not set
+    env = {k: v for k, v in os.environ.items() if k not in PEER_ENV_DROPPED}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     recs = common.parse_json_lines(proc.stdout)

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark harness (no timing assertions) and of the CPU matmul path."""
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,24 @@ def test_time_calls_counts_and_blocks():
 def test_run_peer_without_interpreter_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="peer_setup.sh"):
         rm_throughput.run_peer(2, 8, 1, python=str(tmp_path / "missing" / "python"))
+
+
+def test_run_peer_keeps_warm_jaxs_settings_out_of_the_peers_process(tmp_path, monkeypatch):
+    """The peer runs without launch/cpu_env.sh's glibc tunables and XLA flags (they cost
+    torch ~18% on one host: docs/benchmarks.md), and its records say so."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec " + sys.executable + " -c 'import json, os; print(json.dumps("
+                    '{"bench": "peer_trl", "metric": "env", "value": 0, "unit": "-", '
+                    '"tunables": os.environ.get("GLIBC_TUNABLES"), '
+                    '"xla": os.environ.get("XLA_FLAGS"), "keep": os.environ.get("KEEP_ME")}))'
+                    "'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    monkeypatch.setenv("KEEP_ME", "1")
+    rec, = rm_throughput.run_peer(2, 8, 1, python=str(fake))
+    assert (rec["tunables"], rec["xla"], rec["keep"]) == (None, None, "1")
+    assert common.machine_info(with_jax=False)["glibc_tunables"] == "glibc.malloc.hugetlb=1"
 
 
 def _loss_and_grads(cfg, params, tokens, mask):
@@ -377,3 +396,24 @@ def test_bf16_matmul_bench_times_every_pass_and_sums_the_step():
     assert step["kernel"]["value"] == pytest.approx(want)
     assert step["xla_bf16"]["speedup_vs_xla_bf16"] == 1.0
     assert step["xla_f32"]["speedup_vs_xla_f32"] == 1.0
+
+
+def test_rl_step_times_both_kl_penalties_on_the_same_samples(capsys):
+    """bench.rl_step: one record per variant and their ratio; a call from the same state
+    samples the same completions, so the two variants see the same tokens."""
+    from bench import rl_step
+
+    fns = {v: rl_step.build(v, prompt_len=8, max_new_tokens=4, preset="tiny")
+           for v in ("reward", "loss")}
+    first = {v: fn(st) for v, (fn, st, _) in fns.items()}
+    again = fns["reward"][0](fns["reward"][1])
+    assert float(again["completion_length"]) == float(first["reward"]["completion_length"])
+    assert float(first["loss"]["completion_length"]) == float(first["reward"]["completion_length"])
+    assert "kl_exact" in first["loss"]
+    rl_step.main(["--rounds", "1", "--calls", "1", "--prompt_len", "8", "--max_new_tokens", "4",
+                  "--preset", "tiny"])
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["metric"], r.get("impl")) for r in recs] == [
+        ("step_time_s", "reward"), ("step_time_s", "loss"), ("loss_over_reward", None)]
+    assert recs[2]["value"] == pytest.approx(recs[1]["value"] / recs[0]["value"])
+    assert len(recs[0]["loads_1m"]) == 2 and recs[0]["samples_per_prompt"] == 4

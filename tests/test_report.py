@@ -762,7 +762,7 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
             f.write(json.dumps({"step": 20, "eval/control_reward": c,
                                 "eval/control_reward_se": 0.02}) + "\n")
     rl_table.main([str(run), "--last", "2"])
-    out = capsys.readouterr().out.split("over the last 2 evaluations")[1]
+    out = capsys.readouterr().out.split("over the last 2 evaluations", 1)[1]
     assert "| 3 | rl_a vs rl_b | 1.250 ± 0.250 | 1.250 ± 0.000 | +0.000 |" in out
     rl_table.main([str(run), "--last", "1"])  # the last one alone: step 20
     assert "| 3 | rl_a vs rl_b | 1.000 ± 0.000 | 1.250 ± 0.000 | -0.250 |" in capsys.readouterr().out

@@ -1,0 +1,149 @@
+"""Diagnostic: does what an RM pays for repetition, measured before RL, predict whose policy
+wins, WARM's or the single RM's?
+
+Section 15's mechanism (docs/science.md): WARM removes the errors its members do not share,
+so WARM's policy should beat the single RM's where the single RM pays more than WARM for the
+error RL climbs. On world 6 the runaway policies repeat their summary; this tool measures,
+for each RL run's two rewards (its single RM and its WARM, read from the RL stages'
+summaries), how much each pays for a summary repeated k times (tools/padding_probe.py with
+the phrase "self": k = 2 is the summary three times), in units of its own standard
+deviation over the SFT policy's samples (the scale RL standardises rewards by), on the
+probe run's bon pool, and sets it beside the RL outcome:
+
+  python tools/repetition_vs_rl.py --probe runs/w10/own/seed_{10..15} \\
+      --rl runs/w10k/own/seed_{10..15} [--rl runs/w10l/own/seed_{10..15}] [--k 2]
+
+An RL run goes with the probe run whose RM stages it holds: the same bytes in
+rm_clean/summary.json and rm_corrupt/summary.json (copies of the probe run's stages), so
+several arms' seeds can be given at once. Each RL run contributes one row per judged
+"rl_warm* vs rl_single*" pair: pay_single, pay_warm, their difference (single - WARM), the
+oracle's change, the judge's tie-adjusted win rate of WARM's policy and the control
+reward difference over the last `--last` evaluations (tools/rl_table.py --last). Then the
+Spearman rank correlation of (single - WARM) with each outcome over all rows, with a
+two-sided permutation p-value. The prediction: positive.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+import padding_probe  # tools/ is the script's directory
+import rl_table
+from seed_table import _load
+
+
+def spearman(x, y, permutations: int = 20000, seed: int = 0):
+    """(Spearman's rho, two-sided permutation p-value) of two equal-length sequences."""
+    def ranks(a):
+        a = np.asarray(a, np.float64)
+        order = a.argsort(kind="stable")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a))
+        for v in np.unique(a):  # ties share their mean rank
+            r[a == v] = r[a == v].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    if denom == 0:
+        return float("nan"), float("nan")
+    rho = float((rx * ry).sum() / denom)
+    rng = np.random.default_rng(seed)
+    null = np.asarray([(rx * rng.permutation(ry)).sum() / denom for _ in range(permutations)])
+    return rho, float((np.abs(null) >= abs(rho) - 1e-12).mean())
+
+
+def rl_pairs(run: str):
+    """[(warm stage, single stage, win rate of warm's policy)] of a run's judge."""
+    s = _load(run, "judge", "summary.json") or {}
+    out = []
+    for pair, w in s.get("win_rates", {}).items():
+        a, _, b = pair.partition(" vs ")
+        if a.startswith("rl_warm") and b.startswith("rl_single"):
+            out.append((a, b, w["win_rate"]))
+    return out
+
+
+RM_STAGES = ("rm_clean", "rm_corrupt")
+
+
+def rm_key(run: str) -> bytes:
+    """The bytes of a run's RM stage summaries (what copies of those stages share)."""
+    key = b""
+    for stage in RM_STAGES:
+        path = os.path.join(run, stage, "summary.json")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                key += stage.encode() + b"\0" + f.read()
+    return key
+
+
+def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None) -> list[dict]:
+    """One row per (RL run, judged WARM-vs-single pair); `probe(run, specs) -> {spec: pay}`
+    (default: padding_probe with the phrase 'self' at k), cached per probe run and spec."""
+    by_key = {rm_key(r): r for r in probe_runs}
+    if probe is None:
+        def probe(run, specs):
+            out = padding_probe.padding_probe(run, phrases=(padding_probe.SELF,), ks=(0, k),
+                                              extra=list(specs), kept=False)
+            return {s: out[s][padding_probe.SELF][-1] for s in ["oracle", *specs]}
+    cache: dict = {}
+    out = []
+    for run in rl_runs:
+        name = os.path.basename(os.path.normpath(run))
+        pr = by_key.get(rm_key(run))
+        if not pr or not rm_key(run):
+            raise SystemExit(f"{run}: no --probe run holds its RM stages ({', '.join(RM_STAGES)})")
+        for warm, single, win in rl_pairs(run):
+            specs = [_load(run, st, "summary.json")["reward"] for st in (single, warm)]
+            need = [s for s in specs if (pr, s) not in cache]
+            if need:
+                got = probe(pr, need)
+                cache.update({(pr, s): got[s] for s in need})
+                cache[(pr, "oracle")] = got["oracle"]
+            ps, pw = (cache[(pr, s)] for s in specs)
+            cw, _ = rl_table.control_over_last(run, warm, last)
+            cs, _ = rl_table.control_over_last(run, single, last)
+            out.append({"run": run, "seed": name.replace("seed_", ""), "pair": f"{warm} vs {single}",
+                        "single": specs[0], "warm": specs[1], "pay_single": ps, "pay_warm": pw,
+                        "pay_diff": ps - pw, "oracle": cache[(pr, "oracle")],
+                        "win_rate": win, "last_diff": cw - cs})
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--probe", nargs="+", action="extend", required=True,
+                    help="runs with a bon pool")
+    ap.add_argument("--rl", nargs="+", action="extend", required=True,
+                    help="runs with the RL stages and judge, on copies of a probe run's RMs")
+    ap.add_argument("--k", type=int, default=2, help="the summary repeated k more times")
+    ap.add_argument("--last", type=int, default=10, help="evaluations averaged (rl_table)")
+    ap.add_argument("--json", default="", help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.k < 1:
+        ap.error(f"--k must be >= 1, got {args.k}")
+    rs = rows(args.probe, args.rl, args.k, args.last)
+    print(f"| run | pair | single pays (SD) | WARM pays (SD) | single - WARM | oracle | "
+          f"WARM's win rate | control WARM - single, last {args.last} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rs:
+        print(f"| {r['run']} | {r['pair']} | {r['pay_single']:+.3f} | {r['pay_warm']:+.3f} | "
+              f"{r['pay_diff']:+.3f} | {r['oracle']:+.3f} | {r['win_rate']:.3f} | "
+              f"{r['last_diff']:+.3f} |")
+    diff = [r["pay_diff"] for r in rs]
+    for key, label in (("win_rate", "WARM's win rate"),
+                       ("last_diff", f"control WARM - single, last {args.last}")):
+        rho, p = spearman(diff, [r[key] for r in rs])
+        print(f"\nSpearman (single - WARM pays) ~ {label}: rho {rho:+.3f}, "
+              f"permutation p {p:.4f}, n {len(rs)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rs, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
