@@ -894,6 +894,9 @@ def test_repetition_vs_rl_pairs_each_rl_run_with_the_run_holding_its_rms(tmp_pat
     assert [(r["pay_diff"], r["win_rate"], r["last_diff"]) for r in rows] == [
         (0.375, 0.7, 0.5), (-0.25, 0.4, -0.25), (0.375, 0.3, -1.0)]
     assert rows[0]["oracle"] == -1.0 and rows[0]["pair"] == "rl_warm_x vs rl_single_x"
+    merged = rv.by_rm(rows)  # rl1 and rl3 hold the same RMs: one RM pair, outcomes averaged
+    assert [(m["rows"], m["win_rate"], m["last_diff"]) for m in merged] == [
+        (2, pytest.approx(0.5), -0.25), (1, 0.4, -0.25)]
     with pytest.raises(SystemExit, match="no --probe run holds its RM stages"):
         rv.rows([str(probes[1])], rls[:1], probe=probe)
     rho, p = rv.spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])

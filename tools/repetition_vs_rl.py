@@ -107,11 +107,23 @@ def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None) -> list[di
             ps, pw = (cache[(pr, s)] for s in specs)
             cw, _ = rl_table.control_over_last(run, warm, last)
             cs, _ = rl_table.control_over_last(run, single, last)
-            out.append({"run": run, "seed": name.replace("seed_", ""), "pair": f"{warm} vs {single}",
+            out.append({"run": run, "probe": pr, "seed": name.replace("seed_", ""),
+                        "pair": f"{warm} vs {single}",
                         "single": specs[0], "warm": specs[1], "pay_single": ps, "pay_warm": pw,
                         "pay_diff": ps - pw, "oracle": cache[(pr, "oracle")],
                         "win_rate": win, "last_diff": cw - cs})
     return out
+
+
+def by_rm(rs: list[dict]) -> list[dict]:
+    """The rows of one RM pair (the same probe run's single RM and WARM, e.g. under two KL
+    penalties) as one: its payments, and the outcomes averaged over its rows."""
+    groups: dict = {}
+    for r in rs:
+        groups.setdefault((r["probe"], r["single"], r["warm"]), []).append(r)
+    return [{**g[0], "win_rate": float(np.mean([r["win_rate"] for r in g])),
+             "last_diff": float(np.mean([r["last_diff"] for r in g])), "rows": len(g)}
+            for g in groups.values()]
 
 
 def main(argv=None) -> None:
@@ -134,12 +146,15 @@ def main(argv=None) -> None:
         print(f"| {r['run']} | {r['pair']} | {r['pay_single']:+.3f} | {r['pay_warm']:+.3f} | "
               f"{r['pay_diff']:+.3f} | {r['oracle']:+.3f} | {r['win_rate']:.3f} | "
               f"{r['last_diff']:+.3f} |")
-    diff = [r["pay_diff"] for r in rs]
-    for key, label in (("win_rate", "WARM's win rate"),
-                       ("last_diff", f"control WARM - single, last {args.last}")):
-        rho, p = spearman(diff, [r[key] for r in rs])
-        print(f"\nSpearman (single - WARM pays) ~ {label}: rho {rho:+.3f}, "
-              f"permutation p {p:.4f}, n {len(rs)}")
+    for unit, group in (("pairs", rs), ("RM pairs, outcomes averaged", by_rm(rs))):
+        diff = [r["pay_diff"] for r in group]
+        for key, label in (("win_rate", "WARM's win rate"),
+                           ("last_diff", f"control WARM - single, last {args.last}")):
+            rho, p = spearman(diff, [r[key] for r in group])
+            print(f"\nSpearman (single - WARM pays) ~ {label}: rho {rho:+.3f}, "
+                  f"permutation p {p:.4f}, n {len(group)} {unit}")
+    near = sum(abs(r["pay_diff"]) < 0.1 for r in by_rm(rs))
+    print(f"\nRM pairs where WARM pays within 0.1 SD of the single RM: {near}/{len(by_rm(rs))}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rs, f, indent=1)
