@@ -203,6 +203,8 @@ BAD_VALUES = [
     (["--gin.rl_warm/RLConfig.alpha=-0.01"], "rl_warm/RLConfig.alpha = -0.01: must be >= 0"),
     (["--gin.RLConfig.momentum=1.0"], "rl_single/RLConfig.momentum = 1.0: must be < 1"),
     (["--gin.rl_warm/RLConfig.kl_target=0.0"], "rl_warm/RLConfig.kl_target = 0.0: must be > 0"),
+    (["--gin.rl_warm/RLConfig.score_unfinished='drop'"],
+     "rl_warm/RLConfig.score_unfinished = 'drop': must be one of ['as_sampled', 'with_eos']"),
     (["--gin.rl_warm/RLConfig.kl_alpha_min=0.001"],
      "rl_warm/RLConfig.kl_alpha_min = 0.001: needs kl_target (alpha is fixed without it)"),
     (["--gin.rl_warm/RLConfig.kl_target=4.0", "--gin.rl_warm/RLConfig.kl_alpha_min=0.1"],

@@ -903,3 +903,18 @@ def test_repetition_vs_rl_pairs_each_rl_run_with_the_run_holding_its_rms(tmp_pat
     assert rho == pytest.approx(1.0) and 0.005 < p < 0.03  # exact: 2/120
     rho, _ = rv.spearman([1, 1, 2], [3, 2, 1])  # ties share their mean rank
     assert rho == pytest.approx(-np.sqrt(3) / 2)
+
+
+def test_unfinished_probe_lifts_are_standardised_and_read_on_unfinished_completions_only():
+    """tools/unfinished_probe.py (docs/science.md, section 22): each reward's scores as
+    sampled and with an EOS appended, standardised by its pool mean and std; the lift is
+    the mean difference over the completions that did not finish."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import unfinished_probe as up
+
+    finished = np.asarray([True, False, False])
+    out = up.unfinished_lift({"r": ([1.0, 9.0, 5.0], [1.0, 1.0, 3.0])}, finished,
+                             {"r": (1.0, 2.0)})
+    assert out["r"] == (pytest.approx(2.0), pytest.approx(1 / 3), pytest.approx(2.5))
+    out = up.unfinished_lift({"r": ([1.0], [1.0])}, np.asarray([True]), {"r": (0.0, 1.0)})
+    assert out["r"] == (1.0, 1.0, None)

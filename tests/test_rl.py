@@ -607,3 +607,40 @@ def test_the_kl_penalty_in_the_loss_pulls_towards_the_reference_whatever_the_sam
     assert kl6 < 0.7 * kl0, (kl6, kl0)
     assert float(m["kl_exact"]) > 0 and float(m["finite"]) == 1.0
     assert float(m["return_mean"]) == 0.0  # the penalty is not in the returns
+
+
+def _last_token_reward(_p, tokens, mask):
+    """The id of each row's last real token (the token a reward model's reward is read at)."""
+    last = jnp.sum(mask, axis=1) - 1
+    return jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def test_an_unfinished_completion_is_scored_with_an_eos_appended_when_asked():
+    """RLConfig.score_unfinished: 'as_sampled' scores a completion that reached
+    max_new_tokens without EOS at its last token; 'with_eos' appends the EOS first (one
+    column wider), so every completion's reward is read at an EOS; finished ones unchanged."""
+    pt = jnp.asarray([[0, 4, 5], [4, 5, 6], [0, 0, 4]], jnp.int32)
+    pm = (pt > 0).astype(jnp.int32)
+    out = {"tokens": jnp.asarray([[8, 1, 0, 0], [8, 9, 10, 11], [12, 13, 14, 15]], jnp.int32),
+           "mask": jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], jnp.int32)}
+    tok, msk = rl_steps.rm_sequences(pt, pm, out, "as_sampled")
+    seq = rl_steps.sampling.concat_right_padded(pt, pm, out["tokens"], out["mask"])
+    assert (tok == seq["tokens"]).all() and (msk == seq["mask"]).all()
+    tok, msk = rl_steps.rm_sequences(pt, pm, out, "with_eos")
+    assert tok.tolist() == [[4, 5, 8, 1, 0, 0, 0, 0], [4, 5, 6, 8, 9, 10, 11, 1],
+                            [4, 12, 13, 14, 15, 1, 0, 0]]
+    assert msk.sum(1).tolist() == [4, 8, 6]
+    # through a rollout of a random tiny policy (no EOS in 3 tokens): every reward is read
+    # at the sampled last token as sampled, at the EOS with 'with_eos'
+    cfg = rl_steps.RLConfig(max_new_tokens=3)
+    batch = _prompts(8, 0)
+    params, _ = model_lib.init_params(TINY, jax.random.key(0))
+    scores = {}
+    for mode in rl_steps.SCORE_UNFINISHED:
+        ro = rl_steps.rollout(TINY, cfg.sampling_config(), _last_token_reward, params, params,
+                              None, batch["tokens"], batch["mask"], jax.random.key(1),
+                              unfinished=mode)
+        finished = np.asarray(jnp.any(ro["sample"]["tokens"] == 1, axis=1))
+        scores[mode] = np.asarray(ro["score"])
+    assert (~finished).sum() >= 6
+    assert (scores["with_eos"] == 1).all() and (scores["as_sampled"][~finished] > 1).all()

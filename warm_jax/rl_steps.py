@@ -84,6 +84,10 @@ class RLConfig:
       forward pass is the one the sampled KL already needs; the policy's loss then takes
       its whole next-token distribution; logged as `kl_exact`, per completion). The
       KL controller reads the sampled KL in either mode.
+    - score_unfinished 'as_sampled' (default): the reward model scores each completion as
+      sampled, so one that reaches max_new_tokens without EOS is scored at its last token,
+      where no training sequence of the reward model ended; 'with_eos' appends the EOS
+      first, scoring what the reader would see (rm_sequences; docs/science.md, section 22).
     """
 
     steps: int = 100
@@ -113,6 +117,7 @@ class RLConfig:
     kl_alpha_max: Optional[float] = None  # the adaptive alpha's cap (None: none)
     max_step_kl: Optional[float] = None  # trust region: nats per completion a step may move
     kl_penalty: str = "reward"  # reward | loss (the exact KL in the policy loss)
+    score_unfinished: str = "as_sampled"  # as_sampled | with_eos (see the docstring)
 
     @classmethod
     def check(cls, c) -> None:
@@ -154,6 +159,7 @@ class RLConfig:
                        "(alpha starts there)")
         c.number("max_step_kl", 0, lo_open=True, optional=True)
         c.choice("kl_penalty", KL_PENALTIES)
+        c.choice("score_unfinished", SCORE_UNFINISHED)
         if c["reward_normalization"] != "none" or (c["value_init"] != "none"
                                                    and c["baseline"] == "value"):
             c.integer("normalization_samples", 2)
@@ -188,6 +194,7 @@ class RLConfig:
 
 OPTIMIZERS = ("adafactor", "adamw")
 KL_PENALTIES = ("reward", "loss")
+SCORE_UNFINISHED = ("as_sampled", "with_eos")
 REWARD_NORMALIZATIONS = ("sft", "none")
 VALUE_INITS = ("fit", "mean", "none")
 VALUE_MODELS = ("reward", "policy")
@@ -334,13 +341,38 @@ def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int,
     return new if cap is None else jnp.minimum(new, cap)
 
 
+def rm_sequences(prompt_tokens, prompt_mask, out: dict, unfinished: str = "as_sampled"):
+    """(tokens, mask) the reward model scores: each prompt and its completion as sampled;
+    with unfinished 'with_eos', an EOS is appended to every completion that reached
+    max_new_tokens without one (one column wider). A reward model is trained on finished
+    summaries only, its reward read at the EOS; read at the last token of an unfinished
+    one it extrapolates, and every member of an ensemble alike (docs/science.md,
+    section 22)."""
+    if unfinished == "as_sampled":
+        seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"],
+                                           out["mask"])
+        return seq["tokens"], seq["mask"]
+    tok, msk = out["tokens"], out["mask"].astype(jnp.int32)
+    finished = jnp.any((tok == sampling.EOS_ID) & (msk > 0), axis=1)
+    tok = jnp.concatenate([tok * msk, jnp.zeros_like(tok[:, :1])], axis=1)
+    msk = jnp.concatenate([msk, jnp.zeros_like(msk[:, :1])], axis=1)
+    close = (jnp.arange(tok.shape[1])[None, :] == jnp.sum(msk, axis=1)[:, None]) & (
+        ~finished[:, None])
+    seq = sampling.concat_right_padded(prompt_tokens, prompt_mask,
+                                       jnp.where(close, sampling.EOS_ID, tok),
+                                       jnp.where(close, 1, msk))
+    return seq["tokens"], seq["mask"]
+
+
 def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_tokens,
-            prompt_mask, key, ref_logp: bool = False) -> dict:
+            prompt_mask, key, ref_logp: bool = False, unfinished: str = "as_sampled") -> dict:
     """Samples completions and scores them: sequences, proxy scores, ref log-probs (and,
-    with ref_logp, the reference's whole next-token distributions as 'ref_logp')."""
+    with ref_logp, the reference's whole next-token distributions as 'ref_logp');
+    unfinished: how a completion without EOS is scored (rm_sequences)."""
     out = sampling.sample(cfg, params, prompt_tokens, prompt_mask, key, scfg)
     seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"], out["mask"])
-    score = reward_apply(rm_params, seq["tokens"], seq["mask"]).astype(jnp.float32)
+    score = reward_apply(rm_params, *rm_sequences(prompt_tokens, prompt_mask, out,
+                                                  unfinished)).astype(jnp.float32)
     ref = token_logprobs(cfg, ref_params, seq["tokens"], seq["mask"], scfg.temperature,
                          with_logp=ref_logp)
     sample_lp = sampling.completion_values_right_padded(prompt_mask, out["mask"],
@@ -396,7 +428,8 @@ def make_train_step(cfg, rl: RLConfig, reward_apply: RewardApply, tx_pi, tx_v):
         key = jax.random.fold_in(state["rng"], state["step"])
         in_loss = rl.kl_penalty == "loss"
         ro = rollout(cfg, scfg, reward_apply, jax.lax.stop_gradient(state["params"]),
-                     ref_params, rm_params, batch["tokens"], batch["mask"], key, in_loss)
+                     ref_params, rm_params, batch["tokens"], batch["mask"], key, in_loss,
+                     rl.score_unfinished)
         seq, tmask = ro["seq"], ro["tmask"]
         tokens, mask = seq["tokens"], seq["mask"]
         # the sampler's log-probs are the policy's (same temperature, no filtering): no
@@ -494,7 +527,7 @@ def make_eval_step(cfg, rl: RLConfig, reward_apply: RewardApply):
 
     def evaluate(params, ref_params, rm_params, prompts, key):
         ro = rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompts["tokens"],
-                     prompts["mask"], key)
+                     prompts["mask"], key, unfinished=rl.score_unfinished)
         kl = jnp.sum((ro["sample_lp"] - ro["ref_lp"]) * ro["tmask"], axis=1)
         return {"tokens": ro["sample"]["tokens"], "mask": ro["sample"]["mask"],
                 "score": ro["score"], "kl": kl, "lengths": ro["sample"]["lengths"]}
@@ -542,7 +575,7 @@ def make_pool_step(cfg, rl: RLConfig, reward_apply: RewardApply):
 
     def pool(ref_params, value_base, rm_params, prompts, key):
         ro = rollout(cfg, scfg, reward_apply, ref_params, ref_params, rm_params,
-                     prompts["tokens"], prompts["mask"], key)
+                     prompts["tokens"], prompts["mask"], key, unfinished=rl.score_unfinished)
         seq = ro["seq"]
         return {"tokens": seq["tokens"], "mask": seq["mask"], "tmask": ro["tmask"],
                 "score": ro["score"], "kl_t": (ro["sample_lp"] - ro["ref_lp"]) * ro["tmask"],

@@ -439,7 +439,8 @@ def _finish(ctx, name: str, res: dict, rl, pcfg, pcard, rm, reward: str, t0: flo
         "train_kl_last10": float(np.mean([r["kl"] for r in tail])) if tail else None,
         **{f"reward_norm_{k}": float(v) for k, v in
            jax.device_get(res["state"]["reward_norm"]).items()},
-        "kl_penalty": rl.kl_penalty, "kl_target": rl.kl_target, "final_alpha": (
+        "kl_penalty": rl.kl_penalty, "score_unfinished": rl.score_unfinished,
+        "kl_target": rl.kl_target, "final_alpha": (
             float(jax.device_get(res["state"]["alpha"])) if rl.kl_target else rl.alpha),
         "baseline": rl.baseline, "samples_per_prompt": rl.samples_per_prompt,
         "reward_normalization": rl.reward_normalization, "value_init": rl.value_init,
