@@ -715,7 +715,8 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
             "final_control_reward": 1.2, "final_kl": 3.0, "kl_target": target,
             "final_alpha": 0.02 if target else 0.01}))
         recs = [{"step": 1, "alpha": 0.01}, {"step": 10, "alpha": 0.03, "eval/kl": 7.5},
-                {"step": 20, "alpha": 0.02, "eval/kl": 3.0}]
+                {"step": 20, "alpha": 0.02, "eval/kl": 3.0, "eos_fraction": 0.75},
+                {"step": 21, "eos_fraction": 0.25}]
         (run / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     os.makedirs(run / "judge")
     w = {"win_rate": 0.6, "ci_low": 0.55, "ci_high": 0.65, "wins": 3, "ties": 1, "losses": 1}
@@ -729,7 +730,7 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     rl_table.main([str(run), "--policies", "rl_a"])
     out = capsys.readouterr().out
     assert "| 3 | rl_a | warm:w | 1.000 | 1.500 (20, 2.00) | 1.200 (3.00) | 7.5 | " \
-           "0.0100 / 0.0300 / 0.0200 |" in out
+           "0.0100 / 0.0300 / 0.0200 | 0.50 |" in out
     assert "rl_b" not in out and "| 3 | rl_a vs sft | 0.600 [0.550, 0.650] | 3 / 1 / 1 | - |" in out
     rl_table.main([str(run)])
     assert "| rl_a vs rl_b | 0.600 [0.550, 0.650] | 3 / 1 / 1 | -0.250 (0.0-3.0) |" in \

@@ -5,8 +5,9 @@ files (each RL stage's summary.json and metrics.jsonl, judge/summary.json):
 
 Prints two markdown tables:
 - RL: per policy and seed, the oracle control reward on the held-out prompts at the start,
-  at its peak (step, KL) and at the end (KL), the largest KL an evaluation saw, and for an
-  adaptive KL coefficient (RLConfig.kl_target) alpha's smallest, largest and final value;
+  at its peak (step, KL) and at the end (KL), the largest KL an evaluation saw, for an
+  adaptive KL coefficient (RLConfig.kl_target) alpha's smallest, largest and final value,
+  and the fraction of training completions that ended with an EOS over the last 10 steps;
 - judge: per pair and seed, the tie-adjusted win rate of the final policies [95% interval
   over prompts], wins / ties / losses, and the mean control difference at matched KL
   (stats.matched_kl over the KLs both curves reached, with that range);
@@ -47,12 +48,14 @@ def rl_rows(run: str, policies=None) -> list[dict]:
         records = read_jsonl(os.path.join(run, name, "metrics.jsonl"))
         evals = [r["eval/kl"] for r in records if "eval/kl" in r]
         alphas = [r["alpha"] for r in records if "alpha" in r] if s.get("kl_target") else []
+        eos = [r["eos_fraction"] for r in records if "eos_fraction" in r][-10:]
         rows.append({"seed": _seed(run), "policy": name, "reward": s["reward"],
                      "start": s["initial_control_reward"], "peak": s["peak_control_reward"],
                      "peak_step": s["peak_step"], "peak_kl": s["peak_kl"],
                      "final": s["final_control_reward"], "final_kl": s["final_kl"],
                      "max_kl": max(evals) if evals else None,
-                     "alpha": (min(alphas), max(alphas), s["final_alpha"]) if alphas else None})
+                     "alpha": (min(alphas), max(alphas), s["final_alpha"]) if alphas else None,
+                     "eos": float(np.mean(eos)) if eos else None})
     return rows
 
 
@@ -141,14 +144,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     keep = set(filter(None, args.policies.split(","))) | {"sft"} if args.policies else None
     print("| seed | policy | reward | start | peak (step, KL) | final (KL) | max KL | "
-          "alpha min / max / final |")
-    print("|---|---|---|---|---|---|---|---|")
+          "alpha min / max / final | EOS, last 10 steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         for r in rl_rows(run, keep):
             al = "fixed" if r["alpha"] is None else " / ".join(f"{x:.4f}" for x in r["alpha"])
             print(f"| {r['seed']} | {r['policy']} | {r['reward']} | {r['start']:.3f} | "
                   f"{r['peak']:.3f} ({r['peak_step']}, {r['peak_kl']:.2f}) | "
-                  f"{r['final']:.3f} ({r['final_kl']:.2f}) | {_f(r['max_kl'], '{:.1f}')} | {al} |")
+                  f"{r['final']:.3f} ({r['final_kl']:.2f}) | {_f(r['max_kl'], '{:.1f}')} | {al} | "
+                  f"{_f(r['eos'], '{:.2f}')} |")
     print("\n| seed | A vs B | win rate [95% CI] | W / T / L | matched-KL difference (KL range) |")
     print("|---|---|---|---|---|")
     for run in args.runs:
