@@ -41,9 +41,9 @@ def kept_specs(run: str, ensemble: str = "rm_clean") -> list[str]:
     return [s for _, s, _ in k["members"]] + [s for _, s, _ in k["warms"][-1:]]
 
 
-def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 256) -> dict:
-    """Right-padded token rows (prompt tokens as sampled + encode(padded completion) + EOS)
-    for every (phrase, k, prompt), in that order, with their prompt and completion texts."""
+def pool_heads(run: str, num_prompts: int):
+    """(prompt token lists, pool rows, pool_texts.json) of the first `num_prompts` prompts of
+    the bon stage's pool: the prompt of each prompt's first sample."""
     with np.load(os.path.join(run, "bon", "pool.npz")) as z:
         tokens, mask, cmask = z["tokens"], z["mask"], z["completion_mask"]
     with open(os.path.join(run, "bon", "pool_texts.json")) as f:
@@ -51,6 +51,13 @@ def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 25
     k_pool = texts["config"]["pool_size"]
     rows = np.arange(min(num_prompts, len(tokens) // k_pool)) * k_pool
     heads = [[int(t) for t in tokens[r, :int(mask[r].sum() - cmask[r].sum())]] for r in rows]
+    return heads, rows, texts
+
+
+def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 256) -> dict:
+    """Right-padded token rows (prompt tokens as sampled + encode(padded completion) + EOS)
+    for every (phrase, k, prompt), in that order, with their prompt and completion texts."""
+    heads, rows, texts = pool_heads(run, num_prompts)
     seqs, prompts, comps = [], [], []
     for phrase in phrases:
         for k in ks:

@@ -94,8 +94,9 @@ def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None) -> list[di
     out = []
     for run in rl_runs:
         name = os.path.basename(os.path.normpath(run))
-        pr = by_key.get(rm_key(run))
-        if not pr or not rm_key(run):
+        key = rm_key(run)
+        pr = by_key.get(key) if key else None
+        if not pr:
             raise SystemExit(f"{run}: no --probe run holds its RM stages ({', '.join(RM_STAGES)})")
         for warm, single, win in rl_pairs(run):
             specs = [_load(run, st, "summary.json")["reward"] for st in (single, warm)]

@@ -59,12 +59,7 @@ def probe_policy(probe_run: str, rl_run: str, stage: str, prompts: int, seed: in
 
     spec = _load(rl_run, stage, "summary.json")["reward"]
     ens = spec.split(":")[1].replace("warm_", "rm_", 1)
-    with np.load(os.path.join(probe_run, "bon", "pool.npz")) as z:
-        tokens, mask, cmask = z["tokens"], z["mask"], z["completion_mask"]
-    with open(os.path.join(probe_run, "bon", "pool_texts.json")) as f:
-        k = json.load(f)["config"]["pool_size"]
-    heads = [tokens[r, :int(mask[r].sum() - cmask[r].sum())]
-             for r in np.arange(min(prompts, len(tokens) // k)) * k]
+    heads, _, _ = padding_probe.pool_heads(probe_run, prompts)
     width = max(map(len, heads))
     pt = np.zeros((len(heads), width), np.int32)
     for i, h in enumerate(heads):  # left-padded, as the sampler takes prompts
@@ -107,8 +102,9 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     rows = []
     for run in args.rl:
-        probe = by_key.get(rv.rm_key(run))
-        if not probe or not rv.rm_key(run):
+        key = rv.rm_key(run)
+        probe = by_key.get(key) if key else None
+        if not probe:
             raise SystemExit(f"{run}: no --probe run holds its RM stages")
         stages = sorted(n for n in os.listdir(run) if n.startswith("rl_") and
                         (_load(run, n, "summary.json") or {}).get("stage") == "rl")

@@ -341,16 +341,19 @@ def adapt_alpha(alpha, kl, target: float, batch_size: int, horizon: int,
     return new if cap is None else jnp.minimum(new, cap)
 
 
-def rm_sequences(prompt_tokens, prompt_mask, out: dict, unfinished: str = "as_sampled"):
-    """(tokens, mask) the reward model scores: each prompt and its completion as sampled;
+def rm_sequences(prompt_tokens, prompt_mask, out: dict, unfinished: str = "as_sampled",
+                 seq: Optional[dict] = None):
+    """(tokens, mask) the reward model scores: each prompt and its completion as sampled
+    (`seq`, concat_right_padded of them, when the caller has it already);
     with unfinished 'with_eos', an EOS is appended to every completion that reached
     max_new_tokens without one (one column wider). A reward model is trained on finished
     summaries only, its reward read at the EOS; read at the last token of an unfinished
     one it extrapolates, and every member of an ensemble alike (docs/science.md,
     section 22)."""
     if unfinished == "as_sampled":
-        seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"],
-                                           out["mask"])
+        if seq is None:
+            seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"],
+                                               out["mask"])
         return seq["tokens"], seq["mask"]
     tok, msk = out["tokens"], out["mask"].astype(jnp.int32)
     finished = jnp.any((tok == sampling.EOS_ID) & (msk > 0), axis=1)
@@ -372,7 +375,7 @@ def rollout(cfg, scfg, reward_apply, params, ref_params, rm_params, prompt_token
     out = sampling.sample(cfg, params, prompt_tokens, prompt_mask, key, scfg)
     seq = sampling.concat_right_padded(prompt_tokens, prompt_mask, out["tokens"], out["mask"])
     score = reward_apply(rm_params, *rm_sequences(prompt_tokens, prompt_mask, out,
-                                                  unfinished)).astype(jnp.float32)
+                                                  unfinished, seq)).astype(jnp.float32)
     ref = token_logprobs(cfg, ref_params, seq["tokens"], seq["mask"], scfg.temperature,
                          with_logp=ref_logp)
     sample_lp = sampling.completion_values_right_padded(prompt_mask, out["mask"],
