@@ -848,7 +848,8 @@ def test_arm_table_counts_the_declared_predictions_per_seed(tmp_path, capsys):
         arm_table.main([str(tmp_path), "1", "2"])
 
 
-def test_repetition_vs_rl_pairs_each_rl_run_with_the_run_holding_its_rms(tmp_path, capsys):
+def test_repetition_vs_rl_pairs_each_rl_run_with_the_run_holding_its_rms(tmp_path, capsys,
+                                                                        monkeypatch):
     """tools/repetition_vs_rl.py (docs/science.md, section 21): an RL run goes with the probe
     run whose RM stage summaries it holds; each judged WARM-vs-single pair gets both rewards'
     payment (probed once per probe run and spec), WARM's win rate and the control difference
@@ -898,6 +899,18 @@ def test_repetition_vs_rl_pairs_each_rl_run_with_the_run_holding_its_rms(tmp_pat
     merged = rv.by_rm(rows)  # rl1 and rl3 hold the same RMs: one RM pair, outcomes averaged
     assert [(m["rows"], m["win_rate"], m["last_diff"]) for m in merged] == [
         (2, pytest.approx(0.5), -0.25), (1, 0.4, -0.25)]
+    # the default probe: padding_probe with the given phrases at k, the pay their mean
+    asked = []
+
+    def padding(run, phrases, ks, extra, kept):
+        asked.append((phrases, ks, kept))
+        return {s: {ph: [0.0, v] for ph, v in zip(phrases, (1.0, 4.0))}
+                for s in ["oracle", *extra]}
+
+    monkeypatch.setattr(rv.padding_probe, "padding_probe", padding)
+    two = rv.rows([str(probes[0])], [rls[0]], k=3, last=2, phrases=("p.", "q."))
+    assert asked == [(("p.", "q."), (0, 3), False)]
+    assert (two[0]["pay_single"], two[0]["pay_warm"], two[0]["oracle"]) == (2.5, 2.5, 2.5)
     with pytest.raises(SystemExit, match="no --probe run holds its RM stages"):
         rv.rows([str(probes[1])], rls[:1], probe=probe)
     rho, p = rv.spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])

@@ -6,12 +6,14 @@ so WARM's policy should beat the single RM's where the single RM pays more than 
 error RL climbs. On world 6 the runaway policies repeat their summary; this tool measures,
 for each RL run's two rewards (its single RM and its WARM, read from the RL stages'
 summaries), how much each pays for a summary repeated k times (tools/padding_probe.py with
-the phrase "self": k = 2 is the summary three times), in units of its own standard
+the phrase "self": k = 2 is the summary three times; `--phrases` probes others, e.g. the
+padding phrases, and averages the pay over them), in units of its own standard
 deviation over the SFT policy's samples (the scale RL standardises rewards by), on the
 probe run's bon pool, and sets it beside the RL outcome:
 
   python tools/repetition_vs_rl.py --probe runs/w10/own/seed_{10..15} \\
       --rl runs/w10k/own/seed_{10..15} [--rl runs/w10l/own/seed_{10..15}] [--k 2]
+      [--phrases "long story short.,to be honest.,and it is a whole thing."]
 
 An RL run goes with the probe run whose RM stages it holds: the same bytes in
 rm_clean/summary.json and rm_corrupt/summary.json (copies of the probe run's stages), so
@@ -81,15 +83,18 @@ def rm_key(run: str) -> bytes:
     return key
 
 
-def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None) -> list[dict]:
+def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None,
+         phrases=(padding_probe.SELF,)) -> list[dict]:
     """One row per (RL run, judged WARM-vs-single pair); `probe(run, specs) -> {spec: pay}`
-    (default: padding_probe with the phrase 'self' at k), cached per probe run and spec."""
+    (default: padding_probe with `phrases` at k, the pay averaged over the phrases), cached
+    per probe run and spec."""
     by_key = {rm_key(r): r for r in probe_runs}
     if probe is None:
         def probe(run, specs):
-            out = padding_probe.padding_probe(run, phrases=(padding_probe.SELF,), ks=(0, k),
+            out = padding_probe.padding_probe(run, phrases=tuple(phrases), ks=(0, k),
                                               extra=list(specs), kept=False)
-            return {s: out[s][padding_probe.SELF][-1] for s in ["oracle", *specs]}
+            return {s: float(np.mean([out[s][ph][-1] for ph in phrases]))
+                    for s in ["oracle", *specs]}
     cache: dict = {}
     out = []
     for run in rl_runs:
@@ -133,13 +138,20 @@ def main(argv=None) -> None:
                     help="runs with a bon pool")
     ap.add_argument("--rl", nargs="+", action="extend", required=True,
                     help="runs with the RL stages and judge, on copies of a probe run's RMs")
-    ap.add_argument("--k", type=int, default=2, help="the summary repeated k more times")
+    ap.add_argument("--k", type=int, default=2,
+                    help="the phrase appended k times (the summary repeated k more times)")
+    ap.add_argument("--phrases", default=padding_probe.SELF,
+                    help="comma-separated phrases (tools/padding_probe.py; 'self': the "
+                         "summary itself); an RM's pay is its mean over them")
     ap.add_argument("--last", type=int, default=10, help="evaluations averaged (rl_table)")
     ap.add_argument("--json", default="", help="also write the rows here")
     args = ap.parse_args(argv)
     if args.k < 1:
         ap.error(f"--k must be >= 1, got {args.k}")
-    rs = rows(args.probe, args.rl, args.k, args.last)
+    phrases = [p.strip() for p in args.phrases.split(",") if p.strip()]
+    if not phrases:
+        ap.error("--phrases: give at least one phrase")
+    rs = rows(args.probe, args.rl, args.k, args.last, phrases=phrases)
     print(f"| run | pair | single pays (SD) | WARM pays (SD) | single - WARM | oracle | "
           f"WARM's win rate | control WARM - single, last {args.last} |")
     print("|---|---|---|---|---|---|---|---|")
