@@ -932,3 +932,23 @@ def test_unfinished_probe_lifts_are_standardised_and_read_on_unfinished_completi
     assert out["r"] == (pytest.approx(2.0), pytest.approx(1 / 3), pytest.approx(2.5))
     out = up.unfinished_lift({"r": ([1.0], [1.0])}, np.asarray([True]), {"r": (0.0, 1.0)})
     assert out["r"] == (1.0, 1.0, None)
+
+
+def test_onpolicy_tracking_side_agreement_compares_the_two_policies_means():
+    """tools/onpolicy_tracking.py: per prompt, which policy's completions (the first S
+    columns: policy A; the next S: policy B) the proxy prefers on average, against the
+    oracle's preference; oracle ties are left out, a proxy tie is a disagreement."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import onpolicy_tracking as ot
+
+    control = np.asarray([[0.0, 0.0, 1.0, 1.0],   # B better
+                          [1.0, 1.0, 0.0, 0.0],   # A better
+                          [1.0, 0.0, 0.0, 1.0],   # a tie: left out
+                          [0.0, 1.0, 1.0, 1.0]])  # B better
+    proxy = np.asarray([[0.0, 5.0, 3.0, 3.0],     # B (3 > 2.5): agrees
+                        [0.0, 0.0, 1.0, 0.0],     # B: disagrees
+                        [9.0, 9.0, 0.0, 0.0],     # (left out)
+                        [1.0, 1.0, 1.0, 1.0]])    # a proxy tie: disagrees
+    assert ot.side_agreement(proxy, control, 2) == pytest.approx(1 / 3)
+    assert ot.side_agreement(control, control, 2) == 1.0
+    assert np.isnan(ot.side_agreement(proxy, np.ones((4, 4)), 2))

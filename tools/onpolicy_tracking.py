@@ -1,0 +1,165 @@
+"""Diagnostic: do the rewards rank the RL policies' own samples as the oracle does?
+
+The bon stage's rank-correlation gate reads the rewards on the SFT policy's samples; RL
+takes the policy elsewhere. For each judged "rl_warm* vs rl_single*" pair of an RL run,
+this samples `--samples` completions of each of the first `--prompts` prompts of the probe
+run's bon pool (the SFT policy's held-out prompts) from both final policies (the RL
+sampling settings), scores all of them as the run scored its completions
+(RLConfig.score_unfinished, read from the stage's summary) with the pair's single RM, its
+WARM, ENS (the mean of that ensemble's members, 'ens:<ensemble>') and the oracle, and
+reports per reward:
+
+  rank  the within-prompt Spearman correlation with the oracle over the prompt's 2 x S
+        completions (both policies'), averaged over prompts (gates.within_prompt_spearman);
+  side  the fraction of prompts where the reward prefers the same policy as the oracle,
+        each policy's completions averaged (prompts where the oracle's means tie are left
+        out).
+
+  python tools/onpolicy_tracking.py --probe runs/w10/own/seed_{10..15} \\
+      --rl runs/w12/own/seed_{10..15} [--prompts 64] [--samples 4] [--json out.json]
+
+An RL run goes with the probe run holding its RM stages (tools/repetition_vs_rl.py). The
+sampling is seeded (--seed): the same runs and flags give the same numbers. Used in
+docs/results.md ("Do the rewards rank the RL policies' own samples as the oracle does?").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+import padding_probe  # tools/ is the script's directory
+import repetition_vs_rl as rv
+from seed_table import _load
+
+
+def side_agreement(proxy: np.ndarray, control: np.ndarray, samples: int) -> float:
+    """proxy, control [P, 2 x samples] (policy A's samples, then B's): the fraction of
+    prompts where the proxy's mean prefers the same policy as the control's (control
+    ties left out; a proxy tie counts as a disagreement). NaN when every prompt ties."""
+    def gap(x):
+        x = np.asarray(x, np.float64)
+        return x[:, samples:].mean(1) - x[:, :samples].mean(1)
+
+    c, p = gap(control), gap(proxy)
+    kept = c != 0
+    return float((np.sign(p[kept]) == np.sign(c[kept])).mean()) if kept.any() else float("nan")
+
+
+def sample_policy(rl_run: str, stage: str, heads, samples: int, seed: int):
+    """(prompt tokens [N, W], prompt mask, sampler output) for `samples` completions of each
+    prompt in `heads` (token lists), prompt-major: row i * samples + j."""
+    import jax
+
+    from warm_jax import rl_steps, sampling
+
+    width = max(map(len, heads))
+    rows = [h for h in heads for _ in range(samples)]
+    pt = np.zeros((len(rows), width), np.int32)
+    for i, h in enumerate(rows):  # left-padded, as the sampler takes prompts
+        pt[i, width - len(h):] = h
+    pm = (np.arange(width)[None] >= width - np.asarray([len(h) for h in rows])[:, None]
+          ).astype(np.int32)
+    cfg, params, _ = sampling.load_policy(rl_run, stage)
+    scfg = rl_steps.RLConfig().sampling_config()
+    out = sampling.Sampler(cfg, scfg)(params, pt, pm, jax.random.PRNGKey(seed))
+    return pt, pm, {k: np.asarray(v) for k, v in out.items()}
+
+
+def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int,
+               samples: int, seed: int = 0) -> dict:
+    """{reward spec: {"rank": ..., "side": ...}} for the pair's single RM, WARM, ENS and
+    (as a check) the oracle itself, on both final policies' samples."""
+    from warm_jax import rl_steps, sampling
+    from warm_jax.data import vocab as vocab_lib
+    from warm_jax.gates import within_prompt_spearman
+    from warm_jax.reward import load_reward
+
+    heads, rows, texts = padding_probe.pool_heads(probe_run, prompts)
+    vocab = vocab_lib.Vocab.load(os.path.join(probe_run, "data", "spm.model"))
+    toks, masks, prompt_texts, comps = [], [], [], []
+    for stage in (single, warm):
+        unfinished = _load(rl_run, stage, "summary.json").get("score_unfinished", "as_sampled")
+        pt, pm, out = sample_policy(rl_run, stage, heads, samples, seed)
+        t, m = rl_steps.rm_sequences(pt, pm, out, unfinished)
+        toks.append(np.asarray(t))
+        masks.append(np.asarray(m))
+        comps += sampling.decode_completions(vocab, out["tokens"], out["mask"])
+        prompt_texts += [texts["prompts"][r] for r in rows for _ in range(samples)]
+    width = max(t.shape[1] for t in toks)
+    batch = {"tokens": np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1])))
+                                       for t in toks]),
+             "mask": np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1])))
+                                     for m in masks]),
+             "prompts": prompt_texts, "completions": comps}
+    n = len(heads)
+
+    def per_prompt(s):  # [2 N S] (single's prompt-major, then WARM's) -> [N, 2 S]
+        s = np.asarray(s, np.float64).reshape(2, n, samples)
+        return np.concatenate([s[0], s[1]], axis=1)
+
+    specs = [_load(rl_run, st, "summary.json")["reward"] for st in (single, warm)]
+    ens = "ens:" + specs[1].split(":")[1].replace("warm_", "rm_", 1)
+    scores = {}
+    for spec in ["oracle", *specs, ens]:
+        _, score = load_reward(probe_run, spec)
+        scores[spec] = per_prompt(score(batch))
+    control = scores["oracle"]
+    return {"specs": {"single": specs[0], "warm": specs[1], "ens": ens},
+            "oracle_mean": {"single_policy": float(control[:, :samples].mean()),
+                            "warm_policy": float(control[:, samples:].mean())},
+            "rewards": {spec: {"rank": within_prompt_spearman(s, control)["mean"],
+                               "side": side_agreement(s, control, samples)}
+                        for spec, s in scores.items()}}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--probe", nargs="+", action="extend", required=True,
+                    help="runs with a bon pool, holding the RL runs' RM stages")
+    ap.add_argument("--rl", nargs="+", action="extend", required=True,
+                    help="runs with the RL stages and judge")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=4, help="completions per prompt and policy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    if args.prompts < 1 or args.samples < 2:
+        ap.error("--prompts must be >= 1 and --samples >= 2")
+    by_key = {rv.rm_key(r): r for r in args.probe}
+    print("| run | pair | oracle: single's / WARM's policy | rank: single RM | WARM | ENS | "
+          "side: single RM | WARM | ENS | judge: WARM's win rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    out = []
+    for run in args.rl:
+        key = rv.rm_key(run)
+        probe = by_key.get(key) if key else None
+        if not probe:
+            raise SystemExit(f"{run}: no --probe run holds its RM stages")
+        for warm, single, win in rv.rl_pairs(run):
+            r = track_pair(probe, run, warm, single, args.prompts, args.samples, args.seed)
+            rw = [r["rewards"][r["specs"][k]] for k in ("single", "warm", "ens")]
+            om = r["oracle_mean"]
+            print(f"| {run} | {warm} vs {single} | {om['single_policy']:+.3f} / "
+                  f"{om['warm_policy']:+.3f} | " + " | ".join(f"{x['rank']:.3f}" for x in rw)
+                  + " | " + " | ".join(f"{x['side']:.3f}" for x in rw) + f" | {win:.3f} |")
+            out.append({"run": run, "pair": f"{warm} vs {single}", "win_rate": win, **r})
+    if out:
+        d = [o["rewards"][o["specs"]["warm"]]["rank"] - o["rewards"][o["specs"]["single"]]["rank"]
+             for o in out]
+        print(f"\nWARM's rank correlation >= the single RM's: {sum(x >= 0 for x in d)}/{len(d)} "
+              f"pairs (mean WARM - single {np.mean(d):+.3f})")
+        for label, sel in (("> 0.02", lambda x: x > 0.02), ("<= 0.02", lambda x: x <= 0.02)):
+            wins = [o["win_rate"] for o, x in zip(out, d) if sel(x)]
+            print(f"pairs with WARM - single rank {label}: {len(wins)}; WARM's policy wins on "
+                  f"{sum(w > 0.5 for w in wins)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
