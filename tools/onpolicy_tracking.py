@@ -16,7 +16,8 @@ reports per reward:
         out).
 
   python tools/onpolicy_tracking.py --probe runs/w10/own/seed_{10..15} \\
-      --rl runs/w12/own/seed_{10..15} [--prompts 64] [--samples 4] [--json out.json]
+      --rl runs/w12/own/seed_{10..15} [--prompts 64] [--samples 4] [--members]
+      [--json out.json]
 
 An RL run goes with the probe run holding its RM stages (tools/repetition_vs_rl.py). The
 sampling is seeded (--seed): the same runs and flags give the same numbers. Used in
@@ -69,9 +70,10 @@ def sample_policy(rl_run: str, stage: str, heads, samples: int, seed: int):
 
 
 def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int,
-               samples: int, seed: int = 0) -> dict:
-    """{reward spec: {"rank": ..., "side": ...}} for the pair's single RM, WARM, ENS and
-    (as a check) the oracle itself, on both final policies' samples."""
+               samples: int, seed: int = 0, members: bool = False) -> dict:
+    """{reward spec: {"rank": ..., "side": ...}} for the pair's single RM, WARM, ENS,
+    (members=True) each member of the ensemble, and (as a check) the oracle itself, on
+    both final policies' samples."""
     from warm_jax import rl_steps, sampling
     from warm_jax.data import vocab as vocab_lib
     from warm_jax.gates import within_prompt_spearman
@@ -101,13 +103,21 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
         return np.concatenate([s[0], s[1]], axis=1)
 
     specs = [_load(rl_run, st, "summary.json")["reward"] for st in (single, warm)]
-    ens = "ens:" + specs[1].split(":")[1].replace("warm_", "rm_", 1)
+    ensemble = specs[1].split(":")[1].replace("warm_", "rm_", 1)
+    ens = "ens:" + ensemble
+    member_specs = []
+    if members:
+        scores_dir = os.path.join(probe_run, "bon", "scores")
+        member_specs = [f"member:{ensemble}:{i}" for i in sorted(
+            int(f.rsplit("_", 1)[1][:-4]) for f in os.listdir(scores_dir)
+            if f.startswith(f"member_{ensemble}_"))]
     scores = {}
-    for spec in ["oracle", *specs, ens]:
+    for spec in ["oracle", *specs, ens, *member_specs]:
         _, score = load_reward(probe_run, spec)
         scores[spec] = per_prompt(score(batch))
     control = scores["oracle"]
-    return {"specs": {"single": specs[0], "warm": specs[1], "ens": ens},
+    return {"specs": {"single": specs[0], "warm": specs[1], "ens": ens,
+                      "members": member_specs},
             "oracle_mean": {"single_policy": float(control[:, :samples].mean()),
                             "warm_policy": float(control[:, samples:].mean())},
             "rewards": {spec: {"rank": within_prompt_spearman(s, control)["mean"],
@@ -124,14 +134,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4, help="completions per prompt and policy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--members", action="store_true",
+                    help="also each member of the ensemble (min / max printed)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     if args.prompts < 1 or args.samples < 2:
         ap.error("--prompts must be >= 1 and --samples >= 2")
     by_key = {rv.rm_key(r): r for r in args.probe}
     print("| run | pair | oracle: single's / WARM's policy | rank: single RM | WARM | ENS | "
-          "side: single RM | WARM | ENS | judge: WARM's win rate |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "side: single RM | WARM | ENS | judge: WARM's win rate |"
+          + (" members' rank min / max | members' side min / max |" if args.members else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.members else ""))
     out = []
     for run in args.rl:
         key = rv.rm_key(run)
@@ -139,12 +152,17 @@ def main(argv=None) -> list[dict]:
         if not probe:
             raise SystemExit(f"{run}: no --probe run holds its RM stages")
         for warm, single, win in rv.rl_pairs(run):
-            r = track_pair(probe, run, warm, single, args.prompts, args.samples, args.seed)
+            r = track_pair(probe, run, warm, single, args.prompts, args.samples, args.seed,
+                           args.members)
             rw = [r["rewards"][r["specs"][k]] for k in ("single", "warm", "ens")]
             om = r["oracle_mean"]
+            mem = [r["rewards"][m] for m in r["specs"]["members"]]
+            extra = "".join(f" {min(x[k] for x in mem):.3f} / {max(x[k] for x in mem):.3f} |"
+                            for k in ("rank", "side")) if mem else ""
             print(f"| {run} | {warm} vs {single} | {om['single_policy']:+.3f} / "
                   f"{om['warm_policy']:+.3f} | " + " | ".join(f"{x['rank']:.3f}" for x in rw)
-                  + " | " + " | ".join(f"{x['side']:.3f}" for x in rw) + f" | {win:.3f} |")
+                  + " | " + " | ".join(f"{x['side']:.3f}" for x in rw) + f" | {win:.3f} |"
+                  + extra)
             out.append({"run": run, "pair": f"{warm} vs {single}", "win_rate": win, **r})
     if out:
         d = [o["rewards"][o["specs"]["warm"]]["rank"] - o["rewards"][o["specs"]["single"]]["rank"]
