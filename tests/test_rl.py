@@ -184,9 +184,13 @@ def _records(run_dir, name):
 
 
 BASELINES = {"value": (("baseline", "value"),),  # the value model from the RM, head fitted
-             # with the adaptive KL coefficient (its alpha is in the resumed state)
+             # with the adaptive KL coefficient (its alpha is in the resumed state); scored
+             # as sampled (the random tiny policy leaves completions unfinished: both
+             # RLConfig.score_unfinished modes resume exactly), on a path whose KL is above
+             # target on the middle steps
              "group": (("baseline", "group"), ("samples_per_prompt", 2), ("kl_target", 1e-4),
-                       ("kl_horizon", 40), ("kl_alpha_max", 0.0103))}  # a KL above target
+                       ("kl_horizon", 40), ("kl_alpha_max", 0.0103),
+                       ("score_unfinished", "as_sampled"))}
 
 
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
@@ -249,6 +253,7 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
     if baseline == "value":  # the value head was fitted on the RM's features
         assert np.isfinite(full["init"]["value_r2_heldout"])
     assert full["baseline"] == baseline
+    assert full["score_unfinished"] == dict(kw).get("score_unfinished", "with_eos")  # default
     train = {r["step"]: r for r in recs if "alpha" in r}
     assert len(train) == 6 and train[min(train)]["alpha"] == pytest.approx(0.01)
     if dict(kw).get("kl_target"):  # each step's alpha follows from the previous step's KL

@@ -2,8 +2,8 @@
 
 A reward model is trained on finished summaries, its reward read at the EOS. An RL
 completion that reaches max_new_tokens without EOS is scored at its last token instead
-(RLConfig.score_unfinished = 'as_sampled', the default), where no training sequence
-ended. This samples each final RL policy of a run (its `policy` export) on the first
+(RLConfig.score_unfinished = 'as_sampled', the default before 2026-12-05), where no
+training sequence ended. This samples each final RL policy of a run (its `policy` export) on the first
 `--prompts` prompts of the probe run's bon pool (the SFT policy's held-out prompts), and
 scores every completion twice with the policy's own RL reward and with every member of
 that reward's ensemble: as sampled, and with an EOS appended where it is missing

@@ -84,10 +84,13 @@ class RLConfig:
       forward pass is the one the sampled KL already needs; the policy's loss then takes
       its whole next-token distribution; logged as `kl_exact`, per completion). The
       KL controller reads the sampled KL in either mode.
-    - score_unfinished 'as_sampled' (default): the reward model scores each completion as
-      sampled, so one that reaches max_new_tokens without EOS is scored at its last token,
-      where no training sequence of the reward model ended; 'with_eos' appends the EOS
-      first, scoring what the reader would see (rm_sequences; docs/science.md, section 22).
+    - score_unfinished 'with_eos' (default since 2026-12-05): an EOS is appended to a
+      completion that reaches max_new_tokens without one before the reward model scores
+      it, so the reward is read at an EOS as in the reward model's training; 'as_sampled'
+      (the default before) scores it at its last token, where no training sequence of the
+      reward model ended, and every member of an ensemble extrapolates there alike
+      (rm_sequences; docs/science.md, section 22). Where every completion ends the two are
+      the same computation.
     """
 
     steps: int = 100
@@ -117,7 +120,7 @@ class RLConfig:
     kl_alpha_max: Optional[float] = None  # the adaptive alpha's cap (None: none)
     max_step_kl: Optional[float] = None  # trust region: nats per completion a step may move
     kl_penalty: str = "reward"  # reward | loss (the exact KL in the policy loss)
-    score_unfinished: str = "as_sampled"  # as_sampled | with_eos (see the docstring)
+    score_unfinished: str = "with_eos"  # with_eos | as_sampled (see the docstring)
 
     @classmethod
     def check(cls, c) -> None:
