@@ -17,7 +17,7 @@ reports per reward:
 
   python tools/onpolicy_tracking.py --probe runs/w10/own/seed_{10..15} \\
       --rl runs/w12/own/seed_{10..15} [--prompts 64] [--samples 4] [--members]
-      [--json out.json]
+      [--extra path:RUN/rm_init/warm_start] [--json out.json]
 
 An RL run goes with the probe run holding its RM stages (tools/repetition_vs_rl.py). The
 sampling is seeded (--seed): the same runs and flags give the same numbers. Used in
@@ -70,10 +70,11 @@ def sample_policy(rl_run: str, stage: str, heads, samples: int, seed: int):
 
 
 def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int,
-               samples: int, seed: int = 0, members: bool = False) -> dict:
+               samples: int, seed: int = 0, members: bool = False, extra=()) -> dict:
     """{reward spec: {"rank": ..., "side": ...}} for the pair's single RM, WARM, ENS,
     (members=True) each member of the ensemble, and (as a check) the oracle itself, on
-    both final policies' samples."""
+    both final policies' samples; `extra`: more reward specs, 'RUN' in them standing for the
+    probe run (e.g. 'path:RUN/rm_init/warm_start', the members' shared start)."""
     from warm_jax import rl_steps, sampling
     from warm_jax.data import vocab as vocab_lib
     from warm_jax.gates import within_prompt_spearman
@@ -112,12 +113,13 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
             int(f.rsplit("_", 1)[1][:-4]) for f in os.listdir(scores_dir)
             if f.startswith(f"member_{ensemble}_"))]
     scores = {}
-    for spec in ["oracle", *specs, ens, *member_specs]:
+    extra_specs = [x.replace("RUN", probe_run) for x in extra]
+    for spec in ["oracle", *specs, ens, *member_specs, *extra_specs]:
         _, score = load_reward(probe_run, spec)
         scores[spec] = per_prompt(score(batch))
     control = scores["oracle"]
     return {"specs": {"single": specs[0], "warm": specs[1], "ens": ens,
-                      "members": member_specs},
+                      "members": member_specs, "extra": extra_specs},
             "oracle_mean": {"single_policy": float(control[:, :samples].mean()),
                             "warm_policy": float(control[:, samples:].mean())},
             "rewards": {spec: {"rank": within_prompt_spearman(s, control)["mean"],
@@ -136,6 +138,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--members", action="store_true",
                     help="also each member of the ensemble (min / max printed)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another reward spec, RUN standing for the probe run, e.g. "
+                         "path:RUN/rm_init/warm_start (printed after the table)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     if args.prompts < 1 or args.samples < 2:
@@ -153,7 +158,7 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"{run}: no --probe run holds its RM stages")
         for warm, single, win in rv.rl_pairs(run):
             r = track_pair(probe, run, warm, single, args.prompts, args.samples, args.seed,
-                           args.members)
+                           args.members, args.extra)
             rw = [r["rewards"][r["specs"][k]] for k in ("single", "warm", "ens")]
             om = r["oracle_mean"]
             mem = [r["rewards"][m] for m in r["specs"]["members"]]
@@ -164,6 +169,10 @@ def main(argv=None) -> list[dict]:
                   + " | " + " | ".join(f"{x['side']:.3f}" for x in rw) + f" | {win:.3f} |"
                   + extra)
             out.append({"run": run, "pair": f"{warm} vs {single}", "win_rate": win, **r})
+    for o in out:
+        for spec in o["specs"]["extra"]:
+            x = o["rewards"][spec]
+            print(f"{o['run']} {o['pair']}: {spec} rank {x['rank']:.3f} side {x['side']:.3f}")
     if out:
         d = [o["rewards"][o["specs"]["warm"]]["rank"] - o["rewards"][o["specs"]["single"]]["rank"]
              for o in out]
