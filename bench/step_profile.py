@@ -13,6 +13,8 @@ JSON line per class (seconds per step, share of op time) and the `top` ops, plus
 achieved matmul FLOP rate of the dot class (the step's matmul FLOPs over its dot time;
 where the attention kernel runs, its FLOPs are in the numerator but its time is not),
 the figure the performance issue's "step at >= 75% of its own matmul rate" is about.
+Each op record names its source (the model code in its HLO metadata, layers folded), and
+"source" records sum the non-dot ops' time by kind and source: where the rest goes.
 --shared_prefix P profiles the packed step of pairs sharing P tokens (rm_throughput's
 option; FLOPs then counted on the packed tokens).
 """
@@ -56,6 +58,24 @@ def classify_ops(hlo_text: str) -> dict[str, str]:
             text = line + "".join(bodies.get(c, "") for c in called)
             kinds[name] = _kind(op, text)
     return kinds
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """Op name -> the model code it came from: the op_name metadata of the instruction,
+    with the jit/jvp/transpose wrappers dropped and layer indices folded
+    ("jit(rm_train_step)/transpose(jvp(Transformer))/layer_3/mlp/div" -> "layer_*/mlp/div";
+    the backward pass is marked " (backward)"). Instructions without metadata are left out."""
+    out: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', line)
+        if not m:
+            continue
+        name, path = m.groups()
+        backward = "transpose(" in path
+        parts = [q for q in path.split("/") if not re.match(r"^(jit|jvp|transpose)\(", q)]
+        src = "/".join(re.sub(r"^layer_\d+$", "layer_*", q) for q in parts) or path
+        out[name] = src + (" (backward)" if backward else "")
+    return out
 
 
 def _kind(op: str, text: str) -> str:
@@ -109,7 +129,8 @@ def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top:
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    kinds = classify_ops(compiled.as_text())
+    hlo = compiled.as_text()
+    kinds, sources = classify_ops(hlo), op_sources(hlo)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(steps):
@@ -134,6 +155,13 @@ def profile(preset: str, pairs: int, seq: int, steps: int, overrides: dict, top:
                                   "FLOP/s", **config))
     for name, sec in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
         recs.append(common.record(BENCH, "op", sec / steps, "s", op=name, kind=kinds[name],
+                                  source=sources.get(name, ""), share=sec / total))
+    by_source: dict[tuple, float] = collections.defaultdict(float)
+    for name, sec in times.items():  # where the non-dot time comes from in the model's code
+        if kinds[name] != "dot":
+            by_source[(kinds[name], sources.get(name, "(no metadata)"))] += sec
+    for (kind, src), sec in sorted(by_source.items(), key=lambda kv: -kv[1])[:top]:
+        recs.append(common.record(BENCH, "source", sec / steps, "s", kind=kind, source=src,
                                   share=sec / total))
     return recs
 

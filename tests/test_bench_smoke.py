@@ -277,6 +277,17 @@ def test_step_profile_classes_ops_and_sums_the_trace(capsys):
     assert recs[0]["metric"] == "op_s_per_step" and recs[0]["value"] > 0
     assert abs(sum(shares) - 1.0) < 1e-9 and any(r["metric"] == "share_dot" for r in recs)
     assert len([r for r in recs if r["metric"] == "op"]) == 3
+    # the non-dot time by the model code it came from; op records carry their source
+    src = [r for r in recs if r["metric"] == "source"]
+    assert 0 < len(src) <= 3 and all(r["kind"] != "dot" for r in src)
+    assert all(isinstance(r["source"], str) and r["source"] for r in src)
+    assert all("source" in r for r in recs if r["metric"] == "op")
+    meta = step_profile.op_sources(
+        '  %a = f32[2]{0} fusion(%x), kind=kLoop, calls=%c, metadata={op_name='
+        '"jit(rm_train_step)/transpose(jvp(Transformer))/layer_3/mlp/div" stack_frame_id=1}\n'
+        '  %b = f32[2]{0} add(%x, %x), metadata={op_name="jit(f)/jvp(Transformer)/layer_12/'
+        'attention/add"}\n  %c = f32[2]{0} add(%x, %x)\n')
+    assert meta == {"a": "layer_*/mlp/div (backward)", "b": "layer_*/attention/add"}
 
 
 def test_step_ab_interleaves_variants_and_restores_the_model():
