@@ -952,3 +952,22 @@ def test_onpolicy_tracking_side_agreement_compares_the_two_policies_means():
     assert ot.side_agreement(proxy, control, 2) == pytest.approx(1 / 3)
     assert ot.side_agreement(control, control, 2) == 1.0
     assert np.isnan(ot.side_agreement(proxy, np.ones((4, 4)), 2))
+
+
+def test_onpolicy_tracking_disagreement_is_the_members_spread_in_pool_units():
+    """tools/onpolicy_tracking.py --members: per completion the SD over the members of
+    their scores standardised by each member's pool mean and SD, averaged per policy."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import onpolicy_tracking as ot
+
+    a = np.asarray([[1.0, 1.0, 3.0, 3.0]])    # member a, raw; pool mean 1, SD 2
+    b = np.asarray([[10.0, 10.0, 10.0, 14.0]])  # member b; pool mean 10, SD 4
+    # standardised: a [0, 0, 1, 1], b [0, 0, 0, 1]: spread [0, 0, 0.5, 0]
+    assert ot.disagreement([a, b], [(1.0, 2.0), (10.0, 4.0)], 2) == (0.0, 0.25)
+    out = [{"oracle_mean": {"single_policy": 1.0, "warm_policy": 0.5},  # WARM's worse
+            "disagreement": {"single_policy": 0.1, "warm_policy": 0.3}},
+           {"oracle_mean": {"single_policy": 0.2, "warm_policy": 1.0},  # single's worse
+            "disagreement": {"single_policy": 0.1, "warm_policy": 0.3}},
+           {"oracle_mean": {"single_policy": 1.0, "warm_policy": 1.1},  # not differing
+            "disagreement": {"single_policy": 0.9, "warm_policy": 0.1}}]
+    assert ot.worse_spread(out, 0.2) == 1

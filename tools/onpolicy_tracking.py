@@ -13,7 +13,11 @@ reports per reward:
         completions (both policies'), averaged over prompts (gates.within_prompt_spearman);
   side  the fraction of prompts where the reward prefers the same policy as the oracle,
         each policy's completions averaged (prompts where the oracle's means tie are left
-        out).
+        out);
+  spread (--members) the standard deviation over the members of their scores (each
+        standardised by its mean and SD over the bon pool) per completion, averaged over
+        each policy's completions; then, over the pairs whose policies differ by >=
+        --differ in oracle mean, on how many the members disagree more on the worse one.
 
   python tools/onpolicy_tracking.py --probe runs/w10/own/seed_{10..15} \\
       --rl runs/w12/own/seed_{10..15} [--prompts 64] [--samples 4] [--members]
@@ -47,6 +51,16 @@ def side_agreement(proxy: np.ndarray, control: np.ndarray, samples: int) -> floa
     c, p = gap(control), gap(proxy)
     kept = c != 0
     return float((np.sign(p[kept]) == np.sign(c[kept])).mean()) if kept.any() else float("nan")
+
+
+def disagreement(member_scores, pools, samples: int) -> tuple[float, float]:
+    """member_scores [M, P, 2 x samples] (policy A's samples, then B's); pools [(mean,
+    std)] per member over the bon pool. The standard deviation over the members of their
+    standardised scores, per completion, averaged over each policy's completions: (A, B)."""
+    z = np.stack([(np.asarray(s, np.float64) - mu) / sd
+                  for s, (mu, sd) in zip(member_scores, pools)])
+    spread = z.std(axis=0)
+    return float(spread[:, :samples].mean()), float(spread[:, samples:].mean())
 
 
 def sample_policy(rl_run: str, stage: str, heads, samples: int, seed: int):
@@ -118,8 +132,18 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
         _, score = load_reward(probe_run, spec)
         scores[spec] = per_prompt(score(batch))
     control = scores["oracle"]
+    spread = None
+    if member_specs:  # each member standardised by its scores over the bon pool
+        pools = []
+        for m in member_specs:
+            pool = np.load(os.path.join(scores_dir, f"member_{ensemble}_{m.rsplit(':', 1)[1]}"
+                                        ".npy")).astype(np.float64)
+            pools.append((float(pool.mean()), float(pool.std())))
+        a, b = disagreement([scores[m] for m in member_specs], pools, samples)
+        spread = {"single_policy": a, "warm_policy": b}
     return {"specs": {"single": specs[0], "warm": specs[1], "ens": ens,
                       "members": member_specs, "extra": extra_specs},
+            "disagreement": spread,
             "oracle_mean": {"single_policy": float(control[:, :samples].mean()),
                             "warm_policy": float(control[:, samples:].mean())},
             "rewards": {spec: {"rank": within_prompt_spearman(s, control)["mean"],
@@ -141,6 +165,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--extra", action="append", default=[],
                     help="another reward spec, RUN standing for the probe run, e.g. "
                          "path:RUN/rm_init/warm_start (printed after the table)")
+    ap.add_argument("--differ", type=float, default=0.2,
+                    help="with --members: the oracle-mean gap that makes a pair 'differ'")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     if args.prompts < 1 or args.samples < 2:
@@ -148,8 +174,9 @@ def main(argv=None) -> list[dict]:
     by_key = {rv.rm_key(r): r for r in args.probe}
     print("| run | pair | oracle: single's / WARM's policy | rank: single RM | WARM | ENS | "
           "side: single RM | WARM | ENS | judge: WARM's win rate |"
-          + (" members' rank min / max | members' side min / max |" if args.members else ""))
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.members else ""))
+          + (" members' rank min / max | members' side min / max | members' spread: "
+             "single's / WARM's policy |" if args.members else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.members else ""))
     out = []
     for run in args.rl:
         key = rv.rm_key(run)
@@ -164,6 +191,9 @@ def main(argv=None) -> list[dict]:
             mem = [r["rewards"][m] for m in r["specs"]["members"]]
             extra = "".join(f" {min(x[k] for x in mem):.3f} / {max(x[k] for x in mem):.3f} |"
                             for k in ("rank", "side")) if mem else ""
+            if r["disagreement"]:
+                extra += (f" {r['disagreement']['single_policy']:.3f} / "
+                          f"{r['disagreement']['warm_policy']:.3f} |")
             print(f"| {run} | {warm} vs {single} | {om['single_policy']:+.3f} / "
                   f"{om['warm_policy']:+.3f} | " + " | ".join(f"{x['rank']:.3f}" for x in rw)
                   + " | " + " | ".join(f"{x['side']:.3f}" for x in rw) + f" | {win:.3f} |"
@@ -182,10 +212,29 @@ def main(argv=None) -> list[dict]:
             wins = [o["win_rate"] for o, x in zip(out, d) if sel(x)]
             print(f"pairs with WARM - single rank {label}: {len(wins)}; WARM's policy wins on "
                   f"{sum(w > 0.5 for w in wins)}")
+    if args.members:
+        worse_spread(out, args.differ)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
+
+def worse_spread(out: list[dict], differ: float) -> int:
+    """Prints, over the pairs whose policies' oracle means differ by >= `differ`, on how
+    many the members disagree more on the oracle-worse policy's completions; returns it."""
+    rows = [o for o in out if o["disagreement"] and abs(
+        o["oracle_mean"]["single_policy"] - o["oracle_mean"]["warm_policy"]) >= differ]
+    more = 0
+    for o in rows:
+        om, d = o["oracle_mean"], o["disagreement"]
+        worse, better = (("single_policy", "warm_policy")
+                         if om["single_policy"] < om["warm_policy"] else
+                         ("warm_policy", "single_policy"))
+        more += d[worse] > d[better]
+    print(f"pairs whose policies differ by >= {differ:g} in oracle mean: {len(rows)}; the "
+          f"members disagree more on the worse policy's completions on {more}")
+    return more
 
 
 if __name__ == "__main__":
