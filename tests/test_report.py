@@ -970,4 +970,8 @@ def test_onpolicy_tracking_disagreement_is_the_members_spread_in_pool_units():
             "disagreement": {"single_policy": 0.1, "warm_policy": 0.3}},
            {"oracle_mean": {"single_policy": 1.0, "warm_policy": 1.1},  # not differing
             "disagreement": {"single_policy": 0.9, "warm_policy": 0.1}}]
-    assert ot.worse_spread(out, 0.2) == 1
+    side = {"rewards": {"lcb": {"side": 0.6}, "ens:x": {"side": 0.4}}, "specs": {"ens": "ens:x"}}
+    assert ot.worse_spread([dict(o, **side) for o in out], 0.2) == 1
+    # the spread-penalised ensemble: standardised mean less k x spread, per completion
+    np.testing.assert_allclose(ot.lcb([a, b], [(1.0, 2.0), (10.0, 4.0)], k=2.0),
+                               [[0.0, 0.0, 0.5 - 1.0, 1.0]])

@@ -17,7 +17,9 @@ reports per reward:
   spread (--members) the standard deviation over the members of their scores (each
         standardised by its mean and SD over the bon pool) per completion, averaged over
         each policy's completions; then, over the pairs whose policies differ by >=
-        --differ in oracle mean, on how many the members disagree more on the worse one.
+        --differ in oracle mean, on how many the members disagree more on the worse one,
+        and the pseudo-reward "lcb" (the members' standardised mean less 1 x their spread,
+        a spread-penalised ensemble) in the rank and side columns' JSON and its summary.
 
   python tools/onpolicy_tracking.py --probe runs/w10/own/seed_{10..15} \\
       --rl runs/w12/own/seed_{10..15} [--prompts 64] [--samples 4] [--members]
@@ -53,14 +55,29 @@ def side_agreement(proxy: np.ndarray, control: np.ndarray, samples: int) -> floa
     return float((np.sign(p[kept]) == np.sign(c[kept])).mean()) if kept.any() else float("nan")
 
 
+LCB = "lcb"  # the pseudo-reward: members' mean less LCB_K x their spread (pool units)
+LCB_K = 1.0
+
+
+def standardised(member_scores, pools) -> np.ndarray:
+    """[M, ...]: each member's scores less its mean over the bon pool, over its SD there."""
+    return np.stack([(np.asarray(s, np.float64) - mu) / sd
+                     for s, (mu, sd) in zip(member_scores, pools)])
+
+
 def disagreement(member_scores, pools, samples: int) -> tuple[float, float]:
     """member_scores [M, P, 2 x samples] (policy A's samples, then B's); pools [(mean,
     std)] per member over the bon pool. The standard deviation over the members of their
     standardised scores, per completion, averaged over each policy's completions: (A, B)."""
-    z = np.stack([(np.asarray(s, np.float64) - mu) / sd
-                  for s, (mu, sd) in zip(member_scores, pools)])
-    spread = z.std(axis=0)
+    spread = standardised(member_scores, pools).std(axis=0)
     return float(spread[:, :samples].mean()), float(spread[:, samples:].mean())
+
+
+def lcb(member_scores, pools, k: float = LCB_K) -> np.ndarray:
+    """The spread-penalised ensemble per completion: the mean over the members of their
+    pool-standardised scores less k x their standard deviation."""
+    z = standardised(member_scores, pools)
+    return z.mean(axis=0) - k * z.std(axis=0)
 
 
 def sample_policy(rl_run: str, stage: str, heads, samples: int, seed: int):
@@ -141,6 +158,7 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
             pools.append((float(pool.mean()), float(pool.std())))
         a, b = disagreement([scores[m] for m in member_specs], pools, samples)
         spread = {"single_policy": a, "warm_policy": b}
+        scores[LCB] = lcb([scores[m] for m in member_specs], pools)
     return {"specs": {"single": specs[0], "warm": specs[1], "ens": ens,
                       "members": member_specs, "extra": extra_specs},
             "disagreement": spread,
@@ -222,7 +240,8 @@ def main(argv=None) -> list[dict]:
 
 def worse_spread(out: list[dict], differ: float) -> int:
     """Prints, over the pairs whose policies' oracle means differ by >= `differ`, on how
-    many the members disagree more on the oracle-worse policy's completions; returns it."""
+    many the members disagree more on the oracle-worse policy's completions, and how the
+    spread-penalised ensemble ("lcb") picks against ENS; returns the first count."""
     rows = [o for o in out if o["disagreement"] and abs(
         o["oracle_mean"]["single_policy"] - o["oracle_mean"]["warm_policy"]) >= differ]
     more = 0
@@ -234,6 +253,10 @@ def worse_spread(out: list[dict], differ: float) -> int:
         more += d[worse] > d[better]
     print(f"pairs whose policies differ by >= {differ:g} in oracle mean: {len(rows)}; the "
           f"members disagree more on the worse policy's completions on {more}")
+    side = [(o["rewards"][LCB]["side"], o["rewards"][o["specs"]["ens"]]["side"]) for o in rows]
+    print(f"  {LCB} (members' mean - {LCB_K:g} x spread): side above ENS's on "
+          f"{sum(a > b for a, b in side)}, side >= 0.5 on {sum(a >= 0.5 for a, _ in side)} "
+          f"(ENS: {sum(b >= 0.5 for _, b in side)})")
     return more
 
 
