@@ -975,3 +975,14 @@ def test_onpolicy_tracking_disagreement_is_the_members_spread_in_pool_units():
     # the spread-penalised ensemble: standardised mean less k x spread, per completion
     np.testing.assert_allclose(ot.lcb([a, b], [(1.0, 2.0), (10.0, 4.0)], k=2.0),
                                [[0.0, 0.0, 0.5 - 1.0, 1.0]])
+
+
+def test_onpolicy_tracking_names_the_missing_bon_pool(tmp_path):
+    """tools/onpolicy_tracking.py on a probe run without its bon stage: a clear error naming
+    the file, before any policy is loaded."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import onpolicy_tracking as ot
+
+    with pytest.raises(SystemExit, match=r"probe/bon/pool.npz: not found"):
+        ot.track_pair(str(tmp_path / "probe"), str(tmp_path / "rl"), "rl_warm", "rl_single",
+                      prompts=4, samples=2)

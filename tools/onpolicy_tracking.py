@@ -111,6 +111,10 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
     from warm_jax.gates import within_prompt_spearman
     from warm_jax.reward import load_reward
 
+    for need in ("pool.npz", "pool_texts.json", "scores"):
+        if not os.path.exists(os.path.join(probe_run, "bon", need)):
+            raise SystemExit(f"{probe_run}/bon/{need}: not found; the probe run needs its bon "
+                             "stage (the SFT policy's pool and the scores it kept)")
     heads, rows, texts = padding_probe.pool_heads(probe_run, prompts)
     vocab = vocab_lib.Vocab.load(os.path.join(probe_run, "data", "spm.model"))
     toks, masks, prompt_texts, comps = [], [], [], []
