@@ -398,3 +398,35 @@ def test_ood_source_follows_a_moved_run_dir(tmp_path, monkeypatch):
     with pytest.raises(artifacts.StoredPathError, match=r"moved_run/ood/summary.json: field "
                        r"'comparisons' = 'runs/old_name/ood/comparisons.jsonl': no such path"):
         rm_eval.ood_source(str(run))
+
+
+def test_train_splits_take_an_equal_share_of_each_members_own_rows(run_dir, tmp_path):
+    """With RMTrainConfig.member_rows = 'own' (the ensemble's summary records member_blocks)
+    train_clean / train_corrupt take an equal share of every member's block, not the first
+    rows (mostly member 0's); without blocks, the first rows as before."""
+    assert list(rm_eval.capped_rows(np.arange(10), 4)) == [0, 1, 2, 3]
+    assert list(rm_eval.capped_rows(np.arange(10), None)) == list(range(10))
+    assert list(rm_eval.capped_rows(np.arange(10), 5, [[0, 4], [4, 7], [7, 10]])) == [
+        0, 1, 4, 5, 7]  # 5 // 3 = 1 each, the first 5 % 3 = 2 blocks one more
+    assert list(rm_eval.capped_rows(np.asarray([0, 2, 8]), 6, [[0, 5], [5, 10]])) == [0, 2, 8]
+    prov = provider_lib.DataProvider(provider_lib.DataConfig())
+    n = prov.num_pairs("train")
+    blocks = [[0, n // 3], [n // 3, 2 * n // 3], [2 * n // 3, n]]
+    os.makedirs(tmp_path / ENS)
+    (tmp_path / ENS / "summary.json").write_text(json.dumps(
+        {"corrupted": True, "train_rows": [0, n], "member_blocks": blocks}))
+    rows = rm_eval.check_train_rows(str(tmp_path), ENS, [], True, prov)
+    assert rows["member_blocks"] == blocks and "rows" in rows["checked"]
+    sets = rm_eval.eval_sets(prov, True, 48, blocks=rows["member_blocks"])
+    first = rm_eval.eval_sets(prov, True, 48)
+    for split in ("train_clean", "train_corrupt"):
+        idx = np.asarray(sets[split]["index"])
+        per_block = [int(((idx >= lo) & (idx < hi)).sum()) for lo, hi in blocks]
+        flipped = np.asarray(sets[split]["flipped"], bool)
+        assert flipped.all() if split == "train_corrupt" else not flipped.any()
+        assert sum(per_block) == len(idx) <= 48 and min(per_block) > 0, (split, per_block)
+        assert max(per_block) - min(per_block) <= 1 or split == "train_corrupt", per_block
+    flips = np.asarray(prov.preference("train", corrupted=True)["flipped"], bool)
+    np.testing.assert_array_equal(first["train_clean"]["index"],  # without blocks: the first
+                                  np.flatnonzero(~flips)[:48])    # 48 clean rows, as before
+    assert (np.asarray(first["train_clean"]["index"]) < blocks[1][0]).all()  # member 0's only

@@ -18,7 +18,9 @@ policies on fresh posts, written by the ood stage; rm_eval_stage.ood_comparisons
 the file) and stress ('stress': the world's valid2, whose hand-designed policies reverse
 every in-distribution shortcut). Without a D_ood set the 'ood' split is left out, and the
 log and summary.json ('missing') say so. Train subsets are capped (max_train_pairs) to keep
-it cheap; all scoring is jitted, fixed-shape and batched over the mesh's data axes.
+it cheap: the first rows, or for members on rows of their own an equal share of each
+member's block (capped_rows); all scoring is jitted, fixed-shape and batched over the
+mesh's data axes.
 
 It also traces the paper's linear-mode-connectivity figure between the two best members
 (lambda = 0..1): accuracy of the weight interpolation (WA), of the prediction
@@ -117,16 +119,32 @@ def detect_corrupted(run_dir: str, ensemble: str, cards: Sequence[dict]) -> bool
     return False
 
 
+def capped_rows(idx, limit: Optional[int], blocks=None) -> np.ndarray:
+    """The first `limit` of the training rows `idx` (sorted); with `blocks` (the members'
+    own row blocks [[lo, hi), ...], RMTrainConfig.member_rows = 'own') an equal share of
+    each block instead (the first limit // M rows of each, the first limit % M blocks one
+    more), so that every member's own rows are scored and not mostly member 0's."""
+    idx = np.asarray(idx)
+    if not limit:
+        return idx
+    if not blocks:
+        return idx[:limit]
+    share, extra = divmod(int(limit), len(blocks))
+    parts = [idx[(idx >= lo) & (idx < hi)][:share + (b < extra)]
+             for b, (lo, hi) in enumerate(blocks)]
+    return np.sort(np.concatenate(parts)) if parts else idx[:0]
+
+
 def eval_sets(prov, corrupted: bool, max_train_pairs: Optional[int] = 2000,
               max_eval_pairs: Optional[int] = None,
-              ood_path: Optional[str] = None) -> dict[str, dict]:
+              ood_path: Optional[str] = None, blocks=None) -> dict[str, dict]:
     """{split: preference arrays}: train_clean, train_corrupt (if corrupted), valid, ood
-    (the D_ood comparisons file `ood_path`, when given) and stress (valid2)."""
+    (the D_ood comparisons file `ood_path`, when given) and stress (valid2). `blocks`: the
+    members' own row blocks (capped_rows)."""
     from warm_jax.data.provider import subset
 
     def cap(arrays, idx, limit):
-        idx = np.asarray(idx)
-        return subset(arrays, idx[:limit] if limit else idx)
+        return subset(arrays, capped_rows(idx, limit, blocks))
 
     out = {}
     train = prov.preference("train", corrupted=corrupted)
@@ -433,7 +451,8 @@ def _load(ctx, ensemble: str, corrupted, max_train_pairs, max_eval_pairs, batch_
         corrupted = detect_corrupted(ctx.run_dir, ensemble, cards)
     prov = ctx.provider()
     train_rows = check_train_rows(ctx.run_dir, ensemble, cards, corrupted, prov)
-    sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs, ood_path)
+    sets = eval_sets(prov, corrupted, max_train_pairs, max_eval_pairs, ood_path,
+                     blocks=train_rows.get("member_blocks"))
     abstract, _ = average.target_shardings(cfg, ctx.mesh())
     params = [ckpt_lib.load_params(m.path, abstract)[0] for m in members]
     log.info("rm_eval[%s]: %d members, corrupted=%s, sets %s", ensemble, len(paths), corrupted,
@@ -593,7 +612,8 @@ def check_train_rows(run_dir: str, ensemble: str, cards: Sequence[dict], corrupt
     scopes) and, for a corrupted ensemble, the same flips (DataConfig.corruption_seed and
     corruption_fraction). Reads the ensemble's summary (older ones: its cards'
     hyperparameters). Raises ValueError naming both bindings on a mismatch, before any
-    scoring; returns what was compared."""
+    scoring; returns what was compared, and the members' own row blocks if they had them
+    (train_clean / train_corrupt then take an equal share of each: capped_rows)."""
     path = os.path.join(run_dir, ensemble, "summary.json")
     theirs = artifacts.read_json(path) if os.path.exists(path) else {}
     hyper = dict(cards_lib.normalize(cards[0]).get("hyperparameters") or {}) if cards else {}
@@ -604,7 +624,8 @@ def check_train_rows(run_dir: str, ensemble: str, cards: Sequence[dict], corrupt
     else:
         pre = f"<{ensemble}'s scope>/"
     cfg, n = prov.config, prov.num_pairs("train")
-    out = {"eval_rows": [0, n], "ensemble_rows": rows, "checked": []}
+    out = {"eval_rows": [0, n], "ensemble_rows": rows, "checked": [],
+           "member_blocks": theirs.get("member_blocks")}
     if rows is None:
         log.info("rm_eval[%s]: %s records no training rows (written before they were "
                  "recorded): train_clean / train_corrupt are not checked", ensemble, path)
