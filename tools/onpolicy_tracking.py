@@ -80,26 +80,6 @@ def lcb(member_scores, pools, k: float = LCB_K) -> np.ndarray:
     return z.mean(axis=0) - k * z.std(axis=0)
 
 
-def sample_policy(rl_run: str, stage: str, heads, samples: int, seed: int):
-    """(prompt tokens [N, W], prompt mask, sampler output) for `samples` completions of each
-    prompt in `heads` (token lists), prompt-major: row i * samples + j."""
-    import jax
-
-    from warm_jax import rl_steps, sampling
-
-    width = max(map(len, heads))
-    rows = [h for h in heads for _ in range(samples)]
-    pt = np.zeros((len(rows), width), np.int32)
-    for i, h in enumerate(rows):  # left-padded, as the sampler takes prompts
-        pt[i, width - len(h):] = h
-    pm = (np.arange(width)[None] >= width - np.asarray([len(h) for h in rows])[:, None]
-          ).astype(np.int32)
-    cfg, params, _ = sampling.load_policy(rl_run, stage)
-    scfg = rl_steps.RLConfig().sampling_config()
-    out = sampling.Sampler(cfg, scfg)(params, pt, pm, jax.random.PRNGKey(seed))
-    return pt, pm, {k: np.asarray(v) for k, v in out.items()}
-
-
 def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int,
                samples: int, seed: int = 0, members: bool = False, extra=()) -> dict:
     """{reward spec: {"rank": ..., "side": ...}} for the pair's single RM, WARM, ENS,
@@ -120,7 +100,7 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
     toks, masks, prompt_texts, comps = [], [], [], []
     for stage in (single, warm):
         unfinished = _load(rl_run, stage, "summary.json").get("score_unfinished", "as_sampled")
-        pt, pm, out = sample_policy(rl_run, stage, heads, samples, seed)
+        pt, pm, out = padding_probe.sample_policy(rl_run, stage, heads, samples, seed)
         t, m = rl_steps.rm_sequences(pt, pm, out, unfinished)
         toks.append(np.asarray(t))
         masks.append(np.asarray(m))
@@ -143,10 +123,8 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
     ens = "ens:" + ensemble
     member_specs = []
     if members:
-        scores_dir = os.path.join(probe_run, "bon", "scores")
-        member_specs = [f"member:{ensemble}:{i}" for i in sorted(
-            int(f.rsplit("_", 1)[1][:-4]) for f in os.listdir(scores_dir)
-            if f.startswith(f"member_{ensemble}_"))]
+        member_specs = [f"member:{ensemble}:{i}"
+                        for i in padding_probe.kept_members(probe_run, ensemble)]
     scores = {}
     extra_specs = [x.replace("RUN", probe_run) for x in extra]
     for spec in ["oracle", *specs, ens, *member_specs, *extra_specs]:
@@ -157,8 +135,8 @@ def track_pair(probe_run: str, rl_run: str, warm: str, single: str, prompts: int
     if member_specs:  # each member standardised by its scores over the bon pool
         pools = []
         for m in member_specs:
-            pool = np.load(os.path.join(scores_dir, f"member_{ensemble}_{m.rsplit(':', 1)[1]}"
-                                        ".npy")).astype(np.float64)
+            pool = np.load(os.path.join(probe_run, "bon", "scores", f"member_{ensemble}_"
+                                        f"{m.rsplit(':', 1)[1]}.npy")).astype(np.float64)
             pools.append((float(pool.mean()), float(pool.std())))
         a, b = disagreement([scores[m] for m in member_specs], pools, samples)
         spread = {"single_policy": a, "warm_policy": b}
@@ -201,10 +179,7 @@ def main(argv=None) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.members else ""))
     out = []
     for run in args.rl:
-        key = rv.rm_key(run)
-        probe = by_key.get(key) if key else None
-        if not probe:
-            raise SystemExit(f"{run}: no --probe run holds its RM stages")
+        probe = rv.probe_for(by_key, run)
         for warm, single, win in rv.rl_pairs(run):
             r = track_pair(probe, run, warm, single, args.prompts, args.samples, args.seed,
                            args.members, args.extra)

@@ -54,6 +54,36 @@ def pool_heads(run: str, num_prompts: int):
     return heads, rows, texts
 
 
+def kept_members(run: str, ensemble: str) -> list[int]:
+    """The member indices of `ensemble` whose pool scores the bon stage kept
+    (bon/scores/member_<ensemble>_<i>.npy), in index order."""
+    scores_dir = os.path.join(run, "bon", "scores")
+    return sorted(int(f.rsplit("_", 1)[1][:-4]) for f in os.listdir(scores_dir)
+                  if f.startswith(f"member_{ensemble}_"))
+
+
+def sample_policy(rl_run: str, stage: str, heads, samples: int = 1, seed: int = 0):
+    """(prompt tokens [N, W], prompt mask, sampler output as numpy) for `samples`
+    completions of each prompt in `heads` (token lists; prompt-major rows i * samples + j),
+    left-padded as the sampler takes prompts, from RL stage `stage`'s final policy with the
+    RL sampling settings."""
+    import jax
+
+    from warm_jax import rl_steps, sampling
+
+    rows = [h for h in heads for _ in range(samples)]
+    width = max(map(len, rows))
+    pt = np.zeros((len(rows), width), np.int32)
+    for i, h in enumerate(rows):
+        pt[i, width - len(h):] = h
+    pm = (np.arange(width)[None] >= width - np.asarray([len(h) for h in rows])[:, None]
+          ).astype(np.int32)
+    cfg, params, _ = sampling.load_policy(rl_run, stage)
+    out = sampling.Sampler(cfg, rl_steps.RLConfig().sampling_config())(
+        params, pt, pm, jax.random.PRNGKey(seed))
+    return pt, pm, {k: np.asarray(v) for k, v in out.items()}
+
+
 def padded_batch(run: str, encode, phrases=PHRASES, ks=KS, num_prompts: int = 256) -> dict:
     """Right-padded token rows (prompt tokens as sampled + encode(padded completion) + EOS)
     for every (phrase, k, prompt), in that order, with their prompt and completion texts."""

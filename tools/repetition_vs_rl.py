@@ -83,6 +83,16 @@ def rm_key(run: str) -> bytes:
     return key
 
 
+def probe_for(by_key: dict, run: str) -> str:
+    """The probe run (of {rm_key: run}) holding `run`'s RM stages; SystemExit naming the
+    run when none does."""
+    key = rm_key(run)
+    probe = by_key.get(key) if key else None
+    if not probe:
+        raise SystemExit(f"{run}: no --probe run holds its RM stages ({', '.join(RM_STAGES)})")
+    return probe
+
+
 def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None,
          phrases=(padding_probe.SELF,)) -> list[dict]:
     """One row per (RL run, judged WARM-vs-single pair); `probe(run, specs) -> {spec: pay}`
@@ -99,10 +109,7 @@ def rows(probe_runs, rl_runs, k: int = 2, last: int = 10, probe=None,
     out = []
     for run in rl_runs:
         name = os.path.basename(os.path.normpath(run))
-        key = rm_key(run)
-        pr = by_key.get(key) if key else None
-        if not pr:
-            raise SystemExit(f"{run}: no --probe run holds its RM stages ({', '.join(RM_STAGES)})")
+        pr = probe_for(by_key, run)
         for warm, single, win in rl_pairs(run):
             specs = [_load(run, st, "summary.json")["reward"] for st in (single, warm)]
             need = [s for s in specs if (pr, s) not in cache]

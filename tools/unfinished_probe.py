@@ -52,29 +52,17 @@ _POOL: dict = {}  # (probe run, reward spec) -> (mean, std) of its scores over t
 def probe_policy(probe_run: str, rl_run: str, stage: str, prompts: int, seed: int = 0):
     """(final KL, fraction unfinished, unfinished_lift of the stage's reward and its
     ensemble's members, the stage's reward spec) for RL stage `stage` of `rl_run`."""
-    import jax
-
     from warm_jax import rl_steps, sampling
     from warm_jax.reward import load_reward
 
     spec = _load(rl_run, stage, "summary.json")["reward"]
     ens = spec.split(":")[1].replace("warm_", "rm_", 1)
     heads, _, _ = padding_probe.pool_heads(probe_run, prompts)
-    width = max(map(len, heads))
-    pt = np.zeros((len(heads), width), np.int32)
-    for i, h in enumerate(heads):  # left-padded, as the sampler takes prompts
-        pt[i, width - len(h):] = h
-    pm = (np.arange(width)[None] >= width - np.asarray([len(h) for h in heads])[:, None])
-    cfg, params, _ = sampling.load_policy(rl_run, stage)
-    scfg = rl_steps.RLConfig().sampling_config()
-    out = sampling.Sampler(cfg, scfg)(params, pt, pm.astype(np.int32), jax.random.PRNGKey(seed))
-    out = {key: np.asarray(v) for key, v in out.items()}
+    pt, pm, out = padding_probe.sample_policy(rl_run, stage, heads, seed=seed)
     finished = ((out["tokens"] == sampling.EOS_ID) & (out["mask"] > 0)).any(1)
-    rows = {u: [np.asarray(a) for a in rl_steps.rm_sequences(pt, pm.astype(np.int32), out, u)]
+    rows = {u: [np.asarray(a) for a in rl_steps.rm_sequences(pt, pm, out, u)]
             for u in rl_steps.SCORE_UNFINISHED}
-    scores_dir = os.path.join(probe_run, "bon", "scores")
-    members = sorted(int(f.rsplit("_", 1)[1][:-4]) for f in os.listdir(scores_dir)
-                     if f.startswith(f"member_{ens}_"))
+    members = padding_probe.kept_members(probe_run, ens)
     scores, pool = {}, {}
     for name in [spec] + [f"member:{ens}:{i}" for i in members]:
         _, score = load_reward(probe_run, name)
@@ -102,10 +90,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     rows = []
     for run in args.rl:
-        key = rv.rm_key(run)
-        probe = by_key.get(key) if key else None
-        if not probe:
-            raise SystemExit(f"{run}: no --probe run holds its RM stages")
+        probe = rv.probe_for(by_key, run)
         stages = sorted(n for n in os.listdir(run) if n.startswith("rl_") and
                         (_load(run, n, "summary.json") or {}).get("stage") == "rl")
         for stage in stages:
