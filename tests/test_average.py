@@ -367,6 +367,16 @@ def test_ens_is_mean_of_member_rewards_and_resolve_specs(tmp_path):
     np.testing.assert_allclose(np.asarray(ens(tokens, mask)), r.mean(0), rtol=1e-5, atol=1e-6)
     top2 = reward_lib.resolve(str(tmp_path), "ens:rm_x:2")  # members 1 (0.8) and 2 (0.7)
     np.testing.assert_allclose(np.asarray(top2(tokens, mask)), r[1:].mean(0), rtol=1e-5, atol=1e-6)
+    lcb = reward_lib.resolve(str(tmp_path), "lcb:rm_x:1.5")
+    assert lcb.kind == "lcb" and lcb.penalty == 1.5 and lcb.num_members == 3
+    with pytest.raises(ValueError, match="no member_norm"):
+        lcb(tokens, mask)
+    lcb.member_norm = reward_lib.member_norm_of(r[:, 1:])  # a fixed set: rows 1..4
+    z = (r - r[:, 1:].mean(1, keepdims=True)) / r[:, 1:].std(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(lcb(tokens, mask)), z.mean(0) - 1.5 * z.std(0),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"member\(s\) \[1\] give the 4"):
+        reward_lib.member_norm_of(np.stack([r[0, 1:], np.ones(4), r[2, 1:]]))
     best = reward_lib.resolve(str(tmp_path), "best:rm_x")
     assert best.names == (paths[1],)
     average.average_checkpoints(paths, str(tmp_path / "warm_x"))
@@ -388,10 +398,13 @@ def test_ens_is_mean_of_member_rewards_and_resolve_specs(tmp_path):
     assert reward_lib.spec_source(str(tmp_path), "warm:rm_x:2") == (
         os.path.join(str(tmp_path), "rm_x"), None)
     assert reward_lib.spec_source(str(tmp_path), "warm:rm_x:0")[1] is not None
+    assert reward_lib.spec_source(str(tmp_path), "lcb:rm_x:0.5")[1] is None
+    assert reward_lib.spec_source(str(tmp_path), "lcb:rm_x:nan")[1] is not None
     for bad, frag in [("foo:rm_x", "expected"), ("ens:", "expected"), ("member:rm_x:9", "0..2"),
                       ("ens:rm_x:0", "1..3"), ("best:nope", "no such directory"),
                       ("warm:rm_x/members/member_0", "not a merged"), ("warm:rm_x:4", "1..3"),
-                      ("warm:rm_x:x", "1..3")]:
+                      ("warm:rm_x:x", "1..3"), ("lcb:rm_x", "expected"),
+                      ("lcb:rm_x:-1", "k must be a number >= 0"), ("lcb:rm_x:x", "k must be")]:
         with pytest.raises((reward_lib.RewardSpecError, ckpt_lib.CheckpointError), match=frag):
             reward_lib.resolve(str(tmp_path), bad)
 

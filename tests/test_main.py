@@ -240,7 +240,10 @@ BAD_VALUES = [
     (["--gin.rl_single/rl_stage.reward='best'"],
      "rl_single/rl_stage.reward = 'best': expected warm:<dir>, warm:<ensemble>:<M>, "
      "member:<ensemble>:<i>, best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M>, "
-     "run:<export under RUN_DIR> or path:<params export>"),
+     "lcb:<ensemble>:<k>, run:<export under RUN_DIR> or path:<params export>"),
+    (["--gin.bon_stage.rewards=['lcb:rm_clean:1']"],
+     "bon_stage.rewards[0] = 'lcb:rm_clean:1': an lcb: reward is for the rl stage only (it "
+     "standardises the members on the SFT policy's samples); use ens:<ensemble> here"),
     (["--gin.bon_stage.ns=[4, 0]"], "bon_stage.ns[1] = 0: must be >= 1"),
     (["--gin.bon_stage.warm_sizes=[0]"], "bon_stage.warm_sizes[0] = 0: must be >= 1"),
     (["--gin.bon_stage.ensembles=[]"],

@@ -159,14 +159,14 @@ def tiny_run(tmp_path_factory):
     return data, sft, rm
 
 
-def _stage(run_dir, data, sft, rm, rl_kw=(), **kw):
+def _stage(run_dir, data, sft, rm, rl_kw=(), reward=None, **kw):
     gin.clear_config()
     gin.bind_parameter("DataConfig.data_dir", data)
     gin.bind_parameter("DataConfig.num_eval_prompts", 16)
     gin.bind_parameter("run_seed.seed", 1)
     try:
         return rl.rl_stage(
-            run_dir, reward=f"path:{rm}", name="rl_test", policy=sft,
+            run_dir, reward=reward or f"path:{rm}", name="rl_test", policy=sft,
             rl=rl_steps.RLConfig(**{**dict(alpha=0.01, steps=6, batch_size=8,
                                            learning_rate=3e-3, warmup_steps=2,
                                            max_new_tokens=10, normalization_samples=16),
@@ -274,6 +274,40 @@ def test_stage_resume_continues_exactly(tiny_run, tmp_path, baseline):
         assert [r["alpha"] for r in train.values()] == [pytest.approx(0.01)] * 6
         assert full["kl_target"] is None and full["final_alpha"] == 0.01
     assert _stage(a, data, sft, rm, kw) == full  # done: skipped
+
+
+def test_an_lcb_reward_standardises_its_members_on_the_pool_samples_and_keeps_them(
+        tiny_run, tmp_path):
+    """'lcb:<ensemble>:<k>': each member is standardised on the SFT samples on which the
+    reward's scale is then set (same prompts, same key), so at k = 0 those samples' mean
+    reward is 0 to float precision; the figures are kept in member_norm.json and a resumed
+    run reads them back rather than computing them again."""
+    data, sft, rm = tiny_run
+    run = str(tmp_path / "run")
+    base, card = ckpt_lib.load_params(rm)
+    for i in range(2):  # members of different offsets and scales
+        head = {"kernel": np.asarray(jax.random.normal(jax.random.PRNGKey(10 + i),
+                                                       (TINY.d_model, 1))) * (1 + 2 * i),
+                "bias": np.full((1,), 3.0 * i, np.float32)}
+        ckpt_lib.export_params(os.path.join(run, "rm_x", "members", f"member_{i}"),
+                               dict(base, reward_head=head), card)
+    kw = (("steps", 2), ("value_model", "policy"))  # a stacked reward has no one tree
+    part = _stage(run, data, sft, rm, kw, reward="lcb:rm_x:0", max_steps_per_run=1)
+    assert part["complete"] is False
+    path = os.path.join(run, "rl_test", rl.MEMBER_NORM)
+    norm = json.load(open(path))
+    assert norm["samples"] == 16 and norm["penalty"] == 0.0
+    assert abs(norm["mean"][1] - norm["mean"][0]) > 1.0 and min(norm["std"]) > 0  # they differ
+    init = _records(run, "metrics.jsonl")[0]
+    assert abs(init["init/pool_reward_raw"]) < 1e-5 and init["init/pool_reward_raw_std"] > 0.1
+    norm["mean"][0] += 0.5  # a resumed run reads the file (not a second computation)
+    with open(path, "w") as f:
+        json.dump(norm, f)
+    done = _stage(run, data, sft, rm, kw, reward="lcb:rm_x:0")
+    assert done["stage"] == "rl" and done["lcb_penalty"] == 0.0
+    assert done["member_norm"]["mean"] == pytest.approx(norm["mean"], abs=1e-6)
+    info = json.load(open(os.path.join(run, "rl_test", "rl.run_info.json")))
+    assert info["config"]["reward_kind"] == "lcb" and info["config"]["reward"] == "lcb:rm_x:0"
 
 
 def test_a_shorter_run_is_the_first_steps_of_a_longer_one(tiny_run, tmp_path):

@@ -173,13 +173,20 @@ class StageCheck:
         return self.done is not None and os.path.exists(self.done)
 
     # -- reward specs and policies (see reward.resolve, sampling.policy_path)
-    def reward(self, field: str, spec: Any = _MISSING, *, oracle: bool = False) -> None:
+    def reward(self, field: str, spec: Any = _MISSING, *, oracle: bool = False,
+               lcb: bool = False) -> None:
+        """lcb: whether an 'lcb:' spec is accepted here (the RL stage sets its members'
+        standardisation on the SFT policy's samples; elsewhere it has none)."""
         from warm_jax import reward as reward_lib
 
         spec = self.args.get(field) if spec is _MISSING else spec
         path, bad = reward_lib.spec_source(self.run_dir, spec, oracle=oracle)
         if bad:
             self.fail(field, bad, value=spec)
+        if not lcb and spec.startswith("lcb:"):
+            self.fail(field, "an lcb: reward is for the rl stage only (it standardises the "
+                      "members on the SFT policy's samples); use ens:<ensemble> here",
+                      value=spec)
         if path is not None:
             self.existing(field, path, what="params export") if spec.startswith("path:") \
                 else self.read(path)

@@ -6,9 +6,14 @@ member and a merged WARM model are both one parameter tree (kind 'single' / 'war
 the mean of the members' rewards, costing M forward passes where WARM costs one.
 Checkpoints are params-only exports whose card.json carries 'model_config'.
 
+A fourth kind, 'lcb', is ENS penalised by the members' disagreement: each member's reward
+standardised by its own {mean, std} on a fixed set of completions (`member_norm`; the RL
+stage sets it on the SFT policy's samples), then the members' mean less `penalty` x their
+spread (SD over the members): `lcb_combine`.
+
 `resolve(run_dir, spec)` builds one from a spec naming artifacts of a run ("warm:<dir>",
-"warm:<ensemble>:<M>", "member:<ensemble>:<i>", "best:<ensemble>", "ens:<ensemble>[:<M>]"),
-and
+"warm:<ensemble>:<M>", "member:<ensemble>:<i>", "best:<ensemble>", "ens:<ensemble>[:<M>]",
+"lcb:<ensemble>:<k>"), and
 `pair_rewards` / `pairwise_accuracy` evaluate any scorer on a preference set in fixed-shape
 jitted batches.
 """
@@ -52,30 +57,74 @@ def _jitted(cfg: model_lib.TransformerConfig, ensemble: bool):
     return jax.jit(score), None
 
 
+def lcb_combine(member_scores, mean, std, penalty: float):
+    """The spread-penalised ensemble reward of member scores [M, B]: z_m = (r_m - mean_m) /
+    std_m, then mean_m z_m - penalty x SD_m z_m (the population SD over the members)."""
+    z = (member_scores - jnp.asarray(mean, jnp.float32)[:, None]) \
+        / jnp.asarray(std, jnp.float32)[:, None]
+    return jnp.mean(z, axis=0) - penalty * jnp.std(z, axis=0)
+
+
+def member_norm_of(member_scores, where: str = "") -> dict:
+    """{'mean': [M], 'std': [M]} (float32) of member scores [M, N] on a fixed set; refuses a
+    member whose scores there are constant."""
+    s = np.asarray(member_scores, np.float64)
+    mean, std = s.mean(axis=1), s.std(axis=1)
+    bad = [i for i, v in enumerate(std) if not np.isfinite(v) or v < 1e-6]
+    if bad:
+        raise ValueError(f"lcb reward{where}: member(s) {bad} give the {s.shape[1]} "
+                         f"standardisation samples rewards of std {[float(std[i]) for i in bad]}; "
+                         "cannot standardise them")
+    return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+
+
+def parse_penalty(text: str) -> Optional[float]:
+    """k of an 'lcb:<ensemble>:<k>' spec: a finite number >= 0, else None."""
+    try:
+        k = float(text)
+    except ValueError:
+        return None
+    return k if np.isfinite(k) and k >= 0 else None
+
+
 @dataclasses.dataclass
 class RewardModel:
     config: model_lib.TransformerConfig
     params: Any  # one tree, or (ens) trees stacked on axis 0
-    kind: str = "single"  # single | warm | ens
+    kind: str = "single"  # single | warm | ens | lcb
     names: tuple = ()
     cards: tuple = ()
+    penalty: float = 0.0  # lcb: k in mean - k x spread of the standardised members
+    member_norm: Optional[dict] = None  # lcb: {'mean': [M], 'std': [M]} of each member
 
     def __post_init__(self):
-        if self.kind not in ("single", "warm", "ens"):
-            raise ValueError(f"reward model kind {self.kind!r}; choose single, warm or ens")
-        self._fn, self._members_fn = _jitted(self.config, self.kind == "ens")
+        if self.kind not in ("single", "warm", "ens", "lcb"):
+            raise ValueError(f"reward model kind {self.kind!r}; choose single, warm, ens or lcb")
+        self._fn, self._members_fn = _jitted(self.config, self.stacked)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether params hold M member trees on a leading axis (ens, lcb)."""
+        return self.kind in ("ens", "lcb")
 
     @property
     def num_members(self) -> int:
-        if self.kind != "ens":
+        if not self.stacked:
             return 1
         return jax.tree.leaves(self.params)[0].shape[0]
 
     def __call__(self, tokens, mask) -> jax.Array:
+        if self.kind == "lcb":
+            if self.member_norm is None:
+                raise ValueError(f"lcb reward of {len(self.names)} members: no member_norm "
+                                 "(each member's {mean, std} on a fixed set; the rl stage "
+                                 "sets it on the SFT policy's samples)")
+            return lcb_combine(self.member_rewards(tokens, mask), self.member_norm["mean"],
+                               self.member_norm["std"], self.penalty)
         return self._fn(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
 
     def member_rewards(self, tokens, mask) -> jax.Array:
-        """[M, B] per-member rewards (ENS only)."""
+        """[M, B] per-member rewards (ENS and lcb; [1, B] otherwise)."""
         if self._members_fn is None:
             return self(tokens, mask)[None]
         return self._members_fn(self.params, jnp.asarray(tokens, jnp.int32),
@@ -185,8 +234,8 @@ def rank_by_accuracy(paths: Sequence[str], cards: Sequence[dict], split: Optiona
 
 
 SPEC_USAGE = ("expected warm:<dir>, warm:<ensemble>:<M>, member:<ensemble>:<i>, "
-              "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M>, run:<export under RUN_DIR> "
-              "or path:<params export>")
+              "best:<ensemble>, ens:<ensemble>, ens:<ensemble>:<M>, lcb:<ensemble>:<k>, "
+              "run:<export under RUN_DIR> or path:<params export>")
 
 
 def _run_relative(spec: str) -> Optional[str]:
@@ -220,7 +269,8 @@ def spec_source(run_dir: str, spec, oracle: bool = False) -> tuple[Optional[str]
         or (kind == "member" and len(parts) == 2 and parts[1].isdigit())
         or (kind in ("ens", "warm") and len(parts) == 2 and parts[1].isdigit()
             and int(parts[1]) >= 1)
-        or (kind == "ens" and len(parts) == 1))
+        or (kind == "ens" and len(parts) == 1)
+        or (kind == "lcb" and len(parts) == 2 and parse_penalty(parts[1]) is not None))
     if not ok:
         return None, SPEC_USAGE
     return os.path.join(run_dir, parts[0]), None
@@ -237,6 +287,9 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
                             (accuracies.select; ID validation for older cards)
       ens:<ensemble>        prediction ensemble (ENS) of all members
       ens:<ensemble>:<M>    ENS of the top M members, ranked alike
+      lcb:<ensemble>:<k>    all members, standardised each on a fixed set, their mean less
+                            k x their spread (kind 'lcb'; member_norm unset: the rl stage
+                            sets it on the SFT policy's samples)
       run:<path>            the params export {run_dir}/<path>, e.g. run:rm_init/warm_start
                             (rm_init's shared warm start: an RM no rm_eval evaluates)
     """
@@ -274,6 +327,12 @@ def resolve(run_dir: str, spec: str, abstract_params: Any = None) -> "RewardMode
         if len(parts) == 2:
             paths = top_members(run_dir, spec, parts[0], parts[1])
         return RewardModel.load(paths, "ens", abstract_params)
+    if kind == "lcb" and len(parts) == 2:
+        k = parse_penalty(parts[1])
+        if k is None:
+            raise RewardSpecError(f"reward spec {spec!r}: k must be a number >= 0")
+        ens = RewardModel.load(ensemble_members(run_dir, parts[0]), "ens", abstract_params)
+        return dataclasses.replace(ens, kind="lcb", penalty=k)
     raise RewardSpecError(f"reward spec {spec!r}: {usage}")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from warm_jax import optim, partitioning
+from warm_jax import reward as reward_lib
 from warm_jax import model as model_lib
 from warm_jax import sampling, train_lib
 
@@ -227,30 +228,60 @@ class RLEvalConfig:
 
 def reward_apply_for(rm) -> tuple[RewardApply, Any]:
     """(pure apply, params) of a reward.RewardModel: single/warm one tree, ENS the mean of
-    its stacked members. The apply function is shared by RMs of one config and kind."""
+    its stacked members, lcb {'members': stacked, 'mean': [M], 'std': [M]} combined by
+    reward.lcb_combine (its member_norm must be set). The apply function is shared by RMs
+    of one config and kind."""
+    if rm.kind == "lcb":
+        if rm.member_norm is None:
+            raise ValueError("an lcb reward needs its members' {mean, std} (member_norm) "
+                             "before RL")
+        return _lcb_apply(rm.config, float(rm.penalty)), {
+            "members": rm.params, **{k: jnp.asarray(rm.member_norm[k], jnp.float32)
+                                     for k in ("mean", "std")}}
     return _rm_apply(rm.config, rm.kind == "ens"), rm.params
 
 
 @functools.lru_cache(maxsize=None)
 def _rm_apply(config, ens: bool) -> RewardApply:
-    model = model_lib.Transformer(config)
-
-    def one(params, tokens, mask):
-        return model.apply({"params": params}, tokens, mask, head="reward")
-
+    one = member_apply(config)
     if ens:
-        return lambda p, t, m: jnp.mean(jax.vmap(one, in_axes=(0, None, None))(p, t, m), 0)
-    return one
+        return lambda p, t, m: jnp.mean(one(p, t, m), 0)
+    return _one_apply(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_apply(config) -> RewardApply:
+    model = model_lib.Transformer(config)
+    return lambda params, tokens, mask: model.apply({"params": params}, tokens, mask,
+                                                    head="reward")
+
+
+@functools.lru_cache(maxsize=None)
+def member_apply(config) -> Callable:
+    """(stacked params, tokens, mask) -> [M, B]: each member's reward."""
+    return jax.vmap(_one_apply(config), in_axes=(0, None, None))
+
+
+@functools.lru_cache(maxsize=None)
+def _lcb_apply(config, penalty: float) -> RewardApply:
+    members = member_apply(config)
+    return lambda p, t, m: reward_lib.lcb_combine(members(p["members"], t, m), p["mean"],
+                                                  p["std"], penalty)
 
 
 def reward_param_shardings(rm, mesh):
-    """Shardings of a RewardModel's params from their logical names (stacked for ENS)."""
+    """Shardings of a RewardModel's params from their logical names (stacked for ENS and
+    lcb; lcb's member {mean, std} replicated)."""
     abstract, names = model_lib.abstract_params(rm.config)
-    if rm.kind == "ens":
+    if rm.stacked:
         names = partitioning.stack_logical(names)
         m = rm.num_members
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
-    return partitioning.tree_shardings(names, abstract, mesh)
+    shardings = partitioning.tree_shardings(names, abstract, mesh)
+    if rm.kind == "lcb":
+        rep = partitioning.replicated(mesh)
+        return {"members": shardings, "mean": rep, "std": rep}
+    return shardings
 
 
 def next_token_logp(cfg, params, tokens, mask, temperature: float):

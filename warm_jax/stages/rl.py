@@ -44,6 +44,7 @@ samples.jsonl, so reward hacking shows as proxy up, control down.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -188,11 +189,8 @@ def initial_state(prog, rl: rl_steps.RLConfig, mesh, ref_params, rm_params, ptok
     value_base = ref_params if value_base is None else value_base
     if not rl.needs_pool():
         return prog.init(ref_params, value_base, key, rl_steps.identity_norm()), {}
-    idx = pool_indices(len(ptoks), rl.normalization_samples, rl.seed)
-    batch = train_lib.put_batch({"tokens": ptoks[idx], "mask": pmask[idx]},
-                                lambda nd: partitioning.batch_sharding(mesh, nd))
-    pool = jax.device_get(prog.pool_step(ref_params, value_base, rm_params, batch,
-                                         jax.random.fold_in(key, POOL_KEY)))
+    pool = jax.device_get(prog.pool_step(ref_params, value_base, rm_params,
+                                         *_pool_batch(rl, mesh, ptoks, pmask)))
     norm = rl_steps.reward_norm_of(pool["score"], rl.reward_normalization)
     norm32 = {k: np.float32(v) for k, v in norm.items()}
     score = rl_steps.standardise(pool["score"], norm32)
@@ -204,15 +202,73 @@ def initial_state(prog, rl: rl_steps.RLConfig, mesh, ref_params, rm_params, ptok
                                             head)
     value_params = dict(value_base, reward_head=new_head)
     stats = {"init/reward_mean": norm["mean"], "init/reward_std": norm["std"],
-             "init/pool_size": int(len(idx)),
+             "init/pool_size": int(len(pool["score"])),
              "init/pool_reward_raw": float(np.mean(pool["score"])),
              "init/pool_reward_raw_std": float(np.std(pool["score"])),
              **{f"init/{k}": v for k, v in fit.items()}}
     log.info("[rl] reward standardisation (%s) on %d SFT samples: mean %.4f std %.4f; value "
-             "head '%s': R^2 %.3f (held-out %.3f)", rl.reward_normalization, len(idx),
+             "head '%s': R^2 %.3f (held-out %.3f)", rl.reward_normalization, len(pool["score"]),
              norm["mean"], norm["std"], rl.value_fit(), fit.get("value_r2_fit", float("nan")),
              fit.get("value_r2_heldout", float("nan")))
     return prog.init(ref_params, value_params, key, norm32), stats
+
+
+def _pool_batch(rl: rl_steps.RLConfig, mesh, ptoks, pmask) -> tuple:
+    """(prompts, key) of the SFT samples before the first step: rl.normalization_samples
+    training prompts (pool_indices) on the batch shards, and their sampling key."""
+    idx = pool_indices(len(ptoks), rl.normalization_samples, rl.seed)
+    batch = train_lib.put_batch({"tokens": ptoks[idx], "mask": pmask[idx]},
+                                lambda nd: partitioning.batch_sharding(mesh, nd))
+    return batch, jax.random.fold_in(jax.random.PRNGKey(rl.seed), POOL_KEY)
+
+
+MEMBER_NORM = "member_norm.json"
+
+
+def with_member_norm(out_dir: str, policy_cfg, rl: rl_steps.RLConfig, mesh, sft_params, rm,
+                     train_prompts: dict):
+    """An lcb reward (reward.RewardModel kind 'lcb') with each member's {mean, std} over
+    the SFT policy's completions of the pool prompts: the very samples (same prompts, same
+    key) on which initial_state then sets the combined reward's scale. Kept in
+    {out_dir}/member_norm.json, which a resumed run reads back (the same float32 values)."""
+    path = os.path.join(out_dir, MEMBER_NORM)
+    if os.path.exists(path):
+        with open(path) as f:
+            rec = json.load(f)
+        if len(rec.get("mean", ())) != rm.num_members:
+            raise ValueError(f"{path}: holds {len(rec.get('mean', ()))} members' figures, the "
+                             f"reward has {rm.num_members} members")
+        norm = {k: np.asarray(rec[k], np.float32) for k in ("mean", "std")}
+        return dataclasses.replace(rm, member_norm=norm)
+    rm_sh = rl_steps.reward_param_shardings(dataclasses.replace(rm, kind="ens"), mesh)
+    prog = rl_steps.build_program(policy_cfg, dataclasses.replace(rl, seed=0),
+                                  rl_steps.member_apply(rm.config), mesh,
+                                  _rm_layout(rm.params, rm_sh))
+    ptoks, pmask = sampling.trim_left_padding(train_prompts["tokens"], train_prompts["mask"])
+    ref_params = partitioning.shard_tree(sft_params, prog.p_sh)
+    with jax.set_mesh(mesh):
+        pool = jax.device_get(prog.pool_step(ref_params, ref_params,
+                                             partitioning.shard_tree(rm.params, prog.rm_shardings),
+                                             *_pool_batch(rl, mesh, ptoks, pmask)))
+    norm = reward_lib.member_norm_of(pool["score"], f" ({path})")
+    rec = {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]],
+           "samples": int(pool["score"].shape[1]), "penalty": rm.penalty}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(tmp, path)
+    log.info("[rl] lcb reward: %d members standardised on %d SFT samples (means %s, stds %s)",
+             rm.num_members, rec["samples"], np.round(norm["mean"], 3), np.round(norm["std"], 3))
+    return dataclasses.replace(rm, member_norm=norm)
+
+
+def _lcb_record(rm) -> dict:
+    """What an lcb reward adds to the run's config and summary: k and each member's
+    standardisation; nothing for the other kinds."""
+    if rm.kind != "lcb":
+        return {}
+    return {"lcb_penalty": rm.penalty,
+            "member_norm": {k: [float(v) for v in rm.member_norm[k]] for k in ("mean", "std")}}
 
 
 class _Evaluator:
@@ -300,7 +356,7 @@ def _batch_indices(n, b, seed, step):
 
 def check_rl_stage(c) -> None:
     """Up-front rules and plan of the RL stage (c: config_checks.StageCheck)."""
-    c.reward("reward")
+    c.reward("reward", lcb=True)
     name = c.name("name")
     c.policy("policy")
     c.control("control")
@@ -351,6 +407,8 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
     _, control_fn = reward_lib.load_reward(run_dir, control)
     features_fn = reward_lib.oracle_feature_scorer() if control == "oracle" else None
     mesh = ctx.mesh()
+    if rm.kind == "lcb":
+        rm = with_member_norm(out_dir, pcfg, rl, mesh, sft_params, rm, prov.prompts("rl"))
     reward_apply, rm_params = rl_steps.reward_apply_for(rm)
     rm_sh = rl_steps.reward_param_shardings(rm, mesh)
     value_params = _value_model(rl, rm, sft_params, reward)
@@ -362,7 +420,7 @@ def rl_stage(run_dir: str, reward: str = "warm:warm_clean", name: str = "rl_warm
     config = {"rl_config": dataclasses.asdict(rl), "reward": reward, "policy": policy,
               "policy_path": artifacts.run_relative(run_dir, pcard["path"]),
               "reward_paths": [artifacts.run_relative(run_dir, p) for p in rm.names],
-              "reward_kind": rm.kind, "num_eval_prompts": ev.num_eval_prompts,
+              "reward_kind": rm.kind, **_lcb_record(rm), "num_eval_prompts": ev.num_eval_prompts,
               "eval_every": ev.eval_every, "control": control,
               "model_config": model_lib.config_to_dict(pcfg),
               "optimizers": [dataclasses.asdict(o) for o in rl.optimizers()]}
@@ -385,7 +443,7 @@ def _value_model(rl: rl_steps.RLConfig, rm, sft_params, reward: str):
     if rl.value_model != "reward" or rl.baseline != "value":
         return None
     shapes = lambda t: jax.tree.map(lambda x: tuple(np.shape(x)), t)
-    if rm.kind == "ens" or shapes(rm.params) != shapes(sft_params):
+    if rm.stacked or shapes(rm.params) != shapes(sft_params):
         raise ValueError(f"RLConfig.value_model = 'reward': the reward {reward!r} "
                          f"({rm.kind}) does not have the policy's parameter shapes; set "
                          "RLConfig.value_model = 'policy'")
@@ -429,6 +487,7 @@ def _finish(ctx, name: str, res: dict, rl, pcfg, pcard, rm, reward: str, t0: flo
     tail = train_recs[-max(1, min(10, len(train_recs))):]
     summary = {
         "stage": "rl", "name": name, "reward": reward, "alpha": rl.alpha, "steps": rl.steps,
+        **_lcb_record(rm),
         "policy": rel(policy_dir), "init_policy": rel(pcard["path"]),
         "final_proxy_reward": final_eval.get("eval/proxy_reward"),
         "final_control_reward": final_eval.get("eval/control_reward"),
