@@ -769,6 +769,15 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     assert "| 3 | rl_a vs rl_b | 1.000 ± 0.000 | 1.250 ± 0.000 | -0.250 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="seed_4/rl_a/metrics.jsonl: 1 evaluations, fewer than"):
         rl_table.main([str(runs[1]), "--last", "3"])
+    # --pairs: named pairs without a judge (here B vs A), their final evaluations compared
+    shutil.rmtree(run / "judge")
+    rl_table.main([str(run), str(runs[1]), "--pairs", "rl_b:rl_a"])
+    out = capsys.readouterr().out.split("A final", 1)[1]
+    assert "| 3 | rl_b vs rl_a | 1.250 ± 0.020 | 1.000 ± 0.020 | +0.250 |" in out
+    assert "| 4 | rl_b vs rl_a | 1.400 ± 0.050 | 1.100 ± 0.050 | +0.300 |" in out
+    assert "| rl_b vs rl_a | +0.275 ± 0.035 |" in out and "| 2/2 |" in out
+    with pytest.raises(SystemExit, match="'rl_a' is not A:B"):
+        rl_table.main([str(run), "--pairs", "rl_a"])
 
 
 def test_gate_table_reads_the_warm_start_rule_and_the_gates(tmp_path, capsys):

@@ -19,6 +19,8 @@ Prints two markdown tables:
 - with --last K: the same comparison with each policy's control reward averaged over its
   last K evaluations (+- the standard error of that mean over the K evaluations): a
   reading that does not hang on where the last step falls in an excursion.
+- with --pairs A:B[,C:D...]: these pairs of RL stages instead of the judge's (a run set
+  without a judge), and their final control rewards compared the same way.
 A policy or pair missing from a run is left out; --policies keeps the named ones only.
 """
 from __future__ import annotations
@@ -95,21 +97,47 @@ def control_over_last(run: str, name: str, k: int):
     return float(np.mean(last)), se
 
 
-def step_rows(runs, step: int = None, policies=None, last: int = None) -> list[dict]:
-    """Per seed and RL-vs-RL judge pair: both policies' control at `step` (or averaged
-    over their `last` evaluations) and A - B."""
+def control_final(run: str, name: str):
+    """(final control reward, its standard error) of RL stage `name` (its last evaluation)."""
+    path = os.path.join(run, name, "metrics.jsonl")
+    evals = [r for r in read_jsonl(path) if "eval/control_reward" in r]
+    if not evals:
+        raise SystemExit(f"{path}: no evaluation")
+    return evals[-1]["eval/control_reward"], evals[-1]["eval/control_reward_se"]
+
+
+def step_rows(runs, step: int = None, policies=None, last: int = None,
+              pairs=None) -> list[dict]:
+    """Per seed and RL-vs-RL pair (the judge's, or `pairs` [(A, B)]): both policies'
+    control at `step` (or averaged over their `last` evaluations; neither: the final
+    evaluation) and A - B."""
     read = ((lambda run, name: control_over_last(run, name, last)) if last else
+            (lambda run, name: control_final(run, name)) if step is None else
             (lambda run, name: control_at_step(run, name, step)))
     rows = []
     for run in runs:
-        for j in judge_rows(run, policies):
-            a, _, b = j["pair"].partition(" vs ")
-            if _load(run, b, "summary.json") is None or b == "sft":
+        names = [tuple(j["pair"].split(" vs ")) for j in judge_rows(run, policies)] \
+            if pairs is None else pairs
+        for a, b in names:
+            if any(_load(run, n, "summary.json") is None for n in (a, b)) or b == "sft":
                 continue
             (ca, sa), (cb, sb) = read(run, a), read(run, b)
-            rows.append({"seed": j["seed"], "pair": j["pair"], "a": ca, "a_se": sa,
+            rows.append({"seed": _seed(run), "pair": f"{a} vs {b}", "a": ca, "a_se": sa,
                          "b": cb, "b_se": sb, "diff": ca - cb})
     return rows
+
+
+def parse_pairs(text: str):
+    """'A:B,C:D' -> [(A, B), (C, D)]; None for ''."""
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        a, sep, b = item.partition(":")
+        if not (a and sep and b) or ":" in b:
+            raise SystemExit(f"--pairs: {item!r} is not A:B (two RL stage names)")
+        out.append((a, b))
+    return out
 
 
 def _print_steps(rows: list[dict], where: str) -> None:
@@ -141,7 +169,10 @@ def main(argv=None) -> None:
                     help="also compare the judged RL pairs' control rewards at this step")
     ap.add_argument("--last", type=int, default=None, metavar="K",
                     help="also compare them averaged over each policy's last K evaluations")
+    ap.add_argument("--pairs", default="", metavar="A:B,...",
+                    help="compare these RL stage pairs (not the judge's), final control too")
     args = ap.parse_args(argv)
+    pairs = parse_pairs(args.pairs)
     keep = set(filter(None, args.policies.split(","))) | {"sft"} if args.policies else None
     print("| seed | policy | reward | start | peak (step, KL) | final (KL) | max KL | "
           "alpha min / max / final | EOS, last 10 steps |")
@@ -162,12 +193,15 @@ def main(argv=None) -> None:
             print(f"| {r['seed']} | {r['pair']} | {r['win_rate']:.3f} [{r['ci_low']:.3f}, "
                   f"{r['ci_high']:.3f}] | {r['wins']} / {r['ties']} / {r['losses']} | "
                   f"{_f(r['matched'], '{:+.3f}')}{rng} |")
+    if pairs is not None:
+        _print_steps(step_rows(args.runs, policies=keep, pairs=pairs), "final")
     if args.at_step is not None:
-        _print_steps(step_rows(args.runs, args.at_step, keep), f"at step {args.at_step}")
+        _print_steps(step_rows(args.runs, args.at_step, keep, pairs=pairs),
+                     f"at step {args.at_step}")
     if args.last is not None:
         if args.last < 1:
             ap.error(f"--last must be >= 1, got {args.last}")
-        _print_steps(step_rows(args.runs, policies=keep, last=args.last),
+        _print_steps(step_rows(args.runs, policies=keep, last=args.last, pairs=pairs),
                      f"over the last {args.last} evaluations")
 
 
