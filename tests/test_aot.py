@@ -131,6 +131,25 @@ def test_cli_prints_json_lines_and_the_run_record(devices, capsys):
     assert "| average_update | warm@warm_clean |" in err
 
 
+def test_the_rl_reward_of_each_spec_kind_has_the_shapes_the_rl_step_takes():
+    """aot.rl_reward (runs without libtpu): one tree, ENS's stacked members, and lcb's
+    {members, mean, std}, each applied to a batch gives one reward a sequence."""
+    cfg = model_lib.model_config("tiny")
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    tok = jax.ShapeDtypeStruct((3, 12), "int32")
+    m_all = ensemble.MemberSweep().num_members
+    for spec, kind, m in (("warm:warm_clean", "single", 1), ("ens:rm_clean:2", "ens", 2),
+                          ("ens:rm_clean", "ens", m_all), ("lcb:rm_clean:1.5", "lcb", m_all)):
+        got_kind, got_m, apply, _, params = aot.rl_reward(spec, cfg, mesh)
+        assert (got_kind, got_m) == (kind, m), spec
+        trees = params["members"] if kind == "lcb" else params
+        lead = jax.tree.leaves(trees)[0].shape[0]
+        assert (lead == m) if kind != "single" else (lead != m_all), spec
+        if kind == "lcb":
+            assert params["mean"].shape == params["std"].shape == (m,)
+        assert jax.eval_shape(apply, params, tok, tok).shape == (3,), spec
+
+
 def test_the_tpu_extra_pins_the_libtpu_that_jax_pins():
     import importlib.metadata
     import re

@@ -320,32 +320,55 @@ def sampling_program(args: dict, devices) -> Program:
                            "new_tokens": g})
 
 
-def rl_program(args: dict, devices) -> Program:
-    """The RL train step of an rl entry (the reward: one RM tree, or ENS's stacked members)."""
-    import jax
-    import jax.numpy as jnp
+def rl_reward(spec: str, cfg, mesh) -> tuple:
+    """(kind, members M, reward apply, param shardings, abstract params) of an RL reward
+    spec without reading it: one RM tree ('warm:', 'best:', ...), ENS's M stacked trees
+    ('ens:<e>[:<M>]', M from the member sweep unless given) or lcb's {members, mean, std}
+    ('lcb:<e>:<k>')."""
     import types
 
-    from warm_jax import ensemble, partitioning, rl_steps
+    import jax
+    import jax.numpy as jnp
+
+    from warm_jax import ensemble, rl_steps
+    from warm_jax import model as model_lib
+
+    parts = spec.split(":")
+    kind = parts[0] if parts[0] in ("ens", "lcb") and len(parts) > 1 else "single"
+    m = ensemble.MemberSweep().num_members if kind != "single" else 1
+    if kind == "ens" and len(parts) > 2:
+        m = int(parts[2])
+    rm = types.SimpleNamespace(config=cfg, kind=kind, num_members=m, stacked=kind != "single")
+    rm_sh = rl_steps.reward_param_shardings(rm, mesh)
+    abstract, _ = model_lib.abstract_params(cfg)
+    stack = (lambda a: a.shape) if kind == "single" else (lambda a: (m,) + tuple(a.shape))
+    trees = rm_sh["members"] if kind == "lcb" else rm_sh
+    params = jax.tree.map(lambda a, s: _sds(stack(a), a.dtype, s), abstract, trees)
+    if kind == "lcb":
+        params = {"members": params, **{k: _sds((m,), jnp.float32, rm_sh[k])
+                                        for k in ("mean", "std")}}
+        return kind, m, rl_steps._lcb_apply(cfg, float(parts[2])), rm_sh, params
+    return kind, m, rl_steps._rm_apply(cfg, kind == "ens"), rm_sh, params
+
+
+def rl_program(args: dict, devices) -> Program:
+    """The RL train step of an rl entry (the reward: one RM tree, ENS's stacked members or
+    lcb's; rl_reward)."""
+    import jax
+    import jax.numpy as jnp
+
+    from warm_jax import partitioning, rl_steps
     from warm_jax import model as model_lib
     from warm_jax.data.provider import DataConfig
 
     rl = dataclasses.replace(args.get("rl") or rl_steps.RLConfig(), seed=0)
     cfg, p = model_lib.model_config(), DataConfig().max_prompt_len
     mesh = mesh_for(partitioning.MeshConfig(), devices)
-    spec = str(args.get("reward", ""))
-    kind = "ens" if spec.startswith("ens:") else "single"
-    m = ensemble.MemberSweep().num_members if kind == "ens" else 1
-    if kind == "ens" and len(spec.split(":")) > 2:
-        m = int(spec.split(":")[2])
-    rm = types.SimpleNamespace(config=cfg, kind=kind, num_members=m)
-    rm_sh = rl_steps.reward_param_shardings(rm, mesh)
-    prog = rl_steps.build_program(cfg, rl, rl_steps._rm_apply(cfg, kind == "ens"), mesh,
+    kind, m, apply, rm_sh, rm_params = rl_reward(str(args.get("reward", "")), cfg, mesh)
+    prog = rl_steps.build_program(cfg, rl, apply, mesh,
                                   ("given", jax.tree.structure(rm_sh),
                                    tuple(jax.tree.leaves(rm_sh))))
     abstract, _ = model_lib.abstract_params(cfg)
-    stack = (lambda a: (m,) + tuple(a.shape)) if kind == "ens" else (lambda a: a.shape)
-    rm_params = jax.tree.map(lambda a, s: _sds(stack(a), a.dtype, s), abstract, rm_sh)
     ref = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, prog.p_sh)
     bsh = partitioning.batch_sharding(mesh, 2)
     b, g = rl.batch_size, rl.max_new_tokens

@@ -273,7 +273,7 @@ def reward_param_shardings(rm, mesh):
     """Shardings of a RewardModel's params from their logical names (stacked for ENS and
     lcb; lcb's member {mean, std} replicated)."""
     abstract, names = model_lib.abstract_params(rm.config)
-    if rm.stacked:
+    if rm.kind in ("ens", "lcb"):
         names = partitioning.stack_logical(names)
         m = rm.num_members
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), abstract)
