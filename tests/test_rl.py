@@ -300,6 +300,10 @@ def test_an_lcb_reward_standardises_its_members_on_the_pool_samples_and_keeps_th
     assert abs(norm["mean"][1] - norm["mean"][0]) > 1.0 and min(norm["std"]) > 0  # they differ
     init = _records(run, "metrics.jsonl")[0]
     assert abs(init["init/pool_reward_raw"]) < 1e-5 and init["init/pool_reward_raw_std"] > 0.1
+    with open(path, "w") as f:  # a damaged file is refused, naming it and the field
+        json.dump(dict(norm, std=norm["std"][:1]), f)
+    with pytest.raises(ValueError, match=r"member_norm.json: field 'std' must list one figure"):
+        _stage(run, data, sft, rm, kw, reward="lcb:rm_x:0")
     norm["mean"][0] += 0.5  # a resumed run reads the file (not a second computation)
     with open(path, "w") as f:
         json.dump(norm, f)

@@ -338,7 +338,7 @@ def rl_reward(spec: str, cfg, mesh) -> tuple:
     m = ensemble.MemberSweep().num_members if kind != "single" else 1
     if kind == "ens" and len(parts) > 2:
         m = int(parts[2])
-    rm = types.SimpleNamespace(config=cfg, kind=kind, num_members=m, stacked=kind != "single")
+    rm = types.SimpleNamespace(config=cfg, kind=kind, num_members=m)
     rm_sh = rl_steps.reward_param_shardings(rm, mesh)
     abstract, _ = model_lib.abstract_params(cfg)
     stack = (lambda a: a.shape) if kind == "single" else (lambda a: (m,) + tuple(a.shape))

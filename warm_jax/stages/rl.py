@@ -235,9 +235,11 @@ def with_member_norm(out_dir: str, policy_cfg, rl: rl_steps.RLConfig, mesh, sft_
     if os.path.exists(path):
         with open(path) as f:
             rec = json.load(f)
-        if len(rec.get("mean", ())) != rm.num_members:
-            raise ValueError(f"{path}: holds {len(rec.get('mean', ()))} members' figures, the "
-                             f"reward has {rm.num_members} members")
+        for k in ("mean", "std"):
+            got = rec.get(k) if isinstance(rec, dict) else None
+            if not isinstance(got, list) or len(got) != rm.num_members:
+                raise ValueError(f"{path}: field {k!r} must list one figure per member "
+                                 f"({rm.num_members}); got {got!r}")
         norm = {k: np.asarray(rec[k], np.float32) for k in ("mean", "std")}
         return dataclasses.replace(rm, member_norm=norm)
     rm_sh = rl_steps.reward_param_shardings(dataclasses.replace(rm, kind="ens"), mesh)
