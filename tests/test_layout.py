@@ -126,3 +126,23 @@ def test_the_fragment_check_sees_a_fragment_that_moved(tmp_path):
     assert mc.fragment_count(str(tmp_path), m)[1] == 1
     target.write_text(source.replace(m.old, m.old[:-1] + " " + m.old[-1]))
     assert mc.fragment_count(str(tmp_path), m)[1] == 0
+
+
+def test_the_mutation_check_counts_skipped_tests_as_no_kill_and_says_what_it_did_not_run(
+        monkeypatch, capsys):
+    """A mutation whose tests all skip here is an error, not a kill; one that needs a CPU
+    feature this host lacks (the AMX path) is not run, is said so, and fails nothing."""
+    mc = _mutation_check()
+    assert mc.verdict(1, "FAILED t.py::x\n1 failed, 2 passed in 3.0s") == "killed"
+    assert mc.verdict(0, "3 passed, 1 skipped in 2.1s") == "SURVIVED"
+    assert mc.verdict(0, "2 skipped in 0.5s").startswith("ERROR")
+    assert mc.verdict(4, "no tests ran").startswith("ERROR")
+    amx = [m for m in mc.MUTATIONS if m.needs == "amx"]
+    assert amx and all("bf16_matmul" in m.path for m in amx)
+    monkeypatch.setattr(mc, "missing_feature", lambda needs: "no AMX on this CPU" if needs else "")
+    monkeypatch.setattr(mc, "copy_repo", lambda root: (_ for _ in ()).throw(AssertionError))
+    m, status, _ = mc.run_one(amx[0], 1.0, keep=False)
+    assert status.startswith(mc.NOT_RUN) and "no AMX" in capsys.readouterr().out
+    monkeypatch.setattr(mc, "MUTATIONS", amx)
+    assert mc.main([]) == 0
+    assert f"0/0 mutations killed" in capsys.readouterr().out

@@ -5,7 +5,9 @@ the repository (tracked and untracked, not ignored, files) and runs the tests na
 it there, with this interpreter. A mutation is KILLED when pytest reports a failing test
 (exit code 1); it SURVIVES when its tests pass. Anything else (the fragment is no longer
 in the source, a collection error, a timeout) is an ERROR. The script prints a table and
-exits 1 if any mutation survived or errored.
+exits 1 if any mutation survived or errored. A mutation of code that runs only on some
+CPUs (the AMX path: `needs`) is not run where this CPU lacks it, and the table says so; a
+mutation whose tests all skip here is an ERROR, never a kill.
 
     python tools/mutation_check.py              # every mutation
     python tools/mutation_check.py --list       # names, files and tests
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +43,7 @@ class Mutation:
     new: str
     tests: tuple  # pytest node ids
     slow: bool = False  # its test runs the whole smoke flow: only with --slow
+    needs: str = ""  # a host feature its tests need ("amx"); not run (and said) where absent
 
 
 MUTATIONS = [
@@ -79,7 +83,7 @@ MUTATIONS = [
              "packed transposed A writes only its first half of 32 rows", "warm_jax/csrc/bf16_matmul.cc",
              "for (int64_t h = 0; h < 2; ++h) {",
              "for (int64_t h = 0; h < 1; ++h) {",
-             ("tests/test_cpu_matmul.py::test_matmul_is_the_f32_product_rounded",)),
+             ("tests/test_cpu_matmul.py::test_matmul_is_the_f32_product_rounded",), needs="amx"),
     Mutation("bf16_matmul_transposed_b_first_panel", "packing a transposed B, every 64-column "
              "panel reads the first panel's rows", "warm_jax/csrc/bf16_matmul.cc",
              "const uint32_t* row = w + (j0 + j) * k2;",
@@ -483,7 +487,57 @@ def run_tests(root: str, tests, timeout: float) -> tuple[int, str]:
                            timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, "timeout"
-    return p.returncode, (p.stdout + p.stderr)[-3000:]
+    return p.returncode, p.stderr[-1500:] + p.stdout[-3000:]  # pytest's summary line last
+
+
+NOT_RUN = "not run here"
+
+
+def missing_feature(needs: str) -> str:
+    """Why this host cannot run tests that need `needs` ("" where it can)."""
+    if needs != "amx":
+        return "" if not needs else f"unknown host feature {needs!r}"
+    code = "from warm_jax import cpu_matmul; print(cpu_matmul.amx_available())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    return "" if p.stdout.strip().endswith("True") else "no AMX on this CPU"
+
+
+def verdict(rc: int, out: str) -> str:
+    """pytest's exit code and output -> killed / SURVIVED / ERROR (all tests skipped: ERROR)."""
+    if rc == 1:
+        return "killed"
+    if rc == 0:
+        tail = out.strip().splitlines()[-1] if out.strip() else ""
+        return "SURVIVED" if re.search(r"\b\d+ passed\b", tail) else "ERROR (its tests all skipped)"
+    return f"ERROR (rc {rc})"
+
+
+def run_one(m: Mutation, timeout: float, keep: bool) -> tuple:
+    """(m, status, seconds) for one mutation, in a temporary copy; prints its line."""
+    t0, why = time.time(), missing_feature(m.needs)
+    if why:
+        print(f"{m.name:32s} {NOT_RUN}: {why}", flush=True)
+        return m, f"{NOT_RUN} ({why})", 0.0
+    root = tempfile.mkdtemp(prefix=f"mutation_{m.name}_")
+    try:
+        copy_repo(root)
+        check_imports_from(root)
+        apply(root, m)
+        rc, out = run_tests(root, m.tests, timeout)
+    except Exception as e:  # noqa: BLE001 - reported as an error row
+        rc, out = -2, f"{type(e).__name__}: {e}"
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    status = verdict(rc, out)
+    print(f"{m.name:32s} {status:14s} {time.time() - t0:6.0f}s", flush=True)
+    if status != "killed":
+        print("    " + out.strip().replace("\n", "\n    ")[-1500:], flush=True)
+    else:  # what failed: pytest's short summary line
+        first = next((l for l in out.splitlines() if l.startswith("FAILED ")), "")
+        print("    " + first[:200], flush=True)
+    return m, status, time.time() - t0
 
 
 def check_imports_from(root: str) -> None:
@@ -535,33 +589,17 @@ def main(argv=None) -> int:
             print(out)
             return 2
     for m in todo:
-        root = tempfile.mkdtemp(prefix=f"mutation_{m.name}_")
-        t0 = time.time()
-        try:
-            copy_repo(root)
-            check_imports_from(root)
-            apply(root, m)
-            rc, out = run_tests(root, m.tests, args.timeout)
-        except Exception as e:  # noqa: BLE001 - reported as an error row
-            rc, out = -2, f"{type(e).__name__}: {e}"
-        finally:
-            if not args.keep:
-                shutil.rmtree(root, ignore_errors=True)
-        status = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else f"ERROR (rc {rc})")
-        rows.append((m, status, time.time() - t0))
-        print(f"{m.name:32s} {status:14s} {time.time() - t0:6.0f}s", flush=True)
-        if status != "killed":
-            print("    " + out.strip().replace("\n", "\n    ")[-1500:], flush=True)
-        else:  # what failed: pytest's short summary line
-            first = next((l for l in out.splitlines() if l.startswith("FAILED ")), "")
-            print("    " + first[:200], flush=True)
+        rows.append(run_one(m, args.timeout, args.keep))
     print(f"\n| mutation | file | what | test(s) | result | seconds |\n|---|---|---|---|---|---|")
     for m, status, sec in rows:
         tests = ", ".join(t.split("::")[-1] for t in m.tests)
         print(f"| {m.name} | {m.path} | {m.what} | {tests} | {status} | {sec:.0f} |")
-    bad = [m.name for m, status, _ in rows if status != "killed"]
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} mutations killed in {time.time() - t_all:.0f}s"
-          + (f"; not killed: {', '.join(bad)}" if bad else ""))
+    absent = [m.name for m, status, _ in rows if status.startswith(NOT_RUN)]
+    bad = [m.name for m, status, _ in rows if status != "killed" and m.name not in absent]
+    ran = len(rows) - len(absent)
+    print(f"\n{ran - len(bad)}/{ran} mutations killed in {time.time() - t_all:.0f}s"
+          + (f"; not killed: {', '.join(bad)}" if bad else "")
+          + (f"; not run on this CPU: {', '.join(absent)}" if absent else ""))
     return 1 if bad else 0
 
 
