@@ -778,6 +778,16 @@ def test_rl_table_reads_each_policys_curve_alpha_and_the_judges_pairs(tmp_path, 
     assert "| rl_b vs rl_a | +0.275 ± 0.035 |" in out and "| 2/2 |" in out
     with pytest.raises(SystemExit, match="'rl_a' is not A:B"):
         rl_table.main([str(run), "--pairs", "rl_a"])
+    # --matched: the control difference at matched KL (as the judge computes it), per seed
+    for name, curve in (("rl_a", [(0.0, 1.0), (4.0, 2.0)]), ("rl_b", [(0.0, 1.0), (2.0, 1.0)])):
+        (run / name / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": 10 * i, "eval/kl": kl, "eval/control_reward": c,
+             "eval/control_reward_se": 0.01}) + "\n" for i, (kl, c) in enumerate(curve)))
+    rl_table.main([str(run), "--pairs", "rl_a:rl_b", "--matched"])
+    out = capsys.readouterr().out.split("at matched KL", 1)[1]
+    # over KL 0-2 A is 1 + kl/4 at 0, 0.5, 1, 1.5, 2 and B is 1: mean A - B = 0.25
+    assert "| 3 | rl_a vs rl_b | +0.250 (0.0-2.0) | 4.0 / 2.0 |" in out
+    assert "| rl_a vs rl_b | +0.250 ± - | - | 1/1 |" in out
 
 
 def test_gate_table_reads_the_warm_start_rule_and_the_gates(tmp_path, capsys):

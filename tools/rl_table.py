@@ -20,7 +20,11 @@ Prints two markdown tables:
   last K evaluations (+- the standard error of that mean over the K evaluations): a
   reading that does not hang on where the last step falls in an excursion.
 - with --pairs A:B[,C:D...]: these pairs of RL stages instead of the judge's (a run set
-  without a judge), and their final control rewards compared the same way.
+  without a judge), and their final control rewards compared the same way;
+- with --matched: per pair and seed the mean control difference A - B at matched KL
+  (stats.matched_kl on the two eval curves, as the judge computes it: 5 KLs evenly over
+  the range both reached), that range and both final KLs, then the same over seeds: is a
+  lead a better reward per nat, or a policy that moved less (or more)?
 A policy or pair missing from a run is left out; --policies keeps the named ones only.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 from seed_table import _load  # tools/ is the script's directory
 from warm_jax import stats
 from warm_jax.metrics import read_jsonl
+from warm_jax.stages.judge import control_kl_curve
 
 
 def _seed(run: str) -> str:
@@ -116,14 +121,32 @@ def step_rows(runs, step: int = None, policies=None, last: int = None,
             (lambda run, name: control_at_step(run, name, step)))
     rows = []
     for run in runs:
-        names = [tuple(j["pair"].split(" vs ")) for j in judge_rows(run, policies)] \
-            if pairs is None else pairs
-        for a, b in names:
-            if any(_load(run, n, "summary.json") is None for n in (a, b)) or b == "sft":
-                continue
+        for a, b in pair_names(run, policies, pairs):
             (ca, sa), (cb, sb) = read(run, a), read(run, b)
             rows.append({"seed": _seed(run), "pair": f"{a} vs {b}", "a": ca, "a_se": sa,
                          "b": cb, "b_se": sb, "diff": ca - cb})
+    return rows
+
+
+def pair_names(run: str, policies=None, pairs=None) -> list[tuple]:
+    """The RL-vs-RL pairs of `run` present in it: `pairs`, else the judge's (SFT left out)."""
+    names = [tuple(j["pair"].split(" vs ")) for j in judge_rows(run, policies)] \
+        if pairs is None else pairs
+    return [(a, b) for a, b in names if b != "sft"
+            and all(_load(run, n, "summary.json") is not None for n in (a, b))]
+
+
+def matched_rows(runs, policies=None, pairs=None) -> list[dict]:
+    """Per seed and pair: the mean control difference A - B at matched KL (None where the
+    KL ranges do not overlap), the overlap and both policies' final KLs."""
+    rows = []
+    for run in runs:
+        for a, b in pair_names(run, policies, pairs):
+            curves = [control_kl_curve(os.path.join(run, n, "metrics.jsonl")) for n in (a, b)]
+            m = stats.matched_kl(*curves, names=(a, b))
+            rows.append({"seed": _seed(run), "pair": f"{a} vs {b}",
+                         "diff": m["mean_difference"], "overlap": m["overlap"],
+                         "a_kl": curves[0][-1]["kl"], "b_kl": curves[1][-1]["kl"]})
     return rows
 
 
@@ -146,6 +169,20 @@ def _print_steps(rows: list[dict], where: str) -> None:
     for r in rows:
         print(f"| {r['seed']} | {r['pair']} | {r['a']:.3f} ± {r['a_se']:.3f} | "
               f"{r['b']:.3f} ± {r['b_se']:.3f} | {r['diff']:+.3f} |")
+    _print_over_seeds(rows, where)
+
+
+def _print_matched(rows: list[dict]) -> None:
+    print("\n| seed | A vs B | A - B at matched KL (KL range) | final KL: A / B |")
+    print("|---|---|---|---|")
+    for r in rows:
+        rng = "no overlap" if r["overlap"] is None else \
+            f"{r['diff']:+.3f} ({r['overlap'][0]:.1f}-{r['overlap'][1]:.1f})"
+        print(f"| {r['seed']} | {r['pair']} | {rng} | {r['a_kl']:.1f} / {r['b_kl']:.1f} |")
+    _print_over_seeds([r for r in rows if r["diff"] is not None], "at matched KL")
+
+
+def _print_over_seeds(rows: list[dict], where: str) -> None:
     print(f"\n| A vs B | A - B {where}, mean ± std | t-interval | seeds with A > B |")
     print("|---|---|---|---|")
     for pair in sorted({r["pair"] for r in rows}):
@@ -171,6 +208,8 @@ def main(argv=None) -> None:
                     help="also compare them averaged over each policy's last K evaluations")
     ap.add_argument("--pairs", default="", metavar="A:B,...",
                     help="compare these RL stage pairs (not the judge's), final control too")
+    ap.add_argument("--matched", action="store_true",
+                    help="also compare the pairs' control at matched KL (stats.matched_kl)")
     args = ap.parse_args(argv)
     pairs = parse_pairs(args.pairs)
     keep = set(filter(None, args.policies.split(","))) | {"sft"} if args.policies else None
@@ -198,6 +237,8 @@ def main(argv=None) -> None:
     if args.at_step is not None:
         _print_steps(step_rows(args.runs, args.at_step, keep, pairs=pairs),
                      f"at step {args.at_step}")
+    if args.matched:
+        _print_matched(matched_rows(args.runs, keep, pairs))
     if args.last is not None:
         if args.last < 1:
             ap.error(f"--last must be >= 1, got {args.last}")
