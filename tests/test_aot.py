@@ -148,6 +148,9 @@ def test_the_rl_reward_of_each_spec_kind_has_the_shapes_the_rl_step_takes():
         if kind == "lcb":
             assert params["mean"].shape == params["std"].shape == (m,)
         assert jax.eval_shape(apply, params, tok, tok).shape == (3,), spec
+    for bad in ("lcb:rm_clean:-1", "lcb:rm_clean:k", "lcb:rm_clean"):
+        with pytest.raises(ValueError, match="expected 'lcb:<ensemble>:<k>'"):
+            aot.rl_reward(bad, cfg, mesh)
 
 
 def test_the_tpu_extra_pins_the_libtpu_that_jax_pins():

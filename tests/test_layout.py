@@ -139,6 +139,9 @@ def test_the_mutation_check_counts_skipped_tests_as_no_kill_and_says_what_it_did
     assert mc.verdict(4, "no tests ran").startswith("ERROR")
     amx = [m for m in mc.MUTATIONS if m.needs == "amx"]
     assert amx and all("bf16_matmul" in m.path for m in amx)
+    assert {m.needs for m in mc.MUTATIONS} <= {"", "amx"}
+    with pytest.raises(ValueError, match="unknown host feature 'amz'"):
+        mc.missing_feature("amz")
     monkeypatch.setattr(mc, "missing_feature", lambda needs: "no AMX on this CPU" if needs else "")
     monkeypatch.setattr(mc, "copy_repo", lambda root: (_ for _ in ()).throw(AssertionError))
     m, status, _ = mc.run_one(amx[0], 1.0, keep=False)

@@ -495,8 +495,10 @@ NOT_RUN = "not run here"
 
 def missing_feature(needs: str) -> str:
     """Why this host cannot run tests that need `needs` ("" where it can)."""
-    if needs != "amx":
-        return "" if not needs else f"unknown host feature {needs!r}"
+    if not needs:
+        return ""
+    if needs != "amx":  # a typo must not quietly skip a mutation
+        raise ValueError(f"Mutation.needs: unknown host feature {needs!r} (known: 'amx')")
     code = "from warm_jax import cpu_matmul; print(cpu_matmul.amx_available())"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=REPO))

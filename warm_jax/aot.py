@@ -332,6 +332,7 @@ def rl_reward(spec: str, cfg, mesh) -> tuple:
 
     from warm_jax import ensemble, rl_steps
     from warm_jax import model as model_lib
+    from warm_jax import reward as reward_lib
 
     parts = spec.split(":")
     kind = parts[0] if parts[0] in ("ens", "lcb") and len(parts) > 1 else "single"
@@ -347,7 +348,11 @@ def rl_reward(spec: str, cfg, mesh) -> tuple:
     if kind == "lcb":
         params = {"members": params, **{k: _sds((m,), jnp.float32, rm_sh[k])
                                         for k in ("mean", "std")}}
-        return kind, m, rl_steps._lcb_apply(cfg, float(parts[2])), rm_sh, params
+        k = reward_lib.parse_penalty(parts[2]) if len(parts) == 3 else None
+        if k is None:
+            raise ValueError(f"rl reward {spec!r}: expected 'lcb:<ensemble>:<k>' with k a "
+                             f"finite number >= 0")
+        return kind, m, rl_steps._lcb_apply(cfg, k), rm_sh, params
     return kind, m, rl_steps._rm_apply(cfg, kind == "ens"), rm_sh, params
 
 
