@@ -4,21 +4,25 @@ import os
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+
+def _default_xla_flag(name: str, value: str) -> None:
+    """Appends name=value to XLA_FLAGS unless the caller already set that flag."""
+    if name not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += f" {name}={value}"
+
+
 # The suite compiles hundreds of small programs: at XLA's default backend optimisation level
 # compiling was ~46% of the test processes' time (951 s of a 17-minute run). Level 0
 # compiles ~30% faster per file (tests/test_packing.py 70 -> 50 s, tests/test_rm_ensemble.py
 # 76 -> 55 s); subprocesses inherit it. A level set by the caller is kept.
-_opt = "--xla_backend_optimization_level"
-if _opt not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += f" {_opt}=0"
+_default_xla_flag("--xla_backend_optimization_level", "0")
 # XLA:CPU's MLIR fusion emitters (jaxlib 0.10.2's default) take about twice as long to compile
 # these small programs as its older elemental emitters: one train step of the tiny test model
 # 1.0 -> 0.55 s; tests/test_packing.py with tests/test_rl.py 211 -> 151 s wall, 251 -> 158 s
 # CPU (a 2-core AMD EPYC guest). Tests only, like the level above: the flows they start as
 # subprocesses inherit it, the launch scripts do not set it. A value set by the caller is kept.
-_emitters = "--xla_cpu_use_fusion_emitters"
-if _emitters not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += f" {_emitters}=false"
+_default_xla_flag("--xla_cpu_use_fusion_emitters", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same programs (the same tiny model's train, sampling and RL steps),

@@ -432,3 +432,14 @@ def test_cpu_env_sets_the_allocator_tunables_unless_the_user_did():
         faults[name] = int(subprocess.run([sys.executable, "-c", probe], env=env, check=True,
                                           capture_output=True, text=True).stdout)
     assert faults["default"] >= 16000 and faults["cpu_env"] < 2000, faults
+
+
+def test_the_suites_compile_settings_stay_in_the_tests():
+    """tests/conftest.py compiles with XLA's optimisation level 0 and its elemental emitters
+    (faster to compile, docs/benchmarks.md); the launch scripts keep XLA's defaults."""
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_backend_optimization_level=0" in flags
+    assert "--xla_cpu_use_fusion_emitters=false" in flags
+    rc, launched, err = _cpu_dots(None)
+    assert rc == 0, err
+    assert "optimization_level" not in launched and "fusion_emitters" not in launched
